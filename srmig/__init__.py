@@ -1,0 +1,1 @@
+"""srmig: zero-loss VM live migration over IPv6 Segment Routing."""

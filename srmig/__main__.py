@@ -1,0 +1,4 @@
+import sys
+from srmig.cli import main
+
+sys.exit(main())
