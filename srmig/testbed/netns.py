@@ -1,0 +1,152 @@
+"""Network namespaces as test hosts: create, wire with veth, run commands inside, always clean up.
+
+Every netlink call goes through pyroute2. Names carry a per-run prefix so that concurrent or crashed runs
+never collide, and `sweep()` removes whatever a previous crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from pyroute2 import NetNS, netns
+
+PREFIX = "srmig-"
+
+
+def sysctl(ns: str | None, key: str, value: str | int) -> None:
+    """Set a sysctl inside namespace `ns` (None: the current one) by writing /proc/sys directly."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    with inside(ns):
+        with open(path, "w") as f:
+            f.write(str(value))
+
+
+@contextlib.contextmanager
+def inside(ns: str | None):
+    """Run the body with the calling thread switched into namespace `ns` (None: stay where we are).
+
+    setns() is per thread; pyroute2's pushns/popns keep a stack so nesting works.
+    """
+    if ns is None:
+        yield
+        return
+    netns.pushns(ns)
+    try:
+        yield
+    finally:
+        netns.popns()
+
+
+def run(ns: str | None, *argv: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    """Run a command inside a namespace with `ip netns exec` (private /sys, same /run and /var)."""
+    cmd = list(argv) if ns is None else ["ip", "netns", "exec", ns, *argv]
+    return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+def sweep(prefix: str = PREFIX) -> list[str]:
+    """Remove namespaces left by crashed runs. Returns the names removed."""
+    gone = []
+    for name in netns.listnetns():
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+                gone.append(name)
+    return gone
+
+
+@dataclass
+class Topology:
+    """A set of namespaces and the links between them, torn down as a whole.
+
+    Use as a context manager; `close()` runs even when the body raises.
+    """
+
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    hosts: list[str] = field(default_factory=list)
+
+    def ns(self, role: str) -> str:
+        """The full namespace name of a role, e.g. ns("S") -> "srmig-1234-S"."""
+        return f"{PREFIX}{self.tag}-{role}"
+
+    def add_host(self, role: str, forwarding: bool = True, seg6: bool = True) -> str:
+        name = self.ns(role)
+        netns.create(name)
+        self.hosts.append(name)
+        with NetNS(name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        if forwarding:
+            sysctl(name, "net.ipv6.conf.all.forwarding", 1)
+        if seg6:
+            sysctl(name, "net.ipv6.conf.all.seg6_enabled", 1)
+            sysctl(name, "net.ipv6.conf.default.seg6_enabled", 1)
+        # No DAD: test addresses are unique by construction and DAD would delay every test by ~1-2 s.
+        sysctl(name, "net.ipv6.conf.all.accept_dad", 0)
+        sysctl(name, "net.ipv6.conf.default.accept_dad", 0)
+        return name
+
+    def link(self, a: str, a_if: str, b: str, b_if: str, a_addr: str | None = None,
+             b_addr: str | None = None, a_mac: str | None = None, b_mac: str | None = None) -> None:
+        """A veth pair between roles a and b, both ends up, with optional addresses ("2001:db8::1/64")."""
+        na, nb = self.ns(a), self.ns(b)
+        tmp = f"v{os.getpid() % 10000}{len(self.hosts)}{a_if[:3]}"[:15]
+        with NetNS(na) as ipr:
+            ipr.link("add", ifname=a_if, kind="veth", peer={"ifname": tmp, "net_ns_fd": nb})
+        with NetNS(nb) as ipr:
+            idx = ipr.link_lookup(ifname=tmp)[0]
+            ipr.link("set", index=idx, ifname=b_if)
+        for ns, ifname, addr, mac in ((na, a_if, a_addr, a_mac), (nb, b_if, b_addr, b_mac)):
+            sysctl(ns, f"net.ipv6.conf.{ifname}.seg6_enabled", 1)
+            with NetNS(ns) as ipr:
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                if mac:
+                    ipr.link("set", index=idx, address=mac)
+                ipr.link("set", index=idx, state="up")
+                if addr:
+                    ip, plen = addr.split("/")
+                    ipr.addr("add", index=idx, address=ip, prefixlen=int(plen), flags=0x80)  # IFA_F_NODAD
+
+    def ipr(self, role: str) -> NetNS:
+        """A pyroute2 handle inside a role's namespace (close it, or use `with`)."""
+        return NetNS(self.ns(role))
+
+    def ifindex(self, role: str, ifname: str) -> int:
+        with self.ipr(role) as ipr:
+            return ipr.link_lookup(ifname=ifname)[0]
+
+    def mac(self, role: str, ifname: str) -> str:
+        with self.ipr(role) as ipr:
+            return ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0].get_attr("IFLA_ADDRESS")
+
+    def route(self, role: str, dst: str, **kw) -> None:
+        """`ip -6 route replace` in a role's namespace; kw as pyroute2's route(): gateway, oif, encap..."""
+        with self.ipr(role) as ipr:
+            if "oif" in kw and isinstance(kw["oif"], str):
+                kw["oif"] = ipr.link_lookup(ifname=kw["oif"])[0]
+            ipr.route("replace", dst=dst, family=10, **kw)
+
+    def neigh(self, role: str, ifname: str, addr: str, mac: str) -> None:
+        """A permanent neighbour entry, so the first packet is not parked in the neighbour queue."""
+        with self.ipr(role) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.neigh("replace", dst=addr, lladdr=mac, ifindex=idx, state=0x80, family=10)  # NUD_PERMANENT
+
+    def run(self, role: str, *argv: str, **kw) -> subprocess.CompletedProcess:
+        return run(self.ns(role), *argv, **kw)
+
+    def inside(self, role: str):
+        return inside(self.ns(role))
+
+    def close(self) -> None:
+        for name in reversed(self.hosts):
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+        self.hosts.clear()
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
