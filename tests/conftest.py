@@ -1,0 +1,99 @@
+"""Privileged test tiers: each marker skips with a stated reason when its capability is missing.
+
+In CI (CI=true) a missing capability is an error, not a skip: CI must provide everything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from srmig.testbed import netns
+
+
+def _missing_bpf() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to load XDP programs"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc not importable (Debian python3-bpfcc; run ./run setup)"
+    return None
+
+
+def _missing_netns() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if not shutil.which("ip"):
+        return "iproute2 'ip' not found"
+    return None
+
+
+def _missing_vm() -> str | None:
+    if reason := _missing_netns():
+        return reason
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 not found (Debian qemu-system-x86)"
+    try:
+        from srmig.testbed import guest
+    except ImportError as e:
+        return f"guest builder not importable: {e}"
+    if not guest.is_built():
+        return "guest image not built (./run setup builds it)"
+    return None
+
+
+def _missing_libvirt() -> str | None:
+    if reason := _missing_vm():
+        return reason
+    if not shutil.which("libvirtd"):
+        return "libvirtd not found (Debian libvirt-daemon-system)"
+    return None
+
+
+CHECKS = {"bpf": _missing_bpf, "netns": _missing_netns, "vm": _missing_vm, "libvirt": _missing_libvirt}
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {}
+    for item in items:
+        for marker, check in CHECKS.items():
+            if marker in item.keywords:
+                if marker not in reasons:
+                    reasons[marker] = check()
+                if reasons[marker]:
+                    if not os.environ.get("CI"):  # in CI the test runs and fails loudly instead
+                        item.add_marker(pytest.mark.skip(reason=f"[{marker}] {reasons[marker]}"))
+                    break
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() == 0:
+        netns.sweep()
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        terminalreporter.write_line("skip summary: nothing skipped")
+        return
+    by_reason: dict[str, int] = {}
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    terminalreporter.write_sep("-", "skip summary")
+    for reason, n in sorted(by_reason.items()):
+        terminalreporter.write_line(f"{n:4d} skipped: {reason}")
+
+
+@pytest.fixture
+def topology():
+    """A namespace topology removed at the end of the test, pass or fail."""
+    with netns.Topology() as topo:
+        yield topo
+
+
+REPO = Path(__file__).resolve().parent.parent
