@@ -1,0 +1,225 @@
+"""Domain operations on the XDP program's maps: SIDs, VM migration states, counters, the hold ring.
+
+Works on the pinned maps of the current network namespace, so it needs no compiler and sees the live state
+whoever loaded it. Every operation is idempotent (set replaces, delete of an absent entry succeeds).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from srmig.dataplane import abi, libbpf, loader
+from srmig.dataplane.abi import Behaviour, DropReason, Verdict, VmState
+
+ffi = libbpf.ffi
+
+
+def _addr(text: str | bytes, what: str) -> bytes:
+    if isinstance(text, bytes) and len(text) == 16:
+        return text
+    try:
+        return ipaddress.IPv6Address(text).packed
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not an IPv6 address") from None
+
+
+def _str(raw) -> str:
+    return str(ipaddress.IPv6Address(bytes(ffi.buffer(raw, 16))))
+
+
+@dataclass
+class SidEntry:
+    sid: str
+    behaviour: Behaviour
+    slot: int
+    stats: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"sid": self.sid, "behaviour": abi.BEHAVIOUR_NAMES[self.behaviour], "stats": self.stats}
+
+
+@dataclass
+class VmEntry:
+    vm: str
+    state: VmState
+    next_sid: str | None
+    hold_ring: bool
+
+    def to_dict(self) -> dict:
+        return {"vm": self.vm, "state": self.state.name.lower(), "next_sid": self.next_sid,
+                "hold_ring": self.hold_ring}
+
+
+@dataclass
+class HoldRecord:
+    vm: str
+    timestamp_ns: int
+    packet: bytes  # from the IPv6 header on, already advanced towards the next SID
+
+
+class NotLoaded(loader.LoaderError):
+    pass
+
+
+class Dataplane:
+    """The live dataplane of this network namespace."""
+
+    def __init__(self, pin_dir: Path | None = None):
+        loader.ensure_bpffs()
+        self.pin_dir = pin_dir or loader.pin_dir()
+        if not (self.pin_dir / loader.PROG).exists():
+            raise NotLoaded(f"srmig is not loaded in this network namespace (no {self.pin_dir}): "
+                            f"run `srmig load IFACE` first")
+        self._fds: list[int] = []
+        self.sids = self._map("sid_table", "struct srmig_sid_key", "struct srmig_sid_value")
+        self.vms = self._map("vm_table", "struct srmig_vm_key", "struct srmig_vm_value")
+        self.sid_stats = self._map("sid_stats", "uint32_t", "struct srmig_sid_stats", percpu=True)
+        self.drop_stats = self._map("drop_stats", "uint32_t", "uint64_t", percpu=True)
+        self.verdict_stats = self._map("verdict_stats", "uint32_t", "uint64_t", percpu=True)
+        meta = self._map("meta", "uint32_t", "uint32_t")
+        version = meta.lookup(ffi.new("uint32_t *", 0))
+        if version != abi.ABI_VERSION:
+            raise loader.LoaderError(f"the loaded program speaks ABI {version}, this srmig speaks "
+                                     f"{abi.ABI_VERSION}: `srmig unload` every interface, then load again")
+        self.max_sids = libbpf.map_info(self.sid_stats.fd).max_entries
+
+    def _map(self, name, key_type, value_type, percpu=False) -> libbpf.Map:
+        fd = libbpf.obj_get(str(self.pin_dir / name))
+        self._fds.append(fd)
+        return libbpf.Map(fd, key_type, value_type, percpu=percpu)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Dataplane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def prog_fd(self) -> int:
+        """A new fd of the pinned program (the caller closes it)."""
+        return libbpf.obj_get(str(self.pin_dir / loader.PROG))
+
+    # SIDs -----------------------------------------------------------------------------------------------
+
+    def _sid_key(self, sid: str | bytes):
+        key = ffi.new("struct srmig_sid_key *")
+        ffi.memmove(key.addr, _addr(sid, "SID"), 16)
+        return key
+
+    def add_sid(self, sid: str, behaviour: Behaviour | str) -> SidEntry:
+        """Instantiate a SID (or change its behaviour, keeping its counters)."""
+        beh = behaviour if isinstance(behaviour, Behaviour) else abi.parse_behaviour(behaviour)
+        key = self._sid_key(sid)
+        old = self.sids.lookup(key)
+        if old is not None:
+            slot = old.stats_slot
+        else:
+            used = {v.stats_slot for _, v in self.sids.items()}
+            free = [s for s in range(self.max_sids) if s not in used]
+            if not free:
+                raise ValueError(f"SID table full ({self.max_sids} SIDs)")
+            slot = free[0]
+            # A reused slot starts from zero.
+            self.sid_stats.update(ffi.new("uint32_t *", slot), ffi.new("struct srmig_sid_stats *"))
+        value = ffi.new("struct srmig_sid_value *", {"behaviour": int(beh), "stats_slot": slot})
+        self.sids.update(key, value)
+        return SidEntry(str(ipaddress.IPv6Address(_addr(sid, "SID"))), beh, slot, self._sid_counters(slot))
+
+    def del_sid(self, sid: str) -> bool:
+        return self.sids.delete(self._sid_key(sid))
+
+    def _sid_counters(self, slot: int) -> dict[str, int]:
+        per_cpu = self.sid_stats.lookup(ffi.new("uint32_t *", slot)) or []
+        fields = ("packets", "bytes", "delivered", "forwarded", "held", "dropped")
+        return {f: sum(getattr(v, f) for v in per_cpu) for f in fields}
+
+    def list_sids(self) -> list[SidEntry]:
+        out = [SidEntry(_str(k.addr), Behaviour(v.behaviour), v.stats_slot, self._sid_counters(v.stats_slot))
+               for k, v in self.sids.items()]
+        return sorted(out, key=lambda e: ipaddress.IPv6Address(e.sid))
+
+    # VMs ------------------------------------------------------------------------------------------------
+
+    def _vm_key(self, vm: str | bytes):
+        key = ffi.new("struct srmig_vm_key *")
+        ffi.memmove(key.addr, _addr(vm, "VM address"), 16)
+        return key
+
+    def set_vm(self, vm: str, state: VmState | str, next_sid: str | None = None,
+               hold_ring: bool = False) -> VmEntry:
+        st = state if isinstance(state, VmState) else abi.parse_state(state)
+        if st == VmState.AWAY and next_sid is None:
+            # End.S finds the next SID in the SRH; End.DX6-map needs it recorded to forward stragglers.
+            existing = self.get_vm(vm)
+            next_sid = existing.next_sid if existing else None
+        value = ffi.new("struct srmig_vm_value *")
+        value.state = int(st)
+        value.flags = abi.VM_F_HOLD_RING if hold_ring else 0
+        if next_sid:
+            ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
+        self.vms.update(self._vm_key(vm), value)
+        return VmEntry(str(ipaddress.IPv6Address(_addr(vm, "VM address"))), st,
+                       str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring)
+
+    def get_vm(self, vm: str) -> VmEntry | None:
+        v = self.vms.lookup(self._vm_key(vm))
+        return None if v is None else self._vm_entry(_addr(vm, "VM address"), v)
+
+    @staticmethod
+    def _vm_entry(addr: bytes, v) -> VmEntry:
+        nxt = bytes(ffi.buffer(v.next_sid, 16))
+        return VmEntry(str(ipaddress.IPv6Address(addr)), VmState(v.state),
+                       str(ipaddress.IPv6Address(nxt)) if any(nxt) else None,
+                       bool(v.flags & abi.VM_F_HOLD_RING))
+
+    def del_vm(self, vm: str) -> bool:
+        return self.vms.delete(self._vm_key(vm))
+
+    def list_vms(self) -> list[VmEntry]:
+        out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
+        return sorted(out, key=lambda e: ipaddress.IPv6Address(e.vm))
+
+    def set_vms_bulk(self, entries: list[tuple[bytes, VmState]]) -> None:
+        """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
+        key = ffi.new("struct srmig_vm_key *")
+        value = ffi.new("struct srmig_vm_value *")
+        for addr, state in entries:
+            ffi.memmove(key.addr, addr, 16)
+            value.state = int(state)
+            self.vms.update(key, value)
+
+    # Counters -------------------------------------------------------------------------------------------
+
+    def _array_sums(self, m: libbpf.Map, n: int) -> list[int]:
+        return [sum(m.lookup(ffi.new("uint32_t *", i)) or []) for i in range(n)]
+
+    def stats(self) -> dict:
+        verdicts = self._array_sums(self.verdict_stats, abi.VERDICT_MAX)
+        drops = self._array_sums(self.drop_stats, abi.DROP_MAX)
+        return {
+            "verdicts": {v.name.lower(): verdicts[v] for v in Verdict},
+            "drops": {r.name.lower(): drops[r] for r in DropReason if r != DropReason.NONE},
+            "sids": [e.to_dict() for e in self.list_sids()],
+        }
+
+    # Hold ring ------------------------------------------------------------------------------------------
+
+    def hold_ring(self, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
+        """A consumer of the hold ring; records arrive in the order the program held them."""
+        head = ffi.sizeof("struct srmig_hold_record")
+
+        def decode(raw: bytes) -> None:
+            rec = ffi.cast("struct srmig_hold_record *", ffi.from_buffer(raw))
+            on_record(HoldRecord(_str(rec.vm), rec.timestamp_ns, raw[head:head + rec.len]))
+
+        fd = libbpf.obj_get(str(self.pin_dir / "hold_ring"))
+        self._fds.append(fd)
+        return libbpf.RingBuffer(fd, decode)

@@ -1,0 +1,280 @@
+"""What bcc lacks, taken from libbpf.so.1 through cffi: pinning, map access by fd (so a CLI call needs no
+compiler), BPF_PROG_TEST_RUN, the ring buffer consumer, and program info.
+
+libbpf 1.x returns -errno from every call; `_check` turns that into OSError with the call's name.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from cffi import FFI
+
+from srmig.dataplane import abi
+
+ffi = FFI()
+ffi.include(abi.ffi)
+ffi.cdef(
+    """
+    int bpf_obj_pin(int fd, const char *pathname);
+    int bpf_obj_get(const char *pathname);
+    int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
+    int bpf_map_lookup_elem(int fd, const void *key, void *value);
+    int bpf_map_delete_elem(int fd, const void *key);
+    int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
+    int libbpf_num_possible_cpus(void);
+
+    struct bpf_test_run_opts {
+        size_t sz;
+        const void *data_in;
+        void *data_out;
+        uint32_t data_size_in;
+        uint32_t data_size_out;
+        const void *ctx_in;
+        void *ctx_out;
+        uint32_t ctx_size_in;
+        uint32_t ctx_size_out;
+        uint32_t retval;
+        int repeat;
+        uint32_t duration;
+        uint32_t flags;
+        uint32_t cpu;
+        uint32_t batch_size;
+    };
+    int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+
+    struct xdp_md {
+        uint32_t data;
+        uint32_t data_end;
+        uint32_t data_meta;
+        uint32_t ingress_ifindex;
+        uint32_t rx_queue_index;
+        uint32_t egress_ifindex;
+    };
+
+    /* The first fields of struct bpf_prog_info / bpf_map_info; the kernel fills what fits. */
+    struct prog_info_head { uint32_t type; uint32_t id; uint8_t tag[8]; };
+    struct map_info_head { uint32_t type; uint32_t id; uint32_t key_size; uint32_t value_size;
+                           uint32_t max_entries; uint32_t map_flags; char name[16]; };
+
+    struct ring_buffer;
+    typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+    struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                         const void *opts);
+    int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+    int ring_buffer__consume(struct ring_buffer *rb);
+    void ring_buffer__free(struct ring_buffer *rb);
+    """
+)
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_F_TEST_XDP_LIVE_FRAMES = 2
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+XDP_ACTIONS = {XDP_ABORTED: "XDP_ABORTED", XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS", XDP_TX: "XDP_TX",
+               XDP_REDIRECT: "XDP_REDIRECT"}
+
+
+@functools.cache
+def lib():
+    try:
+        return ffi.dlopen("libbpf.so.1")
+    except OSError as e:
+        raise RuntimeError("libbpf.so.1 not found: apt-get install libbpf1 (or ./run setup)") from e
+
+
+def _check(name: str, rc: int) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{name}: {os.strerror(-rc)}")
+    return rc
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(f"bpf_obj_pin({path})", lib().bpf_obj_pin(fd, path.encode()))
+
+
+def obj_get(path: str) -> int:
+    return _check(f"bpf_obj_get({path})", lib().bpf_obj_get(path.encode()))
+
+
+@functools.cache
+def possible_cpus() -> int:
+    return _check("libbpf_num_possible_cpus", lib().libbpf_num_possible_cpus())
+
+
+def prog_id(fd: int) -> int:
+    info = ffi.new("struct prog_info_head *")
+    size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+    _check("bpf_obj_get_info_by_fd", lib().bpf_obj_get_info_by_fd(fd, info, size))
+    return info.id
+
+
+@dataclass
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    info = ffi.new("struct map_info_head *")
+    size = ffi.new("uint32_t *", ffi.sizeof(info[0]))
+    _check("bpf_obj_get_info_by_fd", lib().bpf_obj_get_info_by_fd(fd, info, size))
+    return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                   ffi.string(info.name).decode())
+
+
+class Map:
+    """A BPF map by fd, keys and values as cffi types from the ABI header ("struct srmig_vm_key")."""
+
+    def __init__(self, fd: int, key_type: str, value_type: str, percpu: bool = False):
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.percpu = percpu
+        vsize = ffi.sizeof(value_type)
+        # Per-CPU values come back as one slot per possible CPU, each rounded up to 8 bytes.
+        self._slot = (vsize + 7) // 8 * 8
+        self._ncpu = possible_cpus() if percpu else 1
+
+    def new_key(self, **fields):
+        return ffi.new(self.key_type + " *", fields or None)
+
+    def _value_buf(self):
+        return ffi.new("char[]", self._slot * self._ncpu)
+
+    def _values(self, buf) -> list:
+        return [ffi.cast(self.value_type + " *", buf + i * self._slot)[0] for i in range(self._ncpu)]
+
+    def lookup(self, key):
+        """The value (a list of per-CPU values for per-CPU maps), or None when absent."""
+        buf = self._value_buf()
+        rc = lib().bpf_map_lookup_elem(self.fd, key, buf)
+        if rc == -errno.ENOENT:
+            return None
+        _check("bpf_map_lookup_elem", rc)
+        values = self._values(buf)
+        return values if self.percpu else values[0]
+
+    def update(self, key, value, flags: int = BPF_ANY) -> None:
+        if self.percpu:
+            buf = self._value_buf()
+            for i in range(self._ncpu):
+                ffi.memmove(buf + i * self._slot, value, ffi.sizeof(self.value_type))
+            value = buf
+        _check("bpf_map_update_elem", lib().bpf_map_update_elem(self.fd, key, value, flags))
+
+    def delete(self, key) -> bool:
+        """Delete; False when it was not there (ENOENT is success for an idempotent delete)."""
+        rc = lib().bpf_map_delete_elem(self.fd, key)
+        if rc == -errno.ENOENT:
+            return False
+        _check("bpf_map_delete_elem", rc)
+        return True
+
+    def keys(self) -> Iterator:
+        key = ffi.NULL
+        while True:
+            nxt = ffi.new(self.key_type + " *")
+            rc = lib().bpf_map_get_next_key(self.fd, key, nxt)
+            if rc == -errno.ENOENT:
+                return
+            _check("bpf_map_get_next_key", rc)
+            yield nxt
+            key = nxt
+
+    def items(self) -> Iterator[tuple]:
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:  # deleted between get_next_key and lookup
+                yield key, value
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class TestRun:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+    @property
+    def action(self) -> str:
+        return XDP_ACTIONS.get(self.retval, str(self.retval))
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex: int = 0,
+                  flags: int = 0) -> TestRun:
+    """BPF_PROG_TEST_RUN on an XDP program. `repeat` reuses one buffer: a program that rewrites the packet
+    sees its own output from the second iteration on, so time rewriting branches with repeat=1."""
+    data_in = ffi.from_buffer(packet)
+    out = ffi.new("char[]", len(packet) + 512)
+    opts = ffi.new("struct bpf_test_run_opts *")
+    opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+    opts.data_in = data_in
+    opts.data_size_in = len(packet)
+    opts.data_out = out
+    opts.data_size_out = len(out)
+    opts.repeat = repeat
+    opts.flags = flags
+    if ingress_ifindex:
+        ctx = ffi.new("struct xdp_md *")
+        ctx.data_end = len(packet)
+        ctx.ingress_ifindex = ingress_ifindex
+        opts.ctx_in = ctx
+        opts.ctx_size_in = ffi.sizeof("struct xdp_md")
+    _check("bpf_prog_test_run_opts", lib().bpf_prog_test_run_opts(prog_fd, opts))
+    return TestRun(opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), opts.duration)
+
+
+class RingBuffer:
+    """Consumer of a BPF ring buffer: `poll()` calls `on_record(bytes)` for each record, in ring order."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]):
+        @ffi.callback("int(void *, void *, size_t)")
+        def _cb(_ctx, data, size):
+            try:
+                on_record(bytes(ffi.buffer(data, size)))
+            except Exception as e:  # an exception must not unwind through C
+                self._error = e
+                return -1
+            return 0
+
+        self._error: Exception | None = None
+        self._cb = _cb  # keep the callback alive as long as the ring
+        rb = lib().ring_buffer__new(map_fd, _cb, ffi.NULL, ffi.NULL)
+        if rb == ffi.NULL:
+            raise OSError(ffi.errno, f"ring_buffer__new: {os.strerror(ffi.errno)}")
+        self._rb = rb
+
+    def poll(self, timeout_ms: int = 0) -> int:
+        """Consume what is ready (waiting up to timeout_ms for the first record); returns records read."""
+        n = lib().ring_buffer__poll(self._rb, timeout_ms)
+        if self._error:
+            err, self._error = self._error, None
+            raise err
+        if n == -errno.EINTR:
+            return 0
+        return _check("ring_buffer__poll", n)
+
+    def close(self) -> None:
+        if self._rb is not None:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

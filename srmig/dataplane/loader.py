@@ -1,0 +1,235 @@
+"""Thin BPF loader: compile srmig/ebpf/srmig.c with bcc, pin the program and its maps, attach to interfaces.
+
+Pins live in /sys/fs/bpf/srmig/<netns>/ (one program and one set of maps per network namespace, shared by
+every interface of that host it is attached to), so a restarted agent or a later CLI call finds the live
+state without compiling anything. <netns> is "host" for PID 1's namespace, "netns-<inode>" otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from srmig.dataplane import abi, libbpf
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = Path(os.environ.get("SRMIG_PIN_ROOT", BPFFS / "srmig"))
+MERGED_HEADERS = Path(os.environ.get("SRMIG_STATE", "/var/lib/srmig")) / "kernel-headers"
+
+PROG = "prog"
+MAPS = ("sid_table", "vm_table", "sid_stats", "drop_stats", "verdict_stats", "meta", "hold_ring")
+
+# linux/if_link.h XDP_FLAGS_*
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+XDP_FLAGS_SKB_MODE = 2
+XDP_FLAGS_DRV_MODE = 4
+MODES = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
+
+
+class LoaderError(RuntimeError):
+    """A one-line, actionable reason why the dataplane cannot be loaded or found."""
+
+
+@dataclass
+class Limits:
+    """Map sizes: userspace owns them and passes them to the C as defines."""
+
+    max_sids: int = 256
+    max_vms: int = 65536
+    hold_ring_pages: int = 1024  # 4 MiB of 4 KiB pages; must be a power of two
+
+    def cflags(self) -> list[str]:
+        if self.hold_ring_pages & (self.hold_ring_pages - 1):
+            raise LoaderError(f"hold ring pages must be a power of two, got {self.hold_ring_pages}")
+        return [f"-DSRMIG_MAX_SIDS={self.max_sids}", f"-DSRMIG_MAX_VMS={self.max_vms}",
+                f"-DSRMIG_HOLD_RING_PAGES={self.hold_ring_pages}"]
+
+
+SO_NETNS_COOKIE = 71  # linux/socket.h, kernel >= 5.14
+
+
+def netns_key() -> str:
+    """"host" for PID 1's namespace; else the namespace's cookie, which unlike its inode number is never
+    reused during a boot, so pins left by a namespace that died can never be mistaken for a new one's."""
+    ours = os.stat("/proc/self/ns/net").st_ino
+    with contextlib.suppress(OSError):
+        if os.stat("/proc/1/ns/net").st_ino == ours:
+            return "host"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    return f"netns-{cookie}"
+
+
+def pin_dir() -> Path:
+    return PIN_ROOT / netns_key()
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf when nothing is (machines without systemd do not mount it)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == str(BPFFS) and fields[2] == "bpf":
+                return
+    if not str(PIN_ROOT).startswith(str(BPFFS)):
+        return  # a custom pin root: the caller mounted it
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LoaderError(f"cannot mount bpffs on {BPFFS}: {r.stderr.strip()} (are you root?)")
+
+
+def kernel_source() -> str | None:
+    """Where bcc finds kernel headers: its own default when the running kernel has them, else the tree
+    that ./run setup merged from Debian's -common and -<arch> packages."""
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return os.environ["BCC_KERNEL_SOURCE"]
+    if Path(f"/lib/modules/{platform.release()}/build/include").is_dir():
+        return None
+    if (MERGED_HEADERS / "include").is_dir():
+        return str(MERGED_HEADERS)
+    raise LoaderError(f"no kernel headers for bcc: neither /lib/modules/{platform.release()}/build nor "
+                      f"{MERGED_HEADERS} exists (apt-get install linux-headers-amd64, then ./run setup)")
+
+
+def _bcc():
+    try:
+        import bcc
+    except ImportError:
+        raise LoaderError("bcc is not importable: apt-get install python3-bpfcc, and use the venv made by "
+                          "./run setup (PyPI's 'bcc' is an unrelated project)") from None
+    return bcc
+
+
+def compile_program(source: Path, func: str, limits: Limits | None = None):
+    """Compile and verify one XDP function; returns (bcc.BPF, program fd). Errors are one line."""
+    bcc = _bcc()
+    ksrc = kernel_source()
+    if ksrc:
+        os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    cflags = [f"-I{abi.EBPF_DIR}", "-Wno-unused-function"] + (limits.cflags() if limits else [])
+    try:
+        b = bcc.BPF(src_file=str(source).encode(), cflags=cflags)
+        fn = b.load_func(func.encode(), bcc.BPF.XDP)
+    except Exception as e:  # bcc raises bare Exception; clang's diagnostics are already on stderr
+        raise LoaderError(f"compiling {source.name} failed: {str(e).splitlines()[0]}") from e
+    return b, fn.fd
+
+
+@dataclass
+class Loaded:
+    pin_dir: Path
+    prog_fd: int
+    prog_id: int
+    compiled: bool  # False when an already pinned program was reused
+
+
+def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
+    """The namespace's program: the pinned one if any, else compile, pin program and maps."""
+    ensure_bpffs()
+    pins = pin_dir()
+    if (pins / PROG).exists():
+        fd = libbpf.obj_get(str(pins / PROG))
+        return Loaded(pins, fd, libbpf.prog_id(fd), compiled=False)
+    b, fd = compile_program(abi.EBPF_DIR / "srmig.c", "srmig_xdp", limits or Limits())
+    tmp = pins.with_name(pins.name + "-new")  # bpffs refuses names containing a dot
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = b[b"meta"]
+        meta[meta.Key(0)] = meta.Leaf(abi.ABI_VERSION)
+        for name in MAPS:
+            libbpf.obj_pin(b[name.encode()].map_fd, str(tmp / name))
+        libbpf.obj_pin(fd, str(tmp / PROG))
+        tmp.rename(pins)  # all pins appear at once: a reader never sees half a set
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prog_fd = libbpf.obj_get(str(pins / PROG))  # outlives the bcc object
+    return Loaded(pins, prog_fd, libbpf.prog_id(prog_fd), compiled=True)
+
+
+def _ifindex(ipr: IPRoute, ifname: str) -> int:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        raise LoaderError(f"no interface {ifname!r} in this network namespace")
+    return idx[0]
+
+
+def attached_prog_id(ipr: IPRoute, ifindex: int) -> tuple[int, str | None]:
+    """(program id, "native"|"generic"|...) attached to an interface, (0, None) when none."""
+    link = ipr.get_links(ifindex)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return 0, None
+    # pyroute2 decodes IFLA_XDP_ATTACHED (XDP_ATTACHED_DRV/SKB/HW/MULTI) into these names.
+    mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}.get(
+        xdp.get_attr("IFLA_XDP_ATTACHED"))
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, mode
+
+
+def attach(ifname: str, prog_fd: int, mode: str = "native") -> None:
+    if mode not in MODES:
+        raise LoaderError(f"unknown XDP mode {mode!r}: expected native or generic")
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODES[mode])]})
+        except Exception as e:
+            raise LoaderError(f"attaching XDP ({mode}) to {ifname} failed: {e}") from e
+
+
+def detach(ifname: str) -> bool:
+    """Detach whatever XDP program is on `ifname`; False when there was none."""
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        _, mode = attached_prog_id(ipr, idx)
+        if mode is None:
+            return False
+        flags = MODES.get(mode, 0)
+        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+        return True
+
+
+def interfaces_running(prog_id: int) -> list[str]:
+    """The interfaces of this namespace that run program `prog_id`."""
+    out = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            if attached_prog_id(ipr, link["index"])[0] == prog_id:
+                out.append(link.get_attr("IFLA_IFNAME"))
+    return out
+
+
+def load(ifname: str, mode: str = "native", limits: Limits | None = None) -> Loaded:
+    """`srmig load IFACE`: attach the namespace's program (compiling and pinning it the first time)."""
+    loaded = load_pinned_or_compile(limits)
+    attach(ifname, loaded.prog_fd, mode)
+    return loaded
+
+
+def unload(ifname: str) -> dict:
+    """`srmig unload IFACE`: detach; when no interface of the namespace runs the program any more, remove
+    the pins too (which frees the maps)."""
+    ensure_bpffs()
+    detached = detach(ifname)
+    pins = pin_dir()
+    removed = False
+    if (pins / PROG).exists():
+        fd = libbpf.obj_get(str(pins / PROG))
+        try:
+            still = interfaces_running(libbpf.prog_id(fd))
+        finally:
+            os.close(fd)
+        if not still:
+            shutil.rmtree(pins, ignore_errors=True)
+            removed = True
+    return {"interface": ifname, "detached": detached, "pins_removed": removed}

@@ -1,0 +1,323 @@
+/* srmig XDP program: SRv6 endpoint behaviours for zero-loss VM live migration.
+ *
+ * parse -> SID lookup -> dispatch on behaviour (and on the VM's migration state) -> one exit that counts.
+ * Behaviours and states: see ../../DESIGN table in README.md and srmig_abi.h. Map sizes come from
+ * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_HOLD_RING_PAGES).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/ipv6.h>
+
+#include "srmig_abi.h"
+
+#ifndef bpf_ntohs
+#define bpf_ntohs(x) __builtin_bswap16(x)
+#endif
+
+#include "srv6.h"
+
+#ifndef SRMIG_MAX_SIDS
+#define SRMIG_MAX_SIDS 256
+#endif
+#ifndef SRMIG_MAX_VMS
+#define SRMIG_MAX_VMS 65536
+#endif
+#ifndef SRMIG_HOLD_RING_PAGES
+#define SRMIG_HOLD_RING_PAGES 1024 /* 4 MiB: ~2000 full-size records */
+#endif
+#define BPF_F_NO_PREALLOC_ 1
+
+BPF_HASH(sid_table, struct srmig_sid_key, struct srmig_sid_value, SRMIG_MAX_SIDS);
+/* Not preallocated: memory follows the VMs actually present, and 10^6 VMs stay possible. */
+BPF_F_TABLE("hash", struct srmig_vm_key, struct srmig_vm_value, vm_table, SRMIG_MAX_VMS, BPF_F_NO_PREALLOC_);
+BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
+BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
+BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
+BPF_ARRAY(meta, __u32, 1); /* [0] = SRMIG_ABI_VERSION, written by the loader */
+BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES);
+
+/* Where one packet stands while a behaviour works on it. */
+struct pkt {
+	struct ipv6hdr *ip6h;   /* outer IPv6 header */
+	struct srh *srh;        /* NULL when the packet has none (reduced encapsulation) */
+	struct ipv6hdr *inner;  /* inner IPv6 header, NULL when the upper layer is not IPv6 */
+	__u32 outer_len;        /* bytes from the outer IPv6 header to the inner one */
+	__u32 verdict;
+	__u32 reason;
+};
+
+static __always_inline __u8 segments_left(struct pkt *p)
+{
+	return p->srh ? p->srh->segments_left : 0;
+}
+
+/* Deliver: decapsulate, forward the inner packet to the VM (RFC 8986 4.5 End.DX6, SL must be 0 unless the
+ * behaviour ignores the remaining segments, as End.S does while the VM runs here). */
+static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, __u32 verdict)
+{
+	p->verdict = verdict;
+	return decap_and_forward(ctx, p->outer_len, &p->reason);
+}
+
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p)
+{
+	p->verdict = SRMIG_VERDICT_FORWARD;
+	return fib_redirect(ctx, &p->reason);
+}
+
+/* Park the (already advanced) packet in the hold ring for the agent to send on later, in order. */
+static __always_inline int hold_in_ring(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct srmig_hold_record *rec;
+	__u32 off = sizeof(struct ethhdr);
+	__u32 len = data_end - data - off;
+
+	p->verdict = SRMIG_VERDICT_HOLD;
+	if (len >= SRMIG_HOLD_SNAPLEN) { /* jumbo frames cannot be held: count them, never truncate */
+		p->reason = SRMIG_DROP_HOLD_FULL;
+		return XDP_DROP;
+	}
+	rec = hold_ring.ringbuf_reserve(sizeof(*rec) + SRMIG_HOLD_SNAPLEN);
+	if (!rec) {
+		p->reason = SRMIG_DROP_HOLD_FULL;
+		return XDP_DROP;
+	}
+	/* The verifier needs 1 <= len <= buffer; the empty asm keeps clang from folding the mask away. */
+	asm volatile("" : "+r"(len));
+	len &= SRMIG_HOLD_SNAPLEN - 1;
+	if (len < sizeof(struct ipv6hdr) ||
+	    bpf_xdp_load_bytes(ctx, off, (void *)(rec + 1), len)) {
+		hold_ring.ringbuf_discard(rec, 0);
+		p->reason = SRMIG_DROP_TRUNCATED;
+		return XDP_DROP;
+	}
+	rec->timestamp_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(rec->vm, vm->addr, 16);
+	rec->len = len;
+	rec->orig_len = len;
+	hold_ring.ringbuf_submit(rec, 0);
+	return XDP_DROP; /* the frame itself is done with: its copy is in the ring */
+}
+
+/* Destination side before resume: the incoming QEMU does not read its tap, so the tap queue is the buffer
+ * (measured lossless, see ENVIRONMENT.md); the hold ring when the VM entry asks for it (no tap yet). */
+static __always_inline int hold_for_vm(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
+				       struct srmig_vm_value *st)
+{
+	if (st->flags & SRMIG_VM_F_HOLD_RING)
+		return hold_in_ring(ctx, p, vm);
+	return deliver(ctx, p, SRMIG_VERDICT_HOLD);
+}
+
+/* End.S (migration source). */
+static __always_inline int end_s(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
+				 struct srmig_vm_value *st)
+{
+	int rc;
+
+	if (segments_left(p) == 0) { /* End.S always carries the destination's SID after itself */
+		p->reason = SRMIG_DROP_SL_ZERO;
+		return XDP_DROP;
+	}
+	switch (st->state) {
+	case SRMIG_VM_RUNNING:
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+	case SRMIG_VM_HOLD:
+		p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
+		if (p->reason)
+			return XDP_DROP;
+		return hold_in_ring(ctx, p, vm);
+	case SRMIG_VM_AWAY:
+		p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
+		if (p->reason)
+			return XDP_DROP;
+		return forward(ctx, p);
+	default:
+		p->reason = SRMIG_DROP_VM_STATE;
+		return XDP_DROP;
+	}
+}
+
+/* End.SBUF (migration destination). */
+static __always_inline int end_sbuf(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
+				    struct srmig_vm_value *st)
+{
+	if (segments_left(p) != 0) {
+		p->reason = SRMIG_DROP_SL_NONZERO;
+		return XDP_DROP;
+	}
+	switch (st->state) {
+	case SRMIG_VM_RUNNING:
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+	case SRMIG_VM_INCOMING:
+		return hold_for_vm(ctx, p, vm, st);
+	default:
+		p->reason = SRMIG_DROP_VM_STATE;
+		return XDP_DROP;
+	}
+}
+
+/* End.DX6-map (steady state): deliver, or send stragglers on to where the VM went. */
+static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
+				   struct srmig_vm_value *st)
+{
+	if (segments_left(p) != 0) {
+		p->reason = SRMIG_DROP_SL_NONZERO;
+		return XDP_DROP;
+	}
+	switch (st->state) {
+	case SRMIG_VM_RUNNING:
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+	case SRMIG_VM_INCOMING: /* the ingress cut over before our resume: hold, as End.SBUF would */
+		return hold_for_vm(ctx, p, vm, st);
+	case SRMIG_VM_AWAY:
+		/* Rewrite the active segment and the DA to the recorded SID, so the SRH stays consistent. */
+		if (p->ip6h->hop_limit <= 1) {
+			p->reason = SRMIG_DROP_HOP_LIMIT;
+			return XDP_DROP;
+		}
+		__builtin_memcpy(&p->ip6h->daddr, st->next_sid, 16);
+		if (p->srh) {
+			struct in6_addr *seg0 = p->srh->segments;
+
+			if ((void *)(seg0 + 1) > (void *)(long)ctx->data_end) {
+				p->reason = SRMIG_DROP_TRUNCATED;
+				return XDP_DROP;
+			}
+			__builtin_memcpy(seg0, st->next_sid, 16);
+		}
+		p->ip6h->hop_limit--;
+		return forward(ctx, p);
+	default:
+		p->reason = SRMIG_DROP_VM_STATE;
+		return XDP_DROP;
+	}
+}
+
+static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is_ours)
+{
+	__u32 idx = p->verdict;
+	__u64 *v = verdict_stats.lookup(&idx);
+	struct srmig_sid_stats *s;
+
+	if (v)
+		*v += 1;
+	if (p->verdict == SRMIG_VERDICT_DROP || p->reason) {
+		idx = p->reason;
+		v = drop_stats.lookup(&idx);
+		if (v)
+			*v += 1;
+	}
+	if (!is_ours)
+		return;
+	s = sid_stats.lookup(&slot);
+	if (!s)
+		return;
+	s->packets++;
+	s->bytes += bytes;
+	switch (p->verdict) {
+	case SRMIG_VERDICT_DELIVER: s->delivered++; break;
+	case SRMIG_VERDICT_FORWARD: s->forwarded++; break;
+	case SRMIG_VERDICT_HOLD: s->held++; break;
+	default: s->dropped++; break;
+	}
+}
+
+int srmig_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 bytes = data_end - data;
+	struct hdr_cursor nh = { .pos = data };
+	struct pkt p = { .verdict = SRMIG_VERDICT_PASS };
+	struct srmig_sid_value *sid;
+	struct srmig_sid_key sid_key;
+	struct srmig_vm_key vm_key;
+	struct srmig_vm_value *vm;
+	struct ethhdr *eth;
+	__u32 slot = 0;
+	int is_ours = 0;
+	int action = XDP_PASS;
+	int nexthdr;
+
+	if (parse_ethhdr(&nh, data_end, &eth) != ETH_P_IPV6_BE)
+		goto out; /* IPv4, ARP, VLAN...: not ours */
+	nexthdr = parse_ipv6hdr(&nh, data_end, &p.ip6h);
+	if (nexthdr < 0)
+		goto out; /* truncated IPv6 we never claimed: the kernel judges it */
+
+	__builtin_memcpy(sid_key.addr, &p.ip6h->daddr, 16);
+	sid = sid_table.lookup(&sid_key);
+	if (!sid)
+		goto out; /* not one of our SIDs: untouched */
+	is_ours = 1;
+	slot = sid->stats_slot;
+	action = XDP_DROP;
+	p.verdict = SRMIG_VERDICT_DROP;
+
+	nexthdr = skip_ipv6_opts(&nh, data_end, nexthdr);
+	if (nexthdr < 0) {
+		p.reason = SRMIG_DROP_TRUNCATED;
+		goto out;
+	}
+	if (nexthdr == IPPROTO_ROUTING_) {
+		p.reason = get_and_validate_srh(&nh, data_end, &p.srh);
+		if (p.reason)
+			goto out;
+		nexthdr = p.srh->nexthdr;
+	}
+
+	if (sid->behaviour == SRMIG_BEH_END) {
+		p.reason = advance_nextseg(p.ip6h, p.srh, data_end);
+		if (p.reason)
+			goto out;
+		action = forward(ctx, &p);
+		goto out;
+	}
+
+	/* The per-VM behaviours need the inner packet: its DA names the VM. */
+	if (nexthdr != IPPROTO_IPV6_) {
+		p.reason = SRMIG_DROP_INNER_NOT_IPV6;
+		goto out;
+	}
+	p.inner = nh.pos;
+	if ((void *)(p.inner + 1) > data_end) {
+		p.reason = SRMIG_DROP_TRUNCATED;
+		goto out;
+	}
+	p.outer_len = (void *)p.inner - (void *)p.ip6h;
+	__builtin_memcpy(vm_key.addr, &p.inner->daddr, 16);
+	vm = vm_table.lookup(&vm_key);
+	if (!vm) {
+		p.reason = SRMIG_DROP_UNKNOWN_VM;
+		goto out;
+	}
+
+	switch (sid->behaviour) {
+	case SRMIG_BEH_END_S:
+		action = end_s(ctx, &p, &vm_key, vm);
+		break;
+	case SRMIG_BEH_END_SBUF:
+		action = end_sbuf(ctx, &p, &vm_key, vm);
+		break;
+	case SRMIG_BEH_END_DX6_MAP:
+		action = end_dx6(ctx, &p, &vm_key, vm);
+		break;
+	default:
+		p.reason = SRMIG_DROP_UNKNOWN_BEHAVIOUR;
+		break;
+	}
+
+out:
+	/* A behaviour that gave up (XDP_DROP with a reason) is a drop, whatever it was trying to do; a hold in
+	 * the ring also returns XDP_DROP, but without a reason, and stays a hold. */
+	if (p.reason)
+		p.verdict = SRMIG_VERDICT_DROP;
+	if (p.reason)
+		action = XDP_DROP;
+	count(&p, slot, bytes, is_ours);
+	return action;
+}

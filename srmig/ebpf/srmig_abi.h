@@ -1,0 +1,105 @@
+/* srmig ABI: everything userspace sees of the XDP program (map keys and values, enums, drop reasons).
+ *
+ * srmig/dataplane/abi.py feeds the region between BEGIN ABI and END ABI to cffi, so Python uses these very
+ * declarations; tests/test_abi.py compiles them with the C compiler and compares sizes and offsets.
+ * Keep the region to plain structs, enums and integer #defines.
+ * Numbering is append-only: never renumber, never reuse a retired value.
+ */
+#ifndef SRMIG_ABI_H
+#define SRMIG_ABI_H
+
+/* BEGIN ABI */
+#define SRMIG_ABI_VERSION 1
+
+/* SRv6 endpoint behaviours (RFC 8986 names; End.S / End.SBUF are srmig's migration behaviours). */
+enum srmig_behaviour {
+	SRMIG_BEH_END = 1,         /* RFC 8986 4.1 End: transit, advance to the next segment */
+	SRMIG_BEH_END_DX6_MAP = 2, /* steady state: deliver to the VM named by the inner DA, or follow it when away */
+	SRMIG_BEH_END_S = 3,       /* migration source: deliver while the VM runs here, else advance */
+	SRMIG_BEH_END_SBUF = 4,    /* migration destination: hold until the VM resumes, then deliver */
+};
+
+/* Migration state of one VM on this host, keyed by the VM's IPv6 address (the inner destination). */
+enum srmig_vm_state {
+	SRMIG_VM_RUNNING = 1,  /* the VM runs here: deliver */
+	SRMIG_VM_HOLD = 2,     /* paused here, its tap queue being drained: newer packets go to the hold ring */
+	SRMIG_VM_AWAY = 3,     /* moved away: End.S advances, End.DX6-map rewrites towards next_sid */
+	SRMIG_VM_INCOMING = 4, /* arriving here, not resumed yet: End.SBUF holds in the VM's tap queue */
+};
+
+/* Why a packet was dropped. Index into the drop_stats map. */
+enum srmig_drop_reason {
+	SRMIG_DROP_NONE = 0,
+	SRMIG_DROP_TRUNCATED = 1,      /* a header runs past the end of the packet */
+	SRMIG_DROP_SRH_TYPE = 2,       /* routing header with type != 4 and SL != 0 (RFC 8200 4.4) */
+	SRMIG_DROP_SRH_LEN = 3,        /* HdrExtLen too small for LastEntry+1 segments (RFC 8754 2, 4.3.1.1) */
+	SRMIG_DROP_SL_RANGE = 4,       /* Segments Left > Last Entry + 1 (RFC 8754 4.3.1.1) */
+	SRMIG_DROP_SL_ZERO = 5,        /* SL == 0 where a next segment is required (End, End.S advancing) */
+	SRMIG_DROP_SL_NONZERO = 6,     /* SL != 0 at a decapsulating behaviour (RFC 8986 4.5 End.DX6 S01) */
+	SRMIG_DROP_HOP_LIMIT = 7,      /* Hop Limit <= 1 when forwarding (RFC 8986 4.1 S03) */
+	SRMIG_DROP_INNER_NOT_IPV6 = 8, /* upper-layer header is not IPv6 at delivery (RFC 8986 4.5) */
+	SRMIG_DROP_UNKNOWN_VM = 9,     /* inner DA is not a VM in the state map */
+	SRMIG_DROP_VM_STATE = 10,      /* the VM's state has no action for this behaviour */
+	SRMIG_DROP_NO_ROUTE = 11,      /* FIB lookup: unreachable, blackhole, prohibit, forwarding disabled */
+	SRMIG_DROP_HOLD_FULL = 12,     /* hold ring buffer full */
+	SRMIG_DROP_HEADROOM = 13,      /* bpf_xdp_adjust_head failed */
+	SRMIG_DROP_UNKNOWN_BEHAVIOUR = 14, /* SID table entry with a behaviour this program does not know */
+	SRMIG_DROP_MAX = 15,           /* number of slots in drop_stats; grows when a reason is appended */
+};
+
+/* What happened to a packet. Index into the verdict_stats map. */
+enum srmig_verdict {
+	SRMIG_VERDICT_PASS = 0,      /* not for us (not IPv6, no SID of ours): handed to the kernel untouched */
+	SRMIG_VERDICT_DELIVER = 1,   /* decapsulated and sent to the VM (redirect, or via the kernel) */
+	SRMIG_VERDICT_FORWARD = 2,   /* advanced or rewritten and sent on towards the next SID */
+	SRMIG_VERDICT_HOLD = 3,      /* parked: in the VM's (paused) tap queue or in the hold ring */
+	SRMIG_VERDICT_DROP = 4,      /* dropped; drop_stats says why */
+	SRMIG_VERDICT_MAX = 5,
+};
+
+/* sid_table: key = the SID (IPv6 address, network byte order). */
+struct srmig_sid_key {
+	__u8 addr[16];
+};
+
+struct srmig_sid_value {
+	__u32 behaviour;  /* enum srmig_behaviour */
+	__u32 stats_slot; /* index into sid_stats, chosen by userspace, < SRMIG_MAX_SIDS */
+};
+
+/* vm_table: key = the VM's IPv6 address (the inner destination), network byte order. */
+struct srmig_vm_key {
+	__u8 addr[16];
+};
+
+struct srmig_vm_value {
+	__u32 state;        /* enum srmig_vm_state */
+	__u32 flags;        /* SRMIG_VM_F_* */
+	__u8 next_sid[16];  /* where End.DX6-map sends stragglers once AWAY (the new host's End.DX6-map SID) */
+};
+
+#define SRMIG_VM_F_HOLD_RING 1 /* INCOMING: park packets in the hold ring instead of the VM's tap queue */
+
+/* sid_stats: per-CPU array indexed by stats_slot. */
+struct srmig_sid_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 delivered;
+	__u64 forwarded;
+	__u64 held;
+	__u64 dropped;
+};
+
+/* A record in the hold ring (BPF ring buffer): this header, then `len` bytes of the packet starting at
+ * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is. */
+struct srmig_hold_record {
+	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
+	__u8 vm[16];        /* the VM it is for */
+	__u32 len;          /* bytes of packet that follow (<= SRMIG_HOLD_SNAPLEN) */
+	__u32 orig_len;     /* the packet's full length; > len means truncated (counted as HOLD_FULL) */
+};
+
+#define SRMIG_HOLD_SNAPLEN 2048
+/* END ABI */
+
+#endif

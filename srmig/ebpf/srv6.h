@@ -1,0 +1,123 @@
+/* SRv6 steps shared by the behaviours, one small function each (as net/ipv6/seg6_local.c and cilium's
+ * srv6.h do). Every function that changes the packet length re-loads data/data_end afterwards. */
+#ifndef SRMIG_SRV6_H
+#define SRMIG_SRV6_H
+
+#include "parsing.h"
+
+#define AF_INET6_ 10
+#define IPV6_FLOWINFO_MASK_ 0xFFFFFF0F /* traffic class + flow label in network byte order */
+
+/* RFC 8754 4.3.1.1 checks on the SRH at `nh->pos`. Returns SRMIG_DROP_NONE or the reason; on success *out
+ * points at the SRH and the cursor is past it (at the upper-layer header). */
+static __always_inline __u32 get_and_validate_srh(struct hdr_cursor *nh, void *data_end, struct srh **out)
+{
+	struct srh *srh = nh->pos;
+
+	if ((void *)(srh + 1) > data_end)
+		return SRMIG_DROP_TRUNCATED;
+	if (srh->type != SRH_TYPE_SEGMENT_ROUTING)
+		return SRMIG_DROP_SRH_TYPE;
+	/* Each segment is 16 octets = 2 units of HdrExtLen; TLVs may follow the list (RFC 8754 2). */
+	if (((__u32)srh->last_entry + 1) * 2 > srh->hdrlen)
+		return SRMIG_DROP_SRH_LEN;
+	if ((void *)srh + 8 + ((__u32)srh->hdrlen << 3) > data_end)
+		return SRMIG_DROP_TRUNCATED;
+	if (srh->segments_left > (__u32)srh->last_entry + 1)
+		return SRMIG_DROP_SL_RANGE;
+	nh->pos = (void *)srh + 8 + ((__u32)srh->hdrlen << 3);
+	*out = srh;
+	return SRMIG_DROP_NONE;
+}
+
+/* RFC 8986 4.1 End, S02-S15 minus the FIB lookup: Hop Limit check and decrement, SL-1, DA = Segment List[SL]. */
+static __always_inline __u32 advance_nextseg(struct ipv6hdr *ip6h, struct srh *srh, void *data_end)
+{
+	struct in6_addr *seg;
+	__u32 sl;
+
+	if (!srh || srh->segments_left == 0)
+		return SRMIG_DROP_SL_ZERO;
+	if (ip6h->hop_limit <= 1)
+		return SRMIG_DROP_HOP_LIMIT;
+	sl = srh->segments_left - 1;
+	seg = (void *)(srh + 1) + (sl << 4);
+	if ((void *)(seg + 1) > data_end)
+		return SRMIG_DROP_TRUNCATED;
+	srh->segments_left = sl;
+	ip6h->daddr = *seg;
+	ip6h->hop_limit--;
+	return SRMIG_DROP_NONE;
+}
+
+/* Send the frame at ctx->data (Ethernet + IPv6) on towards its IPv6 destination: FIB lookup, MAC rewrite,
+ * redirect. What the FIB cannot finish here (neighbour not resolved yet, a local address, a packet too big
+ * for the egress MTU, a route with an lwtunnel) goes to the kernel, which knows how to. */
+static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6h = data + sizeof(*eth);
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if ((void *)(ip6h + 1) > data_end) {
+		*reason = SRMIG_DROP_TRUNCATED;
+		return XDP_DROP;
+	}
+	fib.family = AF_INET6_;
+	fib.flowinfo = *(__be32 *)ip6h & IPV6_FLOWINFO_MASK_;
+	fib.l4_protocol = ip6h->nexthdr;
+	fib.tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
+	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
+	fib.ifindex = ctx->ingress_ifindex;
+
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+		return bpf_redirect(fib.ifindex, 0);
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+	case BPF_FIB_LKUP_RET_UNSUPP_LWT:
+		return XDP_PASS;
+	default:
+		*reason = SRMIG_DROP_NO_ROUTE;
+		return XDP_DROP;
+	}
+}
+
+/* Encapsulated-mode delivery (End.DX6-like, RFC 8986 4.5 S02): remove the outer IPv6 header and its
+ * extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header, forward the inner packet. */
+static __always_inline int decap_and_forward(struct xdp_md *ctx, __u32 outer_len, __u32 *reason)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ethhdr eth_copy;
+
+	if ((void *)(eth + 1) > data_end) {
+		*reason = SRMIG_DROP_TRUNCATED;
+		return XDP_DROP;
+	}
+	eth_copy = *eth;
+	if (bpf_xdp_adjust_head(ctx, (int)outer_len)) {
+		*reason = SRMIG_DROP_HEADROOM;
+		return XDP_DROP;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end) {
+		*reason = SRMIG_DROP_TRUNCATED;
+		return XDP_DROP;
+	}
+	*eth = eth_copy; /* h_proto stays ETH_P_IPV6: the inner packet is IPv6 too */
+	return fib_redirect(ctx, reason);
+}
+
+#endif
