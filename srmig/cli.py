@@ -1,0 +1,206 @@
+"""srmig command line: parses arguments, calls the domain layer, prints a table or --json. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+examples (as root):
+  srmig load eth1                          attach the XDP program (compiled and pinned the first time)
+  srmig sid add fc00:0:1::5 End.S          instantiate the migration-source SID
+  srmig sid add fc00:0:1::d6 End.DX6-map   and the steady-state one
+  srmig vm set 2001:db8:100::10 running    a VM that runs on this host
+  srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
+  srmig stats --json                       counters per SID, per verdict, per drop reason
+  srmig --netns hostS sid list             operate on the dataplane of namespace hostS
+  srmig bench micro                        ns/packet per branch against an XDP_PASS stub
+
+behaviours: End, End.DX6-map, End.S, End.SBUF   VM states: running, hold, away, incoming
+"""
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _emit(args, obj, rows=None, columns=None) -> None:
+    if args.json:
+        json.dump(obj, sys.stdout, indent=2)
+        print()
+    elif rows is not None:
+        _print_table(rows, columns)
+    else:
+        for k, v in obj.items():
+            print(f"{k}: {v}")
+
+
+def _dataplane():
+    from srmig.ctl.dataplane import Dataplane
+
+    return Dataplane()
+
+
+def cmd_load(args) -> int:
+    from srmig.dataplane import loader
+
+    limits = loader.Limits(max_sids=args.max_sids, max_vms=args.max_vms, hold_ring_pages=args.hold_ring_pages)
+    loaded = loader.load(args.iface, args.mode, limits)
+    _emit(args, {"interface": args.iface, "mode": args.mode, "prog_id": loaded.prog_id,
+                 "pin_dir": str(loaded.pin_dir), "compiled": loaded.compiled})
+    return 0
+
+
+def cmd_unload(args) -> int:
+    from srmig.dataplane import loader
+
+    _emit(args, loader.unload(args.iface))
+    return 0
+
+
+def cmd_sid(args) -> int:
+    with _dataplane() as dp:
+        if args.action == "add":
+            entry = dp.add_sid(args.sid, args.behaviour)
+            _emit(args, entry.to_dict())
+        elif args.action == "del":
+            _emit(args, {"sid": args.sid, "deleted": dp.del_sid(args.sid)})
+        else:
+            entries = [e.to_dict() for e in dp.list_sids()]
+            rows = [{"sid": e["sid"], "behaviour": e["behaviour"], **e["stats"]} for e in entries]
+            _emit(args, entries, rows,
+                  ["sid", "behaviour", "packets", "delivered", "forwarded", "held", "dropped"])
+    return 0
+
+
+def cmd_vm(args) -> int:
+    with _dataplane() as dp:
+        if args.action == "set":
+            entry = dp.set_vm(args.vm, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring)
+            _emit(args, entry.to_dict())
+        elif args.action == "del":
+            _emit(args, {"vm": args.vm, "deleted": dp.del_vm(args.vm)})
+        else:
+            entries = [e.to_dict() for e in dp.list_vms()]
+            _emit(args, entries, entries, ["vm", "state", "next_sid", "hold_ring"])
+    return 0
+
+
+def cmd_stats(args) -> int:
+    with _dataplane() as dp:
+        stats = dp.stats()
+    if args.json:
+        _emit(args, stats)
+        return 0
+    print("verdicts: " + "  ".join(f"{k}={v}" for k, v in stats["verdicts"].items()))
+    drops = {k: v for k, v in stats["drops"].items() if v}
+    print("drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none"))
+    rows = [{"sid": s["sid"], "behaviour": s["behaviour"], **s["stats"]} for s in stats["sids"]]
+    _print_table(rows, ["sid", "behaviour", "packets", "bytes", "delivered", "forwarded", "held", "dropped"])
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from bench import micro
+
+    result = micro.run(vms=args.vms, runs=args.runs, progress=not args.json)
+    if args.json:
+        _emit(args, result)
+    else:
+        micro.print_table(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="srmig", description="Zero-loss VM live migration over IPv6 Segment Routing (XDP dataplane).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--netns", metavar="NAME",
+                   help="act inside the named network namespace (keeps this mount namespace, so the pins "
+                        "under /sys/fs/bpf stay visible; prefer it to `ip netns exec`)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = cmd("load", cmd_load, "attach the srmig XDP program to an interface")
+    sp.add_argument("iface")
+    sp.add_argument("--mode", choices=["native", "generic"], default="native",
+                    help="native (driver) XDP, or generic (skb) XDP for any device (default: native)")
+    sp.add_argument("--max-vms", type=int, default=65536, help="VM state map size (first load only)")
+    sp.add_argument("--max-sids", type=int, default=256, help="SID table size (first load only)")
+    sp.add_argument("--hold-ring-pages", type=int, default=1024,
+                    help="hold ring size in 4 KiB pages, a power of two (first load only)")
+
+    sp = cmd("unload", cmd_unload, "detach from an interface; the last detach removes the pinned state")
+    sp.add_argument("iface")
+
+    sp = sub.add_parser("sid", help="add, delete or list local SIDs")
+    ssub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_ in (("add", "instantiate a SID"), ("del", "remove a SID"), ("list", "list SIDs")):
+        a = ssub.add_parser(name, help=help_, description=help_)
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=cmd_sid)
+        if name != "list":
+            a.add_argument("sid", help="the SID, an IPv6 address in this host's locator")
+        if name == "add":
+            a.add_argument("behaviour", help="End, End.DX6-map, End.S or End.SBUF")
+
+    sp = sub.add_parser("vm", help="set, delete or list VM migration states")
+    vsub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_ in (("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")):
+        a = vsub.add_parser(name, help=help_, description=help_)
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=cmd_vm)
+        if name != "list":
+            a.add_argument("vm", help="the VM's IPv6 address (the inner destination)")
+        if name == "set":
+            a.add_argument("state", help="running, hold, away or incoming")
+            a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")
+            a.add_argument("--hold-ring", action="store_true",
+                           help="incoming: hold packets in the hold ring instead of the VM's tap queue")
+
+    cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
+
+    sp = sub.add_parser("bench", help="benchmarks (JSON with --json)")
+    bsub = sp.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser("micro", help="BPF_PROG_TEST_RUN ns/packet per branch vs an XDP_PASS stub",
+                        description="Runs every branch of the program on a packet that takes that branch, "
+                                    "in a private network namespace, against an XDP_PASS stub measured "
+                                    "in the same run; then again with --vms VMs in the map.")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--vms", type=int, default=1_000_000, help="VMs in the map for the scale run")
+    b.add_argument("--runs", type=int, default=3000, help="test runs per branch (repeat=1 each)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from srmig.dataplane.loader import LoaderError
+
+    try:
+        if args.netns:
+            from srmig.testbed.netns import inside
+
+            with inside(args.netns):
+                return args.func(args)
+        return args.func(args)
+    except (LoaderError, ValueError, OSError) as e:
+        print(f"srmig: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("srmig: interrupted", file=sys.stderr)
+        return 130

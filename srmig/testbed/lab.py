@@ -1,0 +1,118 @@
+"""A one-host lab for BPF_PROG_TEST_RUN: a private namespace with the routes and neighbours the program's
+FIB lookups need, the srmig program loaded (pinned) in it, and a VM in every state.
+
+Shared by the behaviour tests (tests/test_dataplane.py) and `srmig bench micro`, so the benchmark measures
+exactly the branches the tests prove.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from srmig.ctl.dataplane import Dataplane
+from srmig.dataplane import libbpf, loader
+from srmig.dataplane.abi import Behaviour, VmState
+from srmig.testbed.netns import Topology
+
+# This host (H) and the next one (D), each an SRv6 locator /48.
+SID_END = "fc00:0:1::e"
+SID_DX6 = "fc00:0:1::d6"
+SID_S = "fc00:0:1::5"
+SID_SBUF = "fc00:0:1::b"
+D_SBUF = "fc00:0:2::b"
+D_DX6 = "fc00:0:2::d6"
+T_END = "fc00:0:3::e"
+NOT_OURS = "fc00:0:1::77"
+
+FAB_MAC = "02:00:00:00:0f:01"
+FAB_PEER = "2001:db8:f::2"
+FAB_PEER_MAC = "02:00:00:00:0f:02"
+GW_MAC = "02:00:5e:00:00:01"  # the anycast gateway every host presents to its VMs
+VM_MAC = "02:00:00:00:10:10"
+
+VM_RUNNING = "2001:db8:100::10"
+VM_AWAY = "2001:db8:100::20"
+VM_HOLD = "2001:db8:100::30"
+VM_INCOMING = "2001:db8:100::40"
+VM_INCOMING_RING = "2001:db8:100::41"
+VM_NO_NEIGH = "2001:db8:100::50"
+VM_UNREACHABLE = "2001:db8:100::60"
+VM_UNKNOWN = "2001:db8:100::99"
+
+RTN_UNREACHABLE = 7
+
+
+class TestRunLab:
+    __test__ = False  # not a pytest class
+
+    def __init__(self, limits: loader.Limits | None = None):
+        self.limits = limits or loader.Limits()
+        self.topo = Topology()
+        self.dp: Dataplane | None = None
+        self.prog_fd = -1
+
+    def start(self) -> TestRunLab:
+        t = self.topo
+        try:
+            t.add_host("lab")
+            t.add_host("fab")
+            t.add_host("vm")
+            t.link("lab", "fab0", "fab", "up0", a_addr="2001:db8:f::1/64", a_mac=FAB_MAC, b_mac=FAB_PEER_MAC)
+            t.link("lab", "vm0", "vm", "eth0", a_mac=GW_MAC, b_mac=VM_MAC)
+            for locator in ("fc00:0:2::/48", "fc00:0:3::/48"):
+                t.route("lab", locator, gateway=FAB_PEER, oif="fab0")
+            t.neigh("lab", "fab0", FAB_PEER, FAB_PEER_MAC)
+            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_NO_NEIGH):
+                t.route("lab", vm + "/128", oif="vm0")
+            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING):
+                t.neigh("lab", "vm0", vm, VM_MAC)
+            with t.ipr("lab") as ipr:
+                ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
+            self.fab_ifindex = t.ifindex("lab", "fab0")
+            self.vm_ifindex = t.ifindex("lab", "vm0")
+            with t.inside("lab"):
+                loaded = loader.load_pinned_or_compile(self.limits)
+                self.prog_fd = loaded.prog_fd
+                self.pin_dir = loaded.pin_dir
+                self.dp = Dataplane(loaded.pin_dir)
+            self._provision()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _provision(self) -> None:
+        dp = self.dp
+        for sid, beh in ((SID_END, Behaviour.END), (SID_DX6, Behaviour.END_DX6_MAP), (SID_S, Behaviour.END_S),
+                         (SID_SBUF, Behaviour.END_SBUF)):
+            dp.add_sid(sid, beh)
+        dp.set_vm(VM_RUNNING, VmState.RUNNING)
+        dp.set_vm(VM_AWAY, VmState.AWAY, next_sid=D_DX6)
+        dp.set_vm(VM_HOLD, VmState.HOLD)
+        dp.set_vm(VM_INCOMING, VmState.INCOMING)
+        dp.set_vm(VM_INCOMING_RING, VmState.INCOMING, hold_ring=True)
+        dp.set_vm(VM_NO_NEIGH, VmState.RUNNING)
+        dp.set_vm(VM_UNREACHABLE, VmState.RUNNING)
+
+    def run(self, packet: bytes, repeat: int = 1) -> libbpf.TestRun:
+        """One BPF_PROG_TEST_RUN in the lab's namespace (its FIB), as if received on fab0."""
+        with self.topo.inside("lab"):
+            return libbpf.prog_test_run(self.prog_fd, packet, repeat=repeat, ingress_ifindex=self.fab_ifindex)
+
+    def close(self) -> None:
+        if self.dp:
+            self.dp.close()
+            self.dp = None
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+        if getattr(self, "pin_dir", None):
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        self.topo.close()
+
+    def __enter__(self) -> TestRunLab:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
