@@ -7,6 +7,7 @@ exactly the branches the tests prove.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -116,3 +117,20 @@ class TestRunLab:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def xdp_on(topo: Topology, role: str, ifname: str, mode: str = "generic", limits: loader.Limits | None = None):
+    """Load srmig on one interface of a topology host; yields its Dataplane. Detached and unpinned on exit,
+    also when the body fails."""
+    with topo.inside(role):
+        loaded = loader.load(ifname, mode, limits)
+        os.close(loaded.prog_fd)
+        try:
+            with Dataplane(loaded.pin_dir) as dp:
+                yield dp
+        finally:
+            with topo.inside(role):
+                with contextlib.suppress(Exception):
+                    loader.detach(ifname)
+                shutil.rmtree(loaded.pin_dir, ignore_errors=True)
