@@ -1,0 +1,112 @@
+"""The two-host migration testbed, built from network namespaces:
+
+        C (client, ingress: kernel seg6 encap)
+        |
+        T (transit router; kernel seg6local End at T_END)
+       / \
+      S   D        srmig XDP on each fabric interface; the VM's tap behind each, with the same anycast
+       \ /         gateway (link-local fe80::1 and one MAC) on both
+       mgmt        a separate S-D link that carries the migration stream
+
+Locators: S fc00:0:1::/48, D fc00:0:2::/48, T fc00:0:3::/48. The VM is 2001:db8:100::10/64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from srmig.ctl import ingress
+from srmig.ctl.dataplane import Dataplane
+from srmig.ctl.phases import HostSids
+from srmig.dataplane.abi import Behaviour
+from srmig.testbed.lab import xdp_on
+from srmig.testbed.netns import Topology
+
+VM_ADDR = "2001:db8:100::10"
+VM_PREFIXLEN = 64
+GATEWAY_LL = "fe80::1"               # the anycast gateway every host presents to its VMs
+GATEWAY_MAC = "02:00:5e:00:00:01"
+CLIENT_ADDR = "2001:db8:c::1"
+T_END = "fc00:0:3::e"
+MGMT = {"S": "fd00:99::1", "D": "fd00:99::2"}
+FABRIC = {"S": "s0", "D": "d0"}
+
+SIDS = {
+    "S": HostSids("S", dx6="fc00:0:1::d6", end_s="fc00:0:1::5", sbuf="fc00:0:1::b"),
+    "D": HostSids("D", dx6="fc00:0:2::d6", end_s="fc00:0:2::5", sbuf="fc00:0:2::b"),
+}
+
+
+@dataclass
+class Testbed:
+    xdp_mode: str = "generic"
+
+    def __post_init__(self):
+        self.topo = Topology()
+        self._stack = contextlib.ExitStack()
+        self.dp: dict[str, Dataplane] = {}
+
+    def build(self) -> Testbed:
+        t = self.topo
+        try:
+            for role in ("C", "T", "S", "D"):
+                t.add_host(role)
+            t.link("C", "c0", "T", "t_c", "2001:db8:c::1/64", "2001:db8:c::2/64")
+            t.link("S", "s0", "T", "t_s", "2001:db8:a::2/64", "2001:db8:a::1/64")
+            t.link("D", "d0", "T", "t_d", "2001:db8:b::2/64", "2001:db8:b::1/64")
+            t.link("S", "mg0", "D", "mg0", MGMT["S"] + "/64", MGMT["D"] + "/64")
+            # Native XDP redirect into a veth needs NAPI on the receiving peer.
+            for role, ifname in (("T", "t_s"), ("T", "t_d"), ("S", "s0"), ("D", "d0")):
+                t.run(role, "ethtool", "-K", ifname, "gro", "on")
+            t.route("C", "fc00::/16", gateway="2001:db8:c::2")
+            t.route("T", "fc00:0:1::/48", gateway="2001:db8:a::2")
+            t.route("T", "fc00:0:2::/48", gateway="2001:db8:b::2")
+            t.route("T", T_END + "/128", oif="t_c", encap={"type": "seg6local", "action": "End"})
+            for role, gw in (("S", "2001:db8:a::1"), ("D", "2001:db8:b::1")):
+                t.route(role, "2001:db8:c::/64", gateway=gw)
+                t.route(role, "fc00::/16", gateway=gw)
+            for role in ("S", "D"):
+                dp = self._stack.enter_context(xdp_on(t, role, FABRIC[role], self.xdp_mode))
+                sids = SIDS[role]
+                dp.add_sid(sids.dx6, Behaviour.END_DX6_MAP)
+                dp.add_sid(sids.end_s, Behaviour.END_S)
+                dp.add_sid(sids.sbuf, Behaviour.END_SBUF)
+                self.dp[role] = dp
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def attach_vm_link(self, role: str, ifname: str, guest_mac: str, txqueuelen: int = 10000) -> None:
+        """Make `ifname` (the VM's tap on host `role`) the VM-facing link: anycast gateway MAC and
+        link-local, a /128 route to the VM, a permanent neighbour entry (so the host's own neighbour queue
+        never holds the VM's packets), and a long queue for the migration window."""
+        with self.topo.ipr(role) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=idx, address=GATEWAY_MAC, txqlen=txqueuelen, state="up")
+            ipr.addr("replace", index=idx, address=GATEWAY_LL, prefixlen=64, flags=0x80)  # IFA_F_NODAD
+            ipr.route("replace", dst=f"{VM_ADDR}/128", oif=idx, family=10)
+            ipr.neigh("replace", dst=VM_ADDR, lladdr=guest_mac, ifindex=idx, state=0x80, family=10)
+
+    def steer(self, segments: list[str] | None) -> None:
+        """The client's route to the VM: H.Encaps with `segments`, or withdrawn (None)."""
+        with self.topo.ipr("C") as ipr:
+            if segments is None:
+                ingress.clear(ipr, VM_ADDR)
+            else:
+                ingress.set_segment_list(ipr, VM_ADDR, segments, "2001:db8:c::2", ipr.link_lookup(ifname="c0")[0])
+
+    def ns(self, role: str) -> str:
+        return self.topo.ns(role)
+
+    def close(self) -> None:
+        self._stack.close()
+        self.dp.clear()
+        self.topo.close()
+
+    def __enter__(self) -> Testbed:
+        return self.build()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
