@@ -220,6 +220,4 @@ class Dataplane:
             rec = ffi.cast("struct srmig_hold_record *", ffi.from_buffer(raw))
             on_record(HoldRecord(_str(rec.vm), rec.timestamp_ns, raw[head:head + rec.len]))
 
-        fd = libbpf.obj_get(str(self.pin_dir / "hold_ring"))
-        self._fds.append(fd)
-        return libbpf.RingBuffer(fd, decode)
+        return libbpf.RingBuffer(libbpf.obj_get(str(self.pin_dir / "hold_ring")), decode, owns_fd=True)

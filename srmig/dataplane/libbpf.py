@@ -241,7 +241,7 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ingress_ifindex:
 class RingBuffer:
     """Consumer of a BPF ring buffer: `poll()` calls `on_record(bytes)` for each record, in ring order."""
 
-    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]):
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None], owns_fd: bool = False):
         @ffi.callback("int(void *, void *, size_t)")
         def _cb(_ctx, data, size):
             try:
@@ -257,6 +257,7 @@ class RingBuffer:
         if rb == ffi.NULL:
             raise OSError(ffi.errno, f"ring_buffer__new: {os.strerror(ffi.errno)}")
         self._rb = rb
+        self._fd = map_fd if owns_fd else -1
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Consume what is ready (waiting up to timeout_ms for the first record); returns records read."""
@@ -272,6 +273,9 @@ class RingBuffer:
         if self._rb is not None:
             lib().ring_buffer__free(self._rb)
             self._rb = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> RingBuffer:
         return self
