@@ -1,0 +1,654 @@
+"""Loss probe for live migrations: ICMPv6 echo at a fixed rate, every reply accounted for.
+
+Three layers, usable on their own:
+
+* `analyse(sent, received)` — pure accounting, no I/O: sent/received/lost/duplicated/reordered, the longest
+  blackout, RTTs and a per-bucket timeline. Definitions are in its docstring.
+* `Probe` / `run_probe` — a paced sender and a receiver thread on raw ICMPv6 sockets (optionally opened inside
+  a network namespace). Each Echo Request carries, after the 16-bit ICMPv6 sequence number, a magic, a 32-bit
+  sequence number and the monotonic send time; replies are matched on the echo identifier, the magic and the
+  32-bit sequence number, so sequence numbers never wrap ambiguously. Callers may record named marks
+  ("stop", "resume", ...) while a probe runs; they come back in the report, relative to the first send.
+* `plot_timelines(reports, path)` — one panel per strategy: received and lost probes per bucket, marks drawn
+  as vertical lines (matplotlib, Agg, imported lazily).
+
+CLI: `python -m srmig.testbed.probe DST --rate R --count N [--netns NS] [--json] [--plot PATH]`.
+
+All times given to or returned by this module are seconds on `time.monotonic()`'s clock unless the name says
+`_ms` (milliseconds, relative to the first send) or `_ns`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import math
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+# ---------------------------------------------------------------------------------------------------------
+# Accounting
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Bucket(NamedTuple):
+    """One timeline bucket: [t_ms, t_ms + bucket_ms) relative to the first send."""
+
+    t_ms: float
+    received: int  # first copies of replies whose *receive* time falls in the bucket
+    lost: int  # probes never answered whose *send* time falls in the bucket
+
+
+@dataclass
+class ProbeReport:
+    sent: int = 0
+    received: int = 0  # unique sequence numbers answered
+    lost: int = 0
+    duplicated: int = 0  # extra copies: total matching replies - unique ones
+    reordered: int = 0  # RFC 4737 (see analyse)
+    blackout_ms: float = 0.0  # longest run of lost probes, on send times (see analyse)
+    # --- extras -------------------------------------------------------------------------------------------
+    blackout_start_ms: float | None = None  # send time of the first probe of the longest lost run
+    blackout_probes: int = 0  # length of the longest lost run, in probes
+    loss_runs: int = 0  # number of maximal runs of consecutive lost probes
+    max_rx_gap_ms: float | None = None  # longest gap between consecutive first-copy arrivals (receive times)
+    max_send_gap_ms: float = 0.0  # longest gap between consecutive sends: a sender stall, not a network loss
+    unexpected: int = 0  # replies carrying a sequence number that was never sent
+    interval_ms: float = 0.0  # inter-send interval used for a run that reaches the last probe (median)
+    duration_ms: float = 0.0  # first send to last send
+    rtt_ms: dict[str, float] = field(default_factory=dict)  # min, p50, p99, max over first copies
+    bucket_ms: float = 1.0
+    timeline: list[Bucket] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)  # name -> ms relative to the first send
+    t0: float | None = None  # monotonic time of the first send, seconds
+    # --- filled by run_probe --------------------------------------------------------------------------
+    dst: str | None = None
+    rate_pps: float | None = None  # requested
+    send_rate_pps: float | None = None  # achieved: (sent - 1) / (last send - first send)
+    send_errors: int = 0  # sendto() failures (counted as sent, and lost)
+    slipped_ms: float = 0.0  # how far the sender fell behind its schedule and gave up catching up
+    rx_socket_drops: int = 0  # replies dropped by the receive socket (SO_RXQ_OVFL): loss the network did not cause
+    truncated: bool = False  # sending stopped before `count` (stop requested or time bound hit)
+
+    def to_dict(self, timeline: bool = True) -> dict:
+        d = asdict(self)
+        d["timeline"] = [list(b) for b in self.timeline] if timeline else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ProbeReport:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known["timeline"] = [Bucket(*b) for b in (d.get("timeline") or [])]
+        return cls(**known)
+
+    def summary(self) -> str:
+        s = (f"sent {self.sent} received {self.received} lost {self.lost} duplicated {self.duplicated} "
+             f"reordered {self.reordered} blackout {self.blackout_ms:.1f} ms")
+        if self.blackout_start_ms is not None and self.lost:
+            s += f" (from {self.blackout_start_ms:.1f} ms, {self.blackout_probes} probes)"
+        if self.rtt_ms:
+            s += f" rtt p50 {self.rtt_ms['p50']:.3f} ms max {self.rtt_ms['max']:.3f} ms"
+        if self.send_rate_pps is not None:
+            s += f" rate {self.send_rate_pps:.0f} pps"
+        if self.send_errors or self.rx_socket_drops or self.truncated:
+            s += f" [send_errors {self.send_errors} rx_socket_drops {self.rx_socket_drops}" \
+                 f"{' truncated' if self.truncated else ''}]"
+        return s
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in [0, 100])."""
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
+
+
+def analyse(sent: Iterable[tuple[int, float]], received: Iterable[tuple[int, float]], bucket_ms: float = 1,
+            marks: Iterable[tuple[str, float]] | Mapping[str, float] | None = None,
+            interval_s: float | None = None) -> ProbeReport:
+    """Account for a probe run.
+
+    sent: (seq, send time) per probe, seq unique. received: (seq, receive time) per reply, any order, any
+    number of copies. Times in seconds on one clock. marks: (name, time) pairs or {name: time}, same clock;
+    a name seen twice becomes "name#2", ...
+
+    Definitions:
+    * received: number of distinct sent sequence numbers with at least one reply. lost = sent - received.
+    * duplicated: extra copies, i.e. replies for a sequence number already answered (3 copies count 2).
+    * reordered (RFC 4737 §3.3, "Type-P-Reordered"): replies are taken in arrival order (receive time, ties in
+      list order); duplicates and unknown sequence numbers are ignored; a reply is reordered when its sequence
+      number is lower than the highest sequence number already received (RFC 4737: s < NextExp, NextExp =
+      highest so far + 1). A late packet counts once; the ones it was overtaken by do not count.
+    * blackout_ms: computed from send timestamps. For each maximal run of consecutive lost probes (consecutive
+      in sequence order among the sent ones) its length is send_time(first probe answered after the run) -
+      send_time(first lost probe of the run); a run reaching the last probe ends one interval after the last
+      send (interval: `interval_s`, else the median inter-send interval). At a steady rate this is
+      (number of consecutive lost probes) x interval. blackout_ms is the longest such run, 0 without loss.
+      `max_rx_gap_ms` gives the receiver-side view (longest gap between consecutive arrivals).
+    * timeline: buckets of `bucket_ms` from the first send to the last send or receive; in each, replies
+      received (first copies, by receive time) and probes lost (by send time).
+    """
+    sent_t: dict[int, float] = {}
+    for seq, t in sent:
+        sent_t[int(seq)] = float(t)
+    rx = sorted(((float(t), i, int(s)) for i, (s, t) in enumerate(received)))
+    mark_list = list(marks.items()) if isinstance(marks, Mapping) else list(marks or [])
+
+    rep = ProbeReport(sent=len(sent_t), bucket_ms=float(bucket_ms))
+    first: dict[int, float] = {}
+    highest = -1
+    for t, _, seq in rx:
+        if seq not in sent_t:
+            rep.unexpected += 1
+        elif seq in first:
+            rep.duplicated += 1
+        else:
+            first[seq] = t
+            if seq < highest:
+                rep.reordered += 1
+            else:
+                highest = seq
+    rep.received = len(first)
+    rep.lost = rep.sent - rep.received
+    if not sent_t:
+        rep.marks = _marks_rel(mark_list, None)
+        return rep
+
+    order = sorted(sent_t)
+    times = [sent_t[s] for s in order]
+    t0 = min(times)
+    rep.t0 = t0
+    rep.duration_ms = (max(times) - t0) * 1e3
+    diffs = sorted(b - a for a, b in zip(times, times[1:]))
+    rep.max_send_gap_ms = diffs[-1] * 1e3 if diffs else 0.0
+    if interval_s is None:
+        interval_s = diffs[len(diffs) // 2] if diffs else 0.0
+    rep.interval_ms = interval_s * 1e3
+
+    # Runs of consecutive lost probes, measured on send times.
+    i, n = 0, len(order)
+    while i < n:
+        if order[i] in first:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and order[j + 1] not in first:
+            j += 1
+        end = times[j + 1] if j + 1 < n else times[j] + interval_s
+        length = (end - times[i]) * 1e3
+        rep.loss_runs += 1
+        if length > rep.blackout_ms or rep.blackout_start_ms is None:
+            rep.blackout_ms = length
+            rep.blackout_start_ms = (times[i] - t0) * 1e3
+            rep.blackout_probes = j - i + 1
+        i = j + 1
+
+    arrivals = sorted(first.values())
+    if len(arrivals) >= 2:
+        rep.max_rx_gap_ms = max(b - a for a, b in zip(arrivals, arrivals[1:])) * 1e3
+    rtts = sorted((first[s] - sent_t[s]) * 1e3 for s in first)
+    if rtts:
+        rep.rtt_ms = {"min": rtts[0], "p50": _percentile(rtts, 50), "p99": _percentile(rtts, 99),
+                      "max": rtts[-1]}
+
+    # Timeline.
+    last = max(max(times), arrivals[-1] if arrivals else t0)
+    nb = int((last - t0) * 1e3 // bucket_ms) + 1
+    rx_b, lost_b = [0] * nb, [0] * nb
+
+    def idx(t: float) -> int:
+        return max(0, min(nb - 1, int((t - t0) * 1e3 // bucket_ms)))
+
+    for t in arrivals:
+        rx_b[idx(t)] += 1
+    for s, t in zip(order, times):
+        if s not in first:
+            lost_b[idx(t)] += 1
+    rep.timeline = [Bucket(k * bucket_ms, rx_b[k], lost_b[k]) for k in range(nb)]
+    rep.marks = _marks_rel(mark_list, t0)
+    return rep
+
+
+def _marks_rel(marks: list[tuple[str, float]], t0: float | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, t in marks:
+        key, k = name, 1
+        while key in out:
+            k += 1
+            key = f"{name}#{k}"
+        out[key] = (t - t0) * 1e3 if t0 is not None else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sender / receiver
+# ---------------------------------------------------------------------------------------------------------
+
+ICMP6_ECHO_REQUEST = 128
+ICMP6_ECHO_REPLY = 129
+ICMP6_FILTER = 1  # linux/icmpv6.h, level IPPROTO_ICMPV6
+SO_TIMESTAMPNS = 35  # asm-generic/socket.h (SO_TIMESTAMPNS_OLD: struct timespec)
+SO_RXQ_OVFL = 40
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+PR_SET_TIMERSLACK = 29
+
+MAGIC = b"SRMP"
+# type, code, checksum (kernel fills it), identifier, 16-bit seq | magic, 32-bit seq, send time (ns, monotonic)
+_HDR = struct.Struct("!BBHHH4sIQ")
+HEADER_LEN = _HDR.size  # 24 bytes of ICMPv6 message before any padding
+_RX = struct.Struct("!BBHHH4sI")
+_TS = struct.Struct("@qq")
+_OVFL = struct.Struct("@I")
+
+
+def _icmp6_filter(pass_types: Iterable[int]) -> bytes:
+    """struct icmp6_filter that blocks every type but `pass_types` (Linux: a set bit blocks)."""
+    words = [0xFFFFFFFF] * 8
+    for t in pass_types:
+        words[t >> 5] &= ~(1 << (t & 31)) & 0xFFFFFFFF
+    return struct.pack("8I", *words)
+
+
+def _set_timerslack(ns: int) -> None:
+    """Per-thread timer slack (default 50 us) so short sleeps wake when asked. Best effort."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(ns), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_sockets(dst: str, src: str | None, rcvbuf: int) -> tuple[socket.socket, socket.socket, tuple]:
+    addr = socket.getaddrinfo(dst, None, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)[0][4]
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    try:
+        tx.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _icmp6_filter([]))  # never reads
+        rx.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _icmp6_filter([ICMP6_ECHO_REPLY]))
+        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                rx.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                break
+            except OSError:
+                continue
+        rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        rx.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 20000))  # 20 ms
+        if src:
+            tx.bind((src, 0))
+            rx.bind((src, 0))
+    except BaseException:
+        tx.close()
+        rx.close()
+        raise
+    return tx, rx, addr
+
+
+def _clock_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, best of a few tight samples (kernel rx stamps are realtime)."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        r = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+    return best[1]
+
+
+class Probe:
+    """A probe running in the background.
+
+        p = Probe("2001:db8::2", rate_pps=10000, count=50000, netns="srmig-1-A").start()
+        ... p.mark("stop") ... p.mark("resume") ...
+        report = p.wait()
+
+    or `with Probe(...) as p: ...` (leaving the block waits for the run; an exception stops it first).
+    Sockets are opened in `netns` (if given) by start(), in the caller's thread; the sender and receiver
+    threads use them from wherever they run. Bounded: at most `count` probes, sending stops after
+    `max_duration_s` (default: twice the nominal duration + 2 s) or when stop() / `stop_event` say so;
+    receiving stops `timeout_s` after the last send, or as soon as every probe is answered.
+    """
+
+    def __init__(self, dst: str, rate_pps: float, count: int, timeout_s: float = 1.0, netns: str | None = None,
+                 ident: int | None = None, start_event: threading.Event | None = None,
+                 stop_event: threading.Event | None = None, size: int = 0, src: str | None = None,
+                 burst: int = 4, bucket_ms: float = 1, max_duration_s: float | None = None,
+                 start_timeout_s: float = 60.0, rcvbuf: int = 8 << 20):
+        if rate_pps <= 0 or count < 0 or timeout_s < 0:
+            raise ValueError("rate_pps must be > 0, count and timeout_s >= 0")
+        if count >= 1 << 32:
+            raise ValueError("count must fit the 32-bit sequence number")
+        self.dst, self.rate_pps, self.count, self.timeout_s = dst, float(rate_pps), int(count), timeout_s
+        self.netns, self.src, self.size = netns, src, max(size, HEADER_LEN)
+        self.ident = random.randrange(1, 0xFFFF) if ident is None else ident & 0xFFFF
+        self.start_event, self.stop_event = start_event, stop_event
+        self.burst = max(1, burst)
+        self.bucket_ms = bucket_ms
+        self.max_duration_s = (2 * count / rate_pps + 2) if max_duration_s is None else max_duration_s
+        self.start_timeout_s = start_timeout_s
+        self.rcvbuf = rcvbuf
+        self._marks: list[tuple[str, float]] = []
+        self._stop = threading.Event()
+        self._sent_seq = 0  # probes sent so far (progress)
+        self._send_ns: list[int] = []
+        self._rx: list[tuple[int, int]] = []  # (seq32, receive time ns monotonic)
+        self._unique = 0
+        self._send_errors = 0
+        self._slipped_ns = 0
+        self._truncated = False
+        self._drops = 0
+        self._sender_done = threading.Event()
+        self._last_send_ns = 0
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
+        self._report: ProbeReport | None = None
+
+    # -- control --------------------------------------------------------------------------------------
+    def start(self) -> Probe:
+        from srmig.testbed.netns import inside
+
+        with inside(self.netns):
+            self._tx, self._rx_sock, self._addr = _open_sockets(self.dst, self.src, self.rcvbuf)
+        self._offset_ns = _clock_offset_ns()
+        self._threads = [threading.Thread(target=self._guard, args=(self._receiver,), name="probe-rx", daemon=True),
+                         threading.Thread(target=self._guard, args=(self._sender,), name="probe-tx", daemon=True)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def mark(self, name: str, t: float | None = None) -> None:
+        """Record a named instant (now, or `t` on time.monotonic()'s clock); it appears in report.marks."""
+        self._marks.append((name, time.monotonic() if t is None else t))
+
+    def stop(self) -> None:
+        """Stop sending now (the receiver still waits up to timeout_s for outstanding replies)."""
+        self._stop.set()
+
+    def done(self) -> bool:
+        return all(not t.is_alive() for t in self._threads)
+
+    def progress(self) -> tuple[int, int]:
+        """(probes sent, distinct replies received) so far."""
+        return self._sent_seq, self._unique
+
+    def wait(self, timeout: float | None = None) -> ProbeReport:
+        """Join both threads and return the report. Raises TimeoutError if `timeout` expires first."""
+        if self._report is not None:
+            return self._report
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise TimeoutError("probe still running")
+        self._tx.close()
+        self._rx_sock.close()
+        if self._error is not None:
+            raise self._error
+        self._report = self._build_report()
+        return self._report
+
+    def __enter__(self) -> Probe:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        """Leaving the block waits for the run to finish (bounded by count); an exception stops it first."""
+        if exc[0] is not None:
+            self.stop()
+        if self._threads:
+            try:
+                self.wait()
+            except Exception:
+                if exc[0] is None:
+                    raise
+
+    # -- threads --------------------------------------------------------------------------------------
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # surfaced by wait()
+            self._error = self._error or e
+            self._stop.set()
+            self._sender_done.set()
+
+    def _sender(self) -> None:
+        _set_timerslack(1000)
+        try:
+            if self.start_event is not None and not self.start_event.wait(self.start_timeout_s):
+                raise TimeoutError(f"start_event not set within {self.start_timeout_s} s")
+            self._send_loop()
+        finally:
+            self._last_send_ns = time.monotonic_ns()
+            self._sender_done.set()
+
+    def _send_loop(self) -> None:
+        buf = bytearray(self.size)
+        pack_into, sendto, mono = _HDR.pack_into, self._tx.sendto, time.monotonic_ns
+        addr, ident, count, burst = self._addr, self.ident, self.count, self.burst
+        send_ns = self._send_ns
+        append = send_ns.append
+        interval = 1e9 / self.rate_pps
+        stop, stop_ev = self._stop, self.stop_event
+        t_start = mono()
+        deadline = t_start + int(self.max_duration_s * 1e9)
+        nxt = float(t_start)
+        seq = 0
+        errors = 0
+        while seq < count:
+            now = mono()
+            if now < nxt:
+                wait = nxt - now
+                if wait > 30_000:
+                    time.sleep((wait - 20_000) / 1e9)
+                elif wait > 5_000:
+                    time.sleep(0)  # let the receiver have the GIL, no timer
+                continue
+            if stop.is_set() or (stop_ev is not None and stop_ev.is_set()) or now > deadline:
+                self._truncated = True
+                break
+            behind = now - nxt
+            if behind > (burst - 1) * interval:  # more than a burst overdue: slip the schedule, never flood
+                self._slipped_ns += int(behind - (burst - 1) * interval)
+                nxt = now - (burst - 1) * interval
+            n = 0
+            while seq < count and n < burst and nxt <= now:
+                ts = mono()
+                pack_into(buf, 0, ICMP6_ECHO_REQUEST, 0, 0, ident, seq & 0xFFFF, MAGIC, seq, ts)
+                try:
+                    sendto(buf, addr)
+                except OSError:
+                    errors += 1
+                append(ts)
+                seq += 1
+                n += 1
+                nxt += interval
+            self._sent_seq = seq
+        self._send_errors = errors
+        self._sent_seq = seq
+
+    def _receiver(self) -> None:
+        sock = self._rx_sock
+        recvmsg = sock.recvmsg
+        unpack_from = _RX.unpack_from
+        ident, count = self.ident, self.count
+        seen = bytearray(count)
+        rx = self._rx
+        append = rx.append
+        offset = self._offset_ns
+        mono = time.monotonic_ns
+        ancbuf = socket.CMSG_SPACE(_TS.size) + socket.CMSG_SPACE(_OVFL.size)
+        unique = 0
+        drops = 0
+        while True:
+            try:
+                data, anc, _flags, _addr = recvmsg(2048, ancbuf)
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                data = None
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    raise
+                data = None
+            if data is not None:
+                t = 0
+                for level, typ, cdata in anc:
+                    if level == socket.SOL_SOCKET:
+                        if typ == SO_TIMESTAMPNS and len(cdata) >= _TS.size:
+                            s, ns = _TS.unpack_from(cdata)
+                            t = s * 1_000_000_000 + ns - offset
+                        elif typ == SO_RXQ_OVFL and len(cdata) >= _OVFL.size:
+                            drops = _OVFL.unpack_from(cdata)[0]
+                if not t:
+                    t = mono()
+                if len(data) >= _RX.size:
+                    typ, _code, _ck, rid, _s16, magic, seq = unpack_from(data)
+                    if typ == ICMP6_ECHO_REPLY and rid == ident and magic == MAGIC:
+                        append((seq, t))
+                        if seq < count and not seen[seq]:
+                            seen[seq] = 1
+                            unique += 1
+                            self._unique = unique
+                continue  # drain whatever is queued before checking the end condition
+            if self._sender_done.is_set():
+                if unique >= self._sent_seq or self._error is not None:
+                    break
+                if mono() - self._last_send_ns > self.timeout_s * 1e9:
+                    break
+        self._drops = drops
+
+    def _build_report(self) -> ProbeReport:
+        sent = [(i, t / 1e9) for i, t in enumerate(self._send_ns)]
+        received = [(s, t / 1e9) for s, t in self._rx]
+        rep = analyse(sent, received, bucket_ms=self.bucket_ms, marks=self._marks,
+                      interval_s=1 / self.rate_pps)
+        rep.dst = self.dst
+        rep.rate_pps = self.rate_pps
+        if len(self._send_ns) >= 2:
+            rep.send_rate_pps = (len(self._send_ns) - 1) / ((self._send_ns[-1] - self._send_ns[0]) / 1e9)
+        rep.send_errors = self._send_errors
+        rep.slipped_ms = self._slipped_ns / 1e6
+        rep.rx_socket_drops = self._drops
+        rep.truncated = self._truncated or len(self._send_ns) < self.count
+        return rep
+
+
+def run_probe(dst: str, rate_pps: float, count: int, timeout_s: float = 1.0, netns: str | None = None,
+              ident: int | None = None, start_event: threading.Event | None = None, **kw) -> ProbeReport:
+    """Send `count` ICMPv6 Echo Requests to `dst` at `rate_pps`, wait for replies, return the report.
+
+    `start_event`: if given, sending starts once it is set. Other keywords as `Probe`.
+    """
+    return Probe(dst, rate_pps, count, timeout_s=timeout_s, netns=netns, ident=ident, start_event=start_event,
+                 **kw).start().wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_timelines(reports: Mapping[str, ProbeReport], path, window_ms: tuple[float, float] | float | None = None,
+                   title: str | None = None) -> None:
+    """One panel per strategy: replies received per bucket (blue) and probes lost (red, by send time), x in
+    ms since the first send, marks as dashed vertical lines. `window_ms`: (lo, hi) to zoom, or a margin in ms
+    around each panel's marks and longest blackout. Written with the Agg backend, no pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(1, len(reports))
+    fig = Figure(figsize=(11, 2.4 * n + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    if title:
+        fig.suptitle(title)
+    for ax, (name, rep) in zip(axes, reports.items()):
+        xs = [b.t_ms for b in rep.timeline]
+        if xs:
+            xs.append(xs[-1] + rep.bucket_ms)
+            rx = [b.received for b in rep.timeline] + [0]
+            lost = [b.lost for b in rep.timeline] + [0]
+            ax.fill_between(xs, rx, step="post", color="tab:blue", alpha=0.8, linewidth=0, label="received")
+            ax.fill_between(xs, lost, step="post", color="tab:red", alpha=0.8, linewidth=0,
+                            label="lost (by send time)")
+        ymax = max([b.received for b in rep.timeline] + [b.lost for b in rep.timeline] + [1])
+        ax.set_ylim(0, ymax * 1.3)
+        for k, (mname, t) in enumerate(sorted(rep.marks.items(), key=lambda kv: kv[1])):
+            ax.axvline(t, color="k", linestyle="--", linewidth=0.8)
+            ax.annotate(mname, (t, 1.0 - 0.1 * (k % 3)), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                        textcoords="offset points", fontsize=8, va="top")
+        ax.set_title(f"{name}: sent {rep.sent}, lost {rep.lost}, duplicated {rep.duplicated}, "
+                     f"reordered {rep.reordered}, blackout {rep.blackout_ms:.1f} ms", fontsize=10, loc="left")
+        ax.set_ylabel(f"probes / {rep.bucket_ms:g} ms")
+        if isinstance(window_ms, tuple):
+            ax.set_xlim(*window_ms)
+        elif window_ms is not None:
+            pts = list(rep.marks.values())
+            if rep.lost and rep.blackout_start_ms is not None:
+                pts += [rep.blackout_start_ms, rep.blackout_start_ms + rep.blackout_ms]
+            if pts:
+                ax.set_xlim(min(pts) - window_ms, max(pts) + window_ms)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("ms since first probe")
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m srmig.testbed.probe",
+                                 description="Measure loss with ICMPv6 echo at a fixed rate.")
+    ap.add_argument("dst")
+    ap.add_argument("--rate", type=float, default=1000, help="probes per second (default 1000)")
+    ap.add_argument("--count", type=int, default=1000, help="probes to send (default 1000)")
+    ap.add_argument("--timeout", type=float, default=1.0, help="wait this long after the last send (s)")
+    ap.add_argument("--netns", help="open the sockets inside this network namespace")
+    ap.add_argument("--size", type=int, default=0, help=f"ICMPv6 message size (min {HEADER_LEN})")
+    ap.add_argument("--ident", type=int, help="echo identifier (default random)")
+    ap.add_argument("--bucket-ms", type=float, default=1)
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--timeline", action="store_true", help="include the timeline in the JSON")
+    ap.add_argument("--plot", help="write a timeline plot (PNG) here")
+    a = ap.parse_args(argv)
+
+    p = Probe(a.dst, a.rate, a.count, timeout_s=a.timeout, netns=a.netns, size=a.size, ident=a.ident,
+              bucket_ms=a.bucket_ms)
+    p.start()
+    try:
+        while not p.done():
+            s, r = p.progress()
+            print(f"\rsent {s}/{a.count} received {r} missing {max(0, s - r)}   ", end="", file=sys.stderr,
+                  flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        p.stop()
+    rep = p.wait()
+    s, r = p.progress()
+    print(f"\rsent {s}/{a.count} received {r} missing {max(0, s - r)}   ", file=sys.stderr, flush=True)
+    if a.json:
+        print(json.dumps(rep.to_dict(timeline=a.timeline), indent=1))
+    else:
+        d = rep.to_dict(timeline=False)
+        for k in ("dst", "sent", "received", "lost", "duplicated", "reordered", "blackout_ms",
+                  "blackout_start_ms", "loss_runs", "max_rx_gap_ms", "max_send_gap_ms", "rate_pps",
+                  "send_rate_pps", "slipped_ms", "send_errors", "rx_socket_drops", "truncated"):
+            v = d[k]
+            print(f"{k:18} {v:.3f}" if isinstance(v, float) else f"{k:18} {v}")
+        for k, v in rep.rtt_ms.items():
+            print(f"{'rtt_' + k + '_ms':18} {v:.3f}")
+    if a.plot:
+        plot_timelines({a.dst: rep}, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
