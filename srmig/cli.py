@@ -119,6 +119,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from srmig.testbed import demo
+
+    names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
+    if args.no_drain and "srmig-no-drain" not in names:
+        names.append("srmig-no-drain")
+    count = args.count or int(args.rate * args.duration)
+    return demo.main(names, args.rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="srmig", description="Zero-loss VM live migration over IPv6 Segment Routing (XDP dataplane).",
@@ -172,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
                            help="incoming: hold packets in the hold ring instead of the VM's tap queue")
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
+
+    sp = sub.add_parser(
+        "demo", help="migrate a real QEMU guest once per strategy under probe traffic, compare the losses",
+        description="Builds the namespace testbed (client, transit, hosts S and D with srmig's XDP), boots a "
+                    "QEMU guest on S and live-migrates it to D once per strategy while the client probes it; "
+                    "prints sent/lost/duplicated/reordered/blackout and the downtime QEMU reports, and "
+                    "writes a per-millisecond timeline plot. Removes everything it made, also on Ctrl-C.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="strategies: reactive (EVPN-like: switch after resume), withdraw (switch at pause), bicast "
+               "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)")
+    sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
+                    help="run only these (repeatable or comma-separated; default: all four)")
+    sp.add_argument("--rate", type=int, default=2000, help="probes per second (default: 2000)")
+    sp.add_argument("--duration", type=float, default=4.0, help="seconds of probing per run (default: 4)")
+    sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
+    sp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
+                    help="timeline plot (default: srmig-demo.png; '' for none)")
+    sp.add_argument("--keep", action="store_true", help="keep the last testbed up until Enter is pressed")
+    sp.add_argument("--no-drain", action="store_true", help="also run srmig without the source tap drain")
+    sp.add_argument("--mode", choices=["generic", "native"], default="generic", help="XDP mode on S and D")
+    sp.set_defaults(func=cmd_demo, json_out=None)
 
     sp = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     bsub = sp.add_subparsers(dest="bench", required=True, metavar="BENCH")

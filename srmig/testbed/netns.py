@@ -7,6 +7,7 @@ never collide, and `sweep()` removes whatever a previous crashed run left behind
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pyroute2 import NetNS, netns
 
 PREFIX = "srmig-"
+_link_ids = itertools.count()
 
 
 def sysctl(ns: str | None, key: str, value: str | int) -> None:
@@ -46,11 +48,25 @@ def run(ns: str | None, *argv: str, check: bool = True, timeout: float = 30, **k
     return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
 
 
+def _owner_alive(name: str, prefix: str) -> bool:
+    """Names are PREFIX<pid>-<role>: a namespace whose creating process still runs is not ours to remove."""
+    pid = name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep(prefix: str = PREFIX) -> list[str]:
-    """Remove namespaces left by crashed runs. Returns the names removed."""
+    """Remove namespaces left by crashed runs (their creator is gone). Returns the names removed."""
     gone = []
     for name in netns.listnetns():
-        if name.startswith(prefix):
+        if name.startswith(prefix) and not _owner_alive(name, prefix):
             with contextlib.suppress(OSError):
                 netns.remove(name)
                 gone.append(name)
@@ -64,7 +80,7 @@ class Topology:
     Use as a context manager; `close()` runs even when the body raises.
     """
 
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    tag: str = field(default_factory=lambda: str(os.getpid()))
     hosts: list[str] = field(default_factory=list)
 
     def ns(self, role: str) -> str:
@@ -91,7 +107,7 @@ class Topology:
              b_addr: str | None = None, a_mac: str | None = None, b_mac: str | None = None) -> None:
         """A veth pair between roles a and b, both ends up, with optional addresses ("2001:db8::1/64")."""
         na, nb = self.ns(a), self.ns(b)
-        tmp = f"v{os.getpid() % 10000}{len(self.hosts)}{a_if[:3]}"[:15]
+        tmp = f"srmigtmp{next(_link_ids)}"[:15]  # peer's name until it is renamed inside b
         with NetNS(na) as ipr:
             ipr.link("add", ifname=a_if, kind="veth", peer={"ifname": tmp, "net_ns_fd": nb})
         with NetNS(nb) as ipr:

@@ -322,12 +322,15 @@ class Probe:
                  ident: int | None = None, start_event: threading.Event | None = None,
                  stop_event: threading.Event | None = None, size: int = 0, src: str | None = None,
                  burst: int = 4, bucket_ms: float = 1, max_duration_s: float | None = None,
-                 start_timeout_s: float = 60.0, rcvbuf: int = 8 << 20):
+                 start_timeout_s: float = 60.0, rcvbuf: int = 8 << 20, copy_tclass: int | None = None):
         if rate_pps <= 0 or count < 0 or timeout_s < 0:
             raise ValueError("rate_pps must be > 0, count and timeout_s >= 0")
         if count >= 1 << 32:
             raise ValueError("count must fit the 32-bit sequence number")
         self.dst, self.rate_pps, self.count, self.timeout_s = dst, float(rate_pps), int(count), timeout_s
+        # Bicast: every probe is sent a second time with this IPv6 traffic class, which the ingress's policy
+        # routing steers along the second path.
+        self.copy_tclass = copy_tclass
         self.netns, self.src, self.size = netns, src, max(size, HEADER_LEN)
         self.ident = random.randrange(1, 0xFFFF) if ident is None else ident & 0xFFFF
         self.start_event, self.stop_event = start_event, stop_event
@@ -358,6 +361,11 @@ class Probe:
 
         with inside(self.netns):
             self._tx, self._rx_sock, self._addr = _open_sockets(self.dst, self.src, self.rcvbuf)
+            self._tx_copy = None
+            if self.copy_tclass is not None:
+                self._tx_copy = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+                self._tx_copy.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _icmp6_filter([]))
+                self._tx_copy.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, self.copy_tclass)
         self._offset_ns = _clock_offset_ns()
         self._threads = [threading.Thread(target=self._guard, args=(self._receiver,), name="probe-rx", daemon=True),
                          threading.Thread(target=self._guard, args=(self._sender,), name="probe-tx", daemon=True)]
@@ -391,6 +399,8 @@ class Probe:
                 raise TimeoutError("probe still running")
         self._tx.close()
         self._rx_sock.close()
+        if self._tx_copy is not None:
+            self._tx_copy.close()
         if self._error is not None:
             raise self._error
         self._report = self._build_report()
@@ -432,6 +442,7 @@ class Probe:
     def _send_loop(self) -> None:
         buf = bytearray(self.size)
         pack_into, sendto, mono = _HDR.pack_into, self._tx.sendto, time.monotonic_ns
+        copy = self._tx_copy.sendto if self._tx_copy is not None else None
         addr, ident, count, burst = self._addr, self.ident, self.count, self.burst
         send_ns = self._send_ns
         append = send_ns.append
@@ -464,6 +475,8 @@ class Probe:
                 pack_into(buf, 0, ICMP6_ECHO_REQUEST, 0, 0, ident, seq & 0xFFFF, MAGIC, seq, ts)
                 try:
                     sendto(buf, addr)
+                    if copy is not None:
+                        copy(buf, addr)
                 except OSError:
                     errors += 1
                 append(ts)

@@ -1,0 +1,198 @@
+"""`srmig demo`: one live migration of a real QEMU guest per strategy, under the same probe traffic, on the
+namespace testbed, and a comparison of what each strategy lost.
+
+Per strategy: build the testbed, boot the guest on S, start the -incoming QEMU on D, start the probe from
+the client, begin the migration (the strategy provisions the network first), react to the QEMU events
+(source STOP, destination RESUME, migration completed) exactly as the strategy says, then collect the
+probe's report, the hypervisor-reported downtime and the guest's own counters. Everything it made is
+removed afterwards, also on failure and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srmig.testbed import probe as probe_mod
+from srmig.testbed.qemu import GUEST_MAC, Qemu
+from srmig.testbed.strategies import Strategy, make
+from srmig.testbed.testbed import MGMT, VM_ADDR, Testbed
+
+DEFAULT_STRATEGIES = ["reactive", "withdraw", "bicast", "srmig"]
+TAP = "vmtap"
+MIGRATION_PORT = 4444
+
+
+@dataclass
+class Run:
+    strategy: str
+    report: probe_mod.ProbeReport
+    downtime_ms: float | None
+    total_ms: float | None
+    guest: dict = field(default_factory=dict)
+    events: list = field(default_factory=list)
+    drain: dict | None = None
+
+    def to_dict(self) -> dict:
+        r = self.report
+        out = {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
+               "blackout_ms": round(r.blackout_ms, 3), "downtime_ms": self.downtime_ms,
+               "migration_ms": self.total_ms, "guest_echo_requests": self.guest.get("Icmp6InEchos"),
+               "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}}
+        if self.drain:
+            out["drain"] = self.drain
+        return out
+
+
+class Progress:
+    """One status line on stderr, rewritten in place."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _watch(fn, *args) -> threading.Thread:
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic", say=lambda m: None,
+            warmup_s: float = 0.8, linger=None) -> Run:
+    """One migration under probe traffic. `linger(testbed)` runs before teardown (--keep)."""
+    errors: list[BaseException] = []
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # surfaced after the run
+            errors.append(e)
+
+    with Testbed(xdp_mode) as tb:
+        say(f"{strategy.name}: booting the guest on S")
+        with Qemu("vm-s", ns=tb.ns("S"), tap=TAP) as src:
+            tb.attach_vm_link("S", TAP, GUEST_MAC)
+            src.wait_ready(60)
+            strategy.steady(tb)
+            # The guest must answer before we measure anything.
+            ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
+            if ready.received == 0:
+                raise RuntimeError(f"the guest on S does not answer: {src.console()[-500:]}")
+            uri = f"tcp:[{MGMT['D']}]:{MIGRATION_PORT}"
+            with Qemu("vm-d", ns=tb.ns("D"), tap=TAP, incoming=uri) as dst:
+                tb.attach_vm_link("D", TAP, GUEST_MAC)
+                p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C"),
+                                    **strategy.probe_kwargs()).start()
+                try:
+                    time.sleep(warmup_s)
+                    strategy.begin(tb)
+                    t_begin = time.monotonic()
+                    p.mark("migrate")
+
+                    def on_stop():
+                        ev = src.qmp.wait_event("STOP", 60, after=t_begin)
+                        p.mark("stop", ev.host_time)
+                        strategy.source_stopped(tb, src.pid, TAP)
+
+                    def on_resume():
+                        ev = dst.qmp.wait_event("RESUME", 60, after=t_begin)
+                        p.mark("resume", ev.host_time)
+                        strategy.dest_resumed(tb)
+
+                    watchers = [_watch(guarded, on_stop), _watch(guarded, on_resume)]
+                    say(f"{strategy.name}: migrating under {rate} probes/s")
+                    info = src.migrate(uri, timeout=60)
+                    for w in watchers:
+                        w.join(10)
+                    p.mark("complete")
+                    strategy.completed(tb)
+                    while not p.done():
+                        sent, got = p.progress()
+                        say(f"{strategy.name}: migrated; probes {sent}/{count} sent, {got} answered")
+                        time.sleep(0.2)
+                    report = p.wait(timeout=60)
+                except BaseException:
+                    p.stop()
+                    raise
+                strategy.finish(tb)
+                if linger:
+                    linger(tb)
+                guest = {}
+                try:
+                    guest = dst.guest_stats(timeout=5)
+                except Exception:
+                    pass
+    if errors:
+        raise errors[0]
+    drain = getattr(strategy, "drain_report", None)
+    return Run(strategy.name, report, info.get("downtime"), info.get("total-time"), guest,
+               strategy.events, drain.__dict__ if drain else None)
+
+
+def table(runs: list[Run], rate: int) -> str:
+    cols = ["strategy", "sent", "lost", "duplicated", "reordered", "blackout_ms", "downtime_ms"]
+    rows = [[r.strategy, r.report.sent, r.report.lost, r.report.duplicated, r.report.reordered,
+             f"{r.report.blackout_ms:.1f}", "" if r.downtime_ms is None else f"{r.downtime_ms:.0f}"] for r in runs]
+    widths = [max(len(c), *(len(str(row[i])) for row in rows)) for i, c in enumerate(cols)]
+    lines = [f"live migration of a QEMU guest, {rate} probes/s (ICMPv6 echo), one run per strategy",
+             "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(strategies: list[str], rate: int, count: int, json_path: str | None, plot_path: str | None,
+         keep: bool = False, xdp_mode: str = "generic", progress: bool = True) -> int:
+    chosen = [make(name) for name in strategies]  # validates names before anything is built
+    say = Progress(progress)
+    # SIGTERM cleans up like Ctrl-C does: every context manager above unwinds. Only in this process:
+    # helpers forked from it (pyroute2 creates namespaces in a child it ends with SIGTERM) just exit.
+    main_pid = os.getpid()
+
+    def on_term(*_):
+        if os.getpid() != main_pid:
+            os._exit(143)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    runs: list[Run] = []
+    t0 = time.monotonic()
+    def linger(tb):
+        say.done()
+        print(f"--keep: testbed up, namespaces {', '.join(tb.topo.hosts)}; "
+              f"e.g. `srmig --netns {tb.ns('S')} stats`. Press Enter (or Ctrl-C) to tear down.")
+        try:
+            input()
+        except EOFError:
+            pass
+
+    for i, strategy in enumerate(chosen, 1):
+        say(f"[{i}/{len(chosen)}] {strategy.name}")
+        runs.append(run_one(strategy, rate, count, xdp_mode,
+                            say=lambda m, i=i: say(f"[{i}/{len(chosen)}] {m}"),
+                            linger=linger if keep and i == len(chosen) else None))
+    say.done()
+    print(table(runs, rate))
+    print(f"({time.monotonic() - t0:.0f} s; blackout = longest run of lost probes; downtime as reported by QEMU)")
+    doc = {"strategies": {r.strategy: r.to_dict() for r in runs}, "rate_pps": rate, "count": count}
+    if json_path:
+        Path(json_path).write_text(json.dumps(doc, indent=2))
+        print(f"wrote {json_path}")
+    if plot_path:
+        probe_mod.plot_timelines({r.strategy: r.report for r in runs}, plot_path, window_ms=300,
+                                 title=f"received probes per ms, {rate} probes/s")
+        print(f"wrote {plot_path}")
+    return 0
