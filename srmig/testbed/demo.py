@@ -92,6 +92,7 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
             ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
             if ready.received == 0:
                 raise RuntimeError(f"the guest on S does not answer: {src.console()[-500:]}")
+            guest_before = src.guest_stats(timeout=10)
             uri = f"tcp:[{MGMT['D']}]:{MIGRATION_PORT}"
             with Qemu("vm-d", ns=tb.ns("D"), tap=TAP, incoming=uri) as dst:
                 tb.attach_vm_link("D", TAP, GUEST_MAC)
@@ -133,9 +134,11 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
                     linger(tb)
                 guest = {}
                 try:
-                    guest = dst.guest_stats(timeout=5)
-                except Exception:
-                    pass
+                    after = dst.guest_stats(timeout=10)
+                    # What the guest itself saw during the run (its counters migrated with it).
+                    guest = {k: v - guest_before.get(k, 0) for k, v in after.items()}
+                except Exception as e:  # the report stands without the guest's view
+                    guest = {"error": str(e)}
     if errors:
         raise errors[0]
     drain = getattr(strategy, "drain_report", None)

@@ -18,6 +18,7 @@ from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 S, D = SIDS["S"], SIDS["D"]
 BICAST_TCLASS = 0x20
 BICAST_TABLE = 100
+RTN_UNICAST, RTN_BLACKHOLE = 1, 6
 
 
 @dataclass
@@ -95,20 +96,22 @@ class Bicast(Strategy):
     def steady(self, tb):
         super().steady(tb)
         with tb.topo.ipr("C") as ipr:
-            oif = ipr.link_lookup(ifname="c0")[0]
-            # Until the migration begins the copies follow the same path as the originals.
-            self._copy_route(ipr, [S.dx6], oif)
+            # Outside the migration window there is no second copy: the copies die at the ingress.
+            self._copy_route(ipr, None)
             ipr.rule("add", family=10, table=BICAST_TABLE, priority=100, tos=BICAST_TCLASS)
 
     @staticmethod
-    def _copy_route(ipr, segments, oif):
-        ipr.route("replace", dst=f"{VM_ADDR}/128", family=10, table=BICAST_TABLE, oif=oif,
-                  gateway="2001:db8:c::2",
+    def _copy_route(ipr, segments):
+        if segments is None:
+            ipr.route("replace", dst=f"{VM_ADDR}/128", family=10, table=BICAST_TABLE, type=RTN_BLACKHOLE)
+            return
+        ipr.route("replace", dst=f"{VM_ADDR}/128", family=10, table=BICAST_TABLE, type=RTN_UNICAST,
+                  oif=ipr.link_lookup(ifname="c0")[0], gateway="2001:db8:c::2",
                   encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
 
     def begin(self, tb):
         with tb.topo.ipr("C") as ipr:
-            self._copy_route(ipr, [D.dx6], ipr.link_lookup(ifname="c0")[0])
+            self._copy_route(ipr, [D.dx6])
         self._note("bicast on")
 
     def dest_resumed(self, tb):
@@ -117,7 +120,9 @@ class Bicast(Strategy):
 
     def completed(self, tb):
         tb.steer([D.dx6])
-        self._note("ingress -> D")
+        with tb.topo.ipr("C") as ipr:
+            self._copy_route(ipr, None)
+        self._note("ingress -> D, bicast off")
 
 
 class Srmig(Strategy):

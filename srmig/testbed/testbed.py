@@ -1,4 +1,4 @@
-"""The two-host migration testbed, built from network namespaces:
+r"""The two-host migration testbed, built from network namespaces:
 
         C (client, ingress: kernel seg6 encap)
         |
