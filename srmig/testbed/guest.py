@@ -10,19 +10,23 @@ Output, in /var/lib/srmig/guest/ (override with SRMIG_GUEST_DIR):
     stamp.json   what was built; `is_built()` only checks it, so a second `build` returns at once
 
 The guest's /init (see INIT below) mounts proc/sys/dev, loads the modules in the order that works
-(ENVIRONMENT.md), disables DAD and ICMPv6 rate limits, configures eth0 from the kernel command line and idles:
+(ENVIRONMENT.md), disables DAD, autoconfiguration and every ICMPv6 rate limit, gives eth0 a pfifo_fast
+qdisc of 10000 (Debian's default fq_codel drops echo replies once they queue > 5 ms), keeps the
+gateway's neighbour entry reachable for an hour (no ND around a migration), configures eth0 from the kernel
+command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s answered without loss for
+2 s; beyond (~15 k/s) the guest drops replies itself (Ip6OutDiscards / Icmp6OutErrors count them).
 
     srmig.addr=2001:db8:100::10/64   address and prefix of eth0 (required for networking)
     srmig.gw=fe80::1                 default gateway on eth0 (the anycast gateway; default fe80::1)
     srmig.stats=N                    optional: print a counters line on the console every N seconds
     srmig.ctl=ttyS1                  the control serial port (default ttyS1)
 
-Reading the guest's own counters from the host: the second serial port (ttyS1) is a tiny line protocol,
-raw mode, no echo. The host writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of
-/proc/net/snmp6 (`Icmp6InEchos 123`), the eth0 device counters as `eth0_<name> <value>`
-(/sys/class/net/eth0/statistics), then `END TOKEN`.
-`ping TOKEN` answers `PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and answers its
-output between BEGIN and END (a debugging aid: Qemu.guest_shell()). srmig.testbed.qemu.Qemu.guest_stats() speaks it. The console (ttyS0)
+Reading the guest's own counters from the host: the second serial port (ttyS1, a unix socket on the host)
+is a tiny line protocol, raw mode, no echo, spoken by srmig.testbed.qemu.Qemu.guest_stats(). The host
+writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of /proc/net/snmp6
+(`Icmp6InEchos 123`), the eth0 device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics),
+then `END TOKEN`. `ping TOKEN` answers `PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and
+answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
 shows `SRMIG-GUEST-READY addr=...` once eth0 is configured and, with srmig.stats=N, periodic
 `SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
 """
@@ -413,7 +417,8 @@ def _applets(busybox: bytes) -> list[str]:
         path = f.name
     try:
         os.chmod(path, 0o755)
-        out = subprocess.run(["busybox", "--list-full"], executable=path, capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(["busybox", "--list-full"], executable=path, capture_output=True, text=True,
+                             timeout=30, check=True).stdout
     finally:
         os.unlink(path)
     return [line.strip() for line in out.splitlines() if line.strip()]

@@ -8,6 +8,12 @@
             dst.qmp.wait_event("RESUME", 10)
             print(dst.guest_stats()["Icmp6InEchos"])
 
+Measured here (QEMU 7.2 TCG, 2 cores, 256 MiB, idle guest): first echo reply ~2.8-3.3 s after QEMU
+starts; `migrate` completes in ~0.45-0.5 s, QEMU-reported downtime 1-25 ms, host-observed STOP (source) to
+RESUME (destination) 25-40 ms. After `stop`, QEMU reads exactly one more frame from the tap and keeps it in
+its own queue (delivered on `cont`); that frame is NOT migrated: the guest on the destination never sees it
+(tests/test_guest.py checks this).
+
 Choices:
 - The tap is created by us (persistent, TUNSETIFF + TUNSETPERSIST from a thread switched into the namespace)
   *before* QEMU starts, so the host side (anycast gateway MAC and fe80::1, route, permanent neighbour entry,
@@ -19,6 +25,9 @@ Choices:
   and issue `migrate-incoming` with the requested URI (when it returns, the port is listening).
 - Serial: ttyS0 is the console, written to `console.log` in the work directory; ttyS1 is the guest's control
   channel (a unix socket, see guest.py) used by `guest_stats()`.
+- A migration's timing is in `query_migrate()` (QEMU's downtime / total-time, ms) and in the QMP events,
+  each stamped with the host's monotonic clock on arrival (STOP on the source, RESUME on the destination,
+  MIGRATION {"status": ...}, MIGRATION_PASS).
 - Every wait is bounded; `close()` (also from `__exit__`, also on exceptions) kills QEMU (QMP quit, then
   SIGTERM, then SIGKILL), removes the tap it created and the work directory.
 """
