@@ -84,13 +84,14 @@ def cmd_sid(args) -> int:
 def cmd_vm(args) -> int:
     with _dataplane() as dp:
         if args.action == "set":
-            entry = dp.set_vm(args.vm, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring)
+            entry = dp.set_vm(args.vm, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring,
+                              shadow=args.shadow)
             _emit(args, entry.to_dict())
         elif args.action == "del":
             _emit(args, {"vm": args.vm, "deleted": dp.del_vm(args.vm)})
         else:
             entries = [e.to_dict() for e in dp.list_vms()]
-            _emit(args, entries, entries, ["vm", "state", "next_sid", "hold_ring"])
+            _emit(args, entries, entries, ["vm", "state", "next_sid", "hold_ring", "shadow"])
     return 0
 
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="native (driver) XDP, or generic (skb) XDP for any device (default: native)")
     sp.add_argument("--max-vms", type=int, default=65536, help="VM state map size (first load only)")
     sp.add_argument("--max-sids", type=int, default=256, help="SID table size (first load only)")
-    sp.add_argument("--hold-ring-pages", type=int, default=1024,
+    sp.add_argument("--hold-ring-pages", type=int, default=4096,
                     help="hold ring size in 4 KiB pages, a power of two (first load only)")
 
     sp = cmd("unload", cmd_unload, "detach from an interface; the last detach removes the pinned state")
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")
             a.add_argument("--hold-ring", action="store_true",
                            help="incoming: hold packets in the hold ring instead of the VM's tap queue")
+            a.add_argument("--shadow", action="store_true",
+                           help="copy what is delivered to the VM into the shadow ring (migration window)")
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
 

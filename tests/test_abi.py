@@ -23,7 +23,7 @@ def _cffi_layout() -> dict[str, int]:
     for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict"):
         for k, v in abi.ffi.typeof(f"enum {ename}").relements.items():
             out[f"enum {k}"] = v
-    for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING"):
+    for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING", "SRMIG_VM_F_SHADOW"):
         out[f"define {const}"] = getattr(abi._consts, const)
     return out
 

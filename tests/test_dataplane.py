@@ -184,3 +184,25 @@ def test_hold_ring_keeps_order(lab):
     payloads = [bytes(IPv6(r.packet)[UDP].payload) for r in records]
     assert payloads == [f"seq-{i}".encode() for i in range(50)]
     assert all(r.vm == L.VM_HOLD for r in records)
+
+
+def test_shadow_copies_what_is_delivered(lab):
+    """With the shadow flag, every packet delivered to the VM is also copied, decapsulated, to the shadow
+    ring; the delivery itself is unchanged. Without it, nothing is copied."""
+    from srmig.dataplane.abi import VmState
+
+    pkt = encaps(S_PATH, L.VM_RUNNING)()
+    records = []
+    with lab.dp.shadow_ring(records.append) as ring:
+        ring.poll(0)
+        records.clear()
+        lab.dp.set_vm(L.VM_RUNNING, VmState.RUNNING, shadow=True)
+        try:
+            out = lab.run(pkt)
+        finally:
+            lab.dp.set_vm(L.VM_RUNNING, VmState.RUNNING)
+        assert lab.run(pkt).action == "XDP_REDIRECT"  # flag off again: no copy
+        ring.poll(0)
+    assert out.action == "XDP_REDIRECT" and out.data == delivered(L.VM_RUNNING)()
+    assert [r.packet for r in records] == [bytes(inner(L.VM_RUNNING))]
+    assert records[0].vm == L.VM_RUNNING

@@ -12,6 +12,7 @@ once with srmig's End.DX6-map, once with the kernel's seg6local End.DX6. Replies
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +20,8 @@ from srmig.dataplane.abi import Behaviour, VmState
 from srmig.testbed.lab import xdp_on
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+SRMIG = [sys.executable, "-m", "srmig"]  # this checkout's CLI, whatever `srmig` on PATH points to
 
 VM = "2001:db8:100::10"
 S_END_S = "fc00:0:1::5"
@@ -131,7 +134,7 @@ def test_cli_end_to_end(topology):
     ns = topology.ns("S")
 
     def srmig(*args):
-        r = subprocess.run(["srmig", "--netns", ns, *args], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([*SRMIG, "--netns", ns, *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout) if "--json" in args else r.stdout
 
@@ -141,17 +144,17 @@ def test_cli_end_to_end(topology):
         srmig("vm", "set", VM, "away", "--next-sid", D_DX6_MAP)
         assert srmig("sid", "list", "--json")[0]["behaviour"] == "End.S"
         assert srmig("vm", "list", "--json") == [{"vm": VM, "state": "away", "next_sid": D_DX6_MAP,
-                                                  "hold_ring": False}]
+                                                  "hold_ring": False, "shadow": False}]
         assert "End.S" in srmig("stats")
-        bad = subprocess.run(["srmig", "--netns", ns, "sid", "add", "not-an-address", "End.S"],
+        bad = subprocess.run([*SRMIG, "--netns", ns, "sid", "add", "not-an-address", "End.S"],
                              capture_output=True, text=True)
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not an IPv6 address" in bad.stderr
-        bad = subprocess.run(["srmig", "--netns", ns, "vm", "set", VM, "flying"], capture_output=True, text=True)
+        bad = subprocess.run([*SRMIG, "--netns", ns, "vm", "set", VM, "flying"], capture_output=True, text=True)
         assert bad.returncode == 1 and "expected one of running, hold, away, incoming" in bad.stderr
         assert srmig("vm", "del", VM, "--json")["deleted"] is True
         assert srmig("vm", "del", VM, "--json")["deleted"] is False  # idempotent
     finally:
         out = srmig("unload", "s_in", "--json")
     assert out["pins_removed"] is True
-    r = subprocess.run(["srmig", "--netns", ns, "sid", "list"], capture_output=True, text=True)
+    r = subprocess.run([*SRMIG, "--netns", ns, "sid", "list"], capture_output=True, text=True)
     assert r.returncode == 1 and "srmig is not loaded" in r.stderr

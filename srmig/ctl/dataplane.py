@@ -48,10 +48,11 @@ class VmEntry:
     state: VmState
     next_sid: str | None
     hold_ring: bool
+    shadow: bool = False
 
     def to_dict(self) -> dict:
         return {"vm": self.vm, "state": self.state.name.lower(), "next_sid": self.next_sid,
-                "hold_ring": self.hold_ring}
+                "hold_ring": self.hold_ring, "shadow": self.shadow}
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Dataplane:
         return key
 
     def set_vm(self, vm: str, state: VmState | str, next_sid: str | None = None,
-               hold_ring: bool = False) -> VmEntry:
+               hold_ring: bool = False, shadow: bool = False) -> VmEntry:
         st = state if isinstance(state, VmState) else abi.parse_state(state)
         if st == VmState.AWAY and next_sid is None:
             # End.S finds the next SID in the SRH; End.DX6-map needs it recorded to forward stragglers.
@@ -162,12 +163,12 @@ class Dataplane:
             next_sid = existing.next_sid if existing else None
         value = ffi.new("struct srmig_vm_value *")
         value.state = int(st)
-        value.flags = abi.VM_F_HOLD_RING if hold_ring else 0
+        value.flags = (abi.VM_F_HOLD_RING if hold_ring else 0) | (abi.VM_F_SHADOW if shadow else 0)
         if next_sid:
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
         self.vms.update(self._vm_key(vm), value)
         return VmEntry(str(ipaddress.IPv6Address(_addr(vm, "VM address"))), st,
-                       str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring)
+                       str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow)
 
     def get_vm(self, vm: str) -> VmEntry | None:
         v = self.vms.lookup(self._vm_key(vm))
@@ -178,7 +179,7 @@ class Dataplane:
         nxt = bytes(ffi.buffer(v.next_sid, 16))
         return VmEntry(str(ipaddress.IPv6Address(addr)), VmState(v.state),
                        str(ipaddress.IPv6Address(nxt)) if any(nxt) else None,
-                       bool(v.flags & abi.VM_F_HOLD_RING))
+                       bool(v.flags & abi.VM_F_HOLD_RING), bool(v.flags & abi.VM_F_SHADOW))
 
     def del_vm(self, vm: str) -> bool:
         return self.vms.delete(self._vm_key(vm))
@@ -214,10 +215,17 @@ class Dataplane:
 
     def hold_ring(self, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
         """A consumer of the hold ring; records arrive in the order the program held them."""
+        return self._ring("hold_ring", on_record)
+
+    def shadow_ring(self, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
+        """A consumer of the shadow ring: copies of what was delivered to VMs flagged `shadow`, in order."""
+        return self._ring("shadow_ring", on_record)
+
+    def _ring(self, name: str, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
         head = ffi.sizeof("struct srmig_hold_record")
 
         def decode(raw: bytes) -> None:
             rec = ffi.cast("struct srmig_hold_record *", ffi.from_buffer(raw))
             on_record(HoldRecord(_str(rec.vm), rec.timestamp_ns, raw[head:head + rec.len]))
 
-        return libbpf.RingBuffer(libbpf.obj_get(str(self.pin_dir / "hold_ring")), decode, owns_fd=True)
+        return libbpf.RingBuffer(libbpf.obj_get(str(self.pin_dir / name)), decode, owns_fd=True)

@@ -1,10 +1,16 @@
-"""Recover the packets a paused QEMU will never read: its tap queue.
+"""Recover the packets a paused QEMU will never read: its tap queue, and the one frame it swallows.
 
 After QEMU pauses (stop-and-copy), frames already delivered to the VM's tap sit in a queue that QEMU no
 longer reads and that dies with the source QEMU. QEMU's tap fd can be taken with pidfd_getfd(2) while it is
 paused. Reading it returns those frames in order, each behind a virtio-net header. They are
 re-encapsulated towards the destination's End.SBUF, so they reach the VM after it resumes, ahead of
 anything newer (see `SourceDrain`).
+
+The swallowed frame: after the pause QEMU 7.2's tap_send() still reads one frame, parks it in its own net
+queue (not migrated) and stops polling. We find it by arithmetic: frames QEMU read from the tap (the tap's
+tx_packets) minus frames it put in the guest's RX ring (the virtio used index, over QMP), against the same
+difference at a baseline taken before the pause. The content comes from the shadow ring, where the XDP
+program copies every frame it delivers to a VM flagged `shadow` during the migration window.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from cffi import FFI
 
@@ -28,6 +37,8 @@ _ffi.cdef("long syscall(long number, ...);")
 _libc = _ffi.dlopen(None)
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
+SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before STOP arrived
 TUNGETIFF = 0x800454D2
 TUNGETVNETHDRSZ = 0x800454D7
 IFF_VNET_HDR = 0x4000
@@ -107,6 +118,100 @@ def encapsulate(frame: bytes, src: str, segments: list[str]) -> bytes | None:
     return outer + payload
 
 
+def tap_tx_packets(ifname: str) -> int:
+    """Frames read from the tap by its owner (tun counts a frame as transmitted when the reader takes it)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+        return link.get_attr("IFLA_STATS64")["tx_packets"]
+
+
+class SwallowCheck:
+    """Counts the frames QEMU read but did not give the guest, relative to a baseline.
+
+    `rx_used()` returns the virtio-net RX queue's used index (16 bits, wraps), e.g. from QMP
+    x-query-virtio-queue-status. Call `baseline()` while the VM runs, `swallowed()` once it is paused.
+    """
+
+    def __init__(self, tap: str, rx_used: Callable[[], int]):
+        self.tap = tap
+        self.rx_used = rx_used
+        self.base: int | None = None
+
+    def _diff(self, tries: int = 200) -> int | None:
+        for _ in range(tries):
+            before = tap_tx_packets(self.tap)
+            used = self.rx_used()
+            if tap_tx_packets(self.tap) == before:  # nothing was read meanwhile: a consistent pair
+                return (before - used) & 0xFFFF
+            time.sleep(0.0005)
+        return None
+
+    def baseline(self) -> bool:
+        """Needs a moment when no frame reaches the tap for the length of one QMP query (a quiet VM, or
+        traffic steered elsewhere); the difference then holds until the pause."""
+        self.base = self._diff()
+        return self.base is not None
+
+    def swallowed(self) -> int | None:
+        """Frames read but not delivered since the baseline (0 or 1 expected), None when unknown."""
+        if self.base is None:
+            return None
+        now = self._diff()
+        return None if now is None else (now - self.base) & 0xFFFF
+
+
+class ShadowLog:
+    """Keeps the last `keep` frames delivered to the VM (from the shadow ring), in delivery order."""
+
+    def __init__(self, dataplane, keep: int = 1024):
+        self.records: deque = deque(maxlen=keep)
+        self._ring = dataplane.shadow_ring(self.records.append)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shadow-log", daemon=True)
+
+    def start(self) -> ShadowLog:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._ring.poll(20)
+
+    def flush(self) -> None:
+        """Stop the background reader and take what is left; records are then complete up to now."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(2)
+        if self._ring is not None:
+            self._ring.poll(0)
+
+    def close(self) -> None:
+        self.flush()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def swallowed_frames(self, count: int, first_queued: bytes | None, not_before_ns: int) -> list[bytes]:
+        """The `count` frames delivered just before `first_queued` (the first frame left in the tap queue;
+        None: the queue was empty, so the last ones delivered), oldest first. Empty when they cannot be
+        told for sure: not all in the log, or one delivered before `not_before_ns`."""
+        recs = list(self.records)
+        idx = len(recs)
+        if first_queued is not None:
+            for i, rec in enumerate(recs):
+                if rec.packet == first_queued:
+                    idx = i
+                    break
+            else:
+                return []
+        picked = recs[max(0, idx - count):idx]
+        if len(picked) != count or any(r.timestamp_ns < not_before_ns for r in picked):
+            return []
+        return [r.packet for r in picked]
+
+
 class RawSender:
     """Sends complete IPv6 packets (IPPROTO_RAW implies IPV6_HDRINCL); the kernel routes them by their DA."""
 
@@ -125,6 +230,8 @@ class RawSender:
 class DrainReport:
     from_tap: int = 0          # frames recovered from the paused QEMU's tap queue
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
+    swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
+    resent_swallowed: int = 0  # of those, re-sent from the shadow log
     not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
     hold_ms: float = 0.0       # time spent in HOLD
     timings: dict = field(default_factory=dict)
@@ -146,26 +253,39 @@ class SourceDrain:
         self.segments = dest_segments
         self.next_sid = next_sid
 
-    def run(self, qemu_pid: int, tap: str, settle_s: float = 0.002) -> DrainReport:
+    def run(self, qemu_pid: int, tap: str, settle_s: float = 0.002, check: SwallowCheck | None = None,
+            shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
+        """`check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the pause;
+        `stopped_at_ns` (time.monotonic_ns of the STOP event) bounds how old that frame can be."""
         rep = DrainReport()
         sender = RawSender()
         t0 = time.monotonic()
         ring = self.dp.hold_ring(lambda rec: self._ring_send(sender, rep, rec))
         try:
             self.dp.set_vm(self.vm, VmState.HOLD, next_sid=self.next_sid)
+            if check is not None:
+                rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
             fds = [take_fd(qemu_pid, fd) for fd in tap_fds_of(qemu_pid, tap)]
             try:
-                for fd in fds:
-                    for frame in read_queued(fd):
-                        pkt = encapsulate(frame, self.src, self.segments)
-                        if pkt is None:
-                            rep.not_ipv6 += 1
-                            continue
-                        sender.send(pkt)
-                        rep.from_tap += 1
+                queued = [frame for fd in fds for frame in read_queued(fd)]
             finally:
                 for fd in fds:
                     os.close(fd)
+            if shadow is not None and rep.swallowed and rep.swallowed <= MAX_SWALLOWED:
+                shadow.flush()
+                first = next((f[14:] for f in queued if f[12:14] == b"\x86\xdd"), None)
+                # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
+                # ring: both reached the tap shortly before the STOP event, never long before.
+                for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns - SWALLOW_WINDOW_NS):
+                    sender.send(encapsulate(b"\0" * 12 + b"\x86\xdd" + frame, self.src, self.segments))
+                    rep.resent_swallowed += 1
+            for frame in queued:
+                pkt = encapsulate(frame, self.src, self.segments)
+                if pkt is None:
+                    rep.not_ipv6 += 1
+                    continue
+                sender.send(pkt)
+                rep.from_tap += 1
             ring.poll(0)
             self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
             rep.hold_ms = (time.monotonic() - t0) * 1000

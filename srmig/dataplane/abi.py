@@ -34,6 +34,7 @@ _consts = ffi.dlopen(None)  # integer #defines become attributes of any library 
 ABI_VERSION: int = _consts.SRMIG_ABI_VERSION
 HOLD_SNAPLEN: int = _consts.SRMIG_HOLD_SNAPLEN
 VM_F_HOLD_RING: int = _consts.SRMIG_VM_F_HOLD_RING
+VM_F_SHADOW: int = _consts.SRMIG_VM_F_SHADOW
 
 
 def _enum(name: str, ctype: str, prefix: str) -> type[enum.IntEnum]:

@@ -25,7 +25,7 @@ PIN_ROOT = Path(os.environ.get("SRMIG_PIN_ROOT", BPFFS / "srmig"))
 MERGED_HEADERS = Path(os.environ.get("SRMIG_STATE", "/var/lib/srmig")) / "kernel-headers"
 
 PROG = "prog"
-MAPS = ("sid_table", "vm_table", "sid_stats", "drop_stats", "verdict_stats", "meta", "hold_ring")
+MAPS = ("sid_table", "vm_table", "sid_stats", "drop_stats", "verdict_stats", "meta", "hold_ring", "shadow_ring")
 
 # linux/if_link.h XDP_FLAGS_*
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1
@@ -44,7 +44,7 @@ class Limits:
 
     max_sids: int = 256
     max_vms: int = 65536
-    hold_ring_pages: int = 1024  # 4 MiB of 4 KiB pages; must be a power of two
+    hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~8000 held packets); a power of two
 
     def cflags(self) -> list[str]:
         if self.hold_ring_pages & (self.hold_ring_pages - 1):

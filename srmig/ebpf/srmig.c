@@ -24,7 +24,10 @@
 #define SRMIG_MAX_VMS 65536
 #endif
 #ifndef SRMIG_HOLD_RING_PAGES
-#define SRMIG_HOLD_RING_PAGES 1024 /* 4 MiB: ~2000 full-size records */
+#define SRMIG_HOLD_RING_PAGES 4096 /* 16 MiB: ~8000 records of up to 2 KiB */
+#endif
+#ifndef SRMIG_SHADOW_RING_PAGES
+#define SRMIG_SHADOW_RING_PAGES 256 /* 1 MiB: the last ~500 packets delivered to migrating VMs */
 #endif
 #define BPF_F_NO_PREALLOC_ 1
 
@@ -36,6 +39,7 @@ BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
 BPF_ARRAY(meta, __u32, 1); /* [0] = SRMIG_ABI_VERSION, written by the loader */
 BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES);
+BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
 
 /* Where one packet stands while a behaviour works on it. */
 struct pkt {
@@ -52,12 +56,54 @@ static __always_inline __u8 segments_left(struct pkt *p)
 	return p->srh ? p->srh->segments_left : 0;
 }
 
+/* Copy the packet from its IPv6 header on into `rec`'s payload. Returns its length, 0 when it cannot. */
+static __always_inline __u32 copy_packet(struct xdp_md *ctx, struct srmig_hold_record *rec,
+					 struct srmig_vm_key *vm)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 off = sizeof(struct ethhdr);
+	__u32 len = data_end - data - off;
+
+	if (len >= SRMIG_HOLD_SNAPLEN)
+		return 0;
+	/* The verifier needs 1 <= len <= buffer; the empty asm keeps clang from folding the mask away. */
+	asm volatile("" : "+r"(len));
+	len &= SRMIG_HOLD_SNAPLEN - 1;
+	if (len < sizeof(struct ipv6hdr) || bpf_xdp_load_bytes(ctx, off, (void *)(rec + 1), len))
+		return 0;
+	rec->timestamp_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(rec->vm, vm->addr, 16);
+	rec->len = len;
+	rec->orig_len = len;
+	return len;
+}
+
+/* Best effort: a full shadow ring only means that frame cannot be re-sent. */
+static __always_inline void shadow_copy(struct xdp_md *ctx, struct srmig_vm_key *vm)
+{
+	struct srmig_hold_record *rec = shadow_ring.ringbuf_reserve(sizeof(*rec) + SRMIG_HOLD_SNAPLEN);
+
+	if (!rec)
+		return;
+	if (copy_packet(ctx, rec, vm))
+		shadow_ring.ringbuf_submit(rec, 0);
+	else
+		shadow_ring.ringbuf_discard(rec, 0);
+}
+
 /* Deliver: decapsulate, forward the inner packet to the VM (RFC 8986 4.5 End.DX6, SL must be 0 unless the
  * behaviour ignores the remaining segments, as End.S does while the VM runs here). */
-static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, __u32 verdict)
+static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, __u32 verdict, struct srmig_vm_key *vm,
+				   struct srmig_vm_value *st)
 {
 	p->verdict = verdict;
-	return decap_and_forward(ctx, p->outer_len, &p->reason);
+	p->reason = decap(ctx, p->outer_len);
+	if (p->reason)
+		return XDP_DROP;
+	if (st->flags & SRMIG_VM_F_SHADOW)
+		shadow_copy(ctx, vm);
+	return fib_redirect(ctx, &p->reason);
 }
 
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p)
@@ -72,11 +118,9 @@ static __always_inline int hold_in_ring(struct xdp_md *ctx, struct pkt *p, struc
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct srmig_hold_record *rec;
-	__u32 off = sizeof(struct ethhdr);
-	__u32 len = data_end - data - off;
 
 	p->verdict = SRMIG_VERDICT_HOLD;
-	if (len >= SRMIG_HOLD_SNAPLEN) { /* jumbo frames cannot be held: count them, never truncate */
+	if (data_end - data - sizeof(struct ethhdr) >= SRMIG_HOLD_SNAPLEN) { /* jumbo: counted, never truncated */
 		p->reason = SRMIG_DROP_HOLD_FULL;
 		return XDP_DROP;
 	}
@@ -85,19 +129,11 @@ static __always_inline int hold_in_ring(struct xdp_md *ctx, struct pkt *p, struc
 		p->reason = SRMIG_DROP_HOLD_FULL;
 		return XDP_DROP;
 	}
-	/* The verifier needs 1 <= len <= buffer; the empty asm keeps clang from folding the mask away. */
-	asm volatile("" : "+r"(len));
-	len &= SRMIG_HOLD_SNAPLEN - 1;
-	if (len < sizeof(struct ipv6hdr) ||
-	    bpf_xdp_load_bytes(ctx, off, (void *)(rec + 1), len)) {
+	if (!copy_packet(ctx, rec, vm)) {
 		hold_ring.ringbuf_discard(rec, 0);
 		p->reason = SRMIG_DROP_TRUNCATED;
 		return XDP_DROP;
 	}
-	rec->timestamp_ns = bpf_ktime_get_ns();
-	__builtin_memcpy(rec->vm, vm->addr, 16);
-	rec->len = len;
-	rec->orig_len = len;
 	hold_ring.ringbuf_submit(rec, 0);
 	return XDP_DROP; /* the frame itself is done with: its copy is in the ring */
 }
@@ -109,7 +145,7 @@ static __always_inline int hold_for_vm(struct xdp_md *ctx, struct pkt *p, struct
 {
 	if (st->flags & SRMIG_VM_F_HOLD_RING)
 		return hold_in_ring(ctx, p, vm);
-	return deliver(ctx, p, SRMIG_VERDICT_HOLD);
+	return deliver(ctx, p, SRMIG_VERDICT_HOLD, vm, st);
 }
 
 /* End.S (migration source). */
@@ -124,7 +160,7 @@ static __always_inline int end_s(struct xdp_md *ctx, struct pkt *p, struct srmig
 	}
 	switch (st->state) {
 	case SRMIG_VM_RUNNING:
-		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER, vm, st);
 	case SRMIG_VM_HOLD:
 		p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
 		if (p->reason)
@@ -151,7 +187,7 @@ static __always_inline int end_sbuf(struct xdp_md *ctx, struct pkt *p, struct sr
 	}
 	switch (st->state) {
 	case SRMIG_VM_RUNNING:
-		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER, vm, st);
 	case SRMIG_VM_INCOMING:
 		return hold_for_vm(ctx, p, vm, st);
 	default:
@@ -170,7 +206,7 @@ static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srm
 	}
 	switch (st->state) {
 	case SRMIG_VM_RUNNING:
-		return deliver(ctx, p, SRMIG_VERDICT_DELIVER);
+		return deliver(ctx, p, SRMIG_VERDICT_DELIVER, vm, st);
 	case SRMIG_VM_INCOMING: /* the ingress cut over before our resume: hold, as End.SBUF would */
 		return hold_for_vm(ctx, p, vm, st);
 	case SRMIG_VM_AWAY:

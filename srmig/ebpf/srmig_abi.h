@@ -9,7 +9,7 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 1
+#define SRMIG_ABI_VERSION 2 /* 2: shadow ring, SRMIG_VM_F_SHADOW */
 
 /* SRv6 endpoint behaviours (RFC 8986 names; End.S / End.SBUF are srmig's migration behaviours). */
 enum srmig_behaviour {
@@ -79,6 +79,8 @@ struct srmig_vm_value {
 };
 
 #define SRMIG_VM_F_HOLD_RING 1 /* INCOMING: park packets in the hold ring instead of the VM's tap queue */
+#define SRMIG_VM_F_SHADOW 2    /* migration window: copy every packet delivered to the VM into the shadow
+				* ring, so the agent can re-send the one frame a pausing QEMU swallows */
 
 /* sid_stats: per-CPU array indexed by stats_slot. */
 struct srmig_sid_stats {
@@ -91,7 +93,8 @@ struct srmig_sid_stats {
 };
 
 /* A record in the hold ring (BPF ring buffer): this header, then `len` bytes of the packet starting at
- * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is. */
+ * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is.
+ * The shadow ring uses the same record; its packet is the inner one, as delivered to the VM. */
 struct srmig_hold_record {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
 	__u8 vm[16];        /* the VM it is for */

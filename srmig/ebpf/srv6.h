@@ -92,32 +92,27 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 }
 
 /* Encapsulated-mode delivery (End.DX6-like, RFC 8986 4.5 S02): remove the outer IPv6 header and its
- * extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header, forward the inner packet. */
-static __always_inline int decap_and_forward(struct xdp_md *ctx, __u32 outer_len, __u32 *reason)
+ * extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header. Returns SRMIG_DROP_NONE
+ * or the reason; the inner packet then starts after the Ethernet header. */
+static __always_inline __u32 decap(struct xdp_md *ctx, __u32 outer_len)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct ethhdr eth_copy;
 
-	if ((void *)(eth + 1) > data_end) {
-		*reason = SRMIG_DROP_TRUNCATED;
-		return XDP_DROP;
-	}
+	if ((void *)(eth + 1) > data_end)
+		return SRMIG_DROP_TRUNCATED;
 	eth_copy = *eth;
-	if (bpf_xdp_adjust_head(ctx, (int)outer_len)) {
-		*reason = SRMIG_DROP_HEADROOM;
-		return XDP_DROP;
-	}
+	if (bpf_xdp_adjust_head(ctx, (int)outer_len))
+		return SRMIG_DROP_HEADROOM;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
-	if ((void *)(eth + 1) > data_end) {
-		*reason = SRMIG_DROP_TRUNCATED;
-		return XDP_DROP;
-	}
+	if ((void *)(eth + 1) > data_end)
+		return SRMIG_DROP_TRUNCATED;
 	*eth = eth_copy; /* h_proto stays ETH_P_IPV6: the inner packet is IPv6 too */
-	return fib_redirect(ctx, reason);
+	return SRMIG_DROP_NONE;
 }
 
 #endif

@@ -93,6 +93,7 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
             if ready.received == 0:
                 raise RuntimeError(f"the guest on S does not answer: {src.console()[-500:]}")
             guest_before = src.guest_stats(timeout=10)
+            strategy.prepare(tb, src)
             uri = f"tcp:[{MGMT['D']}]:{MIGRATION_PORT}"
             with Qemu("vm-d", ns=tb.ns("D"), tap=TAP, incoming=uri) as dst:
                 tb.attach_vm_link("D", TAP, GUEST_MAC)
@@ -100,14 +101,14 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
                                     **strategy.probe_kwargs()).start()
                 try:
                     time.sleep(warmup_s)
-                    strategy.begin(tb)
+                    strategy.begin(tb, src)
                     t_begin = time.monotonic()
                     p.mark("migrate")
 
                     def on_stop():
                         ev = src.qmp.wait_event("STOP", 60, after=t_begin)
                         p.mark("stop", ev.host_time)
-                        strategy.source_stopped(tb, src.pid, TAP)
+                        strategy.source_stopped(tb, src, int(ev.host_time * 1e9))
 
                     def on_resume():
                         ev = dst.qmp.wait_event("RESUME", 60, after=t_begin)

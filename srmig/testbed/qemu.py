@@ -508,6 +508,19 @@ class Qemu:
     def cont(self) -> None:
         self.qmp.execute("cont")
 
+    def rx_used_idx(self) -> int:
+        """The virtio-net RX queue's used index (16 bits): frames QEMU has put in the guest's ring."""
+        st = self.qmp.execute("x-query-virtio-queue-status", path=self._virtio_path(), queue=0)
+        return st["used-idx"]
+
+    def _virtio_path(self) -> str:
+        if not getattr(self, "_vpath", None):
+            devs = [d for d in self.qmp.execute("x-query-virtio") if d.get("name") == "virtio-net"]
+            if not devs:
+                raise QemuError(f"{self.name}: no virtio-net device")
+            self._vpath = devs[0]["path"]
+        return self._vpath
+
     def query_migrate(self) -> dict:
         """QEMU's migration info: status, total-time, downtime (ms, set on the source once completed),
         setup-time, ram{...}."""

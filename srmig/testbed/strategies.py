@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import DrainReport, SourceDrain
+from srmig.ctl.drain import DrainReport, ShadowLog, SourceDrain, SwallowCheck
 from srmig.ctl.phases import Phase, Plan, plan
 from srmig.dataplane.abi import VmState
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
@@ -38,11 +38,14 @@ class Strategy:
         tb.dp["D"].del_vm(VM_ADDR)
         tb.steer([S.dx6])
 
-    def begin(self, tb: Testbed) -> None:
-        pass
+    def prepare(self, tb: Testbed, src) -> None:
+        """Before the probe starts (a quiet moment). `src`: the source's Qemu (pid, tap, QMP)."""
 
-    def source_stopped(self, tb: Testbed, qemu_pid: int, tap: str) -> None:
-        pass
+    def begin(self, tb: Testbed, src) -> None:
+        """The migration begins."""
+
+    def source_stopped(self, tb: Testbed, src, stopped_ns: int) -> None:
+        """`stopped_ns`: time.monotonic_ns() when the STOP event arrived."""
 
     def dest_resumed(self, tb: Testbed) -> None:
         pass
@@ -74,7 +77,7 @@ class Withdraw(Strategy):
     def __init__(self):
         super().__init__("withdraw", "ingress switches to D at the pause; D delivers once resumed")
 
-    def source_stopped(self, tb, qemu_pid, tap):
+    def source_stopped(self, tb, src, stopped_ns):
         tb.steer([D.dx6])
         self._note("ingress -> D")
 
@@ -109,7 +112,7 @@ class Bicast(Strategy):
                   oif=ipr.link_lookup(ifname="c0")[0], gateway="2001:db8:c::2",
                   encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
 
-    def begin(self, tb):
+    def begin(self, tb, src):
         with tb.topo.ipr("C") as ipr:
             self._copy_route(ipr, [D.dx6])
         self._note("bicast on")
@@ -129,13 +132,16 @@ class Srmig(Strategy):
     """srmig: the path S -> D is provisioned before stop-and-copy (End.S, End.SBUF); at the pause the
     source tap queue is drained to D ahead of newer packets; cut-over once the migration completes."""
 
-    def __init__(self, drain: bool = True, grace_s: float = 0.5):
+    def __init__(self, drain: bool = True, grace_s: float = 0.5, recover_swallowed: bool = True):
         super().__init__("srmig" if drain else "srmig-no-drain",
                          "End.S on S, End.SBUF on D, provisioned before stop-and-copy"
                          + ("; source tap queue drained at the pause" if drain else ""))
         self.drain = drain
         self.grace_s = grace_s
+        self.recover_swallowed = drain and recover_swallowed
         self.drain_report: DrainReport | None = None
+        self._shadow: ShadowLog | None = None
+        self._check: SwallowCheck | None = None
 
     def _apply(self, tb: Testbed, p: Plan) -> None:
         for role, state, nxt in (("D", p.dest, None), ("S", p.source, p.source_next_sid)):
@@ -149,16 +155,29 @@ class Srmig(Strategy):
         tb.dp["D"].del_vm(VM_ADDR)
         self._apply(tb, plan(Phase.STEADY, S, D, [T_END]))
 
-    def begin(self, tb):
+    def prepare(self, tb, src):
+        if self.recover_swallowed:
+            # Frames QEMU read minus frames it gave the guest, while nothing is in flight.
+            self._check = SwallowCheck(src.tap, src.rx_used_idx)
+            with tb.topo.inside("S"):
+                if not self._check.baseline():
+                    self._check = None
+
+    def begin(self, tb, src):
         self._apply(tb, plan(Phase.PROVISION, S, D, [T_END]))
+        if self.recover_swallowed:
+            # Shadow what S delivers to the VM from now on: the swallowed frame will be among them.
+            self._shadow = ShadowLog(tb.dp["S"]).start()
+            tb.dp["S"].set_vm(VM_ADDR, VmState.RUNNING, shadow=True)
         self._note("provisioned")
 
-    def source_stopped(self, tb, qemu_pid, tap):
+    def source_stopped(self, tb, src, stopped_ns):
         p = plan(Phase.STOP_AND_COPY, S, D, [T_END])
         if self.drain:
             drain = SourceDrain(tb.dp["S"], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf], p.source_next_sid)
             with tb.topo.inside("S"):
-                self.drain_report = drain.run(qemu_pid, tap)
+                self.drain_report = drain.run(src.pid, src.tap, check=self._check, shadow=self._shadow,
+                                              stopped_at_ns=stopped_ns)
             self._note("S drained, away")
         else:
             tb.dp["S"].set_vm(VM_ADDR, VmState.AWAY, next_sid=p.source_next_sid)
@@ -174,6 +193,9 @@ class Srmig(Strategy):
 
     def finish(self, tb):
         tb.dp["S"].del_vm(VM_ADDR)  # after the grace period (the probe run outlasts it)
+        if self._shadow is not None:
+            self._shadow.close()
+            self._shadow = None
 
 
 STRATEGIES = {"reactive": Reactive, "withdraw": Withdraw, "bicast": Bicast, "srmig": Srmig}

@@ -81,10 +81,14 @@ class Testbed:
     def attach_vm_link(self, role: str, ifname: str, guest_mac: str, txqueuelen: int = 10000) -> None:
         """Make `ifname` (the VM's tap on host `role`) the VM-facing link: anycast gateway MAC and
         link-local, a /128 route to the VM, a permanent neighbour entry (so the host's own neighbour queue
-        never holds the VM's packets), and a long queue for the migration window."""
+        never holds the VM's packets), and a long queue for the migration window. No multicast: the host's
+        MLD reports would be read by QEMU and dropped by the guest's filter, which blurs the count of frames
+        QEMU read but did not deliver (drain.SwallowCheck)."""
         with self.topo.ipr(role) as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.link("set", index=idx, address=GATEWAY_MAC, txqlen=txqueuelen, state="up")
+            ipr.link("set", index=idx, address=GATEWAY_MAC, txqlen=txqueuelen)
+            ipr.link("set", index=idx, flags=0, mask=0x1000)  # IFF_MULTICAST off
+            ipr.link("set", index=idx, state="up")
             ipr.addr("replace", index=idx, address=GATEWAY_LL, prefixlen=64, flags=0x80)  # IFA_F_NODAD
             ipr.route("replace", dst=f"{VM_ADDR}/128", oif=idx, family=10)
             ipr.neigh("replace", dst=VM_ADDR, lladdr=guest_mac, ifindex=idx, state=0x80, family=10)
