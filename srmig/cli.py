@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)")
     sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
                     help="run only these (repeatable or comma-separated; default: all four)")
-    sp.add_argument("--rate", type=int, default=2000, help="probes per second (default: 2000)")
-    sp.add_argument("--duration", type=float, default=4.0, help="seconds of probing per run (default: 4)")
+    sp.add_argument("--rate", type=int, default=10000, help="probes per second (default: 10000)")
+    sp.add_argument("--duration", type=float, default=3.0, help="seconds of probing per run (default: 3)")
     sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
     sp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",

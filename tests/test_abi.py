@@ -20,7 +20,7 @@ def _cffi_layout() -> dict[str, int]:
         out[f"sizeof {name}"] = abi.ffi.sizeof(t)
         for field, f in t.fields:
             out[f"offsetof {name}.{field}"] = f.offset
-    for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict"):
+    for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict", "srmig_meta"):
         for k, v in abi.ffi.typeof(f"enum {ename}").relements.items():
             out[f"enum {k}"] = v
     for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING", "SRMIG_VM_F_SHADOW"):
@@ -80,5 +80,6 @@ def test_cffi_layout_matches_bcc_maps():
         assert ctypes.sizeof(b[b"drop_stats"].sLeaf) == 8
         assert b[b"drop_stats"].max_entries == abi.DROP_MAX
         assert b[b"verdict_stats"].max_entries == abi.VERDICT_MAX
+        assert b[b"meta"].max_entries == abi.ffi.typeof("enum srmig_meta").relements["SRMIG_META_MAX"]
     finally:
         b.cleanup()

@@ -81,8 +81,8 @@ class Dataplane:
         self.sid_stats = self._map("sid_stats", "uint32_t", "struct srmig_sid_stats", percpu=True)
         self.drop_stats = self._map("drop_stats", "uint32_t", "uint64_t", percpu=True)
         self.verdict_stats = self._map("verdict_stats", "uint32_t", "uint64_t", percpu=True)
-        meta = self._map("meta", "uint32_t", "uint32_t")
-        version = meta.lookup(ffi.new("uint32_t *", 0))
+        self.meta = meta = self._map("meta", "uint32_t", "uint32_t")
+        version = meta.lookup(ffi.new("uint32_t *", abi.META_ABI_VERSION))
         if version != abi.ABI_VERSION:
             raise loader.LoaderError(f"the loaded program speaks ABI {version}, this srmig speaks "
                                      f"{abi.ABI_VERSION}: `srmig unload` every interface, then load again")
@@ -107,6 +107,13 @@ class Dataplane:
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
         return libbpf.obj_get(str(self.pin_dir / loader.PROG))
+
+    def flush_nexthops(self) -> int:
+        """Expire every cached next hop now (after a route or neighbour change); returns the generation."""
+        key = ffi.new("uint32_t *", abi.META_NH_GENERATION)
+        gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
+        self.meta.update(key, ffi.new("uint32_t *", gen))
+        return gen
 
     # SIDs -----------------------------------------------------------------------------------------------
 

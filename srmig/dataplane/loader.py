@@ -145,7 +145,7 @@ def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
     tmp.mkdir(parents=True)
     try:
         meta = b[b"meta"]
-        meta[meta.Key(0)] = meta.Leaf(abi.ABI_VERSION)
+        meta[meta.Key(abi.META_ABI_VERSION)] = meta.Leaf(abi.ABI_VERSION)
         for name in MAPS:
             libbpf.obj_pin(b[name.encode()].map_fd, str(tmp / name))
         libbpf.obj_pin(fd, str(tmp / PROG))

@@ -15,7 +15,6 @@
 #define bpf_ntohs(x) __builtin_bswap16(x)
 #endif
 
-#include "srv6.h"
 
 #ifndef SRMIG_MAX_SIDS
 #define SRMIG_MAX_SIDS 256
@@ -37,9 +36,98 @@ BPF_F_TABLE("hash", struct srmig_vm_key, struct srmig_vm_value, vm_table, SRMIG_
 BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
 BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
-BPF_ARRAY(meta, __u32, 1); /* [0] = SRMIG_ABI_VERSION, written by the loader */
+BPF_ARRAY(meta, __u32, SRMIG_META_MAX); /* see enum srmig_meta */
 BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES);
 BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
+/* A FIB result remembered per destination and CPU, for at most SRMIG_NH_TTL_NS (or until userspace
+ * bumps the generation in meta[SRMIG_META_NH_GENERATION] after a route or neighbour change): one
+ * bpf_fib_lookup costs ~500 ns on these machines, ten times everything else a packet needs. */
+struct nh_cache {
+	__u64 expires_ns;
+	__u32 ifindex;
+	__u32 generation;
+	__u8 dmac[ETH_ALEN];
+	__u8 smac[ETH_ALEN];
+	__u32 ok_len; /* the FIB passed a packet this long (its MTU check): longer ones take the slow path */
+};
+
+#ifndef SRMIG_NH_TTL_NS
+#define SRMIG_NH_TTL_NS 100000000ULL /* 100 ms */
+#endif
+
+/* Next hops per destination and CPU; an LRU so that a scan of many destinations cannot fill it. */
+BPF_TABLE("lru_percpu_hash", struct in6_addr, struct nh_cache, nh_cache, 4096);
+
+#include "srv6.h"
+
+/* Map accesses stay in this file: bcc rewrites `map.lookup()` calls in the main source only. */
+static __always_inline int nh_apply(struct ethhdr *eth, const __u8 *dmac, const __u8 *smac, __u32 ifindex)
+{
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	return bpf_redirect(ifindex, 0);
+}
+
+/* Send the frame at ctx->data (Ethernet + IPv6) on towards its IPv6 destination: FIB lookup, MAC rewrite,
+ * redirect. What the FIB cannot finish here (neighbour not resolved yet, a local address, a packet too big
+ * for the egress MTU, a route with an lwtunnel) goes to the kernel, which knows how to. */
+static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6h = data + sizeof(*eth);
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	if ((void *)(ip6h + 1) > data_end) {
+		*reason = SRMIG_DROP_TRUNCATED;
+		return XDP_DROP;
+	}
+	__u32 gen_key = SRMIG_META_NH_GENERATION;
+	__u32 *gen = meta.lookup(&gen_key);
+	__u32 generation = gen ? *gen : 0;
+	__u64 now = bpf_ktime_get_ns();
+	struct in6_addr dst = ip6h->daddr;
+	struct nh_cache *nh = nh_cache.lookup(&dst);
+	__u32 tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
+
+	if (nh && nh->expires_ns > now && nh->generation == generation && tot_len <= nh->ok_len)
+		return nh_apply(eth, nh->dmac, nh->smac, nh->ifindex);
+
+	fib.family = AF_INET6_;
+	fib.flowinfo = *(__be32 *)ip6h & IPV6_FLOWINFO_MASK_;
+	fib.l4_protocol = ip6h->nexthdr;
+	fib.tot_len = tot_len;
+	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
+	fib.ifindex = ctx->ingress_ifindex;
+
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS: {
+		struct nh_cache fresh = {
+			.expires_ns = now + SRMIG_NH_TTL_NS,
+			.ifindex = fib.ifindex,
+			.generation = generation,
+			.ok_len = tot_len,
+		};
+
+		__builtin_memcpy(fresh.dmac, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(fresh.smac, fib.smac, ETH_ALEN);
+		nh_cache.update(&dst, &fresh);
+		return nh_apply(eth, fib.dmac, fib.smac, fib.ifindex);
+	}
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+	case BPF_FIB_LKUP_RET_UNSUPP_LWT:
+		return XDP_PASS;
+	default:
+		*reason = SRMIG_DROP_NO_ROUTE;
+		return XDP_DROP;
+	}
+}
 
 /* Where one packet stands while a behaviour works on it. */
 struct pkt {

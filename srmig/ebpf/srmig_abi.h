@@ -9,7 +9,14 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 2 /* 2: shadow ring, SRMIG_VM_F_SHADOW */
+#define SRMIG_ABI_VERSION 3 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache */
+
+/* Slots of the meta array map. */
+enum srmig_meta {
+	SRMIG_META_ABI_VERSION = 0,   /* written by the loader */
+	SRMIG_META_NH_GENERATION = 1, /* bump after a route or neighbour change: cached next hops expire */
+	SRMIG_META_MAX = 2,
+};
 
 /* SRv6 endpoint behaviours (RFC 8986 names; End.S / End.SBUF are srmig's migration behaviours). */
 enum srmig_behaviour {

@@ -50,47 +50,6 @@ static __always_inline __u32 advance_nextseg(struct ipv6hdr *ip6h, struct srh *s
 	return SRMIG_DROP_NONE;
 }
 
-/* Send the frame at ctx->data (Ethernet + IPv6) on towards its IPv6 destination: FIB lookup, MAC rewrite,
- * redirect. What the FIB cannot finish here (neighbour not resolved yet, a local address, a packet too big
- * for the egress MTU, a route with an lwtunnel) goes to the kernel, which knows how to. */
-static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct ipv6hdr *ip6h = data + sizeof(*eth);
-	struct bpf_fib_lookup fib = {};
-	int rc;
-
-	if ((void *)(ip6h + 1) > data_end) {
-		*reason = SRMIG_DROP_TRUNCATED;
-		return XDP_DROP;
-	}
-	fib.family = AF_INET6_;
-	fib.flowinfo = *(__be32 *)ip6h & IPV6_FLOWINFO_MASK_;
-	fib.l4_protocol = ip6h->nexthdr;
-	fib.tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
-	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
-	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
-	fib.ifindex = ctx->ingress_ifindex;
-
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	switch (rc) {
-	case BPF_FIB_LKUP_RET_SUCCESS:
-		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-		return bpf_redirect(fib.ifindex, 0);
-	case BPF_FIB_LKUP_RET_NO_NEIGH:
-	case BPF_FIB_LKUP_RET_NOT_FWDED:
-	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
-	case BPF_FIB_LKUP_RET_UNSUPP_LWT:
-		return XDP_PASS;
-	default:
-		*reason = SRMIG_DROP_NO_ROUTE;
-		return XDP_DROP;
-	}
-}
-
 /* Encapsulated-mode delivery (End.DX6-like, RFC 8986 4.5 S02): remove the outer IPv6 header and its
  * extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header. Returns SRMIG_DROP_NONE
  * or the reason; the inner packet then starts after the Ethernet header. */
