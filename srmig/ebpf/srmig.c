@@ -284,41 +284,30 @@ static __always_inline int end_sbuf(struct xdp_md *ctx, struct pkt *p, struct sr
 	}
 }
 
-/* End.DX6-map (steady state): deliver, or send stragglers on to where the VM went. */
+/* End.DX6-map (steady state): what End.SBUF does (deliver when running; hold when incoming, because the
+ * ingress cut over before our resume), and when the VM is away, send stragglers on to where it went. */
 static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
 				   struct srmig_vm_value *st)
 {
-	if (segments_left(p) != 0) {
-		p->reason = SRMIG_DROP_SL_NONZERO;
+	if (st->state != SRMIG_VM_AWAY || segments_left(p) != 0)
+		return end_sbuf(ctx, p, vm, st);
+	/* Rewrite the active segment and the DA to the recorded SID, so the SRH stays consistent. */
+	if (p->ip6h->hop_limit <= 1) {
+		p->reason = SRMIG_DROP_HOP_LIMIT;
 		return XDP_DROP;
 	}
-	switch (st->state) {
-	case SRMIG_VM_RUNNING:
-		return deliver(ctx, p, SRMIG_VERDICT_DELIVER, vm, st);
-	case SRMIG_VM_INCOMING: /* the ingress cut over before our resume: hold, as End.SBUF would */
-		return hold_for_vm(ctx, p, vm, st);
-	case SRMIG_VM_AWAY:
-		/* Rewrite the active segment and the DA to the recorded SID, so the SRH stays consistent. */
-		if (p->ip6h->hop_limit <= 1) {
-			p->reason = SRMIG_DROP_HOP_LIMIT;
+	__builtin_memcpy(&p->ip6h->daddr, st->next_sid, 16);
+	if (p->srh) {
+		struct in6_addr *seg0 = p->srh->segments;
+
+		if ((void *)(seg0 + 1) > (void *)(long)ctx->data_end) {
+			p->reason = SRMIG_DROP_TRUNCATED;
 			return XDP_DROP;
 		}
-		__builtin_memcpy(&p->ip6h->daddr, st->next_sid, 16);
-		if (p->srh) {
-			struct in6_addr *seg0 = p->srh->segments;
-
-			if ((void *)(seg0 + 1) > (void *)(long)ctx->data_end) {
-				p->reason = SRMIG_DROP_TRUNCATED;
-				return XDP_DROP;
-			}
-			__builtin_memcpy(seg0, st->next_sid, 16);
-		}
-		p->ip6h->hop_limit--;
-		return forward(ctx, p);
-	default:
-		p->reason = SRMIG_DROP_VM_STATE;
-		return XDP_DROP;
+		__builtin_memcpy(seg0, st->next_sid, 16);
 	}
+	p->ip6h->hop_limit--;
+	return forward(ctx, p);
 }
 
 static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is_ours)
