@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from srmig.ctl.drain import DrainReport, ShadowLog, SourceDrain, SwallowCheck
-from srmig.ctl.phases import Phase, Plan, plan
+from srmig.ctl.machine import DelVm, Drain, Ev, Machine, Publish, SetVm
+from srmig.ctl.phases import Phase, plan
 from srmig.dataplane.abi import VmState
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 
@@ -129,33 +130,50 @@ class Bicast(Strategy):
 
 
 class Srmig(Strategy):
-    """srmig: the path S -> D is provisioned before stop-and-copy (End.S, End.SBUF); at the pause the
-    source tap queue is drained to D ahead of newer packets; cut-over once the migration completes."""
+    """srmig, driven by the agent's state machine (srmig.ctl.machine): the path S -> D is provisioned before
+    stop-and-copy (End.S, End.SBUF); at the pause the source tap queue is drained to D ahead of newer
+    packets; cut-over once the migration completes. This class only executes the machine's actions."""
 
     def __init__(self, drain: bool = True, grace_s: float = 0.5, recover_swallowed: bool = True):
         super().__init__("srmig" if drain else "srmig-no-drain",
                          "End.S on S, End.SBUF on D, provisioned before stop-and-copy"
                          + ("; source tap queue drained at the pause" if drain else ""))
-        self.drain = drain
-        self.grace_s = grace_s
+        self.machine = Machine(grace_s=grace_s, drain=drain)
         self.recover_swallowed = drain and recover_swallowed
         self.drain_report: DrainReport | None = None
         self._shadow: ShadowLog | None = None
         self._check: SwallowCheck | None = None
+        self._src = None
+        self._stopped_ns = 0
 
-    def _apply(self, tb: Testbed, p: Plan) -> None:
-        for role, state, nxt in (("D", p.dest, None), ("S", p.source, p.source_next_sid)):
-            if state is None:
-                tb.dp[role].del_vm(VM_ADDR)
-            else:
-                tb.dp[role].set_vm(VM_ADDR, state, next_sid=nxt)
-        tb.steer(p.segments)
+    def _execute(self, tb: Testbed, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, SetVm):
+                if a.shadow and self.recover_swallowed and self._shadow is None:
+                    self._shadow = ShadowLog(tb.dp[a.host]).start()  # before the flag: miss nothing
+                tb.dp[a.host].set_vm(VM_ADDR, a.state, next_sid=a.next_sid,
+                                     shadow=a.shadow and self.recover_swallowed)
+            elif isinstance(a, DelVm):
+                tb.dp[a.host].del_vm(VM_ADDR)
+            elif isinstance(a, Publish):
+                tb.steer(list(a.segments))  # one ingress, applied synchronously: acknowledged
+            elif isinstance(a, Drain):
+                drain = SourceDrain(tb.dp[a.host], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf], a.next_sid)
+                with tb.topo.inside(a.host):
+                    self.drain_report = drain.run(self._src.pid, self._src.tap, check=self._check,
+                                                  shadow=self._shadow, stopped_at_ns=self._stopped_ns)
+            # StartGrace: the run outlasts the grace period; finish() ends it.
+            self._note(type(a).__name__)
 
     def steady(self, tb):
         tb.dp["D"].del_vm(VM_ADDR)
-        self._apply(tb, plan(Phase.STEADY, S, D, [T_END]))
+        p = plan(Phase.STEADY, S, D, [T_END])
+        tb.dp["S"].set_vm(VM_ADDR, p.source)
+        tb.steer(p.segments)
+        self.machine.start(VM_ADDR, S, D, (T_END,))
 
     def prepare(self, tb, src):
+        self._src = src
         if self.recover_swallowed:
             # Frames QEMU read minus frames it gave the guest, while nothing is in flight.
             self._check = SwallowCheck(src.tap, src.rx_used_idx)
@@ -164,35 +182,20 @@ class Srmig(Strategy):
                     self._check = None
 
     def begin(self, tb, src):
-        self._apply(tb, plan(Phase.PROVISION, S, D, [T_END]))
-        if self.recover_swallowed:
-            # Shadow what S delivers to the VM from now on: the swallowed frame will be among them.
-            self._shadow = ShadowLog(tb.dp["S"]).start()
-            tb.dp["S"].set_vm(VM_ADDR, VmState.RUNNING, shadow=True)
-        self._note("provisioned")
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.BEGIN))
 
     def source_stopped(self, tb, src, stopped_ns):
-        p = plan(Phase.STOP_AND_COPY, S, D, [T_END])
-        if self.drain:
-            drain = SourceDrain(tb.dp["S"], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf], p.source_next_sid)
-            with tb.topo.inside("S"):
-                self.drain_report = drain.run(src.pid, src.tap, check=self._check, shadow=self._shadow,
-                                              stopped_at_ns=stopped_ns)
-            self._note("S drained, away")
-        else:
-            tb.dp["S"].set_vm(VM_ADDR, VmState.AWAY, next_sid=p.source_next_sid)
-            self._note("S away")
+        self._stopped_ns = stopped_ns
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.SUSPENDED))
 
     def dest_resumed(self, tb):
-        tb.dp["D"].set_vm(VM_ADDR, VmState.RUNNING)
-        self._note("D running")
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.RESUMED))
 
     def completed(self, tb):
-        self._apply(tb, plan(Phase.CUT_OVER, S, D, [T_END]))
-        self._note("cut-over")
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.STOPPED))
 
     def finish(self, tb):
-        tb.dp["S"].del_vm(VM_ADDR)  # after the grace period (the probe run outlasts it)
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.GRACE_OVER))
         if self._shadow is not None:
             self._shadow.close()
             self._shadow = None
