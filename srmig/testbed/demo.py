@@ -172,6 +172,7 @@ def main(strategies: list[str], rate: int, count: int, json_path: str | None, pl
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     runs: list[Run] = []
     t0 = time.monotonic()
     def linger(tb):
