@@ -122,15 +122,18 @@ class TestRunLab:
 @contextlib.contextmanager
 def xdp_on(topo: Topology, role: str, ifname: str, mode: str = "generic", limits: loader.Limits | None = None):
     """Load srmig on one interface of a topology host; yields its Dataplane. Detached and unpinned on exit,
-    also when the body fails."""
+    also when the body fails or an interrupt lands in the middle of loading."""
     with topo.inside(role):
-        loaded = loader.load(ifname, mode, limits)
+        pins = loader.pin_dir()
+    try:
+        with topo.inside(role):
+            loaded = loader.load(ifname, mode, limits)
         os.close(loaded.prog_fd)
-        try:
-            with Dataplane(loaded.pin_dir) as dp:
-                yield dp
-        finally:
-            with topo.inside(role):
-                with contextlib.suppress(Exception):
-                    loader.detach(ifname)
-                shutil.rmtree(loaded.pin_dir, ignore_errors=True)
+        with Dataplane(loaded.pin_dir) as dp:
+            yield dp
+    finally:
+        with topo.inside(role):
+            with contextlib.suppress(Exception):
+                loader.detach(ifname)
+        shutil.rmtree(pins, ignore_errors=True)
+        shutil.rmtree(pins.with_name(pins.name + "-new"), ignore_errors=True)
