@@ -16,6 +16,7 @@ examples (as root):
   srmig stats --json                       counters per SID, per verdict, per drop reason
   srmig --netns hostS sid list             operate on the dataplane of namespace hostS
   srmig bench micro                        ns/packet per branch against an XDP_PASS stub
+  srmig bench --quick --json               NDR/PDR vs the kernel's SRv6, scale, ratios: one JSON document
 
 behaviours: End, End.DX6-map, End.S, End.SBUF   VM states: running, hold, away, incoming
 """
@@ -120,6 +121,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_all(args) -> int:
+    """`srmig bench` without a sub-benchmark: everything, one JSON document (bench/report.py)."""
+    from bench import local, report
+
+    parts = tuple(p for item in args.only for p in item.split(",") if p) or report.PARTS
+    unknown = set(parts) - set(report.PARTS)
+    if unknown:
+        raise ValueError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: expected "
+                         f"{', '.join(report.PARTS)}")
+    try:
+        result = report.run(quick=args.quick, parts=parts, max_rate=args.max_rate, duration_s=args.duration,
+                            max_trials=args.trials, mode=args.mode, progress=True)
+    except local.BenchError as e:
+        raise ValueError(str(e)) from None
+    if args.plot:
+        report.plot(result, args.plot)
+    if args.json:
+        _emit(args, result)
+    else:
+        report.print_table(result)
+        if args.plot and "local" in result:
+            print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from srmig.testbed import demo
 
@@ -208,8 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["generic", "native"], default="generic", help="XDP mode on S and D")
     sp.set_defaults(func=cmd_demo, json_out=None)
 
-    sp = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    bsub = sp.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    sp = sub.add_parser(
+        "bench", help="benchmarks (JSON with --json); without BENCH: everything",
+        description="Without BENCH: the local generator (trafgen through one DUT core: NDR/PDR of srmig "
+                    "End.S forward/deliver, the kernel's End.DX6 and End, an XDP redirect stub), the hold-ring "
+                    "flush rate, the per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the "
+                    "targets, as one JSON document with --json (progress on stderr).")
+    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    sp.add_argument("--quick", action="store_true", help="1-s trials, 5 per path, smaller scale runs (about 2 minutes)")
+    sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
+                    help="run only these parts: local, scale")
+    sp.add_argument("--max-rate", type=float, default=1_500_000, help="highest offered load, pps")
+    sp.add_argument("--duration", type=float, help="seconds per trial, whole seconds (default 2, --quick 1)")
+    sp.add_argument("--trials", type=int, help="trials per path (default 10, --quick 5)")
+    sp.add_argument("--mode", choices=["native", "generic"], default="native", help="XDP mode on the DUT")
+    sp.add_argument("--plot", metavar="PNG", default="srmig-bench.png",
+                    help="loss vs offered load plot (default: srmig-bench.png; '' for none)")
+    sp.set_defaults(func=cmd_bench_all, bench=None)
+    bsub = sp.add_subparsers(dest="bench", required=False, metavar="BENCH")
     b = bsub.add_parser("micro", help="BPF_PROG_TEST_RUN ns/packet per branch vs an XDP_PASS stub",
                         description="Runs every branch of the program on a packet that takes that branch, "
                                     "in a private network namespace, against an XDP_PASS stub measured "
