@@ -183,32 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("unload", cmd_unload, "detach from an interface; the last detach removes the pinned state")
     sp.add_argument("iface")
 
-    sp = sub.add_parser("sid", help="add, delete or list local SIDs")
-    ssub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_ in (("add", "instantiate a SID"), ("del", "remove a SID"), ("list", "list SIDs")):
-        a = ssub.add_parser(name, help=help_, description=help_)
-        a.add_argument("--json", action="store_true")
-        a.set_defaults(func=cmd_sid)
-        if name != "list":
-            a.add_argument("sid", help="the SID, an IPv6 address in this host's locator")
-        if name == "add":
-            a.add_argument("behaviour", help="End, End.DX6-map, End.S or End.SBUF")
+    def table_command(name, help_, func, key_help, verbs):
+        """`srmig NAME VERB [KEY]` for a map of entries: each verb with --json, all but `list` take KEY."""
+        tsub = sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True, metavar="ACTION")
+        parsers = {}
+        for verb, verb_help in verbs:
+            a = parsers[verb] = tsub.add_parser(verb, help=verb_help, description=verb_help)
+            a.add_argument("--json", action="store_true")
+            a.set_defaults(func=func)
+            if verb != "list":
+                a.add_argument(name, help=key_help)
+        return parsers
 
-    sp = sub.add_parser("vm", help="set, delete or list VM migration states")
-    vsub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_ in (("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")):
-        a = vsub.add_parser(name, help=help_, description=help_)
-        a.add_argument("--json", action="store_true")
-        a.set_defaults(func=cmd_vm)
-        if name != "list":
-            a.add_argument("vm", help="the VM's IPv6 address (the inner destination)")
-        if name == "set":
-            a.add_argument("state", help="running, hold, away or incoming")
-            a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")
-            a.add_argument("--hold-ring", action="store_true",
-                           help="incoming: hold packets in the hold ring instead of the VM's tap queue")
-            a.add_argument("--shadow", action="store_true",
-                           help="copy what is delivered to the VM into the shadow ring (migration window)")
+    sid = table_command("sid", "add, delete or list local SIDs", cmd_sid,
+                        "the SID, an IPv6 address in this host's locator",
+                        [("add", "instantiate a SID"), ("del", "remove a SID"), ("list", "list SIDs")])
+    sid["add"].add_argument("behaviour", help="End, End.DX6-map, End.S or End.SBUF")
+
+    vm = table_command("vm", "set, delete or list VM migration states", cmd_vm,
+                       "the VM's IPv6 address (the inner destination)",
+                       [("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")])
+    a = vm["set"]
+    a.add_argument("state", help="running, hold, away or incoming")
+    a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")
+    a.add_argument("--hold-ring", action="store_true",
+                   help="incoming: hold packets in the hold ring instead of the VM's tap queue")
+    a.add_argument("--shadow", action="store_true",
+                   help="copy what is delivered to the VM into the shadow ring (migration window)")
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
 
