@@ -72,6 +72,11 @@ def pin_dir() -> Path:
     return PIN_ROOT / netns_key()
 
 
+def staging_dir(pins: Path) -> Path:
+    """Where a load builds its pins before renaming them into place (bpffs refuses names with a dot)."""
+    return pins.with_name(pins.name + "-new")
+
+
 def ensure_bpffs() -> None:
     """Mount bpffs on /sys/fs/bpf when nothing is (machines without systemd do not mount it)."""
     with open("/proc/self/mounts") as f:
@@ -140,7 +145,7 @@ def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
         fd = libbpf.obj_get(str(pins / PROG))
         return Loaded(pins, fd, libbpf.prog_id(fd), compiled=False)
     b, fd = compile_program(abi.EBPF_DIR / "srmig.c", "srmig_xdp", limits or Limits())
-    tmp = pins.with_name(pins.name + "-new")  # bpffs refuses names containing a dot
+    tmp = staging_dir(pins)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

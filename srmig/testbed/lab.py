@@ -136,4 +136,4 @@ def xdp_on(topo: Topology, role: str, ifname: str, mode: str = "generic", limits
             with contextlib.suppress(Exception):
                 loader.detach(ifname)
         shutil.rmtree(pins, ignore_errors=True)
-        shutil.rmtree(pins.with_name(pins.name + "-new"), ignore_errors=True)
+        shutil.rmtree(loader.staging_dir(pins), ignore_errors=True)

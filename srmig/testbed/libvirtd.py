@@ -66,12 +66,12 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from srmig.testbed import guest as guest_mod
+from srmig.testbed.qemu import GATEWAY_LL, GUEST_MAC
 
 LIBVIRTD = "libvirtd"
 QEMU_BIN = "/usr/bin/qemu-system-x86_64"
-GUEST_MAC = "02:00:00:00:10:10"
+
 GUEST_ADDR = "2001:db8:100::10/64"
-GATEWAY_LL = "fe80::1"
 TAP = "vmtap"
 PR_SET_PDEATHSIG = 1
 

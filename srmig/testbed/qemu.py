@@ -132,11 +132,15 @@ def configure_host_tap(ns: str | None, ifname: str, guest_addr: str, guest_mac: 
                        txqueuelen: int = 10000) -> None:
     """The host side of a VM's tap: anycast gateway MAC + link-local, up, a /128 route to the guest, a
     permanent neighbour entry for it (so the host's neighbour queue never holds its packets) and a long
-    queue (what a paused QEMU leaves unread waits there)."""
+    queue (what a paused QEMU leaves unread waits there). No multicast: the host's MLD reports would be
+    read by QEMU and dropped by the guest's filter, which blurs srmig's count of frames QEMU read but did
+    not deliver (srmig.ctl.drain.SwallowCheck)."""
     def cfg():
         with inside(ns), IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.link("set", index=idx, address=gateway_mac, txqlen=txqueuelen, state="up")
+            ipr.link("set", index=idx, address=gateway_mac, txqlen=txqueuelen)
+            ipr.link("set", index=idx, flags=0, mask=0x1000)  # IFF_MULTICAST off
+            ipr.link("set", index=idx, state="up")
             with open(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "w") as f:
                 f.write("0")
             ipr.addr("replace", index=idx, address=gateway_ll, prefixlen=64, flags=0x80)  # IFA_F_NODAD

@@ -22,11 +22,10 @@ from srmig.ctl.phases import HostSids
 from srmig.dataplane.abi import Behaviour
 from srmig.testbed.lab import xdp_on
 from srmig.testbed.netns import Topology
+from srmig.testbed.qemu import GATEWAY_LL, GATEWAY_MAC, configure_host_tap
 
 VM_ADDR = "2001:db8:100::10"
 VM_PREFIXLEN = 64
-GATEWAY_LL = "fe80::1"               # the anycast gateway every host presents to its VMs
-GATEWAY_MAC = "02:00:5e:00:00:01"
 CLIENT_ADDR = "2001:db8:c::1"
 T_END = "fc00:0:3::e"
 MGMT = {"S": "fd00:99::1", "D": "fd00:99::2"}
@@ -79,19 +78,8 @@ class Testbed:
         return self
 
     def attach_vm_link(self, role: str, ifname: str, guest_mac: str, txqueuelen: int = 10000) -> None:
-        """Make `ifname` (the VM's tap on host `role`) the VM-facing link: anycast gateway MAC and
-        link-local, a /128 route to the VM, a permanent neighbour entry (so the host's own neighbour queue
-        never holds the VM's packets), and a long queue for the migration window. No multicast: the host's
-        MLD reports would be read by QEMU and dropped by the guest's filter, which blurs the count of frames
-        QEMU read but did not deliver (drain.SwallowCheck)."""
-        with self.topo.ipr(role) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.link("set", index=idx, address=GATEWAY_MAC, txqlen=txqueuelen)
-            ipr.link("set", index=idx, flags=0, mask=0x1000)  # IFF_MULTICAST off
-            ipr.link("set", index=idx, state="up")
-            ipr.addr("replace", index=idx, address=GATEWAY_LL, prefixlen=64, flags=0x80)  # IFA_F_NODAD
-            ipr.route("replace", dst=f"{VM_ADDR}/128", oif=idx, family=10)
-            ipr.neigh("replace", dst=VM_ADDR, lladdr=guest_mac, ifindex=idx, state=0x80, family=10)
+        """Make `ifname` (the VM's tap on host `role`) the VM-facing link, with the anycast gateway."""
+        configure_host_tap(self.ns(role), ifname, VM_ADDR, guest_mac, GATEWAY_LL, GATEWAY_MAC, txqueuelen)
 
     def steer(self, segments: list[str] | None) -> None:
         """The client's route to the VM: H.Encaps with `segments`, or withdrawn (None)."""
