@@ -153,7 +153,8 @@ def cmd_demo(args) -> int:
     if args.no_drain and "srmig-no-drain" not in names:
         names.append("srmig-no-drain")
     count = args.count or int(args.rate * args.duration)
-    return demo.main(names, args.rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode)
+    return demo.main(names, args.rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
+                     event_delay_ms=args.event_delay_ms)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", action="store_true", help="keep the last testbed up until Enter is pressed")
     sp.add_argument("--no-drain", action="store_true", help="also run srmig without the source tap drain")
     sp.add_argument("--mode", choices=["generic", "native"], default="generic", help="XDP mode on S and D")
+    sp.add_argument("--event-delay-ms", type=float, default=0, metavar="MS",
+                    help="react to every QEMU event MS later, as a slow agent would (default: 0)")
     sp.set_defaults(func=cmd_demo, json_out=None)
 
     sp = sub.add_parser(

@@ -72,8 +72,9 @@ def _watch(fn, *args) -> threading.Thread:
 
 
 def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic", say=lambda m: None,
-            warmup_s: float = 0.8, linger=None) -> Run:
-    """One migration under probe traffic. `linger(testbed)` runs before teardown (--keep)."""
+            warmup_s: float = 0.8, linger=None, event_delay_s: float = 0.0) -> Run:
+    """One migration under probe traffic. `linger(testbed)` runs before teardown (--keep).
+    `event_delay_s` delays the reaction to every QEMU event, as a slow agent would."""
     errors: list[BaseException] = []
 
     def guarded(fn, *args):
@@ -108,11 +109,13 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
                     def on_stop():
                         ev = src.qmp.wait_event("STOP", 60, after=t_begin)
                         p.mark("stop", ev.host_time)
+                        time.sleep(event_delay_s)
                         strategy.source_stopped(tb, src, int(ev.host_time * 1e9))
 
                     def on_resume():
                         ev = dst.qmp.wait_event("RESUME", 60, after=t_begin)
                         p.mark("resume", ev.host_time)
+                        time.sleep(event_delay_s)
                         strategy.dest_resumed(tb)
 
                     watchers = [_watch(guarded, on_stop), _watch(guarded, on_resume)]
@@ -121,6 +124,7 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
                     for w in watchers:
                         w.join(10)
                     p.mark("complete")
+                    time.sleep(event_delay_s)
                     strategy.completed(tb)
                     while not p.done():
                         sent, got = p.progress()
@@ -159,7 +163,7 @@ def table(runs: list[Run], rate: int) -> str:
 
 
 def main(strategies: list[str], rate: int, count: int, json_path: str | None, plot_path: str | None,
-         keep: bool = False, xdp_mode: str = "generic", progress: bool = True) -> int:
+         keep: bool = False, xdp_mode: str = "generic", progress: bool = True, event_delay_ms: float = 0) -> int:
     chosen = [make(name) for name in strategies]  # validates names before anything is built
     say = Progress(progress)
     # SIGTERM cleans up like Ctrl-C does: every context manager above unwinds. Only in this process:
@@ -188,11 +192,13 @@ def main(strategies: list[str], rate: int, count: int, json_path: str | None, pl
         say(f"[{i}/{len(chosen)}] {strategy.name}")
         runs.append(run_one(strategy, rate, count, xdp_mode,
                             say=lambda m, i=i: say(f"[{i}/{len(chosen)}] {m}"),
-                            linger=linger if keep and i == len(chosen) else None))
+                            linger=linger if keep and i == len(chosen) else None,
+                            event_delay_s=event_delay_ms / 1000))
     say.done()
     print(table(runs, rate))
     print(f"({time.monotonic() - t0:.0f} s; blackout = longest run of lost probes; downtime as reported by QEMU)")
-    doc = {"strategies": {r.strategy: r.to_dict() for r in runs}, "rate_pps": rate, "count": count}
+    doc = {"strategies": {r.strategy: r.to_dict() for r in runs}, "rate_pps": rate, "count": count,
+           "event_delay_ms": event_delay_ms}
     if json_path:
         Path(json_path).write_text(json.dumps(doc, indent=2))
         print(f"wrote {json_path}")
