@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from srmig.ctl.machine import DelVm, Drain, Ev, Machine, Publish, SetVm, StartGrace
+from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, StartGrace
 from srmig.ctl.phases import HostSids
 from srmig.dataplane.abi import VmState
 
@@ -15,13 +15,14 @@ D = HostSids("D", dx6="fc00:0:2::d6", end_s="fc00:0:2::5", sbuf="fc00:0:2::b")
 VM = "2001:db8:100::10"
 T = ("fc00:0:3::e",)
 
-PROVISION = [SetVm("D", VM, VmState.INCOMING), SetVm("S", VM, VmState.RUNNING, shadow=True),
+PROVISION = [SetVm("D", VM, VmState.INCOMING), KeepTap("D", VM), SetVm("S", VM, VmState.RUNNING, shadow=True),
              Publish(VM, ("fc00:0:1::5", "fc00:0:3::e", "fc00:0:2::b"), 1, ack=True)]
 PAUSE = [Drain("S", VM, "fc00:0:2::d6")]
 RESUME = [SetVm("D", VM, VmState.RUNNING)]
 CUT_OVER = [Publish(VM, ("fc00:0:2::d6",), 2), SetVm("S", VM, VmState.AWAY, next_sid="fc00:0:2::d6"),
             StartGrace(VM, 2.0)]
-ABORT = [SetVm("S", VM, VmState.RUNNING), Publish(VM, ("fc00:0:1::d6",), 2), DelVm("D", VM)]
+ABORT = [SetVm("S", VM, VmState.RUNNING), ReturnHeld("D", VM, ("fc00:0:1::d6",)),
+         Publish(VM, ("fc00:0:1::d6",), 2), DelVm("D", VM)]
 
 E = Ev
 CASES = [
@@ -77,7 +78,7 @@ def test_many_concurrent_migrations_stay_apart():
             per_vm[vm] += m.handle(vm, ev)
     for vm in vms:
         assert [type(a).__name__ for a in per_vm[vm]] == [
-            "SetVm", "SetVm", "Publish", "Drain", "SetVm", "Publish", "SetVm", "StartGrace"]
+            "SetVm", "KeepTap", "SetVm", "Publish", "Drain", "SetVm", "Publish", "SetVm", "StartGrace"]
         assert all(getattr(a, "vm", vm) == vm for a in per_vm[vm])
 
 

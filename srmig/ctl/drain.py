@@ -212,6 +212,48 @@ class ShadowLog:
         return [r.packet for r in picked]
 
 
+class TapKeeper:
+    """A duplicate of a QEMU's tap fd, taken while QEMU lives. The tap queue then survives QEMU's death
+    (the kernel purges it only when the last fd closes), so what the destination held can be returned to
+    the source when a migration aborts."""
+
+    def __init__(self, qemu_pid: int, tap: str):
+        self.tap = tap
+        self.fds = [take_fd(qemu_pid, fd) for fd in tap_fds_of(qemu_pid, tap)]
+        if not self.fds:
+            raise OSError(errno.ENOENT, f"process {qemu_pid} has no fd on tap {tap}")
+
+    def frames(self) -> list[bytes]:
+        return [frame for fd in self.fds for frame in read_queued(fd)]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = ()) -> int:
+    """Send every frame the destination's tap queue held back along `segments` (the source's
+    End.DX6-map); returns how many were sent. `skip`: inner packets not to return, once each: the frames
+    the drain re-sent because the source QEMU had swallowed them, which that QEMU delivers itself when it
+    resumes after an abort."""
+    sender = RawSender()
+    sent = 0
+    skip = list(skip)
+    try:
+        for frame in keeper.frames():
+            if frame[14:] in skip:
+                skip.remove(frame[14:])
+                continue
+            pkt = encapsulate(frame, src_addr, segments)
+            if pkt is not None:
+                sender.send(pkt)
+                sent += 1
+    finally:
+        sender.close()
+    return sent
+
+
 class RawSender:
     """Sends complete IPv6 packets (IPPROTO_RAW implies IPV6_HDRINCL); the kernel routes them by their DA."""
 
@@ -252,7 +294,7 @@ class SourceDrain:
         self.src = src_addr
         self.segments = dest_segments
         self.next_sid = next_sid
-
+        self.resent_swallowed: list[bytes] = []  # inner packets re-sent for the source QEMU
     def run(self, qemu_pid: int, tap: str, settle_s: float = 0.002, check: SwallowCheck | None = None,
             shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
         """`check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the pause;
@@ -278,6 +320,7 @@ class SourceDrain:
                 # ring: both reached the tap shortly before the STOP event, never long before.
                 for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns - SWALLOW_WINDOW_NS):
                     sender.send(encapsulate(b"\0" * 12 + b"\x86\xdd" + frame, self.src, self.segments))
+                    self.resent_swallowed.append(frame)
                     rep.resent_swallowed += 1
             for frame in queued:
                 pkt = encapsulate(frame, self.src, self.segments)

@@ -58,6 +58,23 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class KeepTap:
+    """Hold a duplicate of the destination QEMU's tap fd, so its queue outlives an aborted QEMU."""
+
+    host: str
+    vm: str
+
+
+@dataclass(frozen=True)
+class ReturnHeld:
+    """Abort: send what the destination held (its tap queue) back along `segments` to the source."""
+
+    host: str
+    vm: str
+    segments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Publish:
     """The VM's segment list for every ingress, with a version; the agent waits for acks when `ack`."""
 
@@ -73,7 +90,7 @@ class StartGrace:
     seconds: float
 
 
-Action = SetVm | DelVm | Drain | Publish | StartGrace
+Action = SetVm | DelVm | Drain | KeepTap | ReturnHeld | Publish | StartGrace
 
 
 @dataclass
@@ -136,7 +153,7 @@ class Machine:
         if phase is Phase.PROVISION:
             # Destination first, then the source (shadowing from now on), then the ingresses, acked:
             # stop-and-copy must not start before every ingress uses the new list.
-            return [SetVm(d, vm, p.dest), SetVm(s, vm, p.source, shadow=True),
+            return [SetVm(d, vm, p.dest), KeepTap(d, vm), SetVm(s, vm, p.source, shadow=True),
                     self._publish(m, p.segments, ack=True)]
         if phase is Phase.STOP_AND_COPY:
             if self.drain:
@@ -155,6 +172,7 @@ class Machine:
         p = plan(Phase.ABORT, m.src, m.dst, list(m.transit))
         m.phase = Phase.ABORT
         m.done = True
-        # The source takes the VM back first; then the ingresses; then the destination forgets it (what D
-        # held in the dead QEMU's tap is lost with it unless the executor returns it to S first).
-        return [SetVm(m.src.name, m.vm, p.source), self._publish(m, p.segments), DelVm(m.dst.name, m.vm)]
+        # The source takes the VM back first; the destination returns what it held (older than anything
+        # the source receives from now on, bar a few in flight); then the ingresses; then D forgets it.
+        return [SetVm(m.src.name, m.vm, p.source), ReturnHeld(m.dst.name, m.vm, tuple(p.segments)),
+                self._publish(m, p.segments), DelVm(m.dst.name, m.vm)]

@@ -10,6 +10,7 @@ removed afterwards, also on failure and on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,6 +45,9 @@ class Run:
         out = {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
                "blackout_ms": round(r.blackout_ms, 3), "downtime_ms": self.downtime_ms,
                "migration_ms": self.total_ms, "guest_echo_requests": self.guest.get("Icmp6InEchos"),
+               "guest_echo_replies": self.guest.get("Icmp6OutEchoReplies"),
+               "guest_out_discards": self.guest.get("Ip6OutDiscards"),
+               "probe_socket_drops": getattr(r, "rx_socket_drops", None),
                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}}
         if self.drain:
             out["drain"] = self.drain
@@ -71,18 +75,13 @@ def _watch(fn, *args) -> threading.Thread:
     return t
 
 
-def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic", say=lambda m: None,
-            warmup_s: float = 0.8, linger=None, event_delay_s: float = 0.0) -> Run:
-    """One migration under probe traffic. `linger(testbed)` runs before teardown (--keep).
-    `event_delay_s` delays the reaction to every QEMU event, as a slow agent would."""
-    errors: list[BaseException] = []
+URI = f"tcp:[{MGMT['D']}]:{MIGRATION_PORT}"
 
-    def guarded(fn, *args):
-        try:
-            fn(*args)
-        except BaseException as e:  # surfaced after the run
-            errors.append(e)
 
+@contextlib.contextmanager
+def two_hosts(strategy: Strategy, xdp_mode: str, say=lambda m: None):
+    """The testbed with the guest answering on S (in the strategy's steady state) and an incoming QEMU on
+    D; yields (testbed, source Qemu, destination Qemu, the guest's counters before the run)."""
     with Testbed(xdp_mode) as tb:
         say(f"{strategy.name}: booting the guest on S")
         with Qemu("vm-s", ns=tb.ns("S"), tap=TAP) as src:
@@ -95,60 +94,113 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
                 raise RuntimeError(f"the guest on S does not answer: {src.console()[-500:]}")
             guest_before = src.guest_stats(timeout=10)
             strategy.prepare(tb, src)
-            uri = f"tcp:[{MGMT['D']}]:{MIGRATION_PORT}"
-            with Qemu("vm-d", ns=tb.ns("D"), tap=TAP, incoming=uri) as dst:
+            with Qemu("vm-d", ns=tb.ns("D"), tap=TAP, incoming=URI) as dst:
                 tb.attach_vm_link("D", TAP, GUEST_MAC)
-                p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C"),
-                                    **strategy.probe_kwargs()).start()
-                try:
-                    time.sleep(warmup_s)
-                    strategy.begin(tb, src)
-                    t_begin = time.monotonic()
-                    p.mark("migrate")
+                strategy.dest_started(tb, dst)
+                yield tb, src, dst, guest_before
 
-                    def on_stop():
-                        ev = src.qmp.wait_event("STOP", 60, after=t_begin)
-                        p.mark("stop", ev.host_time)
-                        time.sleep(event_delay_s)
-                        strategy.source_stopped(tb, src, int(ev.host_time * 1e9))
 
-                    def on_resume():
-                        ev = dst.qmp.wait_event("RESUME", 60, after=t_begin)
-                        p.mark("resume", ev.host_time)
-                        time.sleep(event_delay_s)
-                        strategy.dest_resumed(tb)
+def _guest_delta(q: Qemu, before: dict) -> dict:
+    """What the guest itself saw during the run (its counters migrate with it)."""
+    try:
+        after = q.guest_stats(timeout=10)
+    except Exception as e:  # the report stands without the guest's view
+        return {"error": str(e)}
+    return {k: v - before.get(k, 0) for k, v in after.items()}
 
-                    watchers = [_watch(guarded, on_stop), _watch(guarded, on_resume)]
-                    say(f"{strategy.name}: migrating under {rate} probes/s")
-                    info = src.migrate(uri, timeout=60)
-                    for w in watchers:
-                        w.join(10)
-                    p.mark("complete")
-                    time.sleep(event_delay_s)
-                    strategy.completed(tb)
-                    while not p.done():
-                        sent, got = p.progress()
-                        say(f"{strategy.name}: migrated; probes {sent}/{count} sent, {got} answered")
-                        time.sleep(0.2)
-                    report = p.wait(timeout=60)
-                except BaseException:
-                    p.stop()
-                    raise
-                strategy.finish(tb)
-                if linger:
-                    linger(tb)
-                guest = {}
-                try:
-                    after = dst.guest_stats(timeout=10)
-                    # What the guest itself saw during the run (its counters migrated with it).
-                    guest = {k: v - guest_before.get(k, 0) for k, v in after.items()}
-                except Exception as e:  # the report stands without the guest's view
-                    guest = {"error": str(e)}
+
+def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic", say=lambda m: None,
+            warmup_s: float = 0.8, linger=None, event_delay_s: float = 0.0) -> Run:
+    """One migration under probe traffic. `linger(testbed)` runs before teardown (--keep).
+    `event_delay_s` delays the reaction to every QEMU event, as a slow agent would."""
+    errors: list[BaseException] = []
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as e:  # surfaced after the run
+            errors.append(e)
+
+    with two_hosts(strategy, xdp_mode, say) as (tb, src, dst, guest_before):
+        p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C"),
+                            **strategy.probe_kwargs()).start()
+        try:
+            time.sleep(warmup_s)
+            strategy.begin(tb, src)
+            t_begin = time.monotonic()
+            p.mark("migrate")
+
+            def on_stop():
+                ev = src.qmp.wait_event("STOP", 60, after=t_begin)
+                p.mark("stop", ev.host_time)
+                time.sleep(event_delay_s)
+                strategy.source_stopped(tb, src, int(ev.host_time * 1e9))
+
+            def on_resume():
+                ev = dst.qmp.wait_event("RESUME", 60, after=t_begin)
+                p.mark("resume", ev.host_time)
+                time.sleep(event_delay_s)
+                strategy.dest_resumed(tb)
+
+            watchers = [_watch(guarded, on_stop), _watch(guarded, on_resume)]
+            say(f"{strategy.name}: migrating under {rate} probes/s")
+            info = src.migrate(URI, timeout=60)
+            for w in watchers:
+                w.join(10)
+            p.mark("complete")
+            time.sleep(event_delay_s)
+            strategy.completed(tb)
+            while not p.done():
+                sent, got = p.progress()
+                say(f"{strategy.name}: migrated; probes {sent}/{count} sent, {got} answered")
+                time.sleep(0.2)
+            report = p.wait(timeout=60)
+        except BaseException:
+            p.stop()
+            raise
+        strategy.finish(tb)
+        if linger:
+            linger(tb)
+        guest = _guest_delta(dst, guest_before)
     if errors:
         raise errors[0]
     drain = getattr(strategy, "drain_report", None)
     return Run(strategy.name, report, info.get("downtime"), info.get("total-time"), guest,
                strategy.events, drain.__dict__ if drain else None)
+
+
+def run_abort(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic",
+              warmup_s: float = 0.8) -> Run:
+    """A migration that fails after stop-and-copy: the destination QEMU is killed while the source waits
+    at QEMU's pre-switchover pause (capability pause-before-switchover, so the failure is certain), then
+    the migration is cancelled and the source resumes. Whatever D held must come back to S."""
+    with two_hosts(strategy, xdp_mode) as (tb, src, dst, guest_before):
+        src.qmp.execute("migrate-set-capabilities",
+                        capabilities=[{"capability": "pause-before-switchover", "state": True}])
+        with probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")) as p:
+            time.sleep(warmup_s)
+            strategy.begin(tb, src)
+            t_begin = time.monotonic()
+            p.mark("migrate")
+            src.migrate(URI, wait=False)
+            ev = src.qmp.wait_event("STOP", 60, after=t_begin)
+            p.mark("stop", ev.host_time)
+            strategy.source_stopped(tb, src, int(ev.host_time * 1e9))
+            src.qmp.wait_event("MIGRATION", 30, match={"status": "pre-switchover"}, after=t_begin)
+            time.sleep(0.05)  # D holds what arrives meanwhile
+            dst.proc.kill()   # the destination dies...
+            dst.proc.wait(10)
+            p.mark("dest killed")
+            src.qmp.execute("migrate_cancel")  # ...and the source takes the VM back
+            ev = src.qmp.wait_event("RESUME", 30, after=t_begin)
+            p.mark("source resumed", ev.host_time)
+            strategy.failed(tb)
+        report = p.wait()
+        strategy.finish(tb)
+        guest = _guest_delta(src, guest_before)
+        guest["status"] = src.status()
+    drain = getattr(strategy, "drain_report", None)
+    return Run(strategy.name, report, None, None, guest, strategy.events, drain.__dict__ if drain else None)
 
 
 def table(runs: list[Run], rate: int) -> str:

@@ -104,8 +104,11 @@ class Topology:
         return name
 
     def link(self, a: str, a_if: str, b: str, b_if: str, a_addr: str | None = None,
-             b_addr: str | None = None, a_mac: str | None = None, b_mac: str | None = None) -> None:
-        """A veth pair between roles a and b, both ends up, with optional addresses ("2001:db8::1/64")."""
+             b_addr: str | None = None, a_mac: str | None = None, b_mac: str | None = None,
+             static_neigh: bool = False) -> None:
+        """A veth pair between roles a and b, both ends up, with optional addresses ("2001:db8::1/64").
+        `static_neigh`: each end gets a permanent neighbour entry for the other, so a first burst towards
+        a peer never waits (and overflows) in the neighbour resolution queue."""
         na, nb = self.ns(a), self.ns(b)
         tmp = f"srmigtmp{next(_link_ids)}"[:15]  # peer's name until it is renamed inside b
         with NetNS(na) as ipr:
@@ -123,6 +126,9 @@ class Topology:
                 if addr:
                     ip, plen = addr.split("/")
                     ipr.addr("add", index=idx, address=ip, prefixlen=int(plen), flags=0x80)  # IFA_F_NODAD
+        if static_neigh and a_addr and b_addr:
+            self.neigh(a, a_if, b_addr.split("/")[0], self.mac(b, b_if))
+            self.neigh(b, b_if, a_addr.split("/")[0], self.mac(a, a_if))
 
     def ipr(self, role: str) -> NetNS:
         """A pyroute2 handle inside a role's namespace (close it, or use `with`)."""

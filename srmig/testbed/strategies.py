@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import DrainReport, ShadowLog, SourceDrain, SwallowCheck
-from srmig.ctl.machine import DelVm, Drain, Ev, Machine, Publish, SetVm
+from srmig.ctl.drain import DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper, return_held
+from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm
 from srmig.ctl.phases import Phase, plan
 from srmig.dataplane.abi import VmState
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
@@ -42,6 +42,9 @@ class Strategy:
     def prepare(self, tb: Testbed, src) -> None:
         """Before the probe starts (a quiet moment). `src`: the source's Qemu (pid, tap, QMP)."""
 
+    def dest_started(self, tb: Testbed, dst) -> None:
+        """The destination's incoming QEMU exists (`dst`: its Qemu)."""
+
     def begin(self, tb: Testbed, src) -> None:
         """The migration begins."""
 
@@ -53,6 +56,9 @@ class Strategy:
 
     def completed(self, tb: Testbed) -> None:
         pass
+
+    def failed(self, tb: Testbed) -> None:
+        """The migration failed or was cancelled; the source runs the VM again."""
 
     def finish(self, tb: Testbed) -> None:
         """After the probe run: nothing left in flight."""
@@ -144,6 +150,10 @@ class Srmig(Strategy):
         self._shadow: ShadowLog | None = None
         self._check: SwallowCheck | None = None
         self._src = None
+        self._dst = None
+        self._keeper: TapKeeper | None = None
+        self.returned = 0  # packets D returned to S on abort
+        self._drain: SourceDrain | None = None
         self._stopped_ns = 0
 
     def _execute(self, tb: Testbed, actions: list) -> None:
@@ -158,10 +168,19 @@ class Srmig(Strategy):
             elif isinstance(a, Publish):
                 tb.steer(list(a.segments))  # one ingress, applied synchronously: acknowledged
             elif isinstance(a, Drain):
-                drain = SourceDrain(tb.dp[a.host], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf], a.next_sid)
+                drain = self._drain = SourceDrain(tb.dp[a.host], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf],
+                                                  a.next_sid)
                 with tb.topo.inside(a.host):
                     self.drain_report = drain.run(self._src.pid, self._src.tap, check=self._check,
                                                   shadow=self._shadow, stopped_at_ns=self._stopped_ns)
+            elif isinstance(a, KeepTap) and self._dst is not None:
+                self._keeper = TapKeeper(self._dst.pid, self._dst.tap)
+            elif isinstance(a, ReturnHeld) and self._keeper is not None:
+                with tb.topo.inside(a.host):
+                    # The source QEMU delivers, when it resumes, the one frame it keeps in its own net queue:
+                    # the newest of those the drain re-sent. The others it had dropped: return them.
+                    skip = self._drain.resent_swallowed[-1:] if self._drain else []
+                    self.returned += return_held(self._keeper, "2001:db8:b::2", list(a.segments), skip)
             # StartGrace: the run outlasts the grace period; finish() ends it.
             self._note(type(a).__name__)
 
@@ -181,6 +200,9 @@ class Srmig(Strategy):
                 if not self._check.baseline():
                     self._check = None
 
+    def dest_started(self, tb, dst):
+        self._dst = dst
+
     def begin(self, tb, src):
         self._execute(tb, self.machine.handle(VM_ADDR, Ev.BEGIN))
 
@@ -194,11 +216,15 @@ class Srmig(Strategy):
     def completed(self, tb):
         self._execute(tb, self.machine.handle(VM_ADDR, Ev.STOPPED))
 
+    def failed(self, tb):
+        self._execute(tb, self.machine.handle(VM_ADDR, Ev.FAILED))
+
     def finish(self, tb):
         self._execute(tb, self.machine.handle(VM_ADDR, Ev.GRACE_OVER))
-        if self._shadow is not None:
-            self._shadow.close()
-            self._shadow = None
+        for res in (self._shadow, self._keeper):
+            if res is not None:
+                res.close()
+        self._shadow = self._keeper = None
 
 
 STRATEGIES = {"reactive": Reactive, "withdraw": Withdraw, "bicast": Bicast, "srmig": Srmig}

@@ -51,9 +51,11 @@ class Testbed:
         try:
             for role in ("C", "T", "S", "D"):
                 t.add_host(role)
-            t.link("C", "c0", "T", "t_c", "2001:db8:c::1/64", "2001:db8:c::2/64")
-            t.link("S", "s0", "T", "t_s", "2001:db8:a::2/64", "2001:db8:a::1/64")
-            t.link("D", "d0", "T", "t_d", "2001:db8:b::2/64", "2001:db8:b::1/64")
+            # Static neighbours: the first burst of replies from a freshly resumed VM must not overflow the
+            # neighbour resolution queue of a host that never talked to its gateway before.
+            t.link("C", "c0", "T", "t_c", "2001:db8:c::1/64", "2001:db8:c::2/64", static_neigh=True)
+            t.link("S", "s0", "T", "t_s", "2001:db8:a::2/64", "2001:db8:a::1/64", static_neigh=True)
+            t.link("D", "d0", "T", "t_d", "2001:db8:b::2/64", "2001:db8:b::1/64", static_neigh=True)
             t.link("S", "mg0", "D", "mg0", MGMT["S"] + "/64", MGMT["D"] + "/64")
             # Native XDP redirect into a veth needs NAPI on the receiving peer.
             for role, ifname in (("T", "t_s"), ("T", "t_d"), ("S", "s0"), ("D", "d0")):
