@@ -7,6 +7,7 @@ the destination resumes; the migration completes. Baselines reuse srmig's datapl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 S, D = SIDS["S"], SIDS["D"]
 BICAST_TCLASS = 0x20
 BICAST_TABLE = 100
+WINDOW_TXQUEUELEN = 10000  # measured: an incoming QEMU's tap holds 10000 frames without loss
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
 
 
@@ -154,10 +156,24 @@ class Srmig(Strategy):
         self._keeper: TapKeeper | None = None
         self.returned = 0  # packets D returned to S on abort
         self._drain: SourceDrain | None = None
+        self._queues: dict[str, int] = {}  # host -> the tap queue length to restore after the window
         self._stopped_ns = 0
+
+    def _long_queue(self, tb: Testbed, host: str, tap: str) -> None:
+        """The migration window: a paused or incoming QEMU's tap queue holds what it cannot read yet."""
+        if host not in self._queues:
+            self._queues[host] = tb.set_txqueuelen(host, tap, WINDOW_TXQUEUELEN)
+
+    def _restore_queues(self, tb: Testbed) -> None:
+        for host, qlen in self._queues.items():
+            with contextlib.suppress(Exception):  # the tap may be gone with its QEMU
+                tb.set_txqueuelen(host, self._src.tap, qlen)
+        self._queues.clear()
 
     def _execute(self, tb: Testbed, actions: list) -> None:
         for a in actions:
+            if isinstance(a, SetVm) and (a.state is VmState.INCOMING or a.shadow):  # the window opens
+                self._long_queue(tb, a.host, self._src.tap)
             if isinstance(a, SetVm):
                 if a.shadow and self.recover_swallowed and self._shadow is None:
                     self._shadow = ShadowLog(tb.dp[a.host]).start()  # before the flag: miss nothing
@@ -221,6 +237,7 @@ class Srmig(Strategy):
 
     def finish(self, tb):
         self._execute(tb, self.machine.handle(VM_ADDR, Ev.GRACE_OVER))
+        self._restore_queues(tb)
         for res in (self._shadow, self._keeper):
             if res is not None:
                 res.close()

@@ -79,9 +79,18 @@ class Testbed:
             raise
         return self
 
-    def attach_vm_link(self, role: str, ifname: str, guest_mac: str, txqueuelen: int = 10000) -> None:
-        """Make `ifname` (the VM's tap on host `role`) the VM-facing link, with the anycast gateway."""
+    def attach_vm_link(self, role: str, ifname: str, guest_mac: str, txqueuelen: int = 1000) -> None:
+        """Make `ifname` (the VM's tap on host `role`) the VM-facing link, with the anycast gateway. The
+        queue keeps the kernel's default length; srmig raises it for the migration window only."""
         configure_host_tap(self.ns(role), ifname, VM_ADDR, guest_mac, GATEWAY_LL, GATEWAY_MAC, txqueuelen)
+
+    def set_txqueuelen(self, role: str, ifname: str, qlen: int) -> int:
+        """Set a link's queue length; returns the previous one."""
+        with self.topo.ipr(role) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            old = ipr.get_links(idx)[0].get_attr("IFLA_TXQLEN")
+            ipr.link("set", index=idx, txqlen=qlen)
+            return old
 
     def steer(self, segments: list[str] | None) -> None:
         """The client's route to the VM: H.Encaps with `segments`, or withdrawn (None)."""
