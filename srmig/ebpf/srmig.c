@@ -60,6 +60,20 @@ BPF_TABLE("lru_percpu_hash", struct in6_addr, struct nh_cache, nh_cache, 4096);
 
 #include "srv6.h"
 
+/* Sources the kernel's FIB lookup never forwards from (RFC 4291 2.5.3, 2.5.6, 2.7: loopback, link-local,
+ * multicast): such packets always take the full lookup, which hands them to the kernel; a next hop cached
+ * for their destination must not let them through. */
+static __always_inline int never_forwarded_source(const struct in6_addr *a)
+{
+	const __u32 *w = a->in6_u.u6_addr32;
+
+	if (a->in6_u.u6_addr8[0] == 0xff)
+		return 1;
+	if (a->in6_u.u6_addr8[0] == 0xfe && (a->in6_u.u6_addr8[1] & 0xc0) == 0x80)
+		return 1;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == __builtin_bswap32(1);
+}
+
 /* Map accesses stay in this file: bcc rewrites `map.lookup()` calls in the main source only. */
 static __always_inline int nh_apply(struct ethhdr *eth, const __u8 *dmac, const __u8 *smac, __u32 ifindex)
 {
@@ -92,7 +106,8 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 	struct nh_cache *nh = nh_cache.lookup(&dst);
 	__u32 tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
 
-	if (nh && nh->expires_ns > now && nh->generation == generation && tot_len <= nh->ok_len)
+	if (nh && nh->expires_ns > now && nh->generation == generation && tot_len <= nh->ok_len &&
+	    !never_forwarded_source(&ip6h->saddr))
 		return nh_apply(eth, nh->dmac, nh->smac, nh->ifindex);
 
 	fib.family = AF_INET6_;
@@ -370,6 +385,12 @@ int srmig_xdp(struct xdp_md *ctx)
 	slot = sid->stats_slot;
 	action = XDP_DROP;
 	p.verdict = SRMIG_VERDICT_DROP;
+	/* A payload length that claims more than the frame holds is malformed (RFC 8200 3): never forward it.
+	 * (Shorter is fine: Ethernet pads small frames.) */
+	if (sizeof(*p.ip6h) + bpf_ntohs(p.ip6h->payload_len) > (__u32)(data_end - (void *)p.ip6h)) {
+		p.reason = SRMIG_DROP_TRUNCATED;
+		goto out;
+	}
 
 	nexthdr = skip_ipv6_opts(&nh, data_end, nexthdr);
 	if (nexthdr < 0) {
@@ -397,7 +418,8 @@ int srmig_xdp(struct xdp_md *ctx)
 		goto out;
 	}
 	p.inner = nh.pos;
-	if ((void *)(p.inner + 1) > data_end) {
+	if ((void *)(p.inner + 1) > data_end ||
+	    sizeof(*p.inner) + bpf_ntohs(p.inner->payload_len) > (__u32)(data_end - (void *)p.inner)) {
 		p.reason = SRMIG_DROP_TRUNCATED;
 		goto out;
 	}

@@ -37,8 +37,9 @@ enum srmig_vm_state {
 /* Why a packet was dropped. Index into the drop_stats map. */
 enum srmig_drop_reason {
 	SRMIG_DROP_NONE = 0,
-	SRMIG_DROP_TRUNCATED = 1,      /* a header runs past the end of the packet */
-	SRMIG_DROP_SRH_TYPE = 2,       /* routing header with type != 4 and SL != 0 (RFC 8200 4.4) */
+	SRMIG_DROP_TRUNCATED = 1,      /* a header, or a payload length, runs past the end of the packet */
+	SRMIG_DROP_SRH_TYPE = 2,       /* routing header of a type other than 4 at one of our SIDs, even with SL == 0
+					* (RFC 8200 4.4 would ignore it: our SIDs accept SRv6 only) */
 	SRMIG_DROP_SRH_LEN = 3,        /* HdrExtLen too small for LastEntry+1 segments (RFC 8754 2, 4.3.1.1) */
 	SRMIG_DROP_SL_RANGE = 4,       /* Segments Left > Last Entry + 1 (RFC 8754 4.3.1.1) */
 	SRMIG_DROP_SL_ZERO = 5,        /* SL == 0 where a next segment is required (End, End.S advancing) */
