@@ -109,7 +109,11 @@ def encapsulate(frame: bytes, src: str, segments: list[str]) -> bytes | None:
     frame that is not IPv6 (ND or ARP for the VM has no place on the path)."""
     if len(frame) < 14 + 40 or frame[12:14] != b"\x86\xdd":
         return None
-    inner = frame[14:]
+    return encapsulate_packet(frame[14:], src, segments)
+
+
+def encapsulate_packet(inner: bytes, src: str, segments: list[str]) -> bytes:
+    """RFC 8986 5.1 H.Encaps of IPv6 packet `inner`: outer IPv6 from `src` + SRH with `segments`."""
     segs = [ipaddress.IPv6Address(s).packed for s in reversed(segments)]
     srh = struct.pack("!BBBBBBH", 41, 2 * len(segs), 4, len(segs) - 1, len(segs) - 1, 0, 0) + b"".join(segs)
     payload = srh + inner
@@ -319,7 +323,7 @@ class SourceDrain:
                 # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
                 # ring: both reached the tap shortly before the STOP event, never long before.
                 for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns - SWALLOW_WINDOW_NS):
-                    sender.send(encapsulate(b"\0" * 12 + b"\x86\xdd" + frame, self.src, self.segments))
+                    sender.send(encapsulate_packet(frame, self.src, self.segments))
                     self.resent_swallowed.append(frame)
                     rep.resent_swallowed += 1
             for frame in queued:

@@ -17,11 +17,6 @@ def set_segment_list(ipr: IPRoute, vm: str, segments: list[str], gateway: str, o
               encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
 
 
-def set_plain(ipr: IPRoute, vm: str, gateway: str, oif: int) -> None:
-    """Plain IPv6 routing to the VM (no SRv6)."""
-    ipr.route("replace", dst=f"{vm}/128", family=10, oif=oif, gateway=gateway)
-
-
 def clear(ipr: IPRoute, vm: str) -> None:
     try:
         ipr.route("del", dst=f"{vm}/128", family=10)

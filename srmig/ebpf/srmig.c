@@ -333,7 +333,7 @@ static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is
 
 	if (v)
 		*v += 1;
-	if (p->verdict == SRMIG_VERDICT_DROP || p->reason) {
+	if (p->reason) { /* set exactly when the verdict is a drop (see the exit of srmig_xdp) */
 		idx = p->reason;
 		v = drop_stats.lookup(&idx);
 		if (v)
@@ -449,10 +449,10 @@ int srmig_xdp(struct xdp_md *ctx)
 out:
 	/* A behaviour that gave up (XDP_DROP with a reason) is a drop, whatever it was trying to do; a hold in
 	 * the ring also returns XDP_DROP, but without a reason, and stays a hold. */
-	if (p.reason)
+	if (p.reason) {
 		p.verdict = SRMIG_VERDICT_DROP;
-	if (p.reason)
 		action = XDP_DROP;
+	}
 	count(&p, slot, bytes, is_ours);
 	return action;
 }
