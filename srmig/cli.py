@@ -13,6 +13,7 @@ examples (as root):
   srmig sid add fc00:0:1::d6 End.DX6-map   and the steady-state one
   srmig vm set 2001:db8:100::10 running    a VM that runs on this host
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
+  srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
   srmig --netns hostS sid list             operate on the dataplane of namespace hostS
   srmig bench micro                        ns/packet per branch against an XDP_PASS stub
@@ -93,6 +94,22 @@ def cmd_vm(args) -> int:
         else:
             entries = [e.to_dict() for e in dp.list_vms()]
             _emit(args, entries, entries, ["vm", "state", "next_sid", "hold_ring", "shadow"])
+    return 0
+
+
+def cmd_domain(args) -> int:
+    with _dataplane() as dp:
+        if args.action == "add":
+            prefix = dp.add_domain(args.domain)
+            _emit(args, {"prefix": prefix, "prefixes": len(dp.list_domains())})
+        elif args.action == "del":
+            _emit(args, {"prefix": args.domain, "deleted": dp.del_domain(args.domain)})
+        else:
+            rows = [{"prefix": p} for p in dp.list_domains()]
+            if rows or args.json:
+                _emit(args, rows, rows, ["prefix"])
+            else:
+                print("(none: the SR domain check is off, every source is accepted)")
     return 0
 
 
@@ -211,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="incoming: hold packets in the hold ring instead of the VM's tap queue")
     a.add_argument("--shadow", action="store_true",
                    help="copy what is delivered to the VM into the shadow ring (migration window)")
+
+    table_command("domain", "add, delete or list the SR domain's source prefixes (RFC 8754 5.1)", cmd_domain,
+                  "an IPv6 prefix (ADDRESS/LENGTH; an address alone is a /128)",
+                  [("add", "accept packets to our SIDs from this prefix (the first one turns the check on)"),
+                   ("del", "remove a prefix (removing the last one turns the check off)"),
+                   ("list", "list the prefixes")])
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
 

@@ -30,7 +30,7 @@ def _cffi_layout() -> dict[str, int]:
 
 def test_abi_header_has_structs():
     assert {"srmig_sid_key", "srmig_sid_value", "srmig_vm_key", "srmig_vm_value", "srmig_sid_stats",
-            "srmig_hold_record"} <= set(STRUCTS)
+            "srmig_hold_record", "srmig_domain_key"} <= set(STRUCTS)
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (Debian gcc)")
@@ -71,7 +71,8 @@ def test_cffi_layout_matches_bcc_maps():
     try:
         pairs = {"sid_table": ("struct srmig_sid_key", "struct srmig_sid_value"),
                  "vm_table": ("struct srmig_vm_key", "struct srmig_vm_value"),
-                 "sid_stats": ("uint32_t", "struct srmig_sid_stats")}
+                 "sid_stats": ("uint32_t", "struct srmig_sid_stats"),
+                 "sr_domain": ("struct srmig_domain_key", "uint32_t")}
         for name, (key, leaf) in pairs.items():
             table = b[name.encode()]
             assert ctypes.sizeof(table.Key) == abi.ffi.sizeof(key), name

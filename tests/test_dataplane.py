@@ -1,9 +1,12 @@
 """Every row of DESIGN.md's behaviour table and the RFC 8754/8986 error cases, through the real XDP program
-with BPF_PROG_TEST_RUN: {description, input packet, expected action, expected verdict/drop reason,
+with BPF_PROG_TEST_RUN: {description, input packet, SR domain, expected action, expected verdict/drop reason,
 expected output packet}. The FIB the program consults is the lab namespace's (srmig/testbed/lab.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +31,7 @@ class Case:
     reason: str | None = None         # drop reason when verdict == drop
     expect: Callable[[], bytes] | None = None  # exact output frame; None: not checked (drops)
     ring: Callable[[], bytes] | None = None    # exact hold-ring record payload
+    domain: tuple[str, ...] = ()              # SR domain prefixes configured for the case; (): check off
 
 
 def delivered(vm: str, **kw) -> Callable[[], bytes]:
@@ -61,6 +65,11 @@ def corrupt(build: Callable[[], bytes], offset: int, value: int) -> Callable[[],
 
 SRH_OFF = 14 + 40  # Ethernet + outer IPv6
 S_PATH = [L.SID_S, L.D_SBUF]
+# RFC 8754 5.1. h_encaps' default outer source 2001:db8:9::1 is inside DOMAIN; OUTSIDE is not, by one bit of
+# the /48; the host prefix accepts exactly one address.
+DOMAIN = ("2001:db8:9::/48", "fc00::/16")
+OUTSIDE = "2001:db8:8::1"
+HOST_DOMAIN = ("2001:db8:8::1/128",)
 
 CASES = [
     # DESIGN.md behaviour table, row by row.
@@ -129,7 +138,54 @@ CASES = [
          XDP_DROP, "drop", "inner_not_ipv6"),
     Case("truncated inner header", lambda: encaps([L.SID_DX6], L.VM_RUNNING)()[:SRH_OFF + 24 + 20], XDP_DROP,
          "drop", "truncated"),
+    # RFC 8754 5.1 SR domain: off while no prefix is configured (every row above), else checked first.
+    Case("SR domain off: a source from anywhere is accepted", encaps([L.SID_DX6], L.VM_RUNNING, src=OUTSIDE),
+         XDP_REDIRECT, "deliver", expect=delivered(L.VM_RUNNING)),
+    Case("inside the SR domain, End.DX6-map: deliver", encaps([L.SID_DX6], L.VM_RUNNING), XDP_REDIRECT,
+         "deliver", expect=delivered(L.VM_RUNNING), domain=DOMAIN),
+    Case("inside the SR domain, End.S away: forward", encaps(S_PATH, L.VM_AWAY), XDP_REDIRECT, "forward",
+         expect=lambda: _forwarded(S_PATH, L.VM_AWAY, 0, 63), domain=DOMAIN),
+    Case("inside the SR domain, End.S hold: park in the ring", encaps(S_PATH, L.VM_HOLD), XDP_DROP, "hold",
+         ring=held(S_PATH, L.VM_HOLD, sl=0), domain=DOMAIN),
+    Case("inside the SR domain, End.SBUF incoming: hold", encaps([L.D_SBUF, L.SID_SBUF], L.VM_INCOMING, sl=0),
+         XDP_REDIRECT, "hold", expect=delivered(L.VM_INCOMING), domain=DOMAIN),
+    Case("inside the SR domain, End: forward", encaps([L.SID_END, L.D_SBUF], L.VM_UNKNOWN), XDP_REDIRECT,
+         "forward", expect=lambda: _forwarded([L.SID_END, L.D_SBUF], L.VM_UNKNOWN, 0, 63), domain=DOMAIN),
+    Case("outside the SR domain, End.DX6-map: drop", encaps([L.SID_DX6], L.VM_RUNNING, src=OUTSIDE), XDP_DROP,
+         "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, End.S away: drop, not forwarded", encaps(S_PATH, L.VM_AWAY, src=OUTSIDE),
+         XDP_DROP, "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, End.S hold: drop, nothing parked", encaps(S_PATH, L.VM_HOLD, src=OUTSIDE),
+         XDP_DROP, "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, End.SBUF incoming: drop, not held",
+         encaps([L.D_SBUF, L.SID_SBUF], L.VM_INCOMING, sl=0, src=OUTSIDE), XDP_DROP, "drop", "outside_domain",
+         domain=DOMAIN),
+    Case("outside the SR domain, End: drop, not forwarded", encaps([L.SID_END, L.D_SBUF], L.VM_UNKNOWN,
+         src=OUTSIDE), XDP_DROP, "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, malformed SRH: the domain is checked first",
+         encaps(S_PATH, L.VM_AWAY, sl=3, src=OUTSIDE), XDP_DROP, "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, link-local source: drop (not handed to the kernel)",
+         encaps([L.SID_DX6], L.VM_RUNNING, src="fe80::1"), XDP_DROP, "drop", "outside_domain", domain=DOMAIN),
+    Case("outside the SR domain, not our SID: untouched", encaps([L.NOT_OURS, L.D_SBUF], L.VM_RUNNING,
+         src=OUTSIDE), XDP_PASS, "pass", expect=encaps([L.NOT_OURS, L.D_SBUF], L.VM_RUNNING, src=OUTSIDE),
+         domain=DOMAIN),
+    Case("SR domain host prefix: that address is inside", encaps([L.SID_DX6], L.VM_RUNNING, src=OUTSIDE),
+         XDP_REDIRECT, "deliver", expect=delivered(L.VM_RUNNING), domain=HOST_DOMAIN),
+    Case("SR domain host prefix: its neighbour is outside", encaps([L.SID_DX6], L.VM_RUNNING,
+         src="2001:db8:8::2"), XDP_DROP, "drop", "outside_domain", domain=HOST_DOMAIN),
 ]
+
+
+@contextlib.contextmanager
+def sr_domain(dp, prefixes):
+    """The SR domain is `prefixes` for the body, empty (check off) again afterwards."""
+    for p in prefixes:
+        dp.add_domain(p)
+    try:
+        yield
+    finally:
+        for p in dp.list_domains():
+            dp.del_domain(p)
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +200,10 @@ def test_behaviour(lab, case: Case):
     with lab.dp.hold_ring(records.append) as ring:
         ring.poll(0)  # earlier cases' records are theirs
         records.clear()
-        before = lab.dp.stats()
-        result = lab.run(case.packet())
-        after = lab.dp.stats()
+        with sr_domain(lab.dp, case.domain):
+            before = lab.dp.stats()
+            result = lab.run(case.packet())
+            after = lab.dp.stats()
         ring.poll(0)
 
     assert result.action == {XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS", XDP_REDIRECT: "XDP_REDIRECT"}[case.action]
@@ -206,3 +263,82 @@ def test_shadow_copies_what_is_delivered(lab):
     assert out.action == "XDP_REDIRECT" and out.data == delivered(L.VM_RUNNING)()
     assert [r.packet for r in records] == [bytes(inner(L.VM_RUNNING))]
     assert records[0].vm == L.VM_RUNNING
+
+
+def _domain_count(dp) -> int:
+    from srmig.ctl.dataplane import META_DOMAIN_PREFIXES, ffi
+
+    return dp.meta.lookup(ffi.new("uint32_t *", META_DOMAIN_PREFIXES))
+
+
+def test_sr_domain_operations(lab):
+    """add/del/list are idempotent, normalise what they are given, refuse what is not an IPv6 prefix, and
+    keep the count the program reads (its on/off switch) equal to the trie's size."""
+    dp = lab.dp
+    assert dp.list_domains() == [] and _domain_count(dp) == 0
+    try:
+        assert dp.add_domain("FC00:0::/16") == "fc00::/16"
+        assert dp.add_domain("fc00::/16") == "fc00::/16"  # idempotent
+        assert dp.add_domain("2001:db8:9::1") == "2001:db8:9::1/128"  # a bare address is a host prefix
+        assert dp.add_domain("::/0") == "::/0"
+        assert dp.list_domains() == ["::/0", "2001:db8:9::1/128", "fc00::/16"] and _domain_count(dp) == 3
+        assert dp.del_domain("::/0") is True
+        assert dp.del_domain("::/0") is False  # idempotent
+        assert _domain_count(dp) == 2
+        for bad, why in (("nope", "not an IPv6 prefix"), ("fc00::/129", "not an IPv6 prefix"),
+                         ("192.0.2.0/24", "is IPv4"), ("fc00::1/16", "host bits set (did you mean fc00::/16?)")):
+            with pytest.raises(ValueError, match=re.escape(why)):
+                dp.add_domain(bad)
+            with pytest.raises(ValueError):
+                dp.del_domain(bad)
+        assert _domain_count(dp) == 2
+    finally:
+        for p in dp.list_domains():
+            dp.del_domain(p)
+    assert dp.list_domains() == [] and _domain_count(dp) == 0
+
+
+def test_sr_domain_full(lab):
+    """The trie holds Limits.max_domain_prefixes; one more is a clear error, and the count stays right."""
+    from srmig.dataplane.loader import Limits
+
+    dp = lab.dp
+    n = Limits().max_domain_prefixes
+    try:
+        for i in range(n):
+            dp.add_domain(f"2001:db8:{i:x}::/48")
+        assert _domain_count(dp) == n
+        with pytest.raises(ValueError, match=f"SR domain full \\({n} prefixes\\)"):
+            dp.add_domain("fc00::/16")
+        assert len(dp.list_domains()) == n
+    finally:
+        for p in dp.list_domains():
+            dp.del_domain(p)
+    assert _domain_count(dp) == 0
+
+
+def test_cli_domain(lab, capsys):
+    """`srmig domain add|del|list` on the lab's namespace, table and --json, errors on one line."""
+    from srmig.cli import main
+
+    ns = lab.topo.ns("lab")
+
+    def srmig(*args) -> str:
+        assert main(["--netns", ns, "domain", *args]) == 0
+        return capsys.readouterr().out
+
+    try:
+        assert json.loads(srmig("add", "fc00::/16", "--json")) == {"prefix": "fc00::/16", "prefixes": 1}
+        srmig("add", "2001:db8:9::/48")
+        assert json.loads(srmig("list", "--json")) == [{"prefix": "2001:db8:9::/48"}, {"prefix": "fc00::/16"}]
+        assert srmig("list").split() == ["PREFIX", "2001:db8:9::/48", "fc00::/16"]
+        assert main(["--netns", ns, "domain", "add", "fc00::1/16"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "host bits set (did you mean fc00::/16?)" in err
+        assert json.loads(srmig("del", "fc00::/16", "--json")) == {"prefix": "fc00::/16", "deleted": True}
+        assert json.loads(srmig("del", "fc00::/16", "--json")) == {"prefix": "fc00::/16", "deleted": False}
+        assert lab.dp.list_domains() == ["2001:db8:9::/48"] and _domain_count(lab.dp) == 1
+    finally:
+        for p in lab.dp.list_domains():
+            lab.dp.del_domain(p)
+    assert "SR domain check is off" in srmig("list")

@@ -2,6 +2,7 @@
 the pure-Python reference model (srmig/testbed/refmodel.py), over mutations of tests/test_dataplane.py's
 CASES and random IPv6/SRH packets.
 
+Every other batch runs with an SR domain configured (RFC 8754 5.1), in the program and in the model alike.
 Per packet: XDP action, and the output frame unless dropped. Per batch of K packets: drop-reason and verdict
 counter deltas against the model's sums, and the hold-ring records against the model's. Invariants: never
 REDIRECT/TX a packet the model calls malformed; every drop counted under exactly one reason.
@@ -11,6 +12,8 @@ SRMIG_FUZZ_N (default 20000) packets, SRMIG_FUZZ_SEED (default 8) seeds the muta
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import random
 import struct
@@ -41,7 +44,10 @@ VMS = [A(v) for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_IN
 OTHERS = [A(x) for x in (L.D_SBUF, L.D_DX6, L.T_END, L.NOT_OURS, L.FAB_PEER, "2001:db8:f::1", "2001:db8:f::9",
                          "ff02::1", "fd00::1", "2001:db8:9::1")]
 POOL = SIDS + VMS + OTHERS
-SRCS = [A("2001:db8:9::1"), A("2001:db8:f::2"), A("fc00:0:9::1")] * 6 + [A("ff02::1"), A("fe80::1"), A("::1")]
+SRCS = ([A("2001:db8:9::1"), A("2001:db8:f::2"), A("fc00:0:9::1"), A("2001:db8:9::2")] * 5
+        + [A("ff02::1"), A("fe80::1"), A("::1")])
+# Nested and host prefixes; of SRCS, 2001:db8:9::2 (next to the host prefix), ff02::1 and ::1 are outside.
+DOMAIN = ("2001:db8:9::1/128", "2001:db8:f::/64", "fc00::/16", "fc00:0:9::/48", "fe80::/10")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +115,7 @@ def mutate(pkt: bytes, r: random.Random) -> bytes:
         if len(f) < 54:
             break
         srh, inner = _walk(f)
-        m = r.randrange(12)
+        m = r.randrange(13)
         if m == 0:  # flip bytes
             for _ in range(r.randint(1, 3)):
                 i = r.randrange(len(f)) if r.random() < 0.5 else r.randrange(12, min(len(f), 14 + 40 + 80))
@@ -141,6 +147,8 @@ def mutate(pkt: bytes, r: random.Random) -> bytes:
             i = srh + 8 + 16 * r.randint(0, le)
             if i + 16 <= len(f):
                 f[i:i + 16] = r.choice(POOL)
+        elif m == 12:  # outer source (the SR domain check)
+            f[22:38] = r.choice(SRCS)
     return bytes(f[:MAX_FRAME])
 
 
@@ -158,8 +166,23 @@ def _delta(after: dict, before: dict) -> Counter:
     return Counter({k: after[k] - before[k] for k in after if after[k] != before[k]})
 
 
+def _set_domain(dp, prefixes) -> None:
+    for p in set(dp.list_domains()) - set(prefixes):
+        dp.del_domain(p)
+    for p in prefixes:
+        dp.add_domain(p)
+
+
+@contextlib.contextmanager
+def _domain_cleared(dp):
+    try:
+        yield
+    finally:
+        _set_domain(dp, [])
+
+
 def test_fuzz_against_model(lab):
-    cfg = M.lab_config()
+    configs = (M.lab_config(), M.lab_config(list(DOMAIN)))
     records: list[bytes] = []
     mismatches: list[str] = []
     ran = skipped = 0
@@ -167,6 +190,7 @@ def test_fuzz_against_model(lab):
 
     def report(pkt: bytes, what: str, want, got) -> None:
         if len(mismatches) < 30:
+            what += " (SR domain on)" if cfg.domain else ""
             mismatches.append(f"{what}\n  packet {pkt.hex()}\n  model  {want}\n  C      {got}")
         else:
             mismatches.append("")
@@ -175,11 +199,13 @@ def test_fuzz_against_model(lab):
         return libbpf.prog_test_run(lab.prog_fd, pkt, ingress_ifindex=lab.fab_ifindex)
 
     gen = packets(N, SEED)
-    with lab.dp.hold_ring(lambda rec: records.append(rec.packet)) as ring, lab.topo.inside("lab"):
+    with lab.dp.hold_ring(lambda rec: records.append(rec.packet)) as ring, lab.topo.inside("lab"), \
+            _domain_cleared(lab.dp):
         while ring.poll(0):
             pass
         records.clear()
-        while True:
+        for n_batch in itertools.count():
+            cfg = configs[n_batch % 2]
             batch = []
             for pkt in gen:
                 try:
@@ -191,6 +217,7 @@ def test_fuzz_against_model(lab):
                     break
             if not batch:
                 break
+            _set_domain(lab.dp, [str(p) for p in cfg.domain])
             before = lab.dp.stats()
             for pkt, want, _ in batch:
                 got = run(pkt)

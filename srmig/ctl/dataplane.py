@@ -1,4 +1,5 @@
-"""Domain operations on the XDP program's maps: SIDs, VM migration states, counters, the hold ring.
+"""Domain operations on the XDP program's maps: SIDs, VM migration states, the SR domain, counters, the hold
+ring.
 
 Works on the pinned maps of the current network namespace, so it needs no compiler and sees the live state
 whoever loaded it. Every operation is idempotent (set replaces, delete of an absent entry succeeds).
@@ -6,6 +7,7 @@ whoever loaded it. Every operation is idempotent (set replaces, delete of an abs
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from srmig.dataplane import abi, libbpf, loader
 from srmig.dataplane.abi import Behaviour, DropReason, Verdict, VmState
 
 ffi = libbpf.ffi
+META_DOMAIN_PREFIXES: int = abi.ffi.typeof("enum srmig_meta").relements["SRMIG_META_DOMAIN_PREFIXES"]
 
 
 def _addr(text: str | bytes, what: str) -> bytes:
@@ -87,6 +90,8 @@ class Dataplane:
             raise loader.LoaderError(f"the loaded program speaks ABI {version}, this srmig speaks "
                                      f"{abi.ABI_VERSION}: `srmig unload` every interface, then load again")
         self.max_sids = libbpf.map_info(self.sid_stats.fd).max_entries
+        # After the version check: an older program has no such pin.
+        self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
 
     def _map(self, name, key_type, value_type, percpu=False) -> libbpf.Map:
         fd = libbpf.obj_get(str(self.pin_dir / name))
@@ -203,6 +208,60 @@ class Dataplane:
             ffi.memmove(key.addr, addr, 16)
             value.state = int(state)
             self.vms.update(key, value)
+
+    # SR domain (RFC 8754 5.1) ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _prefix(prefix: str) -> ipaddress.IPv6Network:
+        """'fc00::/16' -> the network; a bare address is a /128. Host bits set is an error, not rounded: a
+        typo must not silently widen or move the domain."""
+        try:
+            iface = ipaddress.ip_interface(str(prefix).strip())
+        except ValueError:
+            raise ValueError(f"SR domain prefix: {prefix!r} is not an IPv6 prefix (ADDRESS/LENGTH)") from None
+        if iface.version != 6:
+            raise ValueError(f"SR domain prefix: {prefix!r} is IPv4; the SR domain is IPv6 prefixes")
+        if iface.ip != iface.network.network_address:
+            raise ValueError(f"SR domain prefix: {prefix!r} has host bits set (did you mean {iface.network}?)")
+        return iface.network
+
+    def _domain_key(self, net: ipaddress.IPv6Network):
+        key = ffi.new("struct srmig_domain_key *")
+        key.prefixlen = net.prefixlen
+        ffi.memmove(key.addr, net.network_address.packed, 16)
+        return key
+
+    def _set_domain_count(self, n: int) -> None:
+        self.meta.update(ffi.new("uint32_t *", META_DOMAIN_PREFIXES), ffi.new("uint32_t *", n))
+
+    def add_domain(self, prefix: str) -> str:
+        """Accept packets to our SIDs from `prefix` (and turn the SR domain check on with the first one)."""
+        net = self._prefix(prefix)
+        try:
+            self.domain.update(self._domain_key(net), ffi.new("uint32_t *", 1))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.E2BIG):
+                raise
+            max_prefixes = libbpf.map_info(self.domain.fd).max_entries
+            raise ValueError(f"SR domain full ({max_prefixes} prefixes): cannot add {net}") from None
+        self._set_domain_count(len(self.list_domains()))  # the prefix is in before the check can see it
+        return str(net)
+
+    def del_domain(self, prefix: str) -> bool:
+        """Stop accepting `prefix`; False when it was not there. Deleting the last prefix turns the check off
+        first, so there is no moment at which an empty domain drops everything."""
+        net = self._prefix(prefix)
+        key = self._domain_key(net)
+        rest = [p for p in self.list_domains() if p != str(net)]
+        if not rest:
+            self._set_domain_count(0)
+        deleted = self.domain.delete(key)
+        self._set_domain_count(len(self.list_domains()))
+        return deleted
+
+    def list_domains(self) -> list[str]:
+        nets = [ipaddress.IPv6Network((bytes(ffi.buffer(k.addr, 16)), k.prefixlen)) for k in self.domain.keys()]
+        return [str(n) for n in sorted(nets)]
 
     # Counters -------------------------------------------------------------------------------------------
 

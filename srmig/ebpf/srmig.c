@@ -2,7 +2,7 @@
  *
  * parse -> SID lookup -> dispatch on behaviour (and on the VM's migration state) -> one exit that counts.
  * Behaviours and states: see ../../DESIGN table in README.md and srmig_abi.h. Map sizes come from
- * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_HOLD_RING_PAGES).
+ * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_HOLD_RING_PAGES, SRMIG_MAX_DOMAIN_PREFIXES).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -28,6 +28,9 @@
 #ifndef SRMIG_SHADOW_RING_PAGES
 #define SRMIG_SHADOW_RING_PAGES 256 /* 1 MiB: the last ~500 packets delivered to migrating VMs */
 #endif
+#ifndef SRMIG_MAX_DOMAIN_PREFIXES
+#define SRMIG_MAX_DOMAIN_PREFIXES 256
+#endif
 #define BPF_F_NO_PREALLOC_ 1
 
 BPF_HASH(sid_table, struct srmig_sid_key, struct srmig_sid_value, SRMIG_MAX_SIDS);
@@ -37,6 +40,8 @@ BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
 BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
 BPF_ARRAY(meta, __u32, SRMIG_META_MAX); /* see enum srmig_meta */
+/* The SR domain's source prefixes (value unused); consulted only while meta counts at least one. */
+BPF_LPM_TRIE(sr_domain, struct srmig_domain_key, __u32, SRMIG_MAX_DOMAIN_PREFIXES);
 BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES);
 BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
 /* A FIB result remembered per destination and CPU, for at most SRMIG_NH_TTL_NS (or until userspace
@@ -325,6 +330,21 @@ static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srm
 	return forward(ctx, p);
 }
 
+/* RFC 8754 5.1: an SR domain's nodes drop packets addressed to their SIDs that come from outside it. Off
+ * (every source accepted) while userspace counts no prefix: one array read, no trie walk. An empty trie
+ * with a non-zero count drops everything: fail closed. */
+static __always_inline int outside_domain(struct ipv6hdr *ip6h)
+{
+	__u32 key = SRMIG_META_DOMAIN_PREFIXES;
+	__u32 *prefixes = meta.lookup(&key);
+	struct srmig_domain_key src = { .prefixlen = 128 };
+
+	if (!prefixes || *prefixes == 0)
+		return 0;
+	__builtin_memcpy(src.addr, &ip6h->saddr, 16);
+	return sr_domain.lookup(&src) == NULL;
+}
+
 static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is_ours)
 {
 	__u32 idx = p->verdict;
@@ -385,6 +405,12 @@ int srmig_xdp(struct xdp_md *ctx)
 	slot = sid->stats_slot;
 	action = XDP_DROP;
 	p.verdict = SRMIG_VERDICT_DROP;
+	/* Before anything else of ours: a packet from outside the SR domain triggers nothing (no hold, no
+	 * forward), whatever its SRH says. Its outer source is in the 40 bytes already checked. */
+	if (outside_domain(p.ip6h)) {
+		p.reason = SRMIG_DROP_OUTSIDE_DOMAIN;
+		goto out;
+	}
 	/* A payload length that claims more than the frame holds is malformed (RFC 8200 3): never forward it.
 	 * (Shorter is fine: Ethernet pads small frames.) */
 	if (sizeof(*p.ip6h) + bpf_ntohs(p.ip6h->payload_len) > (__u32)(data_end - (void *)p.ip6h)) {

@@ -9,13 +9,15 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 3 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache */
+#define SRMIG_ABI_VERSION 4 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+                             * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
 	SRMIG_META_ABI_VERSION = 0,   /* written by the loader */
 	SRMIG_META_NH_GENERATION = 1, /* bump after a route or neighbour change: cached next hops expire */
-	SRMIG_META_MAX = 2,
+	SRMIG_META_DOMAIN_PREFIXES = 2, /* prefixes in sr_domain, kept by userspace: 0 = no SR domain check */
+	SRMIG_META_MAX = 3,
 };
 
 /* SRv6 endpoint behaviours (RFC 8986 names; End.S / End.SBUF are srmig's migration behaviours). */
@@ -52,7 +54,8 @@ enum srmig_drop_reason {
 	SRMIG_DROP_HOLD_FULL = 12,     /* hold ring buffer full */
 	SRMIG_DROP_HEADROOM = 13,      /* bpf_xdp_adjust_head failed */
 	SRMIG_DROP_UNKNOWN_BEHAVIOUR = 14, /* SID table entry with a behaviour this program does not know */
-	SRMIG_DROP_MAX = 15,           /* number of slots in drop_stats; grows when a reason is appended */
+	SRMIG_DROP_OUTSIDE_DOMAIN = 15, /* to one of our SIDs from a source outside the SR domain (RFC 8754 5.1) */
+	SRMIG_DROP_MAX = 16,           /* number of slots in drop_stats; grows when a reason is appended */
 };
 
 /* What happened to a packet. Index into the verdict_stats map. */
@@ -89,6 +92,13 @@ struct srmig_vm_value {
 #define SRMIG_VM_F_HOLD_RING 1 /* INCOMING: park packets in the hold ring instead of the VM's tap queue */
 #define SRMIG_VM_F_SHADOW 2    /* migration window: copy every packet delivered to the VM into the shadow
 				* ring, so the agent can re-send the one frame a pausing QEMU swallows */
+
+/* sr_domain: LPM trie of the SR domain's source prefixes (RFC 8754 5.1). A packet to one of our SIDs whose
+ * outer source matches none is dropped, while meta[SRMIG_META_DOMAIN_PREFIXES] != 0. */
+struct srmig_domain_key {
+	__u32 prefixlen; /* LPM trie key layout: prefix length in bits first */
+	__u8 addr[16];   /* network byte order, host bits zero */
+};
 
 /* sid_stats: per-CPU array indexed by stats_slot. */
 struct srmig_sid_stats {

@@ -1,10 +1,10 @@
 """A pure-Python reference model of the srmig XDP program, for differential fuzzing (tests/test_fuzz.py).
 
-Written from DESIGN.md's "Endpoint behaviours" table, RFC 8754 (SRH, 4.3.1.1 checks), RFC 8986 (End 4.1,
-End.DX6 4.5) and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs, VM states,
-routes and neighbours. It parses with `struct` only. Where the specs leave freedom (order of checks, which
-reason a packet is counted under), it follows the C program's documented choice; each such place says
-"C's choice".
+Written from DESIGN.md's "Endpoint behaviours" table, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
+RFC 8986 (End 4.1, End.DX6 4.5) and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
+VM states, routes, neighbours and the SR domain. It parses with `struct` only. Where the specs leave freedom
+(order of checks, which reason a packet is counted under), it follows the C program's documented choice; each
+such place says "C's choice".
 
     model(packet, cfg) -> Result(action, output, verdict, reason)
     model_ex(packet, cfg) -> (Result, hold_record_or_None)
@@ -57,6 +57,11 @@ class LabConfig:
     sids: dict[bytes, str]
     vms: dict[bytes, Vm]
     routes: list[Route] = field(default_factory=list)
+    domain: list[ipaddress.IPv6Network] = field(default_factory=list)  # SR domain prefixes; empty: no check
+
+    def in_domain(self, src: bytes) -> bool:
+        a = ipaddress.IPv6Address(src)
+        return any(a in net for net in self.domain)
 
     def lookup(self, dst: bytes) -> Route | None:
         cache = self.__dict__.setdefault("_cache", {})
@@ -81,8 +86,8 @@ def _mac(text: str) -> bytes:
     return bytes(int(x, 16) for x in text.split(":"))
 
 
-def lab_config() -> LabConfig:
-    """srmig/testbed/lab.py's TestRunLab, as data."""
+def lab_config(domain: list[str] = ()) -> LabConfig:
+    """srmig/testbed/lab.py's TestRunLab, as data; `domain`: the SR domain prefixes configured in it."""
     from srmig.testbed import lab as L
 
     def net(t):
@@ -117,6 +122,7 @@ def lab_config() -> LabConfig:
             _a(L.VM_UNREACHABLE): Vm(RUNNING),
         },
         routes=routes,
+        domain=[ipaddress.IPv6Network(p) for p in domain],
     )
 
 
@@ -193,6 +199,10 @@ def _advance(f: bytearray, srh: int | None) -> None:
 
 def _ours(f: bytearray, beh: str, cfg: LabConfig):
     n = len(f)
+    # RFC 8754 5.1: a source outside the SR domain triggers nothing at our SIDs. C's choice: checked first,
+    # before the payload length and every SRH check (the outer source is in the 40 bytes already read).
+    if cfg.domain and not cfg.in_domain(bytes(f[14 + 8:14 + 24])):
+        raise _Drop("outside_domain")
     # RFC 8200 3: a payload length claiming more than the frame holds is malformed (never forwarded).
     if 40 + struct.unpack_from("!H", f, 14 + 4)[0] > n - 14:
         raise _Drop("truncated")
