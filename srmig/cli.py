@@ -15,6 +15,9 @@ examples (as root):
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
+  srmig agent --config /etc/srmig/agent.toml   the agent (hypervisor and/or ingress role)
+  srmig install-hook --config FILE --unit  the libvirt hook and a systemd unit
+  srmig status                             VMs, phases, connections and counters of the local agent
   srmig --netns hostS sid list             operate on the dataplane of namespace hostS
   srmig bench micro                        ns/packet per branch against an XDP_PASS stub
   srmig bench --quick --json               NDR/PDR vs the kernel's SRv6, scale, ratios: one JSON document
@@ -164,6 +167,10 @@ def cmd_bench_all(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.libvirt:
+        from srmig.testbed import libvirt_demo
+
+        return libvirt_demo.main(args.rate, args.count, args.db, args.json, xdp_mode=args.mode)
     from srmig.testbed import demo
 
     names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
@@ -237,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
 
+    from srmig.ctl import cli_agent
+
+    cli_agent.add_parsers(sub)
+
     sp = sub.add_parser(
         "demo", help="migrate a real QEMU guest once per strategy under probe traffic, compare the losses",
         description="Builds the namespace testbed (client, transit, hosts S and D with srmig's XDP), boots a "
@@ -259,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["generic", "native"], default="generic", help="XDP mode on S and D")
     sp.add_argument("--event-delay-ms", type=float, default=0, metavar="MS",
                     help="react to every QEMU event MS later, as a slow agent would (default: 0)")
+    sp.add_argument("--libvirt", action="store_true",
+                    help="instead: two libvirtd daemons and the srmig agents (hook, events, state database) "
+                         "migrate the guest with libvirt; prints lost/duplicated/reordered")
+    sp.add_argument("--db", choices=["embedded", "etcd"], default="embedded",
+                    help="--libvirt: the agents' VM state database (default: embedded)")
     sp.set_defaults(func=cmd_demo, json_out=None)
 
     sp = sub.add_parser(
@@ -302,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             with inside(args.netns):
                 return args.func(args)
         return args.func(args)
-    except (LoaderError, ValueError, OSError) as e:
+    except (LoaderError, ValueError, OSError) as e:  # ConfigError is a ValueError: one line, exit 1
         print(f"srmig: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -214,8 +214,8 @@ class Libvirtd:
             f'log_outputs = "1:file:{STATE_DIRS["log"]}/libvirtd.log"\n')
         (etc / "qemu.conf").write_text(QEMU_CONF)
         (etc / "libvirt.conf").write_text("")
-        for name, script in self.hooks.items():  # read once, when the daemon starts
-            (etc / "hooks").mkdir(exist_ok=True)
+        for name, script in self.hooks.items():  # read once, when the daemon starts; e.g. "qemu.d/srmig"
+            (etc / "hooks" / name).parent.mkdir(parents=True, exist_ok=True)
             (etc / "hooks" / name).write_text(script)
             (etc / "hooks" / name).chmod(0o755)
 
@@ -410,7 +410,7 @@ def ctl_path(domain: str) -> str:
 
 def domain_xml(name: str = "srmig-vm", tap: str = TAP, mac: str = GUEST_MAC, addr: str | None = GUEST_ADDR,
                gateway: str = GATEWAY_LL, memory_mib: int = 256, stats_interval: int = 0,
-               image: guest_mod.GuestImage | None = None, ctl: bool = True) -> str:
+               image: guest_mod.GuestImage | None = None, ctl: bool = True, metadata: str = "") -> str:
     """The test guest (srmig.testbed.guest) as a libvirt domain: TCG, 1 vCPU, `memory_mib`, direct kernel
     boot, virtio-net on the pre-created tap `tap` (managed='no': libvirt neither creates nor configures it;
     driver qemu: no vhost), console (ttyS0) to a file, control channel (ttyS1) on a unix socket, no other
@@ -420,8 +420,9 @@ def domain_xml(name: str = "srmig-vm", tap: str = TAP, mac: str = GUEST_MAC, add
     ctl_xml = (f"""
     <serial type='unix'><source mode='bind' path={quoteattr(ctl_path(name))}/><target port='1'/></serial>"""
                if ctl else "")
+    meta_xml = f"\n  <metadata>{metadata}</metadata>" if metadata else ""
     return f"""<domain type='qemu'>
-  <name>{escape(name)}</name>
+  <name>{escape(name)}</name>{meta_xml}
   <memory unit='MiB'>{int(memory_mib)}</memory>
   <vcpu>1</vcpu>
   <os>
@@ -556,10 +557,10 @@ class MigrationThread(threading.Thread):
 # --- two daemons, one migration, its events -----------------------------------------------------------
 
 @contextlib.contextmanager
-def daemons(topo, roles: tuple[str, ...] = ("S", "D"), tap: str | None = TAP):
+def daemons(topo, roles: tuple[str, ...] = ("S", "D"), tap: str | None = TAP, hooks: dict | None = None):
     """A private libvirtd in each role's namespace of `topo` (srmig.testbed.netns.Topology), and the guest's
     tap pre-created in each (libvirt's managed='no' needs it on both ends of a migration). Yields {role:
-    Libvirtd}; on exit every daemon, its QEMUs and the taps we created are gone, pass or fail."""
+    Libvirtd}; `hooks`: {role: {name: script}} (Libvirtd.hooks). On exit every daemon, its QEMUs and the taps we created are gone, pass or fail."""
     from srmig.testbed.qemu import create_tap, delete_link  # noqa: PLC0415
 
     sweep()
@@ -568,7 +569,7 @@ def daemons(topo, roles: tuple[str, ...] = ("S", "D"), tap: str | None = TAP):
             for role in roles:
                 if create_tap(topo.ns(role), tap):
                     stack.callback(delete_link, topo.ns(role), tap)
-        ds = {role: Libvirtd(role, topo.ns(role)) for role in roles}
+        ds = {role: Libvirtd(role, topo.ns(role), hooks=(hooks or {}).get(role, {})) for role in roles}
         for d in ds.values():
             stack.callback(d.close)
         start_all(*ds.values())

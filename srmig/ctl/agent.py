@@ -1,0 +1,796 @@
+"""The srmig agent: one per hypervisor (host role) and/or ingress (ingress role).
+
+Threads, and who may touch what:
+- libvirt's event loop (registered before any connection) runs the callbacks, which only enqueue;
+- the libvirt link thread connects, keeps alive and reconnects with backoff (srmig.ctl.libvirt_link);
+- the state database's watch threads only enqueue;
+- the hook server's threads enqueue a request and wait for its answer (never call libvirt);
+- ONE worker (`Agent.run`) applies everything: the state machine (srmig.ctl.machine), the maps, the drain,
+  the database writes. So the order of events is the order of effects.
+
+The two ends of a migration run their own state machine over the same events: each end applies the actions
+for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<vm>/<host> only
+after applying them; the other end feeds those to its machine (srmig.ctl.vmdb).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srmig.ctl import ingress as ingress_routes
+from srmig.ctl.config import Config
+from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Migration, Publish, ReturnHeld, SetVm, StartGrace
+from srmig.ctl.phases import HostSids, Phase
+from srmig.ctl.vmdb import VmDb, VmRecord
+from srmig.dataplane.abi import VmState
+
+log = logging.getLogger("srmig.agent")
+XMLNS = "urn:srmig:vm:1"
+LEASE_TTL_S = 10.0
+BASELINE_EVERY_S = 5.0
+
+
+@dataclass
+class Domain:
+    """What the agent needs from a libvirt domain's XML."""
+
+    name: str
+    vm: str            # the VM's IPv6 address: the key of everything srmig does
+    tap: str | None
+
+    @classmethod
+    def from_xml(cls, xml: str) -> Domain | None:
+        """None when the domain is not managed by srmig (no <srmig:vm><address> in its metadata)."""
+        root = ET.fromstring(xml)
+        addr = root.find(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")
+        if addr is None or not (addr.text or "").strip():
+            return None
+        import ipaddress  # noqa: PLC0415
+
+        vm = str(ipaddress.IPv6Address(addr.text.strip().split("/")[0]))
+        tap = root.find("./devices/interface/target")
+        return cls(root.findtext("name"), vm, tap.get("dev") if tap is not None else None)
+
+
+def metadata_xml(address: str) -> str:
+    """The metadata element that makes srmig manage a domain (goes inside <metadata>)."""
+    return f"<srmig:vm xmlns:srmig='{XMLNS}'><srmig:address>{address}</srmig:address></srmig:vm>"
+
+
+@dataclass
+class Local:
+    """This host's resources for one migration (or one VM)."""
+
+    domain: str | None = None
+    tap: str | None = None
+    shadow: object | None = None       # ShadowLog
+    keeper: object | None = None       # TapKeeper (destination)
+    check: object | None = None        # SwallowCheck (source)
+    drain: object | None = None        # SourceDrain
+    old_qlen: int | None = None
+    stopped_ns: int = 0
+    deferred: list = field(default_factory=list)   # actions waiting for the other end (abort on D)
+    keep_wanted: bool = False
+    returned: int = 0
+    peer_resent: list = field(default_factory=list)  # frames the source re-sent for its swallowing QEMU
+
+
+class Agent:
+    def __init__(self, cfg: Config, kv_factory=None, libvirt_factory=None):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.q: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.kv = None
+        self.db: VmDb | None = None
+        self._kv_factory = kv_factory or self._open_kv
+        self._libvirt_factory = libvirt_factory
+        self.machine = Machine(grace_s=cfg.host.grace_s, drain=cfg.host.drain) if cfg.host else None
+        self.sids: HostSids | None = cfg.host.sids if cfg.host else None
+        self.dp = None
+        self.domains: dict[str, Domain] = {}       # name -> Domain
+        self.local: dict[str, Local] = {}           # vm -> Local
+        self.mig_ids: dict[str, str] = {}           # vm -> the id of the migration the machine runs
+        self.fed: dict[tuple[str, str, str], int] = {}  # (vm, migration id, host) -> events fed
+        self.pending_local: dict[str, list] = {}    # vm -> local events seen before the migration record
+        self.libvirt = None                          # LibvirtLink
+        self.ingress = None                          # IngressRole
+        self.status_db = {"state": "connecting", "error": None}
+        self.metrics = None
+        self._leases = []
+        self._watches = []
+        self._last_event_ns = 0
+        self._event_name = ""
+        self.latencies_ms: list[float] = []          # event -> first map write, last 1000
+        self.phase_started: dict[str, tuple[str, float]] = {}
+        self._local_events: dict[str, set] = {}      # vm -> events seen by this host (not its peer)
+        self.iterations: dict[str, int] = {}          # domain -> last migration iteration seen
+        self.last_job: dict[str, dict] = {}           # domain -> the last completed job's figures
+
+    # --- plumbing ------------------------------------------------------------------------------------
+
+    def _open_kv(self):
+        from srmig.ctl import statedb  # noqa: PLC0415
+
+        d = self.cfg.db
+        if d.backend == "embedded":
+            Path(d.path).parent.mkdir(parents=True, exist_ok=True)
+            return statedb.open_db("embedded", path=d.path, prefix=d.prefix)
+        return statedb.open_db("etcd", endpoints=list(d.endpoints), prefix=d.prefix)
+
+    def enqueue(self, *item) -> None:
+        self.q.put(item)
+
+    def call(self, kind: str, *args, timeout: float = 10.0):
+        """Run `kind` on the worker and wait for its result (hook and status requests)."""
+        fut: Future = Future()
+        self.q.put((kind, *args, fut))
+        return fut.result(timeout)
+
+    def start(self) -> None:
+        """Everything but the worker: dataplane, servers, connections (each retried in the background)."""
+        if self.cfg.host:
+            self._load_dataplane()
+        from srmig.ctl import hooksrv  # noqa: PLC0415
+
+        self.hook_server = hooksrv.serve(self, self.cfg.hook.socket)
+        if self.cfg.metrics_listen:
+            from srmig.ctl import metrics  # noqa: PLC0415
+
+            self.metrics = metrics.serve(self, self.cfg.metrics_listen)
+        threading.Thread(target=self._db_connector, name="db-connect", daemon=True).start()
+
+    def _load_dataplane(self) -> None:
+        from srmig.ctl.dataplane import Dataplane  # noqa: PLC0415
+        from srmig.dataplane import loader  # noqa: PLC0415
+        from srmig.dataplane.abi import Behaviour  # noqa: PLC0415
+
+        h = self.cfg.host
+        loaded = loader.load(h.fabric, h.xdp_mode, loader.Limits(hold_ring_pages=h.hold_ring_pages))
+        os.close(loaded.prog_fd)
+        self.dp = Dataplane(loaded.pin_dir)
+        self.dp.add_sid(h.sids.dx6, Behaviour.END_DX6_MAP)
+        self.dp.add_sid(h.sids.end_s, Behaviour.END_S)
+        self.dp.add_sid(h.sids.sbuf, Behaviour.END_SBUF)
+        # The SR domain as configured: add first, then remove what is no longer listed (never a gap).
+        for prefix in h.sr_domain:
+            self.dp.add_domain(prefix)
+        for prefix in set(self.dp.list_domains()) - {str(ipaddress.IPv6Network(p)) for p in h.sr_domain}:
+            self.dp.del_domain(prefix)
+
+    def _db_connector(self) -> None:
+        delay = 0.2
+        while not self.stopping.is_set():
+            try:
+                kv = self._kv_factory()
+                kv.range("hosts/")  # proves it answers
+            except Exception as e:  # noqa: BLE001 - reported in status, retried
+                self.status_db = {"state": "unreachable", "error": str(e), "retry_in_s": round(delay, 1)}
+                log.warning("state database unreachable (%s); retrying in %.1f s", e, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.enqueue("db-up", kv)
+            return
+
+    def run(self) -> None:
+        """The worker: applies queued items until stop()."""
+        while True:
+            item = self.q.get()
+            kind, args = item[0], item[1:]
+            if kind == "stop":
+                break
+            try:
+                getattr(self, "_on_" + kind.replace("-", "_"))(*args)
+            except Exception as e:  # noqa: BLE001 - one bad item must not stop the agent
+                log.exception("handling %s failed", kind)
+                if args and isinstance(args[-1], Future) and not args[-1].done():
+                    args[-1].set_exception(e)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.enqueue("stop")
+
+    def close(self) -> None:
+        """Release resources; the dataplane stays (the program keeps forwarding while no agent runs)."""
+        self.stopping.set()
+        if self.libvirt:
+            self.libvirt.close()
+        if self.ingress:
+            self.ingress.close()
+        for w in self._watches:
+            with contextlib.suppress(Exception):
+                w.cancel()
+        for loc in self.local.values():
+            for res in (loc.shadow, loc.keeper):
+                if res is not None:
+                    with contextlib.suppress(Exception):
+                        res.close()
+        if getattr(self, "hook_server", None):
+            self.hook_server.close()
+        if self.metrics:
+            self.metrics.close()
+        if self.kv:
+            with contextlib.suppress(Exception):
+                self.kv.close()
+
+    # --- the database --------------------------------------------------------------------------------
+
+    def _on_db_up(self, kv) -> None:
+        self.kv, self.db = kv, VmDb(kv)
+        self.status_db = {"state": "connected", "error": None, "backend": self.cfg.db.backend}
+        lease = kv.lease(LEASE_TTL_S)
+        self._leases.append(lease)
+        threading.Thread(target=self._keepalive, args=(lease,), name="lease", daemon=True).start()
+        roles = [r for r in ("host", "ingress") if getattr(self.cfg, r)]
+        self.db.put_agent(self.name, {"name": self.name, "roles": roles, "pid": os.getpid(),
+                                      "since": time.time()}, lease=lease)
+        if self.cfg.host:
+            h = self.cfg.host
+            self.db.put_host(h.sids, h.address, h.transit, lease=None)
+            migs, rev = self.db.migrations()
+            for vm, recs in migs.items():
+                self._on_migration_records(vm, recs, replay=True)
+            self._watches.append(kv.watch("migrations/", lambda evs: self.enqueue("db-migrations", evs),
+                                          start_revision=rev + 1))
+            from srmig.ctl.libvirt_link import LibvirtLink  # noqa: PLC0415
+
+            if self.libvirt is None:
+                self.libvirt = LibvirtLink(h.libvirt_uri, self.enqueue, factory=self._libvirt_factory)
+                self.libvirt.start()
+        if self.cfg.ingress:
+            from srmig.ctl.ingress_role import IngressRole  # noqa: PLC0415
+
+            self.ingress = IngressRole(self.cfg.ingress, kv, lease)
+            self.ingress.start()
+
+    def _keepalive(self, lease) -> None:
+        while not self.stopping.wait(LEASE_TTL_S / 3):
+            try:
+                lease.refresh()
+            except Exception as e:  # noqa: BLE001
+                log.warning("lease refresh failed: %s", e)
+                self.status_db = {"state": "degraded", "error": f"lease refresh: {e}"}
+
+    # --- libvirt -------------------------------------------------------------------------------------
+
+    def _on_libvirt_up(self, conn) -> None:
+        self.reconcile(conn)
+
+    def _on_libvirt_down(self, reason: str) -> None:
+        log.warning("libvirt connection lost: %s", reason)
+
+    def _domain(self, name: str, refresh: bool = False) -> Domain | None:
+        if refresh or name not in self.domains:
+            conn = self.libvirt.conn if self.libvirt else None
+            if conn is None:
+                return self.domains.get(name)
+            try:
+                d = Domain.from_xml(conn.lookupByName(name).XMLDesc(0))
+            except Exception as e:  # noqa: BLE001 - gone already
+                log.debug("%s: no XML (%s)", name, e)
+                return self.domains.get(name)
+            if d is None:
+                self.domains.pop(name, None)
+                return None
+            self.domains[name] = d
+        return self.domains.get(name)
+
+    def _role(self, vm: str) -> str | None:
+        m = self.machine.migrations.get(vm)
+        if m is None or m.done:
+            return None
+        return "S" if m.src.name == self.name else "D" if m.dst.name == self.name else None
+
+    def _on_lifecycle(self, name: str, typ: str, detail: str, t_ns: int) -> None:
+        from srmig.ctl.libvirt_events import translate  # noqa: PLC0415
+
+        d = self._domain(name, refresh=typ in ("STARTED", "DEFINED"))
+        log.debug("event %s %s/%s (%s)", name, typ, detail, "managed" if d else "not managed")
+        if d is None:
+            return
+        loc = self.local.setdefault(d.vm, Local())
+        loc.domain, loc.tap = d.name, d.tap
+        role = self._role(d.vm)
+        if role is None:
+            # No migration in flight that we know of. A source's pause may beat the destination's record.
+            if (typ, detail) in (("SUSPENDED", "MIGRATED"), ("SUSPENDED", "POSTCOPY"), ("STOPPED", "MIGRATED")):
+                self.pending_local.setdefault(d.vm, []).append((typ, detail, t_ns))
+            elif typ in ("STARTED", "RESUMED") and detail not in ("MIGRATED", "POSTCOPY"):
+                self._vm_running_here(d)
+            return
+        if role == "D" and typ == "STARTED":
+            self._keep_tap(d.vm)
+        ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
+        if ev is not None:
+            self._local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
+
+    def _on_iteration(self, name: str, iteration: int, t_ns: int) -> None:
+        self.iterations[name] = iteration
+
+    def _on_job_completed(self, name: str, params: dict, t_ns: int) -> None:
+        """Only for success (libvirt emits nothing for a failed job); STOPPED/MIGRATED already cut over."""
+        self.last_job[name] = {k: params[k] for k in ("time_elapsed", "downtime", "setup_time") if k in params}
+
+    def _on_job_failed(self, name: str, detail: str, t_ns: int) -> None:
+        d = self._domain(name)
+        if d is not None and self._role(d.vm):
+            self._local_event(d.vm, Ev.FAILED, t_ns, f"job {detail}")
+
+    def _vm_running_here(self, d: Domain) -> None:
+        """A VM runs here outside any migration: deliver it and tell the ingresses."""
+        if self.dp is None:
+            return
+        cur = self.dp.get_vm(d.vm)
+        if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
+            self.dp.set_vm(d.vm, VmState.RUNNING)
+        if self.db is not None:
+            rec = self.db.vm(d.vm)
+            if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,):
+                self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value)
+        self._try_baseline(d.vm)
+
+    # --- migrations ----------------------------------------------------------------------------------
+
+    def _record(self, vm: str) -> dict:
+        m = self.machine.migrations[vm]
+        return {"id": self.mig_ids[vm], "vm": vm, "domain": self.local.get(vm, Local()).domain,
+                "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
+                "events": [ev.value for ev, _ in m.history if self._seen_here(vm, ev)],
+                "resent": [f.hex() for f in (self.local[vm].drain.resent_swallowed
+                                             if vm in self.local and self.local[vm].drain else [])]}
+
+    def _seen_here(self, vm, ev) -> bool:
+        return ev in self._local_events.get(vm, ())
+
+    def _local_event(self, vm: str, ev: Ev, t_ns: int, what: str) -> None:
+        self._last_event_ns, self._event_name = t_ns, what
+        self._local_events.setdefault(vm, set()).add(ev)
+        m = self.machine.migrations[vm]
+        role = self._role(vm)
+        if ev is Ev.SUSPENDED and vm in self.local:
+            self.local[vm].stopped_ns = t_ns
+        actions = self.machine.handle(vm, ev)
+        if ev is Ev.FAILED and role == "D":
+            # Abort on the destination: say so at once, but return what D held only once the source runs
+            # the VM again (the source writes "failed" after it did), or it would bounce back here.
+            self.local.setdefault(vm, Local()).deferred = actions
+            self.db.put_migration(vm, self.name, self._record(vm))
+            self._maybe_return(vm)
+            return
+        self._execute(m, actions)
+        self._observe_phase(m)
+        self.db.put_migration(vm, self.name, self._record(vm))
+
+    def _on_db_migrations(self, events) -> None:
+        touched: dict[str, dict] = {}
+        for ev in events:
+            if ev.kind != "put":
+                continue
+            vm, _, host = ev.key[len("migrations/"):].rpartition("/")
+            touched.setdefault(vm, {})[host] = ev.value
+        for vm, recs in touched.items():
+            self._on_migration_records(vm, recs)
+
+    def _on_migration_records(self, vm: str, recs: dict[str, dict], replay: bool = False) -> None:
+        """Records of the ends of one migration: start it here if it involves us, feed the other end's
+        events. `replay`: after a restart, our own records too (their actions were applied once already)."""
+        for host, rec in sorted(recs.items(), key=lambda kv: kv[0] != self.name):
+            if self.name not in (rec["src"], rec["dst"]):
+                continue
+            mid = rec["id"]
+            if self.mig_ids.get(vm) != mid:
+                if not self._start_migration(vm, rec):
+                    continue
+            if host == self.name and not replay:
+                continue
+            done = self.fed.get((vm, mid, host), 0)
+            new = rec["events"][done:]
+            self.fed[(vm, mid, host)] = len(rec["events"])
+            m = self.machine.migrations[vm]
+            for name in new:
+                ev = Ev(name)
+                if host == self.name:
+                    self._local_events.setdefault(vm, set()).add(ev)
+                actions = self.machine.handle(vm, ev)
+                self._execute(m, actions, replay=replay and host == self.name)
+            self._observe_phase(m)
+            if host != self.name and rec.get("resent") and vm in self.local:
+                self.local[vm].peer_resent = [bytes.fromhex(h) for h in rec["resent"]]
+            if host != self.name and "failed" in rec["events"] and rec["src"] == host:
+                self._maybe_return(vm, source_failed=True)
+        # Events seen here before the record existed (the source's pause can beat the watch).
+        for typ, detail, t_ns in self.pending_local.pop(vm, []):
+            if self._role(vm):
+                from srmig.ctl.libvirt_events import translate  # noqa: PLC0415
+
+                ev = translate(self._role(vm), {"event": "lifecycle", "type": typ, "detail": detail})
+                if ev:
+                    self._local_event(vm, ev, t_ns, f"{typ}/{detail}")
+
+    def _start_migration(self, vm: str, rec: dict) -> bool:
+        src, dst = self.db.host(rec["src"]), self.db.host(rec["dst"])
+        if src is None or dst is None:
+            log.error("migration %s of %s: unknown host %s", rec["id"], vm, rec["src"] if src is None else rec["dst"])
+            return False
+        old = self.machine.migrations.get(vm)
+        if old is not None and not old.done:
+            old.done = True  # superseded by a newer migration of the same VM
+        self.machine.migrations.pop(vm, None)
+        self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
+        self.mig_ids[vm] = rec["id"]
+        self._local_events[vm] = set()
+        loc = self.local.setdefault(vm, Local())
+        if rec.get("domain"):
+            loc.domain = rec["domain"]
+            d = self.domains.get(rec["domain"])
+            if d:
+                loc.tap = d.tap
+        return True
+
+    def _maybe_return(self, vm: str, source_failed: bool = False) -> None:
+        loc = self.local.get(vm)
+        if loc is None or not loc.deferred:
+            return
+        recs = self.db.migrations()[0].get(vm, {})
+        m = self.machine.migrations.get(vm)
+        src_rec = recs.get(m.src.name) if m else None
+        if not source_failed and not (src_rec and "failed" in src_rec.get("events", [])):
+            return
+        actions, loc.deferred = loc.deferred, []
+        self._execute(m, actions)
+
+    def _on_hook_begin(self, domain_xml: str, fut: Future) -> None:
+        """`migrate begin` on this (destination) host: provision before QEMU even starts."""
+        d = Domain.from_xml(domain_xml)
+        if d is None:
+            fut.set_result({"managed": False})
+            return
+        if self.db is None:
+            raise RuntimeError("state database not connected")
+        self.domains[d.name] = d
+        cur = self.db.vm(d.vm)
+        if cur is None or cur.host == self.name:
+            raise RuntimeError(f"{d.vm}: no source known in the state database (record: {cur})")
+        src = self.db.host(cur.host)
+        if src is None:
+            raise RuntimeError(f"{d.vm}: source host {cur.host} has no record in the state database")
+        mid = uuid.uuid4().hex[:12]
+        rec = {"id": mid, "vm": d.vm, "domain": d.name, "src": cur.host, "dst": self.name,
+               "transit": src[1].get("transit", []), "events": []}
+        self._start_migration(d.vm, rec)
+        loc = self.local[d.vm]
+        loc.domain, loc.tap = d.name, d.tap
+        self._last_event_ns, self._event_name = time.monotonic_ns(), "hook migrate begin"
+        self._local_events[d.vm].add(Ev.BEGIN)
+        m = self.machine.migrations[d.vm]
+        version = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
+        self._observe_phase(m)
+        self.db.put_migration(d.vm, self.name, self._record(d.vm))
+        fut.set_result({"managed": True, "vm": d.vm, "version": version, "migration": mid})
+
+    def _on_grace_over(self, vm: str, mid: str) -> None:
+        if self.mig_ids.get(vm) != mid:
+            return
+        m = self.machine.migrations[vm]
+        self._execute(m, self.machine.handle(vm, Ev.GRACE_OVER))
+        self._observe_phase(m)
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    def _mark_map_write(self) -> None:
+        if self._last_event_ns:
+            ms = (time.monotonic_ns() - self._last_event_ns) / 1e6
+            self.latencies_ms = (self.latencies_ms + [ms])[-1000:]
+            if self.metrics:
+                self.metrics.event_to_map.observe(ms / 1000)
+            self._last_event_ns = 0
+
+    def _observe_phase(self, m: Migration) -> None:
+        prev = self.phase_started.get(m.vm)
+        now = time.monotonic()
+        if prev and prev[0] != m.phase.value and self.metrics:
+            self.metrics.phase_seconds.labels(prev[0]).observe(now - prev[1])
+        if not prev or prev[0] != m.phase.value:
+            self.phase_started[m.vm] = (m.phase.value, now)
+
+    def _execute(self, m: Migration, actions, replay: bool = False) -> int:
+        """Apply the actions for this host (and every Publish); returns the last published version."""
+        version = 0
+        loc = self.local.setdefault(m.vm, Local())
+        for a in actions:
+            if isinstance(a, Publish):
+                phase = m.phase.value
+                host = m.dst.name if m.phase in (Phase.CUT_OVER,) else m.src.name
+                version = self.db.publish(a.vm, host, a.segments, phase, self.mig_ids.get(a.vm, ""), a.version)
+                continue
+            if isinstance(a, StartGrace):
+                if m.src.name == self.name:
+                    t = threading.Timer(a.seconds, self.enqueue, ("grace-over", a.vm, self.mig_ids[a.vm]))
+                    t.daemon = True
+                    t.start()
+                continue
+            if getattr(a, "host", None) != self.name:
+                continue
+            if isinstance(a, SetVm):
+                if a.state is VmState.INCOMING or a.shadow:
+                    self._long_queue(loc)
+                if a.shadow and self.cfg.host.drain and loc.shadow is None:
+                    from srmig.ctl.drain import ShadowLog  # noqa: PLC0415
+
+                    loc.shadow = ShadowLog(self.dp).start()  # before the flag: miss nothing
+                self.dp.set_vm(a.vm, a.state, next_sid=a.next_sid, shadow=a.shadow and self.cfg.host.drain)
+                self._mark_map_write()
+                if a.state is VmState.RUNNING and not a.shadow:  # abort: the window closes on the source
+                    self._end_window(loc)
+            elif isinstance(a, DelVm):
+                self.dp.del_vm(a.vm)
+                self._mark_map_write()
+                self._end_window(loc)
+            elif isinstance(a, Drain):
+                if replay:
+                    self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+                else:
+                    self._drain(m, loc, a)
+            elif isinstance(a, KeepTap):
+                loc.keep_wanted = True
+                self._keep_tap(a.vm)
+            elif isinstance(a, ReturnHeld):
+                self._return_held(m, loc, a)
+        return version
+
+    def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
+        from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
+
+        pid = self._qemu_pid(loc.domain)
+        segments = [*m.transit, m.dst.sbuf]
+        if pid is None or loc.tap is None:
+            log.warning("%s: no QEMU pid or tap; forwarding without a drain", m.vm)
+            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+            self._mark_map_write()
+            return
+        drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
+        self._mark_map_write()  # the drain's first step is the map write (HOLD)
+        try:
+            rep = drain.run(pid, loc.tap, check=loc.check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
+            log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent", m.vm, rep.from_tap,
+                     rep.from_ring, rep.resent_swallowed)
+        except OSError as e:
+            log.error("%s: drain failed (%s); forwarding", m.vm, e)
+            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+
+    def _return_held(self, m: Migration, loc: Local, a: ReturnHeld) -> None:
+        from srmig.ctl.drain import return_held  # noqa: PLC0415
+
+        if loc.keeper is None:
+            return
+        skip = loc.peer_resent[-1:]
+        loc.returned = return_held(loc.keeper, self.cfg.host.address, list(a.segments), skip)
+        log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
+
+    def _qemu_pid(self, domain: str | None) -> int | None:
+        if not domain:
+            return None
+        try:
+            return int((Path(self.cfg.host.qemu_run_dir) / f"{domain}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _keep_tap(self, vm: str) -> None:
+        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
+
+        loc = self.local.get(vm)
+        if loc is None or not loc.keep_wanted or loc.keeper is not None or loc.tap is None:
+            return
+        pid = self._qemu_pid(loc.domain)
+        if pid is None:
+            return  # QEMU not started yet (the hook runs before it): STARTED/MIGRATED tries again
+        try:
+            loc.keeper = TapKeeper(pid, loc.tap)
+        except OSError as e:
+            log.debug("%s: tap not held yet: %s", vm, e)
+
+    def _long_queue(self, loc: Local) -> None:
+        if loc.old_qlen is not None or not loc.tap:
+            return
+        from pyroute2 import IPRoute  # noqa: PLC0415
+
+        with contextlib.suppress(IndexError), IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=loc.tap)[0]
+            loc.old_qlen = ipr.get_links(idx)[0].get_attr("IFLA_TXQLEN")
+            ipr.link("set", index=idx, txqlen=self.cfg.host.tap_queue)
+
+    def _end_window(self, loc: Local) -> None:
+        if loc.old_qlen is not None and loc.tap:
+            from pyroute2 import IPRoute  # noqa: PLC0415
+
+            with contextlib.suppress(Exception), IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=loc.tap)[0], txqlen=loc.old_qlen)
+        loc.old_qlen = None
+        for attr in ("shadow", "keeper"):
+            res = getattr(loc, attr)
+            if res is not None:
+                with contextlib.suppress(Exception):
+                    res.close()
+                setattr(loc, attr, None)
+
+    def _try_baseline(self, vm: str) -> None:
+        """The source's count of frames QEMU read but did not deliver needs a quiet moment: try now and
+        then while the VM runs here outside a migration (srmig.ctl.drain.SwallowCheck)."""
+        loc = self.local.get(vm)
+        if loc is None or not self.cfg.host.drain or self._role(vm) or loc.tap is None or self.libvirt is None:
+            return
+        from srmig.ctl.drain import SwallowCheck  # noqa: PLC0415
+
+        conn = self.libvirt.conn
+        if conn is None:
+            return
+        try:
+            dom = conn.lookupByName(loc.domain)
+            check = SwallowCheck(loc.tap, lambda: _rx_used_idx(dom))
+            if check.baseline():
+                loc.check = check
+        except Exception as e:  # noqa: BLE001 - best effort
+            log.debug("%s: no swallow baseline: %s", vm, e)
+
+    def _on_baseline(self) -> None:
+        for vm in list(self.local):
+            if self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.RUNNING:
+                self._try_baseline(vm)
+
+    # --- reconciliation ------------------------------------------------------------------------------
+
+    def reconcile(self, conn) -> dict:
+        """Rebuild the map state from libvirt's domains and the database, after our start or a reconnect."""
+        import libvirt  # noqa: PLC0415
+
+        t0 = time.monotonic()
+        seen = {}
+        for dom in conn.listAllDomains(0):
+            try:
+                d = Domain.from_xml(dom.XMLDesc(0))
+                state, reason = dom.state()
+            except libvirt.libvirtError:
+                continue
+            if d is None:
+                continue
+            self.domains[d.name] = d
+            loc = self.local.setdefault(d.vm, Local())
+            loc.domain, loc.tap = d.name, d.tap
+            seen[d.vm] = (d, state, reason)
+        return self.reconcile_snapshot(seen, t0)
+
+    def reconcile_snapshot(self, seen: dict, t0: float | None = None) -> dict:
+        """`seen`: {vm: (Domain, libvirt state, reason)} of this host. Pure of libvirt: benchmarks call it."""
+        import libvirt  # noqa: PLC0415
+
+        t0 = t0 or time.monotonic()
+        running = libvirt.VIR_DOMAIN_RUNNING
+        paused = libvirt.VIR_DOMAIN_PAUSED
+        fixed = 0
+        for vm, (d, state, reason) in seen.items():
+            role = self._role(vm)
+            if role is None and state == running:
+                self._vm_running_here(d)
+                fixed += 1
+            elif role == "D" and state == running:
+                self._local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
+            elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                                                                libvirt.VIR_DOMAIN_PAUSED_POSTCOPY):
+                self._local_event(vm, Ev.SUSPENDED, time.monotonic_ns(), "reconcile: paused")
+        for vm in list(self.machine.migrations):
+            role = self._role(vm)
+            if role == "S" and vm not in seen:
+                self._local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
+            elif role == "S" and seen[vm][1] == running and Ev.SUSPENDED in self._local_events.get(vm, ()):
+                self._local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
+        # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
+        # stragglers: give them a fresh grace period.
+        if self.dp is not None:
+            for e in self.dp.list_vms():
+                if e.vm in seen or self._role(e.vm):
+                    continue
+                if e.state is VmState.AWAY:
+                    t = threading.Timer(self.cfg.host.grace_s, self.enqueue, ("forget", e.vm))
+                    t.daemon = True
+                    t.start()
+                else:
+                    self.dp.del_vm(e.vm)
+                    fixed += 1
+        self.enqueue_baseline_timer()
+        return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
+
+    def _on_forget(self, vm: str) -> None:
+        if not self._role(vm) and self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.AWAY:
+            self.dp.del_vm(vm)
+
+    def enqueue_baseline_timer(self) -> None:
+        if getattr(self, "_baseline_timer", None) is not None or self.stopping.is_set():
+            return
+
+        def tick():
+            self._baseline_timer = None
+            if not self.stopping.is_set():
+                self.enqueue("baseline")
+                self.enqueue_baseline_timer()
+        self._baseline_timer = threading.Timer(BASELINE_EVERY_S, tick)
+        self._baseline_timer.daemon = True
+        self._baseline_timer.start()
+
+    # --- status --------------------------------------------------------------------------------------
+
+    def _on_status(self, fut: Future) -> None:
+        out = {"agent": self.name, "pid": os.getpid(),
+               "roles": [r for r in ("host", "ingress") if getattr(self.cfg, r)],
+               "db": dict(self.status_db),
+               "libvirt": self.libvirt.status() if self.libvirt else None,
+               "ingress": self.ingress.status() if self.ingress else None}
+        if self.cfg.host:
+            vms = []
+            entries = {e.vm: e for e in self.dp.list_vms()} if self.dp else {}
+            for vm in sorted(set(entries) | set(self.machine.migrations)):
+                m = self.machine.migrations.get(vm)
+                e = entries.get(vm)
+                vms.append({"vm": vm, "domain": self.local.get(vm, Local()).domain,
+                            "state": e.state.name.lower() if e else None,
+                            "phase": m.phase.value if m and not m.done else "steady",
+                            "migration": ({"id": self.mig_ids.get(vm), "src": m.src.name, "dst": m.dst.name,
+                                           "done": m.done} if m else None)})
+            out["vms"] = vms
+            out["dataplane"] = self.dp.stats() if self.dp else None
+            lat = sorted(self.latencies_ms)
+            out["event_to_map_ms"] = ({"n": len(lat), "p50": lat[len(lat) // 2],
+                                       "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))], "max": lat[-1]}
+                                      if lat else None)
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                recs, _ = self.db.vms()
+                out["locations"] = [r.to_dict() for r in recs]
+        fut.set_result(out)
+
+
+def _rx_used_idx(dom) -> int:
+    """The virtio-net RX used index through libvirt's QEMU monitor passthrough."""
+    import libvirt_qemu  # noqa: PLC0415
+
+    def qmp(cmd, **args):
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": cmd, "arguments": args}
+                                                                            if args else {"execute": cmd}), 0))
+        return reply["return"]
+    path = getattr(dom, "_srmig_vpath", None)
+    if path is None:
+        devs = [d for d in qmp("x-query-virtio") if d.get("name") == "virtio-net"]
+        path = devs[0]["path"]
+    return qmp("x-query-virtio-queue-status", path=path, queue=0)["used-idx"]
+
+
+def run(cfg: Config) -> int:
+    """`srmig agent`: run until SIGTERM/SIGINT."""
+    import signal  # noqa: PLC0415
+
+    agent = Agent(cfg)
+    agent.start()
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    log.info("srmig agent %s up (roles: %s)", agent.name,
+             ", ".join(r for r in ("host", "ingress") if getattr(cfg, r)))
+    try:
+        agent.run()
+    finally:
+        agent.close()
+    return 0
+
+
+__all__ = ["Agent", "Domain", "VmRecord", "metadata_xml", "run"]

@@ -1,0 +1,147 @@
+"""`srmig agent`, `srmig status`, `srmig install-hook`, `srmig check-config`: the agent's commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from srmig.ctl import config as config_mod
+
+UNIT = """\
+[Unit]
+Description=srmig agent: zero-loss VM live migration over SRv6
+Documentation=https://example.invalid/srmig
+After=network-online.target libvirtd.service etcd.service
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart={exe} agent --config {config}
+Restart=always
+RestartSec=1
+# The XDP program and its maps stay when the agent stops: traffic keeps flowing across restarts.
+KillMode=mixed
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def cmd_agent(args) -> int:
+    cfg = config_mod.load(args.config)  # every error before anything is installed
+    if args.check:
+        print(f"{args.config}: ok ({', '.join(r for r in ('host', 'ingress') if getattr(cfg, r))})")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.verbose:
+        logging.getLogger("srmig").setLevel(logging.DEBUG)
+    from srmig.ctl import agent  # noqa: PLC0415
+
+    return agent.run(cfg)
+
+
+def _socket(args) -> str:
+    if args.config:
+        return config_mod.load(args.config).hook.socket
+    return args.socket
+
+
+def cmd_status(args) -> int:
+    from srmig.ctl.hooksrv import request  # noqa: PLC0415
+
+    path = _socket(args)
+    try:
+        st = request(path, {"op": "status"}, timeout=args.timeout)
+    except OSError as e:
+        raise ValueError(f"no agent answers on {path} ({e.strerror or e}): is `srmig agent` running?") from None
+    if not st.pop("ok", False):
+        raise ValueError(f"agent error: {st.get('error')}")
+    if args.json:
+        json.dump(st, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"agent {st['agent']} (pid {st['pid']}), roles: {', '.join(st['roles'])}")
+    db = st["db"]
+    print(f"  state db: {db.get('state')}" + (f" ({db['error']}; retry in {db.get('retry_in_s')} s)"
+                                              if db.get("error") else ""))
+    if st.get("libvirt"):
+        lv = st["libvirt"]
+        print(f"  libvirt:  {lv['state']} {lv['uri']}" + (f" ({lv['error']}; retry in {lv['retry_in_s']} s)"
+                                                          if lv.get("error") else ""))
+    if st.get("ingress"):
+        ing = st["ingress"]
+        print(f"  ingress:  {ing['routes']} VM routes, {ing['errors']} errors"
+              + (f" (last: {ing['last_error']})" if ing.get("last_error") else ""))
+    if st.get("event_to_map_ms"):
+        e = st["event_to_map_ms"]
+        print(f"  event -> map: p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms over {e['n']}")
+    if st.get("vms") is not None:
+        print(f"  {'VM':<28} {'domain':<16} {'map':<9} {'phase':<14} migration")
+        for v in st["vms"]:
+            m = v.get("migration")
+            mig = f"{m['src']} -> {m['dst']} ({m['id']})" if m and not m["done"] else "-"
+            print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {mig}")
+    if st.get("locations"):
+        print("  locations (state db):")
+        for r in st["locations"]:
+            print(f"    {r['vm']:<28} on {r['host']:<10} v{r['version']:<4} {' '.join(r['segments'])}")
+    dp = st.get("dataplane")
+    if dp:
+        drops = {k: v for k, v in dp["drops"].items() if v}
+        print("  verdicts: " + "  ".join(f"{k}={v}" for k, v in dp["verdicts"].items()))
+        print("  drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none"))
+    return 0
+
+
+def cmd_install_hook(args) -> int:
+    from srmig.ctl import hook  # noqa: PLC0415
+
+    cfg = config_mod.load(args.config)
+    path = hook.install(args.hooks_dir, cfg.hook.socket, cfg.hook.ack_timeout_s, cfg.hook.on_timeout,
+                        force=args.force)
+    print(f"installed {path}; restart libvirtd so it reads its hooks")
+    if args.unit:
+        import shutil  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
+        exe = shutil.which("srmig") or f"{sys.executable} -m srmig"
+        unit = Path(args.unit)
+        unit.write_text(UNIT.format(exe=exe, config=args.config))
+        print(f"installed {unit}; systemctl daemon-reload && systemctl enable --now {unit.name}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    sp = sub.add_parser(
+        "agent", help="run the agent (hypervisor and/or ingress role) from a TOML config",
+        description="Runs until SIGTERM. Host role: attaches the XDP program to the fabric interface, follows "
+                    "libvirt's migration events (and the `migrate begin` hook) and drives the VM-state map "
+                    "through the migration's phases. Ingress role: programs H.Encaps routes from the VM "
+                    "state database and acknowledges them. A bad config is reported (file, key, expected "
+                    "form) before anything is installed. Config format: python -m pydoc srmig.ctl.config")
+    sp.add_argument("--config", required=True, metavar="FILE", help="TOML configuration (see above)")
+    sp.add_argument("--check", action="store_true", help="only validate the configuration and exit")
+    sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sp.set_defaults(func=cmd_agent)
+
+    sp = sub.add_parser("status", help="what the local agent knows: VMs, phases, connections, counters",
+                        description="Asks the running agent over its unix socket.")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--config", metavar="FILE", help="the agent's config (to find its socket)")
+    g.add_argument("--socket", default=config_mod.HookConfig.socket, help="the agent's socket")
+    sp.add_argument("--timeout", type=float, default=5.0)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("install-hook", help="install the libvirt qemu hook (and optionally a systemd unit)",
+                        description="Writes HOOKS_DIR/qemu.d/srmig, which makes libvirt ask the local agent to "
+                                    "provision a migration (and wait for the ingresses) at `migrate begin`. "
+                                    "libvirtd reads hooks when it starts: restart it afterwards.")
+    sp.add_argument("--config", required=True, metavar="FILE", help="the agent's config (socket, timeouts)")
+    sp.add_argument("--hooks-dir", default="/etc/libvirt/hooks")
+    sp.add_argument("--force", action="store_true", help="replace a different existing srmig hook")
+    sp.add_argument("--unit", metavar="PATH", nargs="?", const="/etc/systemd/system/srmig-agent.service",
+                    help="also write the systemd unit (default path /etc/systemd/system/srmig-agent.service)")
+    sp.set_defaults(func=cmd_install_hook)

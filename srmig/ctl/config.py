@@ -1,0 +1,300 @@
+"""The agent's configuration: one TOML file, validated in full before anything is installed.
+
+    # /etc/srmig/agent.toml
+    [host]                                  # the hypervisor role (omit on an ingress-only machine)
+    name = "hv1"                            # unique among hosts (default: the hostname)
+    fabric = "eth1"                         # where the XDP program is attached
+    xdp_mode = "native"                     # native | generic
+    locator = "fc00:0:1::/48"
+    address = "2001:db8:a::2"               # source address of the packets the agent sends (drain, abort)
+    sids = { dx6 = "fc00:0:1::d6", end_s = "fc00:0:1::5", sbuf = "fc00:0:1::b" }  # default: locator + these
+    transit = []                            # SIDs between hosts on the migration path
+    sr_domain = ["fc00::/16"]               # sources allowed to reach our SIDs (RFC 8754 5.1); [] = no check
+    libvirt_uri = "qemu:///system"
+    qemu_run_dir = "/run/libvirt/qemu"      # where libvirt writes <domain>.pid
+    grace_s = 2.0                           # the source forwards stragglers this long after cut-over
+    tap_queue = 10000                       # tap queue length during the migration window
+    hold_ring_pages = 4096                  # hold ring, 4 KiB pages (power of two), first load only
+    drain = true                            # drain the paused source's tap queue
+
+    [ingress]                               # the ingress role: H.Encaps towards every VM
+    name = "edge1"
+    interface = "eth0"
+    gateway = "2001:db8:c::2"
+
+    [db]
+    backend = "embedded"                    # embedded | etcd
+    path = "/var/lib/srmig/state.db"        # embedded
+    endpoints = ["http://127.0.0.1:2379"]   # etcd
+    prefix = "/srmig/"
+
+    [hook]
+    socket = "/run/srmig/agent.sock"        # `srmig status` and the libvirt hook talk to the agent here
+    ack_timeout_s = 2.0                     # `migrate begin` waits at most this long for the ingresses
+    on_timeout = "proceed"                  # proceed | refuse (refuse fails the migration)
+
+    [metrics]
+    listen = "127.0.0.1:9477"               # Prometheus; "" turns it off
+
+A VM is managed when its domain XML carries its address:
+    <metadata><srmig:vm xmlns:srmig="urn:srmig:vm:1"><srmig:address>2001:db8:100::10</srmig:address></srmig:vm></metadata>
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srmig.ctl.phases import HostSids
+
+
+class ConfigError(ValueError):
+    """One line: the file, the key and the expected form."""
+
+    def __init__(self, path: str | Path, key: str, expected: str, got=None):
+        self.path, self.key, self.expected = str(path), key, expected
+        shown = "" if got is None else f", got {got!r}"
+        super().__init__(f"{path}: {key}: expected {expected}{shown}")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    fabric: str
+    sids: HostSids
+    address: str
+    locator: str | None = None
+    xdp_mode: str = "native"
+    transit: tuple[str, ...] = ()
+    sr_domain: tuple[str, ...] = ()
+    libvirt_uri: str = "qemu:///system"
+    qemu_run_dir: str = "/run/libvirt/qemu"
+    grace_s: float = 2.0
+    tap_queue: int = 10000
+    hold_ring_pages: int = 4096
+    drain: bool = True
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    name: str
+    interface: str
+    gateway: str
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    backend: str = "embedded"
+    path: str = "/var/lib/srmig/state.db"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/srmig/"
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    socket: str = "/run/srmig/agent.sock"
+    ack_timeout_s: float = 2.0
+    on_timeout: str = "proceed"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    host: HostConfig | None = None
+    ingress: IngressConfig | None = None
+    db: DbConfig = field(default_factory=DbConfig)
+    hook: HookConfig = field(default_factory=HookConfig)
+    metrics_listen: str = "127.0.0.1:9477"
+
+    @property
+    def name(self) -> str:
+        return self.host.name if self.host else self.ingress.name
+
+
+class _Section:
+    """Typed reads of one TOML table; every error names the file and the dotted key."""
+
+    def __init__(self, path: str, name: str, table):
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, "a table ([" + name + "])", table)
+        self.path, self.name, self.table = path, name, dict(table)
+        self.read: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.name}.{k}"
+
+    def _get(self, k, default, required):
+        self.read.add(k)
+        if k not in self.table:
+            if required:
+                raise ConfigError(self.path, self.key(k), "a value (required)")
+            return default
+        return self.table.pop(k)
+
+    def str(self, k, default=None, required=False, choices=None) -> str | None:
+        v = self._get(k, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, str) or (not v and required):
+            raise ConfigError(self.path, self.key(k), "a non-empty string", v)
+        if choices and v not in choices:
+            raise ConfigError(self.path, self.key(k), "one of " + ", ".join(choices), v)
+        return v
+
+    def ipv6(self, k, default=None, required=False) -> str | None:
+        v = self.str(k, default, required)
+        if v is None:
+            return None
+        try:
+            return str(ipaddress.IPv6Address(v))
+        except ValueError:
+            raise ConfigError(self.path, self.key(k), "an IPv6 address", v) from None
+
+    def number(self, k, default, lo=0.0, integer=False):
+        v = self._get(k, default, False)
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or v < lo:
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(self.path, self.key(k), f"{kind} >= {lo:g}", v)
+        return v
+
+    def bool(self, k, default):
+        v = self._get(k, default, False)
+        if not isinstance(v, bool):
+            raise ConfigError(self.path, self.key(k), "true or false", v)
+        return v
+
+    def done(self) -> None:
+        if self.table:
+            k = sorted(self.table)[0]
+            raise ConfigError(self.path, self.key(k), "one of the known keys: " + ", ".join(sorted(self.read)))
+
+
+def _host(path: str, t) -> HostConfig:
+    s = _Section(path, "host", t)
+    name = s.str("name", socket.gethostname())
+    fabric = s.str("fabric", required=True)
+    locator = s.str("locator")
+    net = None
+    if locator is not None:
+        try:
+            net = ipaddress.IPv6Network(locator)
+        except ValueError:
+            raise ConfigError(path, "host.locator", "an IPv6 prefix such as fc00:0:1::/48", locator) from None
+    sids_t = s._get("sids", {}, False)
+    sids = _Section(path, "host.sids", sids_t)
+    values = {}
+    for k, func in (("dx6", 0xD6), ("end_s", 0x5), ("sbuf", 0xB)):
+        v = sids.ipv6(k)
+        if v is None:
+            if net is None:
+                raise ConfigError(path, f"host.sids.{k}", "an IPv6 address (or set host.locator)")
+            v = str(net.network_address + func)
+        elif net is not None and ipaddress.IPv6Address(v) not in net:
+            raise ConfigError(path, f"host.sids.{k}", f"an address inside host.locator {locator}", v)
+        values[k] = v
+    sids.done()
+    if len(set(values.values())) != 3:
+        raise ConfigError(path, "host.sids", "three different SIDs", values)
+    transit = s._get("transit", [], False)
+    if not isinstance(transit, list) or not all(isinstance(x, str) for x in transit):
+        raise ConfigError(path, "host.transit", "a list of IPv6 addresses", transit)
+    for i, x in enumerate(transit):
+        try:
+            ipaddress.IPv6Address(x)
+        except ValueError:
+            raise ConfigError(path, f"host.transit[{i}]", "an IPv6 address", x) from None
+    domain = s._get("sr_domain", [], False)
+    if not isinstance(domain, list) or not all(isinstance(x, str) for x in domain):
+        raise ConfigError(path, "host.sr_domain", "a list of IPv6 prefixes", domain)
+    for i, x in enumerate(domain):
+        try:
+            ipaddress.IPv6Network(x)
+        except ValueError:
+            raise ConfigError(path, f"host.sr_domain[{i}]", "an IPv6 prefix such as fc00::/16 (no host bits)",
+                              x) from None
+    pages = s.number("hold_ring_pages", 4096, lo=1, integer=True)
+    if pages & (pages - 1):
+        raise ConfigError(path, "host.hold_ring_pages", "a power of two", pages)
+    cfg = HostConfig(
+        name=name, fabric=fabric, locator=locator,
+        sids=HostSids(name, values["dx6"], values["end_s"], values["sbuf"]),
+        address=s.ipv6("address", required=True),
+        xdp_mode=s.str("xdp_mode", "native", choices=("native", "generic")),
+        transit=tuple(transit),
+        sr_domain=tuple(domain),
+        libvirt_uri=s.str("libvirt_uri", "qemu:///system"),
+        qemu_run_dir=s.str("qemu_run_dir", "/run/libvirt/qemu"),
+        grace_s=float(s.number("grace_s", 2.0)),
+        tap_queue=s.number("tap_queue", 10000, lo=1, integer=True),
+        hold_ring_pages=pages,
+        drain=s.bool("drain", True))
+    s.done()
+    return cfg
+
+
+def _ingress(path: str, t) -> IngressConfig:
+    s = _Section(path, "ingress", t)
+    cfg = IngressConfig(name=s.str("name", socket.gethostname()), interface=s.str("interface", required=True),
+                        gateway=s.ipv6("gateway", required=True))
+    s.done()
+    return cfg
+
+
+def _db(path: str, t) -> DbConfig:
+    s = _Section(path, "db", t)
+    backend = s.str("backend", "embedded", choices=("embedded", "etcd"))
+    dbpath = s.str("path", DbConfig.path)
+    endpoints = s._get("endpoints", list(DbConfig.endpoints), False)
+    if (not isinstance(endpoints, list) or not endpoints
+            or not all(isinstance(e, str) and e.startswith(("http://", "https://")) for e in endpoints)):
+        raise ConfigError(path, "db.endpoints", 'a list of URLs such as ["http://127.0.0.1:2379"]', endpoints)
+    prefix = s.str("prefix", "/srmig/")
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ConfigError(path, "db.prefix", "a key prefix starting and ending with '/'", prefix)
+    s.done()
+    return DbConfig(backend, dbpath, tuple(endpoints), prefix)
+
+
+def _hook(path: str, t) -> HookConfig:
+    s = _Section(path, "hook", t)
+    cfg = HookConfig(socket=s.str("socket", HookConfig.socket),
+                     ack_timeout_s=float(s.number("ack_timeout_s", 2.0)),
+                     on_timeout=s.str("on_timeout", "proceed", choices=("proceed", "refuse")))
+    s.done()
+    return cfg
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "(syntax)", f"valid TOML ({e})") from None
+    doc = dict(doc)
+    host = _host(path, doc.pop("host")) if "host" in doc else None
+    ingress = _ingress(path, doc.pop("ingress")) if "ingress" in doc else None
+    if host is None and ingress is None:
+        raise ConfigError(path, "host", "a [host] or an [ingress] table (the agent's role)")
+    db = _db(path, doc.pop("db", {}))
+    hook = _hook(path, doc.pop("hook", {}))
+    m = _Section(path, "metrics", doc.pop("metrics", {}))
+    listen = m.str("listen", "127.0.0.1:9477")
+    if listen:
+        hostpart, _, port = listen.rpartition(":")
+        if not hostpart or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(path, "metrics.listen", 'HOST:PORT such as "127.0.0.1:9477", or ""', listen)
+    m.done()
+    if doc:
+        raise ConfigError(path, sorted(doc)[0], "no such table or key (known: host, ingress, db, hook, metrics)")
+    return Config(path, host, ingress, db, hook, listen or "")
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, "(file)", f"a readable file ({e.strerror})") from None
+    return parse(text, str(path))

@@ -1,0 +1,64 @@
+"""Prometheus metrics (prometheus_client): dataplane counters read at scrape time, phase durations and the
+event -> map-update latency of the agent."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+
+
+class _Dataplane:
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        dp = self.agent.dp
+        if dp is None:
+            return
+        with contextlib.suppress(Exception):
+            st = dp.stats()
+            v = CounterMetricFamily("srmig_verdicts", "Packets by XDP verdict", labels=["verdict"])
+            for k, n in st["verdicts"].items():
+                v.add_metric([k], n)
+            yield v
+            d = CounterMetricFamily("srmig_drops", "Packets dropped, by reason", labels=["reason"])
+            for k, n in st["drops"].items():
+                d.add_metric([k], n)
+            yield d
+            s = CounterMetricFamily("srmig_sid_packets", "Packets per SID and outcome",
+                                    labels=["sid", "behaviour", "outcome"])
+            for sid in st["sids"]:
+                for k, n in sid["stats"].items():
+                    s.add_metric([sid["sid"], sid["behaviour"], k], n)
+            yield s
+            g = GaugeMetricFamily("srmig_vms", "VM entries in the map, by state", labels=["state"])
+            counts: dict[str, int] = {}
+            for e in dp.list_vms():
+                counts[e.state.name.lower()] = counts.get(e.state.name.lower(), 0) + 1
+            for k, n in counts.items():
+                g.add_metric([k], n)
+            yield g
+
+
+class Metrics:
+    def __init__(self, agent, listen: str):
+        self.registry = CollectorRegistry()
+        self.event_to_map = Histogram("srmig_event_to_map_seconds", "libvirt event to VM-state map update",
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.phase_seconds = Histogram("srmig_phase_seconds", "Time spent in each migration phase",
+                                       ["phase"], registry=self.registry)
+        self.registry.register(_Dataplane(agent))
+        host, _, port = listen.rpartition(":")
+        self.server, self.thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve(agent, listen: str) -> Metrics:
+    return Metrics(agent, listen)

@@ -1,0 +1,152 @@
+"""The VM state database's schema, over any srmig.ctl.statedb backend (embedded or etcd).
+
+Keys (under the backend's prefix, e.g. /srmig/):
+    hosts/<name>              {"name", "dx6", "end_s", "sbuf", "address", "transit": [...]}   (agent's lease)
+    agents/<name>             {"name", "roles", "libvirt", "pid", "since"}                      (agent's lease)
+    ingresses/<name>          {"name"}                        (the ingress's lease: it is expected to ack)
+    vms/<addr>                {"vm", "host", "segments", "version", "migration", "step", "phase"}
+    migrations/<addr>/<host>  {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
+    acks/<addr>/<ingress>     {"version"}
+
+`vms/` is what ingresses program; `version` grows by one per change over the VM's life (compare-and-swap),
+so an ingress applies a record only when it is newer than what it has. `migration`/`step` identify the
+machine action that wrote it: two agents executing the same Publish write it once.
+`migrations/<addr>/<host>` carries the events each end of a migration saw, written by that end only after it
+applied them; the other end feeds them to its own state machine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from srmig.ctl.phases import HostSids
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    vm: str
+    host: str
+    segments: tuple[str, ...]
+    version: int
+    migration: str = ""
+    step: int = 0
+    phase: str = "steady"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VmRecord:
+        return cls(d["vm"], d["host"], tuple(d["segments"]), int(d["version"]), d.get("migration", ""),
+                   int(d.get("step", 0)), d.get("phase", "steady"))
+
+    def to_dict(self) -> dict:
+        return {"vm": self.vm, "host": self.host, "segments": list(self.segments), "version": self.version,
+                "migration": self.migration, "step": self.step, "phase": self.phase}
+
+
+class VmDb:
+    def __init__(self, kv):
+        self.kv = kv
+
+    # --- hosts and agents ----------------------------------------------------------------------------
+
+    def put_host(self, sids: HostSids, address: str, transit: tuple[str, ...], lease=None) -> None:
+        self.kv.put(f"hosts/{sids.name}", {"name": sids.name, "dx6": sids.dx6, "end_s": sids.end_s,
+                                            "sbuf": sids.sbuf, "address": address, "transit": list(transit)},
+                    lease=lease)
+
+    def host(self, name: str) -> tuple[HostSids, dict] | None:
+        e = self.kv.get(f"hosts/{name}")
+        if e is None:
+            return None
+        v = e.value
+        return HostSids(v["name"], v["dx6"], v["end_s"], v["sbuf"]), v
+
+    def put_agent(self, name: str, info: dict, lease=None) -> None:
+        self.kv.put(f"agents/{name}", info, lease=lease)
+
+    # --- VM records ----------------------------------------------------------------------------------
+
+    def vm(self, addr: str) -> VmRecord | None:
+        e = self.kv.get(f"vms/{addr}")
+        return None if e is None else VmRecord.from_dict(e.value)
+
+    def vms(self) -> tuple[list[VmRecord], int]:
+        entries, rev = self.kv.range("vms/")
+        return [VmRecord.from_dict(e.value) for e in entries], rev
+
+    def publish(self, vm: str, host: str, segments, phase: str, migration: str = "", step: int = 0) -> int:
+        """Write the VM's segment list unless this (migration, step) or a later one is already there;
+        returns the version that holds it. Compare-and-swap, retried on a concurrent writer."""
+        key = f"vms/{vm}"
+        for _ in range(100):
+            e = self.kv.get(key)
+            cur = None if e is None else VmRecord.from_dict(e.value)
+            if cur is not None and migration and cur.migration == migration and cur.step >= step:
+                return cur.version
+            rec = VmRecord(vm, host, tuple(segments), (cur.version + 1) if cur else 1, migration, step, phase)
+            if cur is not None and cur.to_dict() | {"version": rec.version} == rec.to_dict():
+                return cur.version  # nothing changes
+            if self.kv.put_if(key, rec.to_dict(), 0 if e is None else e.mod_revision):
+                return rec.version
+        raise RuntimeError(f"{key}: too many concurrent writers")
+
+    # --- migrations ----------------------------------------------------------------------------------
+
+    def put_migration(self, vm: str, host: str, record: dict) -> None:
+        self.kv.put(f"migrations/{vm}/{host}", record)
+
+    def migrations(self) -> tuple[dict[str, dict[str, dict]], int]:
+        """{vm: {host: record}} and the revision of the snapshot."""
+        entries, rev = self.kv.range("migrations/")
+        out: dict[str, dict[str, dict]] = {}
+        for e in entries:
+            vm, _, host = e.key[len("migrations/"):].rpartition("/")
+            out.setdefault(vm, {})[host] = e.value
+        return out, rev
+
+    # --- ingresses and acks --------------------------------------------------------------------------
+
+    def register_ingress(self, name: str, lease) -> None:
+        self.kv.put(f"ingresses/{name}", {"name": name}, lease=lease)
+
+    def ingresses(self) -> list[str]:
+        return [e.value["name"] for e in self.kv.range("ingresses/")[0]]
+
+    def ack(self, vm: str, ingress: str, version: int) -> None:
+        self.kv.put(f"acks/{vm}/{ingress}", {"version": version})
+
+    def wait_acks(self, vm: str, version: int, timeout_s: float) -> list[str]:
+        """Wait (bounded) until every registered ingress acknowledged `version` of the VM's record or a later
+        one; returns the ingresses still missing (empty: all acked). Watch-driven, no polling."""
+        done = threading.Event()
+        lock = threading.Lock()
+        acked: dict[str, int] = {}
+        prefix = f"acks/{vm}/"
+
+        def missing() -> list[str]:
+            return sorted(i for i in self.ingresses() if acked.get(i, 0) < version)
+
+        def on_events(events) -> None:
+            with lock:
+                for ev in events:
+                    if ev.kind == "put":
+                        acked[ev.key[len(prefix):]] = int(ev.value.get("version", 0))
+            if not missing():
+                done.set()
+
+        entries, rev = self.kv.range(prefix)
+        for e in entries:
+            acked[e.key[len(prefix):]] = int(e.value.get("version", 0))
+        if not missing():
+            return []
+        w = self.kv.watch(prefix, on_events, start_revision=rev + 1)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    break
+            with lock:
+                return missing()
+        finally:
+            w.cancel()

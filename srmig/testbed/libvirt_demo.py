@@ -1,0 +1,241 @@
+"""`srmig demo --libvirt`: the production path end to end on one machine.
+
+The namespace testbed (client C, transit T, hosts S and D), a private libvirtd in S and D with srmig's qemu
+hook, and three `srmig agent` processes configured by the same provisioning scripts the Vagrant demo uses
+(vagrant/provision/host.sh and ingress.sh): S and D (host role), C (ingress role), sharing one VM state
+database (embedded, or etcd). The guest is defined on S with srmig metadata; while C probes it, libvirt
+live-migrates it to D (peer-to-peer, what `virsh migrate --live --p2p` does). Nothing but libvirt's events
+and hook drive srmig here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srmig.ctl import hook as hook_mod
+from srmig.ctl.agent import metadata_xml
+from srmig.ctl.hooksrv import request
+from srmig.testbed import libvirtd as lv
+from srmig.testbed import probe as probe_mod
+from srmig.testbed.qemu import GUEST_MAC
+from srmig.testbed.testbed import MGMT, T_END, VM_ADDR, Testbed
+
+PROVISION = Path(__file__).resolve().parents[2] / "vagrant" / "provision"
+DOMAIN = "srmig-vm"
+HOSTS = {"S": {"fabric": "s0", "locator": "fc00:0:1::/48", "address": "2001:db8:a::2"},
+         "D": {"fabric": "d0", "locator": "fc00:0:2::/48", "address": "2001:db8:b::2"}}
+SR_DOMAIN = "2001:db8:a::/64 2001:db8:b::/64 2001:db8:c::/64"  # sources allowed to reach srmig SIDs
+
+
+@dataclass
+class Result:
+    report: probe_mod.ProbeReport
+    migration_s: float
+    db: str
+    agents: dict = field(default_factory=dict)   # role -> final status
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        r = self.report
+        return {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
+                "blackout_ms": round(r.blackout_ms, 3), "migration_s": round(self.migration_s, 3),
+                "db": self.db, "error": self.error,
+                "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
+                                    if v.get("event_to_map_ms")},
+                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}}
+
+
+class Agents:
+    """The agent processes: started with `python -m srmig --netns NS agent`, stopped (SIGTERM, then SIGKILL)
+    on exit; their logs stay in the work dir."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.sockets: dict[str, str] = {}
+
+    def start(self, role: str, ns: str, config: Path, socket: str) -> None:
+        log = open(self.work / f"agent-{role}.log", "ab")
+        self.procs[role] = subprocess.Popen(
+            [sys.executable, "-m", "srmig", "--netns", ns, "agent", "--config", str(config), "-v"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.sockets[role] = socket
+
+    def status(self, role: str, timeout: float = 5) -> dict:
+        return request(self.sockets[role], {"op": "status"}, timeout)
+
+    def wait(self, role: str, pred, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while True:
+            proc = self.procs[role]
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent {role} exited ({proc.returncode}): {self.log(role)}")
+            try:
+                last = self.status(role)
+                if last.get("ok") and pred(last):
+                    return last
+            except (OSError, ValueError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent {role}: {what} not within {timeout} s (last status: {last}); "
+                                   f"log: {self.log(role)}")
+            time.sleep(0.05)
+
+    def log(self, role: str, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return (self.work / f"agent-{role}.log").read_text()[-n:]
+        return ""
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def provision(script: str, ns: str, env: dict) -> None:
+    full = {**os.environ, **{k: str(v) for k, v in env.items()}}
+    out = subprocess.run(["ip", "netns", "exec", ns, "sh", str(PROVISION / script)], env=full,
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script} in {ns} failed: {out.stderr.strip() or out.stdout.strip()}")
+
+
+@contextlib.contextmanager
+def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None):
+    """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work)."""
+    own = work is None and not os.environ.get("SRMIG_DEMO_KEEP_WORK")
+    work = work or Path(tempfile.mkdtemp(prefix="srmig-libvirt-demo-"))
+    sock_dir = Path("/run/srmig") / f"demo-{os.getpid()}"
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    sockets = {r: str(sock_dir / f"{r}.sock") for r in ("S", "D", "C")}
+    with contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(shutil.rmtree, work, True)
+        stack.callback(shutil.rmtree, sock_dir, True)
+        say("building the namespace testbed")
+        tb = stack.enter_context(Testbed(xdp_mode))
+        db_env = {"SRMIG_DB": db, "SRMIG_DB_PATH": work / "state.db"}
+        if db == "etcd":
+            from srmig.testbed.etcd import EtcdServer  # noqa: PLC0415
+
+            say("starting etcd in C")
+            etcd = stack.enter_context(EtcdServer(netns=tb.ns("C"), host="2001:db8:c::1"))
+            db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)
+        hooks = {r: {"qemu.d/srmig": hook_mod.script(sockets[r], 3.0, "proceed")} for r in ("S", "D")}
+        say("starting libvirtd in S and D")
+        ds = stack.enter_context(lv.daemons(tb.topo, hooks=hooks))
+        for role in ("S", "D"):
+            h = HOSTS[role]
+            provision("host.sh", tb.ns(role), {
+                **db_env, "SRMIG_NAME": role, "SRMIG_FABRIC": h["fabric"], "SRMIG_LOCATOR": h["locator"],
+                "SRMIG_ADDRESS": h["address"], "SRMIG_TRANSIT": T_END, "SRMIG_DOMAIN": SR_DOMAIN,
+                "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
+                "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": "",
+                "SRMIG_GRACE_S": "1.0", "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
+                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
+        provision("ingress.sh", tb.ns("C"), {
+            **db_env, "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
+            "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": "", "SRMIG_CONFIG": work / "C.toml"})
+        agents = Agents(work)
+        stack.callback(agents.close)
+        say("starting the agents")
+        for role in ("S", "D", "C"):
+            agents.start(role, tb.ns(role), work / f"{role}.toml", sockets[role])
+        for role in ("S", "D"):
+            agents.wait(role, lambda s: s["db"]["state"] == "connected" and s["libvirt"]
+                        and s["libvirt"]["state"] == "connected", 60, "database and libvirt connected")
+        agents.wait("C", lambda s: s["db"]["state"] == "connected" and s["ingress"], 30, "ingress up")
+        say("booting the guest on S")
+        conn = ds["S"].connect()
+        stack.callback(conn.close)
+        conn.createXML(lv.domain_xml(DOMAIN, metadata=metadata_xml(VM_ADDR)), 0)
+        for role in ("S", "D"):
+            stack.callback(_destroy, ds[role], DOMAIN)
+        lv.wait_console(ds["S"], DOMAIN, "SRMIG-GUEST-READY", 60)
+        agents.wait("C", lambda s: s["ingress"]["applied"].get(VM_ADDR), 10, "the VM's route programmed")
+        yield tb, ds, agents, work
+
+
+def _destroy(daemon: lv.Libvirtd, name: str) -> None:
+    import libvirt  # noqa: PLC0415
+
+    with contextlib.suppress(libvirt.libvirtError):
+        conn = daemon.connect()
+        try:
+            conn.lookupByName(name).destroy()
+        finally:
+            conn.close()
+
+
+def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
+        say=lambda m: None, warmup_s: float = 0.8) -> Result:
+    count = count or rate * 3
+    with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
+        ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
+        if ready.received == 0:
+            raise RuntimeError("the guest on S does not answer through the ingress")
+        p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
+        conn = ds["S"].connect()
+        try:
+            time.sleep(warmup_s)
+            say(f"virsh migrate --live --p2p under {rate} probes/s")
+            p.mark("migrate")
+            mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds["D"], MGMT["D"])
+            mig.start()
+            error = None
+            try:
+                migration_s = mig.result(60)
+            except Exception as e:  # noqa: BLE001 - reported
+                error, migration_s = str(e), mig.t_end - mig.t_start
+            p.mark("complete")
+            report = p.wait(timeout=60)
+        except BaseException:
+            p.stop()
+            raise
+        finally:
+            conn.close()
+        # Cut-over and the grace period: the source forgets the VM.
+        with contextlib.suppress(TimeoutError):
+            agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
+                        "the source's grace period over")
+        statuses = {r: agents.status(r) for r in ("S", "D", "C")}
+        return Result(report, migration_s, db, statuses, error)
+
+
+def main(rate: int, count: int | None, db: str, json_path: str | None, xdp_mode: str = "generic") -> int:
+    from srmig.testbed.demo import Progress  # noqa: PLC0415
+
+    say = Progress(True)
+    t0 = time.monotonic()
+    res = run(rate, count, db, xdp_mode, say=say)
+    say.done()
+    d = res.to_dict()
+    print(f"libvirt live migration driven by the srmig agents ({db} state database), {rate} probes/s")
+    print(f"  sent {d['sent']}  lost {d['lost']}  duplicated {d['duplicated']}  reordered {d['reordered']}  "
+          f"blackout {d['blackout_ms']:.1f} ms  migration {d['migration_s']:.2f} s")
+    for role, e in d["event_to_map_ms"].items():
+        print(f"  {role}: libvirt event -> map update p50 {e['p50']:.3f} ms, max {e['max']:.3f} ms ({e['n']})")
+    if res.error:
+        print(f"  migration error: {res.error}")
+    print(f"({time.monotonic() - t0:.0f} s)")
+    if json_path:
+        Path(json_path).write_text(json.dumps(d, indent=2))
+        print(f"wrote {json_path}")
+    return 0 if not res.error else 1

@@ -1,0 +1,80 @@
+#!/bin/sh
+# Provision one srmig hypervisor host: its agent config and the VM-facing tap with the anycast gateway.
+# The same script provisions the Vagrant hosts (vagrant/Vagrantfile) and the namespace testbed's hosts
+# (srmig demo --libvirt runs it inside each host's network namespace), so CI exercises it.
+#
+# Environment (defaults in brackets):
+#   SRMIG_NAME        host name, unique [hostname]
+#   SRMIG_FABRIC      fabric interface (XDP attaches here) [required]
+#   SRMIG_LOCATOR     this host's locator, e.g. fc00:0:1::/48 [required]
+#   SRMIG_ADDRESS     this host's fabric address (source of what the agent sends) [required]
+#   SRMIG_TRANSIT     space-separated SIDs between hosts on the migration path [none]
+#   SRMIG_DOMAIN      space-separated SR-domain source prefixes (RFC 8754 5.1) [none: check off]
+#   SRMIG_XDP_MODE    native | generic [native]
+#   SRMIG_DB          embedded | etcd [embedded]
+#   SRMIG_DB_PATH     embedded database file [/var/lib/srmig/state.db]
+#   SRMIG_ETCD        etcd endpoints, space-separated URLs [http://127.0.0.1:2379]
+#   SRMIG_SOCKET      the agent's unix socket [/run/srmig/agent.sock]
+#   SRMIG_LIBVIRT_URI [qemu:///system]
+#   SRMIG_QEMU_RUN_DIR where libvirt writes <domain>.pid [/run/libvirt/qemu]
+#   SRMIG_GRACE_S     [2.0]
+#   SRMIG_METRICS     Prometheus listen address, "" for none [127.0.0.1:9477]
+#   SRMIG_CONFIG      where to write the config [/etc/srmig/agent.toml]
+#   SRMIG_TAP         the VM's tap (libvirt <target dev=... managed='no'/>) [vmtap]
+#   SRMIG_VM_ADDR     the VM's IPv6 address [2001:db8:100::10]
+#   SRMIG_VM_MAC      the VM's MAC [02:00:00:00:10:10]
+#   SRMIG_GW_MAC      the anycast gateway MAC, the same on every host [02:00:5e:00:00:01]
+set -eu
+: "${SRMIG_FABRIC:?set SRMIG_FABRIC}" "${SRMIG_LOCATOR:?set SRMIG_LOCATOR}" "${SRMIG_ADDRESS:?set SRMIG_ADDRESS}"
+NAME=${SRMIG_NAME:-$(hostname)}
+CONFIG=${SRMIG_CONFIG:-/etc/srmig/agent.toml}
+TAP=${SRMIG_TAP:-vmtap}
+VM_ADDR=${SRMIG_VM_ADDR:-2001:db8:100::10}
+VM_MAC=${SRMIG_VM_MAC:-02:00:00:00:10:10}
+GW_MAC=${SRMIG_GW_MAC:-02:00:5e:00:00:01}
+
+toml_list() {  # "a b" -> ["a", "b"]
+    out=""
+    for x in $1; do out="$out${out:+, }\"$x\""; done
+    echo "[$out]"
+}
+
+mkdir -p "$(dirname "$CONFIG")"
+cat > "$CONFIG.tmp" <<TOML
+# written by vagrant/provision/host.sh
+[host]
+name = "$NAME"
+fabric = "$SRMIG_FABRIC"
+locator = "$SRMIG_LOCATOR"
+address = "$SRMIG_ADDRESS"
+transit = $(toml_list "${SRMIG_TRANSIT:-}")
+sr_domain = $(toml_list "${SRMIG_DOMAIN:-}")
+xdp_mode = "${SRMIG_XDP_MODE:-native}"
+libvirt_uri = "${SRMIG_LIBVIRT_URI:-qemu:///system}"
+qemu_run_dir = "${SRMIG_QEMU_RUN_DIR:-/run/libvirt/qemu}"
+grace_s = ${SRMIG_GRACE_S:-2.0}
+
+[db]
+backend = "${SRMIG_DB:-embedded}"
+path = "${SRMIG_DB_PATH:-/var/lib/srmig/state.db}"
+endpoints = $(toml_list "${SRMIG_ETCD:-http://127.0.0.1:2379}")
+
+[hook]
+socket = "${SRMIG_SOCKET:-/run/srmig/agent.sock}"
+
+[metrics]
+listen = "${SRMIG_METRICS-127.0.0.1:9477}"
+TOML
+mv "$CONFIG.tmp" "$CONFIG"
+
+# The VM's tap exists before libvirt starts QEMU (managed='no'), on every host the VM may run on: the
+# anycast gateway (one MAC, link-local fe80::1), a /128 route and a permanent neighbour entry for the VM.
+# No multicast: srmig counts the frames QEMU reads (srmig.ctl.drain.SwallowCheck).
+ip link show "$TAP" >/dev/null 2>&1 || ip tuntap add dev "$TAP" mode tap
+ip link set "$TAP" address "$GW_MAC" multicast off
+echo 0 > "/proc/sys/net/ipv6/conf/$TAP/accept_dad"
+ip link set "$TAP" up
+ip -6 addr replace fe80::1/64 dev "$TAP" nodad
+ip -6 route replace "$VM_ADDR/128" dev "$TAP"
+ip -6 neigh replace "$VM_ADDR" lladdr "$VM_MAC" dev "$TAP" nud permanent
+echo "srmig host $NAME: $CONFIG written, tap $TAP ready for $VM_ADDR"

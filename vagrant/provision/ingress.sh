@@ -1,0 +1,36 @@
+#!/bin/sh
+# Provision an srmig ingress: its agent config (the ingress role programs H.Encaps from the VM state
+# database). Shared by the Vagrant client and the namespace testbed's client (srmig demo --libvirt).
+#
+# Environment (defaults in brackets):
+#   SRMIG_NAME        ingress name, unique [hostname]
+#   SRMIG_INTERFACE   interface towards the fabric [required]
+#   SRMIG_GATEWAY     next hop on it [required]
+#   SRMIG_DB, SRMIG_DB_PATH, SRMIG_ETCD, SRMIG_SOCKET, SRMIG_METRICS, SRMIG_CONFIG: as in host.sh
+set -eu
+: "${SRMIG_INTERFACE:?set SRMIG_INTERFACE}" "${SRMIG_GATEWAY:?set SRMIG_GATEWAY}"
+NAME=${SRMIG_NAME:-$(hostname)}
+CONFIG=${SRMIG_CONFIG:-/etc/srmig/agent.toml}
+endpoints=""
+for x in ${SRMIG_ETCD:-http://127.0.0.1:2379}; do endpoints="$endpoints${endpoints:+, }\"$x\""; done
+mkdir -p "$(dirname "$CONFIG")"
+cat > "$CONFIG.tmp" <<TOML
+# written by vagrant/provision/ingress.sh
+[ingress]
+name = "$NAME"
+interface = "$SRMIG_INTERFACE"
+gateway = "$SRMIG_GATEWAY"
+
+[db]
+backend = "${SRMIG_DB:-embedded}"
+path = "${SRMIG_DB_PATH:-/var/lib/srmig/state.db}"
+endpoints = [$endpoints]
+
+[hook]
+socket = "${SRMIG_SOCKET:-/run/srmig/agent.sock}"
+
+[metrics]
+listen = "${SRMIG_METRICS-127.0.0.1:9478}"
+TOML
+mv "$CONFIG.tmp" "$CONFIG"
+echo "srmig ingress $NAME: $CONFIG written"
