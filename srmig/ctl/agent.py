@@ -39,7 +39,8 @@ from srmig.dataplane.abi import VmState
 log = logging.getLogger("srmig.agent")
 XMLNS = "urn:srmig:vm:1"
 LEASE_TTL_S = 10.0
-BASELINE_EVERY_S = 5.0
+BASELINE_EVERY_S = 2.0
+BASELINE_PER_TICK = 8
 
 
 @dataclass
@@ -301,6 +302,7 @@ class Agent:
         log.debug("event %s %s/%s (%s)", name, typ, detail, "managed" if d else "not managed")
         if d is None:
             return
+        self._last_event_ns, self._event_name = t_ns, f"{typ}/{detail}"
         loc = self.local.setdefault(d.vm, Local())
         loc.domain, loc.tap = d.name, d.tap
         role = self._role(d.vm)
@@ -329,18 +331,27 @@ class Agent:
         if d is not None and self._role(d.vm):
             self._local_event(d.vm, Ev.FAILED, t_ns, f"job {detail}")
 
-    def _vm_running_here(self, d: Domain) -> None:
-        """A VM runs here outside any migration: deliver it and tell the ingresses."""
+    _UNKNOWN = object()
+
+    def _vm_running_here(self, d: Domain, entry=_UNKNOWN, rec=_UNKNOWN) -> bool:
+        """A VM runs here outside any migration: deliver it and tell the ingresses. `entry`/`rec`: its map
+        entry and database record when the caller already has them (reconciliation of many VMs).
+        Returns whether anything had to change."""
         if self.dp is None:
-            return
-        cur = self.dp.get_vm(d.vm)
+            return False
+        changed = False
+        cur = self.dp.get_vm(d.vm) if entry is self._UNKNOWN else entry
         if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
             self.dp.set_vm(d.vm, VmState.RUNNING)
+            self._mark_map_write()
+            changed = True
         if self.db is not None:
-            rec = self.db.vm(d.vm)
+            if rec is self._UNKNOWN:
+                rec = self.db.vm(d.vm)
             if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,):
                 self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value)
-        self._try_baseline(d.vm)
+                changed = True
+        return changed
 
     # --- migrations ----------------------------------------------------------------------------------
 
@@ -626,27 +637,31 @@ class Agent:
                     res.close()
                 setattr(loc, attr, None)
 
-    def _try_baseline(self, vm: str) -> None:
+    def _try_baseline(self, vm: str) -> bool:
         """The source's count of frames QEMU read but did not deliver needs a quiet moment: try now and
         then while the VM runs here outside a migration (srmig.ctl.drain.SwallowCheck)."""
         loc = self.local.get(vm)
         if loc is None or not self.cfg.host.drain or self._role(vm) or loc.tap is None or self.libvirt is None:
-            return
+            return False
         from srmig.ctl.drain import SwallowCheck  # noqa: PLC0415
 
         conn = self.libvirt.conn
         if conn is None:
-            return
+            return False
         try:
             dom = conn.lookupByName(loc.domain)
             check = SwallowCheck(loc.tap, lambda: _rx_used_idx(dom))
             if check.baseline():
                 loc.check = check
+                return True
         except Exception as e:  # noqa: BLE001 - best effort
             log.debug("%s: no swallow baseline: %s", vm, e)
+        return False
 
     def _on_baseline(self) -> None:
-        for vm in list(self.local):
+        """A few VMs per tick (each costs a QMP round trip), those without a baseline first."""
+        vms = sorted(self.local, key=lambda v: self.local[v].check is not None)
+        for vm in vms[:BASELINE_PER_TICK]:
             if self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.RUNNING:
                 self._try_baseline(vm)
 
@@ -680,11 +695,13 @@ class Agent:
         running = libvirt.VIR_DOMAIN_RUNNING
         paused = libvirt.VIR_DOMAIN_PAUSED
         fixed = 0
+        # One read of the map and of the database for all VMs: then only what differs is written.
+        entries = {e.vm: e for e in self.dp.list_vms()} if self.dp is not None else {}
+        records = {r.vm: r for r in self.db.vms()[0]} if self.db is not None else {}
         for vm, (d, state, reason) in seen.items():
             role = self._role(vm)
             if role is None and state == running:
-                self._vm_running_here(d)
-                fixed += 1
+                fixed += self._vm_running_here(d, entries.get(vm), records.get(vm))
             elif role == "D" and state == running:
                 self._local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
             elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
@@ -699,7 +716,7 @@ class Agent:
         # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
         # stragglers: give them a fresh grace period.
         if self.dp is not None:
-            for e in self.dp.list_vms():
+            for e in entries.values():
                 if e.vm in seen or self._role(e.vm):
                     continue
                 if e.state is VmState.AWAY:
@@ -711,6 +728,9 @@ class Agent:
                     fixed += 1
         self.enqueue_baseline_timer()
         return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
+
+    def _on_noop(self, fut: Future) -> None:
+        fut.set_result(None)
 
     def _on_forget(self, vm: str) -> None:
         if not self._role(vm) and self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.AWAY:

@@ -34,6 +34,7 @@ PROVISION = Path(__file__).resolve().parents[2] / "vagrant" / "provision"
 DOMAIN = "srmig-vm"
 HOSTS = {"S": {"fabric": "s0", "locator": "fc00:0:1::/48", "address": "2001:db8:a::2"},
          "D": {"fabric": "d0", "locator": "fc00:0:2::/48", "address": "2001:db8:b::2"}}
+METRICS = "127.0.0.1:9477"   # Prometheus, inside each host's namespace
 SR_DOMAIN = "2001:db8:a::/64 2001:db8:b::/64 2001:db8:c::/64"  # sources allowed to reach srmig SIDs
 
 
@@ -44,6 +45,7 @@ class Result:
     db: str
     agents: dict = field(default_factory=dict)   # role -> final status
     error: str | None = None
+    metrics: dict = field(default_factory=dict)  # role -> Prometheus text
 
     def to_dict(self) -> dict:
         r = self.report
@@ -65,11 +67,23 @@ class Agents:
         self.sockets: dict[str, str] = {}
 
     def start(self, role: str, ns: str, config: Path, socket: str) -> None:
+        self.args = getattr(self, "args", {})
+        self.args[role] = (ns, config, socket)
         log = open(self.work / f"agent-{role}.log", "ab")
         self.procs[role] = subprocess.Popen(
             [sys.executable, "-m", "srmig", "--netns", ns, "agent", "--config", str(config), "-v"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.sockets[role] = socket
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[role]
+        p.send_signal(sig)
+        p.wait(10)
+
+    def restart(self, role: str) -> None:
+        if self.procs[role].poll() is None:
+            self.kill(role, signal.SIGTERM)
+        self.start(role, *self.args[role])
 
     def status(self, role: str, timeout: float = 5) -> dict:
         return request(self.sockets[role], {"op": "status"}, timeout)
@@ -147,7 +161,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 **db_env, "SRMIG_NAME": role, "SRMIG_FABRIC": h["fabric"], "SRMIG_LOCATOR": h["locator"],
                 "SRMIG_ADDRESS": h["address"], "SRMIG_TRANSIT": T_END, "SRMIG_DOMAIN": SR_DOMAIN,
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
-                "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": "",
+                "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
                 "SRMIG_GRACE_S": "1.0", "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
                 "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
         provision("ingress.sh", tb.ns("C"), {
@@ -185,9 +199,13 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
-        say=lambda m: None, warmup_s: float = 0.8) -> Result:
+        say=lambda m: None, warmup_s: float = 0.8, before=None) -> Result:
+    """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
+    S, before the probe starts (fault injection: restart an agent, ...)."""
     count = count or rate * 3
     with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
+        if before is not None:
+            before(tb, ds, agents)
         ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
         if ready.received == 0:
             raise RuntimeError("the guest on S does not answer through the ingress")
@@ -216,7 +234,20 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
                         "the source's grace period over")
         statuses = {r: agents.status(r) for r in ("S", "D", "C")}
-        return Result(report, migration_s, db, statuses, error)
+        res = Result(report, migration_s, db, statuses, error)
+        res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
+        return res
+
+
+def scrape(ns: str) -> str:
+    """The Prometheus text of the agent in namespace `ns`."""
+    import urllib.request  # noqa: PLC0415
+
+    from srmig.testbed.netns import inside  # noqa: PLC0415
+
+    with inside(ns):
+        with urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5) as r:
+            return r.read().decode()
 
 
 def main(rate: int, count: int | None, db: str, json_path: str | None, xdp_mode: str = "generic") -> int:

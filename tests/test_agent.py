@@ -1,0 +1,238 @@
+"""The agent: configuration errors, the hook client, the VM database schema (no root), and the real thing:
+two libvirtd daemons, three agent processes, libvirt's live migration under probe traffic (libvirt tier)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srmig.ctl import config
+from srmig.ctl.agent import Domain, metadata_xml
+from srmig.ctl.phases import HostSids
+
+GOOD = """
+[host]
+name = "hv1"
+fabric = "eth1"
+locator = "fc00:0:1::/48"
+address = "2001:db8:a::2"
+transit = ["fc00:0:3::e"]
+sr_domain = ["2001:db8::/32"]
+
+[ingress]
+interface = "eth0"
+gateway = "2001:db8:c::2"
+
+[db]
+backend = "etcd"
+endpoints = ["http://[2001:db8:c::1]:2379"]
+
+[hook]
+ack_timeout_s = 1.5
+on_timeout = "refuse"
+"""
+
+
+def test_good_config_and_defaults():
+    cfg = config.parse(GOOD, "agent.toml")
+    assert cfg.host.sids == HostSids("hv1", "fc00:0:1::d6", "fc00:0:1::5", "fc00:0:1::b")
+    assert cfg.host.transit == ("fc00:0:3::e",) and cfg.host.sr_domain == ("2001:db8::/32",)
+    assert cfg.host.xdp_mode == "native" and cfg.host.tap_queue == 10000 and cfg.host.drain is True
+    assert cfg.ingress.gateway == "2001:db8:c::2"
+    assert cfg.db.backend == "etcd" and cfg.db.endpoints == ("http://[2001:db8:c::1]:2379",)
+    assert cfg.hook.on_timeout == "refuse" and cfg.hook.ack_timeout_s == 1.5
+    assert cfg.metrics_listen == "127.0.0.1:9477"
+
+
+def test_config_docstring_example_parses():
+    """The example at the top of srmig/ctl/config.py is the reference: it must stay valid."""
+    text = config.__doc__.split("\n\n", 1)[1].split("\nA VM is managed")[0]
+    example = "\n".join(line[4:] for line in text.splitlines())
+    cfg = config.parse(example, "example")
+    assert cfg.host.fabric == "eth1" and cfg.ingress.name == "edge1"
+
+
+BAD = [
+    ("[host]\nfabric = 'eth1'\naddress = '2001:db8::1'\n", "host.sids.dx6", "IPv6 address"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = 'nope'\n", "host.address", "IPv6 address"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00::1::/48'\naddress = '2001:db8::1'\n", "host.locator", "prefix"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsids = {dx6 = 'fc00:9::d6'}\n",
+     "host.sids.dx6", "inside host.locator"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nxdp_mode = 'fast'\n",
+     "host.xdp_mode", "native, generic"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nhold_ring_pages = 1000\n",
+     "host.hold_ring_pages", "power of two"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\ngrace_s = -1\n",
+     "host.grace_s", "number >= 0"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsr_domain = ['fc00::1/16']\n",
+     "host.sr_domain[0]", "IPv6 prefix"),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nfabrik = 'x'\n",
+     "host.fabrik", "known keys"),
+    ("[ingress]\ninterface = 'eth0'\n", "ingress.gateway", "required"),
+    ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\n[db]\nbackend = 'redis'\n", "db.backend",
+     "embedded, etcd"),
+    ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\n[db]\nendpoints = ['127.0.0.1:2379']\n",
+     "db.endpoints", "list of URLs"),
+    ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\n[metrics]\nlisten = '9477'\n", "metrics.listen",
+     "HOST:PORT"),
+    ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\n[hooks]\n", "hooks", "no such table"),
+    ("[db]\nbackend = 'embedded'\n", "host", "[host] or an [ingress]"),
+    ("[host\nfabric = 1\n", "(syntax)", "valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,key,expected", BAD, ids=[b[1] for b in BAD])
+def test_bad_config_names_file_key_and_form(text, key, expected):
+    with pytest.raises(config.ConfigError) as e:
+        config.parse(text, "/etc/srmig/agent.toml")
+    msg = str(e.value)
+    assert msg.startswith(f"/etc/srmig/agent.toml: {key}: expected "), msg
+    assert expected in msg and "\n" not in msg
+
+
+def test_bad_config_exits_nonzero_and_installs_nothing(tmp_path):
+    sock = tmp_path / "agent.sock"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = 'x'\n"
+                   f"[hook]\nsocket = '{sock}'\n")
+    out = subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"srmig: error: {cfg}: host.address: expected an IPv6 address, got 'x'"
+    assert not sock.exists()
+    missing = subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(tmp_path / "nope.toml")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "nope.toml: (file): expected a readable file" in missing.stderr
+
+
+def test_domain_metadata_round_trip():
+    xml = (f"<domain><name>vm1</name><metadata>{metadata_xml('2001:db8:100:0::10')}</metadata>"
+           "<devices><interface type='ethernet'><target dev='tap7'/></interface></devices></domain>")
+    assert Domain.from_xml(xml) == Domain("vm1", "2001:db8:100::10", "tap7")
+    assert Domain.from_xml("<domain><name>other</name></domain>") is None
+
+
+def _hook(args, stdin="<domain/>", **kw):
+    return subprocess.run([sys.executable, "-m", "srmig.ctl.hook", *args], input=stdin, capture_output=True,
+                          text=True, timeout=30, **kw)
+
+
+def test_hook_without_agent(tmp_path):
+    sock = str(tmp_path / "none.sock")
+    # Not a migration: returns at once, prints nothing (libvirt would take stdout as a new XML).
+    out = _hook(["--socket", sock, "vm1", "start", "begin", "-"])
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    out = _hook(["--socket", sock, "vm1", "migrate", "begin", "-"])
+    assert out.returncode == 0 and out.stdout == "" and "not answering" in out.stderr
+    out = _hook(["--socket", sock, "--on-timeout", "refuse", "vm1", "migrate", "begin", "-"])
+    assert out.returncode == 1 and "refusing" in out.stderr
+
+
+def test_install_hook(tmp_path):
+    from srmig.ctl import hook
+
+    path = hook.install(str(tmp_path), "/run/srmig/x.sock", 2.0, "proceed")
+    assert path == tmp_path / "qemu.d" / "srmig" and os.access(path, os.X_OK)
+    assert hook.install(str(tmp_path), "/run/srmig/x.sock", 2.0, "proceed") == path  # idempotent
+    with pytest.raises(FileExistsError):
+        hook.install(str(tmp_path), "/run/srmig/other.sock", 2.0, "proceed")
+    out = subprocess.run([str(path), "vm1", "migrate", "begin", "-"], input="<domain/>", capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and "not answering" in out.stderr  # the installed script runs the hook
+
+
+# --- the VM database schema over the embedded backend (no root) ---------------------------------------
+
+@pytest.fixture
+def vmdb(tmp_path):
+    from srmig.ctl import statedb
+    from srmig.ctl.vmdb import VmDb
+
+    kv = statedb.open_db("embedded", path=str(tmp_path / "state.db"))
+    yield VmDb(kv)
+    kv.close()
+
+
+def test_publish_versions_and_dedupe(vmdb):
+    assert vmdb.publish("2001:db8::10", "S", ["fc00:0:1::d6"], "steady") == 1
+    assert vmdb.publish("2001:db8::10", "S", ["fc00:0:1::d6"], "steady") == 1  # nothing changed
+    v = vmdb.publish("2001:db8::10", "S", ["fc00:0:1::5", "fc00:0:2::b"], "provision", "m1", 1)
+    assert v == 2
+    # The other end executes the same Publish: written once.
+    assert vmdb.publish("2001:db8::10", "S", ["fc00:0:1::5", "fc00:0:2::b"], "provision", "m1", 1) == 2
+    assert vmdb.publish("2001:db8::10", "D", ["fc00:0:2::d6"], "cut-over", "m1", 2) == 3
+    # A late duplicate of an older step never overwrites a newer one.
+    assert vmdb.publish("2001:db8::10", "S", ["fc00:0:1::5", "fc00:0:2::b"], "provision", "m1", 1) == 3
+    rec = vmdb.vm("2001:db8::10")
+    assert rec.host == "D" and rec.segments == ("fc00:0:2::d6",) and rec.version == 3
+
+
+def test_wait_acks(vmdb):
+    import threading
+
+    lease = vmdb.kv.lease(30)
+    vmdb.register_ingress("C1", lease)
+    vmdb.register_ingress("C2", lease)
+    v = vmdb.publish("2001:db8::10", "S", ["fc00:0:1::d6"], "steady")
+    vmdb.ack("2001:db8::10", "C1", v)
+    assert vmdb.wait_acks("2001:db8::10", v, 0.2) == ["C2"]
+    threading.Timer(0.1, vmdb.ack, ("2001:db8::10", "C2", v)).start()
+    assert vmdb.wait_acks("2001:db8::10", v, 5) == []
+    lease.revoke()
+    assert vmdb.wait_acks("2001:db8::10", v + 1, 0.1) == []  # no ingress registered: nobody to wait for
+
+
+# --- the real thing -----------------------------------------------------------------------------------
+
+@pytest.mark.libvirt
+def test_libvirt_migration_driven_by_agents():
+    """libvirt's live migration under 2000 probes/s; only libvirt's hook and events drive srmig: 0 lost,
+    0 duplicated, 0 reordered. The destination's hook waited for the ingress's ack; every agent reports."""
+    from srmig.testbed import libvirt_demo
+
+    res = libvirt_demo.run(rate=2000, count=6000)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["sent"], d["lost"], d["duplicated"], d["reordered"]) == (6000, 0, 0, 0), d
+    s, dst, c = res.agents["S"], res.agents["D"], res.agents["C"]
+    # The ingress applied the cut-over version (one route, to D's End.DX6-map) and acknowledged it.
+    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
+    assert c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"] and c["ingress"]["errors"] == 0
+    assert {v["vm"]: v["state"] for v in dst["vms"]}.get(libvirt_demo.VM_ADDR) == "running"
+    assert all(v["state"] is None for v in s["vms"] if v["vm"] == libvirt_demo.VM_ADDR)  # grace over
+    assert s["event_to_map_ms"]["n"] >= 1 and dst["event_to_map_ms"]["n"] >= 1
+    assert s["dataplane"]["drops"]["outside_domain"] == 0
+    # Prometheus: dataplane counters, event -> map latency, phase durations.
+    prom = res.metrics["S"]
+    assert 'srmig_verdicts_total{verdict="delivered"}' in prom or "srmig_verdicts_total{" in prom
+    count = [line for line in prom.splitlines() if line.startswith("srmig_event_to_map_seconds_count")]
+    assert count and float(count[0].split()[-1]) >= 1
+    assert 'srmig_phase_seconds_count{phase="stop-and-copy"}' in prom
+
+
+@pytest.mark.libvirt
+def test_agents_restarted_before_migration():
+    """Both host agents SIGKILLed and restarted while the VM runs: they rebuild their state from libvirt and
+    the database (reconciliation), and the migration that follows is still lossless."""
+    from srmig.testbed import libvirt_demo
+
+    def restart(tb, ds, agents):
+        for role in ("S", "D"):
+            agents.kill(role)
+            agents.start(role, *agents.args[role])
+        for role in ("S", "D"):
+            agents.wait(role, lambda st: st["libvirt"] and st["libvirt"]["state"] == "connected"
+                        and st["db"]["state"] == "connected", 60, "reconnected")
+        st = agents.wait("S", lambda st: any(v["vm"] == libvirt_demo.VM_ADDR and v["state"] == "running"
+                                             for v in st["vms"]), 10, "VM running after reconcile")
+        assert st["agent"] == "S"
+
+    res = libvirt_demo.run(rate=2000, count=6000, before=restart)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost"], d["duplicated"]) == (0, 0), d
