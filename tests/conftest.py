@@ -54,7 +54,18 @@ def _missing_libvirt() -> str | None:
     return None
 
 
-CHECKS = {"bpf": _missing_bpf, "netns": _missing_netns, "vm": _missing_vm, "libvirt": _missing_libvirt}
+def _missing_etcd() -> str | None:
+    if not os.access("/usr/bin/etcd", os.X_OK):
+        return "/usr/bin/etcd not found (Debian etcd-server)"
+    try:
+        import etcd3gw  # noqa: F401
+    except ImportError:
+        return "etcd3gw not importable (pip install -e .[etcd]; run ./run setup)"
+    return None
+
+
+CHECKS = {"bpf": _missing_bpf, "netns": _missing_netns, "vm": _missing_vm, "libvirt": _missing_libvirt,
+          "etcd": _missing_etcd}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,137 @@
+"""A throw-away single-member etcd (Debian's /usr/bin/etcd, 3.4) for tests, benches and demos.
+
+Listens on 127.0.0.1 only, on free ports, with its own temporary data dir. stop() and start() keep the
+data dir and the ports, so a test can take the member down and bring it back with its history intact
+(watches must then resume where they were). Everything is removed on exit, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ETCD = "/usr/bin/etcd"
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+# Fast ticks shorten a restart's self-election; for one member there is no peer to disagree with. They
+# also lower etcd's minimum lease TTL (1.5 election timeouts, rounded up to whole seconds) from 2 s to 1 s.
+HEARTBEAT_MS = 25
+ELECTION_MS = 250
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdServer:
+    """`with EtcdServer() as etcd: open_db("etcd", endpoints=etcd.endpoints)`."""
+
+    def __init__(self, name: str = "srmig-test", binary: str = ETCD):
+        self.name = name
+        self.binary = binary
+        self.dir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.client_port = 0
+        self.peer_port = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.client_port}"]
+
+    @property
+    def log_path(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "etcd.log"
+
+    def __enter__(self) -> EtcdServer:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def start(self) -> None:
+        """Start the member (again: same data dir and ports) and wait until it reports healthy."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if not os.access(self.binary, os.X_OK):
+            raise FileNotFoundError(f"{self.binary} not found (Debian etcd-server)")
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="srmig-etcd-"))
+            self.client_port, self.peer_port = _free_port(), _free_port()
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        cmd = [
+            self.binary, "--name", self.name, "--data-dir", str(self.dir / "data"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
+            "--logger", "zap", "--log-level", "warn",
+        ]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        self._wait_healthy(client)
+
+    def _wait_healthy(self, client: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        why = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self._log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
+                    body = json.loads(r.read())
+                if body.get("health") == "true":
+                    return
+                why = f"/health says {body}"
+            except (OSError, ValueError) as e:
+                why = str(e)
+            time.sleep(0.05)
+        raise RuntimeError(f"etcd on {client} not healthy after {START_TIMEOUT_S:.0f} s ({why}): "
+                           f"{self._log_tail()}")
+
+    def _log_tail(self, n: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, kill: bool = False) -> None:
+        """Take the member down (SIGTERM, or SIGKILL with kill=True); the data dir stays for start()."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
