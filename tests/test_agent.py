@@ -236,3 +236,19 @@ def test_agents_restarted_before_migration():
     d = res.to_dict()
     assert res.error is None
     assert (d["lost"], d["duplicated"]) == (0, 0), d
+
+
+@pytest.mark.libvirt
+def test_abort_after_pause_returns_held_packets():
+    """The destination's QEMU is killed once the source paused: libvirt fails the migration and resumes the
+    source. The agents roll back: the source delivers again, the destination returns what its tap queue held
+    (kept alive by the agent's duplicate of QEMU's tap fd) once the source runs the VM: 0 lost."""
+    from srmig.testbed import libvirt_demo
+
+    res = libvirt_demo.run(rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
+    d = res.to_dict()
+    assert res.error is not None, "the migration should have failed"
+    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "S" and loc["segments"] == ["fc00:0:1::d6"]
+    assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"

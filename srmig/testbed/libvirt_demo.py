@@ -199,9 +199,10 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
-        say=lambda m: None, warmup_s: float = 0.8, before=None) -> Result:
+        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None) -> Result:
     """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
-    S, before the probe starts (fault injection: restart an agent, ...)."""
+    S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons, agents, dom)`
+    in a thread once the migration has started (e.g. kill_dest_at_pause)."""
     count = count or rate * 3
     with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
         if before is not None:
@@ -217,6 +218,10 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             p.mark("migrate")
             mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds["D"], MGMT["D"])
             mig.start()
+            if during is not None:
+                import threading  # noqa: PLC0415
+
+                threading.Thread(target=during, args=(tb, ds, agents, mig.args[0]), daemon=True).start()
             error = None
             try:
                 migration_s = mig.result(60)
@@ -237,6 +242,19 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         res = Result(report, migration_s, db, statuses, error)
         res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
         return res
+
+
+def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
+    """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
+    import libvirt  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
+                return
+        time.sleep(0.0005)
 
 
 def scrape(ns: str) -> str:
