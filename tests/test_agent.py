@@ -252,3 +252,17 @@ def test_abort_after_pause_returns_held_packets():
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "S" and loc["segments"] == ["fc00:0:1::d6"]
     assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.libvirt
+@pytest.mark.etcd
+def test_libvirt_migration_with_etcd():
+    """The same, with the agents sharing an etcd (in the client's namespace, reached across the fabric)."""
+    from srmig.testbed import libvirt_demo
+
+    res = libvirt_demo.run(rate=2000, count=6000, db="etcd")
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and res.agents["C"]["db"]["backend"] == "etcd"

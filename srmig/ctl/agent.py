@@ -41,6 +41,7 @@ XMLNS = "urn:srmig:vm:1"
 LEASE_TTL_S = 10.0
 BASELINE_EVERY_S = 2.0
 BASELINE_PER_TICK = 8
+BASELINE_TRIES = 5
 
 
 @dataclass
@@ -117,6 +118,8 @@ class Agent:
         self.latencies_ms: list[float] = []          # event -> first map write, last 1000
         self.phase_started: dict[str, tuple[str, float]] = {}
         self._local_events: dict[str, set] = {}      # vm -> events seen by this host (not its peer)
+        self.dbq: queue.Queue = queue.Queue()          # database writes, in order, off the worker's path
+        self._hosts: dict[str, tuple] = {}            # host records (they change only with a host's config)
         self.iterations: dict[str, int] = {}          # domain -> last migration iteration seen
         self.last_job: dict[str, dict] = {}           # domain -> the last completed job's figures
 
@@ -133,6 +136,36 @@ class Agent:
 
     def enqueue(self, *item) -> None:
         self.q.put(item)
+
+    def _db_async(self, fn) -> Future:
+        """Run `fn` on the database writer thread, after every write queued before it; the worker goes on at
+        once (a map update must never wait for a database round trip)."""
+        fut: Future = Future()
+        self.dbq.put((fn, fut))
+        return fut
+
+    def _db_writer(self) -> None:
+        while True:
+            fn, fut = self.dbq.get()
+            if fn is None:
+                return
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - logged; whoever waits sees it
+                log.error("database write failed: %s", e)
+                fut.set_exception(e)
+
+    def _put_record(self, vm: str) -> None:
+        rec = self._record(vm)
+        self._db_async(lambda: self.db.put_migration(vm, self.name, rec))
+
+    def _host(self, name: str):
+        if name not in self._hosts:
+            h = self.db.host(name)
+            if h is None:
+                return None
+            self._hosts[name] = h
+        return self._hosts[name]
 
     def call(self, kind: str, *args, timeout: float = 10.0):
         """Run `kind` on the worker and wait for its result (hook and status requests)."""
@@ -195,6 +228,7 @@ class Agent:
                 break
             try:
                 getattr(self, "_on_" + kind.replace("-", "_"))(*args)
+                self._last_event_ns = 0  # a later map write belongs to a later item
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the agent
                 log.exception("handling %s failed", kind)
                 if args and isinstance(args[-1], Future) and not args[-1].done():
@@ -223,6 +257,7 @@ class Agent:
             self.hook_server.close()
         if self.metrics:
             self.metrics.close()
+        self.dbq.put((None, None))
         if self.kv:
             with contextlib.suppress(Exception):
                 self.kv.close()
@@ -231,6 +266,7 @@ class Agent:
 
     def _on_db_up(self, kv) -> None:
         self.kv, self.db = kv, VmDb(kv)
+        threading.Thread(target=self._db_writer, name="db-writer", daemon=True).start()
         self.status_db = {"state": "connected", "error": None, "backend": self.cfg.db.backend}
         lease = kv.lease(LEASE_TTL_S)
         self._leases.append(lease)
@@ -241,6 +277,8 @@ class Agent:
         if self.cfg.host:
             h = self.cfg.host
             self.db.put_host(h.sids, h.address, h.transit, lease=None)
+            for e in kv.range("hosts/")[0]:  # the peers' SIDs, read once: no round trip at migration time
+                self._host(e.key[len("hosts/"):])
             migs, rev = self.db.migrations()
             for vm, recs in migs.items():
                 self._on_migration_records(vm, recs, replay=True)
@@ -349,7 +387,7 @@ class Agent:
             if rec is self._UNKNOWN:
                 rec = self.db.vm(d.vm)
             if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,):
-                self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value)
+                self._db_async(lambda: self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value))
                 changed = True
         return changed
 
@@ -378,12 +416,12 @@ class Agent:
             # Abort on the destination: say so at once, but return what D held only once the source runs
             # the VM again (the source writes "failed" after it did), or it would bounce back here.
             self.local.setdefault(vm, Local()).deferred = actions
-            self.db.put_migration(vm, self.name, self._record(vm))
+            self._put_record(vm)
             self._maybe_return(vm)
             return
         self._execute(m, actions)
         self._observe_phase(m)
-        self.db.put_migration(vm, self.name, self._record(vm))
+        self._put_record(vm)
 
     def _on_db_migrations(self, events) -> None:
         touched: dict[str, dict] = {}
@@ -432,7 +470,7 @@ class Agent:
                     self._local_event(vm, ev, t_ns, f"{typ}/{detail}")
 
     def _start_migration(self, vm: str, rec: dict) -> bool:
-        src, dst = self.db.host(rec["src"]), self.db.host(rec["dst"])
+        src, dst = self._host(rec["src"]), self._host(rec["dst"])
         if src is None or dst is None:
             log.error("migration %s of %s: unknown host %s", rec["id"], vm, rec["src"] if src is None else rec["dst"])
             return False
@@ -475,7 +513,7 @@ class Agent:
         cur = self.db.vm(d.vm)
         if cur is None or cur.host == self.name:
             raise RuntimeError(f"{d.vm}: no source known in the state database (record: {cur})")
-        src = self.db.host(cur.host)
+        src = self._host(cur.host)
         if src is None:
             raise RuntimeError(f"{d.vm}: source host {cur.host} has no record in the state database")
         mid = uuid.uuid4().hex[:12]
@@ -487,10 +525,12 @@ class Agent:
         self._last_event_ns, self._event_name = time.monotonic_ns(), "hook migrate begin"
         self._local_events[d.vm].add(Ev.BEGIN)
         m = self.machine.migrations[d.vm]
-        version = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
+        pub = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
         self._observe_phase(m)
-        self.db.put_migration(d.vm, self.name, self._record(d.vm))
-        fut.set_result({"managed": True, "vm": d.vm, "version": version, "migration": mid})
+        self._put_record(d.vm)
+        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then).
+        self._db_async(lambda: fut.set_result({"managed": True, "vm": d.vm, "migration": mid,
+                                               "version": pub.result() if pub else 0}))
 
     def _on_grace_over(self, vm: str, mid: str) -> None:
         if self.mig_ids.get(vm) != mid:
@@ -517,15 +557,18 @@ class Agent:
         if not prev or prev[0] != m.phase.value:
             self.phase_started[m.vm] = (m.phase.value, now)
 
-    def _execute(self, m: Migration, actions, replay: bool = False) -> int:
-        """Apply the actions for this host (and every Publish); returns the last published version."""
-        version = 0
+    def _execute(self, m: Migration, actions, replay: bool = False) -> Future | None:
+        """Apply the actions for this host (and every Publish, on the writer thread); returns the future of
+        the last published version."""
+        version = None
         loc = self.local.setdefault(m.vm, Local())
         for a in actions:
             if isinstance(a, Publish):
                 phase = m.phase.value
                 host = m.dst.name if m.phase in (Phase.CUT_OVER,) else m.src.name
-                version = self.db.publish(a.vm, host, a.segments, phase, self.mig_ids.get(a.vm, ""), a.version)
+                mid = self.mig_ids.get(a.vm, "")
+                version = self._db_async(lambda a=a, host=host, phase=phase, mid=mid:
+                                         self.db.publish(a.vm, host, a.segments, phase, mid, a.version))
                 continue
             if isinstance(a, StartGrace):
                 if m.src.name == self.name:
@@ -574,10 +617,12 @@ class Agent:
             return
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)
+        check = _BoundedCheck(loc.check) if loc.check is not None else None
         try:
-            rep = drain.run(pid, loc.tap, check=loc.check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
-            log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent", m.vm, rep.from_tap,
-                     rep.from_ring, rep.resent_swallowed)
+            rep = drain.run(pid, loc.tap, check=check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
+            log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent (swallowed %s, "
+                     "baseline %s, shadow %s)", m.vm, rep.from_tap, rep.from_ring, rep.resent_swallowed,
+                     rep.swallowed, loc.check is not None, loc.shadow is not None)
         except OSError as e:
             log.error("%s: drain failed (%s); forwarding", m.vm, e)
             self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
@@ -651,18 +696,21 @@ class Agent:
         try:
             dom = conn.lookupByName(loc.domain)
             check = SwallowCheck(loc.tap, lambda: _rx_used_idx(dom))
-            if check.baseline():
+            check.base = check._diff(tries=BASELINE_TRIES)  # few tries: under traffic, try again later
+            if check.base is not None:
                 loc.check = check
                 return True
         except Exception as e:  # noqa: BLE001 - best effort
             log.debug("%s: no swallow baseline: %s", vm, e)
         return False
 
-    def _on_baseline(self) -> None:
-        """A few VMs per tick (each costs a QMP round trip), those without a baseline first."""
-        vms = sorted(self.local, key=lambda v: self.local[v].check is not None)
+    def _baselines(self) -> None:
+        """On the timer's thread, never the worker's (each try costs a QMP round trip through libvirt): a few
+        VMs per tick, those without a baseline first, none in a migration."""
+        local = dict(self.local)
+        vms = sorted(local, key=lambda v: local[v].check is not None)
         for vm in vms[:BASELINE_PER_TICK]:
-            if self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.RUNNING:
+            if self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.RUNNING and not e.shadow:
                 self._try_baseline(vm)
 
     # --- reconciliation ------------------------------------------------------------------------------
@@ -743,7 +791,7 @@ class Agent:
         def tick():
             self._baseline_timer = None
             if not self.stopping.is_set():
-                self.enqueue("baseline")
+                self._baselines()
                 self.enqueue_baseline_timer()
         self._baseline_timer = threading.Timer(BASELINE_EVERY_S, tick)
         self._baseline_timer.daemon = True
@@ -779,6 +827,33 @@ class Agent:
                 recs, _ = self.db.vms()
                 out["locations"] = [r.to_dict() for r in recs]
         fut.set_result(out)
+
+
+class _BoundedCheck:
+    """SwallowCheck.swallowed() through libvirt's monitor passthrough, bounded: during stop-and-copy QEMU may
+    answer late (its migration thread holds the big lock while saving devices) or the domain may already be
+    gone. Then the count is unknown (None): the drain goes on without re-sending the swallowed frame (at most
+    one or two packets, counted as not recovered) rather than hold everything while waiting."""
+
+    TIMEOUT_S = 0.1
+
+    def __init__(self, check):
+        self.check = check
+
+    def swallowed(self) -> int | None:
+        fut: Future = Future()
+
+        def ask():
+            try:
+                fut.set_result(self.check.swallowed())
+            except Exception as e:  # noqa: BLE001
+                fut.set_exception(e)
+        threading.Thread(target=ask, daemon=True, name="swallow-check").start()
+        try:
+            return fut.result(self.TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - timeout or libvirt error
+            log.warning("swallowed-frame count unknown (%s): not recovered", type(e).__name__)
+            return None
 
 
 def _rx_used_idx(dom) -> int:

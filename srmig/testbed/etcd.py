@@ -7,6 +7,7 @@ data dir and the ports, so a test can take the member down and bring it back wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,9 +37,14 @@ def _free_port() -> int:
 class EtcdServer:
     """`with EtcdServer() as etcd: open_db("etcd", endpoints=etcd.endpoints)`."""
 
-    def __init__(self, name: str = "srmig-test", binary: str = ETCD):
+    def __init__(self, name: str = "srmig-test", binary: str = ETCD, netns: str | None = None,
+                 host: str = "127.0.0.1"):
+        """`netns`/`host`: run inside that network namespace, listening on `host` (e.g. the address of a
+        testbed host that the other namespaces route to)."""
         self.name = name
         self.binary = binary
+        self.netns = netns
+        self.host = f"[{host}]" if ":" in host else host
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.client_port = 0
@@ -46,7 +52,7 @@ class EtcdServer:
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.client_port}"]
+        return [f"http://{self.host}:{self.client_port}"]
 
     @property
     def log_path(self) -> Path:
@@ -73,8 +79,8 @@ class EtcdServer:
         if self.dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="srmig-etcd-"))
             self.client_port, self.peer_port = _free_port(), _free_port()
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"http://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         cmd = [
             self.binary, "--name", self.name, "--data-dir", str(self.dir / "data"),
             "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -83,6 +89,8 @@ class EtcdServer:
             "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
             "--logger", "zap", "--log-level", "warn",
         ]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -98,8 +106,13 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
-                    body = json.loads(r.read())
+                with contextlib.ExitStack() as stack:
+                    if self.netns:
+                        from srmig.testbed.netns import inside  # noqa: PLC0415
+
+                        stack.enter_context(inside(self.netns))
+                    with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
+                        body = json.loads(r.read())
                 if body.get("health") == "true":
                     return
                 why = f"/health says {body}"

@@ -149,6 +149,9 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         if db == "etcd":
             from srmig.testbed.etcd import EtcdServer  # noqa: PLC0415
 
+            for role in ("S", "D"):  # the hosts' agents reach etcd on C through T
+                tb.topo.route("C", f"{HOSTS[role]['address']}/128", gateway="2001:db8:c::2")
+
             say("starting etcd in C")
             etcd = stack.enter_context(EtcdServer(netns=tb.ns("C"), host="2001:db8:c::1"))
             db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)
