@@ -266,3 +266,62 @@ def test_libvirt_migration_with_etcd():
     assert (d["lost"], d["duplicated"]) == (0, 0), d
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and res.agents["C"]["db"]["backend"] == "etcd"
+
+
+def test_unreachable_database_is_retried_and_reported(tmp_path):
+    """An ingress agent whose etcd is down: it keeps running, retries with backoff and says so in status."""
+    import socket as socket_mod
+    import time
+
+    from srmig.ctl.hooksrv import request
+
+    with socket_mod.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = tmp_path / "agent.sock"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[ingress]\ninterface = 'lo'\ngateway = '::1'\n[db]\nbackend = 'etcd'\n"
+                   f"endpoints = ['http://127.0.0.1:{port}']\n[hook]\nsocket = '{sock}'\n[metrics]\nlisten = ''\n")
+    p = subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                st = request(str(sock), {"op": "status"}, 2)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            seen.append(st["db"])
+            if len(seen) >= 2 and st["db"].get("retry_in_s", 0) >= 0.8:
+                break
+            time.sleep(0.3)
+        assert p.poll() is None, "the agent must not exit (no crash loop)"
+        assert seen and seen[-1]["state"] == "unreachable" and str(port) in seen[-1]["error"], seen
+        assert seen[-1]["retry_in_s"] >= 0.8  # backing off
+        out = subprocess.run([sys.executable, "-m", "srmig", "status", "--socket", str(sock)], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0 and "state db: unreachable" in out.stdout and "retry in" in out.stdout
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_unreachable_libvirt_is_retried_and_reported():
+    import time
+
+    from srmig.ctl.libvirt_link import LibvirtLink
+
+    items = []
+    link = LibvirtLink("qemu+unix:///system?socket=/nonexistent/libvirt-sock", lambda *i: items.append(i))
+    link.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (link.retry_in or 0) < 0.8:
+            time.sleep(0.05)
+        st = link.status()
+        assert st["state"] == "unreachable" and "nonexistent" in st["error"] and st["retry_in_s"] >= 0.8, st
+        assert st["connects"] == 0 and not items
+    finally:
+        link.close()
