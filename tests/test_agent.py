@@ -325,3 +325,21 @@ def test_unreachable_libvirt_is_retried_and_reported():
         assert st["connects"] == 0 and not items
     finally:
         link.close()
+
+
+@pytest.mark.libvirt
+def test_ingress_late_to_apply():
+    """The ingress agent is frozen through the whole migration: the destination's hook waits its bounded
+    time for the ack, then lets the migration go on. The ingress keeps sending to the source's End.DX6-map;
+    the source forwards those packets to the destination (AWAY + next SID) and the destination holds them until
+    the VM resumes: still 0 lost. Once thawed, the ingress catches up with the latest version."""
+    from srmig.testbed import libvirt_demo
+
+    res = libvirt_demo.run(rate=2000, count=8000, before=libvirt_demo.freeze_ingress,
+                           during=libvirt_demo.thaw_ingress_after_migration)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    c = res.agents["C"]
+    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"]

@@ -97,8 +97,8 @@ CASES = [
          "vm_state"),
     Case("End.SBUF, VM away: no action for that state", encaps([L.D_SBUF, L.SID_SBUF], L.VM_AWAY, sl=0),
          XDP_DROP, "drop", "vm_state"),
-    Case("End.DX6-map, VM hold: no action for that state", encaps([L.SID_DX6], L.VM_HOLD), XDP_DROP, "drop",
-         "vm_state"),
+    Case("End.DX6-map, VM hold (an ingress not switched yet): rewrite towards the recorded SID, park in the "
+         "hold ring", encaps([L.SID_DX6], L.VM_HOLD), XDP_DROP, "hold", ring=held([L.D_DX6], L.VM_HOLD, sl=0)),
     Case("End.DX6-map, VM incoming: hold like End.SBUF", encaps([L.SID_DX6], L.VM_INCOMING), XDP_REDIRECT,
          "hold", expect=delivered(L.VM_INCOMING)),
     Case("End (transit): next segment", encaps([L.SID_END, L.D_SBUF], L.VM_UNKNOWN), XDP_REDIRECT, "forward",

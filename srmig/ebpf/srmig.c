@@ -305,11 +305,13 @@ static __always_inline int end_sbuf(struct xdp_md *ctx, struct pkt *p, struct sr
 }
 
 /* End.DX6-map (steady state): what End.SBUF does (deliver when running; hold when incoming, because the
- * ingress cut over before our resume), and when the VM is away, send stragglers on to where it went. */
+ * ingress cut over before our resume), and when the VM is away, send stragglers on to where it went. While
+ * the source drains (HOLD: an ingress that has not switched yet still sends here), rewrite the same way but
+ * park in the hold ring, behind the drained queue, like End.S does. */
 static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
 				   struct srmig_vm_value *st)
 {
-	if (st->state != SRMIG_VM_AWAY || segments_left(p) != 0)
+	if ((st->state != SRMIG_VM_AWAY && st->state != SRMIG_VM_HOLD) || segments_left(p) != 0)
 		return end_sbuf(ctx, p, vm, st);
 	/* Rewrite the active segment and the DA to the recorded SID, so the SRH stays consistent. */
 	if (p->ip6h->hop_limit <= 1) {
@@ -327,6 +329,8 @@ static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srm
 		__builtin_memcpy(seg0, st->next_sid, 16);
 	}
 	p->ip6h->hop_limit--;
+	if (st->state == SRMIG_VM_HOLD)
+		return hold_in_ring(ctx, p, vm);
 	return forward(ctx, p);
 }
 

@@ -90,7 +90,7 @@ class TestRunLab:
             dp.add_sid(sid, beh)
         dp.set_vm(VM_RUNNING, VmState.RUNNING)
         dp.set_vm(VM_AWAY, VmState.AWAY, next_sid=D_DX6)
-        dp.set_vm(VM_HOLD, VmState.HOLD)
+        dp.set_vm(VM_HOLD, VmState.HOLD, next_sid=D_DX6)  # the drain records where the VM goes
         dp.set_vm(VM_INCOMING, VmState.INCOMING)
         dp.set_vm(VM_INCOMING_RING, VmState.INCOMING, hold_ring=True)
         dp.set_vm(VM_NO_NEIGH, VmState.RUNNING)

@@ -260,6 +260,26 @@ def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
         time.sleep(0.0005)
 
 
+def freeze_ingress(tb, ds, agents) -> None:
+    """`before`: the ingress agent stops answering (SIGSTOP) before the migration: it will be late."""
+    agents.procs["C"].send_signal(signal.SIGSTOP)
+
+
+def thaw_ingress_after_migration(tb, ds, agents, dom, timeout: float = 30) -> None:
+    """`during`: once the domain has left the source, let the ingress agent run again."""
+    import libvirt  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                break
+        except libvirt.libvirtError:
+            break
+        time.sleep(0.05)
+    agents.procs["C"].send_signal(signal.SIGCONT)
+
+
 def scrape(ns: str) -> str:
     """The Prometheus text of the agent in namespace `ns`."""
     import urllib.request  # noqa: PLC0415

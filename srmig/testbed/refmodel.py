@@ -115,7 +115,7 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
         vms={
             _a(L.VM_RUNNING): Vm(RUNNING),
             _a(L.VM_AWAY): Vm(AWAY, next_sid=_a(L.D_DX6)),
-            _a(L.VM_HOLD): Vm(HOLD),
+            _a(L.VM_HOLD): Vm(HOLD, next_sid=_a(L.D_DX6)),
             _a(L.VM_INCOMING): Vm(INCOMING),
             _a(L.VM_INCOMING_RING): Vm(INCOMING, hold_ring=True),
             _a(L.VM_NO_NEIGH): Vm(RUNNING),
@@ -286,9 +286,9 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
     if beh == END_SBUF:
         return sbuf()
     if beh == DX6_MAP:
-        # C's choice: AWAY with SL != 0 falls to the End.SBUF rules (sl_nonzero); AWAY with SL == 0 rewrites
+        # C's choice: AWAY with SL != 0 falls to the End.SBUF rules (sl_nonzero); AWAY (and HOLD) with SL == 0 rewrites
         # DA and Segment List[0] to the recorded SID (hop limit checked and decremented, RFC 8986 4.1 S03).
-        if vm.state != AWAY or sl != 0:
+        if vm.state not in (AWAY, HOLD) or sl != 0:
             return sbuf()
         if f[14 + 7] <= 1:
             raise _Drop("hop_limit")
@@ -296,5 +296,7 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
         if srh is not None:
             f[srh + 8:srh + 24] = vm.next_sid
         f[14 + 7] -= 1
+        if vm.state == HOLD:  # the source is draining: behind the drained queue, like End.S
+            return ring(f)
         return _send(f, cfg, "forward")
     raise _Drop("unknown_behaviour")
