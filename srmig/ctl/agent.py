@@ -42,6 +42,7 @@ LEASE_TTL_S = 10.0
 BASELINE_EVERY_S = 2.0
 BASELINE_PER_TICK = 8
 BASELINE_TRIES = 5
+SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Agent:
         self._local_events: dict[str, set] = {}      # vm -> events seen by this host (not its peer)
         self.dbq: queue.Queue = queue.Queue()          # database writes, in order, off the worker's path
         self._hosts: dict[str, tuple] = {}            # host records (they change only with a host's config)
+        self.early_cutovers = 0                       # cut-overs done by the destination (source silent)
         self.iterations: dict[str, int] = {}          # domain -> last migration iteration seen
         self.last_job: dict[str, dict] = {}           # domain -> the last completed job's figures
 
@@ -422,6 +424,25 @@ class Agent:
         self._execute(m, actions)
         self._observe_phase(m)
         self._put_record(vm)
+        if ev is Ev.RESUMED and role == "D":
+            t = threading.Timer(SOURCE_SILENT_S, self.enqueue, ("source-check", vm, self.mig_ids[vm]))
+            t.daemon = True
+            t.start()
+
+    def _on_source_check(self, vm: str, mid: str) -> None:
+        """The VM runs here but the source never said it paused: its agent is down (or far behind), so nobody
+        drains it and its map still delivers to a paused QEMU. Cut the ingresses over to us now instead of
+        at the source's STOPPED: what is lost is bounded by pause -> resume, not by the source's restart."""
+        m = self.machine.migrations.get(vm)
+        if self.mig_ids.get(vm) != mid or m is None or m.done or m.phase is not Phase.RESUMED:
+            return
+        if any(ev is Ev.SUSPENDED and ev not in self._local_events.get(vm, ()) for ev, _ in m.history):
+            return  # the source reported its pause: it is alive, STOPPED will cut over
+        log.warning("%s: source %s silent since the pause; cutting the ingresses over to %s", vm, m.src.name,
+                    self.name)
+        step = m.version + 1  # the step the cut-over will have: written once, whoever gets there first
+        self._db_async(lambda: self.db.publish(vm, self.name, [m.dst.dx6], Phase.CUT_OVER.value, mid, step))
+        self.early_cutovers += 1
 
     def _on_db_migrations(self, events) -> None:
         touched: dict[str, dict] = {}

@@ -280,6 +280,24 @@ def thaw_ingress_after_migration(tb, ds, agents, dom, timeout: float = 30) -> No
     agents.procs["C"].send_signal(signal.SIGCONT)
 
 
+def restart_agent_at_pause(role: str, down_s: float = 1.0):
+    """`during`: SIGKILL the agent of `role` as soon as the source is paused, start it again `down_s` later
+    (systemd's Restart=always, RestartSec=1)."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        import libvirt  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    break
+            time.sleep(0.0005)
+        agents.kill(role)
+        time.sleep(down_s)
+        agents.start(role, *agents.args[role])
+    return during
+
+
 def scrape(ns: str) -> str:
     """The Prometheus text of the agent in namespace `ns`."""
     import urllib.request  # noqa: PLC0415
