@@ -64,8 +64,14 @@ def _missing_etcd() -> str | None:
     return None
 
 
+def _missing_vagrant() -> str | None:
+    if not shutil.which("vagrant"):
+        return "vagrant not found (Debian vagrant; run ./run setup)"
+    return None
+
+
 CHECKS = {"bpf": _missing_bpf, "netns": _missing_netns, "vm": _missing_vm, "libvirt": _missing_libvirt,
-          "etcd": _missing_etcd}
+          "etcd": _missing_etcd, "vagrant": _missing_vagrant}
 
 
 def pytest_collection_modifyitems(config, items):

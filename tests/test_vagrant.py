@@ -1,0 +1,223 @@
+"""The Vagrant two-host demo (vagrant/), as far as it runs without booting three VMs.
+
+- `vagrant validate -p` with every plugin disabled (no box, no provider), and the full `vagrant validate`
+  with Debian's vagrant-libvirt, for the KVM and the TCG branch of the provider block.
+- `sh -n` on every provisioning script; the Vagrantfile's provisioners name scripts that exist, and the
+  addresses demo.sh defaults to are the Vagrantfile's.
+- hv.sh and client.sh (hence host.sh and ingress.sh, the scripts the namespace testbed runs too) with the
+  exact environment the Vagrantfile gives each machine, in a throwaway network namespace with veth NICs
+  carrying the Vagrantfile's MACs, up to the point where they would touch system services
+  (SRMIG_SERVICES=0): links, routes, neighbours, the VM's tap and the agent configs, which
+  `srmig agent --check` must accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srmig.ctl import config as config_mod
+
+REPO = Path(__file__).resolve().parent.parent
+VAGRANT = REPO / "vagrant"
+PROVISION = VAGRANT / "provision"
+
+pytestmark = pytest.mark.vagrant
+
+# Loads the Vagrantfile with a stand-in for Vagrant that records every `vm.network` and `vm.provision` call
+# per machine, so the tests use exactly what `vagrant up` would pass (MACs, environment), never a copy.
+RECORDER = r"""
+require "json"
+LOG = []
+class Recorder
+  def initialize(machine) @machine = machine end
+  def respond_to_missing?(*) true end
+  def method_missing(name, *args, **kw, &blk)
+    if name == :define
+      blk.call(Recorder.new(args[0].to_s))
+      return self
+    end
+    LOG << { machine: @machine, call: name, args: args, kw: kw } if [:network, :provision].include?(name)
+    blk.call(self) if blk
+    self
+  end
+end
+module Vagrant
+  def self.configure(_version) yield Recorder.new(nil) end
+  def self.has_plugin?(_name) true end
+end
+load ARGV[0]
+puts JSON.generate(LOG)
+"""
+
+
+def _vagrant_env(tmp_path: Path, **extra) -> dict:
+    """No .vagrant in the tree, no ~/.vagrant.d: both under tmp_path."""
+    return {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant.d"),
+            "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"), **extra}
+
+
+def _vagrant(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["vagrant", *args], cwd=VAGRANT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def calls() -> list[dict]:
+    out = subprocess.run(["ruby", "-e", RECORDER, str(VAGRANT / "Vagrantfile")], cwd=VAGRANT,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def _provisioners(calls: list[dict], machine: str) -> list[dict]:
+    return [c for c in calls if c["machine"] == machine and c["call"] == "provision"]
+
+
+def _role(calls: list[dict], machine: str) -> dict:
+    """The role provisioner (hv.sh or client.sh) of `machine`: its kw has env and inline."""
+    (role,) = [p for p in _provisioners(calls, machine) if p["args"][0] in ("hv", "client")]
+    return role
+
+
+def _mac(calls: list[dict], machine: str, network: str) -> str:
+    (net,) = [c for c in calls if c["machine"] == machine and c["call"] == "network"
+              and c["kw"].get("libvirt__network_name") == network]
+    return net["kw"]["mac"]
+
+
+# --- vagrant validate --------------------------------------------------------------------------------------
+
+def test_validate_without_provider_plugin(tmp_path):
+    """What CI promises at least: no box, no provider plugin (VAGRANT_NO_PLUGINS: even if one is installed)."""
+    r = _vagrant(["validate", "-p"], _vagrant_env(tmp_path, VAGRANT_NO_PLUGINS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validated successfully" in r.stdout
+
+
+@pytest.mark.parametrize("kvm", ["1", "0"], ids=["nested-kvm", "tcg"])
+def test_validate_with_libvirt_provider(tmp_path, kvm):
+    """vagrant-libvirt checks its own block (a misspelt option fails here, never under -p)."""
+    env = _vagrant_env(tmp_path, SRMIG_VAGRANT_KVM=kvm)
+    plugins = _vagrant(["plugin", "list"], env)
+    if "vagrant-libvirt" not in plugins.stdout:
+        reason = "vagrant-libvirt plugin not installed (Debian vagrant-libvirt; run ./run setup)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    r = _vagrant(["validate"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validated successfully" in r.stdout
+
+
+# --- scripts: syntax, and what the Vagrantfile runs -------------------------------------------------------
+
+SCRIPTS = sorted(PROVISION.glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_script_syntax(script):
+    r = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+
+
+def test_vagrantfile_runs_scripts_that_exist(calls):
+    machines = sorted({c["machine"] for c in calls})
+    assert machines == ["client", "hv1", "hv2"]
+    for m in machines:
+        for p in _provisioners(calls, m):
+            inline = p["kw"]["inline"]
+            path = re.search(r"/srmig/(\S+\.sh)", inline).group(1)
+            assert (REPO / path).is_file(), f"{m}: {inline}"
+        env = _role(calls, m)["kw"]["env"]
+        assert env["SRMIG_FABRIC_MAC"] == _mac(calls, m, "srmig-fabric")
+        assert env["SRMIG_MGMT_MAC"] == _mac(calls, m, "srmig-mgmt")
+
+
+def test_demo_defaults_match_the_vagrantfile(calls):
+    demo = (PROVISION / "demo.sh").read_text()
+    host_sh = (PROVISION / "host.sh").read_text()
+
+    def default(text: str, var: str) -> str:
+        return re.search(r"\$\{" + var + r":-([^}]+)\}", text).group(1)
+
+    for var, machine in (("SRMIG_SRC_MGMT", "hv1"), ("SRMIG_DST_MGMT", "hv2")):
+        assert f"{default(demo, var)}/64" == _role(calls, machine)["kw"]["env"]["SRMIG_MGMT_ADDR"]
+    assert default(demo, "SRMIG_VM_ADDR") == default(host_sh, "SRMIG_VM_ADDR")
+
+
+# --- the scripts in a network namespace -------------------------------------------------------------------
+
+def _ip_json(ns: str, *args: str):
+    out = subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True, timeout=10, check=True)
+    return json.loads(out.stdout or "[]")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("machine", ["hv1", "hv2", "client"])
+def test_provisioning_in_netns(calls, tmp_path, machine):
+    role = _role(calls, machine)
+    env = role["kw"]["env"]
+    script = PROVISION / re.search(r"provision/(\S+\.sh)", role["kw"]["inline"]).group(1)
+    cfg_path = tmp_path / f"{machine}.toml"
+    # PREFIX<pid>-<role>, the testbed's naming: another session's netns.sweep() leaves a live owner's alone.
+    ns = f"srmig-{os.getpid()}-vtest"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        for ifname, key in (("fab0", "SRMIG_FABRIC_MAC"), ("mgmt0", "SRMIG_MGMT_MAC")):
+            # veth pairs (the peer up, so the NIC gets a carrier): dummy is not in every kernel.
+            subprocess.run(["ip", "-n", ns, "link", "add", ifname, "address", env[key], "type", "veth",
+                            "peer", "name", f"{ifname}p"], check=True, timeout=10)
+            subprocess.run(["ip", "-n", ns, "link", "set", f"{ifname}p", "up"], check=True, timeout=10)
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", str(script)], capture_output=True, text=True, timeout=120,
+            env={**os.environ, **env, "SRMIG_SERVICES": "0", "SRMIG_CONFIG": str(cfg_path),
+                 "SRMIG_VENV": sys.prefix})
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        # The config the agent would run with.
+        check = subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(cfg_path), "--check"],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+        cfg = config_mod.load(cfg_path)
+        assert cfg.db.backend == "etcd" and cfg.db.endpoints == (env["SRMIG_ETCD"],)
+        fabric_addr = env["SRMIG_FABRIC_ADDR"].split("/")[0]
+        if machine == "client":
+            assert cfg.host is None
+            assert (cfg.ingress.name, cfg.ingress.interface, cfg.ingress.gateway) == \
+                ("client", "fab0", env["SRMIG_GATEWAY"])
+        else:
+            h = cfg.host
+            assert (h.name, h.fabric, h.address, h.locator) == (machine, "fab0", fabric_addr,
+                                                               env["SRMIG_LOCATOR"])
+            assert h.sr_domain == tuple(env["SRMIG_DOMAIN"].split()) and h.transit == ()
+            assert h.sids.dx6 == env["SRMIG_LOCATOR"].split("/")[0] + "d6"
+
+        # Links, routes to the locators, permanent neighbours.
+        for ifname, key in (("fab0", "SRMIG_FABRIC_ADDR"), ("mgmt0", "SRMIG_MGMT_ADDR")):
+            (link,) = _ip_json(ns, "-6", "addr", "show", "dev", ifname)
+            addrs = {f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]}
+            assert env[key] in addrs and link["operstate"] == "UP"
+        routes = {(r["dst"], r.get("gateway")) for r in _ip_json(ns, "-6", "route", "show", "dev", "fab0")}
+        for pair in env["SRMIG_ROUTES"].split():
+            prefix, gw = pair.split("=")
+            assert (prefix, gw) in routes
+        neigh = {(n["dst"], n["lladdr"]) for n in _ip_json(ns, "-6", "neigh", "show", "dev", "fab0")
+                 if "PERMANENT" in n.get("state", [])}
+        assert neigh == {tuple(p.split("=")) for p in env["SRMIG_NEIGHBOURS"].split()}
+
+        if machine != "client":  # host.sh: the VM's tap with the anycast gateway; forwarding on
+            (tap,) = _ip_json(ns, "addr", "show", "dev", "vmtap")
+            assert tap["address"] == "02:00:5e:00:00:01"
+            assert any(a["local"] == "fe80::1" for a in tap["addr_info"])
+            assert [r["dst"] for r in _ip_json(ns, "-6", "route", "show", "dev", "vmtap")
+                    if r["dst"] != "fe80::/64"] == ["2001:db8:100::10"]
+            fwd = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.all.forwarding"],
+                                 capture_output=True, text=True, timeout=10, check=True)
+            assert fwd.stdout.strip() == "1"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=10)
