@@ -170,14 +170,17 @@ def cmd_demo(args) -> int:
     if args.libvirt:
         from srmig.testbed import libvirt_demo
 
-        return libvirt_demo.main(args.rate, args.count, args.db, args.json, xdp_mode=args.mode)
+        rate = args.rate or libvirt_demo.DEFAULT_RATE
+        return libvirt_demo.main(rate, args.count or int(rate * args.duration), args.db, args.json,
+                                 xdp_mode=args.mode)
     from srmig.testbed import demo
 
     names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
     if args.no_drain and "srmig-no-drain" not in names:
         names.append("srmig-no-drain")
-    count = args.count or int(args.rate * args.duration)
-    return demo.main(names, args.rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
+    rate = args.rate or 10000
+    count = args.count or int(rate * args.duration)
+    return demo.main(names, rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
                      event_delay_ms=args.event_delay_ms)
 
 
@@ -259,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)")
     sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
                     help="run only these (repeatable or comma-separated; default: all four)")
-    sp.add_argument("--rate", type=int, default=10000, help="probes per second (default: 10000)")
+    sp.add_argument("--rate", type=int, help="probes per second (default: 10000; 2000 with --libvirt, where the "
+                                             "guest runs under libvirt's QEMU settings)")
     sp.add_argument("--duration", type=float, default=3.0, help="seconds of probing per run (default: 3)")
     sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
     sp.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -32,6 +32,7 @@ from srmig.testbed.testbed import MGMT, T_END, VM_ADDR, Testbed
 
 PROVISION = Path(__file__).resolve().parents[2] / "vagrant" / "provision"
 DOMAIN = "srmig-vm"
+DEFAULT_RATE = 2000  # measured: under libvirt's QEMU the TCG guest falls behind at 10 kpps on 2 busy cores
 HOSTS = {"S": {"fabric": "s0", "locator": "fc00:0:1::/48", "address": "2001:db8:a::2"},
          "D": {"fabric": "d0", "locator": "fc00:0:2::/48", "address": "2001:db8:b::2"}}
 METRICS = "127.0.0.1:9477"   # Prometheus, inside each host's namespace
