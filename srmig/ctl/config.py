@@ -161,6 +161,18 @@ class _Section:
             raise ConfigError(self.path, self.key(k), f"{kind} >= {lo:g}", v)
         return v
 
+    def list_of(self, k, parse, expected: str) -> list:
+        """A list whose every item `parse` accepts; errors name the item (key[i])."""
+        v = self._get(k, [], False)
+        if not isinstance(v, list):
+            raise ConfigError(self.path, self.key(k), f"a list, each item {expected}", v)
+        for i, x in enumerate(v):
+            try:
+                parse(x if isinstance(x, str) else None)
+            except (ValueError, TypeError):
+                raise ConfigError(self.path, f"{self.key(k)}[{i}]", expected, x) from None
+        return v
+
     def bool(self, k, default):
         v = self._get(k, default, False)
         if not isinstance(v, bool):
@@ -199,23 +211,8 @@ def _host(path: str, t) -> HostConfig:
     sids.done()
     if len(set(values.values())) != 3:
         raise ConfigError(path, "host.sids", "three different SIDs", values)
-    transit = s._get("transit", [], False)
-    if not isinstance(transit, list) or not all(isinstance(x, str) for x in transit):
-        raise ConfigError(path, "host.transit", "a list of IPv6 addresses", transit)
-    for i, x in enumerate(transit):
-        try:
-            ipaddress.IPv6Address(x)
-        except ValueError:
-            raise ConfigError(path, f"host.transit[{i}]", "an IPv6 address", x) from None
-    domain = s._get("sr_domain", [], False)
-    if not isinstance(domain, list) or not all(isinstance(x, str) for x in domain):
-        raise ConfigError(path, "host.sr_domain", "a list of IPv6 prefixes", domain)
-    for i, x in enumerate(domain):
-        try:
-            ipaddress.IPv6Network(x)
-        except ValueError:
-            raise ConfigError(path, f"host.sr_domain[{i}]", "an IPv6 prefix such as fc00::/16 (no host bits)",
-                              x) from None
+    transit = s.list_of("transit", ipaddress.IPv6Address, "an IPv6 address")
+    domain = s.list_of("sr_domain", ipaddress.IPv6Network, "an IPv6 prefix such as fc00::/16 (no host bits)")
     pages = s.number("hold_ring_pages", 4096, lo=1, integer=True)
     if pages & (pages - 1):
         raise ConfigError(path, "host.hold_ring_pages", "a power of two", pages)

@@ -204,6 +204,18 @@ class Kv:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _close_watches(self) -> bool:
+        """Mark closed and cancel every watch; False when it was closed already. Subclasses have _lock,
+        _closed and _watches."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            watches, self._watches = list(self._watches), set()
+        for w in watches:
+            w.cancel()
+        return True
+
     def __enter__(self) -> Kv:
         return self
 
@@ -501,13 +513,8 @@ class SqliteKv(Kv):
         return w
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            watches, self._watches = list(self._watches), set()
-        for w in watches:
-            w.cancel()
+        if not self._close_watches():
+            return
         if self._notifier is not None:
             self._notifier.stop()
         with self._lock:
@@ -852,13 +859,8 @@ class EtcdKv(Kv):
         return w._start()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            watches, self._watches = list(self._watches), set()
-        for w in watches:
-            w.cancel()
+        if not self._close_watches():
+            return
         for c in self._clients:
             c.session.close()
 

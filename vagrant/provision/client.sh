@@ -56,17 +56,5 @@ from srmig.ctl.cli_agent import UNIT
 exe = shutil.which("srmig") or f"{sys.executable} -m srmig"
 Path(sys.argv[2]).write_text(UNIT.format(exe=exe, config=sys.argv[1]))
 EOF
-systemctl daemon-reload
-systemctl enable srmig-agent.service >/dev/null 2>&1
-systemctl restart srmig-agent.service
-i=0
-until "$SRMIG" status --config "$CONFIG" >/dev/null 2>&1; do
-    i=$((i + 1))
-    if [ "$i" -ge 60 ]; then
-        journalctl -u srmig-agent.service -n 30 --no-pager >&2 || true
-        die "srmig ingress agent not answering after 60 s"
-    fi
-    sleep 1
-done
-"$SRMIG" status --config "$CONFIG"
+start_agent "$SRMIG" "$CONFIG" 60
 log "client ready: run the demo with sudo $HERE/demo.sh"

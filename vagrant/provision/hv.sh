@@ -67,18 +67,7 @@ systemctl restart libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket libvi
 systemctl start libvirtd.service
 
 # --- the agent ------------------------------------------------------------------------------------------
-systemctl enable srmig-agent.service >/dev/null 2>&1
-systemctl restart srmig-agent.service
 # Bounded wait for its socket (the first start compiles the XDP program with bcc: tens of seconds under TCG).
 # The database may still be unreachable if the client is not up yet: the agent retries, nothing to wait for.
-i=0
-until "$SRMIG" status --config "$CONFIG" >/dev/null 2>&1; do
-    i=$((i + 1))
-    if [ "$i" -ge 180 ]; then
-        journalctl -u srmig-agent.service -n 30 --no-pager >&2 || true
-        die "srmig agent not answering after 180 s"
-    fi
-    sleep 1
-done
-"$SRMIG" status --config "$CONFIG"
+start_agent "$SRMIG" "$CONFIG" 180
 log "hypervisor $(hostname) ready"

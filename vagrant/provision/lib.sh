@@ -58,3 +58,20 @@ neighbours_setup() {
         ip -6 neigh replace "${n%%=*}" lladdr "${n#*=}" dev "$1" nud permanent
     done
 }
+
+# start_agent SRMIG CONFIG SECONDS: restart the srmig-agent unit, wait (bounded) until it answers, show status.
+start_agent() {
+    systemctl daemon-reload
+    systemctl enable srmig-agent.service >/dev/null 2>&1
+    systemctl restart srmig-agent.service
+    i=0
+    until "$1" status --config "$2" >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ "$i" -ge "$3" ]; then
+            journalctl -u srmig-agent.service -n 30 --no-pager >&2 || true
+            die "srmig agent not answering after $3 s"
+        fi
+        sleep 1
+    done
+    "$1" status --config "$2"
+}
