@@ -16,6 +16,7 @@ figure is the agent's share; the end-to-end value in a real migration is in `srm
 from __future__ import annotations
 
 import ipaddress
+import os
 import statistics
 import sys
 import tempfile
@@ -136,6 +137,92 @@ def reconciliation(lab, work: Path, vms: int, say) -> dict:
     return out
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def load(work: Path, migrations: int, say, grace_s: float = 0.2) -> dict:
+    """`migrations` VMs migrate S -> D at once, interleaved, through two agents (each with its own lab:
+    its own namespace, program and maps) that exchange events through a real watch on the database. The
+    source's QEMU is not there, so its drain falls back to the map flip. Checks the end state of every VM."""
+    kv = statedb.open_db("embedded", path=str(work / "load.db"))
+    lab_d = L.TestRunLab(loader.Limits(max_vms=migrations + 1024))
+    lab_d.topo.tag = f"{os.getpid()}-d"  # a second lab in this process: its own namespace names
+    with L.TestRunLab(loader.Limits(max_vms=migrations + 1024)) as lab_s, lab_d:
+        src = _agent("S", "fc00:0:1::/48", work / "load.db", lab_s.dp, kv)
+        dst = _agent("D", "fc00:0:2::/48", work / "load.db", lab_d.dp, kv)
+        src.machine.grace_s = dst.machine.grace_s = grace_s
+        watches = [kv.watch("migrations/", lambda evs, a=a: a.enqueue("db-migrations", evs)) for a in (src, dst)]
+        workers = [threading.Thread(target=a.run, daemon=True) for a in (src, dst)]
+        for w in workers:
+            w.start()
+        rss0 = _rss_mib()
+        names = {i: (f"vm{i}", _vm(i)) for i in range(migrations)}
+        for i, (name, vm) in names.items():
+            src.domains[name] = Domain(name, vm, None)
+            dst.domains[name] = Domain(name, vm, None)
+            src.enqueue("lifecycle", name, "STARTED", "BOOTED", time.monotonic_ns())
+        src.call("noop")
+        src._db_async(lambda: None).result()
+        t0 = time.monotonic()
+        for i, (name, vm) in names.items():  # every migration begins before any pauses
+            dst.call("hook-begin", f"<domain><name>{name}</name><metadata>{metadata_xml(vm)}</metadata></domain>")
+        if say:
+            say(f"agent: {migrations} migrations in flight")
+        for step, (agent, typ) in enumerate(((src, "SUSPENDED"), (dst, "RESUMED"), (src, "STOPPED"))):
+            for name, _vm_addr in names.values():
+                agent.enqueue("lifecycle", name, typ, "MIGRATED", time.monotonic_ns())
+            agent.call("noop", timeout=60)
+            time.sleep(0.2)  # the other end's watch delivers
+        deadline = time.monotonic() + 30
+        ours = {vm for _n, vm in names.values()}
+        while time.monotonic() < deadline and any(e.vm in ours for e in lab_s.dp.list_vms()):
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        for a in (src, dst):
+            a._db_async(lambda: None).result()
+        recs = {r.vm: r for r in src.db.vms()[0]}
+        wrong = [vm for _n, vm in names.values()
+                 if recs[vm].host != "D" or recs[vm].segments != (dst.sids.dx6,)
+                 or lab_d.dp.get_vm(vm) is None or lab_d.dp.get_vm(vm).state is not VmState.RUNNING]
+        ours = {vm for _n, vm in names.values()}
+        left_on_source = sum(e.vm in ours for e in lab_s.dp.list_vms())
+        rss1 = _rss_mib()
+        for a in (src, dst):
+            a.stop()
+        for w in workers:
+            w.join(5)
+        for w in watches:
+            w.cancel()
+    kv.close()
+    return {"migrations": migrations, "seconds": round(elapsed, 2), "wrong_end_state": len(wrong),
+            "left_on_source": left_on_source, "rss_mib_before": rss0, "rss_mib_after": rss1}
+
+
+def big_map(lab, work: Path, vms: int, say) -> dict:
+    """10^5 VMs in the maps and the database: reconciliation time and the process's memory."""
+    kv = statedb.open_db("embedded", path=str(work / "big.db"))
+    a = _agent("S", "fc00:0:1::/48", work / "big.db", lab.dp, kv)
+    rss0 = _rss_mib()
+    seen = {_vm(i): (Domain(f"vm{i}", _vm(i), None), 1, 1) for i in range(vms)}
+    t0 = time.monotonic()
+    r = a.reconcile_snapshot(seen)
+    a._db_async(lambda: None).result()
+    cold = time.monotonic() - t0
+    a2 = _agent("S", "fc00:0:1::/48", work / "big.db", lab.dp, kv)
+    t0 = time.monotonic()
+    a2.reconcile_snapshot(seen)
+    restart = time.monotonic() - t0
+    out = {"vms": vms, "cold_s": round(cold, 2), "restart_s": round(restart, 2), "written": r["fixed"],
+           "in_map": len(lab.dp.list_vms()), "rss_mib_before": rss0, "rss_mib_after": _rss_mib()}
+    kv.close()
+    return out
+
+
 def run(events: int = 300, vms: int = 10_000, progress: bool = False) -> dict:
     say = (lambda m: print(f"\r\033[K{m}", end="", file=sys.stderr, flush=True)) if progress else None
     with L.TestRunLab(loader.Limits(max_vms=vms + 2 * events + 1024)) as lab, \
@@ -159,9 +246,25 @@ def print_table(r: dict) -> None:
           f"cold {c['cold_s']} s ({c['cold_fixed']} written); target <= {c['target_s']} s")
 
 
+def run_load(migrations: int = 100, vms: int = 100_000, progress: bool = False) -> dict:
+    """Issue 8's load figures: concurrent migrations through two agents; 10^5 VMs in the maps."""
+    say = (lambda m: print(f"\r\033[K{m}", end="", file=sys.stderr, flush=True)) if progress else None
+    with tempfile.TemporaryDirectory(prefix="srmig-bench-load-") as tmp:
+        out = {"concurrent": load(Path(tmp), migrations, say)}
+        with L.TestRunLab(loader.Limits(max_vms=vms + 1024)) as lab:
+            if say:
+                say(f"agent: {vms} VMs")
+            out["big_map"] = big_map(lab, Path(tmp), vms, say)
+    if say:
+        print(file=sys.stderr)
+    return out
+
+
 if __name__ == "__main__":
     import json
 
     res = run(progress=True)
     print_table(res)
+    if "--load" in sys.argv:
+        res["load"] = run_load(progress=True)
     print(json.dumps(res, indent=2))

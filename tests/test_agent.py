@@ -375,3 +375,14 @@ def test_destination_agent_killed_at_the_pause():
     assert res.error is None
     assert d["duplicated"] == 0 and d["lost"] <= 2, d
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.bpf
+def test_hundred_concurrent_migrations(tmp_path):
+    """100 VMs migrate S -> D at once through two agent workers (each with its own namespace, program and
+    maps) exchanging events through a watch on the database: every VM ends running on D, in D's map and in
+    the database, and gone from S's map after the grace period (bench.agent.load, without the timing)."""
+    from bench import agent as bench_agent
+
+    out = bench_agent.load(tmp_path, 100, None, grace_s=0.1)
+    assert out["wrong_end_state"] == 0 and out["left_on_source"] == 0, out
