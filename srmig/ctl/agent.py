@@ -120,6 +120,7 @@ class Agent:
         self.phase_started: dict[str, tuple[str, float]] = {}
         self._local_events: dict[str, set] = {}      # vm -> events seen by this host (not its peer)
         self.dbq: queue.Queue = queue.Queue()          # database writes, in order, off the worker's path
+        self.db_backlog_error: str | None = None
         self._hosts: dict[str, tuple] = {}            # host records (they change only with a host's config)
         self.early_cutovers = 0                       # cut-overs done by the destination (source silent)
         self.iterations: dict[str, int] = {}          # domain -> last migration iteration seen
@@ -147,15 +148,25 @@ class Agent:
         return fut
 
     def _db_writer(self) -> None:
+        """Writes in order; a write that fails (database down) is retried with backoff, and the ones behind it
+        wait: nothing is lost or reordered, and `srmig status` shows the backlog."""
         while True:
             fn, fut = self.dbq.get()
             if fn is None:
                 return
-            try:
-                fut.set_result(fn())
-            except Exception as e:  # noqa: BLE001 - logged; whoever waits sees it
-                log.error("database write failed: %s", e)
-                fut.set_exception(e)
+            delay = 0.1
+            while True:
+                try:
+                    fut.set_result(fn())
+                    break
+                except Exception as e:  # noqa: BLE001 - retried until it lands or the agent stops
+                    self.db_backlog_error = f"{type(e).__name__}: {e}"
+                    log.warning("database write failed (%s); retrying in %.1f s", e, delay)
+                    if self.stopping.wait(delay):
+                        fut.set_exception(e)
+                        return
+                    delay = min(delay * 2, 5.0)
+            self.db_backlog_error = None
 
     def _put_record(self, vm: str) -> None:
         rec = self._record(vm)
@@ -593,9 +604,13 @@ class Agent:
                 continue
             if isinstance(a, StartGrace):
                 if m.src.name == self.name:
-                    t = threading.Timer(a.seconds, self.enqueue, ("grace-over", a.vm, self.mig_ids[a.vm]))
-                    t.daemon = True
-                    t.start()
+                    # From the moment the cut-over is in the database (not before: if it is down, the
+                    # ingresses still send here and we must keep forwarding).
+                    def grace(_f, a=a, mid=self.mig_ids[a.vm]):
+                        t = threading.Timer(a.seconds, self.enqueue, ("grace-over", a.vm, mid))
+                        t.daemon = True
+                        t.start()
+                    (version or self._db_async(lambda: None)).add_done_callback(grace)
                 continue
             if getattr(a, "host", None) != self.name:
                 continue
@@ -823,7 +838,7 @@ class Agent:
     def _on_status(self, fut: Future) -> None:
         out = {"agent": self.name, "pid": os.getpid(),
                "roles": [r for r in ("host", "ingress") if getattr(self.cfg, r)],
-               "db": dict(self.status_db),
+               "db": dict(self.status_db, pending_writes=self.dbq.qsize(), write_error=self.db_backlog_error),
                "libvirt": self.libvirt.status() if self.libvirt else None,
                "ingress": self.ingress.status() if self.ingress else None}
         if self.cfg.host:

@@ -65,7 +65,9 @@ def cmd_status(args) -> int:
     print(f"agent {st['agent']} (pid {st['pid']}), roles: {', '.join(st['roles'])}")
     db = st["db"]
     print(f"  state db: {db.get('state')}" + (f" ({db['error']}; retry in {db.get('retry_in_s')} s)"
-                                              if db.get("error") else ""))
+                                              if db.get("error") else "")
+          + (f"; {db['pending_writes']} writes waiting ({db.get('write_error')})"
+             if db.get("pending_writes") or db.get("write_error") else ""))
     if st.get("libvirt"):
         lv = st["libvirt"]
         print(f"  libvirt:  {lv['state']} {lv['uri']}" + (f" ({lv['error']}; retry in {lv['retry_in_s']} s)"
