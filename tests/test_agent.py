@@ -386,3 +386,22 @@ def test_hundred_concurrent_migrations(tmp_path):
 
     out = bench_agent.load(tmp_path, 100, None, grace_s=0.1)
     assert out["wrong_end_state"] == 0 and out["left_on_source"] == 0, out
+
+
+@pytest.mark.libvirt
+def test_libvirtd_restarted_before_migration():
+    """The source's libvirtd restarts while the VM runs (its QEMU keeps running): the agent sees the
+    connection close, reconnects, reconciles, and the migration that follows is lossless."""
+    from srmig.testbed import libvirt_demo
+
+    def restart(tb, ds, agents):
+        before = agents.status("S")["libvirt"]["connects"]
+        ds["S"].restart()
+        st = agents.wait("S", lambda s: s["libvirt"]["connects"] > before and s["libvirt"]["state"] == "connected",
+                         30, "reconnected to the new libvirtd")
+        assert any(v["vm"] == libvirt_demo.VM_ADDR and v["state"] == "running" for v in st["vms"])
+
+    res = libvirt_demo.run(rate=2000, count=6000, before=restart)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost"], d["duplicated"]) == (0, 0), d

@@ -730,8 +730,16 @@ class Agent:
         if conn is None:
             return False
         try:
-            dom = conn.lookupByName(loc.domain)
-            check = SwallowCheck(loc.tap, lambda: _rx_used_idx(dom))
+            link, name, cache = self.libvirt, loc.domain, {}
+
+            def rx_used() -> int:  # on the current connection: libvirtd may have restarted since
+                c = link.conn
+                if c is None:
+                    raise RuntimeError("libvirt not connected")
+                if cache.get("conn") is not c:
+                    cache.update(conn=c, dom=c.lookupByName(name))
+                return _rx_used_idx(cache["dom"])
+            check = SwallowCheck(loc.tap, rx_used)
             check.base = check._diff(tries=BASELINE_TRIES)  # few tries: under traffic, try again later
             if check.base is not None:
                 loc.check = check

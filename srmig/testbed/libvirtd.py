@@ -157,6 +157,7 @@ class Libvirtd:
     def __post_init__(self):
         self.proc: subprocess.Popen | None = None
         self.mnt_ns: str | None = None
+        self._previous: list[tuple[str, subprocess.Popen]] = []  # (mount ns, reaper) of restarted daemons
         self._own_workdir = self.workdir is None
         self.start_time = 0.0
         self.ready_s = 0.0
@@ -291,6 +292,26 @@ class Libvirtd:
                                    f"{_tail(self.log_path)}")
             time.sleep(0.05)
 
+    def restart(self, timeout: float = 10) -> None:
+        """Restart the daemon alone, as `systemctl restart libvirtd` does: its QEMUs keep running (in the old
+        mount namespace, which they keep alive) and the new daemon reconnects to them. Call from a thread
+        that outlives the daemon (PR_SET_PDEATHSIG), e.g. the main thread."""
+        pid = self.pid
+        if pid is None:
+            raise LibvirtdError(f"libvirtd {self.name} is not running")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and _mnt_ns(pid) == self.mnt_ns:
+            if time.monotonic() > deadline:
+                raise LibvirtdError(f"libvirtd {self.name} ({pid}) ignores SIGTERM")
+            time.sleep(0.05)
+        self._previous.append((self.mnt_ns, self.proc))
+        self.mnt_ns, self.proc = None, None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        self.spawn()
+        self.wait_ready()
+
     def connect(self):
         """A new libvirt connection to this daemon (register the event loop first if you want events)."""
         import libvirt  # noqa: PLC0415
@@ -314,17 +335,23 @@ class Libvirtd:
                 while _mnt_ns(pid) == self.mnt_ns and time.monotonic() < deadline:
                     time.sleep(0.05)
             deadline = time.monotonic() + 10
-            while self.mnt_ns:
-                left = _pids_in_mnt_ns(self.mnt_ns)
-                if not left:
-                    break
-                if time.monotonic() > deadline:
-                    raise LibvirtdError(f"libvirtd {self.name}: processes {left} survive SIGKILL")
-                for pid in left:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.05)
+            for ns in [self.mnt_ns, *(ns for ns, _ in self._previous)]:
+                while ns:
+                    left = _pids_in_mnt_ns(ns)
+                    if not left:
+                        break
+                    if time.monotonic() > deadline:
+                        raise LibvirtdError(f"libvirtd {self.name}: processes {left} survive SIGKILL")
+                    for pid in left:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    time.sleep(0.05)
         finally:
+            for _ns, proc in self._previous:
+                if proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(5)
+            self._previous.clear()
             if self.proc is not None:  # the reaper exits once it has no child left
                 try:
                     self.proc.wait(5)
