@@ -405,3 +405,27 @@ def test_libvirtd_restarted_before_migration():
     d = res.to_dict()
     assert res.error is None
     assert (d["lost"], d["duplicated"]) == (0, 0), d
+
+
+def test_install_hook_writes_a_valid_systemd_unit(tmp_path):
+    """`srmig install-hook --unit PATH`: the hook, and a unit systemd accepts (systemd-analyze verify when the
+    machine has it; the unit's sections and ExecStart otherwise)."""
+    import configparser
+    import shutil
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(GOOD)
+    unit = tmp_path / "srmig-agent.service"
+    out = subprocess.run([sys.executable, "-m", "srmig", "install-hook", "--config", str(cfg), "--hooks-dir",
+                          str(tmp_path / "hooks"), "--unit", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hooks" / "qemu.d" / "srmig").exists() and "restart libvirtd" in out.stdout
+    parsed = configparser.ConfigParser()
+    parsed.read_string(unit.read_text())
+    exec_start = parsed["Service"]["ExecStart"]
+    assert exec_start.endswith(f"agent --config {cfg}") and parsed["Service"]["Restart"] == "always"
+    exe = exec_start.split()[0]
+    assert os.access(exe, os.X_OK), exe
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert v.returncode == 0, v.stderr
