@@ -818,7 +818,7 @@ class Agent:
                 else:
                     self.dp.del_vm(e.vm)
                     fixed += 1
-        self.enqueue_baseline_timer()
+        self.enqueue_baseline_timer(first_s=0.05)  # at once: the VMs may be quiet now, not later
         return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
 
     def _on_noop(self, fut: Future) -> None:
@@ -828,7 +828,7 @@ class Agent:
         if not self._role(vm) and self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.AWAY:
             self.dp.del_vm(vm)
 
-    def enqueue_baseline_timer(self) -> None:
+    def enqueue_baseline_timer(self, first_s: float = BASELINE_EVERY_S) -> None:
         if getattr(self, "_baseline_timer", None) is not None or self.stopping.is_set():
             return
 
@@ -837,7 +837,7 @@ class Agent:
             if not self.stopping.is_set():
                 self._baselines()
                 self.enqueue_baseline_timer()
-        self._baseline_timer = threading.Timer(BASELINE_EVERY_S, tick)
+        self._baseline_timer = threading.Timer(first_s, tick)
         self._baseline_timer.daemon = True
         self._baseline_timer.start()
 
@@ -856,6 +856,7 @@ class Agent:
                 m = self.machine.migrations.get(vm)
                 e = entries.get(vm)
                 vms.append({"vm": vm, "domain": self.local.get(vm, Local()).domain,
+                            "baseline": self.local.get(vm, Local()).check is not None,
                             "state": e.state.name.lower() if e else None,
                             "phase": m.phase.value if m and not m.done else "steady",
                             "migration": ({"id": self.mig_ids.get(vm), "src": m.src.name, "dst": m.dst.name,
