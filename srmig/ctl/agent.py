@@ -855,8 +855,11 @@ class Agent:
             for vm in sorted(set(entries) | set(self.machine.migrations)):
                 m = self.machine.migrations.get(vm)
                 e = entries.get(vm)
-                vms.append({"vm": vm, "domain": self.local.get(vm, Local()).domain,
-                            "baseline": self.local.get(vm, Local()).check is not None,
+                loc = self.local.get(vm, Local())
+                vms.append({"vm": vm, "domain": loc.domain,
+                            "baseline": loc.check is not None,
+                            # the hold at the destination is the tap's queue: what overflowed it
+                            "tap_dropped": _tap_dropped(loc.tap),
                             "state": e.state.name.lower() if e else None,
                             "phase": m.phase.value if m and not m.done else "steady",
                             "migration": ({"id": self.mig_ids.get(vm), "src": m.src.name, "dst": m.dst.name,
@@ -899,6 +902,19 @@ class _BoundedCheck:
         except Exception as e:  # noqa: BLE001 - timeout or libvirt error
             log.warning("swallowed-frame count unknown (%s): not recovered", type(e).__name__)
             return None
+
+
+def _tap_dropped(tap: str | None) -> int | None:
+    """Frames the VM's tap refused because its queue was full (the kernel's tx_dropped), None: no tap here."""
+    if not tap:
+        return None
+    from pyroute2 import IPRoute  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=tap)
+        if not idx:
+            return None
+        return ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64")["tx_dropped"]
 
 
 def _rx_used_idx(dom) -> int:

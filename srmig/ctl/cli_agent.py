@@ -80,11 +80,13 @@ def cmd_status(args) -> int:
         e = st["event_to_map_ms"]
         print(f"  event -> map: p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms over {e['n']}")
     if st.get("vms") is not None:
-        print(f"  {'VM':<28} {'domain':<16} {'map':<9} {'phase':<14} migration")
+        print(f"  {'VM':<28} {'domain':<16} {'map':<9} {'phase':<14} {'tap drops':<10} migration")
         for v in st["vms"]:
             m = v.get("migration")
             mig = f"{m['src']} -> {m['dst']} ({m['id']})" if m and not m["done"] else "-"
-            print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {mig}")
+            drops = "-" if v.get("tap_dropped") is None else str(v["tap_dropped"])
+            print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {drops:<10} "
+                  f"{mig}")
     if st.get("locations"):
         print("  locations (state db):")
         for r in st["locations"]:
