@@ -28,16 +28,35 @@ Two measurements per path:
   here are burst-tolerance rates, conservative for every path, not a smooth-load throughput.
 - max_forwarding_rate (RFC 2285 forwarding rate at maximum offered load): trafgen unpaced, the sink counted
   over a window while the DUT core is saturated. This is the DUT core's capacity; the headline ratios use it.
+
+Two generators (`generator=`):
+- trafgen: as above; sendto per frame, about 700 kpps on this machine, below what XDP paths forward.
+- live: BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (kernel >= 5.18) runs bench/xdp_live_gen.c on CPU 0
+  with ingress = g0; its XDP_TX sends each frame out of g0 with ndo_xdp_xmit, so d_in receives XDP frames
+  (no skb on the generator side) at several Mpps. One BPF_PROG_RUN per trial; the program paces itself
+  against the clock in groups of LIVE_GROUP frames (like a NIC's interrupt coalescing: one DUT wake-up per
+  group, not per frame; bursts of at most 128 frames only to catch up after a preemption), so a trial is a
+  smooth load at the scale of a veth ring, not a burst per second, and may be shorter than a second.
+  Unpaced for the forwarding rate at maximum load.
+
+Frame sizes (`sizes=`, as bench/trex): "78" (an inner 78-byte frame, i.e. a 64-byte inner IPv6 packet, plus
+outer IPv6 and SRH: the minimum), a number N (an N-byte outer IPv6 packet, frame N + 14; 1500 fills the
+veth MTU), "imix" (inner IPv6 packets of 64 and 570 bytes and 1500-byte outer packets, 7:4:1, interleaved).
+Each size is measured for every path, `repeat` times over (sizes and paths inside each repetition, so slow
+drifts of a shared machine land on every path alike); the JSON reports the median and the range.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +81,16 @@ VM_HOLD = "2001:db8:100::30"
 SINK_ADDR = "2001:db8:b::2"
 
 PATHS = ("generator", "redirect_stub", "end_s_forward", "end_s_deliver", "kernel_end_dx6", "kernel_end")
+GENERATORS = ("trafgen", "live")
+SIZES = ("78", "512", "1500", "imix")
+IMIX = ((64, 7), (570, 4), (None, 1))  # inner IPv6 bytes (None: a 1500-byte outer packet), weight: bench/trex's
+IMIX_ORDER = (0, 1, 0, 1, 0, 2, 0, 1, 0, 1, 0, 0)  # 7:4:1, interleaved so no size comes in a run
+MTU = 1500
+GEN_CPU = 0                  # where trafgen (its own -P 1 pinning) and the live generator run
+LIVE_BATCH = 64              # frames per live-mode batch (the kernel's default; sent at the end of each)
+LIVE_GROUP = 32              # paced frames leave in groups of 32, like a NIC coalescing interrupts
+LIVE_REPEAT_MAX = 2**31 - 1  # BPF_PROG_RUN's repeat is an int; a paced run is interrupted long before
+LIVE_GRACE = 0.05            # a paced live trial may overrun its duration by 5 % (+20 ms) before it stops
 WARMUP_S = 0.05
 UNREACHABLE_PPS = 50_000_000
 START_GRACE_S = 0.1
@@ -72,23 +101,60 @@ class BenchError(RuntimeError):
     """A one-line reason the local benchmark cannot run here."""
 
 
+def _route(path: str) -> tuple[list[str], str]:
+    """The segment list (travel order) and inner destination of the packets fed to `path`."""
+    if path in ("kernel_end_dx6",):
+        return [SID_K_DX6], VM_RUN
+    if path == "kernel_end":
+        return [SID_K_END, NEXT_SID], VM_RUN
+    if path == "end_s_deliver":
+        return [SID_S, NEXT_SID], VM_RUN
+    if path == "hold":
+        return [SID_S, NEXT_SID], VM_HOLD
+    return [SID_S, NEXT_SID], VM_AWAY  # end_s_forward, redirect_stub, generator
+
+
 def packet(path: str, size: int | None = None, dst_mac: str = "02:00:00:00:00:01") -> bytes:
     """The frame each path is fed; `size` pads the inner payload up to that frame length."""
-    if path in ("kernel_end_dx6",):
-        segs, vm = [SID_K_DX6], VM_RUN
-    elif path == "kernel_end":
-        segs, vm = [SID_K_END, NEXT_SID], VM_RUN
-    elif path == "end_s_deliver":
-        segs, vm = [SID_S, NEXT_SID], VM_RUN
-    elif path == "hold":
-        segs, vm = [SID_S, NEXT_SID], VM_HOLD
-    else:  # end_s_forward, redirect_stub, generator
-        segs, vm = [SID_S, NEXT_SID], VM_AWAY
+    segs, vm = _route(path)
     frame = bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench"), dst_mac=dst_mac))
     if size and size > len(frame):
         frame = bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench".ljust(size - len(frame) + 11, b".")),
                                dst_mac=dst_mac))
     return frame
+
+
+def _sized(path: str, dst_mac: str, inner_ip_len: int | None = None, outer_ip_len: int | None = None) -> bytes:
+    """`path`'s frame with an inner IPv6 packet of `inner_ip_len` bytes, or an outer one of `outer_ip_len`."""
+    segs, vm = _route(path)
+    if inner_ip_len is None:
+        inner_ip_len = outer_ip_len - 40 - 8 - 16 * len(segs)
+    payload = inner_ip_len - 40 - 8  # inner IPv6 + UDP headers
+    if payload < 2:
+        raise ValueError(f"{path}: an inner IPv6 packet of {inner_ip_len} bytes is too short")
+    return bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench".ljust(payload, b".")[:payload]), dst_mac=dst_mac))
+
+
+def frames(path: str, size: str, dst_mac: str = "02:00:00:00:00:01") -> list[bytes]:
+    """The frames of one size (see the module doc: "78", "imix", or an outer IPv6 length), in sending order."""
+    size = str(size)
+    if size == "78":
+        return [_sized(path, dst_mac, inner_ip_len=64)]
+    if size == "imix":
+        mix = [_sized(path, dst_mac, inner_ip_len=n) if n else _sized(path, dst_mac, outer_ip_len=MTU)
+               for n, _ in IMIX]
+        return [mix[i] for i in IMIX_ORDER]
+    if not size.isdigit():
+        raise ValueError(f"frame size {size!r}: expected 78, imix or an outer IPv6 packet length in bytes")
+    if int(size) > MTU:
+        raise ValueError(f"frame size {size}: an outer IPv6 packet above the veth MTU ({MTU})")
+    return [_sized(path, dst_mac, outer_ip_len=int(size))]
+
+
+def frame_bytes(path: str, size: str) -> float:
+    """Mean Ethernet frame length (no FCS) of `path` at `size`: what throughput in bits is computed from."""
+    fs = frames(path, size)
+    return round(sum(map(len, fs)) / len(fs), 1)
 
 
 def trafgen_config(frame: bytes, flows: int = 1) -> str:
@@ -126,15 +192,168 @@ def _stop_group(proc: subprocess.Popen) -> None:
         return
 
 
+@contextlib.contextmanager
+def _on_cpu(cpu: int | None):
+    """Pin the calling thread (not the process) to `cpu` for the body."""
+    if cpu is None:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class LiveGenerator:
+    """Frames out of one veth with BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX). `load(frames)`
+    then `send(n, rate)`; the generator counts every frame it made (`generated()`)."""
+
+    def __init__(self, topo: Topology, role: str, ifname: str, cpu: int | None = GEN_CPU):
+        self.topo, self.role, self.cpu = topo, role, cpu
+        self.ifindex = topo.ifindex(role, ifname)
+        self.bpf, self.fd = loader.compile_program(BENCH_DIR / "xdp_live_gen.c", "xdp_live_gen")
+        tmpls = self.bpf[b"tmpls"]
+        # The C's sizes, from bcc's derived types: no constant copied by hand.
+        self.hdr_bytes = ctypes.sizeof(tmpls.Leaf().hdr)
+        self.tmpl_max = tmpls.max_entries
+        self.seq_max = self.bpf[b"seq"].max_entries
+        self._frame = b""
+
+    def load(self, frames_: list[bytes], flows: int = 1) -> None:
+        """Send `frames_` in this order, over and over; with flows > 1 the last 2 bytes of the inner IPv6
+        source count 0..flows-1 (frames carry outer IPv6 + SRH + inner IPv6 at the usual offsets)."""
+        distinct = list(dict.fromkeys(frames_))
+        if len(distinct) > self.tmpl_max or len(frames_) > self.seq_max:
+            raise BenchError(f"live generator: at most {self.tmpl_max} frames, a sequence of {self.seq_max}")
+        if min(map(len, distinct)) < self.hdr_bytes:
+            raise BenchError(f"live generator: frames shorter than {self.hdr_bytes} bytes")
+        if not 1 <= flows <= 1 << 16:
+            raise BenchError("live generator: 1 to 65536 flows")
+        tmpls, seq = self.bpf[b"tmpls"], self.bpf[b"seq"]
+        for i, f in enumerate(distinct):
+            leaf = tmpls.Leaf()
+            leaf.len = len(f)
+            srh_len = (f[14 + 40 + 1] + 1) * 8
+            leaf.flow_off = 14 + 40 + srh_len + 8 + 14  # the inner source's last 2 bytes (IPv6 src at +8)
+            ctypes.memmove(leaf.hdr, f[:self.hdr_bytes], self.hdr_bytes)
+            tmpls[tmpls.Key(i)] = leaf
+        for i, f in enumerate(frames_):
+            seq[seq.Key(i)] = seq.Leaf(distinct.index(f))
+        self._seq_len, self._flows = len(frames_), flows
+        self._frame = max(distinct, key=len)  # the program trims it to each template's length
+
+    def generated(self) -> int:
+        """Frames sent by the current (or last) run."""
+        st = self.bpf[b"state"]
+        return st[st.Key(0)].sent
+
+    def _go(self, limit: int, rate_pps: float | None, until: float | None,
+            watch: Callable[[], None] | None) -> int:
+        """One BPF_PROG_RUN: up to `limit` frames at `rate_pps` (None: flat out) until `until`
+        (time.monotonic()). `watch` runs in a helper thread while it goes; when it returns, the run is
+        interrupted (SIGUSR1 to this thread: BPF_PROG_RUN returns EINTR). Without `watch` the run makes
+        exactly `limit` frames, unpaced. Returns the frames sent."""
+        if not self._frame:
+            raise BenchError("live generator: load() frames first")
+        if watch is None and (rate_pps or until):
+            raise ValueError("a paced or timed run needs a watch to end it")
+        if watch and threading.current_thread() is not threading.main_thread():
+            raise BenchError("the live generator runs in the main thread (it is interrupted by a signal)")
+        c = self.bpf[b"cfg"]
+        cfg = c.Leaf()
+        cfg.seq_len, cfg.flows, cfg.limit = self._seq_len, self._flows, limit
+        cfg.interval_ps = round(1e12 / rate_pps) if rate_pps else 0
+        cfg.stop_ns = int(until * 1e9) if until else 0
+        cfg.group = LIVE_GROUP
+        c[c.Key(0)] = cfg
+        st = self.bpf[b"state"]
+        leaf = st.Leaf()
+        leaf.sent, leaf.next_ps, leaf.in_group = 0, time.monotonic_ns() * 1000, 0
+        st[st.Key(0)] = leaf
+        repeat = LIVE_REPEAT_MAX if watch else limit
+        done = threading.Event()
+        me = threading.get_ident()
+
+        def helper():
+            try:
+                watch()
+            finally:
+                while not done.is_set():  # again until it lands inside the syscall
+                    signal.pthread_kill(me, signal.SIGUSR1)
+                    done.wait(0.01)
+
+        old = signal.signal(signal.SIGUSR1, lambda *_: None) if watch else None
+        try:
+            with self.topo.inside(self.role), _on_cpu(self.cpu):
+                th = threading.Thread(target=helper, daemon=True) if watch else None  # on our CPU too
+                if th:
+                    th.start()
+                try:
+                    libbpf.prog_test_run_live(self.fd, self._frame, repeat, self.ifindex, LIVE_BATCH)
+                except InterruptedError:
+                    pass
+                except OSError as e:
+                    raise BenchError(f"BPF_PROG_RUN live frames failed ({e}): needs kernel >= 5.18") from None
+                finally:
+                    done.set()
+                    if th:
+                        th.join()
+        finally:
+            if watch:
+                signal.signal(signal.SIGUSR1, old)
+        return self.generated()
+
+    def send(self, n: int, rate_pps: float | None = None, until: float | None = None) -> int:
+        """Send `n` frames, paced at `rate_pps` (None: as fast as the CPU goes), stopping at `until`
+        (time.monotonic(); paced, at the latest twice the time n frames take, plus a second). Returns the
+        frames sent."""
+        if rate_pps is None and until is None:
+            return self._go(n, None, None, None)
+        t0 = time.monotonic()
+        if rate_pps and until is None:
+            until = t0 + 2 * n / rate_pps + 1.0
+        end = min(t0 + n / rate_pps, until) if rate_pps else until
+
+        def watch():
+            time.sleep(max(0.0, end - time.monotonic()))
+            while self.generated() < n and (until is None or time.monotonic() < until):
+                time.sleep(0.002)
+
+        return self._go(n, rate_pps, until, watch)
+
+    def flat_out(self, during: Callable[[], None]) -> int:
+        """Frames as fast as the CPU goes while `during()` runs (in a helper thread; it measures)."""
+        def watch():
+            give_up = time.monotonic() + START_TIMEOUT_S
+            while self.generated() == 0:
+                if time.monotonic() > give_up:
+                    return  # nothing measured: the caller finds no window
+                time.sleep(0.001)
+            during()
+
+        return self._go(2**63, None, None, watch)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
 class LocalBench:
     """The gen -> DUT -> sink topology; `configure(path)` then `trial(rate, duration)`. Always cleaned up."""
 
-    def __init__(self, mode: str = "native", flows: int = 16, frame_size: int | None = None):
-        if not shutil.which("trafgen"):
+    def __init__(self, mode: str = "native", flows: int = 16, frame_size: int | None = None,
+                 generator: str = "trafgen"):
+        if generator not in GENERATORS:
+            raise BenchError(f"unknown generator {generator!r}: expected {' or '.join(GENERATORS)}")
+        if generator == "trafgen" and not shutil.which("trafgen"):
             raise BenchError("trafgen not found: apt-get install netsniff-ng (./run setup installs it)")
         self.mode = mode
         self.flows = flows
         self.frame_size = frame_size
+        self.generator = generator
+        self.live: LiveGenerator | None = None
+        self.size: str | None = None
         self.topo = Topology(tag=f"{os.getpid()}-bl")
         self._stack = contextlib.ExitStack()
         self._tmp = Path(tempfile.mkdtemp(prefix="srmig-bench-"))
@@ -188,9 +407,20 @@ class LocalBench:
         self.dp.set_vm(VM_RUN, VmState.RUNNING)
         self.dp.set_vm(VM_AWAY, VmState.AWAY, next_sid=NEXT_SID)
         self.dp.set_vm(VM_HOLD, VmState.HOLD)
+        if self.generator == "live":
+            self.live = LiveGenerator(t, "gen", "g0", GEN_CPU if getattr(self, "_napi_cpu", None) else None)
+            self._stack.callback(self.live.close)
+
+    @staticmethod
+    def _napi_pids() -> set[str]:
+        return set(subprocess.run(["pgrep", "^napi/d_in-"], capture_output=True, text=True).stdout.split())
 
     def _pin_napi(self) -> None:
+        # kthread names carry no namespace, and other benches (other processes) have a d_in too: ours are
+        # the kthreads that appear when we turn threaded NAPI on (they survive XDP attach and detach).
+        self._napi_foreign = self._napi_pids()
         r = self.topo.run("dut", "sh", "-c", "echo 1 > /sys/class/net/d_in/threaded", check=False)
+        self._napi_own = self._napi_pids() - self._napi_foreign
         if r.returncode != 0:
             self.notes.append("threaded NAPI unavailable: DUT shares the generator's core")
             return
@@ -200,21 +430,27 @@ class LocalBench:
             return
         self._napi_cpu = 1
         pid = self._repin()
-        self.notes.append(f"trafgen on CPU 0; d_in NAPI kthread ({pid or 'not found'}) on CPU 1 with the "
+        gen = "trafgen" if self.generator == "trafgen" else "the live-frames generator (BPF_PROG_RUN)"
+        self.notes.append(f"{gen} on CPU 0; d_in NAPI kthread ({pid or 'not found'}) on CPU 1 with the "
                           f"DUT's forwarding and the sink's XDP")
 
     def _repin(self) -> str | None:
-        """Pin d_in's NAPI kthread to CPU 1 (again: attaching or detaching XDP may recreate it)."""
+        """Pin d_in's NAPI kthread to CPU 1 (again, in case it was recreated: then ours is one that was not
+        there before we started). Never another bench's: a kthread pinned to the generator's CPU would
+        leave that bench's DUT next to nothing."""
         if getattr(self, "_napi_cpu", None) is None:
             return None
-        pids = subprocess.run(["pgrep", "^napi/d_in-"], capture_output=True, text=True).stdout.split()
-        # kthread names carry no namespace; take the newest (ours, made last).
-        for pid in pids[-1:]:
+        now = self._napi_pids()
+        if not self._napi_own & now:
+            self._napi_own = now - self._napi_foreign
+        pids = sorted(self._napi_own & now, key=int)
+        for pid in pids:
             subprocess.run(["taskset", "-pc", str(self._napi_cpu), pid], capture_output=True)
-        return pids[-1] if pids else None
+        return ",".join(pids) or None
 
-    def configure(self, path: str) -> None:
-        """What d_in runs for `path`."""
+    def configure(self, path: str, size: str | None = None) -> None:
+        """What d_in runs for `path`, and the frames the generator sends: `size` (see frames()), or without
+        it one frame of `frame_size` bytes (the default frame when that is None)."""
         with self.topo.inside("dut"):
             if path == "generator":
                 loader.attach("d_in", self.sink_fd, self.mode)
@@ -226,12 +462,22 @@ class LocalBench:
                 loader.detach("d_in")
         self._repin()
         self.path = path
+        self.size = size
+        self.frames = (frames(path, size, self.d_in_mac) if size is not None
+                       else [packet(path, self.frame_size, self.d_in_mac)])
         self._cfg = self._tmp / f"{path}.cfg"
-        self._cfg.write_text(trafgen_config(packet(path, self.frame_size, self.d_in_mac), self.flows))
+        # Several frames (IMIX): trafgen sends the packets of its configuration round robin, in order.
+        self._cfg.write_text("".join(trafgen_config(f, self.flows) for f in self.frames))
+        if self.live:
+            self.live.load(self.frames, self.flows)
         self._warm()
 
     def _warm(self) -> None:
         """A few frames first: next-hop cache, neighbour state; not counted."""
+        if self.live:
+            self.live.send(200, 20000)
+            time.sleep(0.02)
+            return
         proc = self._trafgen(200, 20000)
         try:
             proc.wait(timeout=5)
@@ -264,7 +510,13 @@ class LocalBench:
         trafgen's shaper spends each second's budget as one burst at full speed, then sleeps: a trial lasts
         whole seconds so every second is a full one. Frames not at the sink once trafgen is done, or by the
         deadline duration + 0.1 s (trafgen's start-up, measured ~10 ms; trafgen is stopped there), are lost: dropped by a full veth ring, or
-        never sent because the veth pushed back on the generator (txq stop) for longer than the trial."""
+        never sent because the veth pushed back on the generator (txq stop) for longer than the trial.
+
+        With the live generator the load is smooth (paced in groups of LIVE_GROUP frames), the trial may last
+        a fraction of a second, and frames not sent by duration x 1.05 + 20 ms (the generator could not keep
+        up) are lost too."""
+        if self.live:
+            return self._live_trial(rate_pps, duration_s)
         duration_s = max(1.0, round(duration_s))
         n = max(1, int(rate_pps * duration_s))
         c0 = self.sink_count()
@@ -285,10 +537,41 @@ class LocalBench:
         self.last = Trial(rate_pps, duration_s, n, received, wall)
         return n, received
 
+    def _live_trial(self, rate_pps: float, duration_s: float) -> tuple[int, int]:
+        n = max(1, int(rate_pps * duration_s))
+        c0 = self.sink_count()
+        t0 = time.monotonic()
+        sent = self.live.send(n, rate_pps, until=t0 + duration_s * (1 + LIVE_GRACE) + 0.02)
+        wall = time.monotonic() - t0
+        time.sleep(0.02)  # frames in flight reach the sink
+        received = self.sink_count() - c0
+        self.last = Trial(rate_pps, duration_s, n, received, wall)
+        self.last_generated = sent
+        return n, received
+
+    def _live_max_forwarding_rate(self, duration_s: float) -> dict:
+        """The live generator flat out; the window opens WARMUP_S after its first frame."""
+        w: dict = {}
+
+        def measure():
+            time.sleep(WARMUP_S)
+            w["c0"], w["g0"], w["t0"] = self.sink_count(), self.live.generated(), time.monotonic()
+            time.sleep(duration_s)
+            w["c1"], w["g1"], w["t1"] = self.sink_count(), self.live.generated(), time.monotonic()
+
+        self.live.flat_out(measure)
+        if "t1" not in w:
+            raise BenchError(f"the live generator sent nothing within {START_TIMEOUT_S} s")
+        dt = w["t1"] - w["t0"]
+        return {"forwarded_pps": round((w["c1"] - w["c0"]) / dt, 1),
+                "offered_pps": round((w["g1"] - w["g0"]) / dt, 1), "window_s": round(dt, 3)}
+
     def max_forwarding_rate(self, duration_s: float = 1.0) -> dict:
         """RFC 2285 forwarding rate at maximum offered load: trafgen as fast as it can (a rate it never
         reaches) for about `duration_s`; the sink is counted over a window that starts after the warm-up.
         The DUT core is saturated the whole window, so this is its capacity."""
+        if self.live:
+            return self._live_max_forwarding_rate(duration_s)
         tx0 = self._gen_tx()
         # A rate trafgen can never reach: its shaper never sleeps (per-packet sendto). Its unpaced mmap mode
         # gives up as soon as a native-XDP veth peer drops a frame, so it cannot be used here.
@@ -329,87 +612,182 @@ class LocalBench:
 
     def hold_flush(self, packets: int = 4000, rate_pps: float = 20000) -> dict:
         """Park `packets` frames via End.S HOLD, then time draining the hold ring and re-sending every
-        packet with the drain's RawSender (what SourceDrain does at the pause)."""
-        from srmig.ctl.drain import RawSender
+        packet towards the sink, twice: the way SourceDrain does it now (the ring read in bulk from its
+        mmap, RawSender.send_many: sendmmsg batches) and, for comparison, the way it did (a libbpf
+        callback per record, one sendto per packet)."""
+        from srmig.ctl.drain import RawSender, hold_ring_reader, read_hold_packets
 
         self.configure("end_s_forward")
         self._cfg.write_text(trafgen_config(packet("hold", self.frame_size, self.d_in_mac), 1))
-        before_sink = self.sink_count()
-        self._send_exactly(packets, rate_pps)
-        parked = self.sink_count() - before_sink  # should be 0: held, not forwarded
-        records: list[bytes] = []
-        with self.topo.inside("dut"):
-            sender = RawSender()
+
+        def park() -> int:
+            before_sink = self.sink_count()
+            self._send_exactly(packets, rate_pps)
+            return self.sink_count() - before_sink  # should be 0: held, not forwarded
+
+        def flush(bulk: bool) -> dict:
+            with self.topo.inside("dut"):
+                sender = RawSender()
+                ring = hold_ring_reader(self.dp) if bulk else None
+                records: list[bytes] = []
+                cb = None if bulk else self.dp.hold_ring(lambda rec: records.append(rec.packet))
             try:
-                ring = self.dp.hold_ring(lambda rec: records.append(rec.packet))
-                try:
-                    before = self.sink_count()
-                    t0 = time.perf_counter()
-                    while ring.poll(0) > 0:
+                before = self.sink_count()
+                t0 = time.perf_counter()
+                if bulk:
+                    while batch := read_hold_packets(ring):
+                        records += batch
+                else:
+                    while cb.poll(0) > 0:
                         pass
-                    t1 = time.perf_counter()
+                t1 = time.perf_counter()
+                if bulk:
+                    sender.send_many(records)
+                else:
                     for p in records:
                         sender.send(p)
-                    t2 = time.perf_counter()
-                finally:
-                    ring.close()
+                t2 = time.perf_counter()
             finally:
+                (ring or cb).close()
                 sender.close()
-        time.sleep(0.05)
-        arrived = self.sink_count() - before
-        total = t2 - t0
-        return {
-            "held": len(records), "leaked_while_holding": parked, "resent_arrived": arrived,
-            "drain_ring_s": round(t1 - t0, 6), "resend_s": round(t2 - t1, 6),
-            "flush_pps": round(len(records) / total, 1) if total > 0 and records else 0.0,
-            "method": "trafgen parks frames via End.S (VM HOLD) in the hold ring; Dataplane.hold_ring() "
-                      "consumes it and srmig.ctl.drain.RawSender re-sends each packet (kernel routes it to "
-                      "the sink); flush_pps = held / (drain + resend time), one Python thread",
-        }
+            time.sleep(0.05)
+            total = t2 - t0
+            return {"held": len(records), "resent_arrived": self.sink_count() - before,
+                    "send_dropped": sender.dropped, "drain_ring_s": round(t1 - t0, 6),
+                    "resend_s": round(t2 - t1, 6),
+                    "flush_pps": round(len(records) / total, 1) if total > 0 and records else 0.0}
+
+        parked = park()
+        old = flush(bulk=False)
+        parked += park()
+        out = flush(bulk=True)
+        out.update({
+            "leaked_while_holding": parked, "per_record": old,
+            "speedup": round(out["flush_pps"] / old["flush_pps"], 2) if old["flush_pps"] else None,
+            "method": "trafgen parks frames via End.S (VM HOLD) in the hold ring; srmig.ctl.drain reads it in "
+                      "bulk (read_hold_packets) and RawSender.send_many re-sends the packets in sendmmsg "
+                      "batches (the kernel routes them to the sink); per_record: the same with "
+                      "Dataplane.hold_ring()'s callback per record and one sendto per packet; flush_pps = held "
+                      "/ (ring drain + resend time), one Python thread"})
+        return out
 
 
 def search_path(bench: LocalBench, path: str, max_rate: float, duration_s: float, max_trials: int,
-                resolution: float, on_trial: Callable | None = None) -> dict:
-    bench.configure(path)
+                resolution: float, on_trial: Callable | None = None, size: str | None = None) -> dict:
+    bench.configure(path, size)
     r = S.search(bench.trial, max_rate, min_rate=max_rate / 50, duration_s=duration_s, max_trials=max_trials,
                  resolution=resolution, on_trial=on_trial)
     return r.to_dict()
 
 
+def spread(values: list) -> dict:
+    """Median and range of one figure over the repetitions (None where a run could not compute it)."""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return {"median": None, "min": None, "max": None, "runs": values}
+    return {"median": round(statistics.median(vs), 3), "min": min(vs), "max": max(vs), "runs": values}
+
+
+def _merge(results: list[dict]) -> dict:
+    """One path's search results over the repetitions, in the single-run layout (medians), plus `spread`;
+    every trial of every run, each tagged with its run."""
+    def med(f):
+        return round(statistics.median(f(r) for r in results), 1)
+
+    mfr = [r["max_forwarding_rate"] for r in results]
+    return {
+        "ndr_pps": med(lambda r: r["ndr_pps"]), "pdr_pps": med(lambda r: r["pdr_pps"]),
+        "ndr_forwarded_pps": med(lambda r: r["ndr_forwarded_pps"]),
+        "pdr_forwarded_pps": med(lambda r: r["pdr_forwarded_pps"]),
+        "settled": all(r["settled"] for r in results),
+        "trials": [dict(t, run=i) for i, r in enumerate(results) for t in r["trials"]],
+        "max_forwarding_rate": {k: round(statistics.median(m[k] for m in mfr), 3 if k == "window_s" else 1)
+                                for k in ("forwarded_pps", "offered_pps", "window_s")},
+        "spread": {"ndr_pps": spread([r["ndr_pps"] for r in results]),
+                   "pdr_pps": spread([r["pdr_pps"] for r in results]),
+                   "max_forwarding_rate_pps": spread([m["forwarded_pps"] for m in mfr])},
+    }
+
+
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: float = 1.0,
         max_trials: int = 8, resolution: float = 0.05, mode: str = "native", flows: int = 16,
-        frame_size: int | None = None, hold_packets: int = 4000, progress: Callable[[str], None] | None = None
-        ) -> dict:
-    out: dict = {"paths": {}}
-    with LocalBench(mode=mode, flows=flows, frame_size=frame_size) as b:
-        for path in paths:
-            if progress:
-                progress(f"local: searching {path}")
-            cb = (lambda t, p=path: progress(f"  {p}: {t.rate_pps / 1e3:8.1f} kpps offered, loss "
-                                             f"{t.loss_ratio * 100:6.2f} %")) if progress else None
-            out["paths"][path] = search_path(b, path, max_rate, duration_s, max_trials, resolution, cb)
-            out["paths"][path]["max_forwarding_rate"] = b.max_forwarding_rate(duration_s)
-            if progress:
-                m = out["paths"][path]["max_forwarding_rate"]
-                progress(f"  {path}: forwarding rate at maximum load {m['forwarded_pps'] / 1e3:.1f} kpps "
-                         f"(generator offered {m['offered_pps'] / 1e3:.1f} kpps)")
-        if hold_packets:
+        hold_packets: int = 4000, progress: Callable[[str], None] | None = None, generator: str = "trafgen",
+        sizes: tuple[str, ...] = ("78",), repeat: int = 1) -> dict:
+    """Every path at every size, `repeat` times. `paths` holds the first size's results (medians, every
+    trial) in the single-run layout; `sweep` every size's medians and ranges, ratios included."""
+    sizes = tuple(str(x) for x in sizes)
+    if not sizes or repeat < 1:
+        raise BenchError("at least one frame size and one repetition")
+    try:
+        for size in sizes:
+            for path in paths:
+                frames(path, size)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    runs: list[dict[str, dict[str, dict]]] = []
+    out: dict = {"generator": generator, "sizes": list(sizes), "repeat": repeat}
+    with LocalBench(mode=mode, flows=flows, generator=generator) as b:
+        for r in range(repeat):
+            one: dict[str, dict[str, dict]] = {}
+            for size in sizes:
+                one[size] = {}
+                for path in paths:
+                    if progress:
+                        progress(f"local ({generator}, run {r + 1}/{repeat}, size {size}): searching {path}")
+                    cb = (lambda t, p=path: progress(f"  {p}: {t.rate_pps / 1e3:8.1f} kpps offered, loss "
+                                                     f"{t.loss_ratio * 100:6.2f} %")) if progress else None
+                    res = search_path(b, path, max_rate, duration_s, max_trials, resolution, cb, size)
+                    res["max_forwarding_rate"] = m = b.max_forwarding_rate(duration_s)
+                    one[size][path] = res
+                    if progress:
+                        progress(f"  {path}: forwarding rate at maximum load {m['forwarded_pps'] / 1e3:.1f} kpps "
+                                 f"(generator offered {m['offered_pps'] / 1e3:.1f} kpps)")
+            runs.append(one)
+        if hold_packets and shutil.which("trafgen"):  # the hold-ring flush parks its frames with trafgen
             if progress:
                 progress("local: hold-ring flush")
             out["hold_ring_flush"] = b.hold_flush(hold_packets)
-        out["frame_bytes"] = len(packet("end_s_forward", frame_size))
         out["notes"] = b.notes
-    out["method"] = (f"trafgen {mode} XDP veth gen->DUT->sink; NDR/PDR (loss <= {S.DEFAULT_PDR_LOSS * 100} %) "
+    primary = sizes[0]
+    out["paths"] = {path: _merge([one[primary][path] for one in runs]) for path in paths}
+    out["frame_bytes"] = _int_if_whole(frame_bytes("end_s_forward", primary))
+    out["sweep"] = {}
+    for size in sizes:
+        fb = {path: _int_if_whole(frame_bytes(path, size)) for path in paths}
+        per_run = [_ratios(one[size]) for one in runs]
+        out["sweep"][size] = {
+            "frame_bytes": fb,
+            "paths": {path: {
+                "ndr_pps": spread([one[size][path]["ndr_pps"] for one in runs]),
+                "pdr_pps": spread([one[size][path]["pdr_pps"] for one in runs]),
+                "max_forwarding_rate_pps": spread([one[size][path]["max_forwarding_rate"]["forwarded_pps"]
+                                                   for one in runs]),
+                "max_forwarding_rate_gbps": spread([round(one[size][path]["max_forwarding_rate"]["forwarded_pps"]
+                                                          * fb[path] * 8 / 1e9, 3) for one in runs]),
+            } for path in paths},
+            "ratios": {k: spread([pr[k] for pr in per_run]) for k in per_run[0]},
+        }
+    out["ratios_spread"] = out["sweep"][primary]["ratios"]
+    gen = ("trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure burst "
+           "tolerance)" if generator == "trafgen" else
+           f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of {LIVE_GROUP} "
+           f"frames: a smooth load)")
+    out["method"] = (f"{gen}; {mode} XDP veth gen->DUT->sink; NDR/PDR (loss <= {S.DEFAULT_PDR_LOSS * 100} %) "
                      f"search, <= {max_trials} trials of {duration_s} s per path, {flows} flows (inner source "
-                     f"varies); trafgen's shaper sends each second's budget as one burst, so NDR/PDR measure "
-                     f"burst tolerance; max_forwarding_rate = sink rate under unpaced (maximum) load = the "
-                     f"DUT core's capacity, used for the ratios")
+                     f"varies); max_forwarding_rate = sink rate under unpaced (maximum) load = the DUT core's "
+                     f"capacity, used for the ratios; sizes {', '.join(sizes)} (frame_bytes: Ethernet frame "
+                     f"without FCS, the IMIX mean; gbps from it); {repeat} run(s), each over every size and "
+                     f"path: medians, with min/max in spread/sweep; ratios = median of the runs' ratios")
     out["cpus"] = os.cpu_count()
     return out
 
 
-def ratios(local: dict) -> dict:
-    p = local["paths"]
+def _ratios(p: dict) -> dict:
+    """The ratios of one set of per-path results (one run, one size)."""
 
     def rate(name):  # the DUT core's capacity: forwarding rate at maximum offered load
         return p[name]["max_forwarding_rate"]["forwarded_pps"] if name in p else 0.0
@@ -436,3 +814,11 @@ def ratios(local: dict) -> dict:
             "ndr_end_s_forward_vs_kernel_dx6": ratio("end_s_forward", "kernel_end_dx6", ndr),
             "ndr_end_s_deliver_vs_kernel_dx6": ratio("end_s_deliver", "kernel_end_dx6", ndr),
             "ndr_end_s_forward_vs_redirect_stub": ratio("end_s_forward", "redirect_stub", ndr)}
+
+
+def ratios(local: dict) -> dict:
+    """The headline ratios: with repetitions (`ratios_spread`), the median of each run's ratio, so the
+    figure sits inside its reported range; otherwise the ratios of `paths`."""
+    if local.get("ratios_spread"):
+        return {k: v["median"] for k, v in local["ratios_spread"].items()}
+    return _ratios(local["paths"])

@@ -151,8 +151,10 @@ def cmd_bench_all(args) -> int:
         raise ValueError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: expected "
                          f"{', '.join(report.PARTS)}")
     try:
+        sizes = tuple(x.strip() for item in args.sizes for x in item.split(",") if x.strip()) or None
         result = report.run(quick=args.quick, parts=parts, max_rate=args.max_rate, duration_s=args.duration,
-                            max_trials=args.trials, mode=args.mode, progress=True)
+                            max_trials=args.trials, mode=args.mode, progress=True, generator=args.generator,
+                            sizes=sizes, repeat=args.repeat)
     except local.BenchError as e:
         raise ValueError(str(e)) from None
     if args.plot:
@@ -283,20 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "bench", help="benchmarks (JSON with --json); without BENCH: everything",
-        description="Without BENCH: the local generator (trafgen through one DUT core: NDR/PDR of srmig "
-                    "End.S forward/deliver, the kernel's End.DX6 and End, an XDP redirect stub), the hold-ring "
-                    "flush rate, the per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the "
-                    "targets, as one JSON document with --json (progress on stderr).")
+        description="Without BENCH: the local generator (BPF_PROG_RUN live frames or trafgen, through one "
+                    "DUT core: NDR/PDR and the forwarding rate at maximum load of srmig End.S forward/deliver, "
+                    "the kernel's End.DX6 and End, an XDP redirect stub, per frame size, repeated: medians and "
+                    "ranges), the hold-ring flush rate, the per-packet cost at 10, 10^3 and 10^6 VMs, and the "
+                    "ratios against the targets, as one JSON document with --json (progress on stderr).")
     sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    sp.add_argument("--quick", action="store_true", help="1-s trials, 5 per path, smaller scale runs (about 2 minutes)")
+    sp.add_argument("--quick", action="store_true",
+                    help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
     sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
                     help="run only these parts: local, scale")
-    sp.add_argument("--max-rate", type=float, default=1_500_000, help="highest offered load, pps")
-    sp.add_argument("--duration", type=float, help="seconds per trial, whole seconds (default 2, --quick 1)")
+    sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
+    sp.add_argument("--duration", type=float,
+                    help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")
+    sp.add_argument("--generator", choices=["live", "trafgen"], default="live",
+                    help="live: BPF_PROG_RUN live frames (kernel >= 5.18, several Mpps, paced per frame); "
+                         "trafgen: sendto, ~700 kpps here, 1-s bursts (default: live)")
+    sp.add_argument("--sizes", action="append", default=[], metavar="SIZE[,SIZE]",
+                    help="frame sizes: 78 (64-byte inner IPv6 packet + outer IPv6 + SRH), an outer IPv6 "
+                         "length such as 512 or 1500, imix (default: 78,512,1500,imix live; 78 trafgen)")
+    sp.add_argument("--repeat", type=int, help="runs of every path and size; median and range (default 3, --quick 2)")
     sp.add_argument("--trials", type=int, help="trials per path (default 10, --quick 5)")
     sp.add_argument("--mode", choices=["native", "generic"], default="native", help="XDP mode on the DUT")
     sp.add_argument("--plot", metavar="PNG", default="srmig-bench.png",
-                    help="loss vs offered load plot (default: srmig-bench.png; '' for none)")
+                    help="plot: loss vs offered load, NDR/PDR, throughput vs frame size "
+                         "(default: srmig-bench.png; '' for none)")
     sp.set_defaults(func=cmd_bench_all, bench=None)
     bsub = sp.add_subparsers(dest="bench", required=False, metavar="BENCH")
     b = bsub.add_parser("micro", help="BPF_PROG_TEST_RUN ns/packet per branch vs an XDP_PASS stub",
