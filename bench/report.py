@@ -3,6 +3,7 @@
 - local: NDR/PDR per path through one DUT core (bench/local.py), with the live-frames generator (BPF_PROG_RUN,
   default) or trafgen, at every frame size, repeated: medians and ranges; hold-ring flush rate
 - flush: a full held buffer into a VM's tap queue, per sending method, in order (bench/flush.py): "hold_flush"
+- agent: libvirt event -> VM-state map latency, reconciliation after a restart with 10^4 VMs (bench/agent.py)
 - scale: per-packet cost at 10, 10^3, 10^6 VMs (bench/scale.py, bench/micro.py's method)
 - ratios: end_s_vs_kernel_dx6, end_s_vs_redirect_stub (local, same run; the median over the repetitions, range in
   ratios_spread), scale_1e6_vs_10 (scale)
@@ -16,12 +17,12 @@ import platform
 import sys
 import time
 
-from bench import flush, local, scale
+from bench import agent, flush, local, scale
 
 TARGET_VS_KERNEL_DX6 = 2.0
 TARGET_VS_REDIRECT_STUB = 0.8
 TARGET_SCALE = 1.2
-PARTS = ("local", "scale", "flush")
+PARTS = ("local", "scale", "flush", "agent")
 
 
 # Per generator: highest offered load (pps) and seconds per trial (quick, full). trafgen's trials are whole
@@ -59,6 +60,10 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | N
         if say:
             say("flush: a held buffer into a VM's tap queue, per method")
         out["hold_flush"] = flush.run(packets=10000 if quick else 20000, repeat=2 if quick else 3, progress=say)
+    if "agent" in parts:
+        if say:
+            say("agent: libvirt event -> map latency, reconciliation of 10^4 VMs")
+        out["agent"] = agent.run(events=150 if quick else 500, vms=10_000)
     if "scale" in parts:
         if say:
             say("scale: per-packet cost at 10, 10^3, 10^6 VMs")
@@ -96,6 +101,8 @@ def _fmt(v, spec=".2f"):
 
 
 def print_table(result: dict) -> None:
+    if result.get("agent"):
+        agent.print_table(result["agent"])
     if "local" in result:
         loc = result["local"]
         print(f"local generator: {loc['method']}")

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true",
                     help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
     sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
-                    help="run only these parts: local, scale")
+                    help="run only these parts: local, scale, flush, agent")
     sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
     sp.add_argument("--duration", type=float,
                     help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")
