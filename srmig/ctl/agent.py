@@ -31,6 +31,7 @@ from pathlib import Path
 
 from srmig.ctl import ingress as ingress_routes
 from srmig.ctl.config import Config
+from srmig.ctl.libvirt_events import translate
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Migration, Publish, ReturnHeld, SetVm, StartGrace
 from srmig.ctl.phases import HostSids, Phase
 from srmig.ctl.vmdb import VmDb, VmRecord
@@ -115,7 +116,7 @@ class Agent:
         self._leases = []
         self._watches = []
         self._last_event_ns = 0
-        self._event_name = ""
+        self._baseline_timer: threading.Timer | None = None
         self.latencies_ms: list[float] = []          # event -> first map write, last 1000
         self.phase_started: dict[str, tuple[str, float]] = {}
         self._local_events: dict[str, set] = {}      # vm -> events seen by this host (not its peer)
@@ -347,13 +348,11 @@ class Agent:
         return "S" if m.src.name == self.name else "D" if m.dst.name == self.name else None
 
     def _on_lifecycle(self, name: str, typ: str, detail: str, t_ns: int) -> None:
-        from srmig.ctl.libvirt_events import translate  # noqa: PLC0415
-
         d = self._domain(name, refresh=typ in ("STARTED", "DEFINED"))
         log.debug("event %s %s/%s (%s)", name, typ, detail, "managed" if d else "not managed")
         if d is None:
             return
-        self._last_event_ns, self._event_name = t_ns, f"{typ}/{detail}"
+        self._last_event_ns = t_ns
         loc = self.local.setdefault(d.vm, Local())
         loc.domain, loc.tap = d.name, d.tap
         role = self._role(d.vm)
@@ -376,11 +375,6 @@ class Agent:
     def _on_job_completed(self, name: str, params: dict, t_ns: int) -> None:
         """Only for success (libvirt emits nothing for a failed job); STOPPED/MIGRATED already cut over."""
         self.last_job[name] = {k: params[k] for k in ("time_elapsed", "downtime", "setup_time") if k in params}
-
-    def _on_job_failed(self, name: str, detail: str, t_ns: int) -> None:
-        d = self._domain(name)
-        if d is not None and self._role(d.vm):
-            self._local_event(d.vm, Ev.FAILED, t_ns, f"job {detail}")
 
     _UNKNOWN = object()
 
@@ -418,7 +412,9 @@ class Agent:
         return ev in self._local_events.get(vm, ())
 
     def _local_event(self, vm: str, ev: Ev, t_ns: int, what: str) -> None:
-        self._last_event_ns, self._event_name = t_ns, what
+        """`what` this host saw (a libvirt event, a reconciliation finding) that means `ev`."""
+        log.debug("%s: %s -> %s", vm, what, ev.value)
+        self._last_event_ns = t_ns
         self._local_events.setdefault(vm, set()).add(ev)
         m = self.machine.migrations[vm]
         role = self._role(vm)
@@ -495,8 +491,6 @@ class Agent:
         # Events seen here before the record existed (the source's pause can beat the watch).
         for typ, detail, t_ns in self.pending_local.pop(vm, []):
             if self._role(vm):
-                from srmig.ctl.libvirt_events import translate  # noqa: PLC0415
-
                 ev = translate(self._role(vm), {"event": "lifecycle", "type": typ, "detail": detail})
                 if ev:
                     self._local_event(vm, ev, t_ns, f"{typ}/{detail}")
@@ -554,7 +548,7 @@ class Agent:
         self._start_migration(d.vm, rec)
         loc = self.local[d.vm]
         loc.domain, loc.tap = d.name, d.tap
-        self._last_event_ns, self._event_name = time.monotonic_ns(), "hook migrate begin"
+        self._last_event_ns = time.monotonic_ns()
         self._local_events[d.vm].add(Ev.BEGIN)
         m = self.machine.migrations[d.vm]
         pub = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
@@ -737,11 +731,11 @@ class Agent:
                 if c is None:
                     raise RuntimeError("libvirt not connected")
                 if cache.get("conn") is not c:
-                    cache.update(conn=c, dom=c.lookupByName(name))
-                return _rx_used_idx(cache["dom"])
+                    dom = c.lookupByName(name)
+                    cache.update(conn=c, dom=dom, path=_virtio_net_path(dom))
+                return _rx_used_idx(cache["dom"], cache["path"])
             check = SwallowCheck(loc.tap, rx_used)
-            check.base = check._diff(tries=BASELINE_TRIES)  # few tries: under traffic, try again later
-            if check.base is not None:
+            if check.baseline(tries=BASELINE_TRIES):  # few tries: under traffic, try again later
                 loc.check = check
                 return True
         except Exception as e:  # noqa: BLE001 - best effort
@@ -818,7 +812,7 @@ class Agent:
                 else:
                     self.dp.del_vm(e.vm)
                     fixed += 1
-        self.enqueue_baseline_timer(first_s=0.05)  # at once: the VMs may be quiet now, not later
+        self._start_baseline_timer(first_s=0.05)  # at once: the VMs may be quiet now, not later
         return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
 
     def _on_noop(self, fut: Future) -> None:
@@ -828,15 +822,15 @@ class Agent:
         if not self._role(vm) and self.dp is not None and (e := self.dp.get_vm(vm)) and e.state is VmState.AWAY:
             self.dp.del_vm(vm)
 
-    def enqueue_baseline_timer(self, first_s: float = BASELINE_EVERY_S) -> None:
-        if getattr(self, "_baseline_timer", None) is not None or self.stopping.is_set():
+    def _start_baseline_timer(self, first_s: float = BASELINE_EVERY_S) -> None:
+        if self._baseline_timer is not None or self.stopping.is_set():
             return
 
         def tick():
             self._baseline_timer = None
             if not self.stopping.is_set():
                 self._baselines()
-                self.enqueue_baseline_timer()
+                self._start_baseline_timer()
         self._baseline_timer = threading.Timer(first_s, tick)
         self._baseline_timer.daemon = True
         self._baseline_timer.start()
@@ -917,19 +911,21 @@ def _tap_dropped(tap: str | None) -> int | None:
         return ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64")["tx_dropped"]
 
 
-def _rx_used_idx(dom) -> int:
-    """The virtio-net RX used index through libvirt's QEMU monitor passthrough."""
+def _qmp(dom, cmd: str, **args):
+    """One QMP command through libvirt's QEMU monitor passthrough."""
     import libvirt_qemu  # noqa: PLC0415
 
-    def qmp(cmd, **args):
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps({"execute": cmd, "arguments": args}
-                                                                            if args else {"execute": cmd}), 0))
-        return reply["return"]
-    path = getattr(dom, "_srmig_vpath", None)
-    if path is None:
-        devs = [d for d in qmp("x-query-virtio") if d.get("name") == "virtio-net"]
-        path = devs[0]["path"]
-    return qmp("x-query-virtio-queue-status", path=path, queue=0)["used-idx"]
+    req = {"execute": cmd, "arguments": args} if args else {"execute": cmd}
+    return json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(req), 0))["return"]
+
+
+def _virtio_net_path(dom) -> str:
+    return next(d["path"] for d in _qmp(dom, "x-query-virtio") if d.get("name") == "virtio-net")
+
+
+def _rx_used_idx(dom, path: str) -> int:
+    """The virtio-net RX used index (QMP x-query-virtio-queue-status)."""
+    return _qmp(dom, "x-query-virtio-queue-status", path=path, queue=0)["used-idx"]
 
 
 def run(cfg: Config) -> int:

@@ -162,10 +162,10 @@ class SwallowCheck:
             time.sleep(0.0005)
         return None
 
-    def baseline(self) -> bool:
+    def baseline(self, tries: int = 200) -> bool:
         """Needs a moment when no frame reaches the tap for the length of one QMP query (a quiet VM, or
         traffic steered elsewhere); the difference then holds until the pause."""
-        self.base = self._diff()
+        self.base = self._diff(tries)
         return self.base is not None
 
     def swallowed(self) -> int | None:

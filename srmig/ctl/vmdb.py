@@ -18,7 +18,6 @@ applied them; the other end feeds them to its own state machine.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 from srmig.ctl.phases import HostSids
@@ -142,10 +141,7 @@ class VmDb:
             return []
         w = self.kv.watch(prefix, on_events, start_revision=rev + 1)
         try:
-            deadline = time.monotonic() + timeout_s
-            while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
-                if time.monotonic() >= deadline:
-                    break
+            done.wait(timeout_s)
             with lock:
                 return missing()
         finally:

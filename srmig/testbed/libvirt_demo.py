@@ -66,9 +66,9 @@ class Agents:
         self.work = work
         self.procs: dict[str, subprocess.Popen] = {}
         self.sockets: dict[str, str] = {}
+        self.args: dict[str, tuple] = {}   # role -> (netns, config, socket): what restart() needs
 
     def start(self, role: str, ns: str, config: Path, socket: str) -> None:
-        self.args = getattr(self, "args", {})
         self.args[role] = (ns, config, socket)
         log = open(self.work / f"agent-{role}.log", "ab")
         self.procs[role] = subprocess.Popen(
@@ -248,17 +248,22 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         return res
 
 
-def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
-    """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
+def wait_paused(dom, timeout: float = 30) -> None:
+    """Until the domain is paused (stop-and-copy began), polled every 0.5 ms, bounded."""
     import libvirt  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(libvirt.libvirtError):
             if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
                 return
         time.sleep(0.0005)
+
+
+def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
+    """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
+    wait_paused(dom, timeout)
+    os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
 
 
 def freeze_ingress(tb, ds, agents) -> None:
@@ -285,14 +290,7 @@ def restart_agent_at_pause(role: str, down_s: float = 1.0):
     """`during`: SIGKILL the agent of `role` as soon as the source is paused, start it again `down_s` later
     (systemd's Restart=always, RestartSec=1)."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        import libvirt  # noqa: PLC0415
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                    break
-            time.sleep(0.0005)
+        wait_paused(dom, timeout)
         agents.kill(role)
         time.sleep(down_s)
         agents.start(role, *agents.args[role])
