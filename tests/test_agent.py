@@ -246,13 +246,20 @@ def test_agents_restarted_before_migration():
 def test_abort_after_pause_returns_held_packets():
     """The destination's QEMU is killed once the source paused: libvirt fails the migration and resumes the
     source. The agents roll back: the source delivers again, the destination returns what its tap queue held
-    (kept alive by the agent's duplicate of QEMU's tap fd) once the source runs the VM: 0 lost."""
+    (kept alive by the agent's duplicate of QEMU's tap fd) once the source runs the VM.
+
+    0 duplicated, and at most 1 lost: the frame the source QEMU's tap backend read just after the stop. Here
+    libvirt resumes the source 10-15 ms after the pause, often before the source's agent has drained, and in
+    about half the runs QEMU 7.2 drops that frame at the resume (measured with a capture on the source's tap:
+    the guest never answers the probe between the last one before the pause and the first after it; the same
+    with the drain off, so it is not srmig's doing). Without the return, ~50 probes are lost here."""
     from srmig.testbed import libvirt_demo
 
     res = libvirt_demo.run(rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
     d = res.to_dict()
     assert res.error is not None, "the migration should have failed"
-    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    assert d["duplicated"] == 0 and d["lost"] <= 1, (d, res.report.lost_seqs)
+    assert res.agents["D"]["dataplane"]["verdicts"]["hold"] > 0, "D must have held something, or this proves nothing"
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "S" and loc["segments"] == ["fc00:0:1::d6"]
     assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"

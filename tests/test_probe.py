@@ -46,10 +46,11 @@ ROWS = [
           loss_runs=1, reordered=0)),
     # two runs (2) and (5, 6, 7): the longest wins
     ("two-gaps", every_ms(10), replies([0, 1, 3, 4, 8, 9]),
-     dict(lost=4, loss_runs=2, blackout_ms=3.0, blackout_start_ms=5.0, blackout_probes=3)),
+     dict(lost=4, loss_runs=2, blackout_ms=3.0, blackout_start_ms=5.0, blackout_probes=3, lost_seqs=[2, 5, 6, 7])),
     # seq 2 answered three times, seq 5 twice: 3 extra copies, nothing lost, no reordering
     ("duplicates", every_ms(10), replies([0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9]),
-     dict(received=10, lost=0, duplicated=3, reordered=0, blackout_ms=0.0)),
+     dict(received=10, lost=0, duplicated=3, reordered=0, blackout_ms=0.0, duplicated_seqs=[2, 2, 5],
+          lost_seqs=[])),
     # 2 arrives after 3 and 4: only 2 is reordered (RFC 4737: 2 < NextExp = 5)
     ("reorder-one-late", every_ms(6), replies([0, 1, 3, 4, 2, 5], rtt_ms=3),
      dict(received=6, lost=0, reordered=1, duplicated=0)),

@@ -40,6 +40,9 @@ from typing import NamedTuple
 # ---------------------------------------------------------------------------------------------------------
 
 
+LOST_SEQS_KEPT = 20  # lost and duplicated sequence numbers named in a report: which packets, for a diagnosis
+
+
 class Bucket(NamedTuple):
     """One timeline bucket: [t_ms, t_ms + bucket_ms) relative to the first send."""
 
@@ -60,6 +63,8 @@ class ProbeReport:
     blackout_start_ms: float | None = None  # send time of the first probe of the longest lost run
     blackout_probes: int = 0  # length of the longest lost run, in probes
     loss_runs: int = 0  # number of maximal runs of consecutive lost probes
+    lost_seqs: list[int] = field(default_factory=list)  # the first LOST_SEQS_KEPT lost sequence numbers
+    duplicated_seqs: list[int] = field(default_factory=list)  # the first LOST_SEQS_KEPT duplicated ones
     max_rx_gap_ms: float | None = None  # longest gap between consecutive first-copy arrivals (receive times)
     max_send_gap_ms: float = 0.0  # longest gap between consecutive sends: a sender stall, not a network loss
     unexpected: int = 0  # replies carrying a sequence number that was never sent
@@ -150,6 +155,8 @@ def analyse(sent: Iterable[tuple[int, float]], received: Iterable[tuple[int, flo
             rep.unexpected += 1
         elif seq in first:
             rep.duplicated += 1
+            if len(rep.duplicated_seqs) < LOST_SEQS_KEPT:
+                rep.duplicated_seqs.append(seq)
         else:
             first[seq] = t
             if seq < highest:
@@ -158,6 +165,7 @@ def analyse(sent: Iterable[tuple[int, float]], received: Iterable[tuple[int, flo
                 highest = seq
     rep.received = len(first)
     rep.lost = rep.sent - rep.received
+    rep.lost_seqs = [s for s in sorted(sent_t) if s not in first][:LOST_SEQS_KEPT]
     if not sent_t:
         rep.marks = _marks_rel(mark_list, None)
         return rep
