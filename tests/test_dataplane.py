@@ -243,6 +243,49 @@ def test_hold_ring_keeps_order(lab):
     assert all(r.vm == L.VM_HOLD for r in records)
 
 
+def test_ring_first_parks_behind_unsent_records(lab):
+    """AWAY with SRMIG_VM_F_RING_FIRST (the source drain's flip): a packet parks while the hold ring holds a
+    record not yet consumed (read but not committed counts as not consumed), and is forwarded once the ring
+    is empty; without the flag, AWAY forwards whatever the ring holds. Same at End.DX6-map."""
+    from srmig.ctl.drain import hold_ring_reader, read_hold_packets
+    from srmig.dataplane.abi import VmState
+
+    vm = "2001:db8:100::77"
+    to_s = [bytes(h_encaps(S_PATH, inner(vm, payload=f"s-{i}".encode()), dst_mac=L.FAB_MAC)) for i in range(8)]
+    to_dx6 = bytes(h_encaps([L.SID_DX6], inner(vm, payload=b"dx6"), dst_mac=L.FAB_MAC))
+
+    def payloads(packets):
+        return [bytes(IPv6(p)[UDP].payload) for p in packets]
+
+    with hold_ring_reader(lab.dp) as ring:
+        read_hold_packets(ring)  # earlier tests' records
+        try:
+            lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6, ring_first=True)
+            assert lab.dp.get_vm(vm).ring_first
+            assert lab.run(to_s[0]).action == "XDP_REDIRECT", "empty ring: forwarded directly"
+            lab.dp.set_vm(vm, VmState.HOLD, next_sid=L.D_DX6)
+            assert lab.run(to_s[1]).action == "XDP_DROP"  # parked in HOLD
+            lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6, ring_first=True)
+            assert lab.run(to_s[2]).action == "XDP_DROP", "behind s-1"
+            assert payloads(read_hold_packets(ring, commit=False)) == [b"s-1", b"s-2"]
+            assert not ring.empty()
+            assert lab.run(to_s[3]).action == "XDP_DROP", "read, not yet committed: still behind"
+            assert lab.run(to_dx6).action == "XDP_DROP", "End.DX6-map stragglers too"
+            ring.commit()
+            assert lab.run(to_s[4]).action == "XDP_DROP", "s-3 is still in the ring"
+            assert payloads(read_hold_packets(ring)) == [b"s-3", b"dx6", b"s-4"]
+            assert ring.empty()
+            assert lab.run(to_s[5]).action == "XDP_REDIRECT", "ring sent empty: forwarded directly"
+            lab.dp.set_vm(vm, VmState.HOLD, next_sid=L.D_DX6)
+            assert lab.run(to_s[6]).action == "XDP_DROP"
+            lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+            assert lab.run(to_s[7]).action == "XDP_REDIRECT", "no flag: the ring does not hold AWAY back"
+            assert payloads(read_hold_packets(ring)) == [b"s-6"]
+        finally:
+            lab.dp.del_vm(vm)
+            read_hold_packets(ring)
+
+
 def test_shadow_copies_what_is_delivered(lab):
     """With the shadow flag, every packet delivered to the VM is also copied, decapsulated, to the shadow
     ring; the delivery itself is unchanged. Without it, nothing is copied."""

@@ -49,6 +49,8 @@ SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
 SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before STOP arrived
+RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring after the flip (a ring that
+                                 # fills faster than we send never empties: then forward, and count)
 TUNGETIFF = 0x800454D2
 TUNGETVNETHDRSZ = 0x800454D7
 IFF_VNET_HDR = 0x4000
@@ -435,10 +437,11 @@ def hold_ring_reader(dp) -> libbpf.RingReader:
     return libbpf.RingReader(libbpf.obj_get(str(Path(dp.pin_dir) / "hold_ring")), owns_fd=True)
 
 
-def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30) -> list[bytes]:
-    """The packets parked in the hold ring, oldest first, consumed: each record's packet only, cut out of
-    the ring without a callback per record (about 7x the rate of Dataplane.hold_ring's consumer)."""
-    return ring.read(limit, start=_HOLD_HEAD,
+def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: bool = True) -> list[bytes]:
+    """The packets parked in the hold ring, oldest first, consumed (with `commit=False`, once
+    `ring.commit()` is called): each record's packet only, cut out of the ring without a callback per record
+    (about 7x the rate of Dataplane.hold_ring's consumer)."""
+    return ring.read(limit, start=_HOLD_HEAD, commit=commit,
                      length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
 
 
@@ -452,8 +455,9 @@ class DrainReport:
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
-    # before_flip_ms: HOLD until the flip; ring_after_flip: packets parked across the flip, the only ones
-    # that can arrive behind newer packets forwarded directly (expected 0, rarely 1).
+    # before_flip_ms: HOLD until the flip to AWAY behind the ring; behind_ring_ms: from the flip until the
+    # ring was sent empty; ring_after_flip: packets found in the ring once the program forwards directly
+    # again, the only ones that can arrive behind newer packets (expected 0).
     timings: dict = field(default_factory=dict)
 
 
@@ -462,9 +466,10 @@ class SourceDrain:
 
     1. VM state HOLD: the program parks every newer packet in the hold ring (already advanced to D).
     2. Drain QEMU's tap queue (the oldest packets), send them to D's End.SBUF (one sendmmsg list).
-    3. Send what the ring holds (newer) until it is empty, then AWAY: from now on the program forwards
-       directly.
-    4. Drain the ring once more for packets that were being held while the state flipped.
+    3. AWAY behind the ring (SRMIG_VM_F_RING_FIRST): the program parks a packet while the ring holds any
+       record we have not consumed, and forwards directly once it holds none. We send the ring's packets
+       batch by batch and consume each batch only once it is sent, until the ring is empty.
+    4. Plain AWAY, then read the ring once more for a packet parked while the flag was being cleared.
     """
 
     def __init__(self, dataplane, vm: str, src_addr: str, dest_segments: list[str], next_sid: str):
@@ -510,17 +515,25 @@ class SourceDrain:
                 older.append(pkt)
                 rep.from_tap += 1
             sender.send_many(older)
-            self._ring_send(sender, rep, ring)
-            rep.timings["before_flip_ms"] = round((time.monotonic() - t0) * 1000, 3)
-            before_flip = rep.from_ring
+            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
+            t_flip = time.monotonic()
+            rep.hold_ms = rep.timings["before_flip_ms"] = round((t_flip - t0) * 1000, 3)
+            deadline = t_flip + RING_FIRST_MAX_S
+            while not ring.empty() and time.monotonic() < deadline:
+                packets = read_hold_packets(ring, commit=False)
+                if packets:
+                    sender.send_many(packets)
+                    rep.from_ring += len(packets)
+                ring.commit()  # only now may the program forward newer packets directly
             self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
-            rep.hold_ms = (time.monotonic() - t0) * 1000
-            # A program run that read HOLD just before the flip may still be writing its record.
+            rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
+            # A program run that read the flag just before it was cleared may still be writing its record.
+            before = rep.from_ring
             deadline = time.monotonic() + settle_s
             while time.monotonic() < deadline:
                 self._ring_send(sender, rep, ring)
             self._ring_send(sender, rep, ring)
-            rep.timings["ring_after_flip"] = rep.from_ring - before_flip
+            rep.timings["ring_after_flip"] = rep.from_ring - before
         finally:
             ring.close()
             sender.close()
@@ -529,9 +542,7 @@ class SourceDrain:
 
     @staticmethod
     def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, rounds: int = 1000) -> None:
-        """Send what the ring holds, and what it received meanwhile, until a read finds it empty (like
-        libbpf's consumer): the flip to AWAY must follow the last empty read closely, or a packet parked
-        in between is sent after the flip, behind newer ones forwarded directly."""
+        """Send what the ring holds, and what it received meanwhile, until a read finds it empty."""
         for _ in range(rounds):
             packets = read_hold_packets(ring)
             if not packets:

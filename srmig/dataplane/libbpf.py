@@ -314,15 +314,17 @@ class RingReader:
             self._cons.close()
             raise
         self._fd = map_fd if owns_fd else -1
+        self._ahead: int | None = None  # read position past the consumer's (read(commit=False))
 
-    def read(self, limit: int = 1 << 30, start: int = 0, length: Callable[[bytes, int], int] | None = None
-             ) -> list[bytes]:
+    def read(self, limit: int = 1 << 30, start: int = 0, length: Callable[[bytes, int], int] | None = None,
+             commit: bool = True) -> list[bytes]:
         """Consume up to `limit` ready records, oldest first, each as bytes: the whole sample, or from
         `start` on, `length(data, offset_of_sample)` bytes long (to cut a payload out of a record without
-        copying the rest). Stops at the first record still being written."""
+        copying the rest). Stops at the first record still being written. `commit=False`: the records stay
+        in the ring (the producer still sees them) until `commit()`; the next read goes on after them."""
         data, page, mask = self._data, self._page, self._mask
         unpack = struct.unpack_from
-        cons = unpack("<Q", self._cons, 0)[0]
+        cons = unpack("<Q", self._cons, 0)[0] if self._ahead is None else self._ahead
         prod = unpack("<Q", data, 0)[0]
         out: list[bytes] = []
         append = out.append
@@ -339,10 +341,25 @@ class RingReader:
                 else:
                     append(data[s + start:s + start + min(length(data, s), n - start)])
             cons += (n + BPF_RINGBUF_HDR_SZ + 7) & ~7
-            if not len(out) & 255:  # give the producer its space back as we go, not only at the end
+            if commit and not len(out) & 255:  # give the producer its space back as we go
                 self._cons[0:8] = cons.to_bytes(8, "little")
-        self._cons[0:8] = cons.to_bytes(8, "little")
+        if commit:
+            self._cons[0:8] = cons.to_bytes(8, "little")
+            self._ahead = None
+        else:
+            self._ahead = cons
         return out
+
+    def commit(self) -> None:
+        """Consume what `read(commit=False)` returned."""
+        if self._ahead is not None:
+            self._cons[0:8] = self._ahead.to_bytes(8, "little")
+            self._ahead = None
+
+    def empty(self) -> bool:
+        """Nothing in the ring: no record reserved, being written, or not consumed (bpf_ringbuf_query's
+        BPF_RB_AVAIL_DATA is 0)."""
+        return struct.unpack_from("<Q", self._data, 0)[0] == struct.unpack_from("<Q", self._cons, 0)[0]
 
     def close(self) -> None:
         for m in (getattr(self, "_data", None), getattr(self, "_cons", None)):

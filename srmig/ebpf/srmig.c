@@ -42,7 +42,24 @@ BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
 BPF_ARRAY(meta, __u32, SRMIG_META_MAX); /* see enum srmig_meta */
 /* The SR domain's source prefixes (value unused); consulted only while meta counts at least one. */
 BPF_LPM_TRIE(sr_domain, struct srmig_domain_key, __u32, SRMIG_MAX_DOMAIN_PREFIXES);
-BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES);
+/* The hold ring: BPF_RINGBUF_OUTPUT(hold_ring, SRMIG_HOLD_RING_PAGES) spelled out, plus a `peek` member,
+ * because bcc 0.26 has no map.ringbuf_query(). bcc rewrites hold_ring.peek(flags) to
+ * bpf_map_peek_elem(<the map>, flags), which the macro below turns into bpf_ringbuf_query(<the map>, flags)
+ * when the rewritten source is compiled (nothing else here calls bpf_map_peek_elem). */
+struct hold_ring_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u64 (*peek)(u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf"))) struct hold_ring_table_t hold_ring = {
+	.max_entries = SRMIG_HOLD_RING_PAGES * PAGE_SIZE
+};
+#define bpf_map_peek_elem(map, flags) bpf_ringbuf_query(map, flags)
 BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
 /* A FIB result remembered per destination and CPU, for at most SRMIG_NH_TTL_NS (or until userspace
  * bumps the generation in meta[SRMIG_META_NH_GENERATION] after a route or neighbour change): one
@@ -246,6 +263,13 @@ static __always_inline int hold_in_ring(struct xdp_md *ctx, struct pkt *p, struc
 	return XDP_DROP; /* the frame itself is done with: its copy is in the ring */
 }
 
+/* AWAY right after the drain's flip: packets parked before it are still being sent on by the agent (it
+ * consumes a record only once it has sent it), so a newer packet queues behind them instead of overtaking. */
+static __always_inline int behind_ring(struct srmig_vm_value *st)
+{
+	return (st->flags & SRMIG_VM_F_RING_FIRST) && hold_ring.peek(BPF_RB_AVAIL_DATA) > 0;
+}
+
 /* Destination side before resume: the incoming QEMU does not read its tap, so the tap queue is the buffer
  * (measured lossless, see ENVIRONMENT.md); the hold ring when the VM entry asks for it (no tap yet). */
 static __always_inline int hold_for_vm(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
@@ -278,6 +302,8 @@ static __always_inline int end_s(struct xdp_md *ctx, struct pkt *p, struct srmig
 		p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
 		if (p->reason)
 			return XDP_DROP;
+		if (behind_ring(st))
+			return hold_in_ring(ctx, p, vm);
 		return forward(ctx, p);
 	default:
 		p->reason = SRMIG_DROP_VM_STATE;
@@ -329,7 +355,7 @@ static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srm
 		__builtin_memcpy(seg0, st->next_sid, 16);
 	}
 	p->ip6h->hop_limit--;
-	if (st->state == SRMIG_VM_HOLD)
+	if (st->state == SRMIG_VM_HOLD || behind_ring(st))
 		return hold_in_ring(ctx, p, vm);
 	return forward(ctx, p);
 }
