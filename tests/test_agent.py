@@ -279,6 +279,46 @@ def test_libvirt_migration_with_etcd():
     assert loc["host"] == "D" and res.agents["C"]["db"]["backend"] == "etcd"
 
 
+@pytest.mark.libvirt
+@pytest.mark.etcd
+def test_etcd_down_at_the_pause():
+    """The agents' etcd is SIGKILLed as soon as the source pauses and comes back 2 s later (same data). Nothing
+    on the packets' path waits for it: the destination learned about the migration at the begin hook (before
+    QEMU started), the source drains and forwards to it, and keeps forwarding until its cut-over is in the
+    database (writes are retried in order; the grace period starts only once the publish lands). So 0 lost,
+    0 duplicated, through the outage and the cut-over after it; once etcd is back the ingress learns that the
+    VM is on D, and every agent reports the database connected again, with no write left behind."""
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+
+    def after(tb, ds, agents):
+        seen["outage"] = tb.etcd_outage
+        for role in ("S", "D", "C"):  # the lease is refreshed every LEASE_TTL_S / 3
+            agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
+                        "the database connected again, nothing pending")
+        agents.wait("C", lambda s: {r["vm"]: r["host"] for r in s.get("locations", [])}.get(libvirt_demo.VM_ADDR)
+                    == "D", 10, "the ingress learns that the VM is on D")
+        seen["S log"] = agents.log("S", 100000)
+
+    # 8 s of probes: they outlast the outage and the cut-over that follows it.
+    res = libvirt_demo.run(rate=2000, count=16000, db="etcd", during=libvirt_demo.etcd_down_at_pause(2.0),
+                           after=after)
+    d = res.to_dict()
+    assert res.error is None, res.error
+    down, up = seen["outage"]
+    rep = res.report
+    assert down < rep.t0 + rep.marks["complete"] / 1e3, "etcd should go down while the migration runs"
+    assert rep.t0 + rep.duration_ms / 1e3 > up + 1.0, "the probe should outlast the outage"
+    assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
+    assert (d["lost"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
+    c = res.agents["C"]
+    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
+    assert c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"]
+    assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
+
+
 def test_unreachable_database_is_retried_and_reported(tmp_path):
     """An ingress agent whose etcd is down: it keeps running, retries with backoff and says so in status."""
     import socket as socket_mod

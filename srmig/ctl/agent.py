@@ -312,10 +312,15 @@ class Agent:
     def _keepalive(self, lease) -> None:
         while not self.stopping.wait(LEASE_TTL_S / 3):
             try:
-                lease.refresh()
+                alive = lease.refresh()
             except Exception as e:  # noqa: BLE001
                 log.warning("lease refresh failed: %s", e)
-                self.status_db = {"state": "degraded", "error": f"lease refresh: {e}"}
+                self.status_db = {"state": "degraded", "error": f"lease refresh: {e}",
+                                  "backend": self.cfg.db.backend}
+                continue
+            if alive and self.status_db.get("state") == "degraded":  # the database is back
+                log.info("lease refreshed: state database reachable again")
+                self.status_db = {"state": "connected", "error": None, "backend": self.cfg.db.backend}
 
     # --- libvirt -------------------------------------------------------------------------------------
 

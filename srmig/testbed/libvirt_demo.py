@@ -155,6 +155,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
 
             say("starting etcd in C")
             etcd = stack.enter_context(EtcdServer(netns=tb.ns("C"), host="2001:db8:c::1"))
+            tb.etcd = etcd  # for fault injection (etcd_down_at_pause)
             db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)
         hooks = {r: {"qemu.d/srmig": hook_mod.script(sockets[r], 3.0, "proceed")} for r in ("S", "D")}
         say("starting libvirtd in S and D")
@@ -203,10 +204,11 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
-        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None) -> Result:
+        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None) -> Result:
     """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
     S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons, agents, dom)`
-    in a thread once the migration has started (e.g. kill_dest_at_pause)."""
+    in a thread once the migration has started (e.g. kill_dest_at_pause), joined once the probe is over;
+    `after(tb, daemons, agents)` then, before the agents' final status is taken (e.g. wait for a recovery)."""
     count = count or rate * 3
     with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
         if before is not None:
@@ -222,10 +224,12 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             p.mark("migrate")
             mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds["D"], MGMT["D"])
             mig.start()
+            fault = None
             if during is not None:
                 import threading  # noqa: PLC0415
 
-                threading.Thread(target=during, args=(tb, ds, agents, mig.args[0]), daemon=True).start()
+                fault = threading.Thread(target=during, args=(tb, ds, agents, mig.args[0]), daemon=True)
+                fault.start()
             error = None
             try:
                 migration_s = mig.result(60)
@@ -238,6 +242,10 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             raise
         finally:
             conn.close()
+        if fault is not None:
+            fault.join(30)  # the fault injected and undone (etcd back, agent restarted) before the status
+        if after is not None:
+            after(tb, ds, agents)
         # Cut-over and the grace period: the source forgets the VM.
         with contextlib.suppress(TimeoutError):
             agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
@@ -294,6 +302,19 @@ def restart_agent_at_pause(role: str, down_s: float = 1.0):
         agents.kill(role)
         time.sleep(down_s)
         agents.start(role, *agents.args[role])
+    return during
+
+
+def etcd_down_at_pause(down_s: float = 2.0):
+    """`during` (db="etcd"): SIGKILL the etcd member as soon as the source is paused, start it again (same
+    data dir and ports) `down_s` later."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        wait_paused(dom, timeout)
+        t_down = time.monotonic()
+        tb.etcd.stop(kill=True)
+        time.sleep(down_s)
+        tb.etcd.start()
+        tb.etcd_outage = (t_down, time.monotonic())  # monotonic, the probe's clock
     return during
 
 
