@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, StartGrace
+from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, StartGrace, Unpark
 from srmig.ctl.phases import HostSids
 from srmig.dataplane.abi import VmState
 
@@ -21,8 +21,11 @@ PAUSE = [Drain("S", VM, "fc00:0:2::d6")]
 RESUME = [SetVm("D", VM, VmState.RUNNING)]
 CUT_OVER = [Publish(VM, ("fc00:0:2::d6",), 2), SetVm("S", VM, VmState.AWAY, next_sid="fc00:0:2::d6"),
             StartGrace(VM, 2.0)]
-ABORT = [SetVm("S", VM, VmState.RUNNING), ReturnHeld("D", VM, ("fc00:0:1::d6",)),
+ABORT = [SetVm("S", VM, VmState.RUNNING), ReturnHeld("D", VM, ("fc00:0:1::b",)),
          Publish(VM, ("fc00:0:1::d6",), 2), DelVm("D", VM)]
+# After the pause the source forwarded to D: it parks until D's held packets are back, then delivers in order.
+ABORT_PARKED = [SetVm("S", VM, VmState.RUNNING, park=True), ReturnHeld("D", VM, ("fc00:0:1::b",)),
+                Unpark("S", VM), Publish(VM, ("fc00:0:1::d6",), 2), DelVm("D", VM)]
 
 E = Ev
 CASES = [
@@ -38,7 +41,7 @@ CASES = [
      [E.BEGIN, E.STOPPED], PROVISION + PAUSE + RESUME + CUT_OVER),
     ("abort before the pause", [E.BEGIN, E.FAILED], PROVISION + ABORT),
     ("abort after the pause: the source takes the VM back", [E.BEGIN, E.SUSPENDED, E.FAILED],
-     PROVISION + PAUSE + ABORT),
+     PROVISION + PAUSE + ABORT_PARKED),
     ("events after an abort do nothing", [E.BEGIN, E.FAILED, E.SUSPENDED, E.RESUMED], PROVISION + ABORT),
     ("failure after cut-over is too late to abort", [E.BEGIN, E.SUSPENDED, E.RESUMED, E.STOPPED, E.FAILED],
      PROVISION + PAUSE + RESUME + CUT_OVER),

@@ -32,7 +32,8 @@ from pathlib import Path
 from srmig.ctl import ingress as ingress_routes
 from srmig.ctl.config import Config
 from srmig.ctl.libvirt_events import translate
-from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Migration, Publish, ReturnHeld, SetVm, StartGrace
+from srmig.ctl.machine import (DelVm, Drain, Ev, KeepTap, Machine, Migration, Publish, ReturnHeld, SetVm, StartGrace,
+                               Unpark)
 from srmig.ctl.phases import HostSids, Phase
 from srmig.ctl.vmdb import VmDb, VmRecord
 from srmig.dataplane.abi import VmState
@@ -43,6 +44,7 @@ LEASE_TTL_S = 10.0
 BASELINE_EVERY_S = 2.0
 BASELINE_PER_TICK = 8
 BASELINE_TRIES = 5
+RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
 
 
@@ -87,7 +89,9 @@ class Local:
     stopped_ns: int = 0
     deferred: list = field(default_factory=list)   # actions waiting for the other end (abort on D)
     keep_wanted: bool = False
-    returned: int = 0
+    returned: int | None = None  # destination, abort: packets sent back (None: not yet)
+    unpark: str | None = None    # source, abort: the migration whose parked packets wait for D's return
+    sbuf_base: int = 0           # source, abort: End.SBUF deliveries when parking began
     peer_resent: list = field(default_factory=list)  # frames the source re-sent for its swallowing QEMU
 
 
@@ -411,7 +415,8 @@ class Agent:
                 "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
                 "events": [ev.value for ev, _ in m.history if self._seen_here(vm, ev)],
                 "resent": [f.hex() for f in (self.local[vm].drain.resent_swallowed
-                                             if vm in self.local and self.local[vm].drain else [])]}
+                                             if vm in self.local and self.local[vm].drain else [])],
+                "returned": self.local[vm].returned if vm in self.local else None}
 
     def _seen_here(self, vm, ev) -> bool:
         return ev in self._local_events.get(vm, ())
@@ -493,6 +498,8 @@ class Agent:
                 self.local[vm].peer_resent = [bytes.fromhex(h) for h in rec["resent"]]
             if host != self.name and "failed" in rec["events"] and rec["src"] == host:
                 self._maybe_return(vm, source_failed=True)
+            if host != self.name and rec.get("returned") is not None and rec["dst"] == host:
+                self._unpark(vm, mid, rec["returned"])
         # Events seen here before the record existed (the source's pause can beat the watch).
         for typ, detail, t_ns in self.pending_local.pop(vm, []):
             if self._role(vm):
@@ -616,11 +623,16 @@ class Agent:
             if isinstance(a, SetVm):
                 if a.state is VmState.INCOMING or a.shadow:
                     self._long_queue(loc)
+                if a.park:  # D returns to our End.SBUF: Unpark waits until that many more were delivered
+                    from srmig.ctl.drain import sid_delivered  # noqa: PLC0415
+
+                    loc.sbuf_base = sid_delivered(self.dp, m.src.sbuf)
                 if a.shadow and self.cfg.host.drain and loc.shadow is None:
                     from srmig.ctl.drain import ShadowLog  # noqa: PLC0415
 
                     loc.shadow = ShadowLog(self.dp).start()  # before the flag: miss nothing
-                self.dp.set_vm(a.vm, a.state, next_sid=a.next_sid, shadow=a.shadow and self.cfg.host.drain)
+                self.dp.set_vm(a.vm, a.state, next_sid=a.next_sid, shadow=a.shadow and self.cfg.host.drain,
+                               park=a.park)
                 self._mark_map_write()
                 if a.state is VmState.RUNNING and not a.shadow:  # abort: the window closes on the source
                     self._end_window(loc)
@@ -638,7 +650,40 @@ class Agent:
                 self._keep_tap(a.vm)
             elif isinstance(a, ReturnHeld):
                 self._return_held(m, loc, a)
+            elif isinstance(a, Unpark):
+                # Once D says how many it returned (its record), or after RETURN_WAIT_S without word from it.
+                mid = loc.unpark = self.mig_ids.get(a.vm, "")
+                t = threading.Timer(RETURN_WAIT_S, self.enqueue, ("unpark", a.vm, mid, None))
+                t.daemon = True
+                t.start()
         return version
+
+    def _on_unpark(self, vm: str, mid: str, returned: int | None) -> None:
+        self._unpark(vm, mid, returned)
+
+    def _unpark(self, vm: str, mid: str, returned: int | None) -> None:
+        """Abort on the source: D's held packets are back (`returned` of them, to our End.SBUF; None: D
+        never said, given up after RETURN_WAIT_S): deliver what we parked meanwhile, in order."""
+        from srmig.ctl.drain import RETURN_ARRIVAL_S, sid_delivered, unpark  # noqa: PLC0415
+
+        loc = self.local.get(vm)
+        m = self.machine.migrations.get(vm)
+        if loc is None or m is None or loc.unpark != mid or not mid:
+            return
+        loc.unpark = None
+        deadline = time.monotonic() + RETURN_ARRIVAL_S
+        while returned and sid_delivered(self.dp, m.src.sbuf) < loc.sbuf_base + returned and \
+                time.monotonic() < deadline:
+            time.sleep(0.001)
+        try:
+            n = unpark(self.dp, vm, loc.tap)
+        except OSError as e:
+            log.error("%s: delivering the parked packets failed (%s); delivering directly", vm, e)
+            self.dp.set_vm(vm, VmState.RUNNING)
+            return
+        log.info("%s: %s; delivered %d packets parked meanwhile", vm,
+                 f"{returned} returned by {m.dst.name}" if returned is not None else
+                 f"no word from {m.dst.name} in {RETURN_WAIT_S} s", n)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
         from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
@@ -665,11 +710,11 @@ class Agent:
     def _return_held(self, m: Migration, loc: Local, a: ReturnHeld) -> None:
         from srmig.ctl.drain import return_held  # noqa: PLC0415
 
-        if loc.keeper is None:
-            return
         skip = loc.peer_resent[-1:]
-        loc.returned = return_held(loc.keeper, self.cfg.host.address, list(a.segments), skip)
+        loc.returned = 0 if loc.keeper is None else return_held(loc.keeper, self.cfg.host.address,
+                                                                 list(a.segments), skip)
         log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
+        self._put_record(m.vm)  # "returned": the source delivers what it parked once those are in
 
     def _qemu_pid(self, domain: str | None) -> int | None:
         if not domain:

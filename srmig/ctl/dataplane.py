@@ -52,7 +52,8 @@ class VmEntry:
     next_sid: str | None
     hold_ring: bool
     shadow: bool = False
-    ring_first: bool = False  # AWAY behind the hold ring (the drain's flip, see SRMIG_VM_F_RING_FIRST)
+    ring_first: bool = False  # behind the hold ring (the drain's flip, an abort's unpark: SRMIG_VM_F_RING_FIRST)
+    park: bool = False        # RUNNING, parking in the hold ring (an abort: SRMIG_VM_F_PARK)
 
     def to_dict(self) -> dict:
         return {"vm": self.vm, "state": self.state.name.lower(), "next_sid": self.next_sid,
@@ -168,7 +169,8 @@ class Dataplane:
         return key
 
     def set_vm(self, vm: str, state: VmState | str, next_sid: str | None = None,
-               hold_ring: bool = False, shadow: bool = False, ring_first: bool = False) -> VmEntry:
+               hold_ring: bool = False, shadow: bool = False, ring_first: bool = False,
+               park: bool = False) -> VmEntry:
         st = state if isinstance(state, VmState) else abi.parse_state(state)
         if st == VmState.AWAY and next_sid is None:
             # End.S finds the next SID in the SRH; End.DX6-map needs it recorded to forward stragglers.
@@ -177,12 +179,13 @@ class Dataplane:
         value = ffi.new("struct srmig_vm_value *")
         value.state = int(st)
         value.flags = ((abi.VM_F_HOLD_RING if hold_ring else 0) | (abi.VM_F_SHADOW if shadow else 0)
-                       | (abi.VM_F_RING_FIRST if ring_first else 0))
+                       | (abi.VM_F_RING_FIRST if ring_first else 0) | (abi.VM_F_PARK if park else 0))
         if next_sid:
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
         self.vms.update(self._vm_key(vm), value)
         return VmEntry(str(ipaddress.IPv6Address(_addr(vm, "VM address"))), st,
-                       str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first)
+                       str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first,
+                       park)
 
     def get_vm(self, vm: str) -> VmEntry | None:
         v = self.vms.lookup(self._vm_key(vm))
@@ -194,7 +197,7 @@ class Dataplane:
         return VmEntry(str(ipaddress.IPv6Address(addr)), VmState(v.state),
                        str(ipaddress.IPv6Address(nxt)) if any(nxt) else None,
                        bool(v.flags & abi.VM_F_HOLD_RING), bool(v.flags & abi.VM_F_SHADOW),
-                       bool(v.flags & abi.VM_F_RING_FIRST))
+                       bool(v.flags & abi.VM_F_RING_FIRST), bool(v.flags & abi.VM_F_PARK))
 
     def del_vm(self, vm: str) -> bool:
         return self.vms.delete(self._vm_key(vm))

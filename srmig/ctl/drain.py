@@ -49,6 +49,8 @@ SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
 SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before STOP arrived
+RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
+                                 # to arrive (counted at its End.SBUF) before it delivers what it parked
 RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring after the flip (a ring that
                                  # fills faster than we send never empties: then forward, and count)
 TUNGETIFF = 0x800454D2
@@ -430,6 +432,7 @@ class PacketSender(_BatchSender):
 
 _HOLD_HEAD = libbpf.ffi.sizeof("struct srmig_hold_record")
 _HOLD_LEN = libbpf.ffi.offsetof("struct srmig_hold_record", "len")
+_HOLD_VM = libbpf.ffi.offsetof("struct srmig_hold_record", "vm")
 
 
 def hold_ring_reader(dp) -> libbpf.RingReader:
@@ -443,6 +446,96 @@ def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: boo
     (about 7x the rate of Dataplane.hold_ring's consumer)."""
     return ring.read(limit, start=_HOLD_HEAD, commit=commit,
                      length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
+
+
+def decapsulate(packet: bytes) -> bytes | None:
+    """The inner IPv6 packet of an SRv6 encapsulation (outer IPv6, an optional SRH); None without one."""
+    if len(packet) < 40 or packet[0] >> 4 != 6:
+        return None
+    nh, off = packet[6], 40
+    if nh == 43 and len(packet) >= off + 8:
+        nh, off = packet[off], off + 8 * (packet[off + 1] + 1)
+    if nh != 41 or len(packet) < off + 40:
+        return None
+    return packet[off:]
+
+
+def _ethernet_to(vm: str, tap: str) -> bytes | None:
+    """The Ethernet header the program's delivery puts on a packet for `vm` on `tap`: to the VM's MAC (the
+    tap's neighbour entry), from the tap's; None when the neighbour is unknown."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=tap)
+        if not idx:
+            return None
+        src = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
+        for n in ipr.get_neighbours(family=socket.AF_INET6, ifindex=idx[0]):
+            if n.get_attr("NDA_DST") == vm and n.get_attr("NDA_LLADDR"):
+                mac = n.get_attr("NDA_LLADDR")
+                return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x86\xdd"
+    return None
+
+
+def sid_delivered(dp, sid: str) -> int:
+    """Packets delivered so far by `sid` (its per-SID counter)."""
+    for e in dp.stats()["sids"]:
+        if e["sid"] == sid:
+            return e["stats"]["delivered"]
+    return 0
+
+
+def unpark(dp, vm: str, tap: str | None, max_s: float = RING_FIRST_MAX_S) -> int:
+    """An abort, once the destination has returned the older packets it held: give the VM what the program
+    parked meanwhile (SRMIG_VM_F_PARK: whole, as it came in), oldest first, straight into its tap queue;
+    then plain RUNNING. While we send, newer packets still park behind them (SRMIG_VM_F_RING_FIRST: a batch
+    is consumed only once sent), so none overtakes. Records of other VMs (already advanced: a drain's) are
+    sent on as they are. Returns how many packets the VM was given."""
+    eth = _ethernet_to(vm, tap) if tap else None
+    vm_key = ipaddress.IPv6Address(vm).packed
+    ring = hold_ring_reader(dp)
+    to_tap = PacketSender(tap, qdisc_bypass=True) if eth else None
+    raw = RawSender()
+    given = 0
+    try:
+        dp.set_vm(vm, VmState.RUNNING, ring_first=True)
+        deadline = time.monotonic() + max_s
+        while True:
+            records = ring.read(start=_HOLD_VM, commit=False,
+                                length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
+                                    "<I", data, off + _HOLD_LEN)[0])
+            frames, others = [], []
+            for rec in records:
+                packet = rec[_HOLD_HEAD - _HOLD_VM:]
+                inner = decapsulate(packet) if rec[:16] == vm_key else None
+                if inner is None:
+                    others.append(packet)
+                elif eth:
+                    frames.append(eth + inner)
+                else:
+                    others.append(inner)  # no neighbour entry: the kernel routes it to the tap
+            if frames:
+                given += to_tap.send_many(frames)
+            if others:
+                given += raw.send_many(others)
+            ring.commit()
+            if (not records and ring.empty()) or time.monotonic() > deadline:
+                break
+        dp.set_vm(vm, VmState.RUNNING)
+        # A program run that read the flag just before it was cleared may still be writing its record.
+        time.sleep(0.002)
+        for packet in read_hold_packets(ring):
+            inner = decapsulate(packet)
+            if inner is not None and eth and inner[24:40] == vm_key:
+                given += to_tap.send_many([eth + inner])
+            else:
+                given += raw.send_many([inner or packet])
+    finally:
+        ring.close()
+        raw.close()
+        if to_tap is not None:
+            to_tap.close()
+    return given
 
 
 @dataclass

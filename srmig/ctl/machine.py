@@ -40,6 +40,7 @@ class SetVm:
     state: VmState
     next_sid: str | None = None
     shadow: bool = False
+    park: bool = False  # RUNNING: park what arrives (an abort, until the destination returned what it held)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ class ReturnHeld:
 
 
 @dataclass(frozen=True)
+class Unpark:
+    """Abort, on the source, once the destination's ReturnHeld has arrived: deliver what was parked meanwhile,
+    in order, then deliver directly."""
+
+    host: str
+    vm: str
+
+
+@dataclass(frozen=True)
 class Publish:
     """The VM's segment list for every ingress, with a version; the agent waits for acks when `ack`."""
 
@@ -90,7 +100,7 @@ class StartGrace:
     seconds: float
 
 
-Action = SetVm | DelVm | Drain | KeepTap | ReturnHeld | Publish | StartGrace
+Action = SetVm | DelVm | Drain | KeepTap | ReturnHeld | Unpark | Publish | StartGrace
 
 
 @dataclass
@@ -170,9 +180,14 @@ class Machine:
         if m.phase in (Phase.STEADY, Phase.CUT_OVER):
             return []  # nothing begun, or already done: the source is gone, no way back
         p = plan(Phase.ABORT, m.src, m.dst, list(m.transit))
+        forwarded = m.phase in (Phase.STOP_AND_COPY, Phase.RESUMED)  # the source sent D packets to hold
         m.phase = Phase.ABORT
         m.done = True
-        # The source takes the VM back first; the destination returns what it held (older than anything
-        # the source receives from now on, bar a few in flight); then the ingresses; then D forgets it.
-        return [SetVm(m.src.name, m.vm, p.source), ReturnHeld(m.dst.name, m.vm, tuple(p.segments)),
+        # The source takes the VM back first, parking what arrives if D holds older packets; D returns those
+        # to the source's End.SBUF, which delivers while End.S and End.DX6-map park; then the source
+        # delivers what it parked, in order; then the ingresses; then D forgets the VM.
+        back = [ReturnHeld(m.dst.name, m.vm, (m.src.sbuf,))]
+        if forwarded:
+            back.append(Unpark(m.src.name, m.vm))
+        return [SetVm(m.src.name, m.vm, p.source, park=forwarded), *back,
                 self._publish(m, p.segments), DelVm(m.dst.name, m.vm)]

@@ -36,6 +36,7 @@ HOLD_SNAPLEN: int = _consts.SRMIG_HOLD_SNAPLEN
 VM_F_HOLD_RING: int = _consts.SRMIG_VM_F_HOLD_RING
 VM_F_SHADOW: int = _consts.SRMIG_VM_F_SHADOW
 VM_F_RING_FIRST: int = _consts.SRMIG_VM_F_RING_FIRST
+VM_F_PARK: int = _consts.SRMIG_VM_F_PARK
 
 
 def _enum(name: str, ctype: str, prefix: str) -> type[enum.IntEnum]:

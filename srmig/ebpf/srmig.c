@@ -237,7 +237,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p)
 	return fib_redirect(ctx, &p->reason);
 }
 
-/* Park the (already advanced) packet in the hold ring for the agent to send on later, in order. */
+/* Park the packet (advanced, or as it came: SRMIG_VM_F_PARK) in the hold ring for the agent to send on
+ * later, in order. */
 static __always_inline int hold_in_ring(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm)
 {
 	void *data = (void *)(long)ctx->data;
@@ -270,6 +271,13 @@ static __always_inline int behind_ring(struct srmig_vm_value *st)
 	return (st->flags & SRMIG_VM_F_RING_FIRST) && hold_ring.peek(BPF_RB_AVAIL_DATA) > 0;
 }
 
+/* RUNNING after an abort: packets for the VM wait in the hold ring while the destination returns the older
+ * ones it held (SRMIG_VM_F_PARK), then behind those still parked (SRMIG_VM_F_RING_FIRST). */
+static __always_inline int parks(struct srmig_vm_value *st)
+{
+	return (st->flags & SRMIG_VM_F_PARK) || behind_ring(st);
+}
+
 /* Destination side before resume: the incoming QEMU does not read its tap, so the tap queue is the buffer
  * (measured lossless, see ENVIRONMENT.md); the hold ring when the VM entry asks for it (no tap yet). */
 static __always_inline int hold_for_vm(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
@@ -292,6 +300,8 @@ static __always_inline int end_s(struct xdp_md *ctx, struct pkt *p, struct srmig
 	}
 	switch (st->state) {
 	case SRMIG_VM_RUNNING:
+		if (parks(st))
+			return hold_in_ring(ctx, p, vm);
 		return deliver(ctx, p, SRMIG_VERDICT_DELIVER, vm, st);
 	case SRMIG_VM_HOLD:
 		p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
@@ -337,6 +347,8 @@ static __always_inline int end_sbuf(struct xdp_md *ctx, struct pkt *p, struct sr
 static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
 				   struct srmig_vm_value *st)
 {
+	if (st->state == SRMIG_VM_RUNNING && segments_left(p) == 0 && parks(st))
+		return hold_in_ring(ctx, p, vm);
 	if ((st->state != SRMIG_VM_AWAY && st->state != SRMIG_VM_HOLD) || segments_left(p) != 0)
 		return end_sbuf(ctx, p, vm, st);
 	/* Rewrite the active segment and the DA to the recorded SID, so the SRH stays consistent. */

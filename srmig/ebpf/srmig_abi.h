@@ -11,7 +11,7 @@
 /* BEGIN ABI */
 #define SRMIG_ABI_VERSION 5 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
-                             * 5: SRMIG_VM_F_RING_FIRST */
+                             * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -94,9 +94,13 @@ struct srmig_vm_value {
 #define SRMIG_VM_F_SHADOW 2    /* migration window: copy every packet delivered to the VM into the shadow
 				* ring, so the agent can re-send the one frame a pausing QEMU swallows */
 #define SRMIG_VM_F_RING_FIRST 4 /* AWAY: while the hold ring holds records not yet consumed, park behind
-				* them instead of forwarding. Set by the source's drain at the HOLD -> AWAY flip
-				* and cleared once it has sent the ring empty, so that no packet forwarded
-				* directly overtakes one parked before the flip. */
+				* them instead of forwarding (RUNNING: instead of delivering). Set by the source's
+				* drain at the HOLD -> AWAY flip, and on abort when the parked packets are
+				* delivered, and cleared once the ring is sent empty: no packet forwarded or
+				* delivered directly overtakes one parked before. */
+#define SRMIG_VM_F_PARK 8       /* RUNNING, on an abort, until the destination has returned what it held: End.S
+				* and End.DX6-map park the packet as it came (not advanced) in the hold ring;
+				* End.SBUF, where the destination returns its held packets, delivers them. */
 
 /* sr_domain: LPM trie of the SR domain's source prefixes (RFC 8754 5.1). A packet to one of our SIDs whose
  * outer source matches none is dropped, while meta[SRMIG_META_DOMAIN_PREFIXES] != 0. */

@@ -65,6 +65,7 @@ class ProbeReport:
     loss_runs: int = 0  # number of maximal runs of consecutive lost probes
     lost_seqs: list[int] = field(default_factory=list)  # the first LOST_SEQS_KEPT lost sequence numbers
     duplicated_seqs: list[int] = field(default_factory=list)  # the first LOST_SEQS_KEPT duplicated ones
+    reordered_seqs: list[int] = field(default_factory=list)  # the first LOST_SEQS_KEPT reordered ones
     max_rx_gap_ms: float | None = None  # longest gap between consecutive first-copy arrivals (receive times)
     max_send_gap_ms: float = 0.0  # longest gap between consecutive sends: a sender stall, not a network loss
     unexpected: int = 0  # replies carrying a sequence number that was never sent
@@ -161,6 +162,8 @@ def analyse(sent: Iterable[tuple[int, float]], received: Iterable[tuple[int, flo
             first[seq] = t
             if seq < highest:
                 rep.reordered += 1
+                if len(rep.reordered_seqs) < LOST_SEQS_KEPT:
+                    rep.reordered_seqs.append(seq)
             else:
                 highest = seq
     rep.received = len(first)

@@ -11,8 +11,9 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper, return_held
-from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm
+from srmig.ctl.drain import (RETURN_ARRIVAL_S, DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper,
+                             return_held, sid_delivered, unpark)
+from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, Unpark
 from srmig.ctl.phases import Phase, plan
 from srmig.dataplane.abi import VmState
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
@@ -155,6 +156,8 @@ class Srmig(Strategy):
         self._dst = None
         self._keeper: TapKeeper | None = None
         self.returned = 0  # packets D returned to S on abort
+        self.unparked = 0  # packets S parked meanwhile, then delivered
+        self._sbuf_base = 0
         self._drain: SourceDrain | None = None
         self._queues: dict[str, int] = {}  # host -> the tap queue length to restore after the window
         self._stopped_ns = 0
@@ -177,8 +180,10 @@ class Srmig(Strategy):
             if isinstance(a, SetVm):
                 if a.shadow and self.recover_swallowed and self._shadow is None:
                     self._shadow = ShadowLog(tb.dp[a.host]).start()  # before the flag: miss nothing
+                if a.park:  # D's returned packets are counted at this End.SBUF: Unpark waits for them
+                    self._sbuf_base = sid_delivered(tb.dp[a.host], S.sbuf)
                 tb.dp[a.host].set_vm(VM_ADDR, a.state, next_sid=a.next_sid,
-                                     shadow=a.shadow and self.recover_swallowed)
+                                     shadow=a.shadow and self.recover_swallowed, park=a.park)
             elif isinstance(a, DelVm):
                 tb.dp[a.host].del_vm(VM_ADDR)
             elif isinstance(a, Publish):
@@ -197,6 +202,13 @@ class Srmig(Strategy):
                     # the newest of those the drain re-sent. The others it had dropped: return them.
                     skip = self._drain.resent_swallowed[-1:] if self._drain else []
                     self.returned += return_held(self._keeper, "2001:db8:b::2", list(a.segments), skip)
+            elif isinstance(a, Unpark):
+                deadline = time.monotonic() + RETURN_ARRIVAL_S  # what D sent is on its way: let it land first
+                while sid_delivered(tb.dp[a.host], S.sbuf) < self._sbuf_base + self.returned and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.001)
+                with tb.topo.inside(a.host):
+                    self.unparked = unpark(tb.dp[a.host], VM_ADDR, self._src.tap)
             # StartGrace: the run outlasts the grace period; finish() ends it.
             self._note(type(a).__name__)
 
