@@ -364,6 +364,46 @@ def test_unreachable_database_is_retried_and_reported(tmp_path):
         p.wait(10)
 
 
+def test_expired_lease_registers_again(tmp_path):
+    """The database lost the agent's lease (unreachable longer than the TTL, or a restored etcd): its records
+    under it are gone, agents/<name> and, for an ingress, ingresses/<name> (which migrations wait for). The
+    agent notices at its next refresh and registers again under a new lease, without a restart."""
+    import sqlite3
+    import time
+
+    from srmig.ctl.statedb import SqliteKv, _SqliteLease
+
+    db = tmp_path / "state.db"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[ingress]\nname = 'ing1'\ninterface = 'lo'\ngateway = '::1'\n[db]\nbackend = 'embedded'\n"
+                   f"path = '{db}'\n[hook]\nsocket = '{tmp_path / 'agent.sock'}'\n[metrics]\nlisten = ''\n")
+    p = subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        kv = SqliteKv(str(db))
+
+        def registered() -> set[str]:
+            return {e.key for e in kv.range("agents/")[0] + kv.range("ingresses/")[0]}
+
+        deadline = time.monotonic() + 20
+        while len(registered()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        names = registered()
+        assert {k.split("/")[0] for k in names} == {"agents", "ingresses"}, names
+        with sqlite3.connect(db) as c:
+            (lease_id,) = c.execute("SELECT DISTINCT lease FROM kv WHERE lease IS NOT NULL").fetchone()
+        _SqliteLease(kv, lease_id, 10.0).revoke()
+        assert registered() == set(), "revoking the lease deletes its keys"
+        deadline = time.monotonic() + 10  # the agent refreshes every LEASE_TTL_S / 3
+        while registered() != names and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert registered() == names
+        assert p.poll() is None
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
 def test_unreachable_libvirt_is_retried_and_reported():
     import time
 

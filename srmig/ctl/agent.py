@@ -44,6 +44,7 @@ LEASE_TTL_S = 10.0
 BASELINE_EVERY_S = 2.0
 BASELINE_PER_TICK = 8
 BASELINE_TRIES = 5
+DB_RETRY_MAX_S = 1.0  # a failed write is retried at least this often: a cut-over lands <= 1 s after the database returns
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
 
@@ -170,7 +171,7 @@ class Agent:
                     if self.stopping.wait(delay):
                         fut.set_exception(e)
                         return
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, DB_RETRY_MAX_S)
             self.db_backlog_error = None
 
     def _put_record(self, vm: str) -> None:
@@ -289,9 +290,7 @@ class Agent:
         lease = kv.lease(LEASE_TTL_S)
         self._leases.append(lease)
         threading.Thread(target=self._keepalive, args=(lease,), name="lease", daemon=True).start()
-        roles = [r for r in ("host", "ingress") if getattr(self.cfg, r)]
-        self.db.put_agent(self.name, {"name": self.name, "roles": roles, "pid": os.getpid(),
-                                      "since": time.time()}, lease=lease)
+        self._register(lease)
         if self.cfg.host:
             h = self.cfg.host
             self.db.put_host(h.sids, h.address, h.transit, lease=None)
@@ -313,10 +312,26 @@ class Agent:
             self.ingress = IngressRole(self.cfg.ingress, kv, lease)
             self.ingress.start()
 
+    def _register(self, lease) -> None:
+        """The records that live as long as this agent's lease: agents/<name>, and, for an ingress,
+        ingresses/<name> (migrations wait for the acks of the registered ingresses)."""
+        roles = [r for r in ("host", "ingress") if getattr(self.cfg, r)]
+        self.db.put_agent(self.name, {"name": self.name, "roles": roles, "pid": os.getpid(),
+                                      "since": time.time()}, lease=lease)
+        if self.ingress is not None:
+            self.ingress.lease = lease
+            self.db.register_ingress(self.cfg.ingress.name, lease)
+
     def _keepalive(self, lease) -> None:
         while not self.stopping.wait(LEASE_TTL_S / 3):
             try:
                 alive = lease.refresh()
+                if not alive:  # expired (the database was out of reach longer than the TTL): records gone
+                    log.warning("lease expired: registering again")
+                    lease = self.kv.lease(LEASE_TTL_S)
+                    self._leases.append(lease)
+                    self._register(lease)
+                    alive = True
             except Exception as e:  # noqa: BLE001
                 log.warning("lease refresh failed: %s", e)
                 self.status_db = {"state": "degraded", "error": f"lease refresh: {e}",
