@@ -44,7 +44,7 @@ LEASE_TTL_S = 10.0
 BASELINE_EVERY_S = 2.0
 BASELINE_PER_TICK = 8
 BASELINE_TRIES = 5
-DB_RETRY_MAX_S = 1.0  # a failed write is retried at least this often: a cut-over lands <= 1 s after the database returns
+DB_RETRY_MAX_S = 1.0  # failed writes retried at least this often: a cut-over lands <= 1 s after the database returns
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
 
