@@ -39,8 +39,8 @@ MAX_FRAME = 3000  # BPF_PROG_TEST_RUN takes at most a page minus head- and tailr
 
 A = M._a
 SIDS = [A(s) for s in (L.SID_END, L.SID_DX6, L.SID_S, L.SID_SBUF)]
-VMS = [A(v) for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_NO_NEIGH,
-                      L.VM_UNREACHABLE, L.VM_UNKNOWN)]
+VMS = [A(v) for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED,
+                      L.VM_NO_NEIGH, L.VM_UNREACHABLE, L.VM_UNKNOWN)]
 OTHERS = [A(x) for x in (L.D_SBUF, L.D_DX6, L.T_END, L.NOT_OURS, L.FAB_PEER, "2001:db8:f::1", "2001:db8:f::9",
                          "ff02::1", "fd00::1", "2001:db8:9::1")]
 POOL = SIDS + VMS + OTHERS

@@ -37,6 +37,7 @@ VM_AWAY = "2001:db8:100::20"
 VM_HOLD = "2001:db8:100::30"
 VM_INCOMING = "2001:db8:100::40"
 VM_INCOMING_RING = "2001:db8:100::41"
+VM_PARKED = "2001:db8:100::42"  # RUNNING, parking (an abort, until the destination returned its hold)
 VM_NO_NEIGH = "2001:db8:100::50"
 VM_UNREACHABLE = "2001:db8:100::60"
 VM_UNKNOWN = "2001:db8:100::99"
@@ -64,9 +65,9 @@ class TestRunLab:
             for locator in ("fc00:0:2::/48", "fc00:0:3::/48"):
                 t.route("lab", locator, gateway=FAB_PEER, oif="fab0")
             t.neigh("lab", "fab0", FAB_PEER, FAB_PEER_MAC)
-            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_NO_NEIGH):
+            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED, VM_NO_NEIGH):
                 t.route("lab", vm + "/128", oif="vm0")
-            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING):
+            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED):
                 t.neigh("lab", "vm0", vm, VM_MAC)
             with t.ipr("lab") as ipr:
                 ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
@@ -93,6 +94,7 @@ class TestRunLab:
         dp.set_vm(VM_HOLD, VmState.HOLD, next_sid=D_DX6)  # the drain records where the VM goes
         dp.set_vm(VM_INCOMING, VmState.INCOMING)
         dp.set_vm(VM_INCOMING_RING, VmState.INCOMING, hold_ring=True)
+        dp.set_vm(VM_PARKED, VmState.RUNNING, park=True)
         dp.set_vm(VM_NO_NEIGH, VmState.RUNNING)
         dp.set_vm(VM_UNREACHABLE, VmState.RUNNING)
 

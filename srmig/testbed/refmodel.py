@@ -38,6 +38,7 @@ class Vm:
     state: str
     hold_ring: bool = False
     next_sid: bytes = bytes(16)
+    park: bool = False  # RUNNING: End.S and End.DX6-map park the packet as it came (an abort)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
         Route(net("fe80::/10"), "unknown"),                     # link-local: neighbours learnt by ND, avoid
         Route(net("::1/128"), "local", dev="lo"),
     ]
-    for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING):
+    for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED):
         routes.append(Route(net(v + "/128"), "neigh", *vm, dev="vm0"))
     routes.append(Route(net(L.VM_NO_NEIGH + "/128"), "no_neigh", dev="vm0"))
     routes.append(Route(net(L.VM_UNREACHABLE + "/128"), "unreachable", dev="lo"))
@@ -118,6 +119,7 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
             _a(L.VM_HOLD): Vm(HOLD, next_sid=_a(L.D_DX6)),
             _a(L.VM_INCOMING): Vm(INCOMING),
             _a(L.VM_INCOMING_RING): Vm(INCOMING, hold_ring=True),
+            _a(L.VM_PARKED): Vm(RUNNING, park=True),
             _a(L.VM_NO_NEIGH): Vm(RUNNING),
             _a(L.VM_UNREACHABLE): Vm(RUNNING),
         },
@@ -275,7 +277,8 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
         if sl == 0:
             raise _Drop("sl_zero")
         if vm.state == RUNNING:
-            return deliver("deliver")  # ignore remaining segments
+            # an abort's park: the packet as it came, behind what the destination returns
+            return ring(f) if vm.park else deliver("deliver")  # ignore remaining segments
         if vm.state == HOLD:
             _advance(f, srh)
             return ring(f)
@@ -288,6 +291,8 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
     if beh == DX6_MAP:
         # C's choice: AWAY with SL != 0 falls to the End.SBUF rules (sl_nonzero); AWAY (and HOLD) with SL == 0 rewrites
         # DA and Segment List[0] to the recorded SID (hop limit checked and decremented, RFC 8986 4.1 S03).
+        if vm.state == RUNNING and vm.park and sl == 0:
+            return ring(f)  # an abort's park, as at End.S; End.SBUF delivers (the destination's returns)
         if vm.state not in (AWAY, HOLD) or sl != 0:
             return sbuf()
         if f[14 + 7] <= 1:
