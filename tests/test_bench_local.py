@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import struct
 
+import time
+
 import pytest
 
 from bench import local, report
@@ -214,8 +216,11 @@ def test_live_generator_delivers_exactly_n_frames():
                 b.configure(path, size)
                 c0 = b.sink_count()
                 assert b.live.send(200) == 200  # unpaced: fewer than a veth ring, none can be dropped
-                sent, received = b.trial(5000, 0.1)  # paced: 500 frames over 0.1 s
-                assert sent == 500 and b.live.generated() == 500, (path, size)
-                received_all = b.sink_count() - c0
-                assert received == 500 and received_all == 700, (path, size, received, received_all)
+                # paced: 500 frames over 0.1 s; send() allows 1.2 s, so a busy machine cannot cut it short
+                # (bench trials count late frames as lost, by design: that is not what this checks)
+                assert b.live.send(500, 5000) == 500 and b.live.generated() == 500, (path, size)
+                deadline = time.monotonic() + 1.0
+                while b.sink_count() - c0 < 700 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert b.sink_count() - c0 == 700, (path, size, b.sink_count() - c0)
         assert b.max_forwarding_rate(0.1)["forwarded_pps"] > 0
