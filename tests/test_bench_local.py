@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import struct
-
 import time
 
 import pytest
