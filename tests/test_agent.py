@@ -324,6 +324,15 @@ def test_etcd_down_at_the_pause():
     assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
 
 
+def _ingress_agent(tmp_path, db_section: str) -> subprocess.Popen:
+    """An ingress agent on lo (`srmig agent` process) with this [db] section, its socket in tmp_path."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"[ingress]\nname = 'ing1'\ninterface = 'lo'\ngateway = '::1'\n[db]\n{db_section}\n"
+                   f"[hook]\nsocket = '{tmp_path / 'agent.sock'}'\n[metrics]\nlisten = ''\n")
+    return subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def test_unreachable_database_is_retried_and_reported(tmp_path):
     """An ingress agent whose etcd is down: it keeps running, retries with backoff and says so in status."""
     import socket as socket_mod
@@ -335,11 +344,7 @@ def test_unreachable_database_is_retried_and_reported(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sock = tmp_path / "agent.sock"
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(f"[ingress]\ninterface = 'lo'\ngateway = '::1'\n[db]\nbackend = 'etcd'\n"
-                   f"endpoints = ['http://127.0.0.1:{port}']\n[hook]\nsocket = '{sock}'\n[metrics]\nlisten = ''\n")
-    p = subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = _ingress_agent(tmp_path, f"backend = 'etcd'\nendpoints = ['http://127.0.0.1:{port}']")
     try:
         deadline = time.monotonic() + 30
         seen = []
@@ -374,11 +379,7 @@ def test_expired_lease_registers_again(tmp_path):
     from srmig.ctl.statedb import SqliteKv, _SqliteLease
 
     db = tmp_path / "state.db"
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(f"[ingress]\nname = 'ing1'\ninterface = 'lo'\ngateway = '::1'\n[db]\nbackend = 'embedded'\n"
-                   f"path = '{db}'\n[hook]\nsocket = '{tmp_path / 'agent.sock'}'\n[metrics]\nlisten = ''\n")
-    p = subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = _ingress_agent(tmp_path, f"backend = 'embedded'\npath = '{db}'")
     try:
         kv = SqliteKv(str(db))
 
