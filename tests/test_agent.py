@@ -428,6 +428,37 @@ def test_destination_agent_killed_at_the_pause():
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
 
+def _converged(res) -> None:
+    """The ingress ends on D with that version applied; the source forgot the VM after its grace period."""
+    from srmig.testbed import libvirt_demo
+
+    c = res.agents["C"]
+    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"], loc
+    assert c["ingress"]["applied"].get(libvirt_demo.VM_ADDR) == loc["version"], c["ingress"]
+    assert all(v["state"] is None for v in res.agents["S"]["vms"] if v["vm"] == libvirt_demo.VM_ADDR), res.agents["S"]
+    assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.libvirt
+def test_destination_agent_killed_in_precopy():
+    """The destination's agent dies once its begin hook answered (the incoming domain exists on D: pre-copy)
+    and comes back 1 s later, after the pause here. Everything D had to do before the resume was done at the
+    hook (map INCOMING: its tap queue holds); the restarted agent finds the VM running (RESUMED). Measured
+    (7 runs): 0 lost in 6, 2 in 1, and 1 duplicated in 1: both the source's swallowed-frame recovery, not
+    this fault (QEMU answered the count late: not re-sent; or one frame counted swallowed was delivered)."""
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_dest_agent_in_precopy(1.0),
+                           after=lambda tb, ds, agents: seen.update(tb.agent_fault))
+    d = res.to_dict()
+    assert res.error is None, res.error
+    assert seen["source_state"] == 1, "the source should still run at the kill (pre-copy)"  # VIR_DOMAIN_RUNNING
+    assert d["lost"] <= 2 and d["duplicated"] <= 1, (d, res.report.lost_seqs, res.report.duplicated_seqs)
+    _converged(res)
+
+
 @pytest.mark.bpf
 def test_hundred_concurrent_migrations(tmp_path):
     """100 VMs migrate S -> D at once through two agent workers (each with its own namespace, program and
