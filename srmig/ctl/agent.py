@@ -603,12 +603,18 @@ class Agent:
                 continue
             if isinstance(a, StartGrace):
                 if m.src.name == self.name:
-                    # From the moment the cut-over is in the database (not before: if it is down, the
-                    # ingresses still send here and we must keep forwarding).
-                    def grace(_f, a=a, mid=self.mig_ids[a.vm]):
-                        t = threading.Timer(a.seconds, self.enqueue, ("grace-over", a.vm, mid))
-                        t.daemon = True
-                        t.start()
+                    # From the moment the cut-over is in the database and every ingress applied it (not
+                    # before: while the database is down, or an ingress agent restarts, the ingresses still
+                    # send here and we must keep forwarding). A dead ingress stays registered for its lease's
+                    # TTL at most: wait no longer for its ack.
+                    def grace(f, a=a, mid=self.mig_ids[a.vm]):
+                        def wait():
+                            with contextlib.suppress(Exception):  # no version, database down: no ack wait
+                                if (v := f.result()) and (late := self.db.wait_acks(a.vm, v, LEASE_TTL_S)):
+                                    log.warning("%s: ingresses %s never applied version %d", a.vm, late, v)
+                            if not self.stopping.wait(a.seconds):
+                                self.enqueue("grace-over", a.vm, mid)
+                        threading.Thread(target=wait, name="grace", daemon=True).start()
                     (version or self._db_async(lambda: None)).add_done_callback(grace)
                 continue
             if getattr(a, "host", None) != self.name:
