@@ -502,12 +502,22 @@ class Agent:
             new = rec["events"][done:]
             self.fed[(vm, mid, host)] = len(rec["events"])
             m = self.machine.migrations[vm]
+            last_write = None
             for name in new:
                 ev = Ev(name)
                 if host == self.name:
                     self._local_events.setdefault(vm, set()).add(ev)
                 actions = self.machine.handle(vm, ev)
+                if replay and host == self.name:
+                    # We applied these steps before a restart: of their map writes only the last one still
+                    # holds. An earlier one would take the map back in time meanwhile (the source's
+                    # provision state delivers to a QEMU that is gone).
+                    writes = [a for a in actions if isinstance(a, (SetVm, Drain)) and a.host == self.name]
+                    last_write = writes[-1] if writes else last_write
+                    actions = [a for a in actions if not any(a is w for w in writes)]
                 self._execute(m, actions, replay=replay and host == self.name)
+            if last_write is not None:
+                self._execute(m, [last_write], replay=True)
             self._observe_phase(m)
             if host != self.name and rec.get("resent") and vm in self.local:
                 self.local[vm].peer_resent = [bytes.fromhex(h) for h in rec["resent"]]
@@ -625,12 +635,18 @@ class Agent:
                 continue
             if isinstance(a, StartGrace):
                 if m.src.name == self.name:
-                    # From the moment the cut-over is in the database (not before: if it is down, the
-                    # ingresses still send here and we must keep forwarding).
-                    def grace(_f, a=a, mid=self.mig_ids[a.vm]):
-                        t = threading.Timer(a.seconds, self.enqueue, ("grace-over", a.vm, mid))
-                        t.daemon = True
-                        t.start()
+                    # From the moment the cut-over is in the database and every ingress applied it (not
+                    # before: while the database is down, or an ingress agent restarts, the ingresses still
+                    # send here and we must keep forwarding). A dead ingress stays registered for its lease's
+                    # TTL at most: wait no longer for its ack.
+                    def grace(f, a=a, mid=self.mig_ids[a.vm]):
+                        def wait():
+                            with contextlib.suppress(Exception):  # no version, database down: no ack wait
+                                if (v := f.result()) and (late := self.db.wait_acks(a.vm, v, LEASE_TTL_S)):
+                                    log.warning("%s: ingresses %s never applied version %d", a.vm, late, v)
+                            if not self.stopping.wait(a.seconds):
+                                self.enqueue("grace-over", a.vm, mid)
+                        threading.Thread(target=wait, name="grace", daemon=True).start()
                     (version or self._db_async(lambda: None)).add_done_callback(grace)
                 continue
             if getattr(a, "host", None) != self.name:
@@ -701,14 +717,25 @@ class Agent:
                  f"no word from {m.dst.name} in {RETURN_WAIT_S} s", n)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
-        from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
+        from srmig.ctl.drain import DrainReport, RawSender, SourceDrain, hold_ring_reader  # noqa: PLC0415
 
         pid = self._qemu_pid(loc.domain)
         segments = [*m.transit, m.dst.sbuf]
         if pid is None or loc.tap is None:
-            log.warning("%s: no QEMU pid or tap; forwarding without a drain", m.vm)
-            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+            # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
+            # program's and outlives us: what it parked while a drain we were killed in held the VM goes
+            # first (the drain's steps 3-4), then the rest is forwarded directly.
+            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid, ring_first=True)
             self._mark_map_write()
+            rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
+            try:
+                SourceDrain._ring_send(sender, rep, ring)
+                self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+                SourceDrain._ring_send(sender, rep, ring)
+            finally:
+                ring.close()
+                sender.close()
+            log.warning("%s: no QEMU pid or tap; forwarding without a drain (%d from the ring)", m.vm, rep.from_ring)
             return
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)

@@ -305,6 +305,62 @@ def restart_agent_at_pause(role: str, down_s: float = 1.0):
     return during
 
 
+def _incoming(conn):
+    """The guest's domain on the destination's connection, or None (listed: a failed lookup logs an error)."""
+    return next((d for d in conn.listAllDomains(0) if d.name() == DOMAIN), None)
+
+
+def _kill_and_restart(tb, agents, role: str, down_s: float, dom) -> None:
+    """SIGKILL the agent of `role`, start it again `down_s` later; tb.agent_fault says when, and the source
+    domain's libvirt state at the kill (for the test to check the phase it hit)."""
+    import libvirt  # noqa: PLC0415
+
+    state = None
+    with contextlib.suppress(libvirt.libvirtError):
+        state = dom.state()[0]
+    t_kill = time.monotonic()
+    agents.kill(role)
+    time.sleep(down_s)
+    agents.start(role, *agents.args[role])
+    tb.agent_fault = {"role": role, "killed": t_kill, "started": time.monotonic(), "source_state": state}
+
+
+def restart_dest_agent_in_precopy(down_s: float = 1.0):
+    """`during`: SIGKILL the destination's agent once its libvirtd has the incoming domain (its begin hook has
+    answered: QEMU starts after it), i.e. during pre-copy; start it again `down_s` later."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        conn = ds["D"].connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _incoming(conn) is None:
+                time.sleep(0.005)
+            _kill_and_restart(tb, agents, "D", down_s, dom)
+        finally:
+            conn.close()
+    return during
+
+
+def restart_source_agent_after_resume(down_s: float = 1.0):
+    """`during`: SIGKILL the source's agent as soon as the domain runs on the destination (libvirt's Finish
+    resumed it; the source's cut-over and grace period are still to come); start it again `down_s` later."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        import libvirt  # noqa: PLC0415
+
+        conn = ds["D"].connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(libvirt.libvirtError):
+                    d = _incoming(conn)
+                    if d is not None and d.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                        break
+                time.sleep(0.002)
+            _kill_and_restart(tb, agents, "S", down_s, dom)
+        finally:
+            conn.close()
+    return during
+
+
 def etcd_down_at_pause(down_s: float = 2.0):
     """`during` (db="etcd"): SIGKILL the etcd member as soon as the source is paused, start it again (same
     data dir and ports) `down_s` later."""
