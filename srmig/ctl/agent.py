@@ -725,17 +725,16 @@ class Agent:
             # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
             # program's and outlives us: what it parked while a drain we were killed in held the VM goes
             # first (the drain's steps 3-4), then the rest is forwarded directly.
-            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid, ring_first=True)
-            self._mark_map_write()
             rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
             try:
-                SourceDrain._ring_send(sender, rep, ring)
-                self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
-                SourceDrain._ring_send(sender, rep, ring)
+                SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid).away_behind_ring(
+                    sender, rep, ring)
             finally:
                 ring.close()
                 sender.close()
-            log.warning("%s: no QEMU pid or tap; forwarding without a drain (%d from the ring)", m.vm, rep.from_ring)
+            self._mark_map_write()
+            log.warning("%s: no QEMU pid or tap; forwarding without a drain (%d from the ring)", m.vm,
+                        rep.from_ring)
             return
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)

@@ -608,30 +608,36 @@ class SourceDrain:
                 older.append(pkt)
                 rep.from_tap += 1
             sender.send_many(older)
-            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
-            t_flip = time.monotonic()
-            rep.hold_ms = rep.timings["before_flip_ms"] = round((t_flip - t0) * 1000, 3)
-            deadline = t_flip + RING_FIRST_MAX_S
-            while not ring.empty() and time.monotonic() < deadline:
-                packets = read_hold_packets(ring, commit=False)
-                if packets:
-                    sender.send_many(packets)
-                    rep.from_ring += len(packets)
-                ring.commit()  # only now may the program forward newer packets directly
-            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
-            rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
-            # A program run that read the flag just before it was cleared may still be writing its record.
-            before = rep.from_ring
-            deadline = time.monotonic() + settle_s
-            while time.monotonic() < deadline:
-                self._ring_send(sender, rep, ring)
-            self._ring_send(sender, rep, ring)
-            rep.timings["ring_after_flip"] = rep.from_ring - before
+            rep.hold_ms = rep.timings["before_flip_ms"] = round((time.monotonic() - t0) * 1000, 3)
+            self.away_behind_ring(sender, rep, ring, settle_s)
         finally:
             ring.close()
             sender.close()
             rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
+
+    def away_behind_ring(self, sender: RawSender, rep: DrainReport, ring: libbpf.RingReader,
+                         settle_s: float = 0.002) -> None:
+        """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
+        it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
+        Also what an agent restarted after a drain it was killed in does (QEMU gone: only the ring is left)."""
+        self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
+        t_flip = time.monotonic()
+        deadline = t_flip + RING_FIRST_MAX_S
+        while not ring.empty() and time.monotonic() < deadline:
+            packets = read_hold_packets(ring, commit=False)
+            if packets:
+                sender.send_many(packets)
+                rep.from_ring += len(packets)
+            ring.commit()  # only now may the program forward newer packets directly
+        self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
+        rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
+        before = rep.from_ring
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:
+            self._ring_send(sender, rep, ring)
+        self._ring_send(sender, rep, ring)
+        rep.timings["ring_after_flip"] = rep.from_ring - before
 
     @staticmethod
     def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, rounds: int = 1000) -> None:
