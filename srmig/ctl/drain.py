@@ -447,6 +447,7 @@ PACKET_VERSION = 10
 TPACKET_V2 = 1
 TP_STATUS_AVAILABLE, TP_STATUS_SEND_REQUEST, TP_STATUS_WRONG_FORMAT = 0, 1, 4
 SIOCGIFMTU = 0x8921
+TX_RING_MAX_BYTES = 8 << 20  # TxRingSender's ring at most (2048 slots of 2 KiB at MTU 1500: 4 MiB)
 _TP2_HDR = 32    # TPACKET_ALIGN(sizeof(struct tpacket2_hdr)): a slot's frame data (here its vnet header) follows
 _VNET = 10       # struct virtio_net_hdr
 
@@ -484,6 +485,7 @@ class TxRingSender:
             # A slot: its tpacket2_hdr, the vnet header, a frame of MTU + Ethernet header + a VLAN tag.
             fs = self.frame_size = 1 << (_TP2_HDR + _VNET + self.mtu + 18 - 1).bit_length()
             block = max(fs, 1 << 16)
+            slots = max(1, min(slots, TX_RING_MAX_BYTES // fs))  # a jumbo MTU: fewer slots, not more memory
             blocks = -(-slots // (block // fs))
             self.slots = blocks * (block // fs)
             self._req = struct.pack("IIII", block, blocks, fs, self.slots)
