@@ -10,7 +10,7 @@ import pytest
 
 from bench import flush as F
 from srmig.ctl import drain as drain_mod
-from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender
+from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender, TxRingSender
 
 N = 10_000
 
@@ -53,20 +53,125 @@ def test_routed_send_many_keeps_order_across_batches(lab):
 
 
 @pytest.mark.netns
-def test_an_unsendable_packet_is_counted_and_skipped_in_place(lab):
-    """A frame the kernel refuses (larger than the tap's MTU) is dropped, counted by errno, and the
-    packets around it still arrive in order."""
+@pytest.mark.parametrize("sender", [PacketSender, TxRingSender])
+def test_an_unsendable_packet_is_counted_and_skipped_in_place(lab, sender):
+    """Frames the kernel refuses (longer than the tap's MTU, within a TX ring slot or not; shorter than an
+    Ethernet header) are dropped, counted by errno, and the packets around them still arrive in order."""
     frames = F.ether(F.held_buffer(100, 128))
+    frames[10] = frames[10][:-8] + bytes(1400) + frames[10][-8:]   # 1528 B: fits a 2 KiB slot, not the MTU
     frames[50] = frames[50][:-8] + bytes(9000) + frames[50][-8:]
+    frames[70] = b"\x02short"
     lab.drain()
     with lab.topo.inside("H"):
-        s = PacketSender(F.TAP)
+        s = sender(F.TAP)
     try:
-        assert s.send_many(frames) == 99
-        assert s.dropped == 1 and s.errors == {"EMSGSIZE": 1}
+        assert s.send_many(frames) == 97
+        assert s.dropped == 3 and s.errors == {"EMSGSIZE": 2, "EINVAL": 1}
     finally:
         s.close()
-    assert _seqs(lab.drain()) == [i for i in range(100) if i != 50]
+    assert _seqs(lab.drain()) == [i for i in range(100) if i not in (10, 50, 70)]
+
+
+def _mixed(n: int, start: int = 0) -> list[bytes]:
+    """n frames of varying length (70..1514 B), sequence numbers from `start`: a longer frame's bytes left
+    in a slot must not show behind a shorter one."""
+    sizes = [70, 1514, 128, 1000, 71, 600]
+    return [F.ether([F.held_buffer(1, sizes[i % len(sizes)])[0][:-8] + i.to_bytes(8, "big")])[0]
+            for i in range(start, start + n)]
+
+
+@pytest.mark.netns
+def test_tx_ring_wraps_in_order_across_calls(lab):
+    """TxRingSender on a small ring (64 slots): calls of every size (one frame, less than a ring, more than
+    a ring, a ring exactly) start where the last one stopped, so fills wrap around the ring's end; every
+    frame arrives whole (byte for byte, lengths mixed), in order, none twice."""
+    lab.drain()
+    with lab.topo.inside("H"):
+        s = TxRingSender(F.TAP, slots=64)
+    sent_frames, seq = [], 0
+    try:
+        assert s.slots == 64
+        for n in (1, 50, 100, 17, 64, 200, 3):
+            frames = _mixed(n, seq)
+            seq += n
+            assert s.send_many(frames) == n
+            sent_frames += frames
+        assert s.dropped == 0 and s.errors == {}
+    finally:
+        s.close()
+    got = [f for f in lab.drain() if F.is_probe(f)]
+    assert _seqs(got) == list(range(seq))
+    assert got == sent_frames
+
+
+class _Refusing:
+    """A TX ring socket whose send() fails `times` times with `err` without the kernel seeing the ring,
+    then sends."""
+
+    def __init__(self, sock, err: int, times: int):
+        self.sock, self.err, self.times = sock, err, times
+
+    def send(self, data: bytes) -> int:
+        if self.times:
+            self.times -= 1
+            raise OSError(self.err, "refused")
+        return self.sock.send(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setsockopt(self, *a):
+        return self.sock.setsockopt(*a)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("times, sent, dropped", [(3, 200, 0), (1000, 0, 200)], ids=["retried", "given-up"])
+def test_tx_ring_full_queue_retried_or_given_up_counted(lab, monkeypatch, times, sent, dropped):
+    """ENOBUFS from send(): retried with a doubling wait; past RETRIES the rest is given up, counted, and
+    its slots taken back (here a fill that wraps the ring's end), so the next call still starts where the
+    kernel's head is and arrives in order."""
+    monkeypatch.setattr(drain_mod, "RETRY_FIRST_S", 1e-6)
+    frames = F.ether(F.held_buffer(400, 128))
+    lab.drain()
+    with lab.topo.inside("H"):
+        s = TxRingSender(F.TAP, slots=256)
+    real = s.sock
+    try:
+        assert s.send_many(frames[:100]) == 100
+        s.sock = _Refusing(real, errno.ENOBUFS, times)
+        assert s.send_many(frames[100:300]) == sent  # slots 100..255, then 0..43
+        assert s.dropped == dropped and s.errors == ({"ENOBUFS": dropped} if dropped else {})
+        s.sock = real
+        assert s.send_many(frames[300:]) == 100
+    finally:
+        s.sock = real
+        s.close()
+    assert _seqs(lab.drain()) == [i for i in range(400) if not (dropped and 100 <= i < 300)]
+
+
+@pytest.mark.netns
+def test_tx_ring_frame_the_kernel_refuses_is_skipped_on_a_new_ring(lab, monkeypatch):
+    """A frame refused by the kernel itself (TP_STATUS_WRONG_FORMAT; here a short one let past the check)
+    stops the kernel's ring there: it is counted, skipped, and the frames behind it follow on a new ring."""
+    monkeypatch.setattr(TxRingSender, "_valid", lambda self, frames: frames)
+    reopened = []
+    reopen = TxRingSender._reopen
+    monkeypatch.setattr(TxRingSender, "_reopen", lambda self: reopened.append(1) or reopen(self))
+    frames = F.ether(F.held_buffer(300, 128))
+    frames[100] = b"\x02short"
+    lab.drain()
+    with lab.topo.inside("H"):
+        s = TxRingSender(F.TAP, slots=256)
+    try:
+        assert s.send_many(frames) == 299
+        assert s.dropped == 1 and s.errors == {"EINVAL": 1} and reopened == [1]
+        assert s.send_many(F.ether(F.held_buffer(310, 128)[300:])) == 10
+    finally:
+        s.close()
+    assert _seqs(lab.drain()) == [i for i in range(310) if i != 100]
 
 
 class _FakeLibc:
