@@ -65,7 +65,9 @@ BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
  * bumps the generation in meta[SRMIG_META_NH_GENERATION] after a route or neighbour change): one
  * bpf_fib_lookup costs ~500 ns on these machines, ten times everything else a packet needs. */
 struct nh_cache {
-	__u64 expires_ns;
+	struct in6_addr dst; /* the destination this slot holds; expires_ns == 0: empty */
+	__u64 expires_ns;    /* bpf_ktime_get_ns() deadline, SRMIG_NH_TICK_NS short of the TTL */
+	__u64 valid_jiffies; /* the tick in which expires_ns was last checked against the clock */
 	__u32 ifindex;
 	__u32 generation;
 	__u8 dmac[ETH_ALEN];
@@ -76,9 +78,14 @@ struct nh_cache {
 #ifndef SRMIG_NH_TTL_NS
 #define SRMIG_NH_TTL_NS 100000000ULL /* 100 ms */
 #endif
+/* Longer than one tick at any HZ (>= 100): see nh_fresh(). */
+#define SRMIG_NH_TICK_NS 10000000ULL
+#define SRMIG_NH_SLOTS 4096 /* a power of two; 2-way sets */
 
-/* Next hops per destination and CPU; an LRU so that a scan of many destinations cannot fill it. */
-BPF_TABLE("lru_percpu_hash", struct in6_addr, struct nh_cache, nh_cache, 4096);
+/* Next hops per CPU: a 2-way set-associative cache in a per-CPU array (the verifier inlines its lookup; a
+ * hash map costs a helper call and a jhash, ~50 ns a packet here). A set holds the last two destinations
+ * that hashed to it, so a scan of many destinations cannot fill it, only evict. */
+BPF_PERCPU_ARRAY(nh_cache, struct nh_cache, SRMIG_NH_SLOTS);
 
 #include "srv6.h"
 
@@ -94,6 +101,39 @@ static __always_inline int never_forwarded_source(const struct in6_addr *a)
 	if (a->in6_u.u6_addr8[0] == 0xfe && (a->in6_u.u6_addr8[1] & 0xc0) == 0x80)
 		return 1;
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == __builtin_bswap32(1);
+}
+
+static __always_inline __u32 nh_set(const struct in6_addr *a)
+{
+	const __u32 *w = a->in6_u.u6_addr32;
+	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3];
+
+	h ^= h >> 16;
+	h *= 0x45d9f3b;
+	h ^= h >> 16;
+	return h & (SRMIG_NH_SLOTS - 2);
+}
+
+static __always_inline int same_addr(const struct in6_addr *a, const struct in6_addr *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+/* Not expired. bpf_ktime_get_ns() costs ~40 ns here and bpf_jiffies64() next to nothing (the JIT inlines
+ * it), so the clock is read at most once per tick and entry: within the tick of a check that passed, less
+ * than SRMIG_NH_TICK_NS has gone by since, and expires_ns is that much short of the TTL. */
+static __always_inline int nh_fresh(struct nh_cache *nh)
+{
+	__u64 tick = bpf_jiffies64();
+
+	if (nh->valid_jiffies == tick)
+		return 1;
+	if (nh->expires_ns <= bpf_ktime_get_ns())
+		return 0;
+	nh->valid_jiffies = tick;
+	return 1;
 }
 
 /* Map accesses stay in this file: bcc rewrites `map.lookup()` calls in the main source only. */
@@ -123,13 +163,21 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 	__u32 gen_key = SRMIG_META_NH_GENERATION;
 	__u32 *gen = meta.lookup(&gen_key);
 	__u32 generation = gen ? *gen : 0;
-	__u64 now = bpf_ktime_get_ns();
 	struct in6_addr dst = ip6h->daddr;
-	struct nh_cache *nh = nh_cache.lookup(&dst);
+	__u32 set = nh_set(&dst), other = set + 1;
+	struct nh_cache *way0 = nh_cache.lookup(&set);
+	struct nh_cache *way1 = nh_cache.lookup(&other);
+	struct nh_cache *nh = NULL;
 	__u32 tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
 
-	if (nh && nh->expires_ns > now && nh->generation == generation && tot_len <= nh->ok_len &&
-	    !never_forwarded_source(&ip6h->saddr))
+	if (!way0 || !way1)
+		return XDP_PASS; /* never: both indexes are in range */
+	if (way0->expires_ns && same_addr(&way0->dst, &dst))
+		nh = way0;
+	else if (way1->expires_ns && same_addr(&way1->dst, &dst))
+		nh = way1;
+	if (nh && nh->generation == generation && tot_len <= nh->ok_len && !never_forwarded_source(&ip6h->saddr) &&
+	    nh_fresh(nh))
 		return nh_apply(eth, nh->dmac, nh->smac, nh->ifindex);
 
 	fib.family = AF_INET6_;
@@ -143,16 +191,18 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	switch (rc) {
 	case BPF_FIB_LKUP_RET_SUCCESS: {
-		struct nh_cache fresh = {
-			.expires_ns = now + SRMIG_NH_TTL_NS,
-			.ifindex = fib.ifindex,
-			.generation = generation,
-			.ok_len = tot_len,
-		};
+		/* Replace this destination's entry, else an empty way, else the one that expires first. */
+		struct nh_cache *slot = nh ? nh : !way0->expires_ns ? way0 : !way1->expires_ns ? way1 :
+					way0->expires_ns <= way1->expires_ns ? way0 : way1;
 
-		__builtin_memcpy(fresh.dmac, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(fresh.smac, fib.smac, ETH_ALEN);
-		nh_cache.update(&dst, &fresh);
+		slot->dst = dst;
+		slot->expires_ns = bpf_ktime_get_ns() + SRMIG_NH_TTL_NS - SRMIG_NH_TICK_NS;
+		slot->valid_jiffies = bpf_jiffies64();
+		slot->ifindex = fib.ifindex;
+		slot->generation = generation;
+		slot->ok_len = tot_len;
+		__builtin_memcpy(slot->dmac, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(slot->smac, fib.smac, ETH_ALEN);
 		return nh_apply(eth, fib.dmac, fib.smac, fib.ifindex);
 	}
 	case BPF_FIB_LKUP_RET_NO_NEIGH:
