@@ -325,24 +325,9 @@ def _kill_and_restart(tb, agents, role: str, down_s: float, dom) -> None:
     tb.agent_fault = {"role": role, "killed": t_kill, "started": time.monotonic(), "source_state": state}
 
 
-def restart_dest_agent_in_precopy(down_s: float = 1.0):
-    """`during`: SIGKILL the destination's agent once its libvirtd has the incoming domain (its begin hook has
-    answered: QEMU starts after it), i.e. during pre-copy; start it again `down_s` later."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        conn = ds["D"].connect()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _incoming(conn) is None:
-                time.sleep(0.005)
-            _kill_and_restart(tb, agents, "D", down_s, dom)
-        finally:
-            conn.close()
-    return during
-
-
-def restart_source_agent_after_resume(down_s: float = 1.0):
-    """`during`: SIGKILL the source's agent as soon as the domain runs on the destination (libvirt's Finish
-    resumed it; the source's cut-over and grace period are still to come); start it again `down_s` later."""
+def _restart_agent_when(role: str, ready, down_s: float, poll_s: float):
+    """`during`: SIGKILL the agent of `role` once `ready(conn)` holds on D's libvirtd (polled every
+    `poll_s`), start it again `down_s` later."""
     def during(tb, ds, agents, dom, timeout: float = 30):
         import libvirt  # noqa: PLC0415
 
@@ -351,14 +336,31 @@ def restart_source_agent_after_resume(down_s: float = 1.0):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 with contextlib.suppress(libvirt.libvirtError):
-                    d = _incoming(conn)
-                    if d is not None and d.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                    if ready(conn):
                         break
-                time.sleep(0.002)
-            _kill_and_restart(tb, agents, "S", down_s, dom)
+                time.sleep(poll_s)
+            _kill_and_restart(tb, agents, role, down_s, dom)
         finally:
             conn.close()
     return during
+
+
+def restart_dest_agent_in_precopy(down_s: float = 1.0):
+    """`during`: SIGKILL the destination's agent once its libvirtd has the incoming domain (its begin hook has
+    answered: QEMU starts after it), i.e. during pre-copy; start it again `down_s` later."""
+    return _restart_agent_when("D", lambda conn: _incoming(conn) is not None, down_s, 0.005)
+
+
+def restart_source_agent_after_resume(down_s: float = 1.0):
+    """`during`: SIGKILL the source's agent as soon as the domain runs on the destination (libvirt's Finish
+    resumed it; the source's cut-over and grace period are still to come); start it again `down_s` later."""
+    def running(conn) -> bool:
+        import libvirt  # noqa: PLC0415
+
+        d = _incoming(conn)
+        return d is not None and d.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+    return _restart_agent_when("S", running, down_s, 0.002)
 
 
 def etcd_down_at_pause(down_s: float = 2.0):
