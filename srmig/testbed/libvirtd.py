@@ -292,14 +292,17 @@ class Libvirtd:
                                    f"{_tail(self.log_path)}")
             time.sleep(0.05)
 
-    def restart(self, timeout: float = 10) -> None:
-        """Restart the daemon alone, as `systemctl restart libvirtd` does: its QEMUs keep running (in the old
-        mount namespace, which they keep alive) and the new daemon reconnects to them. Call from a thread
-        that outlives the daemon (PR_SET_PDEATHSIG), e.g. the main thread."""
+    def restart(self, timeout: float = 10, sig: int = signal.SIGTERM) -> None:
+        """Restart the daemon alone, as `systemctl restart libvirtd` does (SIGTERM: libvirtd finishes the API
+        calls in flight, a migration included, before it exits; SIGKILL: a crash, then systemd's restart):
+        its QEMUs keep running (in the old mount namespace, which they keep alive) and the new daemon
+        reconnects to them. Callable from any
+        thread, e.g. a short-lived fault injection's: the new daemon is spawned by a thread of its own that
+        waits for it (PR_SET_PDEATHSIG would kill it with the calling thread)."""
         pid = self.pid
         if pid is None:
             raise LibvirtdError(f"libvirtd {self.name} is not running")
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while _alive(pid) and _mnt_ns(pid) == self.mnt_ns:
             if time.monotonic() > deadline:
@@ -309,7 +312,25 @@ class Libvirtd:
         self.mnt_ns, self.proc = None, None
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
-        self.spawn()
+        spawned: list = []  # the reaper, or what spawn() raised
+
+        def keep():
+            try:
+                self.spawn()
+                spawned.append(self.proc)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+                spawned.append(e)
+                return
+            spawned[0].wait()  # the spawning thread outlives the daemon
+
+        threading.Thread(target=keep, daemon=True, name=f"libvirtd-{self.name}").start()
+        deadline = time.monotonic() + timeout
+        while not spawned and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not spawned:
+            raise LibvirtdError(f"libvirtd {self.name} not spawned in {timeout} s")
+        if isinstance(spawned[0], BaseException):
+            raise spawned[0]
         self.wait_ready()
 
     def connect(self):
