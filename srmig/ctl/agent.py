@@ -47,6 +47,7 @@ BASELINE_TRIES = 5
 DB_RETRY_MAX_S = 1.0  # failed writes retried at least this often: a cut-over lands <= 1 s after the database returns
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
+RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
 
 
 @dataclass
@@ -862,7 +863,44 @@ class Agent:
             loc = self.local.setdefault(d.vm, Local())
             loc.domain, loc.tap = d.name, d.tap
             seen[d.vm] = (d, state, reason)
-        return self.reconcile_snapshot(seen, t0)
+        out = self.reconcile_snapshot(seen, t0)
+        for vm, (d, state, reason) in seen.items():
+            if self._source_here(vm) and state == libvirt.VIR_DOMAIN_PAUSED and \
+                    reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+                self._on_recheck(vm, self.mig_ids.get(vm, ""))
+        return out
+
+    def _source_here(self, vm: str) -> bool:
+        """We are the source of `vm`'s migration, still going or aborted by the destination's failure, and
+        have not seen the VM run here again nor go. After an abort D returns what it held only once our
+        record says "failed" (the VM runs here again), so that must be said even if D's failure came first."""
+        m = self.machine.migrations.get(vm)
+        return m is not None and m.src.name == self.name and (not m.done or m.phase is Phase.ABORT) and \
+            not self._local_events.get(vm, set()) & {Ev.FAILED, Ev.STOPPED}
+
+    def _on_recheck(self, vm: str, mid: str) -> None:
+        """The source VM is paused by its migration after a reconnect. If libvirtd restarted, it cannot keep
+        the outgoing job: it recovers it, resuming the domain without a lifecycle event (or it goes, if the
+        migration had completed). Poll its state until it runs (FAILED: we have the VM back) or is gone."""
+        import libvirt  # noqa: PLC0415
+
+        conn = self.libvirt.conn if self.libvirt else None
+        if self.mig_ids.get(vm) != mid or not self._source_here(vm) or conn is None:
+            return
+        try:
+            state = conn.lookupByName(self.local[vm].domain).state()[0]
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                return  # the connection is going: the next reconnect reconciles again
+            state = None
+        if state is None:
+            self._local_event(vm, Ev.STOPPED, time.monotonic_ns(), "recheck: gone")
+        elif state == libvirt.VIR_DOMAIN_RUNNING:
+            self._local_event(vm, Ev.FAILED, time.monotonic_ns(), "recheck: resumed")
+        else:
+            t = threading.Timer(RECHECK_S, self.enqueue, ("recheck", vm, mid))
+            t.daemon = True
+            t.start()
 
     def reconcile_snapshot(self, seen: dict, t0: float | None = None) -> dict:
         """`seen`: {vm: (Domain, libvirt state, reason)} of this host. Pure of libvirt: benchmarks call it."""
@@ -888,7 +926,8 @@ class Agent:
             role = self._role(vm)
             if role == "S" and vm not in seen:
                 self._local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
-            elif role == "S" and seen[vm][1] == running and Ev.SUSPENDED in self._local_events.get(vm, ()):
+            elif self._source_here(vm) and vm in seen and seen[vm][1] == running and \
+                    Ev.SUSPENDED in self._local_events.get(vm, ()):
                 self._local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
         # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
         # stragglers: give them a fresh grace period.
