@@ -363,6 +363,55 @@ def restart_source_agent_after_resume(down_s: float = 1.0):
     return _restart_agent_when("S", running, down_s, 0.002)
 
 
+def _restart_source_libvirtd(tb, ds, dom, sig: int) -> None:
+    """Restart the source's libvirtd (Libvirtd.restart: any thread) after signal `sig`; tb.libvirtd_fault
+    says when, and the source domain's libvirt state just before (for the test to check the phase it hit)."""
+    import libvirt  # noqa: PLC0415
+
+    state = None
+    with contextlib.suppress(libvirt.libvirtError):
+        state = dom.state()[0]
+    t_down = time.monotonic()
+    ds["S"].restart(sig=sig)
+    tb.libvirtd_fault = {"down": t_down, "up": time.monotonic(), "source_state": state}
+
+
+def restart_source_libvirtd_at_pause(sig: int = signal.SIGTERM, qemu_stopped_s: float = 0):
+    """`during`: restart the source's libvirtd (after `sig`) as soon as the source is paused. `qemu_stopped_s`:
+    SIGSTOP the source's QEMU first, SIGCONT it that much later: the new daemon's recovery of the migration
+    job waits for QEMU's monitor meanwhile (a slow recovery), so the agent reconnects before it is over."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        import threading  # noqa: PLC0415
+
+        wait_paused(dom, timeout)
+        if qemu_stopped_s:
+            pid = lv.qemu_pid(ds["S"], DOMAIN)
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(qemu_stopped_s, os.kill, (pid, signal.SIGCONT)).start()
+        _restart_source_libvirtd(tb, ds, dom, sig)
+    return during
+
+
+def restart_source_libvirtd_in_precopy(sig: int = signal.SIGTERM):
+    """`during`: restart the source's libvirtd (after `sig`) once the destination's has the incoming domain
+    (pre-copy)."""
+    def during(tb, ds, agents, dom, timeout: float = 30):
+        import libvirt  # noqa: PLC0415
+
+        conn = ds["D"].connect()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if _incoming(conn) is not None:
+                        break
+                time.sleep(0.005)
+        finally:
+            conn.close()
+        _restart_source_libvirtd(tb, ds, dom, sig)
+    return during
+
+
 def etcd_down_at_pause(down_s: float = 2.0):
     """`during` (db="etcd"): SIGKILL the etcd member as soon as the source is paused, start it again (same
     data dir and ports) `down_s` later."""
