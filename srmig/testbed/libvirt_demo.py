@@ -325,23 +325,28 @@ def _kill_and_restart(tb, agents, role: str, down_s: float, dom) -> None:
     tb.agent_fault = {"role": role, "killed": t_kill, "started": time.monotonic(), "source_state": state}
 
 
+def _wait_on_dest(ds, ready, poll_s: float, timeout: float) -> None:
+    """Poll D's libvirtd (a connection of our own) until `ready(conn)` holds, at most `timeout` s."""
+    import libvirt  # noqa: PLC0415
+
+    conn = ds["D"].connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(libvirt.libvirtError):
+                if ready(conn):
+                    return
+            time.sleep(poll_s)
+    finally:
+        conn.close()
+
+
 def _restart_agent_when(role: str, ready, down_s: float, poll_s: float):
     """`during`: SIGKILL the agent of `role` once `ready(conn)` holds on D's libvirtd (polled every
     `poll_s`), start it again `down_s` later."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        import libvirt  # noqa: PLC0415
-
-        conn = ds["D"].connect()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if ready(conn):
-                        break
-                time.sleep(poll_s)
-            _kill_and_restart(tb, agents, role, down_s, dom)
-        finally:
-            conn.close()
+        _wait_on_dest(ds, ready, poll_s, timeout)
+        _kill_and_restart(tb, agents, role, down_s, dom)
     return during
 
 
@@ -396,18 +401,7 @@ def restart_source_libvirtd_in_precopy(sig: int = signal.SIGTERM):
     """`during`: restart the source's libvirtd (after `sig`) once the destination's has the incoming domain
     (pre-copy)."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        import libvirt  # noqa: PLC0415
-
-        conn = ds["D"].connect()
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if _incoming(conn) is not None:
-                        break
-                time.sleep(0.005)
-        finally:
-            conn.close()
+        _wait_on_dest(ds, lambda conn: _incoming(conn) is not None, 0.005, timeout)
         _restart_source_libvirtd(tb, ds, dom, sig)
     return during
 
