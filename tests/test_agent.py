@@ -317,10 +317,7 @@ def test_etcd_down_at_the_pause():
     assert rep.t0 + rep.duration_ms / 1e3 > up + 1.0, "the probe should outlast the outage"
     assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
     assert (d["lost"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
-    c = res.agents["C"]
-    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
-    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
-    assert c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"]
+    _ingress_on(res, "D")
     assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
 
 
@@ -474,14 +471,21 @@ def test_destination_agent_killed_at_the_pause():
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
 
-def _converged(res) -> None:
-    """The ingress ends on D with that version applied; the source forgot the VM after its grace period."""
+def _ingress_on(res, host: str) -> None:
+    """The ingress's location for the VM is `host` (its End.DX6-map SID alone), and that version is applied."""
     from srmig.testbed import libvirt_demo
 
     c = res.agents["C"]
     loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
-    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"], loc
+    assert loc["host"] == host and loc["segments"] == [{"S": "fc00:0:1::d6", "D": "fc00:0:2::d6"}[host]], loc
     assert c["ingress"]["applied"].get(libvirt_demo.VM_ADDR) == loc["version"], c["ingress"]
+
+
+def _converged(res) -> None:
+    """The ingress ends on D with that version applied; the source forgot the VM after its grace period."""
+    from srmig.testbed import libvirt_demo
+
+    _ingress_on(res, "D")
     assert all(v["state"] is None for v in res.agents["S"]["vms"] if v["vm"] == libvirt_demo.VM_ADDR), res.agents["S"]
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
@@ -632,10 +636,7 @@ def test_source_libvirtd_killed_during_migration(phase):
     assert d["lost"] <= rate * 0.02, (d, rep.lost_seqs)  # 20 ms of traffic
     if rep.lost and phase != "pause-slow-recovery":  # at the stop: sent within the 50 ms before the kill
         assert -50 < rep.blackout_start_ms - (seen["down"] - rep.t0) * 1e3 <= 0, (d, rep.lost_seqs, seen)
-    c = res.agents["C"]
-    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
-    assert loc["host"] == "S" and loc["segments"] == ["fc00:0:1::d6"], loc
-    assert c["ingress"]["applied"].get(libvirt_demo.VM_ADDR) == loc["version"], c["ingress"]
+    _ingress_on(res, "S")
     assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
 

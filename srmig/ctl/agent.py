@@ -147,6 +147,12 @@ class Agent:
     def enqueue(self, *item) -> None:
         self.q.put(item)
 
+    def _enqueue_later(self, seconds: float, *item) -> None:
+        """Queue `item` for the worker `seconds` from now (a daemon timer: it does not hold the agent up)."""
+        t = threading.Timer(seconds, self.enqueue, item)
+        t.daemon = True
+        t.start()
+
     def _db_async(self, fn) -> Future:
         """Run `fn` on the database writer thread, after every write queued before it; the worker goes on at
         once (a map update must never wait for a database round trip)."""
@@ -458,9 +464,7 @@ class Agent:
         self._observe_phase(m)
         self._put_record(vm)
         if ev is Ev.RESUMED and role == "D":
-            t = threading.Timer(SOURCE_SILENT_S, self.enqueue, ("source-check", vm, self.mig_ids[vm]))
-            t.daemon = True
-            t.start()
+            self._enqueue_later(SOURCE_SILENT_S, "source-check", vm, self.mig_ids[vm])
 
     def _on_source_check(self, vm: str, mid: str) -> None:
         """The VM runs here but the source never said it paused: its agent is down (or far behind), so nobody
@@ -525,7 +529,7 @@ class Agent:
             if host != self.name and "failed" in rec["events"] and rec["src"] == host:
                 self._maybe_return(vm, source_failed=True)
             if host != self.name and rec.get("returned") is not None and rec["dst"] == host:
-                self._unpark(vm, mid, rec["returned"])
+                self._on_unpark(vm, mid, rec["returned"])
         # Events seen here before the record existed (the source's pause can beat the watch).
         for typ, detail, t_ns in self.pending_local.pop(vm, []):
             if self._role(vm):
@@ -685,28 +689,21 @@ class Agent:
             elif isinstance(a, Unpark):
                 # Once D says how many it returned (its record), or after RETURN_WAIT_S without word from it.
                 mid = loc.unpark = self.mig_ids.get(a.vm, "")
-                t = threading.Timer(RETURN_WAIT_S, self.enqueue, ("unpark", a.vm, mid, None))
-                t.daemon = True
-                t.start()
+                self._enqueue_later(RETURN_WAIT_S, "unpark", a.vm, mid, None)
         return version
 
     def _on_unpark(self, vm: str, mid: str, returned: int | None) -> None:
-        self._unpark(vm, mid, returned)
-
-    def _unpark(self, vm: str, mid: str, returned: int | None) -> None:
         """Abort on the source: D's held packets are back (`returned` of them, to our End.SBUF; None: D
         never said, given up after RETURN_WAIT_S): deliver what we parked meanwhile, in order."""
-        from srmig.ctl.drain import RETURN_ARRIVAL_S, sid_delivered, unpark  # noqa: PLC0415
+        from srmig.ctl.drain import unpark, wait_delivered  # noqa: PLC0415
 
         loc = self.local.get(vm)
         m = self.machine.migrations.get(vm)
         if loc is None or m is None or loc.unpark != mid or not mid:
             return
         loc.unpark = None
-        deadline = time.monotonic() + RETURN_ARRIVAL_S
-        while returned and sid_delivered(self.dp, m.src.sbuf) < loc.sbuf_base + returned and \
-                time.monotonic() < deadline:
-            time.sleep(0.001)
+        if returned:
+            wait_delivered(self.dp, m.src.sbuf, loc.sbuf_base + returned)
         try:
             n = unpark(self.dp, vm, loc.tap)
         except OSError as e:
@@ -718,7 +715,7 @@ class Agent:
                  f"no word from {m.dst.name} in {RETURN_WAIT_S} s", n)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
-        from srmig.ctl.drain import DrainReport, RawSender, SourceDrain, hold_ring_reader  # noqa: PLC0415
+        from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
 
         pid = self._qemu_pid(loc.domain)
         segments = [*m.transit, m.dst.sbuf]
@@ -726,13 +723,7 @@ class Agent:
             # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
             # program's and outlives us: what it parked while a drain we were killed in held the VM goes
             # first (the drain's steps 3-4), then the rest is forwarded directly.
-            rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
-            try:
-                SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid).away_behind_ring(
-                    sender, rep, ring)
-            finally:
-                ring.close()
-                sender.close()
+            rep = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid).ring_only()
             self._mark_map_write()
             log.warning("%s: no QEMU pid or tap; forwarding without a drain (%d from the ring)", m.vm,
                         rep.from_ring)
@@ -898,9 +889,7 @@ class Agent:
         elif state == libvirt.VIR_DOMAIN_RUNNING:
             self._local_event(vm, Ev.FAILED, time.monotonic_ns(), "recheck: resumed")
         else:
-            t = threading.Timer(RECHECK_S, self.enqueue, ("recheck", vm, mid))
-            t.daemon = True
-            t.start()
+            self._enqueue_later(RECHECK_S, "recheck", vm, mid)
 
     def reconcile_snapshot(self, seen: dict, t0: float | None = None) -> dict:
         """`seen`: {vm: (Domain, libvirt state, reason)} of this host. Pure of libvirt: benchmarks call it."""
@@ -936,9 +925,7 @@ class Agent:
                 if e.vm in seen or self._role(e.vm):
                     continue
                 if e.state is VmState.AWAY:
-                    t = threading.Timer(self.cfg.host.grace_s, self.enqueue, ("forget", e.vm))
-                    t.daemon = True
-                    t.start()
+                    self._enqueue_later(self.cfg.host.grace_s, "forget", e.vm)
                 else:
                     self.dp.del_vm(e.vm)
                     fixed += 1

@@ -318,7 +318,20 @@ class _Mmsg:
         return buf
 
 
-class _BatchSender:
+class _Counted:
+    """What a sender did not send: `dropped`, and by errno name in `errors`, never silently."""
+
+    def __init__(self):
+        self.dropped = 0
+        self.errors: dict[str, int] = {}
+
+    def _drop(self, err: int, count: int) -> None:
+        self.dropped += count
+        name = errno.errorcode.get(err, str(err))
+        self.errors[name] = self.errors.get(name, 0) + count
+
+
+class _BatchSender(_Counted):
     """send_many() over a socket: sendmmsg(2) in batches, in order. A message that fails with ENOBUFS or
     EAGAIN (a full queue on the way) is retried with a doubling wait, RETRIES times at most; past that the
     rest of the call is given up. A message failing twice in a row with another error (EMSGSIZE, no route)
@@ -328,26 +341,12 @@ class _BatchSender:
     _namelen = 0
 
     def __init__(self):
-        self.dropped = 0
-        self.errors: dict[str, int] = {}
+        super().__init__()
         self._mm: _Mmsg | None = None
 
     def _names(self, packets: list[bytes]) -> array | None:
         return None
 
-    def _fitting(self, frames: list[bytes]) -> list[bytes]:
-        """`frames` without those longer than the MTU allows, counted as EMSGSIZE (sendmmsg's answer). The
-        kernel does not check: with a vnet header a TX ring frame may be as long as its slot (GSO)."""
-        limit = self.mtu + 14
-        ok = [f for f in frames if len(f) <= limit or (len(f) <= limit + 4 and f[12:14] == b"\x81\x00")]
-        if len(ok) < len(frames):
-            self._drop(errno.EMSGSIZE, len(frames) - len(ok))
-        return ok
-
-    def _drop(self, err: int, count: int) -> None:
-        self.dropped += count
-        name = errno.errorcode.get(err, str(err))
-        self.errors[name] = self.errors.get(name, 0) + count
 
     def send_many(self, packets: list[bytes]) -> int:
         """Send `packets` in order; returns how many the kernel accepted (the rest is in `dropped`)."""
@@ -452,7 +451,7 @@ _TP2_HDR = 32    # TPACKET_ALIGN(sizeof(struct tpacket2_hdr)): a slot's frame da
 _VNET = 10       # struct virtio_net_hdr
 
 
-class TxRingSender:
+class TxRingSender(_Counted):
     """Sends whole Ethernet frames out of interface `ifname` through a PACKET_TX_RING (TPACKET_V2) with
     PACKET_QDISC_BYPASS: frames are written into the mmap'ed ring, then one send() hands up to `slots` of
     them to the kernel, which walks the ring and transmits each (bench/flush.py: faster than PacketSender's
@@ -474,8 +473,7 @@ class TxRingSender:
     for a few frames that must go out at once."""
 
     def __init__(self, ifname: str, slots: int = 2048):
-        self.dropped = 0
-        self.errors: dict[str, int] = {}
+        super().__init__()
         self.ifname = ifname
         self._ring = None
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -515,11 +513,6 @@ class TxRingSender:
                 view.release()
             self._ring.close()
             self._ring = None
-
-    def _drop(self, err: int, count: int) -> None:
-        self.dropped += count
-        name = errno.errorcode.get(err, str(err))
-        self.errors[name] = self.errors.get(name, 0) + count
 
     def _put(self, frames: list[bytes], lens: array, first: int) -> None:
         """Write `frames` (`lens`: their lengths, u32) into slots first, first+1, ... (no wrap) and mark them
@@ -694,10 +687,15 @@ def _ethernet_to(vm: str, tap: str) -> bytes | None:
 
 def sid_delivered(dp, sid: str) -> int:
     """Packets delivered so far by `sid` (its per-SID counter)."""
-    for e in dp.stats()["sids"]:
-        if e["sid"] == sid:
-            return e["stats"]["delivered"]
-    return 0
+    return next((e.stats["delivered"] for e in dp.list_sids() if e.sid == sid), 0)
+
+
+def wait_delivered(dp, sid: str, at_least: int, timeout_s: float = RETURN_ARRIVAL_S) -> None:
+    """An abort: wait (bounded) until `sid` (the source's End.SBUF) has delivered `at_least` packets, i.e.
+    what the destination returned has landed, before the source delivers what it parked."""
+    deadline = time.monotonic() + timeout_s
+    while sid_delivered(dp, sid) < at_least and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def unpark(dp, vm: str, tap: str | None, max_s: float = RING_FIRST_MAX_S) -> int:
@@ -714,39 +712,40 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = RING_FIRST_MAX_S) -> int
     to_tap = PacketSender(tap, qdisc_bypass=True) if eth else None
     raw = RawSender()
     given = 0
+
+    def give(commit: bool) -> int:
+        """Read what the ring holds, send it, then consume it; returns how many records were read."""
+        nonlocal given
+        records = ring.read(start=_HOLD_VM, commit=commit,
+                            length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
+                                "<I", data, off + _HOLD_LEN)[0])
+        frames, others = [], []
+        for rec in records:
+            packet = rec[_HOLD_HEAD - _HOLD_VM:]
+            inner = decapsulate(packet) if rec[:16] == vm_key else None
+            if inner is None:
+                others.append(packet)
+            elif eth:
+                frames.append(eth + inner)
+            else:
+                others.append(inner)  # no neighbour entry: the kernel routes it to the tap
+        if frames:
+            given += to_tap.send_many(frames)
+        if others:
+            given += raw.send_many(others)
+        ring.commit()
+        return len(records)
+
     try:
         dp.set_vm(vm, VmState.RUNNING, ring_first=True)
         deadline = time.monotonic() + max_s
-        while True:
-            records = ring.read(start=_HOLD_VM, commit=False,
-                                length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
-                                    "<I", data, off + _HOLD_LEN)[0])
-            frames, others = [], []
-            for rec in records:
-                packet = rec[_HOLD_HEAD - _HOLD_VM:]
-                inner = decapsulate(packet) if rec[:16] == vm_key else None
-                if inner is None:
-                    others.append(packet)
-                elif eth:
-                    frames.append(eth + inner)
-                else:
-                    others.append(inner)  # no neighbour entry: the kernel routes it to the tap
-            if frames:
-                given += to_tap.send_many(frames)
-            if others:
-                given += raw.send_many(others)
-            ring.commit()
-            if (not records and ring.empty()) or time.monotonic() > deadline:
+        while time.monotonic() <= deadline:
+            if not give(commit=False) and ring.empty():
                 break
         dp.set_vm(vm, VmState.RUNNING)
         # A program run that read the flag just before it was cleared may still be writing its record.
         time.sleep(0.002)
-        for packet in read_hold_packets(ring):
-            inner = decapsulate(packet)
-            if inner is not None and eth and inner[24:40] == vm_key:
-                given += to_tap.send_many([eth + inner])
-            else:
-                given += raw.send_many([inner or packet])
+        give(commit=True)
     finally:
         ring.close()
         raw.close()
@@ -833,11 +832,22 @@ class SourceDrain:
             rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
 
+    def ring_only(self) -> DrainReport:
+        """Steps 3-4 alone: what an agent restarted after a drain it was killed in does (QEMU gone with its
+        tap queue; the hold ring is the program's and outlives the agent: what it parked goes first)."""
+        rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
+        try:
+            self.away_behind_ring(sender, rep, ring)
+        finally:
+            ring.close()
+            sender.close()
+            rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
+        return rep
+
     def away_behind_ring(self, sender: RawSender, rep: DrainReport, ring: libbpf.RingReader,
                          settle_s: float = 0.002) -> None:
         """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
-        it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
-        Also what an agent restarted after a drain it was killed in does (QEMU gone: only the ring is left)."""
+        it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared."""
         self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
         t_flip = time.monotonic()
         deadline = t_flip + RING_FIRST_MAX_S

@@ -310,14 +310,24 @@ def _incoming(conn):
     return next((d for d in conn.listAllDomains(0) if d.name() == DOMAIN), None)
 
 
+def _has_incoming(conn) -> bool:
+    return _incoming(conn) is not None
+
+
+def _source_state(dom) -> int | None:
+    """The source domain's libvirt state now, None if libvirt cannot say (for a test to check the phase a
+    fault hit)."""
+    import libvirt  # noqa: PLC0415
+
+    with contextlib.suppress(libvirt.libvirtError):
+        return dom.state()[0]
+    return None
+
+
 def _kill_and_restart(tb, agents, role: str, down_s: float, dom) -> None:
     """SIGKILL the agent of `role`, start it again `down_s` later; tb.agent_fault says when, and the source
     domain's libvirt state at the kill (for the test to check the phase it hit)."""
-    import libvirt  # noqa: PLC0415
-
-    state = None
-    with contextlib.suppress(libvirt.libvirtError):
-        state = dom.state()[0]
+    state = _source_state(dom)
     t_kill = time.monotonic()
     agents.kill(role)
     time.sleep(down_s)
@@ -353,7 +363,7 @@ def _restart_agent_when(role: str, ready, down_s: float, poll_s: float):
 def restart_dest_agent_in_precopy(down_s: float = 1.0):
     """`during`: SIGKILL the destination's agent once its libvirtd has the incoming domain (its begin hook has
     answered: QEMU starts after it), i.e. during pre-copy; start it again `down_s` later."""
-    return _restart_agent_when("D", lambda conn: _incoming(conn) is not None, down_s, 0.005)
+    return _restart_agent_when("D", _has_incoming, down_s, 0.005)
 
 
 def restart_source_agent_after_resume(down_s: float = 1.0):
@@ -371,11 +381,7 @@ def restart_source_agent_after_resume(down_s: float = 1.0):
 def _restart_source_libvirtd(tb, ds, dom, sig: int) -> None:
     """Restart the source's libvirtd (Libvirtd.restart: any thread) after signal `sig`; tb.libvirtd_fault
     says when, and the source domain's libvirt state just before (for the test to check the phase it hit)."""
-    import libvirt  # noqa: PLC0415
-
-    state = None
-    with contextlib.suppress(libvirt.libvirtError):
-        state = dom.state()[0]
+    state = _source_state(dom)
     t_down = time.monotonic()
     ds["S"].restart(sig=sig)
     tb.libvirtd_fault = {"down": t_down, "up": time.monotonic(), "source_state": state}
@@ -401,7 +407,7 @@ def restart_source_libvirtd_in_precopy(sig: int = signal.SIGTERM):
     """`during`: restart the source's libvirtd (after `sig`) once the destination's has the incoming domain
     (pre-copy)."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        _wait_on_dest(ds, lambda conn: _incoming(conn) is not None, 0.005, timeout)
+        _wait_on_dest(ds, _has_incoming, 0.005, timeout)
         _restart_source_libvirtd(tb, ds, dom, sig)
     return during
 

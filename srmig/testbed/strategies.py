@@ -11,8 +11,8 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import (RETURN_ARRIVAL_S, DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper,
-                             return_held, sid_delivered, unpark)
+from srmig.ctl.drain import (DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper, return_held,
+                             sid_delivered, unpark, wait_delivered)
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, Unpark
 from srmig.ctl.phases import Phase, plan
 from srmig.dataplane.abi import VmState
@@ -203,10 +203,7 @@ class Srmig(Strategy):
                     skip = self._drain.resent_swallowed[-1:] if self._drain else []
                     self.returned += return_held(self._keeper, "2001:db8:b::2", list(a.segments), skip)
             elif isinstance(a, Unpark):
-                deadline = time.monotonic() + RETURN_ARRIVAL_S  # what D sent is on its way: let it land first
-                while sid_delivered(tb.dp[a.host], S.sbuf) < self._sbuf_base + self.returned and \
-                        time.monotonic() < deadline:
-                    time.sleep(0.001)
+                wait_delivered(tb.dp[a.host], S.sbuf, self._sbuf_base + self.returned)  # D's, on their way
                 with tb.topo.inside(a.host):
                     self.unparked = unpark(tb.dp[a.host], VM_ADDR, self._src.tap)
             # StartGrace: the run outlasts the grace period; finish() ends it.
