@@ -47,6 +47,9 @@ class Result:
     agents: dict = field(default_factory=dict)   # role -> final status
     error: str | None = None
     metrics: dict = field(default_factory=dict)  # role -> Prometheus text
+    guest: dict = field(default_factory=dict)    # the guest's own counters over the run (GUEST_COUNTERS)
+    faults: dict = field(default_factory=dict)   # what a `during` injected, when (ms from the first probe)
+    wall_t0: float = 0.0                         # the first probe's send on the wall clock (the logs')
 
     def to_dict(self) -> dict:
         r = self.report
@@ -55,7 +58,26 @@ class Result:
                 "db": self.db, "error": self.error,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
                                     if v.get("event_to_map_ms")},
-                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}}
+                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}, "guest": self.guest}
+
+    def diagnosis(self, logs: dict[str, str]) -> str:
+        """What a failed assertion needs to say where packets went: the runs of lost probes (first sequence
+        number, length, send time in ms), the marks and faults on the same clock, the guest's counters, and
+        the agents' log lines above DEBUG (on the wall clock: `t0` is the first probe's send, on it)."""
+        r = self.report
+        runs: list[list[int]] = []
+        for q in r.lost_seqs:
+            if runs and q == runs[-1][0] + runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([q, 1])
+        wall_t0 = time.strftime("%H:%M:%S", time.localtime(self.wall_t0)) + f".{int(self.wall_t0 % 1 * 1000):03d}"
+        lines = [f"[libvirt run] t0 {wall_t0} lost {r.lost} dup {r.duplicated} reordered {r.reordered}; lost runs "
+                 f"(seq, n, ms): {[(q, n, round(q * r.interval_ms, 1)) for q, n in runs]}",
+                 f"[libvirt run] marks {self.to_dict()['marks_ms']} faults {self.faults} guest {self.guest}"]
+        for role, text in logs.items():
+            lines += [f"[agent {role}] {ln}" for ln in text.splitlines() if " DEBUG " not in ln][-25:]
+        return "\n".join(lines)
 
 
 class Agents:
@@ -216,6 +238,7 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
         if ready.received == 0:
             raise RuntimeError("the guest on S does not answer through the ingress")
+        guest_before = _guest_counters(ds)
         p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
         conn = ds["S"].connect()
         try:
@@ -253,7 +276,34 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         statuses = {r: agents.status(r) for r in ("S", "D", "C")}
         res = Result(report, migration_s, db, statuses, error)
         res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
+        after_counters = _guest_counters(ds)
+        res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
+        t0 = report.t0 or time.monotonic()
+        res.wall_t0 = time.time() - (time.monotonic() - t0)
+        res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
+                      for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
+        print(res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}))  # shown if a test fails
         return res
+
+
+GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Ip6InDiscards", "Ip6OutDiscards", "eth0_rx_dropped",
+                  "eth0_tx_dropped", "eth0_rx_packets", "eth0_tx_packets")
+FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall")  # what the `during` hooks leave on the testbed
+
+
+def _guest_counters(ds) -> dict[str, int]:
+    """GUEST_COUNTERS of the guest wherever it runs, {} if it cannot say (the run stands without)."""
+    for role in ("D", "S"):
+        with contextlib.suppress(Exception):
+            conn = ds[role].connect()
+            try:
+                if not conn.lookupByName(DOMAIN).isActive():
+                    continue
+            finally:
+                conn.close()
+            stats = lv.guest_stats(ds[role], DOMAIN, timeout=2)
+            return {k: stats[k] for k in GUEST_COUNTERS if k in stats}
+    return {}
 
 
 def wait_paused(dom, timeout: float = 30) -> None:
@@ -279,19 +329,41 @@ def freeze_ingress(tb, ds, agents) -> None:
     agents.procs["C"].send_signal(signal.SIGSTOP)
 
 
-def thaw_ingress_after_migration(tb, ds, agents, dom, timeout: float = 30) -> None:
-    """`during`: once the domain has left the source, let the ingress agent run again."""
+def _wait_left_source(dom, poll_s: float, timeout: float) -> None:
+    """Until the domain has left the source (libvirt ended its QEMU), polled every `poll_s`, bounded."""
     import libvirt  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if not dom.isActive():
-                break
+                return
         except libvirt.libvirtError:
-            break
-        time.sleep(0.05)
+            return
+        time.sleep(poll_s)
+
+
+def thaw_ingress_after_migration(tb, ds, agents, dom, timeout: float = 30) -> None:
+    """`during`: once the domain has left the source, let the ingress agent run again."""
+    _wait_left_source(dom, 0.05, timeout)
     agents.procs["C"].send_signal(signal.SIGCONT)
+
+
+def stall_source_agent_over_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
+    """`during`: the source's agent stops (SIGSTOP) in pre-copy, once it has provisioned the migration, and
+    runs again (SIGCONT) only once libvirt ended the source's QEMU: an agent starved of CPU through the
+    whole stop-and-copy. It hears of the pause after the QEMU whose tap queue it must drain is gone.
+    tb.agent_stall says when (monotonic)."""
+    agents.wait("S", lambda s: any(v["vm"] == VM_ADDR and v["phase"] == "provision" for v in s["vms"]),
+                timeout, "the source's migration provisioned")
+    proc = agents.procs["S"]
+    t_stop = time.monotonic()
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        _wait_left_source(dom, 0.005, timeout)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    tb.agent_stall = {"stopped": t_stop, "continued": time.monotonic()}
 
 
 def restart_agent_at_pause(role: str, down_s: float = 1.0):

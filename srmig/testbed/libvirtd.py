@@ -54,7 +54,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from srmig.testbed import guest as guest_mod
-from srmig.testbed.qemu import GATEWAY_LL, GUEST_MAC
+from srmig.testbed.qemu import GATEWAY_LL, GUEST_MAC, control_command, parse_stats
 
 LIBVIRTD = "libvirtd"
 QEMU_BIN = "/usr/bin/qemu-system-x86_64"
@@ -514,33 +513,17 @@ def wait_console(daemon: Libvirtd, domain: str, pattern: str, timeout: float) ->
 
 
 def guest_ping(daemon: Libvirtd, domain: str, timeout: float = 10) -> float:
-    """Round trip (s) of `ping TOKEN` on the guest's control channel (ttyS1, see guest.py): proves the guest
-    runs under this daemon. Bounded; retries every 0.5 s (TimeoutError)."""
-    path = str(daemon.host_path(ctl_path(domain)))
-    deadline = time.monotonic() + timeout
-    n = 0
-    while True:
-        n += 1
-        tok = f"{os.getpid()}x{n}"
-        t0 = time.monotonic()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sk:
-                sk.settimeout(max(0.1, min(0.5, deadline - t0)))
-                sk.connect(path)
-                sk.sendall(f"\nping {tok}\n".encode())
-                buf = b""
-                while f"PONG {tok}".encode() not in buf:
-                    chunk = sk.recv(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-                else:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{domain} on {daemon.name}: no PONG in {timeout} s")
-        time.sleep(0.1)
+    """Seconds until the guest answered `ping TOKEN` on its control channel (ttyS1, see guest.py): proves the
+    guest runs under this daemon. Bounded (TimeoutError)."""
+    t0 = time.monotonic()
+    control_command(daemon.host_path(ctl_path(domain)), "ping", timeout, name=f"{domain} on {daemon.name}")
+    return time.monotonic() - t0
+
+
+def guest_stats(daemon: Libvirtd, domain: str, timeout: float = 5) -> dict[str, int]:
+    """The guest's own counters (/proc/net/snmp6 keys, eth0_<counter>), through its control channel."""
+    return parse_stats(control_command(daemon.host_path(ctl_path(domain)), "stats", timeout,
+                                       name=f"{domain} on {daemon.name}"))
 
 
 # --- migration ----------------------------------------------------------------------------------------

@@ -446,44 +446,11 @@ class Qemu:
 
     def guest_command(self, cmd: str, timeout: float = 10, rest: str = "", retry: bool = True) -> list[str]:
         """Send `cmd TOKEN REST` on the guest's control serial port; returns the lines between BEGIN and END
-        (or the PONG line). With `retry`, resends every 2 s while the guest does not answer (not listening
-        yet); without, one attempt waits for the whole `timeout`. Always bounded by `timeout`."""
-        deadline = time.monotonic() + timeout
-        n = 0
-        while True:
-            n += 1
-            tok = f"{os.getpid()}x{n}x{int(time.monotonic() * 1000) % 100000}"
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
-                    s.connect(str(self.ctl_path))
-                    s.sendall(f"\n{cmd} {tok} {rest}\n".encode())
-                    buf = b""
-                    left = max(0.1, deadline - time.monotonic())
-                    attempt_end = time.monotonic() + (min(2.0, left) if retry else left)
-                    end = f"END {tok}".encode() if cmd != "ping" else f"PONG {tok}".encode()
-                    while end not in buf and time.monotonic() < attempt_end:
-                        s.settimeout(max(0.05, attempt_end - time.monotonic()))
-                        try:
-                            chunk = s.recv(65536)
-                        except socket.timeout:
-                            break
-                        if not chunk:
-                            break
-                        buf += chunk
-                    if end in buf:
-                        text = buf.decode(errors="replace").replace("\r", "")
-                        if cmd == "ping":
-                            return [f"PONG {tok}"]
-                        body = text.split(f"BEGIN {tok}\n", 1)[-1].split(f"END {tok}", 1)[0]
-                        return [line for line in body.splitlines() if line.strip()]
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: guest did not answer {cmd!r} in {timeout} s")
+        (or the PONG line). See control_command."""
+        def alive() -> None:
             if not self.alive():
                 raise QemuError(f"{self.name} exited")
-            time.sleep(0.1)
+        return control_command(self.ctl_path, cmd, timeout, rest, retry, self.name, alive)
 
     def guest_shell(self, command: str, timeout: float = 10) -> str:
         """Run a one-line busybox shell command in the guest (control channel); returns its output."""
@@ -494,12 +461,7 @@ class Qemu:
     def guest_stats(self, timeout: float = 10) -> dict[str, int]:
         """The guest's own counters: every /proc/net/snmp6 key (Icmp6InEchos, Icmp6OutEchoReplies, ...),
         eth0_<counter> from /sys/class/net/eth0/statistics."""
-        out = {}
-        for line in self.guest_command("stats", timeout):
-            parts = line.split()
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                out[parts[0]] = int(parts[1])
-        return out
+        return parse_stats(self.guest_command("stats", timeout))
 
     # --- QMP shortcuts ------------------------------------------------------------------------------
 
@@ -596,3 +558,56 @@ class Qemu:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def control_command(path, cmd: str, timeout: float = 10, rest: str = "", retry: bool = True, name: str = "guest",
+                    check=lambda: None) -> list[str]:
+    """Send `cmd TOKEN REST` on a guest's control serial port (the unix socket `path`, see guest.py); returns
+    the lines between BEGIN and END (or the PONG line). With `retry`, resends every 2 s while the guest does
+    not answer (not listening yet); without, one attempt waits for the whole `timeout`. Always bounded by
+    `timeout`; `check()` between attempts may raise (the QEMU exited)."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        n += 1
+        tok = f"{os.getpid()}x{n}x{int(time.monotonic() * 1000) % 100000}"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
+                s.connect(str(path))
+                s.sendall(f"\n{cmd} {tok} {rest}\n".encode())
+                buf = b""
+                left = max(0.1, deadline - time.monotonic())
+                attempt_end = time.monotonic() + (min(2.0, left) if retry else left)
+                end = f"END {tok}".encode() if cmd != "ping" else f"PONG {tok}".encode()
+                while end not in buf and time.monotonic() < attempt_end:
+                    s.settimeout(max(0.05, attempt_end - time.monotonic()))
+                    try:
+                        chunk = s.recv(65536)
+                    except socket.timeout:
+                        break
+                    if not chunk:
+                        break
+                    buf += chunk
+                if end in buf:
+                    text = buf.decode(errors="replace").replace("\r", "")
+                    if cmd == "ping":
+                        return [f"PONG {tok}"]
+                    body = text.split(f"BEGIN {tok}\n", 1)[-1].split(f"END {tok}", 1)[0]
+                    return [line for line in body.splitlines() if line.strip()]
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: guest did not answer {cmd!r} in {timeout} s")
+        check()
+        time.sleep(0.1)
+
+
+def parse_stats(lines: list[str]) -> dict[str, int]:
+    """The `stats` answer as {counter: value}: /proc/net/snmp6 keys and eth0_<counter>."""
+    out = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
