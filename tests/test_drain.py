@@ -73,3 +73,52 @@ def test_encapsulate_is_h_encaps():
     assert srh.addresses == ["fc00:0:2::b", "fc00:0:3::e"] and srh.segleft == 1 and srh.lastentry == 1
     assert bytes(srh.payload) == inner
     assert drain.encapsulate(bytes(14 + 40), "::1", ["::2"]) is None  # not IPv6: ethertype 0
+
+
+@pytest.mark.netns
+def test_queue_length_restored_only_once_the_tap_is_read(topology):
+    """A migration window's end: the tap's long queue goes back to its old length only once what it holds
+    has been read; shortening it at once frees, uncounted, every frame beyond the new length."""
+    topology.add_host("S")
+    ns = topology.ns("S")
+    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HOLDER, "vmtap"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with topology.ipr("S") as ipr:
+            idx = ipr.link_lookup(ifname="vmtap")[0]
+            ipr.link("set", index=idx, state="up")
+            ipr.route("replace", dst=VM + "/128", oif=idx, family=10)
+            ipr.neigh("replace", dst=VM, lladdr=VM_MAC, ifindex=idx, state=0x80, family=10)
+
+        def fill(n: int) -> None:
+            with topology.inside("S"):
+                s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            with s:
+                for i in range(n):
+                    s.sendto(f"probe-{i}".encode(), (VM, 5000))
+            time.sleep(0.1)
+
+        def probes(frames: list[bytes]) -> int:
+            return sum(b"probe-" in f for f in frames)
+
+        with topology.inside("S"):
+            assert drain.tap_queue_len("vmtap", 10000) == 1000
+        fill(3000)
+        with drain.TapKeeper(holder.pid, "vmtap") as queue, topology.inside("S"):
+            assert not queue.empty()
+            assert drain.restore_queue_len("vmtap", 1000, queue) is False
+            assert drain.tap_queue_len("vmtap") == 10000
+            assert probes(queue.frames()) == 3000  # the resumed QEMU reads them
+            assert queue.empty()
+            assert drain.restore_queue_len("vmtap", 1000, queue) is True
+            assert drain.tap_queue_len("vmtap") == 1000
+
+            # What the wait saves: the same backlog, the length restored at once.
+            drain.tap_queue_len("vmtap", 10000)
+            fill(3000)
+            drain.tap_queue_len("vmtap", 1000)
+            assert probes(queue.frames()) == 1000  # the other 2000 are gone
+    finally:
+        holder.kill()
+        holder.wait()

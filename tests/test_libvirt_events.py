@@ -23,7 +23,8 @@ S = HostSids("S", dx6="fc00:0:1::d6", end_s="fc00:0:1::5", sbuf="fc00:0:1::b")
 D = HostSids("D", dx6="fc00:0:2::d6", end_s="fc00:0:2::5", sbuf="fc00:0:2::b")
 VM = "2001:db8:100::10"
 
-PROVISION = [SetVm("D", VM, VmState.INCOMING), KeepTap("D", VM), SetVm("S", VM, VmState.RUNNING, shadow=True),
+PROVISION = [SetVm("D", VM, VmState.INCOMING), KeepTap("D", VM), KeepTap("S", VM),
+             SetVm("S", VM, VmState.RUNNING, shadow=True),
              Publish(VM, (S.end_s, D.sbuf), 1, ack=True)]
 PAUSE = [Drain("S", VM, D.dx6)]
 RESUME = [SetVm("D", VM, VmState.RUNNING)]

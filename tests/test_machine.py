@@ -15,7 +15,8 @@ D = HostSids("D", dx6="fc00:0:2::d6", end_s="fc00:0:2::5", sbuf="fc00:0:2::b")
 VM = "2001:db8:100::10"
 T = ("fc00:0:3::e",)
 
-PROVISION = [SetVm("D", VM, VmState.INCOMING), KeepTap("D", VM), SetVm("S", VM, VmState.RUNNING, shadow=True),
+PROVISION = [SetVm("D", VM, VmState.INCOMING), KeepTap("D", VM), KeepTap("S", VM),
+             SetVm("S", VM, VmState.RUNNING, shadow=True),
              Publish(VM, ("fc00:0:1::5", "fc00:0:3::e", "fc00:0:2::b"), 1, ack=True)]
 PAUSE = [Drain("S", VM, "fc00:0:2::d6")]
 RESUME = [SetVm("D", VM, VmState.RUNNING)]
@@ -81,7 +82,7 @@ def test_many_concurrent_migrations_stay_apart():
             per_vm[vm] += m.handle(vm, ev)
     for vm in vms:
         assert [type(a).__name__ for a in per_vm[vm]] == [
-            "SetVm", "KeepTap", "SetVm", "Publish", "Drain", "SetVm", "Publish", "SetVm", "StartGrace"]
+            "SetVm", "KeepTap", "KeepTap", "SetVm", "Publish", "Drain", "SetVm", "Publish", "SetVm", "StartGrace"]
         assert all(getattr(a, "vm", vm) == vm for a in per_vm[vm])
 
 

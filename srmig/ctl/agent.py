@@ -48,6 +48,8 @@ DB_RETRY_MAX_S = 1.0  # failed writes retried at least this often: a cut-over la
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
 RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
+QUEUE_RESTORE_MAX_S = 10.0  # a window's end: the longest its tap keeps the long queue while frames wait in it
+QUEUE_POLL_S = 0.01  # meanwhile, how often the queue is looked at
 
 
 @dataclass
@@ -84,10 +86,11 @@ class Local:
     domain: str | None = None
     tap: str | None = None
     shadow: object | None = None       # ShadowLog
-    keeper: object | None = None       # TapKeeper (destination)
+    keeper: object | None = None       # TapKeeper (KeepTap: both ends)
     check: object | None = None        # SwallowCheck (source)
     drain: object | None = None        # SourceDrain
-    old_qlen: int | None = None
+    old_qlen: int | None = None        # the tap's queue length before the window (restored after it)
+    window: int = 0                    # migration windows opened on this tap: a late restore gives way
     stopped_ns: int = 0
     deferred: list = field(default_factory=list)   # actions waiting for the other end (abort on D)
     keep_wanted: bool = False
@@ -670,7 +673,9 @@ class Agent:
                 self.dp.set_vm(a.vm, a.state, next_sid=a.next_sid, shadow=a.shadow and self.cfg.host.drain,
                                park=a.park)
                 self._mark_map_write()
-                if a.state is VmState.RUNNING and not a.shadow:  # abort: the window closes on the source
+                if a.park:  # D returns what it held: the window stays open until it and what parks are in
+                    self._long_queue(loc)
+                elif a.state is VmState.RUNNING and not a.shadow:  # resumed here, or abort before the pause
                     self._end_window(loc)
             elif isinstance(a, DelVm):
                 self.dp.del_vm(a.vm)
@@ -710,32 +715,40 @@ class Agent:
             log.error("%s: delivering the parked packets failed (%s); delivering directly", vm, e)
             self.dp.set_vm(vm, VmState.RUNNING)
             return
+        finally:
+            self._end_window(loc)  # its long queue kept until QEMU has read what we just gave it
         log.info("%s: %s; delivered %d packets parked meanwhile", vm,
                  f"{returned} returned by {m.dst.name}" if returned is not None else
                  f"no word from {m.dst.name} in {RETURN_WAIT_S} s", n)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
-        from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
+        from srmig.ctl.drain import SourceDrain, TapKeeper  # noqa: PLC0415
 
-        pid = self._qemu_pid(loc.domain)
         segments = [*m.transit, m.dst.sbuf]
-        if pid is None or loc.tap is None:
+        # The tap's queue: kept since the migration began (KeepTap), or taken from the paused QEMU now.
+        queue, loc.keeper = loc.keeper, None
+        pid = self._qemu_pid(loc.domain)
+        if queue is None and pid is not None and loc.tap is not None:
+            with contextlib.suppress(OSError):  # QEMU ending as we look: as if gone
+                queue = TapKeeper(pid, loc.tap)
+        if queue is None:
             # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
             # program's and outlives us: what it parked while a drain we were killed in held the VM goes
             # first (the drain's steps 3-4), then the rest is forwarded directly.
             rep = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid).ring_only()
             self._mark_map_write()
-            log.warning("%s: no QEMU pid or tap; forwarding without a drain (%d from the ring)", m.vm,
+            log.warning("%s: no QEMU tap queue; forwarding without a drain (%d from the ring)", m.vm,
                         rep.from_ring)
             return
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)
         check = _BoundedCheck(loc.check) if loc.check is not None else None
         try:
-            rep = drain.run(pid, loc.tap, check=check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
-            log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent (swallowed %s, "
-                     "baseline %s, shadow %s)", m.vm, rep.from_tap, rep.from_ring, rep.resent_swallowed,
-                     rep.swallowed, loc.check is not None, loc.shadow is not None)
+            with queue:
+                rep = drain.run(queue, check=check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
+            log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
+                     "baseline %s, shadow %s)", m.vm, rep.from_tap, "" if pid else " (QEMU gone)", rep.from_ring,
+                     rep.resent_swallowed, rep.swallowed, loc.check is not None, loc.shadow is not None)
         except OSError as e:
             log.error("%s: drain failed (%s); forwarding", m.vm, e)
             self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
@@ -772,28 +785,46 @@ class Agent:
             log.debug("%s: tap not held yet: %s", vm, e)
 
     def _long_queue(self, loc: Local) -> None:
-        if loc.old_qlen is not None or not loc.tap:
+        """The migration window opens (or is extended): the tap's queue long, set again even if it is already
+        (a restarted libvirtd resets it when it reconnects to QEMU)."""
+        if not loc.tap:
             return
-        from pyroute2 import IPRoute  # noqa: PLC0415
+        from srmig.ctl.drain import tap_queue_len  # noqa: PLC0415
 
-        with contextlib.suppress(IndexError), IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=loc.tap)[0]
-            loc.old_qlen = ipr.get_links(idx)[0].get_attr("IFLA_TXQLEN")
-            ipr.link("set", index=idx, txqlen=self.cfg.host.tap_queue)
+        loc.window += 1  # a restore still waiting for an earlier window's backlog gives up
+        old = tap_queue_len(loc.tap, self.cfg.host.tap_queue)
+        if loc.old_qlen is None:
+            loc.old_qlen = old
 
     def _end_window(self, loc: Local) -> None:
-        if loc.old_qlen is not None and loc.tap:
-            from pyroute2 import IPRoute  # noqa: PLC0415
+        """The window closes: the shadow log and the kept tap fds go; the queue length is restored once what
+        the tap holds has been read (QUEUE_RESTORE_MAX_S at most)."""
+        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
 
-            with contextlib.suppress(Exception), IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname=loc.tap)[0], txqlen=loc.old_qlen)
-        loc.old_qlen = None
-        for attr in ("shadow", "keeper"):
-            res = getattr(loc, attr)
-            if res is not None:
-                with contextlib.suppress(Exception):
-                    res.close()
-                setattr(loc, attr, None)
+        if loc.shadow is not None:
+            with contextlib.suppress(Exception):
+                loc.shadow.close()
+            loc.shadow = None
+        queue, loc.keeper = loc.keeper, None
+        if loc.old_qlen is not None and loc.tap and queue is None and \
+                (pid := self._qemu_pid(loc.domain)) is not None:
+            with contextlib.suppress(OSError):
+                queue = TapKeeper(pid, loc.tap)
+        self._on_restore_queue(loc, loc.window, queue, time.monotonic() + QUEUE_RESTORE_MAX_S)
+
+    def _on_restore_queue(self, loc: Local, window: int, queue, deadline: float) -> None:
+        from srmig.ctl.drain import restore_queue_len  # noqa: PLC0415
+
+        if loc.old_qlen is not None and loc.tap and window == loc.window:
+            try:
+                if not restore_queue_len(loc.tap, loc.old_qlen, queue) and time.monotonic() < deadline:
+                    self._enqueue_later(QUEUE_POLL_S, "restore-queue", loc, window, queue, deadline)
+                    return
+            except Exception as e:  # noqa: BLE001 - the tap went meanwhile
+                log.debug("tap %s: queue length not restored: %s", loc.tap, e)
+            loc.old_qlen = None
+        if queue is not None:
+            queue.close()
 
     def _try_baseline(self, vm: str) -> bool:
         """The source's count of frames QEMU read but did not deliver needs a quiet moment: try now and

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import struct
 import threading
@@ -231,9 +232,9 @@ class ShadowLog:
 
 
 class TapKeeper:
-    """A duplicate of a QEMU's tap fd, taken while QEMU lives. The tap queue then survives QEMU's death
-    (the kernel purges it only when the last fd closes), so what the destination held can be returned to
-    the source when a migration aborts."""
+    """A duplicate of a QEMU's tap fds, taken while QEMU lives. The tap queue then survives QEMU's death
+    (the kernel purges it only when the last fd closes): what the destination held can be returned to the
+    source when a migration aborts, and the source's drain finds its queue even if QEMU is gone by then."""
 
     def __init__(self, qemu_pid: int, tap: str):
         self.tap = tap
@@ -248,6 +249,45 @@ class TapKeeper:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+    def empty(self) -> bool:
+        """Whether the tap's queue holds no frame now (the tap polls readable while it holds one)."""
+        poller = select.poll()
+        for fd in self.fds:
+            poller.register(fd, select.POLLIN)
+        return not any(ev & select.POLLIN for _, ev in poller.poll(0))
+
+    def __enter__(self) -> TapKeeper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tap_queue_len(tap: str, qlen: int | None = None) -> int | None:
+    """The tap's queue length (the ring its frames wait in for QEMU), set to `qlen` if given; returns the
+    length it had, None if there is no such tap."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=tap)
+        if not idx:
+            return None
+        old = ipr.get_links(idx[0])[0].get_attr("IFLA_TXQLEN")
+        if qlen is not None and qlen != old:
+            ipr.link("set", index=idx[0], txqlen=qlen)
+        return old
+
+
+def restore_queue_len(tap: str, qlen: int, queue: TapKeeper | None) -> bool:
+    """End of a migration window: the tap's queue length back to `qlen`, but only once its queue is empty
+    (`queue`: its fds; None: cannot tell, restore now). The kernel shortens the ring by freeing the frames
+    that do not fit, without counting them: a backlog the resumed QEMU has not read yet would be lost.
+    Returns False while frames are queued (try again later)."""
+    if queue is not None and queue.fds and not queue.empty():
+        return False
+    tap_queue_len(tap, qlen)
+    return True
 
 
 def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = ()) -> int:
@@ -788,10 +828,11 @@ class SourceDrain:
         self.segments = dest_segments
         self.next_sid = next_sid
         self.resent_swallowed: list[bytes] = []  # inner packets re-sent for the source QEMU
-    def run(self, qemu_pid: int, tap: str, settle_s: float = 0.002, check: SwallowCheck | None = None,
+    def run(self, queue: TapKeeper, settle_s: float = 0.002, check: SwallowCheck | None = None,
             shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
-        """`check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the pause;
-        `stopped_at_ns` (time.monotonic_ns of the STOP event) bounds how old that frame can be."""
+        """`queue`: the paused QEMU's tap fds (taken now, or kept since before the pause: then QEMU may be
+        gone already). `check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the
+        pause; `stopped_at_ns` (time.monotonic_ns of the STOP event) bounds how old that frame can be."""
         rep = DrainReport()
         sender = RawSender()
         t0 = time.monotonic()
@@ -800,12 +841,7 @@ class SourceDrain:
             self.dp.set_vm(self.vm, VmState.HOLD, next_sid=self.next_sid)
             if check is not None:
                 rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
-            fds = [take_fd(qemu_pid, fd) for fd in tap_fds_of(qemu_pid, tap)]
-            try:
-                queued = [frame for fd in fds for frame in read_queued(fd)]
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            queued = queue.frames()
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
             if shadow is not None and rep.swallowed and rep.swallowed <= MAX_SWALLOWED:
                 shadow.flush()

@@ -60,7 +60,10 @@ class Drain:
 
 @dataclass(frozen=True)
 class KeepTap:
-    """Hold a duplicate of the destination QEMU's tap fd, so its queue outlives an aborted QEMU."""
+    """Hold a duplicate of this host's QEMU tap fd, so the tap's queue outlives that QEMU. On the destination:
+    an aborted QEMU's queue is what it held, returned to the source. On the source: the drain still finds the
+    queue when libvirt ended the source QEMU before the agent could drain it (its libvirtd restarting, the
+    agent heard of the pause only through the destination's resume)."""
 
     host: str
     vm: str
@@ -163,7 +166,7 @@ class Machine:
         if phase is Phase.PROVISION:
             # Destination first, then the source (shadowing from now on), then the ingresses, acked:
             # stop-and-copy must not start before every ingress uses the new list.
-            return [SetVm(d, vm, p.dest), KeepTap(d, vm), SetVm(s, vm, p.source, shadow=True),
+            return [SetVm(d, vm, p.dest), KeepTap(d, vm), KeepTap(s, vm), SetVm(s, vm, p.source, shadow=True),
                     self._publish(m, p.segments, ack=True)]
         if phase is Phase.STOP_AND_COPY:
             if self.drain:

@@ -191,10 +191,11 @@ class Srmig(Strategy):
             elif isinstance(a, Drain):
                 drain = self._drain = SourceDrain(tb.dp[a.host], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf],
                                                   a.next_sid)
-                with tb.topo.inside(a.host):
-                    self.drain_report = drain.run(self._src.pid, self._src.tap, check=self._check,
-                                                  shadow=self._shadow, stopped_at_ns=self._stopped_ns)
-            elif isinstance(a, KeepTap) and self._dst is not None:
+                with tb.topo.inside(a.host), TapKeeper(self._src.pid, self._src.tap) as queue:
+                    self.drain_report = drain.run(queue, check=self._check, shadow=self._shadow,
+                                                  stopped_at_ns=self._stopped_ns)
+            elif isinstance(a, KeepTap) and a.host == "D" and self._dst is not None:
+                # The source's QEMU is ours: it outlives the drain, which takes its tap queue then.
                 self._keeper = TapKeeper(self._dst.pid, self._dst.tap)
             elif isinstance(a, ReturnHeld) and self._keeper is not None:
                 with tb.topo.inside(a.host):
