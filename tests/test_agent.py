@@ -187,6 +187,9 @@ def test_wait_acks(vmdb):
 
 
 # --- the real thing -----------------------------------------------------------------------------------
+# Loss is asserted as `lost_net`: probes lost but for the requests the guest's own counters say it received
+# and left unanswered (after a burst its kernel drops replies it cannot send yet: Result.unanswered). Every
+# failure prints where the lost probes went (Result.diagnosis).
 
 @pytest.mark.libvirt
 def test_libvirt_migration_driven_by_agents():
@@ -197,7 +200,7 @@ def test_libvirt_migration_driven_by_agents():
     res = libvirt_demo.run(rate=2000, count=6000)
     d = res.to_dict()
     assert res.error is None
-    assert (d["sent"], d["lost"], d["duplicated"], d["reordered"]) == (6000, 0, 0, 0), d
+    assert (d["sent"], d["lost_net"], d["duplicated"], d["reordered"]) == (6000, 0, 0, 0), d
     s, dst, c = res.agents["S"], res.agents["D"], res.agents["C"]
     # The ingress applied the cut-over version (one route, to D's End.DX6-map) and acknowledged it.
     loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
@@ -239,7 +242,7 @@ def test_agents_restarted_before_migration():
     res = libvirt_demo.run(rate=2000, count=6000, before=restart)
     d = res.to_dict()
     assert res.error is None
-    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
 
 
 @pytest.mark.libvirt
@@ -262,7 +265,7 @@ def test_abort_after_pause_returns_held_packets():
     res = libvirt_demo.run(rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
     d = res.to_dict()
     assert res.error is not None, "the migration should have failed"
-    assert d["duplicated"] == 0 and d["lost"] <= 1, (d, res.report.lost_seqs)
+    assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)
     assert d["reordered"] <= 1, (d, res.report.reordered_seqs)
     assert res.agents["D"]["dataplane"]["verdicts"]["hold"] > 0, "D must have held something, or this proves nothing"
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
@@ -279,7 +282,7 @@ def test_libvirt_migration_with_etcd():
     res = libvirt_demo.run(rate=2000, count=6000, db="etcd")
     d = res.to_dict()
     assert res.error is None
-    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and res.agents["C"]["db"]["backend"] == "etcd"
 
@@ -316,7 +319,7 @@ def test_etcd_down_at_the_pause():
     assert down < rep.t0 + rep.marks["complete"] / 1e3, "etcd should go down while the migration runs"
     assert rep.t0 + rep.duration_ms / 1e3 > up + 1.0, "the probe should outlast the outage"
     assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
-    assert (d["lost"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
     _ingress_on(res, "D")
     assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
 
@@ -433,7 +436,7 @@ def test_ingress_late_to_apply():
                            during=libvirt_demo.thaw_ingress_after_migration)
     d = res.to_dict()
     assert res.error is None
-    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
     c = res.agents["C"]
     loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"]
@@ -452,7 +455,7 @@ def test_source_agent_killed_at_the_pause():
     res = libvirt_demo.run(rate=rate, count=8000, during=libvirt_demo.restart_agent_at_pause("S"))
     d = res.to_dict()
     assert res.error is None
-    assert d["duplicated"] == 0 and d["lost"] <= rate * 0.4, d  # < 400 ms of traffic; 1 s without the check
+    assert d["duplicated"] == 0 and d["lost_net"] <= rate * 0.4, d  # < 400 ms of traffic; 1 s without the check
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
 
@@ -481,7 +484,7 @@ def test_source_agent_stalled_over_the_pause():
     assert res.error is None
     drained = re.search(r"drained (\d+) from the tap \(QEMU gone\)", seen["log"])
     assert drained and int(drained.group(1)) > 0, seen["log"][-3000:]
-    assert d["duplicated"] == 0 and d["lost"] <= 2, (d, res.report.lost_seqs)
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2, (d, res.report.lost_seqs)
     assert d["reordered"] <= int(drained.group(1)), (d, drained.group(0))
     _converged(res)
 
@@ -496,7 +499,7 @@ def test_destination_agent_killed_at_the_pause():
     res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_agent_at_pause("D"))
     d = res.to_dict()
     assert res.error is None
-    assert d["duplicated"] == 0 and d["lost"] <= 2, d
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2, d
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
 
@@ -534,7 +537,7 @@ def test_destination_agent_killed_in_precopy():
     d = res.to_dict()
     assert res.error is None, res.error
     assert seen["source_state"] == 1, "the source should still run at the kill (pre-copy)"  # VIR_DOMAIN_RUNNING
-    assert d["lost"] <= 2 and d["duplicated"] <= 1, (d, res.report.lost_seqs, res.report.duplicated_seqs)
+    assert d["lost_net"] <= 2 and d["duplicated"] <= 1, (d, res.report.lost_seqs, res.report.duplicated_seqs)
     _converged(res)
 
 
@@ -557,7 +560,7 @@ def test_source_agent_killed_after_resume():
     d = res.to_dict()
     assert res.error is None, res.error
     assert seen["source_state"] != 1, "the kill should come after the pause"
-    assert d["duplicated"] == 0 and d["lost"] <= rate * 0.05, (d, res.report.lost_seqs)  # < 50 ms of traffic
+    assert d["duplicated"] == 0 and d["lost_net"] <= rate * 0.05, (d, res.report.lost_seqs)  # < 50 ms of traffic
     _converged(res)
 
 
@@ -572,7 +575,7 @@ def test_ingress_agent_killed_at_the_pause():
     res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_agent_at_pause("C"))
     d = res.to_dict()
     assert res.error is None, res.error
-    assert (d["lost"], d["duplicated"]) == (0, 0), (d, res.report.lost_seqs)
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), (d, res.report.lost_seqs)
     _converged(res)
 
 
@@ -603,7 +606,7 @@ def test_libvirtd_restarted_before_migration():
     res = libvirt_demo.run(rate=2000, count=6000, before=restart)
     d = res.to_dict()
     assert res.error is None
-    assert (d["lost"], d["duplicated"]) == (0, 0), d
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
 
 
 def _domains(ds) -> dict:
@@ -662,8 +665,9 @@ def test_source_libvirtd_killed_during_migration(phase):
     assert seen["domains"] == {"S": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}, "D": {}}, seen["domains"]
     assert d["duplicated"] == 0 and d["reordered"] <= 1, (d, res.report.reordered_seqs)
     rep = res.report
-    assert d["lost"] <= rate * 0.02, (d, rep.lost_seqs)  # 20 ms of traffic
-    if rep.lost and phase != "pause-slow-recovery":  # at the stop: sent within the 50 ms before the kill
+    assert d["lost_net"] <= rate * 0.02, (d, rep.lost_seqs)  # 20 ms of traffic
+    if d["lost_net"] and not d["guest_unanswered"] and phase != "pause-slow-recovery":
+        # at the stop: sent within the 50 ms before the kill
         assert -50 < rep.blackout_start_ms - (seen["down"] - rep.t0) * 1e3 <= 0, (d, rep.lost_seqs, seen)
     _ingress_on(res, "S")
     assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
@@ -697,7 +701,7 @@ def test_source_libvirtd_restarted_during_migration(phase):
     hit = libvirt.VIR_DOMAIN_RUNNING if phase == "precopy" else libvirt.VIR_DOMAIN_PAUSED
     assert seen.get("source_state") == hit, f"the fault should hit {phase}: {seen}"
     assert seen["domains"] == {"S": {}, "D": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}}, seen["domains"]
-    assert d["duplicated"] == 0 and d["lost"] <= 2000 * 0.02, (d, res.report.lost_seqs)
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2000 * 0.02, (d, res.report.lost_seqs)
     _converged(res)
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srmig.testbed import guest as guest_mod
 from srmig.testbed import probe as probe_mod
 from srmig.testbed.qemu import GUEST_MAC, Qemu
 from srmig.testbed.strategies import Strategy, make
@@ -40,9 +41,14 @@ class Run:
     events: list = field(default_factory=list)
     drain: dict | None = None
 
+    def unanswered(self) -> int:
+        """Lost probes the guest received and left unanswered (srmig.testbed.guest.unanswered)."""
+        return guest_mod.unanswered(self.guest, self.report.lost)
+
     def to_dict(self) -> dict:
         r = self.report
-        out = {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
+        out = {"sent": r.sent, "lost": r.lost, "guest_unanswered": self.unanswered(),
+               "duplicated": r.duplicated, "reordered": r.reordered,
                "blackout_ms": round(r.blackout_ms, 3), "downtime_ms": self.downtime_ms,
                "migration_ms": self.total_ms, "guest_echo_requests": self.guest.get("Icmp6InEchos"),
                "guest_echo_replies": self.guest.get("Icmp6OutEchoReplies"),
@@ -204,8 +210,8 @@ def run_abort(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generi
 
 
 def table(runs: list[Run], rate: int) -> str:
-    cols = ["strategy", "sent", "lost", "duplicated", "reordered", "blackout_ms", "downtime_ms"]
-    rows = [[r.strategy, r.report.sent, r.report.lost, r.report.duplicated, r.report.reordered,
+    cols = ["strategy", "sent", "lost", "guest_unanswered", "duplicated", "reordered", "blackout_ms", "downtime_ms"]
+    rows = [[r.strategy, r.report.sent, r.report.lost, r.unanswered(), r.report.duplicated, r.report.reordered,
              f"{r.report.blackout_ms:.1f}", "" if r.downtime_ms is None else f"{r.downtime_ms:.0f}"] for r in runs]
     widths = [max(len(c), *(len(str(row[i])) for row in rows)) for i, c in enumerate(cols)]
     lines = [f"live migration of a QEMU guest, {rate} probes/s (ICMPv6 echo), one run per strategy",
@@ -248,7 +254,8 @@ def main(strategies: list[str], rate: int, count: int, json_path: str | None, pl
                             event_delay_s=event_delay_ms / 1000))
     say.done()
     print(table(runs, rate))
-    print(f"({time.monotonic() - t0:.0f} s; blackout = longest run of lost probes; downtime as reported by QEMU)")
+    print(f"({time.monotonic() - t0:.0f} s; blackout = longest run of lost probes; downtime as reported by QEMU; "
+          "guest_unanswered = of the lost, requests the guest's own counters say it received but did not answer)")
     doc = {"strategies": {r.strategy: r.to_dict() for r in runs}, "rate_pps": rate, "count": count,
            "event_delay_ms": event_delay_ms}
     if json_path:

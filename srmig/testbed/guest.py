@@ -165,6 +165,17 @@ class MissingPackage(RuntimeError):
     """A Debian package the guest needs is not available (named in the message)."""
 
 
+def unanswered(counters: dict, lost: int) -> int:
+    """Of `lost` probes, the requests the guest received and left unanswered, by its own counters (their
+    difference over a run; 0 if it could not say). After a burst (a resume, an abort's return) a TCG guest
+    makes replies faster than QEMU transmits them, and its kernel's ICMPv6 socket holds at most 2 x 64 KiB
+    of replies not yet sent (a fixed sndbuf): it drops the rest (Icmp6OutErrors, Ip6OutDiscards). The probe
+    counts them lost; nothing on the network lost them."""
+    if "Icmp6InEchos" not in counters or "Icmp6OutEchoReplies" not in counters:
+        return 0
+    return min(lost, max(0, counters["Icmp6InEchos"] - counters["Icmp6OutEchoReplies"]))
+
+
 def guest_dir() -> Path:
     return Path(os.environ.get("SRMIG_GUEST_DIR", DEFAULT_DIR))
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from srmig.ctl import hook as hook_mod
 from srmig.ctl.agent import metadata_xml
 from srmig.ctl.hooksrv import request
+from srmig.testbed import guest as guest_mod
 from srmig.testbed import libvirtd as lv
 from srmig.testbed import probe as probe_mod
 from srmig.testbed.qemu import GUEST_MAC
@@ -51,9 +52,15 @@ class Result:
     faults: dict = field(default_factory=dict)   # what a `during` injected, when (ms from the first probe)
     wall_t0: float = 0.0                         # the first probe's send on the wall clock (the logs')
 
+    def unanswered(self) -> int:
+        """Lost probes the guest received and left unanswered (srmig.testbed.guest.unanswered)."""
+        return guest_mod.unanswered(self.guest, self.report.lost)
+
     def to_dict(self) -> dict:
         r = self.report
         return {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
+                # lost_net: lost but for what the guest itself left unanswered (see unanswered())
+                "lost_net": r.lost - self.unanswered(), "guest_unanswered": self.unanswered(),
                 "blackout_ms": round(r.blackout_ms, 3), "migration_s": round(self.migration_s, 3),
                 "db": self.db, "error": self.error,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
@@ -286,8 +293,9 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         return res
 
 
-GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Ip6InDiscards", "Ip6OutDiscards", "eth0_rx_dropped",
-                  "eth0_tx_dropped", "eth0_rx_packets", "eth0_tx_packets")
+GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
+                  "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
+                  "eth0_tx_packets")
 FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall")  # what the `during` hooks leave on the testbed
 
 
