@@ -3,6 +3,7 @@ two libvirtd daemons, three agent processes, libvirt's live migration under prob
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -262,7 +263,8 @@ def test_abort_after_pause_returns_held_packets():
     behind newer ones). At most 1 when QEMU swallowed two frames at the pause and keeps the newer."""
     from srmig.testbed import libvirt_demo
 
-    res = libvirt_demo.run(rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
+    res = _run_until(lambda r: r.agents["D"]["dataplane"]["verdicts"]["hold"] > 0,
+                     rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
     d = res.to_dict()
     assert res.error is not None, "the migration should have failed"
     assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)
@@ -503,6 +505,21 @@ def test_destination_agent_killed_at_the_pause():
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
 
+def _run_until(landed, attempts: int = 3, **kw):
+    """libvirt_demo.run(**kw), again (at most `attempts` runs in all) until `landed(result)`: the fault hit
+    the phase the test is about. libvirt does not wait for the test: on a busy machine a fault meant for the
+    pause can land past the migration's point of no return, or an abort can end before the source forwarded
+    anything. The test checks the last run, so it still fails if none landed."""
+    from srmig.testbed import libvirt_demo
+
+    for n in range(1, attempts + 1):
+        res = libvirt_demo.run(**kw)
+        if landed(res):
+            break
+        print(f"[run {n}/{attempts}] the fault did not land where the test needs it")
+    return res
+
+
 def _ingress_on(res, host: str) -> None:
     """The ingress's location for the VM is `host` (its End.DX6-map SID alone), and that version is applied."""
     from srmig.testbed import libvirt_demo
@@ -653,11 +670,15 @@ def test_source_libvirtd_killed_during_migration(phase):
     seen = {}
 
     def after(tb, ds, agents):
+        seen.clear()
         seen.update(getattr(tb, "libvirtd_fault", {}), domains=_domains(ds))
-        agents.wait("C", lambda s: {r["vm"]: r["host"] for r in s["locations"]}.get(libvirt_demo.VM_ADDR) == "S",
-                    10, "the ingress back on S")
+        if seen["domains"]["D"]:
+            return  # the kill came after the point of no return: libvirt's recovery completes the migration
+        with contextlib.suppress(TimeoutError):  # asserted below, with the run's diagnosis
+            agents.wait("C", lambda s: {r["vm"]: r["host"] for r in s["locations"]}.get(libvirt_demo.VM_ADDR)
+                        == "S", 10, "the ingress back on S")
 
-    res = libvirt_demo.run(rate=rate, count=8000, during=hook, after=after)
+    res = _run_until(lambda r: not seen["domains"]["D"], rate=rate, count=8000, during=hook, after=after)
     d = res.to_dict()
     hit = libvirt.VIR_DOMAIN_RUNNING if phase == "precopy" else libvirt.VIR_DOMAIN_PAUSED
     assert seen.get("source_state") == hit, f"the fault should hit {phase}: {seen}"

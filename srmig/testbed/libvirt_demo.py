@@ -274,29 +274,31 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             conn.close()
         if fault is not None:
             fault.join(30)  # the fault injected and undone (etcd back, agent restarted) before the status
-        if after is not None:
-            after(tb, ds, agents)
-        # Cut-over and the grace period: the source forgets the VM.
-        with contextlib.suppress(TimeoutError):
-            agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
-                        "the source's grace period over")
-        statuses = {r: agents.status(r) for r in ("S", "D", "C")}
-        res = Result(report, migration_s, db, statuses, error)
-        res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
-        after_counters = _guest_counters(ds)
-        res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
-        t0 = report.t0 or time.monotonic()
-        res.wall_t0 = time.time() - (time.monotonic() - t0)
-        res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
-                      for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
-        print(res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}))  # shown if a test fails
+        res = Result(report, migration_s, db, error=error)
+        try:
+            if after is not None:
+                after(tb, ds, agents)
+            # Cut-over and the grace period: the source forgets the VM.
+            with contextlib.suppress(TimeoutError):
+                agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
+                            "the source's grace period over")
+            res.agents = {r: agents.status(r) for r in ("S", "D", "C")}
+            res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
+            after_counters = _guest_counters(ds)
+            res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
+        finally:  # shown if a test fails, `after` included
+            t0 = report.t0 or time.monotonic()
+            res.wall_t0 = time.time() - (time.monotonic() - t0)
+            res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
+                          for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
+            print(res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}))
         return res
 
 
 GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
-FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall")  # what the `during` hooks leave on the testbed
+FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed")  # what the `during` hooks leave on the testbed
 
 
 def _guest_counters(ds) -> dict[str, int]:
@@ -330,6 +332,7 @@ def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
     """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
     wait_paused(dom, timeout)
     os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
+    tb.dest_killed = {"killed": time.monotonic()}
 
 
 def freeze_ingress(tb, ds, agents) -> None:
