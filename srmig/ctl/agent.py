@@ -707,8 +707,9 @@ class Agent:
         if loc is None or m is None or loc.unpark != mid or not mid:
             return
         loc.unpark = None
-        if returned:
-            wait_delivered(self.dp, m.src.sbuf, loc.sbuf_base + returned)
+        t0 = time.monotonic()
+        missing = wait_delivered(self.dp, m.src.sbuf, loc.sbuf_base + returned) if returned else 0
+        t_wait = time.monotonic()
         try:
             n = unpark(self.dp, vm, loc.tap)
         except OSError as e:
@@ -717,9 +718,10 @@ class Agent:
             return
         finally:
             self._end_window(loc)  # its long queue kept until QEMU has read what we just gave it
-        log.info("%s: %s; delivered %d packets parked meanwhile", vm,
+        log.info("%s: %s (%d not arrived after %.0f ms); delivered %d packets parked meanwhile in %.0f ms", vm,
                  f"{returned} returned by {m.dst.name}" if returned is not None else
-                 f"no word from {m.dst.name} in {RETURN_WAIT_S} s", n)
+                 f"no word from {m.dst.name} in {RETURN_WAIT_S} s", missing, (t_wait - t0) * 1000, n,
+                 (time.monotonic() - t_wait) * 1000)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
         from srmig.ctl.drain import SourceDrain, TapKeeper  # noqa: PLC0415

@@ -51,7 +51,10 @@ SYS_pidfd_getfd = 438
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
 SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before STOP arrived
 RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
-                                 # to arrive (counted at its End.SBUF) before it delivers what it parked
+                                 # to arrive (counted at its End.SBUF) while none arrives, before it delivers
+RETURN_ARRIVAL_MAX_S = 1.0       # what it parked; and at most, while they keep arriving
+UNPARK_MAX_S = 1.0               # an abort: the longest the program parks behind the ring while the agent
+                                 # gives the VM what it parked (a starved agent: reordered past this, not lost)
 RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring after the flip (a ring that
                                  # fills faster than we send never empties: then forward, and count)
 TUNGETIFF = 0x800454D2
@@ -730,15 +733,25 @@ def sid_delivered(dp, sid: str) -> int:
     return next((e.stats["delivered"] for e in dp.list_sids() if e.sid == sid), 0)
 
 
-def wait_delivered(dp, sid: str, at_least: int, timeout_s: float = RETURN_ARRIVAL_S) -> None:
-    """An abort: wait (bounded) until `sid` (the source's End.SBUF) has delivered `at_least` packets, i.e.
-    what the destination returned has landed, before the source delivers what it parked."""
-    deadline = time.monotonic() + timeout_s
-    while sid_delivered(dp, sid) < at_least and time.monotonic() < deadline:
+def wait_delivered(dp, sid: str, at_least: int, stall_s: float = RETURN_ARRIVAL_S,
+                   max_s: float = RETURN_ARRIVAL_MAX_S) -> int:
+    """An abort: wait until `sid` (the source's End.SBUF) has delivered `at_least` packets, i.e. what the
+    destination returned has landed, before the source delivers what it parked. Bounded: gives up after
+    `stall_s` without a new delivery (on a busy machine they trickle in), or `max_s` in all. Returns how
+    many had not arrived then (0: all)."""
+    t0 = last_progress = time.monotonic()
+    seen = sid_delivered(dp, sid)
+    while seen < at_least:
+        now = time.monotonic()
+        if now - last_progress > stall_s or now - t0 > max_s:
+            break
         time.sleep(0.001)
+        if (n := sid_delivered(dp, sid)) != seen:
+            seen, last_progress = n, time.monotonic()
+    return max(0, at_least - seen)
 
 
-def unpark(dp, vm: str, tap: str | None, max_s: float = RING_FIRST_MAX_S) -> int:
+def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
     """An abort, once the destination has returned the older packets it held: give the VM what the program
     parked meanwhile (SRMIG_VM_F_PARK: whole, as it came in), oldest first, straight into its tap queue;
     then plain RUNNING. While we send, newer packets still park behind them (SRMIG_VM_F_RING_FIRST: a batch
