@@ -51,6 +51,8 @@ class Result:
     guest: dict = field(default_factory=dict)    # the guest's own counters over the run (GUEST_COUNTERS)
     faults: dict = field(default_factory=dict)   # what a `during` injected, when (ms from the first probe)
     wall_t0: float = 0.0                         # the first probe's send on the wall clock (the logs')
+    domains: dict = field(default_factory=dict)  # role -> the domain's libvirt (state, reason) there, at the end
+    guest_tail: str = ""                         # when the guest did not answer: its console's and QEMU's tails
 
     def unanswered(self) -> int:
         """Lost probes the guest received and left unanswered (srmig.testbed.guest.unanswered)."""
@@ -81,7 +83,10 @@ class Result:
         wall_t0 = time.strftime("%H:%M:%S", time.localtime(self.wall_t0)) + f".{int(self.wall_t0 % 1 * 1000):03d}"
         lines = [f"[libvirt run] t0 {wall_t0} lost {r.lost} dup {r.duplicated} reordered {r.reordered}; lost runs "
                  f"(seq, n, ms): {[(q, n, round(q * r.interval_ms, 1)) for q, n in runs]}",
-                 f"[libvirt run] marks {self.to_dict()['marks_ms']} faults {self.faults} guest {self.guest}"]
+                 f"[libvirt run] marks {self.to_dict()['marks_ms']} faults {self.faults} guest {self.guest} "
+                 f"domains {self.domains}"]
+        if self.guest_tail:
+            lines += [f"[guest] {ln}" for ln in self.guest_tail.splitlines()]
         for role, text in logs.items():
             lines += [f"[agent {role}] {ln}" for ln in text.splitlines() if " DEBUG " not in ln][-25:]
         return "\n".join(lines)
@@ -286,6 +291,12 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
             after_counters = _guest_counters(ds)
             res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
+            res.domains = _domain_states(ds)
+            if not after_counters:
+                res.guest_tail = "\n".join(
+                    f"{role} {what}: {text[-600:]}" for role in ("S", "D") for what, text in (
+                        ("console", lv.tail(ds[role].host_path(lv.console_path(DOMAIN)))),
+                        ("qemu log", ds[role].qemu_log(DOMAIN))))
         finally:  # shown if a test fails, `after` included
             t0 = report.t0 or time.monotonic()
             res.wall_t0 = time.time() - (time.monotonic() - t0)
@@ -299,6 +310,20 @@ GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
 FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed")  # what the `during` hooks leave on the testbed
+
+
+def _domain_states(ds) -> dict[str, tuple | None]:
+    """{role: the domain's (state, reason) on that daemon, None if it has none}."""
+    out = {}
+    for role in ("S", "D"):
+        out[role] = None
+        with contextlib.suppress(Exception):
+            conn = ds[role].connect()
+            try:
+                out[role] = tuple(conn.lookupByName(DOMAIN).state())
+            finally:
+                conn.close()
+    return out
 
 
 def _guest_counters(ds) -> dict[str, int]:

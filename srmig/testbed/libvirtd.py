@@ -188,7 +188,7 @@ class Libvirtd:
         return Path(p)
 
     def qemu_log(self, domain: str) -> str:
-        return _tail(self.host_path(f"/var/log/libvirt/qemu/{domain}.log"))
+        return tail(self.host_path(f"/var/log/libvirt/qemu/{domain}.log"))
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class Libvirtd:
         while True:
             if self.proc.poll() is not None:
                 raise LibvirtdError(f"libvirtd {self.name} exited ({self.proc.returncode}): "
-                                    f"{_tail(self.root / 'daemon.out')} {_tail(self.log_path)}")
+                                    f"{tail(self.root / 'daemon.out')} {tail(self.log_path)}")
             if self.mnt_ns is None and (pid := self.pid) is not None:
                 ns = _mnt_ns(pid)
                 if ns and ns != host_ns:
@@ -288,7 +288,7 @@ class Libvirtd:
                     last = str(e)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"libvirtd {self.name} did not answer in {self.start_timeout} s: {last} "
-                                   f"{_tail(self.log_path)}")
+                                   f"{tail(self.log_path)}")
             time.sleep(0.05)
 
     def restart(self, timeout: float = 10, sig: int = signal.SIGTERM) -> None:
@@ -436,7 +436,7 @@ def start_all(*daemons: Libvirtd) -> None:
         raise
 
 
-def _tail(path: Path, n: int = 2000) -> str:
+def tail(path: Path, n: int = 2000) -> str:
     try:
         return Path(path).read_text(errors="replace")[-n:]
     except OSError:
@@ -504,11 +504,11 @@ def wait_console(daemon: Libvirtd, domain: str, pattern: str, timeout: float) ->
     path = daemon.host_path(console_path(domain))
     t0 = time.monotonic()
     while True:
-        if pattern in _tail(path, 1 << 20):
+        if pattern in tail(path, 1 << 20):
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"{domain} on {daemon.name}: no {pattern!r} in {timeout} s; console: "
-                               f"{_tail(path)} qemu: {daemon.qemu_log(domain)}")
+                               f"{tail(path)} qemu: {daemon.qemu_log(domain)}")
         time.sleep(0.05)
 
 
