@@ -215,8 +215,8 @@ def table(runs: list[Run], rate: int) -> str:
              f"{r.report.blackout_ms:.1f}", "" if r.downtime_ms is None else f"{r.downtime_ms:.0f}"] for r in runs]
     widths = [max(len(c), *(len(str(row[i])) for row in rows)) for i, c in enumerate(cols)]
     lines = [f"live migration of a QEMU guest, {rate} probes/s (ICMPv6 echo), one run per strategy",
-             "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
+             "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
