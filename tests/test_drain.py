@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -26,11 +27,12 @@ time.sleep(60)
 """
 
 
-@pytest.mark.netns
-def test_paused_owner_tap_queue_is_recovered_in_order(topology):
+@pytest.fixture
+def paused_tap(topology):
+    """Host S with tap `vmtap` held by a process that never reads it (a paused QEMU), routed to VM; yields
+    that process."""
     topology.add_host("S")
-    ns = topology.ns("S")
-    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HOLDER, "vmtap"],
+    holder = subprocess.Popen(["ip", "netns", "exec", topology.ns("S"), sys.executable, "-c", HOLDER, "vmtap"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
@@ -39,26 +41,34 @@ def test_paused_owner_tap_queue_is_recovered_in_order(topology):
             ipr.link("set", index=idx, state="up")
             ipr.route("replace", dst=VM + "/128", oif=idx, family=10)
             ipr.neigh("replace", dst=VM, lladdr=VM_MAC, ifindex=idx, state=0x80, family=10)
-        with topology.inside("S"):
-            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        for i in range(200):
-            s.sendto(f"probe-{i}".encode(), (VM, 5000))
-        s.close()
-        time.sleep(0.1)
-
-        tap_fds = drain.tap_fds_of(holder.pid, "vmtap")
-        assert len(tap_fds) == 1
-        fd = drain.take_fd(holder.pid, tap_fds[0])
-        try:
-            assert drain.vnet_hdr_len(fd) in (10, 12)
-            frames = drain.read_queued(fd)
-            assert drain.read_queued(fd) == []  # all of it the first time
-        finally:
-            import os
-            os.close(fd)
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def send_probes(topology, n: int) -> None:
+    """`n` UDP datagrams `probe-<i>` from S's stack to the VM (through the tap), then a moment to land."""
+    with topology.inside("S"):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s:
+        for i in range(n):
+            s.sendto(f"probe-{i}".encode(), (VM, 5000))
+    time.sleep(0.1)
+
+
+@pytest.mark.netns
+def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
+    send_probes(topology, 200)
+    tap_fds = drain.tap_fds_of(paused_tap.pid, "vmtap")
+    assert len(tap_fds) == 1
+    fd = drain.take_fd(paused_tap.pid, tap_fds[0])
+    try:
+        assert drain.vnet_hdr_len(fd) in (10, 12)
+        frames = drain.read_queued(fd)
+        assert drain.read_queued(fd) == []  # all of it the first time
+    finally:
+        os.close(fd)
     payloads = [bytes(IPv6(f[14:])[UDP].payload) for f in frames if f[12:14] == b"\x86\xdd"
                 and IPv6(f[14:]).haslayer(UDP)]
     assert payloads == [f"probe-{i}".encode() for i in range(200)]
@@ -76,49 +86,26 @@ def test_encapsulate_is_h_encaps():
 
 
 @pytest.mark.netns
-def test_queue_length_restored_only_once_the_tap_is_read(topology):
+def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
     """A migration window's end: the tap's long queue goes back to its old length only once what it holds
     has been read; shortening it at once frees, uncounted, every frame beyond the new length."""
-    topology.add_host("S")
-    ns = topology.ns("S")
-    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HOLDER, "vmtap"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        with topology.ipr("S") as ipr:
-            idx = ipr.link_lookup(ifname="vmtap")[0]
-            ipr.link("set", index=idx, state="up")
-            ipr.route("replace", dst=VM + "/128", oif=idx, family=10)
-            ipr.neigh("replace", dst=VM, lladdr=VM_MAC, ifindex=idx, state=0x80, family=10)
+    def probes(frames: list[bytes]) -> int:
+        return sum(b"probe-" in f for f in frames)
 
-        def fill(n: int) -> None:
-            with topology.inside("S"):
-                s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            with s:
-                for i in range(n):
-                    s.sendto(f"probe-{i}".encode(), (VM, 5000))
-            time.sleep(0.1)
+    with topology.inside("S"):
+        assert drain.tap_queue_len("vmtap", 10000) == 1000
+    send_probes(topology, 3000)
+    with drain.TapKeeper(paused_tap.pid, "vmtap") as queue, topology.inside("S"):
+        assert not queue.empty()
+        assert drain.restore_queue_len("vmtap", 1000, queue) is False
+        assert drain.tap_queue_len("vmtap") == 10000
+        assert probes(queue.frames()) == 3000  # the resumed QEMU reads them
+        assert queue.empty()
+        assert drain.restore_queue_len("vmtap", 1000, queue) is True
+        assert drain.tap_queue_len("vmtap") == 1000
 
-        def probes(frames: list[bytes]) -> int:
-            return sum(b"probe-" in f for f in frames)
-
-        with topology.inside("S"):
-            assert drain.tap_queue_len("vmtap", 10000) == 1000
-        fill(3000)
-        with drain.TapKeeper(holder.pid, "vmtap") as queue, topology.inside("S"):
-            assert not queue.empty()
-            assert drain.restore_queue_len("vmtap", 1000, queue) is False
-            assert drain.tap_queue_len("vmtap") == 10000
-            assert probes(queue.frames()) == 3000  # the resumed QEMU reads them
-            assert queue.empty()
-            assert drain.restore_queue_len("vmtap", 1000, queue) is True
-            assert drain.tap_queue_len("vmtap") == 1000
-
-            # What the wait saves: the same backlog, the length restored at once.
-            drain.tap_queue_len("vmtap", 10000)
-            fill(3000)
-            drain.tap_queue_len("vmtap", 1000)
-            assert probes(queue.frames()) == 1000  # the other 2000 are gone
-    finally:
-        holder.kill()
-        holder.wait()
+        # What the wait saves: the same backlog, the length restored at once.
+        drain.tap_queue_len("vmtap", 10000)
+        send_probes(topology, 3000)
+        drain.tap_queue_len("vmtap", 1000)
+        assert probes(queue.frames()) == 1000  # the other 2000 are gone
