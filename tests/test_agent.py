@@ -312,8 +312,8 @@ def test_etcd_down_at_the_pause():
         seen["S log"] = agents.log("S", 100000)
 
     # 8 s of probes: they outlast the outage and the cut-over that follows it.
-    res = libvirt_demo.run(rate=2000, count=16000, db="etcd", during=libvirt_demo.etcd_down_at_pause(2.0),
-                           after=after)
+    res = _run_until(lambda r: seen["outage"][0] < r.report.t0 + r.report.marks["complete"] / 1e3,
+                     rate=2000, count=16000, db="etcd", during=libvirt_demo.etcd_down_at_pause(2.0), after=after)
     d = res.to_dict()
     assert res.error is None, res.error
     down, up = seen["outage"]
@@ -454,9 +454,12 @@ def test_source_agent_killed_at_the_pause():
     from srmig.testbed import libvirt_demo
 
     rate = 2000
-    res = libvirt_demo.run(rate=rate, count=8000, during=libvirt_demo.restart_agent_at_pause("S"))
+    fault = _at_pause("S")
+    landed = fault.pop("landed")
+    res = _run_until(landed, rate=rate, count=8000, **fault)
     d = res.to_dict()
-    assert res.error is None
+    assert res.error is None, res.error
+    assert landed(res), "the kill should hit the source paused"
     assert d["duplicated"] == 0 and d["lost_net"] <= rate * 0.4, d  # < 400 ms of traffic; 1 s without the check
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
@@ -498,9 +501,12 @@ def test_destination_agent_killed_at_the_pause():
     (the VM runs here: RESUMED). Nothing is lost but what the source's swallowed-frame recovery can miss."""
     from srmig.testbed import libvirt_demo
 
-    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_agent_at_pause("D"))
+    fault = _at_pause("D")
+    landed = fault.pop("landed")
+    res = _run_until(landed, rate=2000, count=8000, **fault)
     d = res.to_dict()
-    assert res.error is None
+    assert res.error is None, res.error
+    assert landed(res), "the kill should hit the source paused"
     assert d["duplicated"] == 0 and d["lost_net"] <= 2, d
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
@@ -518,6 +524,23 @@ def _run_until(landed, attempts: int = 3, **kw):
             break
         print(f"[run {n}/{attempts}] the fault did not land where the test needs it")
     return res
+
+
+def _at_pause(role: str):
+    """`during` and `landed` for _run_until: restart the agent of `role` at the pause, and whether its kill
+    hit the source paused."""
+    import libvirt
+
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+
+    def after(tb, ds, agents):
+        seen.clear()
+        seen.update(tb.agent_fault)
+
+    return {"during": libvirt_demo.restart_agent_at_pause(role), "after": after,
+            "landed": lambda res: seen.get("source_state") == libvirt.VIR_DOMAIN_PAUSED}
 
 
 def _ingress_on(res, host: str) -> None:
@@ -589,9 +612,12 @@ def test_ingress_agent_killed_at_the_pause():
     it (bounded by the lease TTL). Before that fix, the grace ran out first in 1 run of 3: 126 lost."""
     from srmig.testbed import libvirt_demo
 
-    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_agent_at_pause("C"))
+    fault = _at_pause("C")
+    landed = fault.pop("landed")
+    res = _run_until(landed, rate=2000, count=8000, **fault)
     d = res.to_dict()
     assert res.error is None, res.error
+    assert landed(res), "the kill should hit the source paused"
     assert (d["lost_net"], d["duplicated"]) == (0, 0), (d, res.report.lost_seqs)
     _converged(res)
 

@@ -309,7 +309,7 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
 GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
-FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed")  # what the `during` hooks leave on the testbed
+FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault")  # what the `during` hooks leave on the testbed
 
 
 def _domain_states(ds) -> dict[str, tuple | None]:
@@ -407,9 +407,7 @@ def restart_agent_at_pause(role: str, down_s: float = 1.0):
     (systemd's Restart=always, RestartSec=1)."""
     def during(tb, ds, agents, dom, timeout: float = 30):
         wait_paused(dom, timeout)
-        agents.kill(role)
-        time.sleep(down_s)
-        agents.start(role, *agents.args[role])
+        _kill_and_restart(tb, agents, role, down_s, dom)
     return during
 
 
@@ -525,11 +523,13 @@ def etcd_down_at_pause(down_s: float = 2.0):
     data dir and ports) `down_s` later."""
     def during(tb, ds, agents, dom, timeout: float = 30):
         wait_paused(dom, timeout)
+        state = _source_state(dom)
         t_down = time.monotonic()
         tb.etcd.stop(kill=True)
         time.sleep(down_s)
         tb.etcd.start()
         tb.etcd_outage = (t_down, time.monotonic())  # monotonic, the probe's clock
+        tb.etcd_fault = {"down": t_down, "up": tb.etcd_outage[1], "source_state": state}
     return during
 
 
