@@ -108,4 +108,5 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
         drain.tap_queue_len("vmtap", 10000)
         send_probes(topology, 3000)
         drain.tap_queue_len("vmtap", 1000)
-        assert probes(queue.frames()) == 1000  # the other 2000 are gone
+        left = queue.frames()
+        assert len(left) == 1000 and probes(left) >= 990  # the other ~2000 are gone (S's MLD may take a slot)

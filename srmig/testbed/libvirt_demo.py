@@ -341,21 +341,32 @@ def _guest_counters(ds) -> dict[str, int]:
     return {}
 
 
-def wait_paused(dom, timeout: float = 30) -> None:
-    """Until the domain is paused (stop-and-copy began), polled every 0.5 ms, bounded."""
+def wait_paused(dom, timeout: float = 30) -> bool:
+    """Until the domain is paused (stop-and-copy began), polled every 0.5 ms, bounded. False if the pause was
+    missed (the domain left the source first: on a busy machine a poll can take longer than the pause) or
+    never came: the caller then injects nothing."""
     import libvirt  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                return
+        try:
+            state = dom.state()[0]
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            state = None
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return True
+        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            return False
         time.sleep(0.0005)
+    return False
 
 
 def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
     """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
-    wait_paused(dom, timeout)
+    if not wait_paused(dom, timeout):
+        return
     os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
     tb.dest_killed = {"killed": time.monotonic()}
 
@@ -406,8 +417,8 @@ def restart_agent_at_pause(role: str, down_s: float = 1.0):
     """`during`: SIGKILL the agent of `role` as soon as the source is paused, start it again `down_s` later
     (systemd's Restart=always, RestartSec=1)."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        wait_paused(dom, timeout)
-        _kill_and_restart(tb, agents, role, down_s, dom)
+        if wait_paused(dom, timeout):
+            _kill_and_restart(tb, agents, role, down_s, dom)
     return during
 
 
@@ -500,7 +511,8 @@ def restart_source_libvirtd_at_pause(sig: int = signal.SIGTERM, qemu_stopped_s: 
     def during(tb, ds, agents, dom, timeout: float = 30):
         import threading  # noqa: PLC0415
 
-        wait_paused(dom, timeout)
+        if not wait_paused(dom, timeout):
+            return
         if qemu_stopped_s:
             pid = lv.qemu_pid(ds["S"], DOMAIN)
             os.kill(pid, signal.SIGSTOP)
@@ -522,7 +534,8 @@ def etcd_down_at_pause(down_s: float = 2.0):
     """`during` (db="etcd"): SIGKILL the etcd member as soon as the source is paused, start it again (same
     data dir and ports) `down_s` later."""
     def during(tb, ds, agents, dom, timeout: float = 30):
-        wait_paused(dom, timeout)
+        if not wait_paused(dom, timeout):
+            return
         state = _source_state(dom)
         t_down = time.monotonic()
         tb.etcd.stop(kill=True)
