@@ -287,7 +287,8 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             with contextlib.suppress(TimeoutError):
                 agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
                             "the source's grace period over")
-            res.agents = {r: agents.status(r) for r in ("S", "D", "C")}
+            # A restarted agent may still be starting on a busy machine: its status, once it answers.
+            res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
             res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
             after_counters = _guest_counters(ds)
             res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
