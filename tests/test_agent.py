@@ -457,12 +457,8 @@ def test_source_agent_killed_at_the_pause():
     from srmig.testbed import libvirt_demo
 
     rate = 2000
-    fault = _at_pause("S")
-    landed = fault.pop("landed")
-    res = _run_until(landed, rate=rate, count=8000, **fault)
+    res = _agent_killed_at_pause("S", rate)
     d = res.to_dict()
-    assert res.error is None, res.error
-    assert landed(res), "the kill should hit the source paused"
     assert d["duplicated"] == 0 and d["lost_net"] <= rate * 0.4, d  # < 400 ms of traffic; 1 s without the check
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
@@ -504,12 +500,8 @@ def test_destination_agent_killed_at_the_pause():
     (the VM runs here: RESUMED). Nothing is lost but what the source's swallowed-frame recovery can miss."""
     from srmig.testbed import libvirt_demo
 
-    fault = _at_pause("D")
-    landed = fault.pop("landed")
-    res = _run_until(landed, rate=2000, count=8000, **fault)
+    res = _agent_killed_at_pause("D")
     d = res.to_dict()
-    assert res.error is None, res.error
-    assert landed(res), "the kill should hit the source paused"
     assert d["duplicated"] == 0 and d["lost_net"] <= 2, d
     assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
 
@@ -529,9 +521,10 @@ def _run_until(landed, attempts: int = 3, **kw):
     return res
 
 
-def _at_pause(role: str):
-    """`during` and `landed` for _run_until: restart the agent of `role` at the pause, and whether its kill
-    hit the source paused."""
+def _agent_killed_at_pause(role: str, rate: int = 2000):
+    """One libvirt run under `rate` probes/s in which the agent of `role` is SIGKILLed at the pause and
+    started again 1 s later (_run_until: again while the kill missed the pause); checks that the migration
+    completed and that the kill hit the source paused."""
     import libvirt
 
     from srmig.testbed import libvirt_demo
@@ -542,8 +535,13 @@ def _at_pause(role: str):
         seen.clear()
         seen.update(getattr(tb, "agent_fault", {}))  # none: the pause was missed, nothing injected
 
-    return {"during": libvirt_demo.restart_agent_at_pause(role), "after": after,
-            "landed": lambda res: seen.get("source_state") == libvirt.VIR_DOMAIN_PAUSED}
+    def landed(res) -> bool:
+        return seen.get("source_state") == libvirt.VIR_DOMAIN_PAUSED
+
+    res = _run_until(landed, rate=rate, count=8000, during=libvirt_demo.restart_agent_at_pause(role), after=after)
+    assert res.error is None, res.error
+    assert landed(res), "the kill should hit the source paused"
+    return res
 
 
 def _ingress_on(res, host: str) -> None:
@@ -615,14 +613,8 @@ def test_ingress_agent_killed_at_the_pause():
     it (bounded by the lease TTL). Before that fix, the grace ran out first in 1 run of 3: 126 lost. At most
     1 lost, as without the fault, under a busy loop: the frame QEMU swallows at the stop, when its count came
     too late to re-send it."""
-    from srmig.testbed import libvirt_demo
-
-    fault = _at_pause("C")
-    landed = fault.pop("landed")
-    res = _run_until(landed, rate=2000, count=8000, **fault)
+    res = _agent_killed_at_pause("C")
     d = res.to_dict()
-    assert res.error is None, res.error
-    assert landed(res), "the kill should hit the source paused"
     assert d["lost_net"] <= 1 and d["duplicated"] == 0, (d, res.report.lost_seqs)
     _converged(res)
 

@@ -724,15 +724,11 @@ class Agent:
                  (time.monotonic() - t_wait) * 1000)
 
     def _drain(self, m: Migration, loc: Local, a: Drain) -> None:
-        from srmig.ctl.drain import SourceDrain, TapKeeper  # noqa: PLC0415
+        from srmig.ctl.drain import SourceDrain  # noqa: PLC0415
 
         segments = [*m.transit, m.dst.sbuf]
-        # The tap's queue: kept since the migration began (KeepTap), or taken from the paused QEMU now.
-        queue, loc.keeper = loc.keeper, None
         pid = self._qemu_pid(loc.domain)
-        if queue is None and pid is not None and loc.tap is not None:
-            with contextlib.suppress(OSError):  # QEMU ending as we look: as if gone
-                queue = TapKeeper(pid, loc.tap)
+        queue = self._tap_queue(loc, pid)
         if queue is None:
             # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
             # program's and outlives us: what it parked while a drain we were killed in held the VM goes
@@ -786,6 +782,18 @@ class Agent:
         except OSError as e:
             log.debug("%s: tap not held yet: %s", vm, e)
 
+    @staticmethod
+    def _tap_queue(loc: Local, pid: int | None):
+        """The tap's queue (a TapKeeper, now the caller's): the fds kept since the migration began (KeepTap),
+        or taken from QEMU (`pid`) now; None if there is neither (QEMU gone, or ending as we look)."""
+        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
+
+        queue, loc.keeper = loc.keeper, None
+        if queue is None and pid is not None and loc.tap:
+            with contextlib.suppress(OSError):
+                queue = TapKeeper(pid, loc.tap)
+        return queue
+
     def _long_queue(self, loc: Local) -> None:
         """The migration window opens (or is extended): the tap's queue long, set again even if it is already
         (a restarted libvirtd resets it when it reconnects to QEMU)."""
@@ -801,17 +809,14 @@ class Agent:
     def _end_window(self, loc: Local) -> None:
         """The window closes: the shadow log and the kept tap fds go; the queue length is restored once what
         the tap holds has been read (QUEUE_RESTORE_MAX_S at most)."""
-        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
-
         if loc.shadow is not None:
             with contextlib.suppress(Exception):
                 loc.shadow.close()
             loc.shadow = None
-        queue, loc.keeper = loc.keeper, None
-        if loc.old_qlen is not None and loc.tap and queue is None and \
-                (pid := self._qemu_pid(loc.domain)) is not None:
-            with contextlib.suppress(OSError):
-                queue = TapKeeper(pid, loc.tap)
+        if loc.old_qlen is not None:
+            queue = self._tap_queue(loc, self._qemu_pid(loc.domain))
+        else:
+            queue, loc.keeper = loc.keeper, None
         self._on_restore_queue(loc, loc.window, queue, time.monotonic() + QUEUE_RESTORE_MAX_S)
 
     def _on_restore_queue(self, loc: Local, window: int, queue, deadline: float) -> None:

@@ -250,7 +250,7 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
         if ready.received == 0:
             raise RuntimeError("the guest on S does not answer through the ingress")
-        guest_before = _guest_counters(ds)
+        guest_before = _guest_counters(ds, _domain_states(ds))
         p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
         conn = ds["S"].connect()
         try:
@@ -290,9 +290,9 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             # A restarted agent may still be starting on a busy machine: its status, once it answers.
             res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
             res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
-            after_counters = _guest_counters(ds)
-            res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
             res.domains = _domain_states(ds)
+            after_counters = _guest_counters(ds, res.domains)
+            res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
             if not after_counters:
                 res.guest_tail = "\n".join(
                     f"{role} {what}: {text[-600:]}" for role in ("S", "D") for what, text in (
@@ -327,16 +327,15 @@ def _domain_states(ds) -> dict[str, tuple | None]:
     return out
 
 
-def _guest_counters(ds) -> dict[str, int]:
-    """GUEST_COUNTERS of the guest wherever it runs, {} if it cannot say (the run stands without)."""
+def _guest_counters(ds, states: dict[str, tuple | None]) -> dict[str, int]:
+    """GUEST_COUNTERS of the guest wherever it runs (`states`: _domain_states), {} if it cannot say (the run
+    stands without)."""
+    import libvirt  # noqa: PLC0415
+
     for role in ("D", "S"):
+        if states[role] is None or states[role][0] in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+            continue
         with contextlib.suppress(Exception):
-            conn = ds[role].connect()
-            try:
-                if not conn.lookupByName(DOMAIN).isActive():
-                    continue
-            finally:
-                conn.close()
             stats = lv.guest_stats(ds[role], DOMAIN, timeout=2)
             return {k: stats[k] for k in GUEST_COUNTERS if k in stats}
     return {}
