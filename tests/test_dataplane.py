@@ -5,7 +5,9 @@ expected output packet}. The FIB the program consults is the lab namespace's (sr
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -315,6 +317,84 @@ def test_shadow_copies_what_is_delivered(lab):
     assert out.action == "XDP_REDIRECT" and out.data == delivered(L.VM_RUNNING)()
     assert [r.packet for r in records] == [bytes(inner(L.VM_RUNNING))]
     assert records[0].vm == L.VM_RUNNING
+
+
+def _verdict(lab, packet: bytes) -> str:
+    """The verdict (or drop reason) the program counted for this packet."""
+    before = lab.dp.stats()
+    lab.run(packet)
+    after = lab.dp.stats()
+    moved = [k for k in after["drops"] if after["drops"][k] != before["drops"][k]]
+    moved += [k for k in after["verdicts"] if after["verdicts"][k] != before["verdicts"][k] and k != "drop"]
+    assert len(moved) == 1, moved
+    return moved[0]
+
+
+def test_table_copies_follow_every_write(lab):
+    """The program answers SID and VM lookups from per-CPU copies of sid_table and vm_table entries (struct
+    table_copy in srmig.c), trusted only at the table generation they were made at, which every Dataplane
+    write bumps: each write is seen by the next packet, absent keys included (a VM or SID added after a packet
+    missed it). A write to the map alone, without the bump, is not seen while a copy stands: that is the copy
+    on the packet's path, and why every writer must go through Dataplane."""
+    from srmig.ctl.dataplane import ffi
+    from srmig.dataplane.abi import Behaviour, VmState
+
+    vm, sid = "2001:db8:100::78", "fc00:0:1::55"
+    to_s = encaps(S_PATH, vm)()
+    to_new_sid = encaps([sid, L.D_SBUF], vm)()
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # per-CPU copies: every run on the same CPU
+    try:
+        assert _verdict(lab, to_s) == "unknown_vm"
+        lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+        assert _verdict(lab, to_s) == "forward"
+        lab.dp.set_vm(vm, VmState.HOLD, next_sid=L.D_DX6)
+        assert _verdict(lab, to_s) == "hold"
+        lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+        assert _verdict(lab, to_s) == "forward"
+        # Behind the Dataplane's back: HOLD written to the map alone.
+        value = ffi.new("struct srmig_vm_value *", {"state": int(VmState.HOLD)})
+        ffi.memmove(value.next_sid, ipaddress.IPv6Address(L.D_DX6).packed, 16)
+        lab.dp.vms.update(lab.dp._vm_key(vm), value)
+        assert _verdict(lab, to_s) == "forward", "the copy stands until the generation moves"
+        lab.dp._tables_changed()
+        assert _verdict(lab, to_s) == "hold"
+        assert _verdict(lab, to_new_sid) == "pass"
+        lab.dp.add_sid(sid, Behaviour.END_S)
+        assert _verdict(lab, to_new_sid) == "hold"
+        lab.dp.del_sid(sid)
+        assert _verdict(lab, to_new_sid) == "pass"
+        lab.dp.del_vm(vm)
+        assert _verdict(lab, to_s) == "unknown_vm"
+    finally:
+        os.sched_setaffinity(0, cpus)
+        lab.dp.del_sid(sid)
+        lab.dp.del_vm(vm)
+        with lab.dp.hold_ring(lambda r: None) as ring:
+            ring.poll(0)
+
+
+def test_generation_bumps_never_collide(lab):
+    """Writers bump the table generation concurrently (threads here; the agent and a CLI call in real life)
+    and no bump is lost: a generation written twice could make an outdated copy current again."""
+    import threading
+
+    from srmig.ctl.dataplane import Dataplane, ffi
+    from srmig.dataplane import abi
+
+    key = ffi.new("uint32_t *", abi.META_TABLE_GENERATION)
+    start = lab.dp.meta.lookup(key)
+    dps = [Dataplane(lab.dp.pin_dir) for _ in range(4)]
+    try:
+        threads = [threading.Thread(target=lambda d=d: [d._tables_changed() for _ in range(300)]) for d in dps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for d in dps:
+            d.close()
+    assert lab.dp.meta.lookup(key) == (start + 4 * 300) & 0xFFFFFFFF
 
 
 def _domain_count(dp) -> int:

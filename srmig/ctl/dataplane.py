@@ -8,6 +8,7 @@ whoever loaded it. Every operation is idempotent (set replaces, delete of an abs
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -115,12 +116,29 @@ class Dataplane:
         """A new fd of the pinned program (the caller closes it)."""
         return libbpf.obj_get(str(self.pin_dir / loader.PROG))
 
+    def _bump(self, slot: int) -> int:
+        """meta[slot] += 1, returning the new value. Under an exclusive flock of the pin directory (the lock
+        goes with an open file description: every call opens its own), so that two writers, threads or
+        processes, cannot both write the same value: the program trusts a copy made at a generation only
+        while that generation stands, so a value written twice could revive an outdated copy."""
+        lock = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            key = ffi.new("uint32_t *", slot)
+            gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
+            self.meta.update(key, ffi.new("uint32_t *", gen))
+            return gen
+        finally:
+            os.close(lock)
+
     def flush_nexthops(self) -> int:
         """Expire every cached next hop now (after a route or neighbour change); returns the generation."""
-        key = ffi.new("uint32_t *", abi.META_NH_GENERATION)
-        gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
-        self.meta.update(key, ffi.new("uint32_t *", gen))
-        return gen
+        return self._bump(abi.META_NH_GENERATION)
+
+    def _tables_changed(self) -> None:
+        """After every write to sid_table or vm_table: the program's per-CPU copies of their entries are
+        stale from now on (see struct table_copy in srmig.c)."""
+        self._bump(abi.META_TABLE_GENERATION)
 
     # SIDs -----------------------------------------------------------------------------------------------
 
@@ -146,10 +164,13 @@ class Dataplane:
             self.sid_stats.update(ffi.new("uint32_t *", slot), ffi.new("struct srmig_sid_stats *"))
         value = ffi.new("struct srmig_sid_value *", {"behaviour": int(beh), "stats_slot": slot})
         self.sids.update(key, value)
+        self._tables_changed()
         return SidEntry(str(ipaddress.IPv6Address(_addr(sid, "SID"))), beh, slot, self._sid_counters(slot))
 
     def del_sid(self, sid: str) -> bool:
-        return self.sids.delete(self._sid_key(sid))
+        gone = self.sids.delete(self._sid_key(sid))
+        self._tables_changed()
+        return gone
 
     def _sid_counters(self, slot: int) -> dict[str, int]:
         per_cpu = self.sid_stats.lookup(ffi.new("uint32_t *", slot)) or []
@@ -183,6 +204,7 @@ class Dataplane:
         if next_sid:
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
         self.vms.update(self._vm_key(vm), value)
+        self._tables_changed()
         return VmEntry(str(ipaddress.IPv6Address(_addr(vm, "VM address"))), st,
                        str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first,
                        park)
@@ -200,7 +222,9 @@ class Dataplane:
                        bool(v.flags & abi.VM_F_RING_FIRST), bool(v.flags & abi.VM_F_PARK))
 
     def del_vm(self, vm: str) -> bool:
-        return self.vms.delete(self._vm_key(vm))
+        gone = self.vms.delete(self._vm_key(vm))
+        self._tables_changed()
+        return gone
 
     def list_vms(self) -> list[VmEntry]:
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
@@ -214,6 +238,7 @@ class Dataplane:
             ffi.memmove(key.addr, addr, 16)
             value.state = int(state)
             self.vms.update(key, value)
+        self._tables_changed()
 
     # SR domain (RFC 8754 5.1) ---------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ DropReason = _enum("DropReason", "enum srmig_drop_reason", "SRMIG_DROP_")
 Verdict = _enum("Verdict", "enum srmig_verdict", "SRMIG_VERDICT_")
 META_ABI_VERSION: int = ffi.typeof("enum srmig_meta").relements["SRMIG_META_ABI_VERSION"]
 META_NH_GENERATION: int = ffi.typeof("enum srmig_meta").relements["SRMIG_META_NH_GENERATION"]
+META_TABLE_GENERATION: int = ffi.typeof("enum srmig_meta").relements["SRMIG_META_TABLE_GENERATION"]
 DROP_MAX: int = ffi.typeof("enum srmig_drop_reason").relements["SRMIG_DROP_MAX"]
 VERDICT_MAX: int = ffi.typeof("enum srmig_verdict").relements["SRMIG_VERDICT_MAX"]
 

@@ -87,6 +87,29 @@ struct nh_cache {
  * that hashed to it, so a scan of many destinations cannot fill it, only evict. */
 BPF_PERCPU_ARRAY(nh_cache, struct nh_cache, SRMIG_NH_SLOTS);
 
+/* Copies of sid_table and vm_table entries, per CPU: a hash map lookup with a 16-byte key costs ~35 ns here
+ * (jhash, bucket walk, key compare) and a packet for a VM needs two, where a 2-way cache in a per-CPU array
+ * is inlined by the verifier. A copy is trusted only at the generation it was made at: userspace bumps
+ * meta[SRMIG_META_TABLE_GENERATION] after every write to either table (srmig/ctl/dataplane.py), and a packet
+ * reads the generation once, before any lookup it may copy. So a packet that starts after the bump sees the
+ * write, as it would without the cache (one in flight during an update may see either, as with RCU). */
+struct table_copy {
+	__u8 key[16];
+	__u32 generation;
+	__u32 found; /* COPY_EMPTY, COPY_ABSENT (the table has no such key), COPY_PRESENT (value below) */
+	union {
+		struct srmig_sid_value sid;
+		struct srmig_vm_value vm;
+	};
+};
+#define COPY_EMPTY 0
+#define COPY_ABSENT 1
+#define COPY_PRESENT 2
+#define SRMIG_SID_COPIES 1024 /* powers of two; 2-way sets */
+#define SRMIG_VM_COPIES 4096
+BPF_PERCPU_ARRAY(sid_copies, struct table_copy, SRMIG_SID_COPIES);
+BPF_PERCPU_ARRAY(vm_copies, struct table_copy, SRMIG_VM_COPIES);
+
 #include "srv6.h"
 
 /* Sources the kernel's FIB lookup never forwards from (RFC 4291 2.5.3, 2.5.6, 2.7: loopback, link-local,
@@ -103,15 +126,16 @@ static __always_inline int never_forwarded_source(const struct in6_addr *a)
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == __builtin_bswap32(1);
 }
 
-static __always_inline __u32 nh_set(const struct in6_addr *a)
+/* The first slot of the 2-way set for address `a` in a table of `slots` (a power of two) slots. */
+static __always_inline __u32 set_of(const void *a, __u32 slots)
 {
-	const __u32 *w = a->in6_u.u6_addr32;
+	const __u32 *w = a;
 	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3];
 
 	h ^= h >> 16;
 	h *= 0x45d9f3b;
 	h ^= h >> 16;
-	return h & (SRMIG_NH_SLOTS - 2);
+	return h & (slots - 2);
 }
 
 static __always_inline int same_addr(const struct in6_addr *a, const struct in6_addr *b)
@@ -119,6 +143,36 @@ static __always_inline int same_addr(const struct in6_addr *a, const struct in6_
 	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
 
 	return x[0] == y[0] && x[1] == y[1];
+}
+
+/* The way of a 2-way set holding `key` at generation `gen`, or NULL. */
+static __always_inline struct table_copy *copy_find(struct table_copy *w0, struct table_copy *w1, const void *key,
+						    __u32 gen)
+{
+	if (w0->found && w0->generation == gen && same_addr(key, (const void *)w0->key))
+		return w0;
+	if (w1->found && w1->generation == gen && same_addr(key, (const void *)w1->key))
+		return w1;
+	return NULL;
+}
+
+/* The way to copy a fresh lookup into: an empty or outdated one, else way 1 after way 0 moved there (the
+ * newest copy in way 0). Returns it with its key and generation set. */
+static __always_inline struct table_copy *copy_fill(struct table_copy *w0, struct table_copy *w1, const void *key,
+						    __u32 gen, int present)
+{
+	struct table_copy *c = w0;
+
+	if (w0->found && w0->generation == gen) {
+		if (w1->found && w1->generation == gen)
+			*w1 = *w0;
+		else
+			c = w1;
+	}
+	__builtin_memcpy(c->key, key, 16);
+	c->generation = gen;
+	c->found = present ? COPY_PRESENT : COPY_ABSENT;
+	return c;
 }
 
 /* Not expired. bpf_ktime_get_ns() costs ~40 ns here and bpf_jiffies64() next to nothing (the JIT inlines
@@ -164,7 +218,7 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 	__u32 *gen = meta.lookup(&gen_key);
 	__u32 generation = gen ? *gen : 0;
 	struct in6_addr dst = ip6h->daddr;
-	__u32 set = nh_set(&dst), other = set + 1;
+	__u32 set = set_of(&dst, SRMIG_NH_SLOTS), other = set + 1;
 	struct nh_cache *way0 = nh_cache.lookup(&set);
 	struct nh_cache *way1 = nh_cache.lookup(&other);
 	struct nh_cache *nh = NULL;
@@ -473,8 +527,11 @@ int srmig_xdp(struct xdp_md *ctx)
 	__u32 bytes = data_end - data;
 	struct hdr_cursor nh = { .pos = data };
 	struct pkt p = { .verdict = SRMIG_VERDICT_PASS };
-	struct srmig_sid_value *sid;
+	struct srmig_sid_value *sid, *sid_entry;
 	struct srmig_sid_key sid_key;
+	__u32 gen_key = SRMIG_META_TABLE_GENERATION, generation, set, other;
+	struct table_copy *w0, *w1, *c;
+	__u32 *gen;
 	struct srmig_vm_key vm_key;
 	struct srmig_vm_value *vm;
 	struct ethhdr *eth;
@@ -489,10 +546,25 @@ int srmig_xdp(struct xdp_md *ctx)
 	if (nexthdr < 0)
 		goto out; /* truncated IPv6 we never claimed: the kernel judges it */
 
-	__builtin_memcpy(sid_key.addr, &p.ip6h->daddr, 16);
-	sid = sid_table.lookup(&sid_key);
-	if (!sid)
+	gen = meta.lookup(&gen_key);
+	generation = gen ? *gen : 0;
+	set = set_of(&p.ip6h->daddr, SRMIG_SID_COPIES);
+	other = set + 1;
+	w0 = sid_copies.lookup(&set);
+	w1 = sid_copies.lookup(&other);
+	if (!w0 || !w1)
+		goto out; /* never: both indexes are in range */
+	c = copy_find(w0, w1, &p.ip6h->daddr, generation);
+	if (!c) {
+		__builtin_memcpy(sid_key.addr, &p.ip6h->daddr, 16);
+		sid_entry = sid_table.lookup(&sid_key);
+		c = copy_fill(w0, w1, sid_key.addr, generation, sid_entry != NULL);
+		if (sid_entry)
+			c->sid = *sid_entry;
+	}
+	if (c->found != COPY_PRESENT)
 		goto out; /* not one of our SIDs: untouched */
+	sid = &c->sid;
 	is_ours = 1;
 	slot = sid->stats_slot;
 	action = XDP_DROP;
@@ -543,11 +615,25 @@ int srmig_xdp(struct xdp_md *ctx)
 	}
 	p.outer_len = (void *)p.inner - (void *)p.ip6h;
 	__builtin_memcpy(vm_key.addr, &p.inner->daddr, 16);
-	vm = vm_table.lookup(&vm_key);
-	if (!vm) {
+	set = set_of(vm_key.addr, SRMIG_VM_COPIES);
+	other = set + 1;
+	w0 = vm_copies.lookup(&set);
+	w1 = vm_copies.lookup(&other);
+	if (!w0 || !w1)
+		goto out; /* never: both indexes are in range */
+	c = copy_find(w0, w1, vm_key.addr, generation);
+	if (!c) {
+		struct srmig_vm_value *vm_entry = vm_table.lookup(&vm_key);
+
+		c = copy_fill(w0, w1, vm_key.addr, generation, vm_entry != NULL);
+		if (vm_entry)
+			c->vm = *vm_entry;
+	}
+	if (c->found != COPY_PRESENT) {
 		p.reason = SRMIG_DROP_UNKNOWN_VM;
 		goto out;
 	}
+	vm = &c->vm;
 
 	switch (sid->behaviour) {
 	case SRMIG_BEH_END_S:

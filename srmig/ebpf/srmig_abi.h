@@ -9,16 +9,19 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 5 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+#define SRMIG_ABI_VERSION 6 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
-                             * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK */
+                             * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
+                             * 6: SRMIG_META_TABLE_GENERATION (lookup caches) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
 	SRMIG_META_ABI_VERSION = 0,   /* written by the loader */
 	SRMIG_META_NH_GENERATION = 1, /* bump after a route or neighbour change: cached next hops expire */
 	SRMIG_META_DOMAIN_PREFIXES = 2, /* prefixes in sr_domain, kept by userspace: 0 = no SR domain check */
-	SRMIG_META_MAX = 3,
+	SRMIG_META_TABLE_GENERATION = 3, /* bump after every write to sid_table or vm_table: the program's
+					  * per-CPU copies of their entries are trusted only at this generation */
+	SRMIG_META_MAX = 4,
 };
 
 /* SRv6 endpoint behaviours (RFC 8986 names; End.S / End.SBUF are srmig's migration behaviours). */
