@@ -297,10 +297,31 @@ def test_etcd_down_at_the_pause():
     QEMU started), the source drains and forwards to it, and keeps forwarding until its cut-over is in the
     database (writes are retried in order; the grace period starts only once the publish lands). So 0 lost,
     0 duplicated, through the outage and the cut-over after it; once etcd is back the ingress learns that the
-    VM is on D, and every agent reports the database connected again, with no write left behind."""
+    VM is on D, and every agent reports the database connected again, with no write left behind.
+
+    The probe runs until the ingress learnt the cut-over, and 1.5 s more (the source's 1 s grace period):
+    it outlasts the outage and what follows it however long the migration took (a fixed 8 s of probes
+    ended before etcd had been back for 1 s under a busy loop, where the migration took 5.3 s)."""
+    import threading
+    import time
+
     from srmig.testbed import libvirt_demo
 
     seen = {}
+    stop, outage = threading.Event(), libvirt_demo.etcd_down_at_pause(2.0)
+
+    def on_d(st) -> bool:
+        return {r["vm"]: r["host"] for r in st.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
+
+    def during(tb, ds, agents, dom):
+        try:
+            outage(tb, ds, agents, dom)
+            if getattr(tb, "etcd_outage", None) is not None:
+                with contextlib.suppress(TimeoutError):  # asserted in after()
+                    agents.wait("C", on_d, 20, "the ingress learns that the VM is on D")
+                time.sleep(1.5)
+        finally:
+            stop.set()
 
     def after(tb, ds, agents):
         seen["outage"] = getattr(tb, "etcd_outage", None)  # none: the pause was missed, nothing injected
@@ -309,20 +330,21 @@ def test_etcd_down_at_the_pause():
         for role in ("S", "D", "C"):  # the lease is refreshed every LEASE_TTL_S / 3
             agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
                         "the database connected again, nothing pending")
-        agents.wait("C", lambda s: {r["vm"]: r["host"] for r in s.get("locations", [])}.get(libvirt_demo.VM_ADDR)
-                    == "D", 10, "the ingress learns that the VM is on D")
+        agents.wait("C", on_d, 10, "the ingress learns that the VM is on D")
         seen["S log"] = agents.log("S", 100000)
 
-    # 8 s of probes: they outlast the outage and the cut-over that follows it.
     res = _run_until(lambda r: seen["outage"] is not None and
                      seen["outage"][0] < r.report.t0 + r.report.marks["complete"] / 1e3,
-                     rate=2000, count=16000, db="etcd", during=libvirt_demo.etcd_down_at_pause(2.0), after=after)
+                     rate=2000, count=60000, db="etcd", before=lambda tb, ds, agents: stop.clear(), during=during,
+                     stop=stop, after=after)
     d = res.to_dict()
     assert res.error is None, res.error
     down, up = seen["outage"]
     rep = res.report
     assert down < rep.t0 + rep.marks["complete"] / 1e3, "etcd should go down while the migration runs"
     assert rep.t0 + rep.duration_ms / 1e3 > up + 1.0, "the probe should outlast the outage"
+    print(f"[etcd down at the pause] lost_net {d['lost_net']} sent {d['sent']} migration {d['migration_s']} s; "
+          f"probe ends {rep.t0 + rep.duration_ms / 1e3 - up:.2f} s after etcd is back")
     assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
     assert (d["lost_net"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
     _ingress_on(res, "D")
