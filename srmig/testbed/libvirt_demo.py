@@ -238,11 +238,13 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
-        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None) -> Result:
+        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None, stop=None) -> Result:
     """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
     S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons, agents, dom)`
     in a thread once the migration has started (e.g. kill_dest_at_pause), joined once the probe is over;
-    `after(tb, daemons, agents)` then, before the agents' final status is taken (e.g. wait for a recovery)."""
+    `after(tb, daemons, agents)` then, before the agents' final status is taken (e.g. wait for a recovery).
+    `stop` (a threading.Event, e.g. set by `during`): the probe ends once it is set and the migration is
+    over, `count` probes at most: it outlasts what the run waits for, however long the migration took."""
     count = count or rate * 3
     with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
         if before is not None:
@@ -271,6 +273,10 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             except Exception as e:  # noqa: BLE001 - reported
                 error, migration_s = str(e), mig.t_end - mig.t_start
             p.mark("complete")
+            if stop is not None:
+                while not stop.wait(0.05) and not p.done():
+                    pass
+                p.stop()
             report = p.wait(timeout=60)
         except BaseException:
             p.stop()
