@@ -15,8 +15,10 @@ inline in each send on this one machine.
 - packet_sendto:          AF_PACKET bound to the tap, one send() per frame
 - packet_sendmmsg:        AF_PACKET bound to the tap, sendmmsg(2) batches (PacketSender)
 - packet_sendmmsg_bypass: the same with PACKET_QDISC_BYPASS
-- packet_tx_ring:         AF_PACKET PACKET_TX_RING (TPACKET_V2, QDISC_BYPASS, VNET_HDR), one send() per ring
-                          fill (TxRingSender, the chosen path)
+- packet_tx_ring:         AF_PACKET PACKET_TX_RING (TPACKET_V2, VNET_HDR), one send() per ring fill
+                          (TxRingSender, the chosen path)
+- packet_tx_ring_bypass:  the same with PACKET_QDISC_BYPASS (TxRingSender until 2026-11-30: the bypass runs
+                          tun's per-frame queue selection, a flow hash, which the qdisc path skips)
 - fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6 SID over the veth, one sendto() each (the old drain)
 - fabric_raw_sendmmsg:    the same, RawSender.send_many (the drain's and return_held's path now)
 - fabric_packet_sendmmsg: from S: the same frames by AF_PACKET on s0 (next hop MAC known), batched
@@ -63,9 +65,9 @@ H_ADDR = "2001:db8:f::2"
 TX_RING_FRAMES = 2048      # TxRingSender's ring: slots of 2 KiB (MTU 1500), one send() per fill
 
 METHODS = ("raw_sendto", "raw_sendmmsg", "packet_sendto", "packet_sendmmsg", "packet_sendmmsg_bypass",
-           "packet_tx_ring", "fabric_raw_sendto", "fabric_raw_sendmmsg", "fabric_packet_sendmmsg")
+           "packet_tx_ring", "packet_tx_ring_bypass", "fabric_raw_sendto", "fabric_raw_sendmmsg", "fabric_packet_sendmmsg")
 CHOSEN = "packet_tx_ring"  # TxRingSender: the way to put a held buffer into a VM's tap
-BASELINE = "packet_sendmmsg_bypass"  # PacketSender as unpark() used it: the chosen path is compared with it
+BASELINE = "packet_sendmmsg"  # PacketSender as unpark() uses it: the chosen path is compared with it
 
 
 def held_buffer(n: int, size: int) -> list[bytes]:
@@ -188,9 +190,9 @@ def packet_sendmmsg(lab: FlushLab, frames: list[bytes], bypass: bool = False) ->
     return _timed(lambda: len(frames) - s.send_many(frames), s.close)
 
 
-def packet_tx_ring(lab: FlushLab, frames: list[bytes]) -> tuple[float, float, int]:
+def packet_tx_ring(lab: FlushLab, frames: list[bytes], bypass: bool = False) -> tuple[float, float, int]:
     with lab.topo.inside("H"):
-        s = TxRingSender(TAP, slots=TX_RING_FRAMES)  # the ring is set up here, before the clock starts
+        s = TxRingSender(TAP, slots=TX_RING_FRAMES, qdisc_bypass=bypass)  # set up here, before the clock starts
     return _timed(lambda: len(frames) - s.send_many(frames), s.close)
 
 
@@ -216,7 +218,9 @@ SENDERS: dict[str, Callable[[FlushLab, list[bytes]], tuple[float, float, int]]] 
     "raw_sendto": raw_sendto, "raw_sendmmsg": raw_sendmmsg, "packet_sendto": packet_sendto,
     "packet_sendmmsg": packet_sendmmsg,
     "packet_sendmmsg_bypass": lambda lab, frames: packet_sendmmsg(lab, frames, bypass=True),
-    "packet_tx_ring": packet_tx_ring, "fabric_raw_sendto": fabric_raw_sendto,
+    "packet_tx_ring": packet_tx_ring,
+    "packet_tx_ring_bypass": lambda lab, frames: packet_tx_ring(lab, frames, bypass=True),
+    "fabric_raw_sendto": fabric_raw_sendto,
     "fabric_raw_sendmmsg": fabric_raw_sendmmsg, "fabric_packet_sendmmsg": fabric_packet_sendmmsg}
 assert tuple(SENDERS) == METHODS
 

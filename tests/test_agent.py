@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -346,9 +347,21 @@ def test_etcd_down_at_the_pause():
     print(f"[etcd down at the pause] lost_net {d['lost_net']} sent {d['sent']} migration {d['migration_s']} s; "
           f"probe ends {rep.t0 + rep.duration_ms / 1e3 - up:.2f} s after etcd is back")
     assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
-    assert (d["lost_net"], d["duplicated"]) == (0, 0), (d, rep.lost_seqs)
+    # Nothing lost to the outage: what may be missing is only what the source's drain says it could not
+    # re-send of the frames its pausing QEMU swallowed (seen under a busy loop: 1 and 2, in 2 runs of 6).
+    unrecovered = _unrecovered_swallowed(seen["S log"])
+    assert d["duplicated"] == 0 and d["lost_net"] <= unrecovered, (d, unrecovered, rep.lost_seqs)
     _ingress_on(res, "D")
     assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
+
+
+def _unrecovered_swallowed(log: str) -> int:
+    """Frames the source's drain log says its QEMU swallowed at the pause and it did not re-send: swallowed
+    minus re-sent, and 2 (the most a pausing QEMU holds) where the count was unknown (its query timed out)."""
+    n = 0
+    for resent, swallowed in re.findall(r"(\d+) swallowed re-sent \(swallowed (\d+|None)", log):
+        n += 2 if swallowed == "None" else max(0, int(swallowed) - int(resent))
+    return n
 
 
 def _ingress_agent(tmp_path, db_section: str) -> subprocess.Popen:

@@ -463,9 +463,9 @@ class PacketSender(_BatchSender):
     """Sends whole Ethernet frames out of interface `ifname` (AF_PACKET), no routing: a way to put frames
     straight into a VM's tap queue, ready at once (TxRingSender sends a large buffer faster, bench/flush.py,
     but its ring takes up to tens of ms to set up). Bound with protocol 0, so it never receives.
-    `qdisc_bypass` (PACKET_QDISC_BYPASS) hands each frame to the driver directly; on a tap that measured no
-    faster (tun never stops its queue, so the qdisc is passed through anyway), and without it the host's tc
-    setup still applies. A tap reports nothing when
+    `qdisc_bypass` (PACKET_QDISC_BYPASS) hands each frame to the driver directly; on a tap that measured
+    slower (tun never stops its queue, so its qdisc is passed through anyway, while the bypass runs tun's
+    per-frame queue selection: see TxRingSender), and without it the host's tc setup still applies. A tap reports nothing when
     its queue is full (tun drops and counts tx_dropped): its txqueuelen must hold what is sent."""
 
     def __init__(self, ifname: str, qdisc_bypass: bool = False):
@@ -495,10 +495,14 @@ _VNET = 10       # struct virtio_net_hdr
 
 
 class TxRingSender(_Counted):
-    """Sends whole Ethernet frames out of interface `ifname` through a PACKET_TX_RING (TPACKET_V2) with
-    PACKET_QDISC_BYPASS: frames are written into the mmap'ed ring, then one send() hands up to `slots` of
-    them to the kernel, which walks the ring and transmits each (bench/flush.py: faster than PacketSender's
-    sendmmsg into a tap, less kernel work per frame). Same interface and the same accounting as
+    """Sends whole Ethernet frames out of interface `ifname` through a PACKET_TX_RING (TPACKET_V2): frames are
+    written into the mmap'ed ring, then one send() hands up to `slots` of them to the kernel, which walks the
+    ring and transmits each (bench/flush.py: faster than PacketSender's sendmmsg into a tap, less kernel work
+    per frame). Not PACKET_QDISC_BYPASS by default: the bypass calls the driver's queue selection for every
+    frame, and tun's hashes each frame's flow (~14 % of the kernel's time here), where the qdisc path skips
+    it on a single-queue device; a tap's qdisc never holds a frame (tun never stops its queue), so the
+    bypass saves nothing. Without it, 128-byte frames: 0.60-0.63 against 0.55-0.56 Mpps (medians of 8
+    interleaved rounds, pfifo_fast and noqueue); 1024 bytes: within this machine's noise. Same interface and the same accounting as
     PacketSender: in order; ENOBUFS/EAGAIN retried with a doubling wait, RETRIES times, then the rest given
     up; a frame the kernel would refuse (longer than the MTU, shorter than an Ethernet header) skipped in
     place, and one it does refuse (TP_STATUS_WRONG_FORMAT) too; everything not sent counted in `dropped` and
@@ -515,7 +519,7 @@ class TxRingSender(_Counted):
     took 0.1-30 ms here, bimodal (an RCU grace period, synchronize_net, it seems): for a large buffer, not
     for a few frames that must go out at once."""
 
-    def __init__(self, ifname: str, slots: int = 2048):
+    def __init__(self, ifname: str, slots: int = 2048, qdisc_bypass: bool = False):
         super().__init__()
         self.ifname = ifname
         self._ring = None
@@ -531,7 +535,8 @@ class TxRingSender(_Counted):
             self.slots = blocks * (block // fs)
             self._req = struct.pack("IIII", block, blocks, fs, self.slots)
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-            self.sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            if qdisc_bypass:
+                self.sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             self.sock.bind((ifname, 0))
             self._map()
@@ -762,7 +767,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
     ring = hold_ring_reader(dp)
     # Not TxRingSender: its ring's setup (0.1-30 ms, an RCU grace period) comes before the first frame and
     # costs more than its faster sends save up to ~10^4 parked packets (measured, 128 B frames).
-    to_tap = PacketSender(tap, qdisc_bypass=True) if eth else None
+    to_tap = PacketSender(tap) if eth else None
     raw = RawSender()
     given = 0
 
