@@ -81,6 +81,7 @@ VM_HOLD = "2001:db8:100::30"
 SINK_ADDR = "2001:db8:b::2"
 
 PATHS = ("generator", "redirect_stub", "end_s_forward", "end_s_deliver", "kernel_end_dx6", "kernel_end")
+RATIO_PATHS = ("redirect_stub", "end_s_forward", "end_s_deliver", "kernel_end_dx6")  # what the ratios compare
 GENERATORS = ("trafgen", "live")
 SIZES = ("78", "512", "1500", "imix")
 IMIX = ((64, 7), (570, 4), (None, 1))  # inner IPv6 bytes (None: a 1500-byte outer packet), weight: bench/trex's
@@ -713,12 +714,43 @@ def _int_if_whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
 
+def interleave(bench: LocalBench, size: str | None, paths: tuple[str, ...], rounds: int, window_s: float
+               ) -> list[dict[str, float]]:
+    """The forwarding rate at maximum load of each of `paths` in a short window, path after path, `rounds`
+    times over: {path: pps} per round. A tenant that takes the DUT's core for a second slows one round of
+    every path, not one path of the run, so the per-round ratios measure the programs, not the neighbours."""
+    out = []
+    for _ in range(rounds):
+        one = {}
+        for path in paths:
+            bench.configure(path, size)
+            one[path] = bench.max_forwarding_rate(window_s)["forwarded_pps"]
+        out.append(one)
+    return out
+
+
+def _round_ratios(rates: dict[str, float]) -> dict:
+    """_ratios() of one interleaved round (its MFR ratios only)."""
+    r = _ratios({path: {"max_forwarding_rate": {"forwarded_pps": pps}, "ndr_pps": 0.0}
+                 for path, pps in rates.items()})
+    return {k: v for k, v in r.items() if not k.startswith("ndr_")}
+
+
+def _median_ratios(per_round: list[dict]) -> dict:
+    def med(k):
+        vs = [r[k] for r in per_round if r[k] is not None]
+        return round(statistics.median(vs), 3) if vs else None
+    return {k: med(k) for k in per_round[0]}
+
+
 def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: float = 1.0,
         max_trials: int = 8, resolution: float = 0.05, mode: str = "native", flows: int = 16,
         hold_packets: int = 4000, progress: Callable[[str], None] | None = None, generator: str = "trafgen",
-        sizes: tuple[str, ...] = ("78",), repeat: int = 1) -> dict:
+        sizes: tuple[str, ...] = ("78",), repeat: int = 1, rounds: int = 0) -> dict:
     """Every path at every size, `repeat` times. `paths` holds the first size's results (medians, every
-    trial) in the single-run layout; `sweep` every size's medians and ranges, ratios included."""
+    trial) in the single-run layout; `sweep` every size's medians and ranges, ratios included. With
+    `rounds`, each run also measures the ratio paths interleaved (interleave(), windows of duration_s / 2),
+    and the headline ratios (`ratios_spread`) are those: per run the median of its rounds' ratios."""
     sizes = tuple(str(x) for x in sizes)
     if not sizes or repeat < 1:
         raise BenchError("at least one frame size and one repetition")
@@ -729,6 +761,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
     except ValueError as e:
         raise BenchError(str(e)) from None
     runs: list[dict[str, dict[str, dict]]] = []
+    inter: dict[str, list[list[dict[str, float]]]] = {size: [] for size in sizes}  # per size, per run: rounds
+    inter_paths = tuple(p for p in RATIO_PATHS if p in paths)
     out: dict = {"generator": generator, "sizes": list(sizes), "repeat": repeat}
     with LocalBench(mode=mode, flows=flows, generator=generator) as b:
         for r in range(repeat):
@@ -746,6 +780,16 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                     if progress:
                         progress(f"  {path}: forwarding rate at maximum load {m['forwarded_pps'] / 1e3:.1f} kpps "
                                  f"(generator offered {m['offered_pps'] / 1e3:.1f} kpps)")
+                if rounds and inter_paths:
+                    if progress:
+                        progress(f"local ({generator}, run {r + 1}/{repeat}, size {size}): {rounds} rounds of "
+                                 f"{', '.join(inter_paths)}, interleaved")
+                    rates = interleave(b, size, inter_paths, rounds, duration_s / 2)
+                    inter[size].append(rates)
+                    if progress:
+                        rr = _median_ratios([_round_ratios(x) for x in rates])
+                        progress(f"  End.S / redirect stub {rr['end_s_vs_redirect_stub']}, / kernel End.DX6 "
+                                 f"{rr['end_s_vs_kernel_dx6']} (median of the rounds)")
             runs.append(one)
         if hold_packets and shutil.which("trafgen"):  # the hold-ring flush parks its frames with trafgen
             if progress:
@@ -771,7 +815,13 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
             } for path in paths},
             "ratios": {k: spread([pr[k] for pr in per_run]) for k in per_run[0]},
         }
-    out["ratios_spread"] = out["sweep"][primary]["ratios"]
+        if inter[size]:
+            per_run_i = [_median_ratios([_round_ratios(x) for x in rates]) for rates in inter[size]]
+            out["sweep"][size]["interleaved"] = {
+                "paths": list(inter_paths), "window_s": duration_s / 2, "rounds": inter[size],
+                "ratios": {k: spread([pr[k] for pr in per_run_i]) for k in per_run_i[0]}}
+    head = out["sweep"][primary]
+    out["ratios_spread"] = {**head["ratios"], **head.get("interleaved", {}).get("ratios", {})}
     gen = ("trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure burst "
            "tolerance)" if generator == "trafgen" else
            f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of {LIVE_GROUP} "
@@ -781,7 +831,9 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                      f"varies); max_forwarding_rate = sink rate under unpaced (maximum) load = the DUT core's "
                      f"capacity, used for the ratios; sizes {', '.join(sizes)} (frame_bytes: Ethernet frame "
                      f"without FCS, the IMIX mean; gbps from it); {repeat} run(s), each over every size and "
-                     f"path: medians, with min/max in spread/sweep; ratios = median of the runs' ratios")
+                     f"path: medians, with min/max in spread/sweep; ratios = median of the runs' ratios"
+                     + (f"; headline ratios from {rounds} interleaved rounds per run and size ({', '.join(inter_paths)}"
+                        f", {duration_s / 2} s windows): each run's median round" if rounds and inter_paths else ""))
     out["cpus"] = os.cpu_count()
     return out
 

@@ -51,7 +51,7 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | N
                         max_trials=max_trials or (5 if quick else 10), resolution=0.05 if quick else 0.02,
                         mode=mode, hold_packets=2000 if quick else 6000, progress=say, generator=generator,
                         sizes=tuple(sizes or default_sizes(generator)),
-                        repeat=repeat or (2 if quick else 3))
+                        repeat=repeat or (2 if quick else 3), rounds=3 if quick else 5)
         out["hold_ring_flush"] = loc.pop("hold_ring_flush", None)
         out["local"] = loc
         ratios.update(local.ratios(loc))
@@ -175,13 +175,16 @@ def print_sweep(loc: dict) -> None:
             cells.append(f"{_fmt(m['median'] / 1e3 if m['median'] is not None else None, '.0f')}"
                          f"{_range(m)} / {_fmt(g['median'])}")
         print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))
-    print(f"{'size':<7}{'End.S/kernel End.DX6':>24}{'End.S/redirect stub':>24}")
+    inter = any("interleaved" in sz for sz in sweep.values())
+    print(f"{'size':<7}{'End.S/kernel End.DX6':>24}{'End.S/redirect stub':>24}"
+          + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}" if inter else ""))
     for size, sz in sweep.items():
         cells = []
-        for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub"):
-            v = sz["ratios"][k]
-            cells.append(f"{_fmt(v['median'])}" + (f" ({_fmt(v['min'])}-{_fmt(v['max'])})"
-                                                   if v["min"] is not None and len(v["runs"]) > 1 else ""))
+        for ratios in (sz["ratios"], sz.get("interleaved", {}).get("ratios") if inter else None):
+            for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub") if ratios is not None or inter else ():
+                v = (ratios or {}).get(k) or {"median": None, "min": None, "runs": []}
+                cells.append(f"{_fmt(v['median'])}" + (f" ({_fmt(v['min'])}-{_fmt(v['max'])})"
+                                                       if v["min"] is not None and len(v["runs"]) > 1 else ""))
         print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))
 
 

@@ -113,9 +113,10 @@ class FakeBench:
     def configure(self, path, size=None):
         self.path, self.size = path, size
         self.configured.append((path, size))
-        n = FakeBench.runs_per_size[size] = FakeBench.runs_per_size.get(size, 0) + 1
+        if path == local.PATHS[0]:  # a pass over the paths begins (interleaved rounds skip the generator)
+            FakeBench.runs_per_size[size] = FakeBench.runs_per_size.get(size, 0) + 1
         # Each size's first pass over the paths is run 1; the next, run 2: 10 % faster.
-        self.factor = 1.0 + 0.1 * ((n - 1) // len(local.PATHS))
+        self.factor = 1.0 + 0.1 * (FakeBench.runs_per_size[size] - 1)
 
     def _cap(self):
         return self.capacity[self.path] * self.factor * (0.5 if self.size == "1500" else 1.0)
@@ -157,6 +158,25 @@ def test_sweep_and_repeat_layout(monkeypatch):
     # The headline ratios: the median of the runs' ratios (the slower End.S branch), inside its range.
     r = local.ratios(loc)
     assert r["end_s_vs_redirect_stub"] == pytest.approx(0.45) and loc["ratios_spread"]["end_s_vs_redirect_stub"]
+    json.dumps(loc)
+
+
+def test_interleaved_rounds_give_the_headline_ratios(monkeypatch):
+    """With rounds, every run also measures the ratio paths in short windows taken in turn; the headline
+    ratios are then each run's median round (the runs' median, inside their range), the MFR ratios stay in
+    the sweep. Here End.S deliver (1.8 Mpps) is the slower branch: 0.45 of the stub, 4.5x End.DX6."""
+    FakeBench.runs_per_size = {}
+    monkeypatch.setattr(local, "LocalBench", FakeBench)
+    loc = local.run(max_rate=8e6, duration_s=0.1, max_trials=6, hold_packets=0, generator="live",
+                    sizes=("78",), repeat=2, rounds=3)
+    it = loc["sweep"]["78"]["interleaved"]
+    assert it["paths"] == list(local.RATIO_PATHS) and it["window_s"] == 0.05
+    assert len(it["rounds"]) == 2 and all(len(run) == 3 for run in it["rounds"])
+    assert it["rounds"][1][0]["end_s_forward"] == pytest.approx(2.2e6)  # run 2 of the fake: 10 % faster
+    r = local.ratios(loc)
+    assert r["end_s_vs_redirect_stub"] == pytest.approx(0.45) and r["end_s_vs_kernel_dx6"] == pytest.approx(4.5)
+    assert loc["ratios_spread"]["end_s_vs_redirect_stub"] is it["ratios"]["end_s_vs_redirect_stub"]
+    assert "interleaved" in loc["method"]
     json.dumps(loc)
 
 
