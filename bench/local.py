@@ -821,7 +821,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                 "paths": list(inter_paths), "window_s": duration_s / 2, "rounds": inter[size],
                 "ratios": {k: spread([pr[k] for pr in per_run_i]) for k in per_run_i[0]}}
     head = out["sweep"][primary]
-    out["ratios_spread"] = {**head["ratios"], **head.get("interleaved", {}).get("ratios", {})}
+    out["ratios_spread"] = {**head["ratios"], **{k: v for k, v in head.get("interleaved", {}).get("ratios", {}).items()
+                                                 if v["median"] is not None}}  # not interleaved: kernel_end, generator
     gen = ("trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure burst "
            "tolerance)" if generator == "trafgen" else
            f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of {LIVE_GROUP} "

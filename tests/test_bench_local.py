@@ -176,6 +176,7 @@ def test_interleaved_rounds_give_the_headline_ratios(monkeypatch):
     r = local.ratios(loc)
     assert r["end_s_vs_redirect_stub"] == pytest.approx(0.45) and r["end_s_vs_kernel_dx6"] == pytest.approx(4.5)
     assert loc["ratios_spread"]["end_s_vs_redirect_stub"] is it["ratios"]["end_s_vs_redirect_stub"]
+    assert r["end_s_forward_vs_kernel_end"] == pytest.approx(4.0)  # not interleaved: from the runs' MFR
     assert "interleaved" in loc["method"]
     json.dumps(loc)
 
