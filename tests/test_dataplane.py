@@ -366,6 +366,8 @@ def test_table_copies_follow_every_write(lab):
         assert _verdict(lab, to_new_sid) == "pass"
         lab.dp.del_vm(vm)
         assert _verdict(lab, to_s) == "unknown_vm"
+        lab.dp.set_vms_bulk([(ipaddress.IPv6Address(vm).packed, VmState.AWAY)])  # one bump for the lot
+        assert _verdict(lab, to_s) == "forward"
     finally:
         os.sched_setaffinity(0, cpus)
         lab.dp.del_sid(sid)
