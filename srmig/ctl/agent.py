@@ -745,8 +745,9 @@ class Agent:
             with queue:
                 rep = drain.run(queue, check=check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
-                     "baseline %s, shadow %s)", m.vm, rep.from_tap, "" if pid else " (QEMU gone)", rep.from_ring,
-                     rep.resent_swallowed, rep.swallowed, loc.check is not None, loc.shadow is not None)
+                     "baseline %s, shadow %s)%s", m.vm, rep.from_tap, "" if pid else " (QEMU gone)", rep.from_ring,
+                     rep.resent_swallowed, rep.swallowed, loc.check is not None, loc.shadow is not None,
+                     f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
         except OSError as e:
             log.error("%s: drain failed (%s); forwarding", m.vm, e)
             self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
