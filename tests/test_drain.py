@@ -110,3 +110,61 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
         drain.tap_queue_len("vmtap", 1000)
         left = queue.frames()
         assert len(left) == 1000 and probes(left) >= 990  # the other ~2000 are gone (S's MLD may take a slot)
+
+
+class _NoRing:
+    """A dataplane whose shadow ring is never polled: the records are put in the log by hand."""
+
+    def shadow_ring(self, on_record):
+        return type("Ring", (), {"poll": lambda self, ms: None, "close": lambda self: None})()
+
+
+def _shadow(times_ms: list[float]) -> tuple[drain.ShadowLog, list[bytes]]:
+    """A shadow log of one frame delivered at each of `times_ms` (ms on the monotonic clock), in order."""
+    from srmig.ctl.dataplane import HoldRecord
+
+    log = drain.ShadowLog(_NoRing())
+    packets = [f"frame-{i}".encode() for i in range(len(times_ms))]
+    log.records.extend(HoldRecord(VM, int(t * 1e6), p) for t, p in zip(times_ms, packets))
+    return log, packets
+
+
+MS = 1_000_000
+
+
+def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
+    """The frames QEMU swallowed are the ones delivered just before the first frame left in its tap queue,
+    and they reached the tap at most SWALLOW_WINDOW_NS before QEMU stopped reading. That moment is bounded
+    from above both by the STOP event's arrival at the agent and by the first queued frame's delivery; the
+    earlier of the two is the tighter bound. A starved agent hears STOP late: the window must not follow."""
+    # 2000 frames/s; QEMU stops reading at 1000.2 ms: the frames from 1000.5 ms on stay in its tap queue, the
+    # two before them (999.5, 1000.0 ms) it read and never gave the guest.
+    times = [990 + 0.5 * i for i in range(40)]           # 990.0 .. 1009.5 ms
+    log, packets = _shadow(times)
+    first = times.index(1000.5)
+    for heard_ms in (1001, 1200, 5000):                    # STOP heard at once, 200 ms late, 4 s late
+        assert log.swallowed_frames(2, packets[first], heard_ms * MS) == packets[first - 2:first], heard_ms
+    # Before, the window hung on the STOP event alone: heard 200 ms late, the swallowed frames looked 150 ms
+    # too old and were not re-sent (lost under a busy loop).
+
+    # A stale count with quiet traffic: the last frame before the queued one was delivered (and given to the
+    # guest) long before QEMU stopped reading. Neither anchor admits it, however late STOP is heard.
+    log, packets = _shadow([100.0, 1000.5, 1001.0])
+    for heard_ms in (1001, 1200, 5000):
+        assert log.swallowed_frames(1, packets[1], heard_ms * MS) == []
+
+    # Quiet traffic, STOP heard at once: QEMU read one frame just after the pause (1000.2 ms) and kept it; the
+    # next frame came 300 ms later. The STOP event is then the tighter bound and the frame is recovered.
+    log, packets = _shadow([700.0, 1000.2, 1300.0])
+    assert log.swallowed_frames(1, packets[2], 1001 * MS) == [packets[1]]
+    assert log.swallowed_frames(2, packets[2], 1001 * MS) == []      # 700 ms: delivered to the guest
+
+    # An empty tap queue: the last frames delivered, bounded by the STOP event only.
+    log, packets = _shadow([990.0, 999.5, 1000.2])
+    assert log.swallowed_frames(1, None, 1001 * MS) == [packets[2]]
+    assert log.swallowed_frames(1, None, 1200 * MS) == []
+
+    # Cannot be told for sure: the first queued frame is not in the log, or fewer frames than counted.
+    log, packets = _shadow([999.0, 999.5, 1000.0])
+    assert log.swallowed_frames(1, b"never delivered", 1001 * MS) == []
+    assert log.swallowed_frames(2, packets[1], 1001 * MS) == []

@@ -49,7 +49,9 @@ _libc = _ffi.dlopen(None)
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
-SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before STOP arrived
+SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before QEMU stopped
+                                 # reading it (ShadowLog.swallowed_frames: bounded by STOP's arrival, and by
+                                 # the first frame QEMU left in the queue)
 RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
                                  # to arrive (counted at its End.SBUF) while none arrives, before it delivers
 RETURN_ARRIVAL_MAX_S = 1.0       # what it parked; and at most, while they keep arriving
@@ -189,6 +191,7 @@ class ShadowLog:
 
     def __init__(self, dataplane, keep: int = 1024):
         self.records: deque = deque(maxlen=keep)
+        self.miss: str | None = None  # why the last swallowed_frames() found none
         self._ring = dataplane.shadow_ring(self.records.append)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-log", daemon=True)
@@ -215,21 +218,37 @@ class ShadowLog:
             self._ring.close()
             self._ring = None
 
-    def swallowed_frames(self, count: int, first_queued: bytes | None, not_before_ns: int) -> list[bytes]:
+    def swallowed_frames(self, count: int, first_queued: bytes | None, stopped_at_ns: int,
+                         window_ns: int = SWALLOW_WINDOW_NS) -> list[bytes]:
         """The `count` frames delivered just before `first_queued` (the first frame left in the tap queue;
         None: the queue was empty, so the last ones delivered), oldest first. Empty when they cannot be
-        told for sure: not all in the log, or one delivered before `not_before_ns`."""
+        told for sure (`self.miss` says why): not all in the log, or one delivered more than `window_ns`
+        before QEMU stopped reading its tap. A frame QEMU swallows reached the tap just before that moment;
+        an older one, picked by a count that is off, was given to the guest: re-sent, it would arrive twice.
+
+        The moment QEMU stopped reading is bounded from above by `stopped_at_ns` (when the agent heard STOP)
+        and by the delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent
+        hears STOP late when it is starved of CPU (measured under a busy loop: up to ~50 ms after the first
+        frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
+        self.miss = None
         recs = list(self.records)
         idx = len(recs)
+        stop_ns = stopped_at_ns
         if first_queued is not None:
             for i, rec in enumerate(recs):
                 if rec.packet == first_queued:
                     idx = i
                     break
             else:
+                self.miss = f"the first queued frame is not in the shadow log ({len(recs)} records)"
                 return []
+            stop_ns = min(stop_ns, recs[idx].timestamp_ns)
         picked = recs[max(0, idx - count):idx]
-        if len(picked) != count or any(r.timestamp_ns < not_before_ns for r in picked):
+        if len(picked) != count:
+            self.miss = f"{len(picked)} of them in the shadow log"
+            return []
+        if (age := stop_ns - min(r.timestamp_ns for r in picked)) > window_ns:
+            self.miss = f"one delivered {age / 1e6:.1f} ms before QEMU stopped reading"
             return []
         return [r.packet for r in picked]
 
@@ -818,6 +837,7 @@ class DrainReport:
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
     swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
     resent_swallowed: int = 0  # of those, re-sent from the shadow log
+    swallow_miss: str | None = None  # why they were not (ShadowLog.miss)
     not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
@@ -850,7 +870,8 @@ class SourceDrain:
             shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
         """`queue`: the paused QEMU's tap fds (taken now, or kept since before the pause: then QEMU may be
         gone already). `check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the
-        pause; `stopped_at_ns` (time.monotonic_ns of the STOP event) bounds how old that frame can be."""
+        pause; `stopped_at_ns` (time.monotonic_ns of the STOP event) helps bound how old that frame can be
+        (ShadowLog.swallowed_frames)."""
         rep = DrainReport()
         sender = RawSender()
         t0 = time.monotonic()
@@ -865,11 +886,12 @@ class SourceDrain:
                 shadow.flush()
                 first = next((f[14:] for f in queued if f[12:14] == b"\x86\xdd"), None)
                 # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
-                # ring: both reached the tap shortly before the STOP event, never long before.
-                for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns - SWALLOW_WINDOW_NS):
+                # ring: both reached the tap shortly before it stopped reading, never long before.
+                for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns):
                     older.append(encapsulate_packet(frame, self.src, self.segments))
                     self.resent_swallowed.append(frame)
                     rep.resent_swallowed += 1
+                rep.swallow_miss = shadow.miss
             for frame in queued:
                 pkt = encapsulate(frame, self.src, self.segments)
                 if pkt is None:
