@@ -491,10 +491,12 @@ def test_source_agent_killed_at_the_pause():
     is bounded by pause -> resume (+50 ms), not by the restart. The restarted agent converges (cut over,
     the source's entry forgotten after the grace period).
 
-    The bound is this run's pause -> resume (libvirt's events) + 100 ms: D's 50 ms wait for the source's
-    report (SOURCE_SILENT_S), and 50 ms for the cut-over to reach the ingress. Measured (10 runs, 4 quiet, 6
-    under a busy loop): pause -> resume 40-113 ms; lost 0-303, at most 78% of the bound; when the kill beat
-    the source's drain the loss ended 51-63 ms after the resume. A fixed 400 ms bound failed under a busy
+    The bound is this run's pause -> resume (libvirt's events) + 200 ms: D's 50 ms wait for the source's
+    report (SOURCE_SILENT_S), and 150 ms for a starved D to hear the resume and the cut-over to reach the
+    ingress (under a busy loop the loss once ended 131 ms after the resume, 263 probes against the 237 that
+    +100 ms allowed). Still far below the restart (1 s: 2000 probes), which the check after it tells apart.
+    Measured (10 runs, 4 quiet, 6 under a busy loop): pause -> resume 40-113 ms; lost 0-303; when the kill
+    beat the source's drain the loss ended 51-63 ms after the resume. A fixed 400 ms bound failed under a busy
     loop (832 lost): pause -> resume is what a loaded machine stretches."""
     from srmig.testbed import libvirt_demo
 
@@ -503,7 +505,7 @@ def test_source_agent_killed_at_the_pause():
     d, f, rep = res.to_dict(), res.faults, res.report
     assert "agent_fault.paused" in f and "agent_fault.resumed" in f, f"libvirt's pause and resume not heard: {f}"
     window_ms = f["agent_fault.resumed"] - f["agent_fault.paused"]
-    bound = rate * (window_ms + 100) / 1e3
+    bound = rate * (window_ms + 200) / 1e3
     assert d["duplicated"] == 0 and d["lost_net"] <= bound, (d, f"pause -> resume {window_ms:.1f} ms", bound)
     if rep.lost:  # ... and not by the restart (the loss would run until the restarted agent drained)
         assert rep.blackout_start_ms + rep.blackout_ms < f["agent_fault.started"], (d, f)
