@@ -65,7 +65,8 @@ H_ADDR = "2001:db8:f::2"
 TX_RING_FRAMES = 2048      # TxRingSender's ring: slots of 2 KiB (MTU 1500), one send() per fill
 
 METHODS = ("raw_sendto", "raw_sendmmsg", "packet_sendto", "packet_sendmmsg", "packet_sendmmsg_bypass",
-           "packet_tx_ring", "packet_tx_ring_bypass", "fabric_raw_sendto", "fabric_raw_sendmmsg", "fabric_packet_sendmmsg")
+           "packet_tx_ring", "packet_tx_ring_bypass", "fabric_raw_sendto", "fabric_raw_sendmmsg",
+           "fabric_packet_sendmmsg")
 CHOSEN = "packet_tx_ring"  # TxRingSender: the way to put a held buffer into a VM's tap
 BASELINE = "packet_sendmmsg"  # PacketSender as unpark() uses it: the chosen path is compared with it
 

@@ -762,6 +762,7 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
         raise BenchError(str(e)) from None
     runs: list[dict[str, dict[str, dict]]] = []
     inter: dict[str, list[list[dict[str, float]]]] = {size: [] for size in sizes}  # per size, per run: rounds
+    inter_ratios: dict[str, list[dict]] = {size: [] for size in sizes}  # per size, per run: its median round
     inter_paths = tuple(p for p in RATIO_PATHS if p in paths)
     out: dict = {"generator": generator, "sizes": list(sizes), "repeat": repeat}
     with LocalBench(mode=mode, flows=flows, generator=generator) as b:
@@ -786,8 +787,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                                  f"{', '.join(inter_paths)}, interleaved")
                     rates = interleave(b, size, inter_paths, rounds, duration_s / 2)
                     inter[size].append(rates)
+                    inter_ratios[size].append(rr := _median_ratios([_round_ratios(x) for x in rates]))
                     if progress:
-                        rr = _median_ratios([_round_ratios(x) for x in rates])
                         progress(f"  End.S / redirect stub {rr['end_s_vs_redirect_stub']}, / kernel End.DX6 "
                                  f"{rr['end_s_vs_kernel_dx6']} (median of the rounds)")
             runs.append(one)
@@ -816,7 +817,7 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
             "ratios": {k: spread([pr[k] for pr in per_run]) for k in per_run[0]},
         }
         if inter[size]:
-            per_run_i = [_median_ratios([_round_ratios(x) for x in rates]) for rates in inter[size]]
+            per_run_i = inter_ratios[size]
             out["sweep"][size]["interleaved"] = {
                 "paths": list(inter_paths), "window_s": duration_s / 2, "rounds": inter[size],
                 "ratios": {k: spread([pr[k] for pr in per_run_i]) for k in per_run_i[0]}}

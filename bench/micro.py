@@ -29,10 +29,11 @@ TARGET_SCALE_RATIO = 1.2
 def branch_packets() -> dict[str, bytes]:
     """One packet per branch; each takes its branch on every run (checked before timing)."""
     s_path = [L.SID_S, L.D_SBUF]
+    forward = bytes(h_encaps(s_path, inner(L.VM_AWAY), dst_mac=L.FAB_MAC))
     return {
         "end_s_deliver": bytes(h_encaps(s_path, inner(L.VM_RUNNING), dst_mac=L.FAB_MAC)),
-        "end_s_forward": bytes(h_encaps(s_path, inner(L.VM_AWAY), dst_mac=L.FAB_MAC)),
-        "end_s_forward_cold": bytes(h_encaps(s_path, inner(L.VM_AWAY), dst_mac=L.FAB_MAC)),
+        "end_s_forward": forward,
+        "end_s_forward_cold": forward,  # the same packet, timed with the program's copies outdated (COLD)
         "end_sbuf_hold": bytes(h_encaps([L.D_SBUF, L.SID_SBUF], inner(L.VM_INCOMING), sl=0, dst_mac=L.FAB_MAC)),
         "end_dx6_deliver": bytes(h_encaps([L.SID_DX6], inner(L.VM_RUNNING), dst_mac=L.FAB_MAC)),
         "drop_malformed": bytes(h_encaps(s_path, inner(L.VM_AWAY), sl=3, dst_mac=L.FAB_MAC)),

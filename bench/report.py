@@ -180,9 +180,9 @@ def print_sweep(loc: dict) -> None:
           + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}" if inter else ""))
     for size, sz in sweep.items():
         cells = []
-        for ratios in (sz["ratios"], sz.get("interleaved", {}).get("ratios") if inter else None):
-            for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub") if ratios is not None or inter else ():
-                v = (ratios or {}).get(k) or {"median": None, "min": None, "runs": []}
+        for ratios in [sz["ratios"]] + ([sz.get("interleaved", {}).get("ratios", {})] if inter else []):
+            for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub"):
+                v = ratios.get(k) or {"median": None, "min": None, "runs": []}
                 cells.append(f"{_fmt(v['median'])}" + (f" ({_fmt(v['min'])}-{_fmt(v['max'])})"
                                                        if v["min"] is not None and len(v["runs"]) > 1 else ""))
         print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))

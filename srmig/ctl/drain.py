@@ -231,7 +231,7 @@ class ShadowLog:
 
         The moment QEMU stopped reading is bounded from above by `stopped_at_ns` (when the agent heard STOP)
         and by the delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent
-        hears STOP late when it is starved of CPU (measured under a busy loop: up to ~50 ms after the first
+        hears STOP late when it is starved of CPU (measured under a busy loop: 63 and 186 ms after the first
         frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
         self.miss = None
         recs = list(self.records)
@@ -487,8 +487,9 @@ class PacketSender(_BatchSender):
     but its ring takes up to tens of ms to set up). Bound with protocol 0, so it never receives.
     `qdisc_bypass` (PACKET_QDISC_BYPASS) hands each frame to the driver directly; on a tap that measured
     slower (tun never stops its queue, so its qdisc is passed through anyway, while the bypass runs tun's
-    per-frame queue selection: see TxRingSender), and without it the host's tc setup still applies. A tap reports nothing when
-    its queue is full (tun drops and counts tx_dropped): its txqueuelen must hold what is sent."""
+    per-frame queue selection: see TxRingSender), and without it the host's tc setup still applies. A tap
+    reports nothing when its queue is full (tun drops and counts tx_dropped): its txqueuelen must hold what
+    is sent."""
 
     def __init__(self, ifname: str, qdisc_bypass: bool = False):
         super().__init__()
@@ -524,11 +525,11 @@ class TxRingSender(_Counted):
     frame, and tun's hashes each frame's flow (~14 % of the kernel's time here), where the qdisc path skips
     it on a single-queue device; a tap's qdisc never holds a frame (tun never stops its queue), so the
     bypass saves nothing. Without it, 128-byte frames: 0.60-0.63 against 0.55-0.56 Mpps (medians of 8
-    interleaved rounds, pfifo_fast and noqueue); 1024 bytes: within this machine's noise. Same interface and the same accounting as
-    PacketSender: in order; ENOBUFS/EAGAIN retried with a doubling wait, RETRIES times, then the rest given
-    up; a frame the kernel would refuse (longer than the MTU, shorter than an Ethernet header) skipped in
-    place, and one it does refuse (TP_STATUS_WRONG_FORMAT) too; everything not sent counted in `dropped` and
-    by errno name in `errors`.
+    interleaved rounds, pfifo_fast and noqueue); 1024 bytes: within this machine's noise. Same interface and
+    the same accounting as PacketSender: in order; ENOBUFS/EAGAIN retried with a doubling wait, RETRIES
+    times, then the rest given up; a frame the kernel would refuse (longer than the MTU, shorter than an
+    Ethernet header) skipped in place, and one it does refuse (TP_STATUS_WRONG_FORMAT) too; everything not
+    sent counted in `dropped` and by errno name in `errors`.
 
     PACKET_VNET_HDR: each slot carries a virtio-net header whose hdr_len is the frame's length, so the
     kernel copies the whole frame into the skb. Without it the skb points into the ring's pages and tun,

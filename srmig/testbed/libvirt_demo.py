@@ -316,7 +316,8 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
 GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
-FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault")  # what the `during` hooks leave on the testbed
+# What the `during` hooks leave on the testbed.
+FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault")
 
 
 def _domain_states(ds) -> dict[str, tuple | None]:
