@@ -253,19 +253,37 @@ def test_abort_after_pause_returns_held_packets():
     source. The agents roll back: the source delivers again, the destination returns what its tap queue held
     (kept alive by the agent's duplicate of QEMU's tap fd) once the source runs the VM.
 
-    0 duplicated, and at most 1 lost: the frame the source QEMU's tap backend read just after the stop. Here
-    libvirt resumes the source 10-15 ms after the pause, often before the source's agent has drained, and in
-    about half the runs QEMU 7.2 drops that frame at the resume (measured with a capture on the source's tap:
-    the guest never answers the probe between the last one before the pause and the first after it; the same
-    with the drain off, so it is not srmig's doing). Without the return, ~50 probes are lost here.
+    The source's QEMU is frozen from the pause until D holds something (kill_dest_at_pause): without that,
+    libvirt resumed the source 10-15 ms after the pause, and under load before the source's agent had sent D
+    anything.
+
+    0 duplicated, and at most 1 lost: the frame the source QEMU's tap backend read just after the stop, which
+    in about half the runs QEMU 7.2 dropped at the resume (measured with a capture on the source's tap: the
+    guest never answers the probe between the last one before the pause and the first after it; the same
+    with the drain off, so it is not srmig's doing). Without the return, what D held is lost: ~600 probes here.
 
     Order: D returns to S's End.SBUF while S parks what arrives (SRMIG_VM_F_PARK) until D's record says how
     many it returned, then delivers those in order: 0 reordered (before, the ~50 returned probes all arrived
     behind newer ones). At most 1 when QEMU swallowed two frames at the pause and keeps the newer."""
+    import threading
+    import time
+
     from srmig.testbed import libvirt_demo
 
+    stop = threading.Event()
+
+    def during(tb, ds, agents, dom):
+        """The probe runs until 1.5 s after the abort: under load the pause came 3.2 s into the run, after
+        a fixed 6000 probes at 2000/s had all been sent, and there was nothing left to hold."""
+        try:
+            libvirt_demo.kill_dest_at_pause(tb, ds, agents, dom)
+            time.sleep(1.5)
+        finally:
+            stop.set()
+
     res = _run_until(lambda r: r.error is not None and r.agents["D"]["dataplane"]["verdicts"]["hold"] > 0,
-                     rate=2000, count=6000, during=libvirt_demo.kill_dest_at_pause)
+                     rate=2000, count=60000, before=lambda tb, ds, agents: stop.clear(), during=during,
+                     stop=stop)
     d = res.to_dict()
     assert res.error is not None, "the migration should have failed"
     assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)

@@ -370,12 +370,27 @@ def wait_paused(dom, timeout: float = 30) -> bool:
     return False
 
 
-def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
-    """Abort after stop-and-copy began: SIGKILL the destination's QEMU as soon as the source is paused."""
+def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30, held_within_s: float = 5) -> None:
+    """Abort after stop-and-copy began, once the destination holds something: at the pause, SIGSTOP the
+    source's QEMU (a long stop-and-copy, as a big VM's would be) until the destination's agent has held a
+    packet (the source drained and forwarded to it; at most `held_within_s`), then SIGKILL the destination's
+    QEMU and SIGCONT the source's: its migration fails and libvirt resumes it. Without the freeze libvirt
+    resumed the source 10-15 ms after the pause, and under one busy loop the starved source agent had not
+    forwarded anything by then (3 runs of 3): the abort returned nothing, so it proved nothing.
+    tb.dest_killed says when (monotonic): the source frozen, the destination killed, the source thawed."""
     if not wait_paused(dom, timeout):
         return
-    os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
-    tb.dest_killed = {"killed": time.monotonic()}
+    src = lv.qemu_pid(ds["S"], DOMAIN)
+    frozen = time.monotonic()
+    os.kill(src, signal.SIGSTOP)
+    try:
+        with contextlib.suppress(TimeoutError):
+            agents.wait("D", lambda s: s["dataplane"]["verdicts"]["hold"] > 0, held_within_s, "a held packet")
+        os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        os.kill(src, signal.SIGCONT)
+    tb.dest_killed = {"source_frozen": frozen, "killed": killed, "source_thawed": time.monotonic()}
 
 
 def freeze_ingress(tb, ds, agents) -> None:
