@@ -143,7 +143,7 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     log, packets = _shadow(times)
     first = times.index(1000.5)
     for heard_ms in (1001, 1200, 5000):                    # STOP heard at once, 200 ms late, 4 s late
-        assert log.swallowed_frames(2, packets[first], heard_ms * MS) == packets[first - 2:first], heard_ms
+        assert log.swallowed_frames(2, packets[first], heard_ms * MS) == (packets[first - 2:first], None), heard_ms
     # Before, the window hung on the STOP event alone: heard 200 ms late, the swallowed frames looked 150 ms
     # too old and were not re-sent (lost under a busy loop).
 
@@ -151,20 +151,22 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     # guest) long before QEMU stopped reading. Neither anchor admits it, however late STOP is heard.
     log, packets = _shadow([100.0, 1000.5, 1001.0])
     for heard_ms in (1001, 1200, 5000):
-        assert log.swallowed_frames(1, packets[1], heard_ms * MS) == []
+        assert log.swallowed_frames(1, packets[1], heard_ms * MS) == ([], "one delivered 900.5 ms before QEMU "
+                                                                        "stopped reading")
 
     # Quiet traffic, STOP heard at once: QEMU read one frame just after the pause (1000.2 ms) and kept it; the
     # next frame came 300 ms later. The STOP event is then the tighter bound and the frame is recovered.
     log, packets = _shadow([700.0, 1000.2, 1300.0])
-    assert log.swallowed_frames(1, packets[2], 1001 * MS) == [packets[1]]
-    assert log.swallowed_frames(2, packets[2], 1001 * MS) == []      # 700 ms: delivered to the guest
+    assert log.swallowed_frames(1, packets[2], 1001 * MS) == ([packets[1]], None)
+    assert log.swallowed_frames(2, packets[2], 1001 * MS)[0] == []   # 700 ms: delivered to the guest
 
     # An empty tap queue: the last frames delivered, bounded by the STOP event only.
     log, packets = _shadow([990.0, 999.5, 1000.2])
-    assert log.swallowed_frames(1, None, 1001 * MS) == [packets[2]]
-    assert log.swallowed_frames(1, None, 1200 * MS) == []
+    assert log.swallowed_frames(1, None, 1001 * MS) == ([packets[2]], None)
+    assert log.swallowed_frames(1, None, 1200 * MS) == ([], "one delivered 199.8 ms before QEMU stopped reading")
 
     # Cannot be told for sure: the first queued frame is not in the log, or fewer frames than counted.
     log, packets = _shadow([999.0, 999.5, 1000.0])
-    assert log.swallowed_frames(1, b"never delivered", 1001 * MS) == []
-    assert log.swallowed_frames(2, packets[1], 1001 * MS) == []
+    assert log.swallowed_frames(1, b"never delivered", 1001 * MS) == (
+        [], "the first queued frame is not in the shadow log (3 records)")
+    assert log.swallowed_frames(2, packets[1], 1001 * MS) == ([], "1 of them in the shadow log")

@@ -194,7 +194,6 @@ class ShadowLog:
 
     def __init__(self, dataplane, keep: int = 4096):
         self.records: deque = deque(maxlen=keep)
-        self.miss: str | None = None  # why the last swallowed_frames() found none
         self._ring = dataplane.shadow_ring(self.records.append)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-log", daemon=True)
@@ -222,10 +221,10 @@ class ShadowLog:
             self._ring = None
 
     def swallowed_frames(self, count: int, first_queued: bytes | None, stopped_at_ns: int,
-                         window_ns: int = SWALLOW_WINDOW_NS) -> list[bytes]:
-        """The `count` frames delivered just before `first_queued` (the first frame left in the tap queue;
-        None: the queue was empty, so the last ones delivered), oldest first. Empty when they cannot be
-        told for sure (`self.miss` says why): not all in the log, or one delivered more than `window_ns`
+                         window_ns: int = SWALLOW_WINDOW_NS) -> tuple[list[bytes], str | None]:
+        """(The `count` frames delivered just before `first_queued` (the first frame left in the tap queue;
+        None: the queue was empty, so the last ones delivered), oldest first; None) or, when they cannot be
+        told for sure, ([], why): not all in the log, or one delivered more than `window_ns`
         before QEMU stopped reading its tap. A frame QEMU swallows reached the tap just before that moment;
         an older one, picked by a count that is off, was given to the guest: re-sent, it would arrive twice.
 
@@ -233,7 +232,6 @@ class ShadowLog:
         and by the delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent
         hears STOP late when it is starved of CPU (measured under a busy loop: 63 and 186 ms after the first
         frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
-        self.miss = None
         recs = list(self.records)
         idx = len(recs)
         stop_ns = stopped_at_ns
@@ -243,17 +241,14 @@ class ShadowLog:
                     idx = i
                     break
             else:
-                self.miss = f"the first queued frame is not in the shadow log ({len(recs)} records)"
-                return []
+                return [], f"the first queued frame is not in the shadow log ({len(recs)} records)"
             stop_ns = min(stop_ns, recs[idx].timestamp_ns)
         picked = recs[max(0, idx - count):idx]
         if len(picked) != count:
-            self.miss = f"{len(picked)} of them in the shadow log"
-            return []
+            return [], f"{len(picked)} of them in the shadow log"
         if (age := stop_ns - min(r.timestamp_ns for r in picked)) > window_ns:
-            self.miss = f"one delivered {age / 1e6:.1f} ms before QEMU stopped reading"
-            return []
-        return [r.packet for r in picked]
+            return [], f"one delivered {age / 1e6:.1f} ms before QEMU stopped reading"
+        return [r.packet for r in picked], None
 
 
 class TapKeeper:
@@ -841,7 +836,7 @@ class DrainReport:
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
     swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
     resent_swallowed: int = 0  # of those, re-sent from the shadow log
-    swallow_miss: str | None = None  # why they were not (ShadowLog.miss)
+    swallow_miss: str | None = None  # why they were not (ShadowLog.swallowed_frames)
     not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
@@ -891,11 +886,11 @@ class SourceDrain:
                 first = next((f[14:] for f in queued if f[12:14] == b"\x86\xdd"), None)
                 # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
                 # ring: both reached the tap shortly before it stopped reading, never long before.
-                for frame in shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns):
+                frames, rep.swallow_miss = shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns)
+                for frame in frames:
                     older.append(encapsulate_packet(frame, self.src, self.segments))
                     self.resent_swallowed.append(frame)
                     rep.resent_swallowed += 1
-                rep.swallow_miss = shadow.miss
             for frame in queued:
                 pkt = encapsulate(frame, self.src, self.segments)
                 if pkt is None:
