@@ -162,9 +162,15 @@ def test_translate_rejects_unknown_role():
 @pytest.mark.libvirt
 def test_live_migration_between_two_daemons():
     """Two private libvirtd in namespaces S and D, the guest booted on S, one p2p live migration over the
-    management link; the recorded events drive the machine to cut-over, and the guest answers on D."""
+    management link; the recorded events drive the machine to cut-over, and the guest answers on D.
+
+    The agent's link to S's daemon (LibvirtLink) also hears QEMU's own STOP of the pause, with QEMU's time:
+    after the migration started, before the link heard libvirt's SUSPENDED, and close to it."""
+    import time  # noqa: PLC0415
+
     import libvirt  # noqa: PLC0415
 
+    from srmig.ctl.libvirt_link import LibvirtLink  # noqa: PLC0415
     from srmig.testbed import libvirtd  # noqa: PLC0415
     from srmig.testbed.netns import Topology  # noqa: PLC0415
 
@@ -182,7 +188,18 @@ def test_live_migration_between_two_daemons():
         topo.link("S", "mg0", "D", "mg0", "fd00:99::1/64", "fd00:99::2/64")
         with libvirtd.daemons(topo) as ds:
             libvirtd_d = ds["D"]
-            rec = libvirtd.record("precopy", topo, ds, timeout=60, keep=on_dest)
+            heard = []
+            # Each item the link enqueues, with the QEMU STOPs it had recorded by then.
+            link = LibvirtLink(ds["S"].uri, lambda *item: heard.append((item, dict(link.qemu_stops))))
+            link.start()
+            try:
+                deadline = time.monotonic() + 10
+                while link.state != "connected" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                t_start = time.monotonic_ns()
+                rec = libvirtd.record("precopy", topo, ds, timeout=60, keep=on_dest)
+            finally:
+                link.close()
     assert rec.error == ""
     assert rec.running_on == "D"
     assert rec.migration_s < 30
@@ -193,3 +210,12 @@ def test_live_migration_between_two_daemons():
     assert evs == [E.BEGIN, E.SUSPENDED, E.RESUMED, E.STOPPED]
     assert actions == PROVISION + PAUSE + RESUME + CUT_OVER
     check_success(actions, m)
+    suspended = [(item[4], stops) for item, stops in heard if item[:3] == ("lifecycle", "srmig-vm", "SUSPENDED")]
+    assert suspended, heard
+    t_heard, stops_then = suspended[0]
+    stop = link.qemu_stopped_ns("srmig-vm", t_heard)
+    assert stop is not None, link.qemu_stops
+    assert stops_then.get("srmig-vm") == stop, "QEMU's STOP should be recorded before SUSPENDED is heard"
+    assert t_start < stop <= t_heard, (t_start, stop, t_heard)
+    assert t_heard - stop < 1e9, "QEMU's STOP time should be the pause's, not another clock's"
+    print(f"[qemu STOP] SUSPENDED heard {(t_heard - stop) / 1e6:.2f} ms after QEMU stopped")

@@ -741,16 +741,27 @@ class Agent:
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)
         check = _BoundedCheck(loc.check) if loc.check is not None else None
+        stopped_ns, stopped_how = self._stopped_ns(loc)
         try:
             with queue:
-                rep = drain.run(queue, check=check, shadow=loc.shadow, stopped_at_ns=loc.stopped_ns)
+                rep = drain.run(queue, check=check, shadow=loc.shadow, stopped_at_ns=stopped_ns)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
-                     "baseline %s, shadow %s)%s", m.vm, rep.from_tap, "" if pid else " (QEMU gone)", rep.from_ring,
-                     rep.resent_swallowed, rep.swallowed, loc.check is not None, loc.shadow is not None,
+                     "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, "" if pid else " (QEMU gone)",
+                     rep.from_ring, rep.resent_swallowed, rep.swallowed, loc.check is not None,
+                     loc.shadow is not None, stopped_how,
                      f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
         except OSError as e:
             log.error("%s: drain failed (%s); forwarding", m.vm, e)
             self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+
+    def _stopped_ns(self, loc: Local) -> tuple[int, str]:
+        """When the source QEMU stopped reading its tap, and where that time comes from: QEMU's STOP event
+        when libvirt passed it on, else when we heard SUSPENDED (later, by our own latency)."""
+        heard = loc.stopped_ns
+        qemu = self.libvirt.qemu_stopped_ns(loc.domain, heard) if self.libvirt and heard else None
+        if qemu is None:
+            return heard, "STOP as heard"
+        return qemu, f"SUSPENDED heard {(heard - qemu) / 1e6:.1f} ms after QEMU's STOP"
 
     def _return_held(self, m: Migration, loc: Local, a: ReturnHeld) -> None:
         from srmig.ctl.drain import return_held  # noqa: PLC0415

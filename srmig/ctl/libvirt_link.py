@@ -1,6 +1,10 @@
 """The agent's libvirt connection: event loop registered first, keepalive, close callback, reconnect with
 backoff. Callbacks only enqueue (the agent's one worker applies); after every (re)connect the worker
-reconciles, so whatever happened while we were away is caught up from the domains' states."""
+reconciles, so whatever happened while we were away is caught up from the domains' states.
+
+One callback does not enqueue: QEMU's own STOP event (libvirt_qemu's monitor events), which carries QEMU's
+timestamp. libvirt's lifecycle events carry none, and an agent starved of CPU heard SUSPENDED up to 186 ms
+after QEMU had stopped reading its tap; the source's drain needs the real moment (qemu_stopped_ns)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from srmig.ctl.libvirt_events import ensure_event_loop, lifecycle_names
 
 log = logging.getLogger("srmig.libvirt")
 KEEPALIVE = (5, 3)          # interval (s), missed replies before the connection is declared dead
+QEMU_STOP_MAX_AGE_NS = 10_000_000_000  # a QEMU STOP this much older than the SUSPENDED heard is another pause
 BACKOFF = (0.2, 10.0)       # first and longest retry delay (s)
 
 
@@ -25,6 +30,7 @@ class LibvirtLink:
         self.error: str | None = None
         self.retry_in: float | None = None
         self.connects = 0
+        self.qemu_stops: dict[str, int] = {}  # domain name -> its QEMU's last STOP, time.monotonic_ns() clock
         self._closed = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="libvirt-link", daemon=True)
@@ -71,9 +77,9 @@ class LibvirtLink:
                 if not conn.isAlive():
                     break
             self.conn = None
-            for cb in ids:
+            for deregister in ids:
                 try:
-                    conn.domainEventDeregisterAny(cb)
+                    deregister()
                 except libvirt.libvirtError:
                     pass
             try:
@@ -89,7 +95,36 @@ class LibvirtLink:
                 self.enqueue("libvirt-down", "connection closed")
                 self._stop.wait(delay)
 
-    def _register(self, conn) -> list[int]:
+    def qemu_stopped_ns(self, domain: str, heard_ns: int) -> int | None:
+        """When `domain`'s QEMU stopped (time.monotonic_ns), for the SUSPENDED event heard at `heard_ns`;
+        None if QEMU's STOP of that pause did not reach us (no monitor events: another driver, or a STOP
+        from an earlier pause)."""
+        t = self.qemu_stops.get(domain)
+        if t is None or not heard_ns - QEMU_STOP_MAX_AGE_NS <= t <= heard_ns:
+            return None
+        return t
+
+    def _register_qemu_stop(self, conn) -> list:
+        """QEMU's STOP events with QEMU's timestamp (wall clock, microseconds), kept on the monotonic clock.
+        libvirt passes a monitor event on before the lifecycle event it causes, so the STOP is recorded by
+        the time SUSPENDED is heard (tests/test_libvirt_events.py checks it)."""
+        import libvirt  # noqa: PLC0415
+
+        def stop(_c, dom, _event, seconds, micros, _details, _o):
+            wall_ns = seconds * 1_000_000_000 + micros * 1000
+            self.qemu_stops[dom.name()] = wall_ns - (time.time_ns() - time.monotonic_ns())
+
+        try:
+            import libvirt_qemu  # noqa: PLC0415
+
+            cb = libvirt_qemu.qemuMonitorEventRegister(conn, None, "STOP", stop, None, 0)
+        except (ImportError, libvirt.libvirtError) as e:  # not the QEMU driver (test:///)
+            log.debug("no QEMU monitor events: %s", e)
+            return []
+        return [lambda: libvirt_qemu.qemuMonitorEventDeregister(conn, cb)]
+
+    def _register(self, conn) -> list:
+        """Registers the callbacks; returns how to deregister each."""
         import libvirt  # noqa: PLC0415
 
         def lifecycle(_c, dom, typ, detail, _o):
@@ -110,10 +145,12 @@ class LibvirtLink:
         except libvirt.libvirtError as e:  # local drivers (test:///) have no keepalive
             log.debug("no keepalive: %s", e)
         conn.registerCloseCallback(closed, None)
-        return [conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None),
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, job, None),
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, iteration,
-                                            None)]
+        ids = [conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None),
+               conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, job, None),
+               conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, iteration,
+                                           None)]
+        return [*self._register_qemu_stop(conn),
+                *[lambda cb=cb: conn.domainEventDeregisterAny(cb) for cb in ids]]
 
     def close(self) -> None:
         self._stop.set()
