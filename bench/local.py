@@ -12,6 +12,8 @@ In ONE run, on the SAME path and packets, each of these DUT configurations is se
 - kernel_end_dx6: the kernel's seg6local End.DX6 (no XDP on d_in)
 - kernel_end:     the kernel's seg6local End (no XDP on d_in)
 - redirect_stub:  bench/xdp_redirect_stub.c, redirects every frame to d_out (the floor of an XDP forwarder)
+- redirect_stub_mac: bench/xdp_redirect_stub_mac.c, the same after swapping the Ethernet addresses (the
+                  kernel sample xdp_redirect_map): the floor of a forwarder that reads the frame at all
 - generator:      bench/xdp_sink.c on d_in itself (drop at the DUT): what the generator can offer at all
 
 Where the cores go: trafgen (one process, paced with sendto, pinned to CPU 0 by itself) on CPU 0. d_in uses
@@ -80,8 +82,11 @@ VM_AWAY = "2001:db8:100::20"
 VM_HOLD = "2001:db8:100::30"
 SINK_ADDR = "2001:db8:b::2"
 
-PATHS = ("generator", "redirect_stub", "end_s_forward", "end_s_deliver", "kernel_end_dx6", "kernel_end")
-RATIO_PATHS = ("redirect_stub", "end_s_forward", "end_s_deliver", "kernel_end_dx6")  # what the ratios compare
+PATHS = ("generator", "redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver", "kernel_end_dx6",
+         "kernel_end")
+RATIO_PATHS = ("redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver",
+               "kernel_end_dx6")  # what the ratios compare
+STUBS = {"redirect_stub": "xdp_redirect_stub", "redirect_stub_mac": "xdp_redirect_stub_mac"}  # path: C function
 GENERATORS = ("trafgen", "live")
 SIZES = ("78", "512", "1500", "imix")
 IMIX = ((64, 7), (570, 4), (None, 1))  # inner IPv6 bytes (None: a 1500-byte outer packet), weight: bench/trex's
@@ -112,7 +117,7 @@ def _route(path: str) -> tuple[list[str], str]:
         return [SID_S, NEXT_SID], VM_RUN
     if path == "hold":
         return [SID_S, NEXT_SID], VM_HOLD
-    return [SID_S, NEXT_SID], VM_AWAY  # end_s_forward, redirect_stub, generator
+    return [SID_S, NEXT_SID], VM_AWAY  # end_s_forward, the redirect stubs, generator
 
 
 def packet(path: str, size: int | None = None, dst_mac: str = "02:00:00:00:00:01") -> bytes:
@@ -394,12 +399,13 @@ class LocalBench:
         with t.inside("sink"):
             loader.attach("s0", sink_fd, self.mode)
         self.sink_fd = sink_fd
-        # The redirect stub, egress = d_out.
-        self.stub_bpf, self.stub_fd = loader.compile_program(BENCH_DIR / "xdp_redirect_stub.c",
-                                                             "xdp_redirect_stub")
-        self._stack.callback(self.stub_bpf.cleanup)
-        egress = self.stub_bpf[b"egress"]
-        egress[egress.Key(0)] = egress.Leaf(self.d_out_ifindex)
+        # The redirect stubs, egress = d_out.
+        self.stub_fds = {}
+        for path, func in STUBS.items():
+            bpf, self.stub_fds[path] = loader.compile_program(BENCH_DIR / f"{func}.c", func)
+            self._stack.callback(bpf.cleanup)
+            egress = bpf[b"egress"]
+            egress[egress.Key(0)] = egress.Leaf(self.d_out_ifindex)
         # srmig, loaded once on d_in (detached and unpinned by xdp_on on close).
         self.dp = self._stack.enter_context(xdp_on(t, "dut", "d_in", self.mode))
         self.srmig_fd = self.dp.prog_fd()
@@ -455,8 +461,8 @@ class LocalBench:
         with self.topo.inside("dut"):
             if path == "generator":
                 loader.attach("d_in", self.sink_fd, self.mode)
-            elif path == "redirect_stub":
-                loader.attach("d_in", self.stub_fd, self.mode)
+            elif path in STUBS:
+                loader.attach("d_in", self.stub_fds[path], self.mode)
             elif path.startswith("end_s"):
                 loader.attach("d_in", self.srmig_fd, self.mode)
             else:
@@ -789,7 +795,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                     inter[size].append(rates)
                     inter_ratios[size].append(rr := _median_ratios([_round_ratios(x) for x in rates]))
                     if progress:
-                        progress(f"  End.S / redirect stub {rr['end_s_vs_redirect_stub']}, / kernel End.DX6 "
+                        progress(f"  End.S / redirect stub {rr['end_s_vs_redirect_stub']}, / the stub swapping "
+                                 f"MACs {rr['end_s_vs_redirect_stub_mac']}, / kernel End.DX6 "
                                  f"{rr['end_s_vs_kernel_dx6']} (median of the rounds)")
             runs.append(one)
         if hold_packets and shutil.which("trafgen"):  # the hold-ring flush parks its frames with trafgen
@@ -858,9 +865,12 @@ def _ratios(p: dict) -> dict:
 
     fwd_dx6, dlv_dx6 = ratio("end_s_forward", "kernel_end_dx6"), ratio("end_s_deliver", "kernel_end_dx6")
     fwd_stub, dlv_stub = ratio("end_s_forward", "redirect_stub"), ratio("end_s_deliver", "redirect_stub")
+    fwd_mac, dlv_mac = ratio("end_s_forward", "redirect_stub_mac"), ratio("end_s_deliver", "redirect_stub_mac")
     # The headline ratios take the slower End.S branch (forward or deliver): a target met by both.
     return {"end_s_vs_kernel_dx6": worst(fwd_dx6, dlv_dx6),
             "end_s_vs_redirect_stub": worst(fwd_stub, dlv_stub),
+            "end_s_vs_redirect_stub_mac": worst(fwd_mac, dlv_mac),
+            "redirect_stub_mac_vs_redirect_stub": ratio("redirect_stub_mac", "redirect_stub"),
             "end_s_forward_vs_kernel_dx6": fwd_dx6, "end_s_deliver_vs_kernel_dx6": dlv_dx6,
             "end_s_forward_vs_redirect_stub": fwd_stub, "end_s_deliver_vs_redirect_stub": dlv_stub,
             "end_s_forward_vs_kernel_end": ratio("end_s_forward", "kernel_end"),

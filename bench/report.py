@@ -8,6 +8,8 @@
 - ratios: end_s_vs_kernel_dx6, end_s_vs_redirect_stub (local, same run; the median over the repetitions, range in
   ratios_spread), scale_1e6_vs_10 (scale)
 - targets: End.S >= 2x the kernel's End.DX6, >= 0.8x the redirect stub; 10^6 VMs within 20 % of 10
+- for reference, no target: end_s_vs_redirect_stub_mac, End.S against a stub that swaps the Ethernet addresses
+  (reads and writes the frame, as every real forwarder must; the bare stub never touches it)
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ def print_table(result: dict) -> None:
           f"{_fmt(r['end_s_vs_redirect_stub'])}{rng('end_s_vs_redirect_stub')} (>= {t['end_s_vs_redirect_stub_min']}: "
           f"{verdict('end_s_vs_redirect_stub_met')}); 10^6 / 10 VMs = {_fmt(r['scale_1e6_vs_10'], '.3f')} "
           f"(<= {t['scale_1e6_vs_10_max']}: {verdict('scale_1e6_vs_10_met')})")
+    if r.get("end_s_vs_redirect_stub_mac") is not None:
+        print(f"  for reference: End.S / a redirect stub that swaps the MAC addresses (reads the frame) = "
+              f"{_fmt(r['end_s_vs_redirect_stub_mac'])}{rng('end_s_vs_redirect_stub_mac')}; that stub / the bare "
+              f"one = {_fmt(r.get('redirect_stub_mac_vs_redirect_stub'))}")
 
 
 def _range(sp: dict | None, scale: float = 1e3, spec: str = ".0f") -> str:
@@ -176,12 +182,12 @@ def print_sweep(loc: dict) -> None:
                          f"{_range(m)} / {_fmt(g['median'])}")
         print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))
     inter = any("interleaved" in sz for sz in sweep.values())
-    print(f"{'size':<7}{'End.S/kernel End.DX6':>24}{'End.S/redirect stub':>24}"
-          + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}" if inter else ""))
+    print(f"{'size':<7}{'End.S/kernel End.DX6':>24}{'End.S/redirect stub':>24}{'/stub swapping MACs':>24}"
+          + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}{'/stub swapping MACs':>24}" if inter else ""))
     for size, sz in sweep.items():
         cells = []
         for ratios in [sz["ratios"]] + ([sz.get("interleaved", {}).get("ratios", {})] if inter else []):
-            for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub"):
+            for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub", "end_s_vs_redirect_stub_mac"):
                 v = ratios.get(k) or {"median": None, "min": None, "runs": []}
                 cells.append(f"{_fmt(v['median'])}" + (f" ({_fmt(v['min'])}-{_fmt(v['max'])})"
                                                        if v["min"] is not None and len(v["runs"]) > 1 else ""))

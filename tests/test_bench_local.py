@@ -97,8 +97,8 @@ class FakeBench:
     """LocalBench's interface without a kernel: every path forwards `capacity[path]` pps, times a factor per
     run (so the repetitions differ), and loses what is offered above it."""
 
-    capacity = {"generator": 8e6, "redirect_stub": 4e6, "end_s_forward": 2e6, "end_s_deliver": 1.8e6,
-                "kernel_end_dx6": 4e5, "kernel_end": 5e5}
+    capacity = {"generator": 8e6, "redirect_stub": 4e6, "redirect_stub_mac": 3.6e6, "end_s_forward": 2e6,
+                "end_s_deliver": 1.8e6, "kernel_end_dx6": 4e5, "kernel_end": 5e5}
     runs_per_size: dict = {}
 
     def __init__(self, **kw):
@@ -175,6 +175,7 @@ def test_interleaved_rounds_give_the_headline_ratios(monkeypatch):
     assert it["rounds"][1][0]["end_s_forward"] == pytest.approx(2.2e6)  # run 2 of the fake: 10 % faster
     r = local.ratios(loc)
     assert r["end_s_vs_redirect_stub"] == pytest.approx(0.45) and r["end_s_vs_kernel_dx6"] == pytest.approx(4.5)
+    assert r["end_s_vs_redirect_stub_mac"] == pytest.approx(0.5) and r["redirect_stub_mac_vs_redirect_stub"] == 0.9
     assert loc["ratios_spread"]["end_s_vs_redirect_stub"] is it["ratios"]["end_s_vs_redirect_stub"]
     assert r["end_s_forward_vs_kernel_end"] == pytest.approx(4.0)  # not interleaved: from the runs' MFR
     assert "interleaved" in loc["method"]
@@ -193,6 +194,7 @@ def test_report_table_and_plot_with_a_sweep(monkeypatch, tmp_path, capsys):
     report.print_table(result)
     out = capsys.readouterr().out
     assert "by frame size" in out and "imix" in out and "(1800-1980)" in out
+    assert "swaps the MAC addresses (reads the frame) = 0.50" in out
     report.plot(result, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 1000
 
