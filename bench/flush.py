@@ -19,6 +19,10 @@ inline in each send on this one machine.
                           (TxRingSender, the chosen path)
 - packet_tx_ring_bypass:  the same with PACKET_QDISC_BYPASS (TxRingSender until 2026-11-30: the bypass runs
                           tun's per-frame queue selection, a flow hash, which the qdisc path skips)
+- packet_tx_ring_kernel:  the chosen path with only its send() calls timed, each ring fill written before the
+                          clock runs: the kernel's own cost per frame, the ceiling of any sender on this path
+                          (a fill in C, or a filler thread overlapping the kernel's sends). Not a sender of
+                          its own: never the chosen or the fastest method.
 - fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6 SID over the veth, one sendto() each (the old drain)
 - fabric_raw_sendmmsg:    the same, RawSender.send_many (the drain's and return_held's path now)
 - fabric_packet_sendmmsg: from S: the same frames by AF_PACKET on s0 (next hop MAC known), batched
@@ -49,6 +53,7 @@ import socket
 import struct
 import sys
 import time
+from array import array
 from typing import Callable
 
 from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender, TxRingSender, encapsulate_packet
@@ -65,9 +70,10 @@ H_ADDR = "2001:db8:f::2"
 TX_RING_FRAMES = 2048      # TxRingSender's ring: slots of 2 KiB (MTU 1500), one send() per fill
 
 METHODS = ("raw_sendto", "raw_sendmmsg", "packet_sendto", "packet_sendmmsg", "packet_sendmmsg_bypass",
-           "packet_tx_ring", "packet_tx_ring_bypass", "fabric_raw_sendto", "fabric_raw_sendmmsg",
-           "fabric_packet_sendmmsg")
+           "packet_tx_ring", "packet_tx_ring_bypass", "packet_tx_ring_kernel", "fabric_raw_sendto",
+           "fabric_raw_sendmmsg", "fabric_packet_sendmmsg")
 CHOSEN = "packet_tx_ring"  # TxRingSender: the way to put a held buffer into a VM's tap
+CEILING = "packet_tx_ring_kernel"  # the kernel's part of CHOSEN alone
 BASELINE = "packet_sendmmsg"  # PacketSender as unpark() uses it: the chosen path is compared with it
 
 
@@ -197,6 +203,28 @@ def packet_tx_ring(lab: FlushLab, frames: list[bytes], bypass: bool = False) -> 
     return _timed(lambda: len(frames) - s.send_many(frames), s.close)
 
 
+def packet_tx_ring_kernel(lab: FlushLab, frames: list[bytes]) -> tuple[float, float, int]:
+    """TxRingSender's own steps (a bench of its internals): each ring fill (_put) before the clock, each
+    send (_flush) on it."""
+    with lab.topo.inside("H"):
+        s = TxRingSender(TAP, slots=TX_RING_FRAMES)
+    wall = cpu = 0.0
+    sent = 0
+    try:
+        for i in range(0, len(frames), s.slots):  # every fill starts at slot 0: the previous one ended there
+            fill = frames[i:i + s.slots]
+            s._put(fill, array("I", map(len, fill)), 0)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            done, _err = s._flush(0, len(fill))
+            wall, cpu = wall + time.perf_counter() - t0, cpu + time.thread_time() - c0
+            sent += done
+            if done < len(fill):
+                break
+    finally:
+        s.close()
+    return wall, cpu, len(frames) - sent
+
+
 def fabric_raw_sendto(lab: FlushLab, encapped: list[bytes]) -> tuple[float, float, int]:
     with lab.topo.inside("S"):
         s = RawSender()
@@ -221,6 +249,7 @@ SENDERS: dict[str, Callable[[FlushLab, list[bytes]], tuple[float, float, int]]] 
     "packet_sendmmsg_bypass": lambda lab, frames: packet_sendmmsg(lab, frames, bypass=True),
     "packet_tx_ring": packet_tx_ring,
     "packet_tx_ring_bypass": lambda lab, frames: packet_tx_ring(lab, frames, bypass=True),
+    "packet_tx_ring_kernel": packet_tx_ring_kernel,
     "fabric_raw_sendto": fabric_raw_sendto,
     "fabric_raw_sendmmsg": fabric_raw_sendmmsg, "fabric_packet_sendmmsg": fabric_packet_sendmmsg}
 assert tuple(SENDERS) == METHODS
@@ -302,13 +331,15 @@ def run(packets: int = 20000, sizes: tuple[int, ...] = (128, 1024), methods: tup
                 if progress:
                     progress(f"flush: {m:<24} {size:>5} B  {best['flush_pps'] / 1e3:8.1f} kpps  "
                              f"lost {best['lost']}  in order {best['in_order']}")
-    ok = [r for r in out["results"] if r["ok_all_runs"]]
+    ok = [r for r in out["results"] if r["ok_all_runs"] and r["method"] != CEILING]
     chosen = [r for r in out["results"] if r["method"] == CHOSEN]
     out["chosen"] = CHOSEN
     out["flush_pps"] = min((r["flush_pps"] for r in chosen), default=None)  # the slowest size
     out["target_pps"] = 1_000_000
     out["target_met"] = None if out["flush_pps"] is None else out["flush_pps"] >= out["target_pps"]
     out["fastest_lossless"] = max(ok, key=lambda r: r["flush_pps"])["method"] if ok else None
+    out["kernel_ceiling_pps"] = min((r["flush_pps"] for r in out["results"] if r["method"] == CEILING),
+                                    default=None)  # the slowest size
     # The chosen path against the one it replaced, per size, same run: best round / best round, and the
     # sending thread's CPU time (steadier when the shared cores are busy).
     by = {(r["method"], r["frame_bytes"]): r for r in out["results"]}
@@ -336,6 +367,9 @@ def print_table(result: dict) -> None:
     print(f"chosen {result['chosen']}: {(result['flush_pps'] or 0) / 1e3:.1f} kpps at the slowest size (target "
           f"{result['target_pps'] / 1e6:.0f} Mpps: {'met' if result['target_met'] else 'MISSED'}); fastest lossless "
           f"in order: {result['fastest_lossless']}")
+    if result.get("kernel_ceiling_pps"):
+        print(f"the kernel alone ({CEILING}: its send() calls only): {result['kernel_ceiling_pps'] / 1e3:.1f} kpps at "
+              f"the slowest size, the ceiling of any sender on this path")
     for size, r in result.get("chosen_vs_baseline", {}).items():
         print(f"{result['chosen']} / {BASELINE} at {size} B: {r['pps']:.2f}x the rate, "
               f"{r['cpu_pps']:.2f}x per CPU second")

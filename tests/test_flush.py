@@ -246,3 +246,12 @@ def test_hold_ring_bulk_read_keeps_order_across_the_wrap():
                 assert read_hold_packets(reader) == []
         finally:
             reader.close()
+
+
+@pytest.mark.netns
+def test_the_kernel_ceiling_method_is_a_real_flush(lab):
+    """bench/flush.py's packet_tx_ring_kernel times only the kernel's sends, but sends for real: what it
+    reports is a flush that delivered every frame, in order, like the chosen method's (several ring fills)."""
+    for method in (F.CHOSEN, F.CEILING):
+        r = F.measure(lab, method, N, 128)
+        assert r["ok"] and r["received"] == N and r["sender_dropped"] == 0, r
