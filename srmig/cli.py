@@ -287,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmarks (JSON with --json); without BENCH: everything",
         description="Without BENCH: the local generator (BPF_PROG_RUN live frames or trafgen, through one "
                     "DUT core: NDR/PDR and the forwarding rate at maximum load of srmig End.S forward/deliver, "
-                    "the kernel's End.DX6 and End, an XDP redirect stub, per frame size, repeated: medians and "
-                    "ranges), the hold-ring flush rate, the per-packet cost at 10, 10^3 and 10^6 VMs, and the "
-                    "ratios against the targets, as one JSON document with --json (progress on stderr). The "
-                    "ratios come from short windows of the stub, End.S and End.DX6 taken in turn (5 rounds "
-                    "per run and size, 3 with --quick), so a neighbour's burst slows every path alike.")
+                    "the kernel's End.DX6 and End, an XDP redirect stub, and one that also swaps the MAC "
+                    "addresses, per frame size, repeated: medians and ranges), the hold-ring flush rate, the "
+                    "per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the targets, as one JSON "
+                    "document with --json (progress on stderr). The ratios come from short windows of the "
+                    "stubs, End.S and End.DX6 taken in turn (5 rounds per run and size, 3 with --quick), so a "
+                    "neighbour's burst slows every path alike.")
     sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
     sp.add_argument("--quick", action="store_true",
                     help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
