@@ -135,8 +135,9 @@ MS = 1_000_000
 def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     """The frames QEMU swallowed are the ones delivered just before the first frame left in its tap queue,
     and they reached the tap at most SWALLOW_WINDOW_NS before QEMU stopped reading. That moment is bounded
-    from above both by the STOP event's arrival at the agent and by the first queued frame's delivery; the
-    earlier of the two is the tighter bound. A starved agent hears STOP late: the window must not follow."""
+    from above both by `stopped_at_ns` (QEMU's STOP, or the agent hearing it) and by the first queued frame's
+    delivery; the earlier of the two is the tighter bound. A starved agent hears STOP late: the window must
+    not follow."""
     # 2000 frames/s; QEMU stops reading at 1000.2 ms: the frames from 1000.5 ms on stay in its tap queue, the
     # two before them (999.5, 1000.0 ms) it read and never gave the guest.
     times = [990 + 0.5 * i for i in range(40)]           # 990.0 .. 1009.5 ms

@@ -50,7 +50,7 @@ SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
 SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before QEMU stopped
-                                 # reading it (ShadowLog.swallowed_frames: bounded by STOP's arrival, and by
+                                 # reading it (ShadowLog.swallowed_frames: bounded by QEMU's STOP, and by
                                  # the first frame QEMU left in the queue)
 RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
                                  # to arrive (counted at its End.SBUF) while none arrives, before it delivers
@@ -228,9 +228,10 @@ class ShadowLog:
         before QEMU stopped reading its tap. A frame QEMU swallows reached the tap just before that moment;
         an older one, picked by a count that is off, was given to the guest: re-sent, it would arrive twice.
 
-        The moment QEMU stopped reading is bounded from above by `stopped_at_ns` (when the agent heard STOP)
-        and by the delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent
-        hears STOP late when it is starved of CPU (measured under a busy loop: 63 and 186 ms after the first
+        The moment QEMU stopped reading is bounded from above by `stopped_at_ns` (QEMU's own STOP time, or
+        when the agent heard SUSPENDED if libvirt did not pass QEMU's event on: Agent._stopped_ns) and by the
+        delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent hears
+        SUSPENDED late when it is starved of CPU (measured under a busy loop: 63 and 186 ms after the first
         frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
         recs = list(self.records)
         idx = len(recs)
@@ -869,7 +870,7 @@ class SourceDrain:
             shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
         """`queue`: the paused QEMU's tap fds (taken now, or kept since before the pause: then QEMU may be
         gone already). `check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the
-        pause; `stopped_at_ns` (time.monotonic_ns of the STOP event) helps bound how old that frame can be
+        pause; `stopped_at_ns` (time.monotonic_ns of QEMU's STOP) helps bound how old that frame can be
         (ShadowLog.swallowed_frames)."""
         rep = DrainReport()
         sender = RawSender()
