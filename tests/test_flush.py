@@ -216,6 +216,66 @@ def test_send_many_retries_and_counts(monkeypatch, script, sent, dropped, errors
         s._peer.close()
 
 
+def test_send_many_says_what_it_hands_to_the_kernel(monkeypatch):
+    """`handing(k)` comes before every sendmmsg(2) with all the call may send, and before a retry's wait
+    with only what is done: what a process killed at that moment had sent, at most."""
+    monkeypatch.setattr(drain_mod, "_libc", _FakeLibc([3, -errno.ENOBUFS]))
+    monkeypatch.setattr(drain_mod, "RETRY_FIRST_S", 1e-6)
+    monkeypatch.setattr(drain_mod, "SENDMMSG_BATCH", 8)
+    s, handed = _PairSender(), []
+    try:
+        assert s.send_many([b"x"] * 10, handing=handed.append) == 10
+    finally:
+        s.sock.close()
+        s._peer.close()
+    # batch 1 (8): call, 3 sent; call, ENOBUFS: wait with 3 done; call, the other 5. Batch 2 (2): one call.
+    assert handed == [8, 8, 3, 8, 10]
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_a_drain_killed_mid_send_is_not_sent_twice():
+    """The source's drain sends what the hold ring holds before consuming it (newer packets park behind it
+    meanwhile). Killed in between (as the source agent was once in CI, after the VM resumed on D: the
+    restarted agent sent 109 probes twice), the records it had handed to the kernel stay in the ring; the
+    ring's sent mark says so, and the next drain consumes them without sending them again."""
+    from srmig.ctl.drain import SourceDrain, hold_ring_reader, read_hold_packets
+    from srmig.dataplane import libbpf
+    from srmig.testbed import lab as L
+    from srmig.testbed.packets import h_encaps, inner
+
+    def park_40_and_kill_after_25(lab, tag: str) -> None:
+        """40 packets parked; a drain reads them, hands 25 to the kernel, and is killed before its commit."""
+        with lab.topo.inside("lab"):
+            for i in range(40):
+                libbpf.prog_test_run(lab.prog_fd, bytes(h_encaps(
+                    [L.SID_S, L.D_SBUF], inner(L.VM_HOLD, payload=f"{tag}-{i}".encode()), dst_mac=L.FAB_MAC)),
+                    ingress_ifindex=lab.fab_ifindex)
+        killed = hold_ring_reader(lab.dp)
+        ends: list[int] = []
+        assert len(read_hold_packets(killed, commit=False, ends=ends)) == 40 and len(ends) == 40
+        killed.mark_sent(ends[24])  # what send_many's `handing` does before the sendmmsg of those 25
+        killed.close()
+
+    with L.TestRunLab() as lab:
+        with lab.dp.hold_ring(lambda rec: None) as ring:
+            ring.poll(0)  # what earlier users of this pinned program left behind
+        park_40_and_kill_after_25(lab, "a")
+        reader = hold_ring_reader(lab.dp)
+        try:
+            assert reader.skip_sent() == 25
+            assert reader.skip_sent() == 0  # consumed: the mark is behind the consumer now
+            left = read_hold_packets(reader)
+            assert [p[-4:] for p in left] == [f"a-{i}".encode() for i in range(25, 40)]
+        finally:
+            reader.close()
+        # The restarted agent's path (QEMU gone: the ring alone): the 15 sent, the 25 not again.
+        park_40_and_kill_after_25(lab, "b")
+        with lab.topo.inside("lab"):
+            rep = SourceDrain(lab.dp, L.VM_HOLD, "fc00:0:1::1", [L.D_SBUF], L.D_SBUF).ring_only()
+        assert (rep.ring_sent_before, rep.from_ring) == (25, 15)
+
+
 @pytest.mark.bpf
 @pytest.mark.netns
 def test_hold_ring_bulk_read_keeps_order_across_the_wrap():

@@ -735,8 +735,8 @@ class Agent:
             # first (the drain's steps 3-4), then the rest is forwarded directly.
             rep = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid).ring_only()
             self._mark_map_write()
-            log.warning("%s: no QEMU tap queue; forwarding without a drain (%d from the ring)", m.vm,
-                        rep.from_ring)
+            log.warning("%s: no QEMU tap queue; forwarding without a drain (%d from the ring, %d the killed "
+                        "drain had sent)", m.vm, rep.from_ring, rep.ring_sent_before)
             return
         drain = loc.drain = SourceDrain(self.dp, a.vm, self.cfg.host.address, segments, a.next_sid)
         self._mark_map_write()  # the drain's first step is the map write (HOLD)
@@ -749,7 +749,9 @@ class Agent:
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, "" if pid else " (QEMU gone)",
                      rep.from_ring, rep.resent_swallowed, rep.swallowed, loc.check is not None,
                      loc.shadow is not None, stopped_how,
-                     f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
+                     (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
+                     + (f"; {rep.ring_sent_before} from the ring sent before a restart" if rep.ring_sent_before
+                        else ""))
         except OSError as e:
             log.error("%s: drain failed (%s); forwarding", m.vm, e)
             self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)

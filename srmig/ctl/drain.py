@@ -409,8 +409,12 @@ class _BatchSender(_Counted):
         return None
 
 
-    def send_many(self, packets: list[bytes]) -> int:
-        """Send `packets` in order; returns how many the kernel accepted (the rest is in `dropped`)."""
+    def send_many(self, packets: list[bytes], handing: Callable[[int], None] | None = None) -> int:
+        """Send `packets` in order; returns how many the kernel accepted (the rest is in `dropped`).
+        `handing(k)`: called right before each sendmmsg(2) with k = how many of `packets` are then sent,
+        skipped, or in that call, and again when a retry waits, with k = how many are done. A process killed
+        in the call dies once it returns (a send that must wait for buffer space returns early: then the
+        rest was counted as handed on)."""
         if self._mm is None:
             self._mm = _Mmsg(self._namelen)
         mm, fd, sent = self._mm, self.sock.fileno(), 0
@@ -419,6 +423,8 @@ class _BatchSender(_Counted):
             keep = mm.fill(batch, self._names(batch))  # noqa: F841 - the buffer the iovecs point into
             n, k, tries, last_err = len(batch), 0, 0, 0  # k: messages done (sent or skipped)
             while k < n:
+                if handing is not None:
+                    handing(i + n)
                 rc = _libc.sendmmsg(fd, mm.msgs + k, n - k, 0)
                 if rc > 0:
                     k += rc
@@ -432,6 +438,8 @@ class _BatchSender(_Counted):
                     if tries >= RETRIES:  # the queue does not drain: give the rest up, counted
                         self._drop(err, len(packets) - i - k)
                         return sent
+                    if handing is not None:
+                        handing(i + k)
                     time.sleep(RETRY_FIRST_S * (1 << tries))
                     tries += 1
                 elif err == last_err:  # failed twice: this packet cannot be sent
@@ -715,11 +723,12 @@ def hold_ring_reader(dp) -> libbpf.RingReader:
     return libbpf.RingReader(libbpf.obj_get(str(Path(dp.pin_dir) / "hold_ring")), owns_fd=True)
 
 
-def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: bool = True) -> list[bytes]:
+def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: bool = True,
+                      ends: list[int] | None = None) -> list[bytes]:
     """The packets parked in the hold ring, oldest first, consumed (with `commit=False`, once
     `ring.commit()` is called): each record's packet only, cut out of the ring without a callback per record
-    (about 7x the rate of Dataplane.hold_ring's consumer)."""
-    return ring.read(limit, start=_HOLD_HEAD, commit=commit,
+    (about 7x the rate of Dataplane.hold_ring's consumer). `ends`: RingReader.read's."""
+    return ring.read(limit, start=_HOLD_HEAD, commit=commit, ends=ends,
                      length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
 
 
@@ -837,6 +846,7 @@ class DrainReport:
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
     swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
     resent_swallowed: int = 0  # of those, re-sent from the shadow log
+    ring_sent_before: int = 0  # records a drain killed mid-send had handed on (consumed, not sent again)
     swallow_miss: str | None = None  # why they were not (ShadowLog.swallowed_frames)
     not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
@@ -923,14 +933,20 @@ class SourceDrain:
     def away_behind_ring(self, sender: RawSender, rep: DrainReport, ring: libbpf.RingReader,
                          settle_s: float = 0.002) -> None:
         """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
-        it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared."""
+        it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
+        First, what a drain killed before its commit had handed to the kernel (the ring's sent mark) is
+        consumed without being sent again."""
+        rep.ring_sent_before = ring.skip_sent()
         self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
         t_flip = time.monotonic()
         deadline = t_flip + RING_FIRST_MAX_S
         while not ring.empty() and time.monotonic() < deadline:
-            packets = read_hold_packets(ring, commit=False)
+            ends: list[int] = []
+            packets = read_hold_packets(ring, commit=False, ends=ends)
             if packets:
-                sender.send_many(packets)
+                # Sent before consumed, so that newer packets keep parking behind them; marked as they go
+                # to the kernel, so that an agent killed before the commit does not send them twice.
+                sender.send_many(packets, handing=lambda k: ring.mark_sent(ends[k - 1]))
                 rep.from_ring += len(packets)
             ring.commit()  # only now may the program forward newer packets directly
         self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)

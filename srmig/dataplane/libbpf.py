@@ -300,7 +300,13 @@ class RingReader:
     write), the producer position the second, then the data pages, mapped twice in a row so that a record
     that wraps is contiguous. Each record has an 8-byte header: length with BUSY (not yet submitted) and
     DISCARD bits, then the sample, rounded up to 8 bytes. The acquire/release ordering libbpf asks for
-    holds by itself on x86-64 (loads are not reordered with loads, nor stores with earlier loads)."""
+    holds by itself on x86-64 (loads are not reordered with loads, nor stores with earlier loads).
+
+    The consumer page is the consumer's: the kernel maps it writable to userspace and keeps only the
+    consumer position in it, so nothing it trusts. Its next 8 bytes hold the sent mark (mark_sent,
+    skip_sent): how far a consumer that reads, sends, then commits had handed records on, for the consumer
+    after it when it was killed in between. The mark lives as long as the ring (a pinned map), not the
+    process."""
 
     def __init__(self, map_fd: int, owns_fd: bool = False):
         size = map_info(map_fd).max_entries  # the data area: a power of two of pages
@@ -317,15 +323,16 @@ class RingReader:
         self._ahead: int | None = None  # read position past the consumer's (read(commit=False))
 
     def read(self, limit: int = 1 << 30, start: int = 0, length: Callable[[bytes, int], int] | None = None,
-             commit: bool = True) -> list[bytes]:
+             commit: bool = True, until: int | None = None, ends: list[int] | None = None) -> list[bytes]:
         """Consume up to `limit` ready records, oldest first, each as bytes: the whole sample, or from
         `start` on, `length(data, offset_of_sample)` bytes long (to cut a payload out of a record without
-        copying the rest). Stops at the first record still being written. `commit=False`: the records stay
-        in the ring (the producer still sees them) until `commit()`; the next read goes on after them."""
+        copying the rest). Stops at the first record still being written, and at ring position `until`.
+        `commit=False`: the records stay in the ring (the producer still sees them) until `commit()`; the
+        next read goes on after them. `ends`: gets the ring position just past each record returned."""
         data, page, mask = self._data, self._page, self._mask
         unpack = struct.unpack_from
         cons = unpack("<Q", self._cons, 0)[0] if self._ahead is None else self._ahead
-        prod = unpack("<Q", data, 0)[0]
+        prod = unpack("<Q", data, 0)[0] if until is None else min(until, unpack("<Q", data, 0)[0])
         out: list[bytes] = []
         append = out.append
         while cons < prod and len(out) < limit:
@@ -341,6 +348,8 @@ class RingReader:
                 else:
                     append(data[s + start:s + start + min(length(data, s), n - start)])
             cons += (n + BPF_RINGBUF_HDR_SZ + 7) & ~7
+            if ends is not None and not hdr & BPF_RINGBUF_DISCARD_BIT:
+                ends.append(cons)
             if commit and not len(out) & 255:  # give the producer its space back as we go
                 self._cons[0:8] = cons.to_bytes(8, "little")
         if commit:
@@ -355,6 +364,18 @@ class RingReader:
         if self._ahead is not None:
             self._cons[0:8] = self._ahead.to_bytes(8, "little")
             self._ahead = None
+
+    def mark_sent(self, pos: int) -> None:
+        """The records before ring position `pos` are handed on (being sent), not yet committed."""
+        self._cons[8:16] = pos.to_bytes(8, "little")
+
+    def skip_sent(self) -> int:
+        """Commit what a killed consumer had marked sent (mark_sent) and not committed; returns how many
+        records. A mark at or behind the consumer position is an old one: nothing to skip."""
+        mark = struct.unpack_from("<Q", self._cons, 8)[0]
+        if self._ahead is not None or mark <= struct.unpack_from("<Q", self._cons, 0)[0]:
+            return 0
+        return len(self.read(until=mark, length=lambda data, off: 0))
 
     def empty(self) -> bool:
         """Nothing in the ring: no record reserved, being written, or not consumed (bpf_ringbuf_query's
