@@ -793,6 +793,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
     eth = _ethernet_to(vm, tap) if tap else None
     vm_key = ipaddress.IPv6Address(vm).packed
     ring = hold_ring_reader(dp)
+    ring.skip_sent()  # what a drain killed mid-send had forwarded already (its records are a drain's)
     # Not TxRingSender: its ring's setup (0.1-30 ms, an RCU grace period) comes before the first frame and
     # costs more than its faster sends save up to ~10^4 parked packets (measured, 128 B frames).
     to_tap = PacketSender(tap) if eth else None
