@@ -1,25 +1,256 @@
-"""The ingress role's dataplane: H.Encaps towards a VM with the kernel's `encap seg6 mode encap` routes
-(pyroute2), idempotent (`replace`; deleting an absent route is success)."""
+"""The ingress's dataplane: H.Encaps (RFC 8986 5.1) towards each VM along its segment list.
+
+Two implementations with one interface (`set`, `clear`, `entries`, `stats`):
+- BpfEncap (the default): srmig's own tc egress program (srmig/ebpf/encap.c) and its pinned maps. Needs no
+  SRv6 in the kernel. One map write switches a VM's list atomically: that write is what an ingress's
+  versioned ack stands for.
+- KernelEncap: the kernel's `encap seg6 mode encap` routes (pyroute2), where the kernel has SRv6 lwtunnels.
+
+Both are idempotent (set replaces; deleting an absent entry is success). With BpfEncap the route to the VM
+(`route_vm`) only steers the packet out of the interface the program runs on, at the next hop towards the
+SIDs; its MTU leaves room for the longest list the program can add, so the MTU never changes in the middle
+of a migration and the kernel, not the program, tells senders the path MTU (ICMPv6 Packet Too Big, TCP MSS).
+"""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from srmig.dataplane import abi, libbpf, loader
 
-def set_segment_list(ipr: IPRoute, vm: str, segments: list[str], gateway: str, oif: int) -> None:
-    """Steer traffic for `vm` along `segments` (travel order). pyroute2 takes the SRH order, reversed."""
+ffi = libbpf.ffi
+_consts = abi.ffi.dlopen(None)
+MAX_SEGMENTS: int = _consts.SRMIG_ENCAP_MAX_SEGS
+SRH_MAX: int = _consts.SRMIG_ENCAP_SRH_MAX
+# Outer IPv6 header + the longest SRH: what the route to a VM reserves below the link's MTU.
+MAX_OVERHEAD = 40 + SRH_MAX
+DEFAULT_HOP_LIMIT = 64
+COUNTERS = {v: k[len("SRMIG_ENCAP_"):].lower()
+            for k, v in abi.ffi.typeof("enum srmig_encap_counter").relements.items() if not k.endswith("_MAX")}
+N_COUNTERS: int = abi.ffi.typeof("enum srmig_encap_counter").relements["SRMIG_ENCAP_MAX"]
+SRH_NEXT_IPV6, SRH_TYPE = 41, 4
+
+
+def _addr(text: str, what: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(text).packed
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not an IPv6 address") from None
+
+
+def check_segments(segments: list[str]) -> list[str]:
     if not segments:
         raise ValueError("a segment list needs at least one SID")
-    ipr.route("replace", dst=f"{vm}/128", family=10, oif=oif, gateway=gateway,
-              encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(f"{len(segments)} segments: srmig's H.Encaps carries at most {MAX_SEGMENTS}")
+    for s in segments:
+        _addr(s, "segment")
+    return [str(ipaddress.IPv6Address(s)) for s in segments]
 
 
-def clear(ipr: IPRoute, vm: str) -> None:
+def build_srh(segments: list[str], reduced: bool = False) -> bytes:
+    """The SRH H.Encaps pushes for `segments` (travel order), RFC 8754 2: next header IPv6 (41), type 4,
+    Segments Left = Last Entry = n - 1, segments in SRH order (the last one first). Reduced (H.Encaps.Red,
+    RFC 8986 5.2): the first SID travels only in the outer destination, so the list holds n - 1 entries
+    while Segments Left stays n - 1; a one-SID list then needs no SRH at all (b"")."""
+    segments = check_segments(segments)
+    carried = segments[1:] if reduced else segments
+    if not carried:
+        return b""
+    entries = len(carried)
+    head = struct.pack("!BBBBBBH", SRH_NEXT_IPV6, 2 * entries, SRH_TYPE, len(segments) - 1, entries - 1, 0, 0)
+    return head + b"".join(_addr(s, "segment") for s in reversed(carried))
+
+
+@dataclass
+class EncapEntry:
+    vm: str
+    segments: list[str]
+    source: str
+    reduced: bool
+    hop_limit: int
+    stats: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"vm": self.vm, "segments": self.segments, "source": self.source, "reduced": self.reduced,
+                "hop_limit": self.hop_limit, "stats": self.stats}
+
+
+def parse_srh(srh: bytes, first_sid: str) -> tuple[list[str], bool]:
+    """(segments in travel order, reduced) from an entry's SRH bytes and outer destination."""
+    if not srh:
+        return [first_sid], True
+    entries = srh[1] // 2
+    carried = [str(ipaddress.IPv6Address(srh[8 + 16 * i:24 + 16 * i])) for i in range(entries)][::-1]
+    reduced = srh[3] == entries  # SL counts the first SID that is not in the list
+    return ([first_sid] + carried if reduced else carried), reduced
+
+
+def source_towards(sid: str) -> str:
+    """The address this namespace's kernel would pick as source towards `sid` (its preferred source)."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=sid, family=10)
+        except NetlinkError as e:
+            raise ValueError(f"no route to the first SID {sid}: {os.strerror(e.code)}; give the outer source "
+                             f"explicitly (--src, or [ingress] source)") from None
+        for r in routes:
+            src = r.get_attr("RTA_PREFSRC")
+            if src:
+                return src
+    raise ValueError(f"the kernel picks no source address towards {sid}: give one (--src, or [ingress] source)")
+
+
+class NotLoaded(loader.LoaderError):
+    pass
+
+
+class BpfEncap:
+    """The live H.Encaps maps of this network namespace (pinned by `srmig ingress load IFACE`)."""
+
+    kind = "bpf"
+
+    def __init__(self, pin_dir: Path | None = None, source: str | None = None, hop_limit: int = DEFAULT_HOP_LIMIT):
+        loader.ensure_bpffs()
+        self.pin_dir = pin_dir or loader.encap_pin_dir()
+        if not (self.pin_dir / loader.PROG).exists():
+            raise NotLoaded(f"srmig's H.Encaps is not loaded in this network namespace (no {self.pin_dir}): "
+                            f"run `srmig ingress load IFACE` first")
+        self.source = source
+        self.hop_limit = hop_limit
+        self._fds: list[int] = []
+        self.table = self._map("encap_table", "struct srmig_encap_key", "struct srmig_encap_value")
+        self.vm_stats = self._map("encap_vm_stats", "struct srmig_encap_key", "struct srmig_encap_vm_stats",
+                                  percpu=True)
+        self.counters = self._map("encap_stats", "uint32_t", "uint64_t", percpu=True)
+
+    def _map(self, name, key_type, value_type, percpu=False) -> libbpf.Map:
+        fd = libbpf.obj_get(str(self.pin_dir / name))
+        self._fds.append(fd)
+        return libbpf.Map(fd, key_type, value_type, percpu=percpu)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> BpfEncap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _key(vm: str):
+        key = ffi.new("struct srmig_encap_key *")
+        ffi.memmove(key.addr, _addr(vm, "VM address"), 16)
+        return key
+
+    def set(self, vm: str, segments: list[str], source: str | None = None, reduced: bool = False) -> None:
+        """Steer `vm` along `segments` (travel order): one map write, atomic for the packets."""
+        segments = check_segments(segments)
+        srh = build_srh(segments, reduced)
+        src = source or self.source or source_towards(segments[0])
+        key = self._key(vm)
+        value = ffi.new("struct srmig_encap_value *")
+        ffi.memmove(value.src, _addr(src, "outer source"), 16)
+        ffi.memmove(value.first_sid, _addr(segments[0], "segment"), 16)
+        value.srh_len = len(srh)
+        value.hop_limit = self.hop_limit
+        ffi.memmove(value.srh, srh, len(srh))
+        # The VM's counters exist before its first packet (the program only looks them up); kept across
+        # list switches, so BPF_NOEXIST.
+        try:
+            self.vm_stats.update(key, ffi.new("struct srmig_encap_vm_stats *"), libbpf.BPF_NOEXIST)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        self.table.update(key, value)
+
+    def clear(self, vm: str) -> bool:
+        key = self._key(vm)
+        found = self.table.delete(key)
+        self.vm_stats.delete(key)
+        return found
+
+    def _vm_stats(self, key) -> dict[str, int]:
+        per_cpu = self.vm_stats.lookup(key) or []
+        return {f: sum(getattr(v, f) for v in per_cpu) for f in ("packets", "bytes", "dropped")}
+
+    def entries(self) -> list[EncapEntry]:
+        out = []
+        for key, v in self.table.items():
+            first = str(ipaddress.IPv6Address(bytes(ffi.buffer(v.first_sid, 16))))
+            segments, reduced = parse_srh(bytes(ffi.buffer(v.srh, v.srh_len)), first)
+            out.append(EncapEntry(str(ipaddress.IPv6Address(bytes(ffi.buffer(key.addr, 16)))), segments,
+                                  str(ipaddress.IPv6Address(bytes(ffi.buffer(v.src, 16)))), reduced, v.hop_limit,
+                                  self._vm_stats(key)))
+        return sorted(out, key=lambda e: ipaddress.IPv6Address(e.vm))
+
+    def stats(self) -> dict:
+        """{"counters": {"pass": n, "done": n, "drop_too_big": n, ...}, "vms": {vm: {...}}}."""
+        counters = {}
+        for idx in range(N_COUNTERS):
+            per_cpu = self.counters.lookup(ffi.new("uint32_t *", idx)) or []
+            counters[COUNTERS.get(idx, str(idx))] = int(sum(per_cpu))
+        return {"encap": self.kind, "counters": counters, "vms": {e.vm: e.stats for e in self.entries()}}
+
+
+class KernelEncap:
+    """H.Encaps with the kernel's `encap seg6 mode encap` routes, where the kernel has SRv6 lwtunnels."""
+
+    kind = "kernel"
+
+    def __init__(self, gateway: str, oif: int, ipr: IPRoute | None = None):
+        self.gateway, self.oif = gateway, oif
+        self.ipr = ipr or IPRoute()
+        self._own_ipr = ipr is None
+
+    def close(self) -> None:
+        if self._own_ipr:
+            self.ipr.close()
+
+    def set(self, vm: str, segments: list[str], source: str | None = None, reduced: bool = False) -> None:
+        """pyroute2 takes the SRH order, reversed. (The kernel takes its outer source from `ip sr tunsrc`.)"""
+        segments = check_segments(segments)
+        if reduced:
+            raise ValueError("reduced encapsulation (H.Encaps.Red) is srmig's BPF encap only: use encap = \"bpf\"")
+        self.ipr.route("replace", dst=f"{vm}/128", family=10, oif=self.oif, gateway=self.gateway,
+                       encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
+
+    def clear(self, vm: str) -> bool:
+        return clear_route(self.ipr, vm)
+
+    def stats(self) -> dict:
+        return {"encap": self.kind, "counters": {}, "vms": {}}
+
+
+def route_vm(ipr: IPRoute, vm: str, gateway: str, oif: int) -> None:
+    """The route that takes `vm`'s packets to the interface running H.Encaps, at the next hop towards the
+    SIDs. Its MTU is the link's minus the longest encapsulation, so no packet grows past the link."""
+    link_mtu = ipr.get_links(oif)[0].get_attr("IFLA_MTU")
+    mtu = link_mtu - MAX_OVERHEAD
+    if mtu < 1280:
+        raise ValueError(f"the ingress interface's MTU {link_mtu} leaves {mtu} for VM traffic after srmig's "
+                         f"{MAX_OVERHEAD}-byte encapsulation; IPv6 needs 1280: raise the fabric MTU to at least "
+                         f"{1280 + MAX_OVERHEAD}")
+    # pyroute2 0.9 takes the route MTU as metrics={"mtu": n} (the RTAX_MTU attrs form is silently ignored).
+    ipr.route("replace", dst=f"{vm}/128", family=10, oif=oif, gateway=gateway, metrics={"mtu": mtu})
+
+
+def clear_route(ipr: IPRoute, vm: str) -> bool:
     try:
         ipr.route("del", dst=f"{vm}/128", family=10)
     except NetlinkError as e:
         if e.code not in (errno.ESRCH, errno.ENOENT):
             raise
+        return False
+    return True

@@ -1,6 +1,8 @@
-"""The ingress role: watches vms/ in the state database and programs H.Encaps towards each VM (kernel seg6
-encap routes, srmig.ctl.ingress), then acknowledges the version it applied (acks/<vm>/<ingress>). It
-registers itself under ingresses/<name> with the agent's lease, so migrations wait for it while it lives."""
+"""The ingress role: watches vms/ in the state database and programs H.Encaps towards each VM (srmig's BPF
+encap by default, or the kernel's seg6 routes: srmig.ctl.ingress), then acknowledges the version it applied
+(acks/<vm>/<ingress>). It registers itself under ingresses/<name> with the agent's lease, so migrations wait
+for it while it lives. On start it re-applies the database's state and removes what the database no longer
+has: the BPF program and its maps outlive the agent, so traffic keeps flowing while it restarts."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import logging
 import threading
 import time
 
+import ipaddress
+
 from pyroute2 import IPRoute
 
 from srmig.ctl import ingress
+from srmig.dataplane import loader
 from srmig.ctl.config import IngressConfig
 from srmig.ctl.vmdb import VmDb, VmRecord
 
@@ -30,13 +35,48 @@ class IngressRole:
         self._lock = threading.Lock()
         self._watch = None
         self.ipr = IPRoute()
+        self.encap = None
 
     def start(self) -> None:
         self.oif = self._oif()
+        if self.cfg.encap == "kernel":
+            self.encap = ingress.KernelEncap(self.cfg.gateway, self.oif, self.ipr)
+        else:
+            loader.load_encap(self.cfg.interface)  # the pinned program, or compiled the first time
+            self.encap = ingress.BpfEncap(source=self.cfg.source or self._interface_address())
         records, rev = self.db.vms()
         self._apply(records)
+        self._forget_others({r.vm for r in records})
         self.db.register_ingress(self.cfg.name, self.lease)
         self._watch = self.kv.watch("vms/", self._on_events, start_revision=rev + 1)
+
+    def _interface_address(self) -> str | None:
+        """The interface's first global IPv6 address: the outer source by default. None: the kernel's choice
+        towards the first SID."""
+        for a in self.ipr.get_addr(family=10, index=self.oif):
+            addr = a.get_attr("IFA_ADDRESS")
+            if addr and not ipaddress.IPv6Address(addr).is_link_local:  # documentation prefixes count too
+                return addr
+        return None
+
+    def _forget_others(self, vms: set[str]) -> None:
+        """Entries left by an earlier run for VMs the database no longer has (BPF maps outlive the agent)."""
+        if not isinstance(self.encap, ingress.BpfEncap):
+            return
+        for e in self.encap.entries():
+            if e.vm not in vms:
+                self._clear(e.vm)
+
+    def _set(self, vm: str, segments: list[str]) -> None:
+        """The entry before the route: no packet for the VM leaves unencapsulated."""
+        self.encap.set(vm, segments)
+        if isinstance(self.encap, ingress.BpfEncap):
+            ingress.route_vm(self.ipr, vm, self.cfg.gateway, self.oif)
+
+    def _clear(self, vm: str) -> None:
+        """The route before the entry."""
+        ingress.clear_route(self.ipr, vm)
+        self.encap.clear(vm)
 
     def _oif(self) -> int:
         idx = self.ipr.link_lookup(ifname=self.cfg.interface)
@@ -50,7 +90,7 @@ class IngressRole:
             if e.kind == "delete":
                 vm = e.key[len("vms/"):]
                 with self._lock:
-                    ingress.clear(self.ipr, vm)
+                    self._clear(vm)
                     self.applied.pop(vm, None)
 
     def _apply(self, records: list[VmRecord]) -> None:
@@ -60,7 +100,7 @@ class IngressRole:
                     continue  # older than what we have (a replayed or reordered event)
                 t0 = time.monotonic()
                 try:
-                    ingress.set_segment_list(self.ipr, rec.vm, list(rec.segments), self.cfg.gateway, self.oif)
+                    self._set(rec.vm, list(rec.segments))
                 except Exception as e:  # noqa: BLE001 - counted and reported; no ack
                     self.errors += 1
                     self.last_error = f"{rec.vm} v{rec.version}: {e}"
@@ -72,11 +112,14 @@ class IngressRole:
 
     def status(self) -> dict:
         with self._lock:
-            return {"name": self.cfg.name, "routes": len(self.applied), "errors": self.errors,
-                    "last_error": self.last_error,
+            return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
+                    "errors": self.errors, "last_error": self.last_error,
                     "applied": dict(sorted(self.applied.items()))}
 
     def close(self) -> None:
+        """The program, its maps and the routes stay: traffic keeps its lists while no agent runs."""
         if self._watch is not None:
             self._watch.cancel()
+        if self.encap is not None:
+            self.encap.close()
         self.ipr.close()

@@ -1,13 +1,17 @@
-"""Thin BPF loader: compile srmig/ebpf/srmig.c with bcc, pin the program and its maps, attach to interfaces.
+"""Thin BPF loader: compile srmig's C with bcc, pin the programs and their maps, attach to interfaces.
 
-Pins live in /sys/fs/bpf/srmig/<netns>/ (one program and one set of maps per network namespace, shared by
-every interface of that host it is attached to), so a restarted agent or a later CLI call finds the live
-state without compiling anything. <netns> is "host" for PID 1's namespace, "netns-<inode>" otherwise.
+Two programs: the endpoint behaviours (srmig/ebpf/srmig.c, XDP on a host's fabric interface) and the
+ingress's H.Encaps (srmig/ebpf/encap.c, tc clsact egress on an ingress's fabric interface).
+Pins live in /sys/fs/bpf/srmig/<netns>/ and /sys/fs/bpf/srmig/encap/<netns>/ (one program and one set of
+maps per network namespace, shared by every interface of that namespace it is attached to), so a restarted
+agent or a later CLI call finds the live state without compiling anything. <netns> is "host" for PID 1's
+namespace, "netns-<cookie>" otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import shutil
@@ -117,8 +121,9 @@ def _bcc():
     return bcc
 
 
-def compile_program(source: Path, func: str, limits: Limits | None = None):
-    """Compile and verify one XDP function; returns (bcc.BPF, program fd). Errors are one line."""
+def compile_program(source: Path, func: str, limits: Limits | None = None, prog_type: str = "XDP"):
+    """Compile and verify one function (`prog_type`: a bcc.BPF program type name, XDP or SCHED_CLS);
+    returns (bcc.BPF, program fd). Errors are one line."""
     bcc = _bcc()
     ksrc = kernel_source()
     if ksrc:
@@ -126,7 +131,7 @@ def compile_program(source: Path, func: str, limits: Limits | None = None):
     cflags = [f"-I{abi.EBPF_DIR}", "-Wno-unused-function"] + (limits.cflags() if limits else [])
     try:
         b = bcc.BPF(src_file=str(source).encode(), cflags=cflags)
-        fn = b.load_func(func.encode(), bcc.BPF.XDP)
+        fn = b.load_func(func.encode(), getattr(bcc.BPF, prog_type))
     except Exception as e:  # bcc raises bare Exception; clang's diagnostics are already on stderr
         raise LoaderError(f"compiling {source.name} failed: {str(e).splitlines()[0]}") from e
     return b, fn.fd
@@ -140,21 +145,21 @@ class Loaded:
     compiled: bool  # False when an already pinned program was reused
 
 
-def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
-    """The namespace's program: the pinned one if any, else compile, pin program and maps."""
+def _pinned_or_compile(pins: Path, source: str, func: str, prog_type: str, maps: tuple[str, ...],
+                       limits: Limits, before_pin=None) -> Loaded:
+    """The program pinned in `pins` if any, else compile it, pin it and its maps (all at once)."""
     ensure_bpffs()
-    pins = pin_dir()
     if (pins / PROG).exists():
         fd = libbpf.obj_get(str(pins / PROG))
         return Loaded(pins, fd, libbpf.prog_id(fd), compiled=False)
-    b, fd = compile_program(abi.EBPF_DIR / "srmig.c", "srmig_xdp", limits or Limits())
+    b, fd = compile_program(abi.EBPF_DIR / source, func, limits, prog_type)
     tmp = staging_dir(pins)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = b[b"meta"]
-        meta[meta.Key(abi.META_ABI_VERSION)] = meta.Leaf(abi.ABI_VERSION)
-        for name in MAPS:
+        if before_pin:
+            before_pin(b)
+        for name in maps:
             libbpf.obj_pin(b[name.encode()].map_fd, str(tmp / name))
         libbpf.obj_pin(fd, str(tmp / PROG))
         tmp.rename(pins)  # all pins appear at once: a reader never sees half a set
@@ -163,6 +168,15 @@ def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
         raise
     prog_fd = libbpf.obj_get(str(pins / PROG))  # outlives the bcc object
     return Loaded(pins, prog_fd, libbpf.prog_id(prog_fd), compiled=True)
+
+
+def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
+    """The namespace's XDP program: the pinned one if any, else compile, pin program and maps."""
+    def write_abi_version(b):
+        meta = b[b"meta"]
+        meta[meta.Key(abi.META_ABI_VERSION)] = meta.Leaf(abi.ABI_VERSION)
+
+    return _pinned_or_compile(pin_dir(), "srmig.c", "srmig_xdp", "XDP", MAPS, limits or Limits(), write_abi_version)
 
 
 def _ifindex(ipr: IPRoute, ifname: str) -> int:
@@ -240,4 +254,79 @@ def unload(ifname: str) -> dict:
         if not still:
             shutil.rmtree(pins, ignore_errors=True)
             removed = True
+    return {"interface": ifname, "detached": detached, "pins_removed": removed}
+
+
+# -- the ingress's H.Encaps: tc clsact egress ----------------------------------------------------------------
+
+ENCAP_MAPS = ("encap_table", "encap_vm_stats", "encap_stats")
+CLSACT_EGRESS = "ffff:fff3"  # the clsact qdisc's egress hook (TC_H_MIN_EGRESS under TC_H_CLSACT)
+ENCAP_PRIO = 0x5e6   # our filter's priority and handle on clsact egress, so we find and remove just ours
+ENCAP_HANDLE = 0x5e6
+ENCAP_NAME = "srmig_encap"
+
+
+def encap_pin_dir() -> Path:
+    return PIN_ROOT / "encap" / netns_key()
+
+
+def load_encap_pinned_or_compile(limits: Limits | None = None) -> Loaded:
+    return _pinned_or_compile(encap_pin_dir(), "encap.c", "srmig_encap", "SCHED_CLS", ENCAP_MAPS,
+                              limits or Limits())
+
+
+def _encap_filters(ipr: IPRoute, idx: int) -> list:
+    """Our bpf filters on `idx`'s clsact egress ([] when it has no clsact qdisc)."""
+    try:
+        filters = ipr.get_filters(index=idx, parent=CLSACT_EGRESS)
+    except Exception:  # noqa: BLE001 - no clsact qdisc: nothing of ours
+        return []
+    return [f for f in filters if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == ENCAP_PRIO]
+
+
+def load_encap(ifname: str, limits: Limits | None = None) -> Loaded:
+    """`srmig ingress load IFACE`: run the namespace's H.Encaps program on `ifname`'s egress (compiling and
+    pinning it the first time). Idempotent: the filter is replaced, other clsact filters are left alone."""
+    loaded = load_encap_pinned_or_compile(limits)
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            ipr.tc("add", "clsact", index=idx)
+        except Exception as e:  # noqa: BLE001
+            if getattr(e, "code", None) != errno.EEXIST:
+                raise LoaderError(f"adding a clsact qdisc to {ifname} failed: {e} (srmig check: clsact)") from e
+        try:
+            ipr.tc("replace-filter", "bpf", index=idx, handle=ENCAP_HANDLE, prio=ENCAP_PRIO, fd=loaded.prog_fd,
+                   name=ENCAP_NAME, parent=CLSACT_EGRESS, classid=1, direct_action=True)
+        except Exception as e:  # noqa: BLE001
+            raise LoaderError(f"attaching H.Encaps (tc bpf, egress) to {ifname} failed: {e} "
+                              f"(srmig check: cls_bpf)") from e
+    return loaded
+
+
+def encap_interfaces() -> list[str]:
+    """The interfaces of this namespace whose egress runs our H.Encaps filter."""
+    out = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            if _encap_filters(ipr, link["index"]):
+                out.append(link.get_attr("IFLA_IFNAME"))
+    return out
+
+
+def unload_encap(ifname: str) -> dict:
+    """`srmig ingress unload IFACE`: remove our filter (the clsact qdisc stays: others may use it); when no
+    interface of the namespace runs it any more, remove the pins too (which frees the maps)."""
+    ensure_bpffs()
+    detached = False
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        if _encap_filters(ipr, idx):
+            ipr.tc("del-filter", "bpf", index=idx, handle=ENCAP_HANDLE, prio=ENCAP_PRIO, parent=CLSACT_EGRESS)
+            detached = True
+    removed = False
+    pins = encap_pin_dir()
+    if pins.exists() and not encap_interfaces():
+        shutil.rmtree(pins, ignore_errors=True)
+        removed = True
     return {"interface": ifname, "detached": detached, "pins_removed": removed}

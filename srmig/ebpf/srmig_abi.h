@@ -9,10 +9,11 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 6 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+#define SRMIG_ABI_VERSION 7 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
                              * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
-                             * 6: SRMIG_META_TABLE_GENERATION (lookup caches) */
+                             * 6: SRMIG_META_TABLE_GENERATION (lookup caches);
+                             * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -133,6 +134,48 @@ struct srmig_hold_record {
 };
 
 #define SRMIG_HOLD_SNAPLEN 2048
+
+/* The ingress's H.Encaps (RFC 8986 5.1), srmig/ebpf/encap.c on tc egress: every IPv6 packet whose destination
+ * is a VM in encap_table leaves inside an outer IPv6 header + SRH built from the VM's entry. */
+#define SRMIG_ENCAP_MAX_SEGS 6 /* segments in one list (travel order S::5, transit..., D::b fits easily) */
+#define SRMIG_ENCAP_SRH_MAX 104 /* 8 + 16 * SRMIG_ENCAP_MAX_SEGS (cffi takes literals only) */
+
+/* encap_table (and encap_vm_stats): key = the VM's IPv6 address, the inner destination, network byte order. */
+struct srmig_encap_key {
+	__u8 addr[16];
+};
+
+/* Userspace builds the headers once per segment list, so one map write switches a VM's list atomically and
+ * the program only copies bytes. */
+struct srmig_encap_value {
+	__u8 src[16];       /* outer source: this ingress's address */
+	__u8 first_sid[16]; /* outer destination: the first segment of the list */
+	__u32 srh_len;      /* bytes of srh[] to insert: 8 + 16 * entries, or 0 (no SRH: a one-SID list
+			     * encapsulated in reduced mode, H.Encaps.Red) */
+	__u8 hop_limit;     /* of the outer header */
+	__u8 pad[3];
+	__u8 srh[104]; /* SRMIG_ENCAP_SRH_MAX: the SRH as sent: next header 41, type 4, SL = Last Entry = entries - 1
+				      * (or SL = entries, H.Encaps.Red), segments in SRH order (last first) */
+};
+
+/* encap_vm_stats: per-CPU hash, one entry per VM in encap_table (userspace creates and deletes it). */
+struct srmig_encap_vm_stats {
+	__u64 packets; /* encapsulated */
+	__u64 bytes;   /* encapsulated, inner length */
+	__u64 dropped; /* for this VM, any reason in encap_stats */
+};
+
+/* What the encap program did with a packet. Index into the encap_stats per-CPU array. Append-only. */
+enum srmig_encap_counter {
+	SRMIG_ENCAP_PASS = 0,           /* not IPv6 to a VM in encap_table: left as it is */
+	SRMIG_ENCAP_DONE = 1,           /* encapsulated */
+	SRMIG_ENCAP_DROP_TOO_BIG = 2,   /* would exceed the egress MTU once encapsulated (and is not GSO): the
+					 * route to the VM must carry mtu = link MTU - (40 + srh_len) */
+	SRMIG_ENCAP_DROP_ROOM = 3,      /* bpf_skb_adjust_room refused to make room for the headers */
+	SRMIG_ENCAP_DROP_STORE = 4,     /* writing the headers failed */
+	SRMIG_ENCAP_DROP_BAD_ENTRY = 5, /* an encap_table entry whose srh_len the program cannot write */
+	SRMIG_ENCAP_MAX = 6,
+};
 /* END ABI */
 
 #endif

@@ -11,7 +11,9 @@ import contextlib
 import os
 import shutil
 
+from srmig.ctl import ingress
 from srmig.ctl.dataplane import Dataplane
+from srmig.ctl.ingress import BpfEncap
 from srmig.dataplane import libbpf, loader
 from srmig.dataplane.abi import Behaviour, VmState
 from srmig.testbed.netns import Topology
@@ -122,20 +124,56 @@ class TestRunLab:
 
 
 @contextlib.contextmanager
-def xdp_on(topo: Topology, role: str, ifname: str, mode: str = "generic", limits: loader.Limits | None = None):
-    """Load srmig on one interface of a topology host; yields its Dataplane. Detached and unpinned on exit,
-    also when the body fails or an interrupt lands in the middle of loading."""
+def xdp_on(topo: Topology, role: str, ifname: str | tuple[str, ...], mode: str = "generic",
+           limits: loader.Limits | None = None):
+    """Load srmig on one interface (or several) of a topology host; yields its Dataplane. Detached and
+    unpinned on exit, also when the body fails or an interrupt lands in the middle of loading."""
+    ifnames = (ifname,) if isinstance(ifname, str) else tuple(ifname)
     with topo.inside(role):
         pins = loader.pin_dir()
     try:
         with topo.inside(role):
-            loaded = loader.load(ifname, mode, limits)
-        os.close(loaded.prog_fd)
+            for name in ifnames:
+                loaded = loader.load(name, mode, limits)
+                os.close(loaded.prog_fd)
         with Dataplane(loaded.pin_dir) as dp:
             yield dp
     finally:
         with topo.inside(role):
-            with contextlib.suppress(Exception):
-                loader.detach(ifname)
+            for name in ifnames:
+                with contextlib.suppress(Exception):
+                    loader.detach(name)
         shutil.rmtree(pins, ignore_errors=True)
         shutil.rmtree(loader.staging_dir(pins), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def encap_on(topo: Topology, role: str, ifname: str, source: str | None = None):
+    """Load srmig's H.Encaps on `ifname`'s egress in a topology host; yields its BpfEncap. Filter removed and
+    maps unpinned on exit, also when the body fails."""
+    with topo.inside(role):
+        pins = loader.encap_pin_dir()
+    try:
+        with topo.inside(role):
+            loaded = loader.load_encap(ifname)
+        os.close(loaded.prog_fd)
+        with BpfEncap(loaded.pin_dir, source=source) as encap:
+            yield encap
+    finally:
+        with topo.inside(role), contextlib.suppress(Exception):
+            loader.unload_encap(ifname)
+        shutil.rmtree(pins, ignore_errors=True)
+        shutil.rmtree(loader.staging_dir(pins), ignore_errors=True)
+
+
+def steer(topo: Topology, role: str, encap: BpfEncap, vm: str, segments: list[str] | None, gateway: str,
+          ifname: str) -> None:
+    """Host `role`'s H.Encaps towards `vm`: along `segments`, or withdrawn (None). The entry before the
+    route, so no packet for the VM leaves unencapsulated."""
+    with topo.ipr(role) as ipr:
+        if segments is None:
+            ingress.clear_route(ipr, vm)
+            encap.clear(vm)
+        else:
+            encap.set(vm, segments)
+            ingress.route_vm(ipr, vm, gateway, ipr.link_lookup(ifname=ifname)[0])

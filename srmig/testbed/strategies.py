@@ -15,12 +15,15 @@ from srmig.ctl.drain import (DrainReport, ShadowLog, SourceDrain, SwallowCheck, 
                              sid_delivered, unpark, wait_delivered)
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, Unpark
 from srmig.ctl.phases import Phase, plan
+from srmig.ctl.ingress import BpfEncap
 from srmig.dataplane.abi import VmState
+from srmig.testbed.lab import encap_on, steer
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 
 S, D = SIDS["S"], SIDS["D"]
 BICAST_TCLASS = 0x20
 BICAST_TABLE = 100
+BICAST_C, BICAST_B = "2001:db8:e1::1", "2001:db8:e1::2"  # C's link to the copy ingress B
 WINDOW_TXQUEUELEN = 10000  # measured: an incoming QEMU's tap holds 10000 frames without loss
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
 
@@ -98,33 +101,48 @@ class Withdraw(Strategy):
 
 class Bicast(Strategy):
     """OVN multi-chassis style: during the migration the ingress duplicates every packet to S and D; D
-    delivers only once the VM is active there. The copy is steered by its traffic class (policy routing)."""
+    delivers only once the VM is active there. The probe sends each packet twice, the copy with its own
+    traffic class; C's policy routing sends the copies to a second ingress, B, whose H.Encaps steers them to
+    D (C's own H.Encaps has one list per VM). Outside the migration window the copies die at C."""
 
     def __init__(self):
         super().__init__("bicast", "ingress duplicates to S and D; D delivers once the VM is active")
+        self._copier: BpfEncap | None = None
+        self._copier_tb: Testbed | None = None  # the testbed B was built in (a strategy may run twice)
 
     def probe_kwargs(self):
         return {"copy_tclass": BICAST_TCLASS}
 
+    def _copy_ingress(self, tb: Testbed) -> None:
+        """B: C --c1-- B --b_t-- T, with H.Encaps towards D's End.DX6-map on b_t."""
+        t = tb.topo
+        t.add_host("B")
+        t.link("C", "c1", "B", "b_c", BICAST_C + "/64", BICAST_B + "/64", static_neigh=True)
+        t.link("B", "b_t", "T", "t_b", "2001:db8:e2::1/64", "2001:db8:e2::2/64", static_neigh=True)
+        t.route("B", "fc00::/16", gateway="2001:db8:e2::2")
+        self._copier = tb._stack.enter_context(encap_on(t, "B", "b_t", source="2001:db8:e2::1"))
+        self._copier_tb = tb
+        steer(t, "B", self._copier, VM_ADDR, [D.dx6], "2001:db8:e2::2", "b_t")
+
     def steady(self, tb):
         super().steady(tb)
+        if self._copier_tb is not tb:
+            self._copy_ingress(tb)
         with tb.topo.ipr("C") as ipr:
-            # Outside the migration window there is no second copy: the copies die at the ingress.
-            self._copy_route(ipr, None)
+            self._copy_route(ipr, on=False)
             ipr.rule("add", family=10, table=BICAST_TABLE, priority=100, tos=BICAST_TCLASS)
 
     @staticmethod
-    def _copy_route(ipr, segments):
-        if segments is None:
+    def _copy_route(ipr, on: bool):
+        if not on:
             ipr.route("replace", dst=f"{VM_ADDR}/128", family=10, table=BICAST_TABLE, type=RTN_BLACKHOLE)
             return
         ipr.route("replace", dst=f"{VM_ADDR}/128", family=10, table=BICAST_TABLE, type=RTN_UNICAST,
-                  oif=ipr.link_lookup(ifname="c0")[0], gateway="2001:db8:c::2",
-                  encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
+                  oif=ipr.link_lookup(ifname="c1")[0], gateway=BICAST_B)
 
     def begin(self, tb, src):
         with tb.topo.ipr("C") as ipr:
-            self._copy_route(ipr, [D.dx6])
+            self._copy_route(ipr, on=True)
         self._note("bicast on")
 
     def dest_resumed(self, tb):
@@ -134,7 +152,7 @@ class Bicast(Strategy):
     def completed(self, tb):
         tb.steer([D.dx6])
         with tb.topo.ipr("C") as ipr:
-            self._copy_route(ipr, None)
+            self._copy_route(ipr, on=False)
         self._note("ingress -> D, bicast off")
 
 

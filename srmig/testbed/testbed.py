@@ -1,8 +1,8 @@
 r"""The two-host migration testbed, built from network namespaces:
 
-        C (client, ingress: kernel seg6 encap)
+        C (client, ingress: srmig's H.Encaps, tc egress on c0)
         |
-        T (transit router; kernel seg6local End at T_END)
+        T (transit router: srmig's End at T_END, XDP on each of its interfaces)
        / \
       S   D        srmig XDP on each fabric interface; the VM's tap behind each, with the same anycast
        \ /         gateway (link-local fe80::1 and one MAC) on both
@@ -16,17 +16,17 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from srmig.ctl import ingress
 from srmig.ctl.dataplane import Dataplane
 from srmig.ctl.phases import HostSids
 from srmig.dataplane.abi import Behaviour
-from srmig.testbed.lab import xdp_on
+from srmig.testbed.lab import encap_on, steer, xdp_on
 from srmig.testbed.netns import Topology
 from srmig.testbed.qemu import GATEWAY_LL, GATEWAY_MAC, configure_host_tap
 
 VM_ADDR = "2001:db8:100::10"
 VM_PREFIXLEN = 64
 CLIENT_ADDR = "2001:db8:c::1"
+CLIENT_GW = "2001:db8:c::2"
 T_END = "fc00:0:3::e"
 MGMT = {"S": "fd00:99::1", "D": "fd00:99::2"}
 FABRIC = {"S": "s0", "D": "d0"}
@@ -58,15 +58,24 @@ class Testbed:
             t.link("D", "d0", "T", "t_d", "2001:db8:b::2/64", "2001:db8:b::1/64", static_neigh=True)
             t.link("S", "mg0", "D", "mg0", MGMT["S"] + "/64", MGMT["D"] + "/64")
             # Native XDP redirect into a veth needs NAPI on the receiving peer.
-            for role, ifname in (("T", "t_s"), ("T", "t_d"), ("S", "s0"), ("D", "d0")):
+            for role, ifname in (("T", "t_s"), ("T", "t_d"), ("S", "s0"), ("D", "d0"), ("C", "c0")):
                 t.run(role, "ethtool", "-K", ifname, "gro", "on")
-            t.route("C", "fc00::/16", gateway="2001:db8:c::2")
+            if self.xdp_mode == "native":
+                # A native XDP redirect between veths loses CHECKSUM_PARTIAL: TCP from C would never
+                # establish while C offloads its checksums (a veth effect; a NIC delivers full checksums).
+                t.run("C", "ethtool", "-K", "c0", "tx", "off")
+            t.route("C", "fc00::/16", gateway=CLIENT_GW)
             t.route("T", "fc00:0:1::/48", gateway="2001:db8:a::2")
             t.route("T", "fc00:0:2::/48", gateway="2001:db8:b::2")
-            t.route("T", T_END + "/128", oif="t_c", encap={"type": "seg6local", "action": "End"})
             for role, gw in (("S", "2001:db8:a::1"), ("D", "2001:db8:b::1")):
                 t.route(role, "2001:db8:c::/64", gateway=gw)
                 t.route(role, "fc00::/16", gateway=gw)
+            # T: End at T_END, whichever side a packet comes from (srmig's XDP; no SRv6 in T's kernel).
+            t_dp = self._stack.enter_context(xdp_on(t, "T", ("t_s", "t_d", "t_c"), self.xdp_mode))
+            t_dp.add_sid(T_END, Behaviour.END)
+            self.dp["T"] = t_dp
+            # C: the ingress, srmig's H.Encaps on c0's egress.
+            self.encap = self._stack.enter_context(encap_on(t, "C", "c0", source=CLIENT_ADDR))
             for role in ("S", "D"):
                 dp = self._stack.enter_context(xdp_on(t, role, FABRIC[role], self.xdp_mode))
                 sids = SIDS[role]
@@ -94,11 +103,7 @@ class Testbed:
 
     def steer(self, segments: list[str] | None) -> None:
         """The client's route to the VM: H.Encaps with `segments`, or withdrawn (None)."""
-        with self.topo.ipr("C") as ipr:
-            if segments is None:
-                ingress.clear(ipr, VM_ADDR)
-            else:
-                ingress.set_segment_list(ipr, VM_ADDR, segments, "2001:db8:c::2", ipr.link_lookup(ifname="c0")[0])
+        steer(self.topo, "C", self.encap, VM_ADDR, segments, CLIENT_GW, "c0")
 
     def ns(self, role: str) -> str:
         return self.topo.ns(role)

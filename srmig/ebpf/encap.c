@@ -1,0 +1,150 @@
+/* srmig ingress: H.Encaps (RFC 8986 5.1) in BPF, on the egress path of the ingress's fabric interface (tc
+ * clsact egress, direct action), so srmig needs no SRv6 in the kernel.
+ *
+ * An IPv6 packet whose destination is a VM in encap_table leaves inside an outer IPv6 header (source and
+ * first SID from the entry, hop limit from the entry, traffic class copied from the inner packet, flow label
+ * from the inner flow's hash for ECMP) and the SRH userspace built for the VM's segment list. The inner
+ * packet is untouched. Locally originated and forwarded packets alike pass here, TCP super-packets (GSO/TSO)
+ * included: bpf_skb_adjust_room(..., BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) marks them for software segmentation
+ * after the encapsulation and shrinks their segment size by the bytes it adds.
+ *
+ * parse -> encap_table lookup -> h_encaps() -> one exit that counts. Map sizes come from userspace
+ * (SRMIG_MAX_VMS).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in6.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "srmig_abi.h"
+
+#ifndef SRMIG_MAX_VMS
+#define SRMIG_MAX_VMS 65536
+#endif
+#define BPF_F_NO_PREALLOC_ 1
+#define ETH_P_IPV6_BE 0xDD86 /* htons(ETH_P_IPV6) */
+#define IPPROTO_ROUTING_ 43
+#define IPPROTO_IPV6_ 41
+
+/* Not preallocated: memory follows the VMs present. */
+BPF_F_TABLE("hash", struct srmig_encap_key, struct srmig_encap_value, encap_table, SRMIG_MAX_VMS,
+	    BPF_F_NO_PREALLOC_);
+BPF_F_TABLE("percpu_hash", struct srmig_encap_key, struct srmig_encap_vm_stats, encap_vm_stats, SRMIG_MAX_VMS,
+	    BPF_F_NO_PREALLOC_);
+BPF_PERCPU_ARRAY(encap_stats, __u64, SRMIG_ENCAP_MAX);
+
+_Static_assert(SRMIG_ENCAP_SRH_MAX == 8 + 16 * SRMIG_ENCAP_MAX_SEGS, "SRH room for the longest list");
+_Static_assert(sizeof(((struct srmig_encap_value *)0)->srh) == SRMIG_ENCAP_SRH_MAX, "srh[] holds the longest SRH");
+
+/* bpf_skb_store_bytes needs a length the verifier can bound: one constant per list length (a store of a
+ * variable length, or a loop over the segments, was rejected; ENVIRONMENT.md). */
+#define STORE_SRH(entries)                                                                                   \
+	case 8 + 16 * (entries):                                                                             \
+		return bpf_skb_store_bytes(skb, off, e->srh, 8 + 16 * (entries), 0)
+
+static __always_inline int store_srh(struct __sk_buff *skb, __u32 off, struct srmig_encap_value *e)
+{
+	switch (e->srh_len) {
+	case 0:
+		return 0;
+	STORE_SRH(1);
+	STORE_SRH(2);
+	STORE_SRH(3);
+	STORE_SRH(4);
+	STORE_SRH(5);
+	STORE_SRH(6);
+	default:
+		return -1;
+	}
+}
+
+/* Traffic class copied from the inner header, flow label from the flow's hash (RFC 6437: a function of the
+ * inner 5-tuple, so ECMP in the fabric keeps a flow on one path). Returns the first 32 bits of the outer
+ * header, network byte order. */
+static __always_inline __be32 outer_vtcfl(struct __sk_buff *skb, const struct ipv6hdr *inner)
+{
+	__u32 first = bpf_ntohl(*(const __be32 *)inner);
+	__u32 tclass = (first >> 20) & 0xff;
+	__u32 hash = bpf_get_hash_recalc(skb);
+	__u32 label = (hash ^ (hash >> 20)) & 0xfffff;
+
+	return bpf_htonl((6U << 28) | (tclass << 20) | label);
+}
+
+/* RFC 8986 5.1 H.Encaps: push an outer IPv6 header and the SRH in front of the packet's IPv6 header. Returns
+ * SRMIG_ENCAP_DONE or the reason it could not. */
+static __always_inline __u32 h_encaps(struct __sk_buff *skb, const struct ipv6hdr *inner,
+				      struct srmig_encap_value *e)
+{
+	__u32 srh_len = e->srh_len;
+	__u32 grow = sizeof(struct ipv6hdr) + srh_len;
+	__u32 mtu_len = 0;
+	struct ipv6hdr outer;
+
+	if (srh_len > SRMIG_ENCAP_SRH_MAX)
+		return SRMIG_ENCAP_DROP_BAD_ENTRY;
+	/* bpf_skb_adjust_room does not check the MTU: a non-GSO packet that would no longer fit is dropped here,
+	 * counted, rather than silently by the device. A GSO super-packet passes: its segment size shrinks. */
+	if (bpf_check_mtu(skb, 0, &mtu_len, (__s32)grow, 0) != BPF_MTU_CHK_RET_SUCCESS)
+		return SRMIG_ENCAP_DROP_TOO_BIG;
+
+	__builtin_memset(&outer, 0, sizeof(outer));
+	*(__be32 *)&outer = outer_vtcfl(skb, inner);
+	/* Computed before growing: the inner packet and the SRH. (GSO rewrites it per segment.) */
+	outer.payload_len = bpf_htons(skb->len - ETH_HLEN + srh_len);
+	outer.nexthdr = srh_len ? IPPROTO_ROUTING_ : IPPROTO_IPV6_;
+	outer.hop_limit = e->hop_limit;
+	__builtin_memcpy(&outer.saddr, e->src, 16);
+	__builtin_memcpy(&outer.daddr, e->first_sid, 16);
+
+	if (bpf_skb_adjust_room(skb, (__s32)grow, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6))
+		return SRMIG_ENCAP_DROP_ROOM;
+	/* IPv6 has no header checksum, and a CHECKSUM_PARTIAL offset counts from the buffer's start: nothing to
+	 * fix up after these writes. */
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), 0))
+		return SRMIG_ENCAP_DROP_STORE;
+	if (store_srh(skb, ETH_HLEN + sizeof(outer), e))
+		return SRMIG_ENCAP_DROP_STORE;
+	return SRMIG_ENCAP_DONE;
+}
+
+static __always_inline void count(__u32 counter, struct srmig_encap_vm_stats *vs, __u32 bytes)
+{
+	__u64 *n = encap_stats.lookup(&counter);
+
+	if (n)
+		*n += 1;
+	if (!vs)
+		return;
+	if (counter == SRMIG_ENCAP_DONE) {
+		vs->packets++;
+		vs->bytes += bytes;
+	} else {
+		vs->dropped++;
+	}
+}
+
+int srmig_encap(struct __sk_buff *skb)
+{
+	struct srmig_encap_vm_stats *vs = NULL;
+	struct srmig_encap_value *e;
+	struct srmig_encap_key key;
+	struct ipv6hdr inner;
+	__u32 counter = SRMIG_ENCAP_PASS;
+	__u32 bytes = skb->len - ETH_HLEN;
+
+	if (skb->protocol != ETH_P_IPV6_BE)
+		goto out; /* IPv4, ARP...: not ours */
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &inner, sizeof(inner)))
+		goto out; /* shorter than an IPv6 header: the kernel judges it */
+	__builtin_memcpy(key.addr, &inner.daddr, 16);
+	e = encap_table.lookup(&key);
+	if (!e)
+		goto out; /* not to a VM we steer (or already encapsulated: its DA is a SID) */
+	vs = encap_vm_stats.lookup(&key);
+	counter = h_encaps(skb, &inner, e);
+out:
+	count(counter, vs, bytes);
+	return counter <= SRMIG_ENCAP_DONE ? TC_ACT_OK : TC_ACT_SHOT;
+}
