@@ -15,6 +15,7 @@ examples (as root):
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
+  srmig check                              what this kernel offers and what srmig will use
   srmig agent --config /etc/srmig/agent.toml   the agent (hypervisor and/or ingress role)
   srmig install-hook --config FILE --unit  the libvirt hook and a systemd unit
   srmig status                             VMs, phases, connections and counters of the local agent
@@ -128,6 +129,33 @@ def cmd_stats(args) -> int:
     rows = [{"sid": s["sid"], "behaviour": s["behaviour"], **s["stats"]} for s in stats["sids"]]
     _print_table(rows, ["sid", "behaviour", "packets", "bytes", "delivered", "forwarded", "held", "dropped"])
     return 0
+
+
+def cmd_check(args) -> int:
+    from srmig import check
+
+    report = check.run(args.interface)
+    if args.json:
+        _emit(args, report)
+        return 0 if report["ok"] else 1
+    width = max(map(len, report["checks"]))
+    for key, c in report["checks"].items():
+        status = "ok" if c["ok"] else ("FAIL" if c["required"] else "no")
+        line = f"{status:<5} {key:<{width}}  {c['detail']}"
+        if not c["ok"]:
+            line += (f" — {'required' if c['required'] else 'optional'}; degrades: {c['degrades']}; "
+                     f"fix: {c['fix']}")
+        print(line)
+    u = report["uses"]
+    print(f"srmig uses: XDP {u['xdp_mode']}, H.Encaps in BPF (tc clsact egress), End in XDP, bench generator "
+          f"{u['bench_generator']}, tap drain {'on' if u['tap_drain'] else 'unavailable'}")
+    absent = [k for k, c in report["checks"].items() if not c["ok"] and not c["required"]]
+    if report["ok"]:
+        print(f"kernel {report['kernel']}: everything srmig requires is here"
+              + (f" (optional, absent: {', '.join(absent)})" if absent else ""))
+        return 0
+    print(f"kernel {report['kernel']}: missing what srmig requires: {', '.join(report['missing_required'])}")
+    return 1
 
 
 def cmd_bench(args) -> int:
@@ -248,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
                    ("list", "list the prefixes")])
 
     cmd("stats", cmd_stats, "counters per verdict, per drop reason and per SID")
+
+    sp = cmd("check", cmd_check, "what this machine's kernel offers and what srmig will use (exit 1: "
+                                 "something required is missing)")
+    sp.description = ("Tries every kernel feature srmig uses or can use, in a throwaway network namespace "
+                      "removed afterwards: XDP native and generic, BPF ring buffers and bpf_ringbuf_query, "
+                      "tc clsact with a bpf filter, pidfd_getfd, BPF_PROG_RUN live frames, kernel SRv6 "
+                      "lwtunnels, BTF, and kernel headers for bcc. One line each; what is missing says what "
+                      "degrades and the fix. Exit 0 when everything required is there.")
+    sp.add_argument("--interface", metavar="IFACE",
+                    help="try XDP on this interface (attached and detached at once, never replacing a program "
+                         "already there; some NIC drivers reset their rings on a native attach) instead of a veth")
 
     from srmig.ctl import cli_agent
 

@@ -28,8 +28,21 @@ WantedBy=multi-user.target
 """
 
 
+def kernel_fit(cfg: config_mod.Config) -> None:
+    """What the config asks of this kernel, tried on this kernel (config.py only checks the file): one line
+    naming the fix when it is missing."""
+    if cfg.ingress and cfg.ingress.encap == "kernel":
+        from srmig.check import kernel_srv6  # noqa: PLC0415
+
+        ok, reason = kernel_srv6()
+        if not ok:
+            raise ValueError(f'{cfg.path}: ingress.encap: "kernel" needs SRv6 lwtunnels, which this kernel lacks '
+                             f'({reason.removeprefix("absent: ")}): use encap = "bpf" (the default)')
+
+
 def cmd_agent(args) -> int:
     cfg = config_mod.load(args.config)  # every error before anything is installed
+    kernel_fit(cfg)
     if args.check:
         print(f"{args.config}: ok ({', '.join(r for r in ('host', 'ingress') if getattr(cfg, r))})")
         return 0

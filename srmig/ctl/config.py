@@ -19,8 +19,13 @@
 
     [ingress]                               # the ingress role: H.Encaps towards every VM
     name = "edge1"
-    interface = "eth0"
+    interface = "eth0"                      # where packets towards the VMs leave
     gateway = "2001:db8:c::2"
+    encap = "bpf"                           # bpf: H.Encaps by a tc program on interface's egress (any kernel
+                                            # with clsact + cls_bpf); kernel: `encap seg6` routes, which need
+                                            # a kernel with SRv6 lwtunnels (`srmig check` says)
+    source = "2001:db8:c::1"                # outer IPv6 source of H.Encaps (default: interface's first global
+                                            # IPv6 address)
 
     [db]
     backend = "embedded"                    # embedded | etcd
@@ -83,6 +88,8 @@ class IngressConfig:
     name: str
     interface: str
     gateway: str
+    encap: str = "bpf"          # "bpf" (tc egress program) | "kernel" (seg6 routes: needs SRv6 lwtunnels)
+    source: str | None = None   # outer IPv6 source of H.Encaps; None: interface's first global IPv6 address
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,9 @@ def _host(path: str, t) -> HostConfig:
 def _ingress(path: str, t) -> IngressConfig:
     s = _Section(path, "ingress", t)
     cfg = IngressConfig(name=s.str("name", socket.gethostname()), interface=s.str("interface", required=True),
-                        gateway=s.ipv6("gateway", required=True))
+                        gateway=s.ipv6("gateway", required=True),
+                        encap=s.str("encap", "bpf", choices=("bpf", "kernel")),
+                        source=s.ipv6("source"))
     s.done()
     return cfg
 
