@@ -15,6 +15,7 @@ examples (as root):
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
+  srmig ingress load eth0                  H.Encaps in BPF on an ingress (srmig ingress --help)
   srmig check                              what this kernel offers and what srmig will use
   srmig agent --config /etc/srmig/agent.toml   the agent (hypervisor and/or ingress role)
   srmig install-hook --config FILE --unit  the libvirt hook and a systemd unit
@@ -288,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="try XDP on this interface (attached and detached at once, never replacing a program "
                          "already there; some NIC drivers reset their rings on a native attach) instead of a veth")
 
-    from srmig.ctl import cli_agent
+    from srmig.ctl import cli_agent, cli_ingress
 
     cli_agent.add_parsers(sub)
+    cli_ingress.add_parsers(sub)
 
     sp = sub.add_parser(
         "demo", help="migrate a real QEMU guest once per strategy under probe traffic, compare the losses",
