@@ -1,14 +1,17 @@
 """`python -m bench.flush`: how fast a full held buffer goes into a VM's queue, in order, and what arrives.
 
     H (one namespace)                                S --veth-- H (fabric methods)
-    this process --method--> tap "vmtap"             S: this process --method--> s0 ==> h0: kernel End.DX6
-                             txqueuelen >= buffer                                        --> tap "vmtap"
+    this process --method--> tap "vmtap"             S: this process --method--> s0 ==> h0: srmig End.DX6-map
+                             txqueuelen >= buffer                                        (XDP) --> tap "vmtap"
                              read by an fd we hold, only after the flush (a paused or incoming QEMU)
 
 Methods, each given the same held buffer of N packets (UDP, sequence number in the last 8 bytes), timed
 from the first send to the last send returning. Delivery into a tap is synchronous: when send returns the
-frames are in its queue. The fabric methods' rate includes H's End.DX6, which runs in softirq, mostly
-inline in each send on this one machine.
+frames are in its queue. The fabric methods' rate includes H's End.DX6-map: srmig's own XDP program on h0
+(generic mode, as the testbed runs it; what a host agent installs in front of its VMs), which decapsulates
+and FIB-redirects into the tap. It runs in softirq, mostly inline in each send on this one machine. The
+kernel's seg6local End.DX6 stood there until 2026-12: srmig needs no SRv6 in the kernel, and this bench
+runs where the kernel has none.
 
 - raw_sendto:             IPv6 raw socket, one sendto() per packet (RawSender.send), routed to the tap
 - raw_sendmmsg:           the same socket, sendmmsg(2) batches of 1024 (RawSender.send_many)
@@ -23,7 +26,7 @@ inline in each send on this one machine.
                           clock runs: the kernel's own cost per frame, the ceiling of any sender on this path
                           (a fill in C, or a filler thread overlapping the kernel's sends). Not a sender of
                           its own: never the chosen or the fastest method.
-- fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6 SID over the veth, one sendto() each (the old drain)
+- fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6-map SID over the veth, one sendto() each (the old drain)
 - fabric_raw_sendmmsg:    the same, RawSender.send_many (the drain's and return_held's path now)
 - fabric_packet_sendmmsg: from S: the same frames by AF_PACKET on s0 (next hop MAC known), batched
 
@@ -46,6 +49,7 @@ Two shared cores: numbers vary run to run; compare methods within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -57,14 +61,17 @@ from array import array
 from typing import Callable
 
 from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender, TxRingSender, encapsulate_packet
+from srmig.dataplane.abi import Behaviour, VmState
 from srmig.testbed import qemu
+from srmig.testbed.lab import xdp_on
 from srmig.testbed.netns import Topology, inside
 
 TAP = "vmtap"
 VM = "2001:db8:100::10"
 VM_MAC = "02:00:00:00:10:10"
 GW_MAC = "02:00:5e:00:00:01"
-H_SID = "fc00:0:2::d6"     # H's End.DX6 (kernel seg6local) in front of the VM's tap
+H_SID = "fc00:0:2::d6"     # H's End.DX6-map (srmig's XDP on h0) in front of the VM's tap
+XDP_MODE = "generic"       # srmig's mode on h0, as in the testbed
 S_ADDR = "2001:db8:f::1"
 H_ADDR = "2001:db8:f::2"
 TX_RING_FRAMES = 2048      # TxRingSender's ring: slots of 2 KiB (MTU 1500), one send() per fill
@@ -100,6 +107,7 @@ class FlushLab:
         self.topo = Topology(tag=f"{os.getpid()}-fl")
         self.qlen = qlen
         self.tap_fd = -1
+        self._stack = contextlib.ExitStack()
 
     def start(self) -> FlushLab:
         try:
@@ -126,7 +134,11 @@ class FlushLab:
             ipr.link("set", index=idx, address=GW_MAC, txqlen=self.qlen, state="up")
         t.route("H", VM + "/128", oif=TAP)
         t.neigh("H", TAP, VM, VM_MAC)
-        t.route("H", H_SID + "/128", oif="h0", encap={"type": "seg6local", "action": "End.DX6", "nh6": VM})
+        # srmig's End.DX6-map decapsulates what S sends to H_SID and FIB-redirects it into the tap (the
+        # /128 route and the permanent neighbour above): no SRv6 needed in H's kernel.
+        self.dp = self._stack.enter_context(xdp_on(t, "H", "h0", XDP_MODE))
+        self.dp.add_sid(H_SID, Behaviour.END_DX6_MAP)
+        self.dp.set_vm(VM, VmState.RUNNING)
         t.route("S", "fc00:0:2::/48", gateway=H_ADDR)
         self.h0_mac = t.mac("H", "h0")
         self.s0_mac = t.mac("S", "s0")
@@ -150,6 +162,8 @@ class FlushLab:
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1
+        with contextlib.suppress(Exception):
+            self._stack.close()
         self.topo.close()
 
     def __enter__(self) -> FlushLab:

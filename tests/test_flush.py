@@ -315,3 +315,18 @@ def test_the_kernel_ceiling_method_is_a_real_flush(lab):
     for method in (F.CHOSEN, F.CEILING):
         r = F.measure(lab, method, N, 128)
         assert r["ok"] and r["received"] == N and r["sender_dropped"] == 0, r
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("method", ["fabric_raw_sendmmsg", "fabric_packet_sendmmsg"])
+def test_fabric_methods_deliver_through_srmigs_end_dx6_map(lab, method):
+    """The fabric methods go S -> h0 -> tap through srmig's own End.DX6-map (XDP on h0), not the kernel's
+    seg6local: every packet decapsulated and in the tap, in order, counted as delivered by that SID."""
+    def delivered() -> int:
+        return next(s["stats"]["delivered"] for s in lab.dp.stats()["sids"] if s["sid"] == F.H_SID)
+
+    before = delivered()
+    r = F.measure(lab, method, 2000, 128)
+    assert r["ok"] and r["received"] == 2000 and r["duplicates"] == 0, r
+    assert delivered() - before == 2000
