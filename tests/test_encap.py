@@ -357,3 +357,23 @@ def test_cli_end_to_end(topology):
     assert out["pins_removed"] is True
     r = srmig("list", ok=False)
     assert r.returncode == 1 and "srmig ingress load" in r.stderr
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_the_encapsulated_packet_follows_the_route_to_its_first_sid(topology):
+    """The kernel routed the packet by the VM's address (here out of i1, to Z, which knows nothing); after
+    H.Encaps it must go where the first SID is routed (out of i0, to D), as the kernel's seg6 encap does.
+    D runs native XDP here: a veth does not run generic XDP on a frame a BPF program redirected into its
+    peer (the kernel skips "reinjected" skbs); a frame off a real wire is a new skb."""
+    build(topology, "native")
+    topology.add_host("Z")
+    topology.link("I", "i1", "Z", "z0", "2001:db8:9::1/64", "2001:db8:9::2/64", static_neigh=True)
+    topology.run("I", "ethtool", "-K", "i1", "tx", "off")
+    topology.route("D", "2001:db8:9::/64", gateway=I_ADDR)  # replies to the ping's source, i1's address
+    with xdp_on(topology, "D", "d_in", "native") as d_dp, encap_on(topology, "I", "i1", source=I_ADDR) as encap:
+        d_dp.add_sid(D_DX6, Behaviour.END_DX6_MAP)
+        d_dp.set_vm(VM, VmState.RUNNING)
+        steer(topology, "I", encap, VM, [D_DX6], "2001:db8:9::2", "i1")
+        assert ping(topology, count=3) == 3
+        assert _delivered(d_dp) >= 3

@@ -8,14 +8,18 @@
  * included: bpf_skb_adjust_room(..., BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) marks them for software segmentation
  * after the encapsulation and shrinks their segment size by the bytes it adds.
  *
- * parse -> encap_table lookup -> h_encaps() -> one exit that counts. Map sizes come from userspace
- * (SRMIG_MAX_VMS).
+ * After H.Encaps the packet is sent towards its new destination, the first SID (route_outer(): a FIB lookup,
+ * as the kernel's seg6 encap does with its dst), not to the next hop the kernel chose for the VM's address.
+ *
+ * parse -> encap_table lookup -> h_encaps() -> route_outer() -> one exit that counts. Map sizes come from
+ * userspace (SRMIG_MAX_VMS).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in6.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
+#include <linux/stddef.h>
 
 #include "srmig_abi.h"
 
@@ -109,6 +113,39 @@ static __always_inline __u32 h_encaps(struct __sk_buff *skb, const struct ipv6hd
 	return SRMIG_ENCAP_DONE;
 }
 
+/* bcc 0.26 declares bpf_redirect_neigh with three arguments; the kernel's (>= 5.13) takes four. */
+static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+/* Send the encapsulated packet towards its outer destination: the kernel routed it by the VM's address,
+ * and the next hop towards the first SID may be another one (several hosts on one segment) or another
+ * interface. Returns the tc action. A destination the FIB cannot resolve keeps the VM route's next hop. */
+static __always_inline int route_outer(struct __sk_buff *skb)
+{
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr eth;
+	int rc;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), fib.ipv6_src, 32))
+		return TC_ACT_OK;
+	fib.family = 10; /* AF_INET6 */
+	fib.ifindex = skb->ifindex;
+	/* tot_len 0: the FIB checks the packet against the egress device's MTU itself (GSO packets pass). */
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return redirect_neigh(fib.ifindex, NULL, 0, 0); /* the kernel resolves the neighbour */
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_OK;
+	__builtin_memcpy(eth.h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, fib.smac, ETH_ALEN);
+	eth.h_proto = ETH_P_IPV6_BE;
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0))
+		return TC_ACT_OK;
+	if (fib.ifindex == skb->ifindex)
+		return TC_ACT_OK; /* on its way out of this interface already */
+	return bpf_redirect(fib.ifindex, 0);
+}
+
 static __always_inline void count(__u32 counter, struct srmig_encap_vm_stats *vs, __u32 bytes)
 {
 	__u64 *n = encap_stats.lookup(&counter);
@@ -144,7 +181,11 @@ int srmig_encap(struct __sk_buff *skb)
 		goto out; /* not to a VM we steer (or already encapsulated: its DA is a SID) */
 	vs = encap_vm_stats.lookup(&key);
 	counter = h_encaps(skb, &inner, e);
+	if (counter == SRMIG_ENCAP_DONE) {
+		count(counter, vs, bytes);
+		return route_outer(skb);
+	}
 out:
 	count(counter, vs, bytes);
-	return counter <= SRMIG_ENCAP_DONE ? TC_ACT_OK : TC_ACT_SHOT;
+	return counter == SRMIG_ENCAP_PASS ? TC_ACT_OK : TC_ACT_SHOT;
 }

@@ -6,6 +6,8 @@
 #   SRMIG_NAME        ingress name, unique [hostname]
 #   SRMIG_INTERFACE   interface towards the fabric [required]
 #   SRMIG_GATEWAY     next hop on it [required]
+#   SRMIG_ENCAP       bpf (srmig's H.Encaps on SRMIG_INTERFACE's egress: any kernel) or kernel (seg6 routes:
+#                     needs a kernel with SRv6 lwtunnels) [bpf]
 #   SRMIG_DB, SRMIG_DB_PATH, SRMIG_ETCD, SRMIG_SOCKET, SRMIG_METRICS, SRMIG_CONFIG: as in host.sh
 set -eu
 : "${SRMIG_INTERFACE:?set SRMIG_INTERFACE}" "${SRMIG_GATEWAY:?set SRMIG_GATEWAY}"
@@ -20,6 +22,7 @@ cat > "$CONFIG.tmp" <<TOML
 name = "$NAME"
 interface = "$SRMIG_INTERFACE"
 gateway = "$SRMIG_GATEWAY"
+encap = "${SRMIG_ENCAP:-bpf}"
 
 [db]
 backend = "${SRMIG_DB:-embedded}"
