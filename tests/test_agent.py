@@ -412,15 +412,34 @@ def _unrecovered_swallowed(log: str) -> int:
     return n
 
 
-def _ingress_agent(tmp_path, db_section: str) -> subprocess.Popen:
-    """An ingress agent on lo (`srmig agent` process) with this [db] section, its socket in tmp_path."""
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(f"[ingress]\nname = 'ing1'\ninterface = 'lo'\ngateway = '::1'\n[db]\n{db_section}\n"
-                   f"[hook]\nsocket = '{tmp_path / 'agent.sock'}'\n[metrics]\nlisten = ''\n")
-    return subprocess.Popen([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def _ingress_agent(tmp_path, db_section: str):
+    """An ingress agent (`srmig agent` process) on lo of a namespace of its own, with this [db] section, its
+    socket in tmp_path. Its H.Encaps program lives in that namespace; its pins are removed at the end."""
+    import shutil
+
+    from srmig.dataplane import loader
+    from srmig.testbed.netns import Topology
+
+    with Topology() as topo:
+        topo.add_host("I")
+        with topo.inside("I"):
+            pins = loader.encap_pin_dir()
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f"[ingress]\nname = 'ing1'\ninterface = 'lo'\ngateway = '::1'\n[db]\n{db_section}\n"
+                       f"[hook]\nsocket = '{tmp_path / 'agent.sock'}'\n[metrics]\nlisten = ''\n")
+        p = subprocess.Popen([sys.executable, "-m", "srmig", "--netns", topo.ns("I"), "agent", "--config", str(cfg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield p
+        finally:
+            p.terminate()
+            p.wait(10)
+            shutil.rmtree(pins, ignore_errors=True)
 
 
+@pytest.mark.bpf
+@pytest.mark.netns
 def test_unreachable_database_is_retried_and_reported(tmp_path):
     """An ingress agent whose etcd is down: it keeps running, retries with backoff and says so in status."""
     import socket as socket_mod
@@ -432,8 +451,7 @@ def test_unreachable_database_is_retried_and_reported(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sock = tmp_path / "agent.sock"
-    p = _ingress_agent(tmp_path, f"backend = 'etcd'\nendpoints = ['http://127.0.0.1:{port}']")
-    try:
+    with _ingress_agent(tmp_path, f"backend = 'etcd'\nendpoints = ['http://127.0.0.1:{port}']") as p:
         deadline = time.monotonic() + 30
         seen = []
         while time.monotonic() < deadline:
@@ -452,11 +470,10 @@ def test_unreachable_database_is_retried_and_reported(tmp_path):
         out = subprocess.run([sys.executable, "-m", "srmig", "status", "--socket", str(sock)], capture_output=True,
                              text=True, timeout=30)
         assert out.returncode == 0 and "state db: unreachable" in out.stdout and "retry in" in out.stdout
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
+@pytest.mark.bpf
+@pytest.mark.netns
 def test_expired_lease_registers_again(tmp_path):
     """The database lost the agent's lease (unreachable longer than the TTL, or a restored etcd): its records
     under it are gone, agents/<name> and, for an ingress, ingresses/<name> (which migrations wait for). The
@@ -467,8 +484,7 @@ def test_expired_lease_registers_again(tmp_path):
     from srmig.ctl.statedb import SqliteKv, _SqliteLease
 
     db = tmp_path / "state.db"
-    p = _ingress_agent(tmp_path, f"backend = 'embedded'\npath = '{db}'")
-    try:
+    with _ingress_agent(tmp_path, f"backend = 'embedded'\npath = '{db}'") as p:
         kv = SqliteKv(str(db))
 
         def registered() -> set[str]:
@@ -488,9 +504,6 @@ def test_expired_lease_registers_again(tmp_path):
             time.sleep(0.1)
         assert registered() == names
         assert p.poll() is None
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 def test_unreachable_libvirt_is_retried_and_reported():
