@@ -164,7 +164,7 @@ def build(topo, mode: str) -> None:
         topo.run(role, "ethtool", "-K", ifname, "gro", "on")  # native XDP redirects need NAPI on the peer
     if mode == "native":
         # A native XDP redirect between veths loses CHECKSUM_PARTIAL: TCP from I would never establish while
-        # I offloads its checksum (a veth effect: a NIC delivers full checksums). ENVIRONMENT-measured.
+        # I offloads its checksum (a veth effect: a NIC delivers full checksums).
         topo.run("I", "ethtool", "-K", "i0", "tx", "off")
     topo.route("I", "fc00::/16", gateway=D_LINK)
     topo.route("VM", "::/0", gateway="2001:db8:100::1")

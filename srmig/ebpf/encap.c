@@ -42,7 +42,7 @@ _Static_assert(SRMIG_ENCAP_SRH_MAX == 8 + 16 * SRMIG_ENCAP_MAX_SEGS, "SRH room f
 _Static_assert(sizeof(((struct srmig_encap_value *)0)->srh) == SRMIG_ENCAP_SRH_MAX, "srh[] holds the longest SRH");
 
 /* bpf_skb_store_bytes needs a length the verifier can bound: one constant per list length (a store of a
- * variable length, or a loop over the segments, was rejected; ENVIRONMENT.md). */
+ * variable length, or a loop over the segments, was rejected by the verifier). */
 #define STORE_SRH(entries)                                                                                   \
 	case 8 + 16 * (entries):                                                                             \
 		return bpf_skb_store_bytes(skb, off, e->srh, 8 + 16 * (entries), 0)
