@@ -26,7 +26,8 @@ runs where the kernel has none.
                           clock runs: the kernel's own cost per frame, the ceiling of any sender on this path
                           (a fill in C, or a filler thread overlapping the kernel's sends). Not a sender of
                           its own: never the chosen or the fastest method.
-- fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6-map SID over the veth, one sendto() each (the old drain)
+- fabric_raw_sendto:      from S: H.Encaps'd towards H's End.DX6-map SID over the veth, one sendto() each (the old
+                          drain)
 - fabric_raw_sendmmsg:    the same, RawSender.send_many (the drain's and return_held's path now)
 - fabric_packet_sendmmsg: from S: the same frames by AF_PACKET on s0 (next hop MAC known), batched
 

@@ -11,10 +11,26 @@ In ONE run, on the SAME path and packets, each of these DUT configurations is se
 - end_s_deliver:  srmig End.S, VM RUNNING (decapsulate, FIB step, redirect)
 - kernel_end_dx6: the kernel's seg6local End.DX6 (no XDP on d_in)
 - kernel_end:     the kernel's seg6local End (no XDP on d_in)
+- forward_plain:  the kernel's IPv6 forwarding of a plain packet (no SRH) to a VM: the ingress without encap
+- bpf_encap:      the same packet, route and forwarding, with srmig's H.Encaps (srmig/ebpf/encap.c, tc clsact
+                  egress on d_out) pushing outer IPv6 + an SRH of ENC_SEGS: what an ingress router does per packet
+- kernel_encap:   the same with the kernel's `encap seg6 mode encap` route instead (no tc program)
 - redirect_stub:  bench/xdp_redirect_stub.c, redirects every frame to d_out (the floor of an XDP forwarder)
 - redirect_stub_mac: bench/xdp_redirect_stub_mac.c, the same after swapping the Ethernet addresses (the
                   kernel sample xdp_redirect_map): the floor of a forwarder that reads the frame at all
 - generator:      bench/xdp_sink.c on d_in itself (drop at the DUT): what the generator can offer at all
+
+The kernel paths (kernel_end_dx6, kernel_end, kernel_encap) need SRv6 lwtunnels in the kernel
+(CONFIG_IPV6_SEG6_LWTUNNEL): srmig.check.kernel_srv6() tries it at run time; where they are absent the
+kernel paths are not measured, the JSON says why ("kernel_srv6", "skipped_paths") and the ratios against
+them are null ("ratio_notes"). Every srmig path, both stubs and the encap paths run everywhere.
+
+The encap paths are fed the plain inner packet of the other paths' frames (Ethernet + IPv6 + UDP): after
+H.Encaps with two SIDs, what reaches the sink is exactly the frame End.S is fed. The DUT -> sink link has
+MTU 1500 + 144 (srmig.ctl.ingress.MAX_OVERHEAD), so the VM's /128 route that steers packets into the encap
+has MTU 1500, as a fabric with room for the encapsulation gives a VM. forward_plain and bpf_encap use that
+same route to the same VM; only the filter on d_out differs (attached for bpf_encap alone, so no other
+path pays for it).
 
 Where the cores go: trafgen (one process, paced with sendto, pinned to CPU 0 by itself) on CPU 0. d_in uses
 threaded NAPI (GRO on, /sys/class/net/d_in/threaded = 1) and its kthread is pinned to CPU 1, so the DUT's
@@ -31,7 +47,10 @@ Two measurements per path:
 - max_forwarding_rate (RFC 2285 forwarding rate at maximum offered load): trafgen unpaced, the sink counted
   over a window while the DUT core is saturated. This is the DUT core's capacity; the headline ratios use it.
 
-Two generators (`generator=`):
+Two generators (`generator=`); "live" (the default) falls back to trafgen by itself where the kernel refuses
+live frames (EPERM on some kernels; live_frames() tries it once), and the JSON's "generator" says which ran,
+why, and its ceiling (the `generator` path's rate): a path forwarding >= GEN_BOUND of it is generator-bound
+and its ratios say so ("ratio_notes").
 - trafgen: as above; sendto per frame, about 700 kpps on this machine, below what XDP paths forward.
 - live: BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (kernel >= 5.18) runs bench/xdp_live_gen.c on CPU 0
   with ingress = g0; its XDP_TX sends each frame out of g0 with ndo_xdp_xmit, so d_in receives XDP frames
@@ -52,9 +71,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import functools
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -64,12 +86,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pyroute2 import IPRoute
+from scapy.layers.l2 import Ether
+
 from bench import search as S
+from srmig import check
+from srmig.ctl import ingress
 from srmig.dataplane import libbpf, loader
 from srmig.dataplane.abi import Behaviour, VmState
-from srmig.testbed.lab import xdp_on
-from srmig.testbed.netns import Topology
-from srmig.testbed.packets import h_encaps, inner
+from srmig.testbed.lab import encap_on, xdp_on
+from srmig.testbed.netns import Topology, inside
+from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -80,12 +107,19 @@ NEXT_SID = "fc00:0:2::b"      # the sink's locator: where End / End.S forward to
 VM_RUN = "2001:db8:100::10"   # behind the sink: where End.S deliver and End.DX6 send the inner packet
 VM_AWAY = "2001:db8:100::20"
 VM_HOLD = "2001:db8:100::30"
+VM_ENC = "2001:db8:100::70"   # forward_plain and bpf_encap: one /128 route (MTU 1500), with or without H.Encaps
+VM_KENC = "2001:db8:100::71"  # kernel_encap: an `encap seg6` route
+ENC_SEGS = ["fc00:0:2::e1", NEXT_SID]  # what the ingress pushes: two SIDs (End.S's input), routed to the sink
+DUT_ADDR = "2001:db8:b::1"    # d_out: the encap's outer source
 SINK_ADDR = "2001:db8:b::2"
 
 PATHS = ("generator", "redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver", "kernel_end_dx6",
-         "kernel_end")
+         "kernel_end", "forward_plain", "bpf_encap", "kernel_encap")
 RATIO_PATHS = ("redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver",
-               "kernel_end_dx6")  # what the ratios compare
+               "kernel_end_dx6", "forward_plain", "bpf_encap", "kernel_encap")  # what the ratios compare
+KERNEL_PATHS = ("kernel_end_dx6", "kernel_end", "kernel_encap")  # need SRv6 lwtunnels in the kernel
+PLAIN_PATHS = ("forward_plain", "bpf_encap", "kernel_encap")  # fed plain IPv6 (no SRH): the ingress's input
+GEN_BOUND = 0.9  # a path forwarding >= 90 % of what the generator can offer at all is generator-bound
 STUBS = {"redirect_stub": "xdp_redirect_stub", "redirect_stub_mac": "xdp_redirect_stub_mac"}  # path: C function
 GENERATORS = ("trafgen", "live")
 SIZES = ("78", "512", "1500", "imix")
@@ -108,7 +142,12 @@ class BenchError(RuntimeError):
 
 
 def _route(path: str) -> tuple[list[str], str]:
-    """The segment list (travel order) and inner destination of the packets fed to `path`."""
+    """The segment list (travel order) and inner destination of the packets fed to `path` (the encap paths:
+    the list the DUT pushes)."""
+    if path in ("forward_plain", "bpf_encap"):
+        return ENC_SEGS, VM_ENC
+    if path == "kernel_encap":
+        return ENC_SEGS, VM_KENC
     if path in ("kernel_end_dx6",):
         return [SID_K_DX6], VM_RUN
     if path == "kernel_end":
@@ -120,25 +159,39 @@ def _route(path: str) -> tuple[list[str], str]:
     return [SID_S, NEXT_SID], VM_AWAY  # end_s_forward, the redirect stubs, generator
 
 
+def _frame(path: str, payload: bytes, dst_mac: str) -> bytes:
+    """`path`'s frame around an inner UDP `payload`: H.Encaps'd, or plain IPv6 for the encap paths."""
+    segs, vm = _route(path)
+    if path in PLAIN_PATHS:
+        return bytes(Ether(src=INGRESS_MAC, dst=dst_mac) / inner(vm, payload=payload))
+    return bytes(h_encaps(segs, inner(vm, payload=payload), dst_mac=dst_mac))
+
+
+def inner_offset(frame: bytes) -> int:
+    """Where the inner IPv6 header starts: behind outer IPv6 + SRH, or at 14 in a plain IPv6 frame."""
+    if frame[14 + 6] == 43:  # outer next header: routing (the SRH)
+        return 14 + 40 + (frame[14 + 40 + 1] + 1) * 8
+    return 14
+
+
 def packet(path: str, size: int | None = None, dst_mac: str = "02:00:00:00:00:01") -> bytes:
     """The frame each path is fed; `size` pads the inner payload up to that frame length."""
-    segs, vm = _route(path)
-    frame = bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench"), dst_mac=dst_mac))
+    frame = _frame(path, b"srmig-bench", dst_mac)
     if size and size > len(frame):
-        frame = bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench".ljust(size - len(frame) + 11, b".")),
-                               dst_mac=dst_mac))
+        frame = _frame(path, b"srmig-bench".ljust(size - len(frame) + 11, b"."), dst_mac)
     return frame
 
 
 def _sized(path: str, dst_mac: str, inner_ip_len: int | None = None, outer_ip_len: int | None = None) -> bytes:
-    """`path`'s frame with an inner IPv6 packet of `inner_ip_len` bytes, or an outer one of `outer_ip_len`."""
+    """`path`'s frame with an inner IPv6 packet of `inner_ip_len` bytes, or an outer one of `outer_ip_len`
+    (the encap paths: the inner packet of that outer one, which their encapsulation makes)."""
     segs, vm = _route(path)
     if inner_ip_len is None:
         inner_ip_len = outer_ip_len - 40 - 8 - 16 * len(segs)
     payload = inner_ip_len - 40 - 8  # inner IPv6 + UDP headers
     if payload < 2:
         raise ValueError(f"{path}: an inner IPv6 packet of {inner_ip_len} bytes is too short")
-    return bytes(h_encaps(segs, inner(vm, payload=b"srmig-bench".ljust(payload, b".")[:payload]), dst_mac=dst_mac))
+    return _frame(path, b"srmig-bench".ljust(payload, b".")[:payload], dst_mac)
 
 
 def frames(path: str, size: str, dst_mac: str = "02:00:00:00:00:01") -> list[bytes]:
@@ -167,9 +220,8 @@ def trafgen_config(frame: bytes, flows: int = 1) -> str:
     """A trafgen packet: the frame's bytes; with flows > 1 the inner source's last byte counts up (dinc)."""
     body = [f"0x{b:02x}" for b in frame]
     if flows > 1:
-        # Inner IPv6 source: Ethernet 14 + outer IPv6 40 + SRH (8 + 16n) + 8 (offset of src in IPv6) + 15.
-        srh_len = (frame[14 + 40 + 1] + 1) * 8
-        off = 14 + 40 + srh_len + 8 + 15
+        # The inner IPv6 source's last byte: the source is at +8 in an IPv6 header, 16 bytes long.
+        off = inner_offset(frame) + 8 + 15
         body[off] = f"dinc(0, {min(flows, 256) - 1}, 1)"
     return "{ " + ", ".join(body) + " }\n"
 
@@ -212,6 +264,55 @@ def _on_cpu(cpu: int | None):
         os.sched_setaffinity(0, old)
 
 
+def _refusal(e: OSError) -> str:
+    """'refused (EPERM: Operation not permitted)' for an OSError from BPF_PROG_RUN."""
+    code = e.errno if isinstance(e.errno, int) else 0
+    name = errno.errorcode.get(code, str(code))
+    return f"refused ({name}: {os.strerror(code)})"
+
+
+@functools.cache
+def live_frames() -> tuple[bool, str]:
+    """Whether this kernel runs BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: (True, "available") or (False,
+    "refused (EPERM: ...)"). Tried once per process with a few frames that an XDP_DROP program drops, in a
+    throwaway namespace with a veth (the generator's setting); some kernels refuse it even to root."""
+    from pyroute2 import NetNS  # noqa: PLC0415
+
+    with check.scratch_netns() as ns:
+        with NetNS(ns) as ipr:
+            ipr.link("add", ifname="lf0", kind="veth", peer={"ifname": "lf1"})
+            for name in ("lf0", "lf1"):
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        bpf, fd = loader.compile_program(BENCH_DIR / "xdp_sink.c", "xdp_sink")
+        try:
+            with inside(ns):
+                libbpf.prog_test_run_live(fd, bytes(64), 64, socket.if_nametoindex("lf0"))
+        except OSError as e:
+            return False, _refusal(e)
+        finally:
+            bpf.cleanup()
+    return True, "available"
+
+
+def pick_generator(requested: str) -> tuple[str, str]:
+    """The generator to run for `requested` and what became of live frames: ("live", "available"), or
+    ("trafgen", "refused (EPERM: ...)") when live frames are refused here and trafgen is installed (the
+    automatic fallback), or ("trafgen", "not tried: --generator trafgen")."""
+    if requested not in GENERATORS:
+        raise BenchError(f"unknown generator {requested!r}: expected {' or '.join(GENERATORS)}")
+    if requested == "trafgen":
+        name, why = "trafgen", "not tried: --generator trafgen"
+    else:
+        ok, why = live_frames()
+        name = "live" if ok else "trafgen"
+        if not ok and not shutil.which("trafgen"):
+            raise BenchError(f"BPF_PROG_RUN live frames {why} here, and trafgen (the fallback) is not installed: "
+                             f"apt-get install netsniff-ng (./run setup installs it)")
+    if name == "trafgen" and not shutil.which("trafgen"):
+        raise BenchError("trafgen not found: apt-get install netsniff-ng (./run setup installs it)")
+    return name, why
+
+
 class LiveGenerator:
     """Frames out of one veth with BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX). `load(frames)`
     then `send(n, rate)`; the generator counts every frame it made (`generated()`)."""
@@ -229,31 +330,60 @@ class LiveGenerator:
 
     def load(self, frames_: list[bytes], flows: int = 1) -> None:
         """Send `frames_` in this order, over and over; with flows > 1 the last 2 bytes of the inner IPv6
-        source count 0..flows-1 (frames carry outer IPv6 + SRH + inner IPv6 at the usual offsets)."""
+        source count 0..flows-1 (IPv6 frames, H.Encaps'd or plain: see inner_offset()). Frames shorter than
+        the program's header copy are padded for it and cut back to their length by the program."""
         distinct = list(dict.fromkeys(frames_))
         if len(distinct) > self.tmpl_max or len(frames_) > self.seq_max:
             raise BenchError(f"live generator: at most {self.tmpl_max} frames, a sequence of {self.seq_max}")
-        if min(map(len, distinct)) < self.hdr_bytes:
-            raise BenchError(f"live generator: frames shorter than {self.hdr_bytes} bytes")
+        if min(map(len, distinct)) < 14 + 40:
+            raise BenchError("live generator: frames shorter than Ethernet + IPv6")
         if not 1 <= flows <= 1 << 16:
             raise BenchError("live generator: 1 to 65536 flows")
         tmpls, seq = self.bpf[b"tmpls"], self.bpf[b"seq"]
         for i, f in enumerate(distinct):
             leaf = tmpls.Leaf()
             leaf.len = len(f)
-            srh_len = (f[14 + 40 + 1] + 1) * 8
-            leaf.flow_off = 14 + 40 + srh_len + 8 + 14  # the inner source's last 2 bytes (IPv6 src at +8)
-            ctypes.memmove(leaf.hdr, f[:self.hdr_bytes], self.hdr_bytes)
+            leaf.flow_off = inner_offset(f) + 8 + 14  # the inner source's last 2 bytes (IPv6 src at +8)
+            ctypes.memmove(leaf.hdr, f[:self.hdr_bytes].ljust(self.hdr_bytes, b"\0"), self.hdr_bytes)
             tmpls[tmpls.Key(i)] = leaf
         for i, f in enumerate(frames_):
             seq[seq.Key(i)] = seq.Leaf(distinct.index(f))
         self._seq_len, self._flows = len(frames_), flows
-        self._frame = max(distinct, key=len)  # the program trims it to each template's length
+        # The program copies a template's header over it, then trims it to that template's length.
+        self._frame = max(distinct, key=len).ljust(self.hdr_bytes, b"\0")
 
     def generated(self) -> int:
         """Frames sent by the current (or last) run."""
         st = self.bpf[b"state"]
         return st[st.Key(0)].sent
+
+    def _arm(self, limit: int, rate_pps: float | None, until: float | None) -> None:
+        """The program's configuration for one run, and its state reset (nothing sent yet)."""
+        c = self.bpf[b"cfg"]
+        cfg = c.Leaf()
+        cfg.seq_len, cfg.flows, cfg.limit = self._seq_len, self._flows, limit
+        cfg.interval_ps = round(1e12 / rate_pps) if rate_pps else 0
+        cfg.stop_ns = int(until * 1e9) if until else 0
+        cfg.group = LIVE_GROUP
+        c[c.Key(0)] = cfg
+        st = self.bpf[b"state"]
+        leaf = st.Leaf()
+        leaf.sent, leaf.next_ps, leaf.in_group = 0, time.monotonic_ns() * 1000, 0
+        st[st.Key(0)] = leaf
+
+    def made(self, n: int) -> list[bytes]:
+        """The first `n` frames a run would send, made by the program without sending them (plain
+        BPF_PROG_TEST_RUN, one run each: works where live frames are refused too). Each must be XDP_TX."""
+        if not self._frame:
+            raise BenchError("live generator: load() frames first")
+        self._arm(n, None, None)
+        out = []
+        for _ in range(n):
+            r = libbpf.prog_test_run(self.fd, self._frame)
+            if r.retval != 3:  # XDP_TX
+                raise BenchError(f"live generator: the program returned {r.retval}, not XDP_TX")
+            out.append(r.data)
+        return out
 
     def _go(self, limit: int, rate_pps: float | None, until: float | None,
             watch: Callable[[], None] | None) -> int:
@@ -267,17 +397,7 @@ class LiveGenerator:
             raise ValueError("a paced or timed run needs a watch to end it")
         if watch and threading.current_thread() is not threading.main_thread():
             raise BenchError("the live generator runs in the main thread (it is interrupted by a signal)")
-        c = self.bpf[b"cfg"]
-        cfg = c.Leaf()
-        cfg.seq_len, cfg.flows, cfg.limit = self._seq_len, self._flows, limit
-        cfg.interval_ps = round(1e12 / rate_pps) if rate_pps else 0
-        cfg.stop_ns = int(until * 1e9) if until else 0
-        cfg.group = LIVE_GROUP
-        c[c.Key(0)] = cfg
-        st = self.bpf[b"state"]
-        leaf = st.Leaf()
-        leaf.sent, leaf.next_ps, leaf.in_group = 0, time.monotonic_ns() * 1000, 0
-        st[st.Key(0)] = leaf
+        self._arm(limit, rate_pps, until)
         repeat = LIVE_REPEAT_MAX if watch else limit
         done = threading.Event()
         me = threading.get_ident()
@@ -301,7 +421,8 @@ class LiveGenerator:
                 except InterruptedError:
                     pass
                 except OSError as e:
-                    raise BenchError(f"BPF_PROG_RUN live frames failed ({e}): needs kernel >= 5.18") from None
+                    raise BenchError(f"BPF_PROG_RUN live frames {_refusal(e)}: needs a kernel >= 5.18 that "
+                                     f"permits BPF_F_TEST_XDP_LIVE_FRAMES (else --generator trafgen)") from None
                 finally:
                     done.set()
                     if th:
@@ -346,18 +467,21 @@ class LiveGenerator:
 
 
 class LocalBench:
-    """The gen -> DUT -> sink topology; `configure(path)` then `trial(rate, duration)`. Always cleaned up."""
+    """The gen -> DUT -> sink topology; `configure(path)` then `trial(rate, duration)`. Always cleaned up.
+
+    `generator`: "live" runs live frames where the kernel permits them, else trafgen (pick_generator());
+    `self.generator` is the one that runs, `self.live_frames` what became of live frames. `kernel_srv6`:
+    (present, reason) as srmig.check.kernel_srv6() returns it (tried here when None); without SRv6
+    lwtunnels the kernel paths are not set up and `paths` (the ones that can run) leaves them out."""
 
     def __init__(self, mode: str = "native", flows: int = 16, frame_size: int | None = None,
-                 generator: str = "trafgen"):
-        if generator not in GENERATORS:
-            raise BenchError(f"unknown generator {generator!r}: expected {' or '.join(GENERATORS)}")
-        if generator == "trafgen" and not shutil.which("trafgen"):
-            raise BenchError("trafgen not found: apt-get install netsniff-ng (./run setup installs it)")
+                 generator: str = "trafgen", kernel_srv6: tuple[bool, str] | None = None):
+        self.generator, self.live_frames = pick_generator(generator)
+        self.kernel_srv6 = kernel_srv6 if kernel_srv6 is not None else check.kernel_srv6()
+        self.paths = tuple(p for p in PATHS if self.kernel_srv6[0] or p not in KERNEL_PATHS)
         self.mode = mode
         self.flows = flows
         self.frame_size = frame_size
-        self.generator = generator
         self.live: LiveGenerator | None = None
         self.size: str | None = None
         self.topo = Topology(tag=f"{os.getpid()}-bl")
@@ -381,7 +505,10 @@ class LocalBench:
         for role in ("gen", "dut", "sink"):
             t.add_host(role)
         t.link("gen", "g0", "dut", "d_in", "2001:db8:a::1/64", "2001:db8:a::2/64")
-        t.link("dut", "d_out", "sink", "s0", "2001:db8:b::1/64", SINK_ADDR + "/64")
+        t.link("dut", "d_out", "sink", "s0", DUT_ADDR + "/64", SINK_ADDR + "/64")
+        for role, ifname in (("dut", "d_out"), ("sink", "s0")):  # a fabric with room for the encapsulation
+            with t.ipr(role) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=MTU + ingress.MAX_OVERHEAD)
         for role, ifname in (("dut", "d_in"), ("dut", "d_out"), ("sink", "s0")):
             t.run(role, "ethtool", "-K", ifname, "gro", "on")  # NAPI on veth rx (needed by native redirect)
         self.d_in_mac = t.mac("dut", "d_in")
@@ -389,13 +516,20 @@ class LocalBench:
         t.route("dut", "fc00:0:2::/48", gateway=SINK_ADDR)
         t.route("dut", "2001:db8:100::/64", gateway=SINK_ADDR)
         t.neigh("dut", "d_out", SINK_ADDR, t.mac("sink", "s0"))
-        t.route("dut", SID_K_DX6 + "/128", oif="d_out",
-                encap={"type": "seg6local", "action": "End.DX6", "nh6": SINK_ADDR})
-        t.route("dut", SID_K_END + "/128", oif="d_out", encap={"type": "seg6local", "action": "End"})
+        if self.kernel_srv6[0]:
+            t.route("dut", SID_K_DX6 + "/128", oif="d_out",
+                    encap={"type": "seg6local", "action": "End.DX6", "nh6": SINK_ADDR})
+            t.route("dut", SID_K_END + "/128", oif="d_out", encap={"type": "seg6local", "action": "End"})
+            with t.ipr("dut") as ipr:  # the kernel's H.Encaps (its route MTU: the kernel's own business)
+                ingress.KernelEncap(SINK_ADDR, self.d_out_ifindex, ipr).set(VM_KENC, ENC_SEGS)
+        else:
+            self.notes.append(f"kernel SRv6 lwtunnels {self.kernel_srv6[1]}: kernel paths "
+                              f"{', '.join(KERNEL_PATHS)} not measured")
         self._pin_napi()
         # The sink: count and drop, native XDP on s0.
         self.sink_bpf, sink_fd = loader.compile_program(BENCH_DIR / "xdp_sink.c", "xdp_sink")
         self._stack.callback(self.sink_bpf.cleanup)
+        self.sink_classify_fd = self.sink_bpf.load_func(b"xdp_sink_classify", self.sink_bpf.XDP).fd
         with t.inside("sink"):
             loader.attach("s0", sink_fd, self.mode)
         self.sink_fd = sink_fd
@@ -414,6 +548,14 @@ class LocalBench:
         self.dp.set_vm(VM_RUN, VmState.RUNNING)
         self.dp.set_vm(VM_AWAY, VmState.AWAY, next_sid=NEXT_SID)
         self.dp.set_vm(VM_HOLD, VmState.HOLD)
+        # srmig's H.Encaps on d_out's egress, towards VM_ENC along ENC_SEGS; its filter is attached only while
+        # bpf_encap is configured (configure()), the route (MTU 1500) always: forward_plain takes it too.
+        self.encap = self._stack.enter_context(encap_on(t, "dut", "d_out", source=DUT_ADDR))
+        self._encap_attached = True
+        self.encap.set(VM_ENC, ENC_SEGS)
+        with t.ipr("dut") as ipr:
+            ingress.route_vm(ipr, VM_ENC, SINK_ADDR, self.d_out_ifindex)
+        self._encap_filter(False)
         if self.generator == "live":
             self.live = LiveGenerator(t, "gen", "g0", GEN_CPU if getattr(self, "_napi_cpu", None) else None)
             self._stack.callback(self.live.close)
@@ -438,6 +580,9 @@ class LocalBench:
         self._napi_cpu = 1
         pid = self._repin()
         gen = "trafgen" if self.generator == "trafgen" else "the live-frames generator (BPF_PROG_RUN)"
+        if self.live_frames.startswith("refused"):
+            self.notes.append(f"BPF_PROG_RUN live frames {self.live_frames} on this kernel: trafgen generates "
+                              f"instead (below what XDP paths forward: see generator.ceiling_pps)")
         self.notes.append(f"{gen} on CPU 0; d_in NAPI kthread ({pid or 'not found'}) on CPU 1 with the "
                           f"DUT's forwarding and the sink's XDP")
 
@@ -458,6 +603,9 @@ class LocalBench:
     def configure(self, path: str, size: str | None = None) -> None:
         """What d_in runs for `path`, and the frames the generator sends: `size` (see frames()), or without
         it one frame of `frame_size` bytes (the default frame when that is None)."""
+        if path not in self.paths:
+            raise BenchError(f"{path} cannot run here: " + (f"kernel SRv6 lwtunnels {self.kernel_srv6[1]}"
+                                                           if path in KERNEL_PATHS else "unknown path"))
         with self.topo.inside("dut"):
             if path == "generator":
                 loader.attach("d_in", self.sink_fd, self.mode)
@@ -467,6 +615,7 @@ class LocalBench:
                 loader.attach("d_in", self.srmig_fd, self.mode)
             else:
                 loader.detach("d_in")
+        self._encap_filter(path == "bpf_encap")
         self._repin()
         self.path = path
         self.size = size
@@ -493,9 +642,44 @@ class LocalBench:
         finally:
             _stop_group(proc)
 
+    def _encap_filter(self, on: bool) -> None:
+        """srmig's H.Encaps filter on d_out's egress, or none (program and maps stay loaded and pinned)."""
+        if on == self._encap_attached:
+            return
+        with self.topo.inside("dut"):
+            if on:
+                os.close(loader.load_encap("d_out").prog_fd)  # the pinned program: no compile
+            else:
+                with IPRoute() as ipr:
+                    ipr.tc("del-filter", "bpf", index=self.d_out_ifindex, handle=loader.ENCAP_HANDLE,
+                           prio=loader.ENCAP_PRIO, parent=loader.CLSACT_EGRESS)
+        self._encap_attached = on
+
+    def encap_stats(self) -> dict:
+        """srmig's H.Encaps counters on the DUT (done, pass, drops by reason) since the topology was built."""
+        return self.encap.stats()["counters"]
+
     def sink_count(self) -> int:
         t = self.sink_bpf[b"rx"]
         return sum(t.getvalue(t.Key(0)))
+
+    def sink_srv6_count(self) -> int:
+        """SRv6 frames at the sink, counted only while classify_sink(True)."""
+        t = self.sink_bpf[b"rx"]
+        return sum(t.getvalue(t.Key(1)))
+
+    def classify_sink(self, on: bool) -> None:
+        """The sink also counts SRv6 frames (it reads each frame: for checks, not while measuring)."""
+        with self.topo.inside("sink"):
+            loader.attach("s0", self.sink_classify_fd if on else self.sink_fd, self.mode)
+
+    def send_exactly(self, n: int, rate_pps: float) -> int:
+        """`n` frames of the configured path at `rate_pps`, with whichever generator runs; returns the frames
+        the generator sent (count arrivals with sink_count())."""
+        if self.live:
+            return self.live.send(n, rate_pps)
+        self._send_exactly(n, rate_pps)
+        return n
 
     # one trial ------------------------------------------------------------------------------------------
 
@@ -503,6 +687,15 @@ class LocalBench:
         with self.topo.ipr("gen") as ipr:
             st = ipr.get_links(ipr.link_lookup(ifname="g0")[0])[0].get_attr("IFLA_STATS64")
             return st["tx_packets"] + st["tx_dropped"]
+
+    def ring_drops(self) -> int:
+        """Frames a full veth ring refused so far: the DUT's (g0 -> d_in, its receive side not keeping up)
+        and the sink's (d_out -> s0). Each is counted as tx_dropped on the sending veth."""
+        n = 0
+        for role, ifname in (("gen", "g0"), ("dut", "d_out")):
+            with self.topo.ipr(role) as ipr:
+                n += ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0].get_attr("IFLA_STATS64")["tx_dropped"]
+        return n
 
     def _trafgen(self, n: int, rate_pps: float | None) -> subprocess.Popen:
         argv = ["ip", "netns", "exec", self.topo.ns("gen"), "trafgen", "-o", "g0", "-i", str(self._cfg),
@@ -752,11 +945,17 @@ def _median_ratios(per_round: list[dict]) -> dict:
 def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: float = 1.0,
         max_trials: int = 8, resolution: float = 0.05, mode: str = "native", flows: int = 16,
         hold_packets: int = 4000, progress: Callable[[str], None] | None = None, generator: str = "trafgen",
-        sizes: tuple[str, ...] = ("78",), repeat: int = 1, rounds: int = 0) -> dict:
+        sizes: tuple[str, ...] = ("78",), repeat: int = 1, rounds: int = 0,
+        kernel_srv6: tuple[bool, str] | None = None) -> dict:
     """Every path at every size, `repeat` times. `paths` holds the first size's results (medians, every
     trial) in the single-run layout; `sweep` every size's medians and ranges, ratios included. With
     `rounds`, each run also measures the ratio paths interleaved (interleave(), windows of duration_s / 2),
-    and the headline ratios (`ratios_spread`) are those: per run the median of its rounds' ratios."""
+    and the headline ratios (`ratios_spread`) are those: per run the median of its rounds' ratios.
+
+    Where the kernel lacks SRv6 lwtunnels (`kernel_srv6`, srmig.check.kernel_srv6() when None) the kernel
+    paths are left out ("skipped_paths", with the reason) and their ratios are null ("ratio_notes" says
+    why). "generator" says which generator ran (live frames fall back to trafgen where refused), its
+    ceiling and the paths it bounds."""
     sizes = tuple(str(x) for x in sizes)
     if not sizes or repeat < 1:
         raise BenchError("at least one frame size and one repetition")
@@ -766,19 +965,24 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                 frames(path, size)
     except ValueError as e:
         raise BenchError(str(e)) from None
+    ks = kernel_srv6 if kernel_srv6 is not None else check.kernel_srv6()
+    skipped = {p: f"kernel SRv6 lwtunnels {ks[1]}" for p in paths if p in KERNEL_PATHS and not ks[0]}
+    paths = tuple(p for p in paths if p not in skipped)
     runs: list[dict[str, dict[str, dict]]] = []
     inter: dict[str, list[list[dict[str, float]]]] = {size: [] for size in sizes}  # per size, per run: rounds
     inter_ratios: dict[str, list[dict]] = {size: [] for size in sizes}  # per size, per run: its median round
     inter_paths = tuple(p for p in RATIO_PATHS if p in paths)
-    out: dict = {"generator": generator, "sizes": list(sizes), "repeat": repeat}
-    with LocalBench(mode=mode, flows=flows, generator=generator) as b:
+    out: dict = {"generator": None, "kernel_srv6": ks[1], "skipped_paths": skipped, "sizes": list(sizes),
+                 "repeat": repeat}
+    with LocalBench(mode=mode, flows=flows, generator=generator, kernel_srv6=ks) as b:
+        gen_name = b.generator
         for r in range(repeat):
             one: dict[str, dict[str, dict]] = {}
             for size in sizes:
                 one[size] = {}
                 for path in paths:
                     if progress:
-                        progress(f"local ({generator}, run {r + 1}/{repeat}, size {size}): searching {path}")
+                        progress(f"local ({gen_name}, run {r + 1}/{repeat}, size {size}): searching {path}")
                     cb = (lambda t, p=path: progress(f"  {p}: {t.rate_pps / 1e3:8.1f} kpps offered, loss "
                                                      f"{t.loss_ratio * 100:6.2f} %")) if progress else None
                     res = search_path(b, path, max_rate, duration_s, max_trials, resolution, cb, size)
@@ -789,7 +993,7 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                                  f"(generator offered {m['offered_pps'] / 1e3:.1f} kpps)")
                 if rounds and inter_paths:
                     if progress:
-                        progress(f"local ({generator}, run {r + 1}/{repeat}, size {size}): {rounds} rounds of "
+                        progress(f"local ({gen_name}, run {r + 1}/{repeat}, size {size}): {rounds} rounds of "
                                  f"{', '.join(inter_paths)}, interleaved")
                     rates = interleave(b, size, inter_paths, rounds, duration_s / 2)
                     inter[size].append(rates)
@@ -797,13 +1001,16 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                     if progress:
                         progress(f"  End.S / redirect stub {rr['end_s_vs_redirect_stub']}, / the stub swapping "
                                  f"MACs {rr['end_s_vs_redirect_stub_mac']}, / kernel End.DX6 "
-                                 f"{rr['end_s_vs_kernel_dx6']} (median of the rounds)")
+                                 f"{rr['end_s_vs_kernel_dx6']}; BPF H.Encaps / plain forwarding "
+                                 f"{rr['bpf_encap_vs_forward_plain']} (median of the rounds)")
             runs.append(one)
         if hold_packets and shutil.which("trafgen"):  # the hold-ring flush parks its frames with trafgen
             if progress:
                 progress("local: hold-ring flush")
             out["hold_ring_flush"] = b.hold_flush(hold_packets)
+        out["encap_stats"] = b.encap_stats()
         out["notes"] = b.notes
+        live = b.live_frames
     primary = sizes[0]
     out["paths"] = {path: _merge([one[primary][path] for one in runs]) for path in paths}
     out["frame_bytes"] = _int_if_whole(frame_bytes("end_s_forward", primary))
@@ -831,10 +1038,14 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
     head = out["sweep"][primary]
     out["ratios_spread"] = {**head["ratios"], **{k: v for k, v in head.get("interleaved", {}).get("ratios", {}).items()
                                                  if v["median"] is not None}}  # not interleaved: kernel_end, generator
+    out["generator"] = generator_info(out, gen_name, generator, live)
+    out["ratio_notes"] = ratio_notes(out)
     gen = ("trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure burst "
-           "tolerance)" if generator == "trafgen" else
+           "tolerance)" if gen_name == "trafgen" else
            f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of {LIVE_GROUP} "
            f"frames: a smooth load)")
+    if gen_name != generator:
+        gen += f", in place of {generator}: BPF_PROG_RUN live frames {live} on this kernel"
     out["method"] = (f"{gen}; {mode} XDP veth gen->DUT->sink; NDR/PDR (loss <= {S.DEFAULT_PDR_LOSS * 100} %) "
                      f"search, <= {max_trials} trials of {duration_s} s per path, {flows} flows (inner source "
                      f"varies); max_forwarding_rate = sink rate under unpaced (maximum) load = the DUT core's "
@@ -843,41 +1054,99 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                      f"path: medians, with min/max in spread/sweep; ratios = median of the runs' ratios"
                      + (f"; headline ratios from {rounds} interleaved rounds per run and size ({', '.join(inter_paths)}"
                         f", {duration_s / 2} s windows): each run's median round" if rounds and inter_paths else ""))
+    out["encap_method"] = (
+        f"the DUT as an ingress router: the generator sends plain IPv6 (the inner packet of the other paths' "
+        f"frames) to a VM; forward_plain = the kernel forwards it out of d_out on the VM's /128 route (MTU "
+        f"{MTU}, d_out {MTU + ingress.MAX_OVERHEAD}); bpf_encap = the same with srmig's H.Encaps "
+        f"(srmig/ebpf/encap.c, tc clsact egress on d_out, {len(ENC_SEGS)} SIDs: outer IPv6 + SRH, "
+        f"{40 + 8 + 16 * len(ENC_SEGS)} bytes) attached; kernel_encap = an `encap seg6 mode encap` route "
+        f"(where the kernel has SRv6); all counted at the sink, forwarding rate at maximum load = the DUT "
+        f"core's capacity")
     out["cpus"] = os.cpu_count()
     return out
 
 
+def generator_info(loc: dict, name: str, requested: str, live: str) -> dict:
+    """Which generator ran, why, and how much it can offer: `ceiling_pps` is the `generator` path's
+    forwarding rate (a sink on the DUT's own receive side: all the generator delivers), per size; paths
+    forwarding >= GEN_BOUND of it are `bound_paths` (their rates are the generator's, not the DUT's)."""
+    ceiling, bound = {}, {}
+    for size, sz in loc["sweep"].items():
+        g = sz["paths"].get("generator", {}).get("max_forwarding_rate_pps", {}).get("median")
+        ceiling[size] = g
+        bound[size] = [p for p, v in sz["paths"].items()
+                       if p != "generator" and g and (v["max_forwarding_rate_pps"]["median"] or 0) >= GEN_BOUND * g]
+    primary = loc["sizes"][0]
+    return {"name": name, "requested": requested, "live_frames": live,
+            "ceiling_pps": ceiling[primary], "bound_paths": bound[primary], "bound_at": GEN_BOUND,
+            "by_size": {size: {"ceiling_pps": ceiling[size], "bound_paths": bound[size]} for size in ceiling},
+            "note": (f"{name} delivers at most {ceiling[primary] / 1e3:.0f} kpps to the DUT here"
+                     + (f": {', '.join(bound[primary])} forward(s) >= {GEN_BOUND:.0%} of it, so their rates and "
+                        f"ratios are bounded by the generator, not measured against the DUT's core"
+                        if bound[primary] else ": every path measured stays below it (DUT-bound)"))
+            if ceiling[primary] else "generator path not measured: its ceiling is unknown"}
+
+
+# Ratio key: (numerator paths, denominator path, figure). With two numerators the slower one counts (the
+# End.S headline ratios: a target met by both branches, forward and deliver).
+RATIOS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "end_s_vs_kernel_dx6": (("end_s_forward", "end_s_deliver"), "kernel_end_dx6", "mfr"),
+    "end_s_vs_redirect_stub": (("end_s_forward", "end_s_deliver"), "redirect_stub", "mfr"),
+    "end_s_vs_redirect_stub_mac": (("end_s_forward", "end_s_deliver"), "redirect_stub_mac", "mfr"),
+    "redirect_stub_mac_vs_redirect_stub": (("redirect_stub_mac",), "redirect_stub", "mfr"),
+    "end_s_forward_vs_kernel_dx6": (("end_s_forward",), "kernel_end_dx6", "mfr"),
+    "end_s_deliver_vs_kernel_dx6": (("end_s_deliver",), "kernel_end_dx6", "mfr"),
+    "end_s_forward_vs_redirect_stub": (("end_s_forward",), "redirect_stub", "mfr"),
+    "end_s_deliver_vs_redirect_stub": (("end_s_deliver",), "redirect_stub", "mfr"),
+    "end_s_forward_vs_kernel_end": (("end_s_forward",), "kernel_end", "mfr"),
+    "redirect_stub_vs_generator": (("redirect_stub",), "generator", "mfr"),
+    "ndr_end_s_forward_vs_kernel_dx6": (("end_s_forward",), "kernel_end_dx6", "ndr"),
+    "ndr_end_s_deliver_vs_kernel_dx6": (("end_s_deliver",), "kernel_end_dx6", "ndr"),
+    "ndr_end_s_forward_vs_redirect_stub": (("end_s_forward",), "redirect_stub", "ndr"),
+    "bpf_encap_vs_forward_plain": (("bpf_encap",), "forward_plain", "mfr"),
+    "bpf_encap_vs_kernel_encap": (("bpf_encap",), "kernel_encap", "mfr"),
+    "kernel_encap_vs_forward_plain": (("kernel_encap",), "forward_plain", "mfr"),
+}
+
+
 def _ratios(p: dict) -> dict:
-    """The ratios of one set of per-path results (one run, one size)."""
+    """The ratios of one set of per-path results (one run, one size): RATIOS, None where a path is missing."""
 
-    def rate(name):  # the DUT core's capacity: forwarding rate at maximum offered load
-        return p[name]["max_forwarding_rate"]["forwarded_pps"] if name in p else 0.0
+    def fig(name, f):  # mfr: the DUT core's capacity (forwarding rate at maximum offered load)
+        if name not in p:
+            return 0.0
+        return p[name]["max_forwarding_rate"]["forwarded_pps"] if f == "mfr" else p[name]["ndr_pps"]
 
-    def ndr(name):
-        return p[name]["ndr_pps"] if name in p else 0.0
+    def ratio(a, b, f):
+        return round(fig(a, f) / fig(b, f), 3) if fig(b, f) and fig(a, f) else None
 
-    def ratio(a, b, f=rate):
-        return round(f(a) / f(b), 3) if f(b) and f(a) else None
+    out = {}
+    for key, (nums, den, f) in RATIOS.items():
+        rs = [r for r in (ratio(a, den, f) for a in nums) if r is not None]
+        out[key] = min(rs) if rs else None
+    return out
 
-    def worst(*rs):
-        rs = [r for r in rs if r is not None]
-        return min(rs) if rs else None
 
-    fwd_dx6, dlv_dx6 = ratio("end_s_forward", "kernel_end_dx6"), ratio("end_s_deliver", "kernel_end_dx6")
-    fwd_stub, dlv_stub = ratio("end_s_forward", "redirect_stub"), ratio("end_s_deliver", "redirect_stub")
-    fwd_mac, dlv_mac = ratio("end_s_forward", "redirect_stub_mac"), ratio("end_s_deliver", "redirect_stub_mac")
-    # The headline ratios take the slower End.S branch (forward or deliver): a target met by both.
-    return {"end_s_vs_kernel_dx6": worst(fwd_dx6, dlv_dx6),
-            "end_s_vs_redirect_stub": worst(fwd_stub, dlv_stub),
-            "end_s_vs_redirect_stub_mac": worst(fwd_mac, dlv_mac),
-            "redirect_stub_mac_vs_redirect_stub": ratio("redirect_stub_mac", "redirect_stub"),
-            "end_s_forward_vs_kernel_dx6": fwd_dx6, "end_s_deliver_vs_kernel_dx6": dlv_dx6,
-            "end_s_forward_vs_redirect_stub": fwd_stub, "end_s_deliver_vs_redirect_stub": dlv_stub,
-            "end_s_forward_vs_kernel_end": ratio("end_s_forward", "kernel_end"),
-            "redirect_stub_vs_generator": ratio("redirect_stub", "generator"),
-            "ndr_end_s_forward_vs_kernel_dx6": ratio("end_s_forward", "kernel_end_dx6", ndr),
-            "ndr_end_s_deliver_vs_kernel_dx6": ratio("end_s_deliver", "kernel_end_dx6", ndr),
-            "ndr_end_s_forward_vs_redirect_stub": ratio("end_s_forward", "redirect_stub", ndr)}
+def ratio_notes(loc: dict) -> dict[str, str]:
+    """Why a headline ratio is null (a path not measured here) or what bounds it (the generator)."""
+    skipped = loc.get("skipped_paths", {})
+    gen = loc.get("generator") or {}
+    bound = set(gen.get("bound_paths", []))
+    notes = {}
+    for key, (nums, den, _) in RATIOS.items():
+        missing = [p for p in (*nums, den) if p in skipped]
+        if missing:
+            notes[key] = f"not measured: {', '.join(missing)}: {skipped[missing[0]]}"
+            continue
+        num_bound, den_bound = all(n in bound for n in nums), den in bound
+        at = f"{gen['name']}'s ceiling, {gen['ceiling_pps'] / 1e3:.0f} kpps" if bound else ""
+        if num_bound and den_bound:
+            notes[key] = f"generator-bound: both sides forward what {at} lets through; says nothing of the programs"
+        elif num_bound:
+            notes[key] = f"a lower bound: {', '.join(nums)} forward(s) >= {GEN_BOUND:.0%} of {at}"
+        elif den_bound:
+            notes[key] = f"an upper bound: {den} forwards >= {GEN_BOUND:.0%} of {at}"
+    return notes
 
 
 def ratios(local: dict) -> dict:

@@ -1,12 +1,19 @@
 """`srmig bench` with no sub-benchmark: everything, as ONE JSON document (or a table), plus a plot.
 
 - local: NDR/PDR per path through one DUT core (bench/local.py), with the live-frames generator (BPF_PROG_RUN,
-  default) or trafgen, at every frame size, repeated: medians and ranges; hold-ring flush rate
+  default; trafgen by itself where the kernel refuses live frames) or trafgen, at every frame size, repeated:
+  medians and ranges; srmig's BPF H.Encaps against plain forwarding (and the kernel's encap seg6 where the
+  kernel has it); hold-ring flush rate
+- tcp: a bulk TCP transfer into a VM behind srmig's End.DX6-map, with and without srmig's BPF H.Encaps
+  (bench/tcp_encap.py): Gbit/s of each, same run
+- kernel_srv6: "present", or why the kernel's SRv6 baselines (End.DX6, End, encap seg6) are not measured
+  (srmig.check.kernel_srv6()); generator: which generator ran, its ceiling, the paths it bounds; ratio_notes:
+  why a ratio is null or what bounds it
 - flush: a full held buffer into a VM's tap queue, per sending method, in order (bench/flush.py): "hold_flush"
 - agent: libvirt event -> VM-state map latency, reconciliation after a restart with 10^4 VMs (bench/agent.py)
 - scale: per-packet cost at 10, 10^3, 10^6 VMs (bench/scale.py, bench/micro.py's method)
 - ratios: end_s_vs_kernel_dx6, end_s_vs_redirect_stub (local, same run; the median over the repetitions, range in
-  ratios_spread), scale_1e6_vs_10 (scale)
+  ratios_spread), scale_1e6_vs_10 (scale), bpf_encap_vs_forward_plain (local), tcp_encap_vs_plain (tcp)
 - targets: End.S >= 2x the kernel's End.DX6, >= 0.8x the redirect stub; 10^6 VMs within 20 % of 10
 - for reference, no target: end_s_vs_redirect_stub_mac, End.S against a stub that swaps the Ethernet addresses
   (reads and writes the frame, as every real forwarder must; the bare stub never touches it)
@@ -19,12 +26,15 @@ import platform
 import sys
 import time
 
-from bench import agent, flush, local, scale
+from bench import agent, flush, local, scale, tcp_encap
+from srmig import check
 
 TARGET_VS_KERNEL_DX6 = 2.0
 TARGET_VS_REDIRECT_STUB = 0.8
 TARGET_SCALE = 1.2
-PARTS = ("local", "scale", "flush", "agent")
+PARTS = ("local", "tcp", "scale", "flush", "agent")
+HEADLINE_RATIOS = ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub", "end_s_vs_redirect_stub_mac",
+                   "bpf_encap_vs_forward_plain", "bpf_encap_vs_kernel_encap")  # the table says why one is null
 
 
 # Per generator: highest offered load (pps) and seconds per trial (quick, full). trafgen's trials are whole
@@ -41,23 +51,36 @@ def default_sizes(generator: str) -> tuple[str, ...]:
 def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | None = None,
         duration_s: float | None = None, max_trials: int | None = None, mode: str = "native",
         progress: bool = True, generator: str = "live", sizes: tuple[str, ...] | None = None,
-        repeat: int | None = None) -> dict:
+        repeat: int | None = None, kernel_srv6: tuple[bool, str] | None = None) -> dict:
+    """`kernel_srv6`: (present, reason) as srmig.check.kernel_srv6() returns it (tried when None)."""
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
     t0 = time.monotonic()
+    ks = kernel_srv6 if kernel_srv6 is not None else check.kernel_srv6()
     out: dict = {"machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
-                 "quick": quick}
+                 "quick": quick, "kernel_srv6": ks[1]}
     ratios: dict = {}
     if "local" in parts:
-        loc = local.run(max_rate=max_rate or MAX_RATE[generator],
-                        duration_s=duration_s or DURATION[generator][0 if quick else 1],
+        # The generator that will run (live frames fall back to trafgen where refused) sets the defaults.
+        gen, live = local.pick_generator(generator)
+        if say and gen != generator:
+            say(f"local: BPF_PROG_RUN live frames {live} on this kernel: trafgen generates instead")
+        loc = local.run(max_rate=max_rate or MAX_RATE[gen],
+                        duration_s=duration_s or DURATION[gen][0 if quick else 1],
                         max_trials=max_trials or (5 if quick else 10), resolution=0.05 if quick else 0.02,
                         mode=mode, hold_packets=2000 if quick else 6000, progress=say, generator=generator,
-                        sizes=tuple(sizes or default_sizes(generator)),
-                        repeat=repeat or (2 if quick else 3), rounds=3 if quick else 5)
+                        sizes=tuple(sizes or default_sizes(gen)),
+                        repeat=repeat or (2 if quick else 3), rounds=3 if quick else 5, kernel_srv6=ks)
         out["hold_ring_flush"] = loc.pop("hold_ring_flush", None)
         out["local"] = loc
         ratios.update(local.ratios(loc))
         out["ratios_spread"] = loc.get("ratios_spread")
+        out["generator"] = loc["generator"]
+        out["ratio_notes"] = loc["ratio_notes"]
+    if "tcp" in parts:
+        if say:
+            say("tcp: a bulk TCP transfer into a VM behind End.DX6-map, with and without srmig's BPF H.Encaps")
+        out["tcp_encap"] = tcp_encap.run(max_bytes=200_000_000, max_s=10.0, rounds=3 if quick else 5, progress=say)
+        ratios["tcp_encap_vs_plain"] = out["tcp_encap"]["encap_vs_plain"]
     if "flush" in parts:
         if say:
             say("flush: a held buffer into a VM's tap queue, per method")
@@ -105,8 +128,17 @@ def _fmt(v, spec=".2f"):
 def print_table(result: dict) -> None:
     if result.get("agent"):
         agent.print_table(result["agent"])
+    if result.get("kernel_srv6"):
+        print(f"kernel SRv6 lwtunnels: {result['kernel_srv6']}"
+              + ("" if result["kernel_srv6"].startswith("present") else
+                 " (the kernel's End.DX6, End and encap seg6 baselines are not measured: ratios against them are "
+                 "null)"))
     if "local" in result:
         loc = result["local"]
+        gen = loc.get("generator")
+        if isinstance(gen, dict):
+            print(f"generator: {gen['name']} (requested {gen['requested']}; live frames: {gen['live_frames']}); "
+                  f"{gen['note']}")
         print(f"local generator: {loc['method']}")
         for note in loc.get("notes", []):
             print(f"  note: {note}")
@@ -118,11 +150,15 @@ def print_table(result: dict) -> None:
             print(f"{name:<16}{m.get('forwarded_pps', 0) / 1e3:>10.1f}{_range(sp.get('max_forwarding_rate_pps')):>16}"
                   f"{m.get('offered_pps', 0) / 1e3:>10.1f}{p['ndr_pps'] / 1e3:>10.1f}{_range(sp.get('ndr_pps')):>16}"
                   f"{p['pdr_pps'] / 1e3:>10.1f}{len(p['trials']):>8}  {'yes' if p['settled'] else 'no'}")
-        burst = "1-s bursts" if loc.get("generator", "trafgen") == "trafgen" else "a smooth load"
+        for name, why in loc.get("skipped_paths", {}).items():
+            print(f"{name:<16}  not measured: {why}")
+        burst = "1-s bursts" if _gen_name(loc) == "trafgen" else "a smooth load"
         print(f"  (one DUT core: MFR = forwarded kpps per core at maximum load; NDR/PDR with {burst}; "
               f"frame {loc['frame_bytes']} bytes; median of {loc.get('repeat', 1)} run(s))")
         if len(loc.get("sweep", {})) > 1:
             print_sweep(loc)
+    if result.get("tcp_encap"):
+        tcp_encap.print_table(result["tcp_encap"])
     if result.get("hold_ring_flush"):
         h = result["hold_ring_flush"]
         print(f"hold-ring flush: {h['held']} packets in {h['drain_ring_s'] + h['resend_s']:.3f} s "
@@ -159,6 +195,20 @@ def print_table(result: dict) -> None:
         print(f"  for reference: End.S / a redirect stub that swaps the MAC addresses (reads the frame) = "
               f"{_fmt(r['end_s_vs_redirect_stub_mac'])}{rng('end_s_vs_redirect_stub_mac')}; that stub / the bare "
               f"one = {_fmt(r.get('redirect_stub_mac_vs_redirect_stub'))}")
+    if "bpf_encap_vs_forward_plain" in r or "tcp_encap_vs_plain" in r:
+        print(f"  ingress: srmig's BPF H.Encaps / plain forwarding = {_fmt(r.get('bpf_encap_vs_forward_plain'))}"
+              f"{rng('bpf_encap_vs_forward_plain')} (pps); / the kernel's encap seg6 = "
+              f"{_fmt(r.get('bpf_encap_vs_kernel_encap'))}; TCP through it / without = "
+              f"{_fmt(r.get('tcp_encap_vs_plain'))} (Gbit/s)")
+    for k in HEADLINE_RATIOS:
+        if (result.get("ratio_notes") or {}).get(k):
+            print(f"  {k}: {result['ratio_notes'][k]}")
+
+
+def _gen_name(loc: dict) -> str:
+    """The generator that ran: `generator` is a dict since 2026-12 (name, ceiling...), a name before."""
+    gen = loc.get("generator") or "trafgen"
+    return gen["name"] if isinstance(gen, dict) else gen
 
 
 def _range(sp: dict | None, scale: float = 1e3, spec: str = ".0f") -> str:
@@ -246,7 +296,7 @@ def plot(result: dict, png: str) -> str | None:
     b.set_xticks(list(x))
     b.set_xticklabels(names, rotation=20, fontsize=8)
     b.set_ylabel("forwarded kpps (one DUT core)")
-    b.set_title(f"{loc['frame_bytes']}-byte frames, {loc.get('generator', 'trafgen')} generator, "
+    b.set_title(f"{loc['frame_bytes']}-byte frames, {_gen_name(loc)} generator, "
                 f"median of {loc.get('repeat', 1)}")
     b.legend()
     if sweep:

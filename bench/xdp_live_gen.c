@@ -107,11 +107,9 @@ int xdp_live_gen(struct xdp_md *ctx)
 	if (!t)
 		return XDP_ABORTED;
 
-	/* The frame we were given is the longest template; shorter ones are cut from it. */
-	delta = (int)t->len - (int)(ctx->data_end - ctx->data);
-	if (delta && bpf_xdp_adjust_tail(ctx, delta))
-		return XDP_ABORTED;
-	/* Re-load data/data_end after the tail adjustment. */
+	/* The frame we were given is the longest template, at least HDR_BYTES long (userspace pads it): the
+	 * header goes in first, then the frame is cut to this template's length, which may be shorter than
+	 * HDR_BYTES (a plain 78-byte IPv6 frame for the encap paths). */
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	if (data + HDR_BYTES > data_end)
@@ -126,5 +124,8 @@ int xdp_live_gen(struct xdp_md *ctx)
 		p[0] = flow >> 8; /* network byte order */
 		p[1] = flow & 0xff;
 	}
+	delta = (int)t->len - (int)(data_end - data);
+	if (delta && bpf_xdp_adjust_tail(ctx, delta))
+		return XDP_ABORTED;
 	return XDP_TX;
 }

@@ -1,18 +1,25 @@
 """The local benchmark's plumbing (bench/local.py, bench/report.py, `srmig bench` parsing): every DUT path
-forwards a short low-rate trial, the hold-ring flush returns every parked packet, the live-frames generator
-delivers exactly the frames it is asked for, the size sweep and its repetitions have the documented layout,
-the report renders. No speed is asserted here: speed lives in bench/."""
+forwards a short low-rate trial, the hold-ring flush returns every parked packet, the generator that runs
+(live frames, or trafgen where the kernel refuses them) delivers exactly the frames it is asked for, the
+encap path's frames are SRv6 at the sink, the size sweep and its repetitions have the documented layout
+with and without the kernel's SRv6, the report renders. No speed is asserted here: speed lives in bench/."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 
 import pytest
 
 from bench import local, report
+from srmig import check
 from srmig.cli import build_parser, cmd_bench, cmd_bench_all
+
+ABSENT = (False, "absent: kernel built without CONFIG_IPV6_SEG6_LWTUNNEL")
+PRESENT = (True, "present")
+REFUSED = "refused (EPERM: Operation not permitted)"
 
 
 def test_cli_bench_without_name_runs_everything_and_micro_is_unchanged():
@@ -37,21 +44,23 @@ def _ip6_payload_len(frame: bytes, at: int) -> int:
 
 @pytest.mark.parametrize("path", local.PATHS)
 def test_frame_sizes_follow_bench_trex(path):
+    # The encap paths are fed the inner packet alone (plain IPv6): their encapsulation adds outer IPv6 + SRH.
+    grows = 40 + 8 + 16 * len(local.ENC_SEGS) if path in local.PLAIN_PATHS else 0
     # 78: a 64-byte inner IPv6 packet (a 78-byte inner frame) behind outer IPv6 + SRH.
     (f78,) = local.frames(path, "78")
-    srh = (f78[14 + 40 + 1] + 1) * 8
-    inner_at = 14 + 40 + srh
+    inner_at = local.inner_offset(f78)
+    assert inner_at == (14 if grows else 14 + 40 + (f78[14 + 40 + 1] + 1) * 8)
     assert len(f78) - inner_at == 64 and _ip6_payload_len(f78, inner_at) == 64 - 40
     assert _ip6_payload_len(f78, 14) == len(f78) - 14 - 40
-    # A number: the outer IPv6 packet's length.
+    # A number: the outer IPv6 packet's length (once encapsulated, for the encap paths).
     for size in ("512", "1500"):
         (f,) = local.frames(path, size)
-        assert len(f) == int(size) + 14 and _ip6_payload_len(f, 14) == int(size) - 40
+        assert len(f) + grows == int(size) + 14 and _ip6_payload_len(f, 14) + grows == int(size) - 40
     # IMIX: 7:4:1, interleaved, the large one filling the MTU.
     mix = local.frames(path, "imix")
     lens = sorted({len(f) for f in mix})
     assert len(mix) == 12 and [sum(len(f) == n for f in mix) for n in lens] == [7, 4, 1]
-    assert lens[0] == len(f78) and lens[-1] == 1514 and mix[0] != mix[1]
+    assert lens[0] == len(f78) and lens[-1] + grows == 1514 and mix[0] != mix[1]
     assert local.frame_bytes(path, "imix") == round(sum(map(len, mix)) / 12, 1)
 
 
@@ -67,8 +76,9 @@ def test_trafgen_config_sends_the_imix_in_order():
     assert cfg.count("{") == 12 and cfg.count("dinc(0, 3, 1)") == 12
 
 
-def test_trafgen_config_varies_the_inner_source():
-    frame = local.packet("end_s_forward")
+@pytest.mark.parametrize("path", ["end_s_forward", "bpf_encap"])
+def test_trafgen_config_varies_the_inner_source(path):
+    frame = local.packet(path)
     cfg = local.trafgen_config(frame, flows=16)
     assert cfg.count("dinc(0, 15, 1)") == 1
     body = cfg.replace("dinc(0, 15, 1)", "DINC").strip()[1:-1].split(", ")
@@ -98,11 +108,19 @@ class FakeBench:
     run (so the repetitions differ), and loses what is offered above it."""
 
     capacity = {"generator": 8e6, "redirect_stub": 4e6, "redirect_stub_mac": 3.6e6, "end_s_forward": 2e6,
-                "end_s_deliver": 1.8e6, "kernel_end_dx6": 4e5, "kernel_end": 5e5}
+                "end_s_deliver": 1.8e6, "kernel_end_dx6": 4e5, "kernel_end": 5e5, "forward_plain": 3e5,
+                "bpf_encap": 2.4e5, "kernel_encap": 2e5}
     runs_per_size: dict = {}
+    configured: list = []
+    live_frames = "available"  # what live frames do on the fake's kernel; a refusal runs trafgen instead
 
     def __init__(self, **kw):
-        self.kw, self.notes, self.configured = kw, ["fake"], []
+        self.kw, self.notes = kw, ["fake"]
+        FakeBench.configured = []
+        refused = kw["generator"] == "live" and FakeBench.live_frames != "available"
+        self.generator = "trafgen" if refused else kw["generator"]
+        self.live_frames = FakeBench.live_frames if kw["generator"] == "live" else "not tried"
+        self.kernel_srv6 = kw["kernel_srv6"]
 
     def __enter__(self):
         return self
@@ -118,8 +136,9 @@ class FakeBench:
         # Each size's first pass over the paths is run 1; the next, run 2: 10 % faster.
         self.factor = 1.0 + 0.1 * (FakeBench.runs_per_size[size] - 1)
 
-    def _cap(self):
-        return self.capacity[self.path] * self.factor * (0.5 if self.size == "1500" else 1.0)
+    def _cap(self):  # nothing forwards more than the generator offers
+        cap = min(self.capacity[self.path], self.capacity["generator"])
+        return cap * self.factor * (0.5 if self.size == "1500" else 1.0)
 
     def trial(self, rate, duration):
         n = int(rate * duration)
@@ -132,13 +151,17 @@ class FakeBench:
         return {"held": packets, "drain_ring_s": 0.1, "resend_s": 0.1, "flush_pps": packets / 0.2,
                 "resent_arrived": packets}
 
+    def encap_stats(self):
+        return {"pass": 0, "done": 10, "drop_too_big": 0}
+
 
 def test_sweep_and_repeat_layout(monkeypatch):
     FakeBench.runs_per_size = {}
     monkeypatch.setattr(local, "LocalBench", FakeBench)
     loc = local.run(max_rate=8e6, duration_s=0.1, max_trials=6, hold_packets=0, generator="live",
-                    sizes=("78", "1500"), repeat=2)
-    assert loc["generator"] == "live" and loc["sizes"] == ["78", "1500"] and loc["repeat"] == 2
+                    sizes=("78", "1500"), repeat=2, kernel_srv6=PRESENT)
+    assert loc["generator"]["name"] == "live" and loc["sizes"] == ["78", "1500"] and loc["repeat"] == 2
+    assert loc["kernel_srv6"] == "present" and loc["skipped_paths"] == {} and loc["encap_stats"]["done"] == 10
     # `paths`: the first size, the single-run layout with medians, every trial of every run.
     fwd = loc["paths"]["end_s_forward"]
     assert fwd["max_forwarding_rate"]["forwarded_pps"] == pytest.approx(2.1e6)
@@ -168,7 +191,7 @@ def test_interleaved_rounds_give_the_headline_ratios(monkeypatch):
     FakeBench.runs_per_size = {}
     monkeypatch.setattr(local, "LocalBench", FakeBench)
     loc = local.run(max_rate=8e6, duration_s=0.1, max_trials=6, hold_packets=0, generator="live",
-                    sizes=("78",), repeat=2, rounds=3)
+                    sizes=("78",), repeat=2, rounds=3, kernel_srv6=PRESENT)
     it = loc["sweep"]["78"]["interleaved"]
     assert it["paths"] == list(local.RATIO_PATHS) and it["window_s"] == 0.05
     assert len(it["rounds"]) == 2 and all(len(run) == 3 for run in it["rounds"])
@@ -178,15 +201,18 @@ def test_interleaved_rounds_give_the_headline_ratios(monkeypatch):
     assert r["end_s_vs_redirect_stub_mac"] == pytest.approx(0.5) and r["redirect_stub_mac_vs_redirect_stub"] == 0.9
     assert loc["ratios_spread"]["end_s_vs_redirect_stub"] is it["ratios"]["end_s_vs_redirect_stub"]
     assert r["end_s_forward_vs_kernel_end"] == pytest.approx(4.0)  # not interleaved: from the runs' MFR
+    assert r["bpf_encap_vs_forward_plain"] == pytest.approx(0.8) and r["bpf_encap_vs_kernel_encap"] == 1.2
     assert "interleaved" in loc["method"]
+    assert loc["generator"]["bound_paths"] == [] and loc["ratio_notes"] == {}  # 8 Mpps: nothing is bound
     json.dumps(loc)
 
 
 def test_report_table_and_plot_with_a_sweep(monkeypatch, tmp_path, capsys):
     FakeBench.runs_per_size = {}
     monkeypatch.setattr(local, "LocalBench", FakeBench)
+    monkeypatch.setattr(local, "live_frames", lambda: (True, "available"))
     result = report.run(quick=True, parts=("local",), duration_s=0.1, sizes=("78", "512", "imix"), repeat=2,
-                        progress=False)
+                        progress=False, kernel_srv6=PRESENT)
     assert result["ratios"]["end_s_vs_kernel_dx6"] == pytest.approx(4.5)
     assert result["targets"]["end_s_vs_kernel_dx6_met_every_run"] is True
     assert result["targets"]["end_s_vs_redirect_stub_met_every_run"] is False
@@ -215,11 +241,63 @@ def test_table_and_plot(tmp_path, capsys):
     json.dumps(result)
 
 
+def test_without_kernel_srv6_the_kernel_paths_are_absent_with_the_reason(monkeypatch, capsys):
+    """A kernel without SRv6 lwtunnels: every srmig path and both stubs still run, the kernel paths never
+    (not even configured), their ratios are null and say why, and `srmig bench` says it at the top."""
+    FakeBench.runs_per_size = {}
+    monkeypatch.setattr(local, "LocalBench", FakeBench)
+    monkeypatch.setattr(local, "live_frames", lambda: (True, "available"))
+    result = report.run(quick=True, parts=("local",), duration_s=0.1, sizes=("78",), repeat=2, progress=False,
+                        kernel_srv6=ABSENT)
+    loc = result["local"]
+    assert result["kernel_srv6"] == loc["kernel_srv6"] == ABSENT[1]
+    assert set(loc["paths"]) == set(local.PATHS) - set(local.KERNEL_PATHS)
+    assert not {p for p, _ in FakeBench.configured} & set(local.KERNEL_PATHS)
+    assert set(loc["skipped_paths"]) == set(local.KERNEL_PATHS)
+    assert all(ABSENT[1] in why for why in loc["skipped_paths"].values())
+    r = result["ratios"]
+    for k in ("end_s_vs_kernel_dx6", "end_s_forward_vs_kernel_end", "bpf_encap_vs_kernel_encap"):
+        assert r[k] is None and ABSENT[1] in result["ratio_notes"][k], k
+    assert r["end_s_vs_redirect_stub"] == pytest.approx(0.45) and r["bpf_encap_vs_forward_plain"] == 0.8
+    assert result["targets"]["end_s_vs_kernel_dx6_met"] is None
+    assert result["targets"]["end_s_vs_redirect_stub_met"] is False
+    report.print_table(result)
+    out = capsys.readouterr().out
+    assert f"kernel SRv6 lwtunnels: {ABSENT[1]}" in out and "not measured" in out
+    assert f"kernel_end_dx6    not measured: kernel SRv6 lwtunnels {ABSENT[1]}" in out
+    json.dumps(result)
+
+
+def test_refused_live_frames_run_trafgen_and_say_which_ratios_it_bounds(monkeypatch, capsys):
+    """Live frames refused (EPERM): trafgen runs, with its ceiling (the generator path) next to the ratios;
+    paths at >= 90 % of it are generator-bound, and so are the ratios between them."""
+    FakeBench.runs_per_size = {}
+    monkeypatch.setattr(local, "LocalBench", FakeBench)
+    monkeypatch.setattr(FakeBench, "live_frames", REFUSED)
+    monkeypatch.setattr(FakeBench, "capacity", dict(FakeBench.capacity, generator=7e5))
+    loc = local.run(max_rate=2e6, duration_s=0.1, max_trials=6, hold_packets=0, generator="live",
+                    sizes=("78",), repeat=1, rounds=2, kernel_srv6=PRESENT)
+    gen = loc["generator"]
+    assert (gen["name"], gen["requested"], gen["live_frames"]) == ("trafgen", "live", REFUSED)
+    assert gen["ceiling_pps"] == 7e5
+    assert set(gen["bound_paths"]) == {"redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver"}
+    assert "bounded by the generator" in gen["note"] and "in place of live" in loc["method"]
+    notes = loc["ratio_notes"]
+    assert notes["end_s_vs_redirect_stub"].startswith("generator-bound")
+    assert notes["end_s_vs_kernel_dx6"].startswith("a lower bound")
+    assert "bpf_encap_vs_forward_plain" not in notes  # 240 and 300 kpps: both below the ceiling
+    assert local.ratios(loc)["bpf_encap_vs_forward_plain"] == 0.8
+    json.dumps(loc)
+
+
 @pytest.mark.bpf
 @pytest.mark.netns
 def test_every_path_forwards_and_the_hold_ring_flushes():
     with local.LocalBench(flows=4) as b:
-        for path in local.PATHS:
+        # The kernel paths run where the kernel has SRv6 lwtunnels; every other path runs everywhere.
+        assert b.kernel_srv6 == check.kernel_srv6()
+        assert set(local.PATHS) - set(b.paths) == (set() if b.kernel_srv6[0] else set(local.KERNEL_PATHS))
+        for path in b.paths:
             b.configure(path)
             sent, received = b.trial(200, 1.0)  # 200 frames: one burst that fits every ring
             assert sent == 200 and received >= 190, (path, sent, received)
@@ -231,18 +309,115 @@ def test_every_path_forwards_and_the_hold_ring_flushes():
 
 @pytest.mark.bpf
 @pytest.mark.netns
+def test_the_encap_paths_frames_are_srv6_at_the_sink():
+    """bpf_encap: srmig's H.Encaps on the DUT's egress encapsulates every frame (done = N, no drop, SRv6 at
+    the sink); forward_plain: the same route without the filter, nothing encapsulated; kernel_encap (where
+    the kernel has SRv6): SRv6 at the sink, srmig's program not involved."""
+    n = 300
+    with local.LocalBench(flows=4) as b:
+        b.classify_sink(True)
+        for path, srv6, done in (("forward_plain", 0, 0), ("bpf_encap", n, n), ("kernel_encap", n, 0)):
+            if path not in b.paths:
+                assert not b.kernel_srv6[0] and path in local.KERNEL_PATHS
+                continue
+            for size in ("78", "1500"):  # 1500: the encapsulated packet fills the VM's route MTU exactly
+                b.configure(path, size)
+                s0, e0 = b.sink_srv6_count(), b.encap_stats()
+                arrived, _ = _delivered(b, lambda: b.send_exactly(n, 10000), n)
+                e1 = b.encap_stats()
+                # Every frame that reached the sink is SRv6 (or none is), and was encapsulated by srmig (or not).
+                assert b.sink_srv6_count() - s0 == (arrived if srv6 else 0), (path, size)
+                assert e1["done"] - e0["done"] == (arrived if done else 0), (path, size)
+                assert sum(e1.values()) - sum(e0.values()) == e1["done"] - e0["done"], (path, size)  # no drop
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
 def test_live_generator_delivers_exactly_n_frames():
+    """Where the kernel permits live frames, the live generator sends exactly what it is asked for, on every
+    path; where it refuses them (EPERM on some kernels), LocalBench runs trafgen instead and says why, and
+    trafgen delivers exactly n. Either way the answer agrees with `srmig check`."""
+    ok = check.run()["checks"]["prog_run_live_frames"]["ok"]
     with local.LocalBench(flows=4, generator="live") as b:
-        for path in local.PATHS:
+        assert (b.live is not None) == local.live_frames()[0] == ok
+        if b.live is None:
+            assert b.generator == "trafgen" and b.live_frames.startswith("refused (E"), b.live_frames
+            assert any(b.live_frames in note for note in b.notes)
+            _trafgen_delivers_exactly(b)
+            return
+        assert b.generator == "live" and b.live_frames == "available"
+        for path in b.paths:
             for size in ("78", "imix"):
                 b.configure(path, size)
-                c0 = b.sink_count()
-                assert b.live.send(200) == 200  # unpaced: fewer than a veth ring, none can be dropped
-                # paced: 500 frames over 0.1 s; send() allows 1.2 s, so a busy machine cannot cut it short
-                # (bench trials count late frames as lost, by design: that is not what this checks)
-                assert b.live.send(500, 5000) == 500 and b.live.generated() == 500, (path, size)
-                deadline = time.monotonic() + 1.0
-                while b.sink_count() - c0 < 700 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert b.sink_count() - c0 == 700, (path, size, b.sink_count() - c0)
+
+                def send():
+                    assert b.live.send(200) == 200  # unpaced: fewer than a veth ring
+                    # paced: 500 frames over 0.1 s; send() allows 1.2 s, so a busy machine cannot cut it
+                    # short (bench trials count late frames as lost, by design: that is not what this checks)
+                    assert b.live.send(500, 5000) == 500 and b.live.generated() == 500, (path, size)
+                _delivered(b, send, 700)
         assert b.max_forwarding_rate(0.1)["forwarded_pps"] > 0
+
+
+def _delivered(b, send, n: int) -> tuple[int, int]:
+    """Run `send` (n frames) and account for every frame: at the sink, or refused by a full veth ring (the
+    DUT's receive side starved by a neighbour on the shared cores: counted by the kernel, and rare). The
+    generator made exactly n: none missing, none extra. Returns (arrived, refused)."""
+    c0, d0 = b.sink_count(), b.ring_drops()
+    send()
+    deadline = time.monotonic() + 1.0
+    while b.sink_count() - c0 + b.ring_drops() - d0 < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.02)  # nothing more may come
+    arrived, refused = b.sink_count() - c0, b.ring_drops() - d0
+    assert arrived + refused == n and arrived >= n // 2, (b.path, b.size, arrived, refused)
+    return arrived, refused
+
+
+def _trafgen_delivers_exactly(b) -> None:
+    for path in ("end_s_forward", "end_s_deliver", "forward_plain", "bpf_encap"):
+        for size in ("78", "imix"):
+            b.configure(path, size)
+            _delivered(b, lambda: b.send_exactly(300, 10000), 300)
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_refused_live_frames_fall_back_to_trafgen_which_delivers_exactly_n(monkeypatch):
+    """The fallback itself, on every kernel: live frames refused as some kernels refuse them (EPERM) ->
+    trafgen runs, the refusal is in the notes, and trafgen delivers exactly the frames asked for."""
+    monkeypatch.setattr(local, "live_frames", lambda: (False, REFUSED))
+    with local.LocalBench(flows=4, generator="live") as b:
+        assert (b.generator, b.live_frames, b.live) == ("trafgen", REFUSED, None)
+        assert any(REFUSED in note for note in b.notes)
+        _trafgen_delivers_exactly(b)
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("path", ["end_s_forward", "bpf_encap"])
+def test_the_live_generators_program_makes_each_template(path):
+    """bench/xdp_live_gen.c, run by plain BPF_PROG_TEST_RUN (every kernel): each frame it makes has its
+    template's length and headers (the program copies the first hdr_bytes, every byte a path rewrites; the
+    rest is the longest frame's payload), also below the header copy (a plain 78-byte frame, whole, for the
+    encap paths), with the flow number in the inner source's last 2 bytes."""
+    from srmig.testbed.netns import Topology
+
+    with Topology(tag=f"{os.getpid()}-lg") as t:
+        t.add_host("a")
+        t.add_host("b")
+        t.link("a", "g0", "b", "x0")
+        gen = local.LiveGenerator(t, "a", "g0", cpu=None)
+        try:
+            mix = local.frames(path, "imix")
+            gen.load(mix, flows=3)
+            made = gen.made(24)
+        finally:
+            gen.close()
+    for i, f in enumerate(made):
+        want = bytearray(mix[i % len(mix)])
+        at = local.inner_offset(bytes(want)) + 8 + 14
+        want[at:at + 2] = (i % 3).to_bytes(2, "big")
+        assert len(f) == len(want) and f[:gen.hdr_bytes] == bytes(want[:gen.hdr_bytes]), i
+    if path in local.PLAIN_PATHS:
+        assert min(map(len, made)) == 78 < gen.hdr_bytes
