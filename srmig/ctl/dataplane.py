@@ -72,16 +72,15 @@ class NotLoaded(loader.LoaderError):
     pass
 
 
-class Dataplane:
+class Dataplane(libbpf.PinnedMaps):
     """The live dataplane of this network namespace."""
 
     def __init__(self, pin_dir: Path | None = None):
         loader.ensure_bpffs()
-        self.pin_dir = pin_dir or loader.pin_dir()
+        super().__init__(pin_dir or loader.pin_dir())
         if not (self.pin_dir / loader.PROG).exists():
             raise NotLoaded(f"srmig is not loaded in this network namespace (no {self.pin_dir}): "
                             f"run `srmig load IFACE` first")
-        self._fds: list[int] = []
         self.sids = self._map("sid_table", "struct srmig_sid_key", "struct srmig_sid_value")
         self.vms = self._map("vm_table", "struct srmig_vm_key", "struct srmig_vm_value")
         self.sid_stats = self._map("sid_stats", "uint32_t", "struct srmig_sid_stats", percpu=True)
@@ -95,22 +94,6 @@ class Dataplane:
         self.max_sids = libbpf.map_info(self.sid_stats.fd).max_entries
         # After the version check: an older program has no such pin.
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
-
-    def _map(self, name, key_type, value_type, percpu=False) -> libbpf.Map:
-        fd = libbpf.obj_get(str(self.pin_dir / name))
-        self._fds.append(fd)
-        return libbpf.Map(fd, key_type, value_type, percpu=percpu)
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> Dataplane:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""

@@ -113,40 +113,23 @@ class NotLoaded(loader.LoaderError):
     pass
 
 
-class BpfEncap:
+class BpfEncap(libbpf.PinnedMaps):
     """The live H.Encaps maps of this network namespace (pinned by `srmig ingress load IFACE`)."""
 
     kind = "bpf"
 
     def __init__(self, pin_dir: Path | None = None, source: str | None = None, hop_limit: int = DEFAULT_HOP_LIMIT):
         loader.ensure_bpffs()
-        self.pin_dir = pin_dir or loader.encap_pin_dir()
+        super().__init__(pin_dir or loader.encap_pin_dir())
         if not (self.pin_dir / loader.PROG).exists():
             raise NotLoaded(f"srmig's H.Encaps is not loaded in this network namespace (no {self.pin_dir}): "
                             f"run `srmig ingress load IFACE` first")
         self.source = source
         self.hop_limit = hop_limit
-        self._fds: list[int] = []
         self.table = self._map("encap_table", "struct srmig_encap_key", "struct srmig_encap_value")
         self.vm_stats = self._map("encap_vm_stats", "struct srmig_encap_key", "struct srmig_encap_vm_stats",
                                   percpu=True)
         self.counters = self._map("encap_stats", "uint32_t", "uint64_t", percpu=True)
-
-    def _map(self, name, key_type, value_type, percpu=False) -> libbpf.Map:
-        fd = libbpf.obj_get(str(self.pin_dir / name))
-        self._fds.append(fd)
-        return libbpf.Map(fd, key_type, value_type, percpu=percpu)
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> BpfEncap:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @staticmethod
     def _key(vm: str):

@@ -205,6 +205,30 @@ class Map:
             self.fd = -1
 
 
+class PinnedMaps:
+    """Maps opened from a directory of pins, closed together (`with`, or close())."""
+
+    def __init__(self, pin_dir):
+        self.pin_dir = pin_dir
+        self._fds: list[int] = []
+
+    def _map(self, name: str, key_type: str, value_type: str, percpu: bool = False) -> Map:
+        fd = obj_get(str(self.pin_dir / name))
+        self._fds.append(fd)
+        return Map(fd, key_type, value_type, percpu=percpu)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class TestRun:
     retval: int
