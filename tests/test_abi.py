@@ -20,17 +20,20 @@ def _cffi_layout() -> dict[str, int]:
         out[f"sizeof {name}"] = abi.ffi.sizeof(t)
         for field, f in t.fields:
             out[f"offsetof {name}.{field}"] = f.offset
-    for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict", "srmig_meta"):
+    for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict", "srmig_meta",
+                  "srmig_encap_counter"):
         for k, v in abi.ffi.typeof(f"enum {ename}").relements.items():
             out[f"enum {k}"] = v
-    for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING", "SRMIG_VM_F_SHADOW"):
+    for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING", "SRMIG_VM_F_SHADOW",
+                  "SRMIG_ENCAP_MAX_SEGS", "SRMIG_ENCAP_SRH_MAX"):
         out[f"define {const}"] = getattr(abi._consts, const)
     return out
 
 
 def test_abi_header_has_structs():
     assert {"srmig_sid_key", "srmig_sid_value", "srmig_vm_key", "srmig_vm_value", "srmig_sid_stats",
-            "srmig_hold_record", "srmig_domain_key"} <= set(STRUCTS)
+            "srmig_hold_record", "srmig_domain_key", "srmig_encap_key", "srmig_encap_value",
+            "srmig_encap_vm_stats"} <= set(STRUCTS)
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (Debian gcc)")
@@ -82,5 +85,25 @@ def test_cffi_layout_matches_bcc_maps():
         assert b[b"drop_stats"].max_entries == abi.DROP_MAX
         assert b[b"verdict_stats"].max_entries == abi.VERDICT_MAX
         assert b[b"meta"].max_entries == abi.ffi.typeof("enum srmig_meta").relements["SRMIG_META_MAX"]
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.bpf
+def test_cffi_layout_matches_bcc_encap_maps():
+    """The same for the ingress's H.Encaps program (tc)."""
+    import ctypes
+
+    from srmig.dataplane import loader
+
+    b, _ = loader.compile_program(abi.EBPF_DIR / "encap.c", "srmig_encap", loader.Limits(), "SCHED_CLS")
+    try:
+        for name, (key, leaf) in {"encap_table": ("struct srmig_encap_key", "struct srmig_encap_value"),
+                                  "encap_vm_stats": ("struct srmig_encap_key", "struct srmig_encap_vm_stats"),
+                                  "encap_stats": ("uint32_t", "uint64_t")}.items():
+            table = b[name.encode()]
+            assert ctypes.sizeof(table.Key) == abi.ffi.sizeof(key), name
+            assert ctypes.sizeof(getattr(table, "sLeaf", table.Leaf)) == abi.ffi.sizeof(leaf), name
+        assert b[b"encap_stats"].max_entries == abi.ffi.typeof("enum srmig_encap_counter").relements["SRMIG_ENCAP_MAX"]
     finally:
         b.cleanup()
