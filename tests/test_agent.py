@@ -237,6 +237,11 @@ def test_libvirt_migration_driven_by_agents():
     loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
     assert c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"] and c["ingress"]["errors"] == 0
+    # srmig's BPF H.Encaps carried every probe (and whatever else went to the VM), and dropped nothing.
+    enc = c["ingress"]["counters"]
+    assert c["ingress"]["encap"] == "bpf" and enc["done"] >= 6000, enc
+    assert all(n == 0 for k, n in enc.items() if k.startswith("drop")), enc
+    assert 'srmig_encap_packets_total{outcome="done"}' in res.metrics["C"]
     vm_d = {v["vm"]: v for v in dst["vms"]}[libvirt_demo.VM_ADDR]
     # Reported (the hold at D is its tap queue); it also counts what the host sent the tap before QEMU had it.
     assert vm_d["state"] == "running" and isinstance(vm_d["tap_dropped"], int)

@@ -87,8 +87,11 @@ def cmd_status(args) -> int:
                                                           if lv.get("error") else ""))
     if st.get("ingress"):
         ing = st["ingress"]
+        c = ing.get("counters") or {}
+        drops = sum(n for k, n in c.items() if k.startswith("drop"))
         print(f"  ingress:  {ing['routes']} VM routes, {ing['errors']} errors"
-              + (f" (last: {ing['last_error']})" if ing.get("last_error") else ""))
+              + (f" (last: {ing['last_error']})" if ing.get("last_error") else "")
+              + (f"; H.Encaps ({ing.get('encap')}): {c.get('done', 0)} encapsulated, {drops} dropped" if c else ""))
     if st.get("event_to_map_ms"):
         e = st["event_to_map_ms"]
         print(f"  event -> map: p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms over {e['n']}")

@@ -114,7 +114,8 @@ class IngressRole:
         with self._lock:
             return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
                     "errors": self.errors, "last_error": self.last_error,
-                    "applied": dict(sorted(self.applied.items()))}
+                    "applied": dict(sorted(self.applied.items())),
+                    "counters": self.encap.stats()["counters"] if self.encap is not None else {}}
 
     def close(self) -> None:
         """The program, its maps and the routes stay: traffic keeps its lists while no agent runs."""

@@ -44,6 +44,31 @@ class _Dataplane:
             yield g
 
 
+class _Encap:
+    """The ingress role's H.Encaps counters (BPF encap only; the kernel's seg6 routes count nothing)."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        role = self.agent.ingress
+        if role is None or role.encap is None:
+            return
+        with contextlib.suppress(Exception):
+            st = role.encap.stats()
+            c = CounterMetricFamily("srmig_encap_packets", "Ingress H.Encaps outcomes (pass, done, drop_*)",
+                                    labels=["outcome"])
+            for k, n in st["counters"].items():
+                c.add_metric([k], n)
+            yield c
+            v = CounterMetricFamily("srmig_encap_vm_packets", "Packets encapsulated or dropped per VM",
+                                    labels=["vm", "outcome"])
+            for vm, stats in st["vms"].items():
+                v.add_metric([vm, "encapsulated"], stats["packets"])
+                v.add_metric([vm, "dropped"], stats["dropped"])
+            yield v
+
+
 class Metrics:
     def __init__(self, agent, listen: str):
         self.registry = CollectorRegistry()
@@ -52,6 +77,7 @@ class Metrics:
         self.phase_seconds = Histogram("srmig_phase_seconds", "Time spent in each migration phase",
                                        ["phase"], registry=self.registry)
         self.registry.register(_Dataplane(agent))
+        self.registry.register(_Encap(agent))
         host, _, port = listen.rpartition(":")
         self.server, self.thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 

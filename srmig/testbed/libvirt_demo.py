@@ -205,7 +205,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
         provision("ingress.sh", tb.ns("C"), {
             **db_env, "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
-            "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": "", "SRMIG_CONFIG": work / "C.toml"})
+            "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": METRICS, "SRMIG_CONFIG": work / "C.toml"})
         agents = Agents(work)
         stack.callback(agents.close)
         say("starting the agents")
@@ -295,7 +295,7 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
                             "the source's grace period over")
             # A restarted agent may still be starting on a busy machine: its status, once it answers.
             res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
-            res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D")}
+            res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D", "C")}
             res.domains = _domain_states(ds)
             after_counters = _guest_counters(ds, res.domains)
             res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
