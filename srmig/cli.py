@@ -328,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmarks (JSON with --json); without BENCH: everything",
         description="Without BENCH: the local generator (BPF_PROG_RUN live frames or trafgen, through one "
                     "DUT core: NDR/PDR and the forwarding rate at maximum load of srmig End.S forward/deliver, "
-                    "the kernel's End.DX6 and End, an XDP redirect stub, and one that also swaps the MAC "
-                    "addresses, per frame size, repeated: medians and ranges), the hold-ring flush rate, the "
+                    "the kernel's End.DX6 and End where the kernel has SRv6 (else reported absent), an XDP "
+                    "redirect stub, and one that also swaps the MAC addresses, srmig's BPF H.Encaps against "
+                    "plain forwarding, per frame size, repeated: medians and ranges; live frames fall back to "
+                    "trafgen where the kernel refuses them, and the generator's ceiling is reported), a TCP "
+                    "bulk transfer with and without the BPF H.Encaps, the hold-ring flush rate, the "
                     "per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the targets, as one JSON "
                     "document with --json (progress on stderr). The ratios come from short windows of the "
                     "stubs, End.S and End.DX6 taken in turn (5 rounds per run and size, 3 with --quick), so a "
@@ -338,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true",
                     help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
     sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
-                    help="run only these parts: local, scale, flush, agent")
+                    help="run only these parts: local, tcp, scale, flush, agent")
     sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
     sp.add_argument("--duration", type=float,
                     help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")
