@@ -15,7 +15,7 @@ End.DX6-map, against the same transfer without the encapsulation, in the same ru
   packets as they are (counted "pass"), host's XDP passes them to the kernel, which forwards them to hv.
 - The fabric link (i0-h0) has MTU 1500 + 144 so the VM's route MTU is 1500, the VM link 1500.
 - host runs srmig in generic XDP: a native redirect on a veth loses the sender's CHECKSUM_PARTIAL and TCP never
-  connects (ENVIRONMENT.md: a veth-testbed effect, the sender's checksum offload); the testbed runs generic too.
+  connects (docs/platform.md: a veth-testbed effect, the sender's checksum offload); the testbed runs generic too.
 
 Each transfer: one connection, the sender writes MiB chunks until `max_bytes` or `max_s`, then closes;
 the receiver counts bytes until EOF. Gbit/s = bytes received x 8 / (the receiver's last byte - the sender's

@@ -1,4 +1,4 @@
-"""Every row of DESIGN.md's behaviour table and the RFC 8754/8986 error cases, through the real XDP program
+"""Every row of the behaviour table (docs/design.md) and the RFC 8754/8986 error cases, through the real XDP program
 with BPF_PROG_TEST_RUN: {description, input packet, SR domain, expected action, expected verdict/drop reason,
 expected output packet}. The FIB the program consults is the lab namespace's (srmig/testbed/lab.py)."""
 
@@ -74,7 +74,7 @@ OUTSIDE = "2001:db8:8::1"
 HOST_DOMAIN = ("2001:db8:8::1/128",)
 
 CASES = [
-    # DESIGN.md behaviour table, row by row.
+    # The behaviour table of docs/design.md, row by row.
     Case("End.DX6-map, VM running: deliver", encaps([L.SID_DX6], L.VM_RUNNING), XDP_REDIRECT, "deliver",
          expect=delivered(L.VM_RUNNING)),
     Case("End.DX6-map, VM away: rewrite towards the recorded SID", encaps([L.SID_DX6], L.VM_AWAY),

@@ -115,7 +115,7 @@ def test_boot_ping_migrate_ping(topology, capsys):
 
 
 def test_frame_held_by_paused_qemu_is_not_migrated(topology):
-    """DESIGN.md's open question, measured. After `stop`, QEMU reads exactly one more frame from its tap
+    """The swallowed frame (docs/platform.md), measured. After `stop`, QEMU reads exactly one more frame from its tap
     (it sits in QEMU's own net queue, delivered on `cont`) and leaves the rest in the tap queue. That frame
     is not part of the migration stream: the guest on D never sees it, it dies with the source QEMU.
     If this fails, QEMU's behaviour changed and srmig's drain of the source tap must be revisited."""

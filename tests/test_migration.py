@@ -56,7 +56,7 @@ def test_srmig_delivers_every_probe_to_the_guest(runs):
 
 
 def test_srmig_with_a_slow_agent_loses_nothing():
-    """Every reaction 50 ms late (DESIGN.md gap 2, made wide): the paused QEMU's tap queue now holds ~100
+    """Every reaction 50 ms late (docs/design.md, window 2, made wide): the paused QEMU's tap queue now holds ~100
     probes when the agent acts; the drain still delivers all of them, in order."""
     run = demo.run_one(make("srmig"), RATE, COUNT, event_delay_s=0.05)
     r = run.report

@@ -10,7 +10,7 @@
     {"daemon": "S", "t": ..., "event": "job-failed", "type": "FAILED"|"CANCELLED", "detail": "..."}
         # not a libvirt event: what an agent concludes when the migration call fails (see below)
 
-Mapping (DESIGN.md, phases table):
+Mapping (docs/design.md, "Phases"):
 | role | event | -> |
 |---|---|---|
 | D | STARTED/MIGRATED (the incoming QEMU is up)                    | BEGIN |

@@ -1,6 +1,6 @@
 """The migration state machine: pure logic, no I/O. Events in (translated from libvirt or QMP), actions out.
 
-One `Migration` per VM in flight. It follows DESIGN.md's phases (srmig.ctl.phases) and turns every transition
+One `Migration` per VM in flight. It follows the phases of docs/design.md (srmig.ctl.phases) and turns every transition
 into the actions that bring the source's map, the destination's map and the ingresses' segment lists to
 `plan(phase)`. Events may come twice or out of order (two daemons, reconnects, a replayed journal):
 - a phase never goes backwards;

@@ -1,4 +1,4 @@
-"""DESIGN.md's phases of one migration, as data: what each phase wants on the source's map, the
+"""The phases of one migration (docs/design.md, "Phases"), as data: what each phase wants on the source's map, the
 destination's map and every ingress. Pure logic, no I/O; the testbed's srmig strategy and the agent both
 apply it, so there is one definition of "what srmig does when"."""
 

@@ -1,7 +1,7 @@
 /* srmig XDP program: SRv6 endpoint behaviours for zero-loss VM live migration.
  *
  * parse -> SID lookup -> dispatch on behaviour (and on the VM's migration state) -> one exit that counts.
- * Behaviours and states: see ../../DESIGN table in README.md and srmig_abi.h. Map sizes come from
+ * Behaviours and states: see docs/design.md ("Endpoint behaviours") and srmig_abi.h. Map sizes come from
  * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_HOLD_RING_PAGES, SRMIG_MAX_DOMAIN_PREFIXES).
  */
 #include <uapi/linux/bpf.h>
@@ -383,7 +383,7 @@ static __always_inline int parks(struct srmig_vm_value *st)
 }
 
 /* Destination side before resume: the incoming QEMU does not read its tap, so the tap queue is the buffer
- * (measured lossless, see ENVIRONMENT.md); the hold ring when the VM entry asks for it (no tap yet). */
+ * (measured lossless, see docs/platform.md); the hold ring when the VM entry asks for it (no tap yet). */
 static __always_inline int hold_for_vm(struct xdp_md *ctx, struct pkt *p, struct srmig_vm_key *vm,
 				       struct srmig_vm_value *st)
 {

@@ -11,7 +11,7 @@ Output, in /var/lib/srmig/guest/ (override with SRMIG_GUEST_DIR):
     stamp.json   what was built; `is_built()` only checks it, so a second `build` returns at once
 
 The guest's /init (see INIT below) mounts proc/sys/dev, loads the modules in the order that works
-(ENVIRONMENT.md), disables DAD, autoconfiguration and every ICMPv6 rate limit, gives eth0 a pfifo_fast
+(docs/platform.md), disables DAD, autoconfiguration and every ICMPv6 rate limit, gives eth0 a pfifo_fast
 qdisc of 10000 (Debian's default fq_codel drops echo replies once they queue > 5 ms), keeps the
 gateway's neighbour entry reachable for an hour (no ND around a migration), configures eth0 from the kernel
 command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s answered without loss for
@@ -68,7 +68,7 @@ IPROUTE2_PKG = "iproute2"
 # Debian's iproute2 `ip` (a symlink to /bin/ip on the host); in the guest a plain file at the same path. Call it
 # by that path: Debian's busybox shell runs its own applets (busybox `ip` in /sbin) before any PATH lookup.
 IPROUTE2_IP = "/usr/sbin/ip"
-# insmod order that works for a Debian kernel (ENVIRONMENT.md); a module built into the kernel is skipped.
+# insmod order that works for a Debian kernel (docs/platform.md); a module built into the kernel is skipped.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
            "failover", "net_failover", "virtio_net"]
 RECIPE_VERSION = 4  # bump when the layout of the image changes

@@ -10,7 +10,7 @@ between two such daemons, and recording of their domain events.
             migrate(dom, ds["D"], dest_addr="fd00:99::2")       # p2p, QEMU stream over the management link
         rec = record("precopy", topo, ds)           # or all of that plus the events of both daemons
 
-How one daemon is made private (ENVIRONMENT.md, "QEMU and libvirt"): `ip netns exec NS` gives the daemon the
+How one daemon is made private (docs/platform.md, "Two libvirtd daemons"): `ip netns exec NS` gives the daemon the
 namespace's network stack and a private mount namespace (/ is made a recursive slave, so nothing mounted in it
 leaks out). In it a shell bind-mounts <root>/{etc,run,lib,cache,log} onto /etc/libvirt, /run/libvirt and
 /var/{lib,cache,log}/libvirt, then execs the monolithic `libvirtd` with its pid file under <root>. Every path
@@ -29,7 +29,7 @@ the daemon uses is therefore per daemon, while the host still reaches them under
   ~2 s here, and libvirt waits for it before its STOPPED events and in its QEMU capability probe.
 - `hooks={"qemu": script}` installs /etc/libvirt/hooks/qemu. Measured: on the destination it is called with
   `NAME migrate begin -` (domain XML on stdin) synchronously, before the destination QEMU starts: a hook that
-  sleeps 1.5 s delayed D's STARTED/MIGRATED and the whole migration by 1.5 s (the gate DESIGN.md wants).
+  sleeps 1.5 s delayed D's STARTED/MIGRATED and the whole migration by 1.5 s (the gate of docs/design.md, window 1).
   Then `prepare begin`, `start begin`, `started begin` on D; `stopped end`, `release end` on S at the end.
 
 Migration (measured, libvirt 9.0 / QEMU 7.2 TCG, 256 MiB idle guest): `migrate()` = migrateToURI3 with

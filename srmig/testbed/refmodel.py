@@ -1,6 +1,6 @@
 """A pure-Python reference model of the srmig XDP program, for differential fuzzing (tests/test_fuzz.py).
 
-Written from DESIGN.md's "Endpoint behaviours" table, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
+Written from the "Endpoint behaviours" table of docs/design.md, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
 RFC 8986 (End 4.1, End.DX6 4.5) and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
 VM states, routes, neighbours and the SR domain. It parses with `struct` only. Where the specs leave freedom
 (order of checks, which reason a packet is counted under), it follows the C program's documented choice; each

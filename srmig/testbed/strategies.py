@@ -1,4 +1,4 @@
-"""What the network does during a migration, per scheme (DESIGN.md "Baselines"), on one testbed.
+"""What the network does during a migration, per scheme (docs/design.md, "Baselines"), on one testbed.
 
 Every strategy reacts to the same four moments: the migration begins; the source pauses (stop-and-copy);
 the destination resumes; the migration completes. Baselines reuse srmig's dataplane for plain delivery
