@@ -20,6 +20,7 @@ import pytest
 
 from srmig.ctl import statedb
 from srmig.ctl.statedb import DbUnavailable, Event, LeaseExpired
+from srmig.ctl.statedb import sqlite as embedded
 from srmig.testbed.etcd import EtcdServer
 
 DEADLINE_S = 5.0
@@ -204,8 +205,8 @@ def test_two_clients_see_each_other_through_watch(store, kv):
 def test_watch_from_compacted_history_converges(store, kv, monkeypatch):
     """Past the retained history a watch cannot replay; it resynchronises from a snapshot instead."""
     if store.backend == "embedded":
-        monkeypatch.setattr(statedb, "CHANGELOG_KEEP", 1)          # every write trims all but its own
-        monkeypatch.setattr(statedb, "CHANGELOG_TRIM_EVERY", 1)
+        monkeypatch.setattr(embedded, "CHANGELOG_KEEP", 1)         # every write trims all but its own
+        monkeypatch.setattr(embedded, "CHANGELOG_TRIM_EVERY", 1)
     first = kv.put("vms/a", {"n": 1})
     kv.put("vms/a", {"n": 2})
     kv.put("vms/b", {"n": 1})
