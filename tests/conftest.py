@@ -13,6 +13,10 @@ import pytest
 
 from srmig.testbed import netns
 
+# tests/agent_runs.py holds asserts for test_agent_faults.py: rewritten as a test module's are, so that a
+# failure there shows its values.
+pytest.register_assert_rewrite("agent_runs")
+
 
 def _missing_bpf() -> str | None:
     if os.geteuid() != 0:

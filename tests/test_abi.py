@@ -1,8 +1,10 @@
 """The Python side of the ABI must not drift from the C side: cffi's layouts (what userspace reads and
-writes) against the C compiler's and against the types bcc derived from the compiled program."""
+writes) against the C compiler's and against the types bcc derived from the compiled program; cffi's
+#define values against the values the compiled programs were built with, read back from the kernel."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -24,10 +26,35 @@ def _cffi_layout() -> dict[str, int]:
                   "srmig_encap_counter"):
         for k, v in abi.ffi.typeof(f"enum {ename}").relements.items():
             out[f"enum {k}"] = v
-    for const in ("SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_HOLD_RING", "SRMIG_VM_F_SHADOW",
-                  "SRMIG_ENCAP_MAX_SEGS", "SRMIG_ENCAP_SRH_MAX"):
-        out[f"define {const}"] = getattr(abi._consts, const)
     return out
+
+
+def _cffi_defines() -> dict[str, int]:
+    """Every #define of the ABI region, as cffi read it (the literal in the header)."""
+    return {name: getattr(abi._consts, name) for name in re.findall(r"^#define\s+(\w+)\s", abi.abi_source(), re.M)}
+
+
+def _compile_reporting_defines(tmp_path, source: str, func: str, prog_type: str = "XDP"):
+    """`source` compiled and loaded as the loader does (its flags, limits and include path), with one array map
+    appended per ABI #define whose size is that define's value in the program: what the compiled program uses after
+    its own includes and defines and the loader's -D flags, not the header's text. A constant both sides
+    read from one literal cannot disagree; one the program's compile changes can."""
+    from srmig.dataplane import loader
+
+    src = tmp_path / source  # its own includes resolve through the loader's -I
+    src.write_text((abi.EBPF_DIR / source).read_text() +
+                   "".join(f"\nBPF_ARRAY(abi_{name}, u32, {name});" for name in _cffi_defines()) + "\n")
+    return loader.compile_program(src, func, loader.Limits(), prog_type)
+
+
+def _check_defines(b) -> None:
+    """The sizes the kernel gave those maps (bpf_obj_get_info_by_fd) equal cffi's values."""
+    from srmig.dataplane import libbpf
+
+    want = _cffi_defines()
+    assert {"SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_PARK", "SRMIG_ENCAP_SRH_MAX"} <= set(want)
+    got = {name: libbpf.map_info(b[f"abi_{name}".encode()].map_fd).max_entries for name in want}
+    assert got == want
 
 
 def test_abi_header_has_structs():
@@ -64,14 +91,14 @@ def test_cffi_layout_matches_c_compiler(tmp_path):
 
 
 @pytest.mark.bpf
-def test_cffi_layout_matches_bcc_maps():
-    """bcc derives ctypes key/leaf types from the compiled program: their sizes must equal cffi's."""
+def test_cffi_layout_matches_bcc_maps(tmp_path):
+    """bcc derives ctypes key/leaf types from the compiled program: their sizes must equal cffi's. The
+    #defines the program was compiled with must equal cffi's too."""
     import ctypes
 
-    from srmig.dataplane import loader
-
-    b, _ = loader.compile_program(abi.EBPF_DIR / "srmig.c", "srmig_xdp", loader.Limits())
+    b, _ = _compile_reporting_defines(tmp_path, "srmig.c", "srmig_xdp")
     try:
+        _check_defines(b)
         pairs = {"sid_table": ("struct srmig_sid_key", "struct srmig_sid_value"),
                  "vm_table": ("struct srmig_vm_key", "struct srmig_vm_value"),
                  "sid_stats": ("uint32_t", "struct srmig_sid_stats"),
@@ -90,14 +117,13 @@ def test_cffi_layout_matches_bcc_maps():
 
 
 @pytest.mark.bpf
-def test_cffi_layout_matches_bcc_encap_maps():
+def test_cffi_layout_matches_bcc_encap_maps(tmp_path):
     """The same for the ingress's H.Encaps program (tc)."""
     import ctypes
 
-    from srmig.dataplane import loader
-
-    b, _ = loader.compile_program(abi.EBPF_DIR / "encap.c", "srmig_encap", loader.Limits(), "SCHED_CLS")
+    b, _ = _compile_reporting_defines(tmp_path, "encap.c", "srmig_encap", "SCHED_CLS")
     try:
+        _check_defines(b)
         for name, (key, leaf) in {"encap_table": ("struct srmig_encap_key", "struct srmig_encap_value"),
                                   "encap_vm_stats": ("struct srmig_encap_key", "struct srmig_encap_vm_stats"),
                                   "encap_stats": ("uint32_t", "uint64_t")}.items():

@@ -1,0 +1,417 @@
+"""Every fault in docs/faults.md during a real libvirt live migration under probe traffic (two libvirtd
+daemons, three agent processes): agents killed, stalled or restarted, libvirtd killed or restarted, the
+destination QEMU killed, etcd down, the ingress late. Helpers in agent_runs.py.
+
+Loss is asserted as `lost_net`: probes lost but for the requests the guest's own counters say it received
+and left unanswered (after a burst its kernel drops replies it cannot send yet: Result.unanswered). Every
+failure prints where the lost probes went (Result.diagnosis)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from agent_runs import (  # tests/ is on sys.path (rootdir conftest, no package)
+    agent_killed_at_pause,
+    converged,
+    domains,
+    ingress_on,
+    run_until,
+    unrecovered_swallowed,
+)
+
+
+@pytest.mark.libvirt
+def test_agents_restarted_before_migration():
+    """Both host agents SIGKILLed and restarted while the VM runs: they rebuild their state from libvirt and
+    the database (reconciliation), and the migration that follows is still lossless."""
+    from srmig.testbed import libvirt_demo
+
+    def restart(tb, ds, agents):
+        for role in ("S", "D"):
+            agents.kill(role)
+            agents.start(role, *agents.args[role])
+        for role in ("S", "D"):
+            agents.wait(role, lambda st: st["libvirt"] and st["libvirt"]["state"] == "connected"
+                        and st["db"]["state"] == "connected", 60, "reconnected")
+        # Running again in the map, and the swallowed-frame baseline retaken while the VM is quiet (an agent
+        # restarted under traffic waits for a quiet moment; until then a frame QEMU swallows can be lost).
+        st = agents.wait("S", lambda st: any(v["vm"] == libvirt_demo.VM_ADDR and v["state"] == "running"
+                                             and v["baseline"] for v in st["vms"]), 10, "VM running after reconcile")
+        assert st["agent"] == "S"
+
+    res = libvirt_demo.run(rate=2000, count=6000, before=restart)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
+
+
+@pytest.mark.libvirt
+def test_abort_after_pause_returns_held_packets():
+    """The destination's QEMU is killed once the source paused: libvirt fails the migration and resumes the
+    source. The agents roll back: the source delivers again, the destination returns what its tap queue held
+    (kept alive by the agent's duplicate of QEMU's tap fd) once the source runs the VM.
+
+    The source's QEMU is frozen from the pause until D holds something (kill_dest_at_pause): without that,
+    libvirt resumed the source 10-15 ms after the pause, and under load before the source's agent had sent D
+    anything.
+
+    0 duplicated, and at most 1 lost: the frame the source QEMU's tap backend read just after the stop, which
+    in about half the runs QEMU 7.2 dropped at the resume (measured with a capture on the source's tap: the
+    guest never answers the probe between the last one before the pause and the first after it; the same
+    with the drain off, so it is not srmig's doing). Without the return, what D held is lost: ~600 probes here.
+
+    Order: D returns to S's End.SBUF while S parks what arrives (SRMIG_VM_F_PARK) until D's record says how
+    many it returned, then delivers those in order: 0 reordered (before, the ~50 returned probes all arrived
+    behind newer ones). At most 1 when QEMU swallowed two frames at the pause and keeps the newer."""
+    import threading
+    import time
+
+    from srmig.testbed import libvirt_demo
+
+    stop = threading.Event()
+
+    def during(tb, ds, agents, dom):
+        """The probe runs until 1.5 s after the abort: under load the pause came 3.2 s into the run, after
+        a fixed 6000 probes at 2000/s had all been sent, and there was nothing left to hold."""
+        try:
+            libvirt_demo.kill_dest_at_pause(tb, ds, agents, dom)
+            time.sleep(1.5)
+        finally:
+            stop.set()
+
+    res = run_until(lambda r: r.error is not None and r.agents["D"]["dataplane"]["verdicts"]["hold"] > 0,
+                     rate=2000, count=60000, before=lambda tb, ds, agents: stop.clear(), during=during,
+                     stop=stop)
+    d = res.to_dict()
+    assert res.error is not None, "the migration should have failed"
+    assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)
+    assert d["reordered"] <= 1, (d, res.report.reordered_seqs)
+    assert res.agents["D"]["dataplane"]["verdicts"]["hold"] > 0, "D must have held something, or this proves nothing"
+    loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "S" and loc["segments"] == ["fc00:0:1::d6"]
+    assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.libvirt
+@pytest.mark.etcd
+def test_etcd_down_at_the_pause():
+    """The agents' etcd is SIGKILLed as soon as the source pauses and comes back 2 s later (same data). Nothing
+    on the packets' path waits for it: the destination learned about the migration at the begin hook (before
+    QEMU started), the source drains and forwards to it, and keeps forwarding until its cut-over is in the
+    database (writes are retried in order; the grace period starts only once the publish lands). So 0 lost,
+    0 duplicated, through the outage and the cut-over after it; once etcd is back the ingress learns that the
+    VM is on D, and every agent reports the database connected again, with no write left behind.
+
+    The probe runs until the ingress learnt the cut-over, and 1.5 s more (the source's 1 s grace period):
+    it outlasts the outage and what follows it however long the migration took (a fixed 8 s of probes
+    ended before etcd had been back for 1 s under a busy loop, where the migration took 5.3 s)."""
+    import threading
+    import time
+
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+    stop, outage = threading.Event(), libvirt_demo.etcd_down_at_pause(2.0)
+
+    def on_d(st) -> bool:
+        return {r["vm"]: r["host"] for r in st.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
+
+    def during(tb, ds, agents, dom):
+        try:
+            outage(tb, ds, agents, dom)
+            if getattr(tb, "etcd_outage", None) is not None:
+                with contextlib.suppress(TimeoutError):  # asserted in after()
+                    agents.wait("C", on_d, 20, "the ingress learns that the VM is on D")
+                time.sleep(1.5)
+        finally:
+            stop.set()
+
+    def after(tb, ds, agents):
+        seen["outage"] = getattr(tb, "etcd_outage", None)  # none: the pause was missed, nothing injected
+        if seen["outage"] is None:
+            return
+        for role in ("S", "D", "C"):  # the lease is refreshed every LEASE_TTL_S / 3
+            agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
+                        "the database connected again, nothing pending")
+        agents.wait("C", on_d, 10, "the ingress learns that the VM is on D")
+        seen["S log"] = agents.log("S", 100000)
+
+    res = run_until(lambda r: seen["outage"] is not None and
+                     seen["outage"][0] < r.report.t0 + r.report.marks["complete"] / 1e3,
+                     rate=2000, count=60000, db="etcd", before=lambda tb, ds, agents: stop.clear(), during=during,
+                     stop=stop, after=after)
+    d = res.to_dict()
+    assert res.error is None, res.error
+    down, up = seen["outage"]
+    rep = res.report
+    assert down < rep.t0 + rep.marks["complete"] / 1e3, "etcd should go down while the migration runs"
+    assert rep.t0 + rep.duration_ms / 1e3 > up + 1.0, "the probe should outlast the outage"
+    print(f"[etcd down at the pause] lost_net {d['lost_net']} sent {d['sent']} migration {d['migration_s']} s; "
+          f"probe ends {rep.t0 + rep.duration_ms / 1e3 - up:.2f} s after etcd is back")
+    assert "database write failed" in seen["S log"], "the outage should have hit the source's writes"
+    # Nothing lost to the outage: what may be missing is only what the source's drain says it could not
+    # re-send of the frames its pausing QEMU swallowed (under a busy loop, before the count's bound was raised
+    # and its window stopped following a late pause event: 1 and 2, in 2 runs of 6).
+    unrecovered = unrecovered_swallowed(seen["S log"])
+    assert d["duplicated"] == 0 and d["lost_net"] <= unrecovered, (d, unrecovered, rep.lost_seqs)
+    ingress_on(res, "D")
+    assert all(res.agents[role]["db"]["state"] == "connected" for role in ("S", "D", "C"))
+
+
+@pytest.mark.libvirt
+def test_ingress_late_to_apply():
+    """The ingress agent is frozen through the whole migration: the destination's hook waits its bounded
+    time for the ack, then lets the migration go on. The ingress keeps sending to the source's End.DX6-map;
+    the source forwards those packets to the destination (AWAY + next SID) and the destination holds them until
+    the VM resumes: still 0 lost. Once thawed, the ingress catches up with the latest version."""
+    from srmig.testbed import libvirt_demo
+
+    res = libvirt_demo.run(rate=2000, count=8000, before=libvirt_demo.freeze_ingress,
+                           during=libvirt_demo.thaw_ingress_after_migration)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
+    c = res.agents["C"]
+    loc = {r["vm"]: r for r in c["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and c["ingress"]["applied"][libvirt_demo.VM_ADDR] == loc["version"]
+
+
+@pytest.mark.libvirt
+def test_source_agent_killed_at_the_pause():
+    """The source's agent dies at the pause (SIGKILL) and comes back 1 s later. Nobody drains the source, so
+    what reached its tap between the pause and the cut-over is lost: physics. The destination notices that
+    the source never reported its pause and cuts the ingresses over itself when the VM resumes, so the loss
+    is bounded by pause -> resume (+50 ms), not by the restart. The restarted agent converges (cut over,
+    the source's entry forgotten after the grace period).
+
+    The bound is this run's pause -> resume (libvirt's events) + 200 ms: D's 50 ms wait for the source's
+    report (SOURCE_SILENT_S), and 150 ms for a starved D to hear the resume and the cut-over to reach the
+    ingress (under a busy loop the loss once ended 131 ms after the resume, 263 probes against the 237 that
+    +100 ms allowed). Still far below the restart (1 s: 2000 probes), which the check after it tells apart.
+    Measured (10 runs, 4 quiet, 6 under a busy loop): pause -> resume 40-113 ms; lost 0-303; when the kill
+    beat the source's drain the loss ended 51-63 ms after the resume. A fixed 400 ms bound failed under a busy
+    loop (832 lost): pause -> resume is what a loaded machine stretches."""
+    from srmig.testbed import libvirt_demo
+
+    rate = 2000
+    res = agent_killed_at_pause("S", rate)
+    d, f, rep = res.to_dict(), res.faults, res.report
+    assert "agent_fault.paused" in f and "agent_fault.resumed" in f, f"libvirt's pause and resume not heard: {f}"
+    window_ms = f["agent_fault.resumed"] - f["agent_fault.paused"]
+    bound = rate * (window_ms + 200) / 1e3
+    assert d["duplicated"] == 0 and d["lost_net"] <= bound, (d, f"pause -> resume {window_ms:.1f} ms", bound)
+    if rep.lost:  # ... and not by the restart (the loss would run until the restarted agent drained)
+        assert rep.blackout_start_ms + rep.blackout_ms < f["agent_fault.started"], (d, f)
+    print(f"[source agent killed at the pause] lost_net {d['lost_net']} bound {bound:.0f} (pause -> resume "
+          f"{window_ms:.1f} ms) migration {d['migration_s']} s")
+    loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
+    assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
+
+
+@pytest.mark.libvirt
+def test_source_agent_stalled_over_the_pause():
+    """The source's agent is stopped (SIGSTOP) from pre-copy until libvirt has ended the source's QEMU: it
+    hears of the pause only after the QEMU whose tap queue holds every packet sent to it since. That queue
+    outlives QEMU because the agent holds the tap's fds from the moment it provisioned the migration (KeepTap
+    on the source): the late drain still sends it to D. Meanwhile D, not hearing of the pause, cut the
+    ingresses over itself once the VM resumed and delivered newer packets first: the drained ones arrive
+    reordered (at most as many as were drained), none lost but the frame QEMU may swallow at the stop (its
+    count asked of a QEMU gone by then). Without the kept queue, everything from the pause to D's cut-over
+    was lost with QEMU (84 in a CI run of the libvirtd restart below, where the same race happens)."""
+    import re
+
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+
+    def after(tb, ds, agents):
+        seen.update(stall=tb.agent_stall, log=agents.log("S", 1 << 20))
+
+    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.stall_source_agent_over_pause, after=after)
+    d = res.to_dict()
+    assert res.error is None
+    drained = re.search(r"drained (\d+) from the tap \(QEMU gone\)", seen["log"])
+    assert drained and int(drained.group(1)) > 0, seen["log"][-3000:]
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2, (d, res.report.lost_seqs)
+    assert d["reordered"] <= int(drained.group(1)), (d, drained.group(0))
+    converged(res)
+
+
+@pytest.mark.libvirt
+def test_destination_agent_killed_at_the_pause():
+    """The destination's agent dies at the pause and comes back 1 s later: its map stays INCOMING, so the
+    VM's tap queue holds what arrives and the resumed QEMU reads it; the restarted agent reconciles
+    (the VM runs here: RESUMED). Nothing is lost but what the source's swallowed-frame recovery can miss."""
+    from srmig.testbed import libvirt_demo
+
+    res = agent_killed_at_pause("D")
+    d = res.to_dict()
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2, d
+    assert {v["vm"]: v["state"] for v in res.agents["D"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.libvirt
+def test_destination_agent_killed_in_precopy():
+    """The destination's agent dies once its begin hook answered (the incoming domain exists on D: pre-copy)
+    and comes back 1 s later, after the pause here. Everything D had to do before the resume was done at the
+    hook (map INCOMING: its tap queue holds); the restarted agent finds the VM running (RESUMED). Measured
+    (7 runs): 0 lost in 6, 2 in 1, and 1 duplicated in 1: both the source's swallowed-frame recovery, not
+    this fault (QEMU answered the count late: not re-sent; or one frame counted swallowed was delivered)."""
+    from srmig.testbed import libvirt_demo
+
+    seen = {}
+    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_dest_agent_in_precopy(1.0),
+                           after=lambda tb, ds, agents: seen.update(tb.agent_fault))
+    d = res.to_dict()
+    assert res.error is None, res.error
+    assert seen["source_state"] == 1, "the source should still run at the kill (pre-copy)"  # VIR_DOMAIN_RUNNING
+    assert d["lost_net"] <= 2 and d["duplicated"] <= 1, (d, res.report.lost_seqs, res.report.duplicated_seqs)
+    converged(res)
+
+
+@pytest.mark.libvirt
+def test_source_agent_killed_after_resume():
+    """The source's agent dies as soon as the VM runs on D (cut-over and grace to come) and comes back 1 s
+    later. Usually its drain was over: the map forwards to D (AWAY) while no agent runs, the restarted agent
+    replays its steps (only their last map write: re-applying the provision state would deliver to the gone
+    QEMU) and cuts over: 0 lost. When libvirt resumes D fast (20 ms after the pause) the kill hits the
+    drain: D sees no pause report and cuts the ingress over itself; what the program parked in the hold ring
+    meanwhile is sent by the restarted agent (late: reordered, not lost); what the drain had read from, or
+    left in, the source QEMU's tap queue is gone with the process and QEMU (physics: 0-60 frames, the guest's
+    backlog at the pause). Without the ring recovery and the replay fix: up to 150 lost."""
+    from srmig.testbed import libvirt_demo
+
+    rate = 2000
+    seen = {}
+    res = libvirt_demo.run(rate=rate, count=8000, during=libvirt_demo.restart_source_agent_after_resume(1.0),
+                           after=lambda tb, ds, agents: seen.update(tb.agent_fault))
+    d = res.to_dict()
+    assert res.error is None, res.error
+    assert seen["source_state"] != 1, "the kill should come after the pause"
+    assert d["duplicated"] == 0 and d["lost_net"] <= rate * 0.05, (d, res.report.lost_seqs)  # < 50 ms of traffic
+    converged(res)
+
+
+@pytest.mark.libvirt
+def test_ingress_agent_killed_at_the_pause():
+    """The ingress agent dies at the pause and comes back 1 s later, often after the source cut over. Its
+    routes stay in the kernel, to the source's End.S SID: the source keeps forwarding to D until the restarted
+    ingress applied the cut-over, because its grace period starts only once every registered ingress acked
+    it (bounded by the lease TTL). Before that fix, the grace ran out first in 1 run of 3: 126 lost. At most
+    1 lost, as without the fault, under a busy loop: the frame QEMU swallows at the stop, when its count came
+    too late to re-send it."""
+    res = agent_killed_at_pause("C")
+    d = res.to_dict()
+    assert d["lost_net"] <= 1 and d["duplicated"] == 0, (d, res.report.lost_seqs)
+    converged(res)
+
+
+@pytest.mark.libvirt
+def test_libvirtd_restarted_before_migration():
+    """The source's libvirtd restarts while the VM runs (its QEMU keeps running): the agent sees the
+    connection close, reconnects, reconciles, and the migration that follows is lossless."""
+    from srmig.testbed import libvirt_demo
+
+    def restart(tb, ds, agents):
+        before = agents.status("S")["libvirt"]["connects"]
+        ds["S"].restart()
+        st = agents.wait("S", lambda s: s["libvirt"]["connects"] > before and s["libvirt"]["state"] == "connected",
+                         30, "reconnected to the new libvirtd")
+        assert any(v["vm"] == libvirt_demo.VM_ADDR and v["state"] == "running" for v in st["vms"])
+
+    res = libvirt_demo.run(rate=2000, count=6000, before=restart)
+    d = res.to_dict()
+    assert res.error is None
+    assert (d["lost_net"], d["duplicated"]) == (0, 0), d
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("phase", ["precopy", "pause", "pause-slow-recovery"])
+def test_source_libvirtd_killed_during_migration(phase):
+    """The source's libvirtd crashes (SIGKILL) in pre-copy, or as soon as the source is paused, and is started
+    again at once (systemd's Restart=on-failure). libvirt cannot keep an outgoing job across its restart: the
+    new daemon recovers it by cancelling the migration and resuming the source (RUNNING/MIGRATION_CANCELED,
+    with no lifecycle event); the destination's libvirtd kills its incoming QEMU when the source's connection
+    drops (STOPPED on D). srmig takes its abort path from those: the reconnected agent's reconciliation finds
+    the VM running here after its pause (FAILED), D returns what its tap queue held and S delivers what it
+    parked meanwhile, in order. "pause-slow-recovery": the source's QEMU is stopped for 1 s, so the recovery
+    is not over when the agent reconnects: it finds the VM still paused and polls until libvirt resumed it.
+
+    Measured: 0 duplicated, 0 reordered in every run; lost 0 in pre-copy (3 runs); at the pause (14 runs) 0
+    in 8, 1 in 5, 17 in 1 (8.5 ms of traffic), sent 10-15 ms before the kill: frames QEMU's tap backend read
+    at the stop, whose count is asked through libvirt, down then: they are not re-sent. Before
+    the agent said "failed" for a VM it finds running (or, polling, resumed) after D's failure reached it
+    first, D never returned what it held: 1195 lost in the 1 run at the pause, 610 with the slow recovery.
+    With the slow recovery (5 runs measured: 0, 0, 1, 1, 8): the 1 s QEMU stop queues ~2400 probes, which S
+    delivers in one burst once QEMU runs; the 8 were lost in that burst, not at the stop."""
+    import signal
+
+    import libvirt
+
+    from srmig.testbed import libvirt_demo
+
+    rate = 2000
+    hook = {"precopy": libvirt_demo.restart_source_libvirtd_in_precopy(signal.SIGKILL),
+            "pause": libvirt_demo.restart_source_libvirtd_at_pause(signal.SIGKILL),
+            "pause-slow-recovery": libvirt_demo.restart_source_libvirtd_at_pause(signal.SIGKILL, 1.0)}[phase]
+    seen = {}
+
+    def after(tb, ds, agents):
+        seen.clear()
+        seen.update(getattr(tb, "libvirtd_fault", {}), domains=domains(ds))
+        if seen["domains"]["D"]:
+            return  # the kill came after the point of no return: libvirt's recovery completes the migration
+        with contextlib.suppress(TimeoutError):  # asserted below, with the run's diagnosis
+            agents.wait("C", lambda s: {r["vm"]: r["host"] for r in s["locations"]}.get(libvirt_demo.VM_ADDR)
+                        == "S", 10, "the ingress back on S")
+
+    res = run_until(lambda r: "source_state" in seen and not seen["domains"]["D"], rate=rate, count=8000,
+                     during=hook, after=after)
+    d = res.to_dict()
+    hit = libvirt.VIR_DOMAIN_RUNNING if phase == "precopy" else libvirt.VIR_DOMAIN_PAUSED
+    assert seen.get("source_state") == hit, f"the fault should hit {phase}: {seen}"
+    assert res.error is not None, "the client's connection to the source's libvirtd should have dropped"
+    assert seen["domains"] == {"S": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}, "D": {}}, seen["domains"]
+    assert d["duplicated"] == 0 and d["reordered"] <= 1, (d, res.report.reordered_seqs)
+    rep = res.report
+    assert d["lost_net"] <= rate * 0.02, (d, rep.lost_seqs)  # 20 ms of traffic
+    if d["lost_net"] and not d["guest_unanswered"] and phase != "pause-slow-recovery":
+        # at the stop: sent within the 50 ms before the kill
+        assert -50 < rep.blackout_start_ms - (seen["down"] - rep.t0) * 1e3 <= 0, (d, rep.lost_seqs, seen)
+    ingress_on(res, "S")
+    assert {v["vm"]: v["state"] for v in res.agents["S"]["vms"]}[libvirt_demo.VM_ADDR] == "running"
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("phase", ["precopy", "pause"])
+def test_source_libvirtd_restarted_during_migration(phase):
+    """`systemctl restart libvirtd` on the source in pre-copy, or as soon as the source is paused: SIGTERM.
+    libvirtd 9.0 closes its clients' connections at once but finishes the API calls in flight, the migration
+    included, before it exits: the VM ends on D (the caller of migrateToURI3 gets an I/O error nonetheless).
+    The source's agent loses its connection (in pre-copy before the pause: D notices the silent source and
+    cuts the ingresses over itself), reconnects to the new daemon and finds the VM gone (STOPPED).
+
+    Measured (4 runs each): 0 duplicated, 0 reordered; lost 1-2 at the pause and in pre-copy: the frames
+    QEMU's tap backend read at the stop, whose count is asked through libvirt, going away then: not re-sent.
+    Bounded as in the crash below, where the same frames were 17 once."""
+    import libvirt
+
+    from srmig.testbed import libvirt_demo
+
+    hook = {"precopy": libvirt_demo.restart_source_libvirtd_in_precopy,
+            "pause": libvirt_demo.restart_source_libvirtd_at_pause}[phase]()
+    seen = {}
+
+    hit = libvirt.VIR_DOMAIN_RUNNING if phase == "precopy" else libvirt.VIR_DOMAIN_PAUSED
+
+    def after(tb, ds, agents):
+        seen.clear()
+        seen.update(getattr(tb, "libvirtd_fault", {}), domains=domains(ds))
+
+    res = run_until(lambda r: seen.get("source_state") == hit, rate=2000, count=8000, during=hook, after=after)
+    d = res.to_dict()
+    assert seen.get("source_state") == hit, f"the fault should hit {phase}: {seen}"
+    assert seen["domains"] == {"S": {}, "D": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}}, seen["domains"]
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2000 * 0.02, (d, res.report.lost_seqs)
+    converged(res)
