@@ -61,7 +61,9 @@ import time
 from array import array
 from typing import Callable
 
-from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender, TxRingSender, encapsulate_packet
+from bench.tx_ring import TxRingSender
+from srmig.ctl.encap import encapsulate_packet
+from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
 from srmig.dataplane.abi import Behaviour, VmState
 from srmig.testbed import qemu
 from srmig.testbed.lab import xdp_on

@@ -815,7 +815,8 @@ class LocalBench:
         packet towards the sink, twice: the way SourceDrain does it now (the ring read in bulk from its
         mmap, RawSender.send_many: sendmmsg batches) and, for comparison, the way it did (a libbpf
         callback per record, one sendto per packet)."""
-        from srmig.ctl.drain import RawSender, hold_ring_reader, read_hold_packets
+        from srmig.ctl.drain import hold_ring_reader, read_hold_packets
+        from srmig.ctl.senders import RawSender
 
         self.configure("end_s_forward")
         self._cfg.write_text(trafgen_config(packet("hold", self.frame_size, self.d_in_mac), 1))

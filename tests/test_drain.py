@@ -11,7 +11,7 @@ import time
 import pytest
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting, UDP
 
-from srmig.ctl import drain
+from srmig.ctl import encap, swallow, tap
 
 VM = "2001:db8:100::10"
 VM_MAC = "52:54:00:12:34:56"
@@ -60,13 +60,13 @@ def send_probes(topology, n: int) -> None:
 @pytest.mark.netns
 def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
     send_probes(topology, 200)
-    tap_fds = drain.tap_fds_of(paused_tap.pid, "vmtap")
+    tap_fds = tap.tap_fds_of(paused_tap.pid, "vmtap")
     assert len(tap_fds) == 1
-    fd = drain.take_fd(paused_tap.pid, tap_fds[0])
+    fd = tap.take_fd(paused_tap.pid, tap_fds[0])
     try:
-        assert drain.vnet_hdr_len(fd) in (10, 12)
-        frames = drain.read_queued(fd)
-        assert drain.read_queued(fd) == []  # all of it the first time
+        assert tap.vnet_hdr_len(fd) in (10, 12)
+        frames = tap.read_queued(fd)
+        assert tap.read_queued(fd) == []  # all of it the first time
     finally:
         os.close(fd)
     payloads = [bytes(IPv6(f[14:])[UDP].payload) for f in frames if f[12:14] == b"\x86\xdd"
@@ -77,12 +77,12 @@ def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
 def test_encapsulate_is_h_encaps():
     inner = bytes(IPv6(src="2001:db8:c::1", dst=VM) / UDP(dport=7) / b"x")
     frame = bytes.fromhex("525400123456" "02005e000001" "86dd") + inner
-    pkt = IPv6(drain.encapsulate(frame, "2001:db8:a::2", ["fc00:0:3::e", "fc00:0:2::b"]))
+    pkt = IPv6(encap.encapsulate(frame, "2001:db8:a::2", ["fc00:0:3::e", "fc00:0:2::b"]))
     assert pkt.dst == "fc00:0:3::e" and pkt.src == "2001:db8:a::2" and pkt.nh == 43
     srh = pkt[IPv6ExtHdrSegmentRouting]
     assert srh.addresses == ["fc00:0:2::b", "fc00:0:3::e"] and srh.segleft == 1 and srh.lastentry == 1
     assert bytes(srh.payload) == inner
-    assert drain.encapsulate(bytes(14 + 40), "::1", ["::2"]) is None  # not IPv6: ethertype 0
+    assert encap.encapsulate(bytes(14 + 40), "::1", ["::2"]) is None  # not IPv6: ethertype 0
 
 
 @pytest.mark.netns
@@ -93,21 +93,21 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
         return sum(b"probe-" in f for f in frames)
 
     with topology.inside("S"):
-        assert drain.tap_queue_len("vmtap", 10000) == 1000
+        assert tap.tap_queue_len("vmtap", 10000) == 1000
     send_probes(topology, 3000)
-    with drain.TapKeeper(paused_tap.pid, "vmtap") as queue, topology.inside("S"):
+    with tap.TapKeeper(paused_tap.pid, "vmtap") as queue, topology.inside("S"):
         assert not queue.empty()
-        assert drain.restore_queue_len("vmtap", 1000, queue) is False
-        assert drain.tap_queue_len("vmtap") == 10000
+        assert tap.restore_queue_len("vmtap", 1000, queue) is False
+        assert tap.tap_queue_len("vmtap") == 10000
         assert probes(queue.frames()) == 3000  # the resumed QEMU reads them
         assert queue.empty()
-        assert drain.restore_queue_len("vmtap", 1000, queue) is True
-        assert drain.tap_queue_len("vmtap") == 1000
+        assert tap.restore_queue_len("vmtap", 1000, queue) is True
+        assert tap.tap_queue_len("vmtap") == 1000
 
         # What the wait saves: the same backlog, the length restored at once.
-        drain.tap_queue_len("vmtap", 10000)
+        tap.tap_queue_len("vmtap", 10000)
         send_probes(topology, 3000)
-        drain.tap_queue_len("vmtap", 1000)
+        tap.tap_queue_len("vmtap", 1000)
         left = queue.frames()
         assert len(left) == 1000 and probes(left) >= 990  # the other ~2000 are gone (S's MLD may take a slot)
 
@@ -119,11 +119,11 @@ class _NoRing:
         return type("Ring", (), {"poll": lambda self, ms: None, "close": lambda self: None})()
 
 
-def _shadow(times_ms: list[float]) -> tuple[drain.ShadowLog, list[bytes]]:
+def _shadow(times_ms: list[float]) -> tuple[swallow.ShadowLog, list[bytes]]:
     """A shadow log of one frame delivered at each of `times_ms` (ms on the monotonic clock), in order."""
     from srmig.ctl.dataplane import HoldRecord
 
-    log = drain.ShadowLog(_NoRing())
+    log = swallow.ShadowLog(_NoRing())
     packets = [f"frame-{i}".encode() for i in range(len(times_ms))]
     log.records.extend(HoldRecord(VM, int(t * 1e6), p) for t, p in zip(times_ms, packets))
     return log, packets

@@ -9,8 +9,10 @@ import socket
 import pytest
 
 from bench import flush as F
-from srmig.ctl import drain as drain_mod
-from srmig.ctl.drain import SENDMMSG_BATCH, PacketSender, RawSender, TxRingSender
+from bench import tx_ring
+from bench.tx_ring import TxRingSender
+from srmig.ctl import senders
+from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
 
 N = 10_000
 
@@ -133,7 +135,7 @@ def test_tx_ring_full_queue_retried_or_given_up_counted(lab, monkeypatch, times,
     """ENOBUFS from send(): retried with a doubling wait; past RETRIES the rest is given up, counted, and
     its slots taken back (here a fill that wraps the ring's end), so the next call still starts where the
     kernel's head is and arrives in order."""
-    monkeypatch.setattr(drain_mod, "RETRY_FIRST_S", 1e-6)
+    monkeypatch.setattr(tx_ring, "RETRY_FIRST_S", 1e-6)
     frames = F.ether(F.held_buffer(400, 128))
     lab.drain()
     with lab.topo.inside("H"):
@@ -186,11 +188,11 @@ class _FakeLibc:
         step = self.script.pop(0) if self.script else vlen
         if step > 0:
             return min(step, vlen)
-        drain_mod._ffi.errno = -step
+        senders._ffi.errno = -step
         return -1
 
 
-class _PairSender(drain_mod._BatchSender):
+class _PairSender(senders._BatchSender):
     def __init__(self):
         super().__init__()
         self.sock, self._peer = socket.socketpair()
@@ -204,13 +206,13 @@ class _PairSender(drain_mod._BatchSender):
 ], ids=["enobufs-retried", "emsgsize-skipped", "stale-error-retried", "retries-bounded"])
 def test_send_many_retries_and_counts(monkeypatch, script, sent, dropped, errors):
     fake = _FakeLibc(script)
-    monkeypatch.setattr(drain_mod, "_libc", fake)
-    monkeypatch.setattr(drain_mod, "RETRY_FIRST_S", 1e-6)
+    monkeypatch.setattr(senders, "_libc", fake)
+    monkeypatch.setattr(senders, "RETRY_FIRST_S", 1e-6)
     s = _PairSender()
     try:
         assert s.send_many([b"x"] * 10) == sent
         assert (s.dropped, s.errors) == (dropped, errors)
-        assert fake.calls <= 4 + drain_mod.RETRIES
+        assert fake.calls <= 4 + senders.RETRIES
     finally:
         s.sock.close()
         s._peer.close()
@@ -219,9 +221,9 @@ def test_send_many_retries_and_counts(monkeypatch, script, sent, dropped, errors
 def test_send_many_says_what_it_hands_to_the_kernel(monkeypatch):
     """`handing(k)` comes before every sendmmsg(2) with all the call may send, and before a retry's wait
     with only what is done: what a process killed at that moment had sent, at most."""
-    monkeypatch.setattr(drain_mod, "_libc", _FakeLibc([3, -errno.ENOBUFS]))
-    monkeypatch.setattr(drain_mod, "RETRY_FIRST_S", 1e-6)
-    monkeypatch.setattr(drain_mod, "SENDMMSG_BATCH", 8)
+    monkeypatch.setattr(senders, "_libc", _FakeLibc([3, -errno.ENOBUFS]))
+    monkeypatch.setattr(senders, "RETRY_FIRST_S", 1e-6)
+    monkeypatch.setattr(senders, "SENDMMSG_BATCH", 8)
     s, handed = _PairSender(), []
     try:
         assert s.send_many([b"x"] * 10, handing=handed.append) == 10

@@ -667,7 +667,7 @@ class Agent:
 
                     loc.sbuf_base = sid_delivered(self.dp, m.src.sbuf)
                 if a.shadow and self.cfg.host.drain and loc.shadow is None:
-                    from srmig.ctl.drain import ShadowLog  # noqa: PLC0415
+                    from srmig.ctl.swallow import ShadowLog  # noqa: PLC0415
 
                     loc.shadow = ShadowLog(self.dp).start()  # before the flag: miss nothing
                 self.dp.set_vm(a.vm, a.state, next_sid=a.next_sid, shadow=a.shadow and self.cfg.host.drain,
@@ -783,7 +783,7 @@ class Agent:
             return None
 
     def _keep_tap(self, vm: str) -> None:
-        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
+        from srmig.ctl.tap import TapKeeper  # noqa: PLC0415
 
         loc = self.local.get(vm)
         if loc is None or not loc.keep_wanted or loc.keeper is not None or loc.tap is None:
@@ -800,7 +800,7 @@ class Agent:
     def _tap_queue(loc: Local, pid: int | None):
         """The tap's queue (a TapKeeper, now the caller's): the fds kept since the migration began (KeepTap),
         or taken from QEMU (`pid`) now; None if there is neither (QEMU gone, or ending as we look)."""
-        from srmig.ctl.drain import TapKeeper  # noqa: PLC0415
+        from srmig.ctl.tap import TapKeeper  # noqa: PLC0415
 
         queue, loc.keeper = loc.keeper, None
         if queue is None and pid is not None and loc.tap:
@@ -813,7 +813,7 @@ class Agent:
         (a restarted libvirtd resets it when it reconnects to QEMU)."""
         if not loc.tap:
             return
-        from srmig.ctl.drain import tap_queue_len  # noqa: PLC0415
+        from srmig.ctl.tap import tap_queue_len  # noqa: PLC0415
 
         loc.window += 1  # a restore still waiting for an earlier window's backlog gives up
         old = tap_queue_len(loc.tap, self.cfg.host.tap_queue)
@@ -834,7 +834,7 @@ class Agent:
         self._on_restore_queue(loc, loc.window, queue, time.monotonic() + QUEUE_RESTORE_MAX_S)
 
     def _on_restore_queue(self, loc: Local, window: int, queue, deadline: float) -> None:
-        from srmig.ctl.drain import restore_queue_len  # noqa: PLC0415
+        from srmig.ctl.tap import restore_queue_len  # noqa: PLC0415
 
         if loc.old_qlen is not None and loc.tap and window == loc.window:
             try:
@@ -853,7 +853,7 @@ class Agent:
         loc = self.local.get(vm)
         if loc is None or not self.cfg.host.drain or self._role(vm) or loc.tap is None or self.libvirt is None:
             return False
-        from srmig.ctl.drain import SwallowCheck  # noqa: PLC0415
+        from srmig.ctl.swallow import SwallowCheck  # noqa: PLC0415
 
         conn = self.libvirt.conn
         if conn is None:

@@ -11,11 +11,12 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import (DrainReport, ShadowLog, SourceDrain, SwallowCheck, TapKeeper, return_held,
-                             sid_delivered, unpark, wait_delivered)
+from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, Unpark
 from srmig.ctl.phases import Phase, plan
 from srmig.ctl.ingress import BpfEncap
+from srmig.ctl.swallow import ShadowLog, SwallowCheck
+from srmig.ctl.tap import TapKeeper
 from srmig.dataplane.abi import VmState
 from srmig.testbed.lab import encap_on, steer
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed

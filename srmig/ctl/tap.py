@@ -1,0 +1,152 @@
+"""A VM's tap, from the host: the fds a QEMU holds on it (taken with pidfd_getfd(2), even while QEMU is
+paused), the frames queued on them, the tap's queue length and what its owner read (docs/drain.md)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import struct
+from pathlib import Path
+
+from cffi import FFI
+
+_ffi = FFI()
+_ffi.cdef("""
+    long syscall(long number, ...);
+""")
+_libc = _ffi.dlopen(None)
+SYS_pidfd_open = 434
+SYS_pidfd_getfd = 438
+TUNGETIFF = 0x800454D2
+TUNGETVNETHDRSZ = 0x800454D7
+IFF_VNET_HDR = 0x4000
+
+
+def _syscall(nr: int, *args: int) -> int:
+    rc = _libc.syscall(nr, *[_ffi.cast("long", a) for a in args])
+    if rc < 0:
+        err = _ffi.errno
+        raise OSError(err, f"syscall {nr}: {os.strerror(err)}")
+    return rc
+
+
+def tap_fds_of(pid: int, ifname: str) -> list[int]:
+    """The fd numbers, in process `pid`, attached to tap `ifname` (fdinfo says `iff: NAME`)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/net/tun":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("iff:") and line.split(None, 1)[1].strip() == ifname:
+                out.append(int(fd))
+    return sorted(out)
+
+
+def take_fd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of process `pid`'s file descriptor `fd` (needs ptrace rights: root)."""
+    pidfd = _syscall(SYS_pidfd_open, pid, 0)
+    try:
+        return _syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
+def vnet_hdr_len(fd: int) -> int:
+    flags = struct.unpack("16sH", fcntl.ioctl(fd, TUNGETIFF, b"\0" * 18)[:18])[1]
+    if not flags & IFF_VNET_HDR:
+        return 0
+    return struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, b"\0" * 4))[0]
+
+
+def read_queued(fd: int, limit: int = 100_000) -> list[bytes]:
+    """Every frame queued on the tap, oldest first, without their virtio-net headers. QEMU's fd is
+    non-blocking (QEMU sets it so), so an empty queue answers EAGAIN; we never change the shared flags."""
+    skip = vnet_hdr_len(fd)
+    frames = []
+    while len(frames) < limit:
+        try:
+            buf = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                break
+            raise
+        if not buf:
+            break
+        frames.append(buf[skip:])
+    return frames
+
+
+def tap_tx_packets(ifname: str) -> int:
+    """Frames read from the tap by its owner (tun counts a frame as transmitted when the reader takes it)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+        return link.get_attr("IFLA_STATS64")["tx_packets"]
+
+
+class TapKeeper:
+    """A duplicate of a QEMU's tap fds, taken while QEMU lives. The tap queue then survives QEMU's death
+    (the kernel purges it only when the last fd closes): what the destination held can be returned to the
+    source when a migration aborts, and the source's drain finds its queue even if QEMU is gone by then."""
+
+    def __init__(self, qemu_pid: int, tap: str):
+        self.tap = tap
+        self.fds = [take_fd(qemu_pid, fd) for fd in tap_fds_of(qemu_pid, tap)]
+        if not self.fds:
+            raise OSError(errno.ENOENT, f"process {qemu_pid} has no fd on tap {tap}")
+
+    def frames(self) -> list[bytes]:
+        return [frame for fd in self.fds for frame in read_queued(fd)]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def empty(self) -> bool:
+        """Whether the tap's queue holds no frame now (the tap polls readable while it holds one)."""
+        poller = select.poll()
+        for fd in self.fds:
+            poller.register(fd, select.POLLIN)
+        return not any(ev & select.POLLIN for _, ev in poller.poll(0))
+
+    def __enter__(self) -> TapKeeper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tap_queue_len(tap: str, qlen: int | None = None) -> int | None:
+    """The tap's queue length (the ring its frames wait in for QEMU), set to `qlen` if given; returns the
+    length it had, None if there is no such tap."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=tap)
+        if not idx:
+            return None
+        old = ipr.get_links(idx[0])[0].get_attr("IFLA_TXQLEN")
+        if qlen is not None and qlen != old:
+            ipr.link("set", index=idx[0], txqlen=qlen)
+        return old
+
+
+def restore_queue_len(tap: str, qlen: int, queue: TapKeeper | None) -> bool:
+    """End of a migration window: the tap's queue length back to `qlen`, but only once its queue is empty
+    (`queue`: its fds; None: cannot tell, restore now). The kernel shortens the ring by freeing the frames
+    that do not fit, without counting them: a backlog the resumed QEMU has not read yet would be lost.
+    Returns False while frames are queued (try again later)."""
+    if queue is not None and queue.fds and not queue.empty():
+        return False
+    tap_queue_len(tap, qlen)
+    return True
