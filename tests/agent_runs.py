@@ -4,6 +4,7 @@ drain could not re-send."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 
@@ -53,6 +54,12 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
                 if t is not None:
                     fault[name] = float(t)
             seen.update(fault)
+        if role == "D":
+            # The restarted agent answers `status` before it has reconciled with libvirt, which on a busy
+            # machine takes seconds: wait for it (bounded), then the test checks what it reports.
+            with contextlib.suppress(TimeoutError):
+                agents.wait("D", lambda s: any(v["vm"] == libvirt_demo.VM_ADDR and v["state"] == "running"
+                                               for v in s["vms"]), 15, "the restarted agent reconciled")
 
     def landed(res) -> bool:
         return seen.get("source_state") == libvirt.VIR_DOMAIN_PAUSED
