@@ -61,134 +61,18 @@ __attribute__((section("maps/ringbuf"))) struct hold_ring_table_t hold_ring = {
 };
 #define bpf_map_peek_elem(map, flags) bpf_ringbuf_query(map, flags)
 BPF_RINGBUF_OUTPUT(shadow_ring, SRMIG_SHADOW_RING_PAGES);
-/* A FIB result remembered per destination and CPU, for at most SRMIG_NH_TTL_NS (or until userspace
- * bumps the generation in meta[SRMIG_META_NH_GENERATION] after a route or neighbour change): one
- * bpf_fib_lookup costs ~500 ns on these machines, ten times everything else a packet needs. */
-struct nh_cache {
-	struct in6_addr dst; /* the destination this slot holds; expires_ns == 0: empty */
-	__u64 expires_ns;    /* bpf_ktime_get_ns() deadline, SRMIG_NH_TICK_NS short of the TTL */
-	__u64 valid_jiffies; /* the tick in which expires_ns was last checked against the clock */
-	__u32 ifindex;
-	__u32 generation;
-	__u8 dmac[ETH_ALEN];
-	__u8 smac[ETH_ALEN];
-	__u32 ok_len; /* the FIB passed a packet this long (its MTU check): longer ones take the slow path */
-};
 
-#ifndef SRMIG_NH_TTL_NS
-#define SRMIG_NH_TTL_NS 100000000ULL /* 100 ms */
-#endif
-/* Longer than one tick at any HZ (>= 100): see nh_fresh(). */
-#define SRMIG_NH_TICK_NS 10000000ULL
-#define SRMIG_NH_SLOTS 4096 /* a power of two; 2-way sets */
+#include "cache.h"
 
 /* Next hops per CPU: a 2-way set-associative cache in a per-CPU array (the verifier inlines its lookup; a
  * hash map costs a helper call and a jhash, ~50 ns a packet here). A set holds the last two destinations
  * that hashed to it, so a scan of many destinations cannot fill it, only evict. */
 BPF_PERCPU_ARRAY(nh_cache, struct nh_cache, SRMIG_NH_SLOTS);
-
-/* Copies of sid_table and vm_table entries, per CPU: a hash map lookup with a 16-byte key costs ~35 ns here
- * (jhash, bucket walk, key compare) and a packet for a VM needs two, where a 2-way cache in a per-CPU array
- * is inlined by the verifier. A copy is trusted only at the generation it was made at: userspace bumps
- * meta[SRMIG_META_TABLE_GENERATION] after every write to either table (srmig/ctl/dataplane.py), and a packet
- * reads the generation once, before any lookup it may copy. So a packet that starts after the bump sees the
- * write, as it would without the cache (one in flight during an update may see either, as with RCU). */
-struct table_copy {
-	__u8 key[16];
-	__u32 generation;
-	__u32 found; /* COPY_EMPTY, COPY_ABSENT (the table has no such key), COPY_PRESENT (value below) */
-	union {
-		struct srmig_sid_value sid;
-		struct srmig_vm_value vm;
-	};
-};
-#define COPY_EMPTY 0
-#define COPY_ABSENT 1
-#define COPY_PRESENT 2
-#define SRMIG_SID_COPIES 1024 /* powers of two; 2-way sets */
-#define SRMIG_VM_COPIES 4096
+/* Copies of sid_table and vm_table entries per CPU (struct table_copy, cache.h): see sid_lookup(). */
 BPF_PERCPU_ARRAY(sid_copies, struct table_copy, SRMIG_SID_COPIES);
 BPF_PERCPU_ARRAY(vm_copies, struct table_copy, SRMIG_VM_COPIES);
 
 #include "srv6.h"
-
-/* Sources the kernel's FIB lookup never forwards from (RFC 4291 2.5.3, 2.5.6, 2.7: loopback, link-local,
- * multicast): such packets always take the full lookup, which hands them to the kernel; a next hop cached
- * for their destination must not let them through. */
-static __always_inline int never_forwarded_source(const struct in6_addr *a)
-{
-	const __u32 *w = a->in6_u.u6_addr32;
-
-	if (a->in6_u.u6_addr8[0] == 0xff)
-		return 1;
-	if (a->in6_u.u6_addr8[0] == 0xfe && (a->in6_u.u6_addr8[1] & 0xc0) == 0x80)
-		return 1;
-	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == __builtin_bswap32(1);
-}
-
-/* The first slot of the 2-way set for address `a` in a table of `slots` (a power of two) slots. */
-static __always_inline __u32 set_of(const void *a, __u32 slots)
-{
-	const __u32 *w = a;
-	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3];
-
-	h ^= h >> 16;
-	h *= 0x45d9f3b;
-	h ^= h >> 16;
-	return h & (slots - 2);
-}
-
-static __always_inline int same_addr(const struct in6_addr *a, const struct in6_addr *b)
-{
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-
-	return x[0] == y[0] && x[1] == y[1];
-}
-
-/* The way of a 2-way set holding `key` at generation `gen`, or NULL. */
-static __always_inline struct table_copy *copy_find(struct table_copy *w0, struct table_copy *w1, const void *key,
-						    __u32 gen)
-{
-	if (w0->found && w0->generation == gen && same_addr(key, (const void *)w0->key))
-		return w0;
-	if (w1->found && w1->generation == gen && same_addr(key, (const void *)w1->key))
-		return w1;
-	return NULL;
-}
-
-/* The way to copy a fresh lookup into: an empty or outdated one, else way 1 after way 0 moved there (the
- * newest copy in way 0). Returns it with its key and generation set. */
-static __always_inline struct table_copy *copy_fill(struct table_copy *w0, struct table_copy *w1, const void *key,
-						    __u32 gen, int present)
-{
-	struct table_copy *c = w0;
-
-	if (w0->found && w0->generation == gen) {
-		if (w1->found && w1->generation == gen)
-			*w1 = *w0;
-		else
-			c = w1;
-	}
-	__builtin_memcpy(c->key, key, 16);
-	c->generation = gen;
-	c->found = present ? COPY_PRESENT : COPY_ABSENT;
-	return c;
-}
-
-/* Not expired. bpf_ktime_get_ns() costs ~40 ns here and bpf_jiffies64() next to nothing (the JIT inlines
- * it), so the clock is read at most once per tick and entry: within the tick of a check that passed, less
- * than SRMIG_NH_TICK_NS has gone by since, and expires_ns is that much short of the TTL. */
-static __always_inline int nh_fresh(struct nh_cache *nh)
-{
-	__u64 tick = bpf_jiffies64();
-
-	if (nh->valid_jiffies == tick)
-		return 1;
-	if (nh->expires_ns <= bpf_ktime_get_ns())
-		return 0;
-	nh->valid_jiffies = tick;
-	return 1;
-}
 
 /* Map accesses stay in this file: bcc rewrites `map.lookup()` calls in the main source only. */
 static __always_inline int nh_apply(struct ethhdr *eth, const __u8 *dmac, const __u8 *smac, __u32 ifindex)
@@ -476,6 +360,57 @@ static __always_inline int end_dx6(struct xdp_md *ctx, struct pkt *p, struct srm
 	return forward(ctx, p);
 }
 
+/* RFC 8986 4.1 End (transit): advance to the next segment, send it on. */
+static __always_inline int end(struct xdp_md *ctx, struct pkt *p)
+{
+	p->reason = advance_nextseg(p->ip6h, p->srh, (void *)(long)ctx->data_end);
+	if (p->reason)
+		return XDP_DROP;
+	return forward(ctx, p);
+}
+
+/* The SID table's entry for `sid`, from this CPU's copy when it was made at `generation`, else from the table
+ * (and copied, present or absent). NULL: not one of our SIDs. The two lookups below differ only in their maps:
+ * bcc rewrites map calls where they are written, so each is spelled out. */
+static __always_inline struct srmig_sid_value *sid_lookup(const struct in6_addr *sid, __u32 generation)
+{
+	__u32 set = set_of(sid, SRMIG_SID_COPIES), other = set + 1;
+	struct table_copy *w0 = sid_copies.lookup(&set), *w1 = sid_copies.lookup(&other), *c;
+	struct srmig_sid_key key;
+	struct srmig_sid_value *entry;
+
+	if (!w0 || !w1)
+		return NULL; /* never: both indexes are in range */
+	c = copy_find(w0, w1, sid, generation);
+	if (!c) {
+		__builtin_memcpy(key.addr, sid, 16);
+		entry = sid_table.lookup(&key);
+		c = copy_fill(w0, w1, key.addr, generation, entry != NULL);
+		if (entry)
+			c->sid = *entry;
+	}
+	return c->found == COPY_PRESENT ? &c->sid : NULL;
+}
+
+/* The VM table's entry for `vm`, the same way. NULL: not a VM we know. */
+static __always_inline struct srmig_vm_value *vm_lookup(struct srmig_vm_key *vm, __u32 generation)
+{
+	__u32 set = set_of(vm->addr, SRMIG_VM_COPIES), other = set + 1;
+	struct table_copy *w0 = vm_copies.lookup(&set), *w1 = vm_copies.lookup(&other), *c;
+	struct srmig_vm_value *entry;
+
+	if (!w0 || !w1)
+		return NULL; /* never: both indexes are in range */
+	c = copy_find(w0, w1, vm->addr, generation);
+	if (!c) {
+		entry = vm_table.lookup(vm);
+		c = copy_fill(w0, w1, vm->addr, generation, entry != NULL);
+		if (entry)
+			c->vm = *entry;
+	}
+	return c->found == COPY_PRESENT ? &c->vm : NULL;
+}
+
 /* RFC 8754 5.1: an SR domain's nodes drop packets addressed to their SIDs that come from outside it. Off
  * (every source accepted) while userspace counts no prefix: one array read, no trie walk. An empty trie
  * with a non-zero count drops everything: fail closed. */
@@ -527,10 +462,8 @@ int srmig_xdp(struct xdp_md *ctx)
 	__u32 bytes = data_end - data;
 	struct hdr_cursor nh = { .pos = data };
 	struct pkt p = { .verdict = SRMIG_VERDICT_PASS };
-	struct srmig_sid_value *sid, *sid_entry;
-	struct srmig_sid_key sid_key;
-	__u32 gen_key = SRMIG_META_TABLE_GENERATION, generation, set, other;
-	struct table_copy *w0, *w1, *c;
+	struct srmig_sid_value *sid;
+	__u32 gen_key = SRMIG_META_TABLE_GENERATION, generation;
 	__u32 *gen;
 	struct srmig_vm_key vm_key;
 	struct srmig_vm_value *vm;
@@ -546,25 +479,12 @@ int srmig_xdp(struct xdp_md *ctx)
 	if (nexthdr < 0)
 		goto out; /* truncated IPv6 we never claimed: the kernel judges it */
 
+	/* Read once, before any lookup: a packet that starts after userspace's bump sees its write. */
 	gen = meta.lookup(&gen_key);
 	generation = gen ? *gen : 0;
-	set = set_of(&p.ip6h->daddr, SRMIG_SID_COPIES);
-	other = set + 1;
-	w0 = sid_copies.lookup(&set);
-	w1 = sid_copies.lookup(&other);
-	if (!w0 || !w1)
-		goto out; /* never: both indexes are in range */
-	c = copy_find(w0, w1, &p.ip6h->daddr, generation);
-	if (!c) {
-		__builtin_memcpy(sid_key.addr, &p.ip6h->daddr, 16);
-		sid_entry = sid_table.lookup(&sid_key);
-		c = copy_fill(w0, w1, sid_key.addr, generation, sid_entry != NULL);
-		if (sid_entry)
-			c->sid = *sid_entry;
-	}
-	if (c->found != COPY_PRESENT)
+	sid = sid_lookup(&p.ip6h->daddr, generation);
+	if (!sid)
 		goto out; /* not one of our SIDs: untouched */
-	sid = &c->sid;
 	is_ours = 1;
 	slot = sid->stats_slot;
 	action = XDP_DROP;
@@ -595,10 +515,7 @@ int srmig_xdp(struct xdp_md *ctx)
 	}
 
 	if (sid->behaviour == SRMIG_BEH_END) {
-		p.reason = advance_nextseg(p.ip6h, p.srh, data_end);
-		if (p.reason)
-			goto out;
-		action = forward(ctx, &p);
+		action = end(ctx, &p);
 		goto out;
 	}
 
@@ -615,25 +532,11 @@ int srmig_xdp(struct xdp_md *ctx)
 	}
 	p.outer_len = (void *)p.inner - (void *)p.ip6h;
 	__builtin_memcpy(vm_key.addr, &p.inner->daddr, 16);
-	set = set_of(vm_key.addr, SRMIG_VM_COPIES);
-	other = set + 1;
-	w0 = vm_copies.lookup(&set);
-	w1 = vm_copies.lookup(&other);
-	if (!w0 || !w1)
-		goto out; /* never: both indexes are in range */
-	c = copy_find(w0, w1, vm_key.addr, generation);
-	if (!c) {
-		struct srmig_vm_value *vm_entry = vm_table.lookup(&vm_key);
-
-		c = copy_fill(w0, w1, vm_key.addr, generation, vm_entry != NULL);
-		if (vm_entry)
-			c->vm = *vm_entry;
-	}
-	if (c->found != COPY_PRESENT) {
+	vm = vm_lookup(&vm_key, generation);
+	if (!vm) {
 		p.reason = SRMIG_DROP_UNKNOWN_VM;
 		goto out;
 	}
-	vm = &c->vm;
 
 	switch (sid->behaviour) {
 	case SRMIG_BEH_END_S:
