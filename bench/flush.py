@@ -50,7 +50,6 @@ Two shared cores: numbers vary run to run; compare methods within one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import os
@@ -66,8 +65,8 @@ from srmig.ctl.encap import encapsulate_packet
 from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
 from srmig.dataplane.abi import Behaviour, VmState
 from srmig.testbed import qemu
-from srmig.testbed.lab import xdp_on
-from srmig.testbed.netns import Topology, inside
+from srmig.testbed.lab import NamespaceLab, xdp_on
+from srmig.testbed.netns import inside
 
 TAP = "vmtap"
 VM = "2001:db8:100::10"
@@ -103,22 +102,13 @@ def ether(packets: list[bytes]) -> list[bytes]:
     return [eth + p for p in packets]
 
 
-class FlushLab:
+class FlushLab(NamespaceLab):
     """Namespaces H (the VM's tap, read by an fd we hold) and S (the fabric peer), always cleaned up."""
 
     def __init__(self, qlen: int):
-        self.topo = Topology(tag=f"{os.getpid()}-fl")
+        super().__init__(f"{os.getpid()}-fl")
         self.qlen = qlen
         self.tap_fd = -1
-        self._stack = contextlib.ExitStack()
-
-    def start(self) -> FlushLab:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _build(self) -> None:
         t = self.topo
@@ -165,15 +155,7 @@ class FlushLab:
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        self.topo.close()
-
-    def __enter__(self) -> FlushLab:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
 
 
 # One function per method: given the held buffer (inner IPv6 packets), send it; returns (seconds, dropped

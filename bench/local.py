@@ -94,7 +94,7 @@ from srmig import check
 from srmig.ctl import ingress
 from srmig.dataplane import libbpf, loader
 from srmig.dataplane.abi import Behaviour, VmState
-from srmig.testbed.lab import encap_on, xdp_on
+from srmig.testbed.lab import NamespaceLab, encap_on, xdp_on
 from srmig.testbed.netns import Topology, inside
 from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner
 
@@ -466,7 +466,7 @@ class LiveGenerator:
         self.bpf.cleanup()
 
 
-class LocalBench:
+class LocalBench(NamespaceLab):
     """The gen -> DUT -> sink topology; `configure(path)` then `trial(rate, duration)`. Always cleaned up.
 
     `generator`: "live" runs live frames where the kernel permits them, else trafgen (pick_generator());
@@ -476,6 +476,7 @@ class LocalBench:
 
     def __init__(self, mode: str = "native", flows: int = 16, frame_size: int | None = None,
                  generator: str = "trafgen", kernel_srv6: tuple[bool, str] | None = None):
+        super().__init__(f"{os.getpid()}-bl")
         self.generator, self.live_frames = pick_generator(generator)
         self.kernel_srv6 = kernel_srv6 if kernel_srv6 is not None else check.kernel_srv6()
         self.paths = tuple(p for p in PATHS if self.kernel_srv6[0] or p not in KERNEL_PATHS)
@@ -484,21 +485,11 @@ class LocalBench:
         self.frame_size = frame_size
         self.live: LiveGenerator | None = None
         self.size: str | None = None
-        self.topo = Topology(tag=f"{os.getpid()}-bl")
-        self._stack = contextlib.ExitStack()
         self._tmp = Path(tempfile.mkdtemp(prefix="srmig-bench-"))
         self.path: str | None = None
         self.notes: list[str] = []
 
     # setup ----------------------------------------------------------------------------------------------
-
-    def start(self) -> LocalBench:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
 
     def _build(self) -> None:
         t = self.topo
@@ -797,16 +788,8 @@ class LocalBench:
         subprocess.run(argv, capture_output=True, timeout=n / rate_pps * 3 + 5, check=True)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        self.topo.close()
+        super().close()
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> LocalBench:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # hold-ring flush ------------------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ delivered count show the data really went through both programs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -40,8 +39,7 @@ from typing import Callable
 
 from srmig.ctl import ingress
 from srmig.dataplane.abi import Behaviour, VmState
-from srmig.testbed.lab import encap_on, steer, xdp_on
-from srmig.testbed.netns import Topology
+from srmig.testbed.lab import NamespaceLab, encap_on, steer, xdp_on
 
 ING_ADDR = "2001:db8:f::1"
 HOST_ADDR = "2001:db8:f::2"
@@ -55,20 +53,11 @@ XDP_MODE = "generic"
 _labs = itertools.count()
 
 
-class TcpLab:
+class TcpLab(NamespaceLab):
     """ing -> host -> vm with srmig's H.Encaps on ing and srmig's End.DX6-map on host; always cleaned up."""
 
     def __init__(self):
-        self.topo = Topology(tag=f"{os.getpid()}-tcp{next(_labs)}")  # two labs may live at once
-        self._stack = contextlib.ExitStack()
-
-    def start(self) -> TcpLab:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
+        super().__init__(f"{os.getpid()}-tcp{next(_labs)}")  # two labs may live at once
 
     def _build(self) -> None:
         t = self.topo
@@ -148,16 +137,6 @@ class TcpLab:
         return {"sent_bytes": sent, "received_bytes": got["bytes"], "seconds": round(secs, 4) if secs else None,
                 "gbps": round(got["bytes"] * 8 / secs / 1e9, 3) if secs else None, "error": got["error"]}
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        self.topo.close()
-
-    def __enter__(self) -> TcpLab:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def measure(lab: TcpLab, encap: bool, max_bytes: int, max_s: float) -> dict:

@@ -123,6 +123,37 @@ class TestRunLab:
         self.close()
 
 
+class NamespaceLab:
+    """Namespaces that `_build()` sets up on `self.topo`, with an ExitStack for what is loaded into them; torn
+    down by close(), also when building fails. A subclass adds to close() whatever else it holds."""
+
+    def __init__(self, tag: str):
+        self.topo = Topology(tag=tag)
+        self._stack = contextlib.ExitStack()
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        self.topo.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
 def xdp_on(topo: Topology, role: str, ifname: str | tuple[str, ...], mode: str = "generic",
            limits: loader.Limits | None = None):
