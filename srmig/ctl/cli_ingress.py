@@ -58,7 +58,7 @@ def cmd_ingress(args) -> int:
             encap.set(args.vm, args.segments, source=args.src, reduced=args.reduced)
             if args.via:
                 with IPRoute() as ipr:
-                    ingress.route_vm(ipr, args.vm, args.via, _ifindex(ipr, args.dev))
+                    ingress.route_vm(ipr, args.vm, args.via, loader._ifindex(ipr, args.dev))
             entry = next(e for e in encap.entries() if e.vm == _norm(args.vm))
             _emit(args, entry.to_dict())
         elif args.action == "del":
@@ -87,13 +87,6 @@ def _norm(vm: str) -> str:
     import ipaddress  # noqa: PLC0415
 
     return str(ipaddress.IPv6Address(vm))
-
-
-def _ifindex(ipr, name: str) -> int:
-    idx = ipr.link_lookup(ifname=name)
-    if not idx:
-        raise ValueError(f"no interface {name!r} here")
-    return idx[0]
 
 
 def add_parsers(sub) -> None:

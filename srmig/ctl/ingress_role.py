@@ -111,11 +111,12 @@ class IngressRole:
                 self.apply_ms = (self.apply_ms + [(time.monotonic() - t0) * 1000])[-1000:]
 
     def status(self) -> dict:
+        # The counters outside the lock: reading the maps must not hold up applying a version.
+        counters = self.encap.outcomes() if self.encap is not None else {}
         with self._lock:
             return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
                     "errors": self.errors, "last_error": self.last_error,
-                    "applied": dict(sorted(self.applied.items())),
-                    "counters": self.encap.stats()["counters"] if self.encap is not None else {}}
+                    "applied": dict(sorted(self.applied.items())), "counters": counters}
 
     def close(self) -> None:
         """The program, its maps and the routes stay: traffic keeps its lists while no agent runs."""
