@@ -47,44 +47,70 @@ VM_UNKNOWN = "2001:db8:100::99"
 RTN_UNREACHABLE = 7
 
 
-class TestRunLab:
-    __test__ = False  # not a pytest class
+class NamespaceLab:
+    """Namespaces that `_build()` sets up on `self.topo`, with an ExitStack for what is loaded into them; torn
+    down by close(), also when building fails. A subclass adds to close() whatever else it holds."""
 
-    def __init__(self, limits: loader.Limits | None = None):
-        self.limits = limits or loader.Limits()
-        self.topo = Topology()
-        self.dp: Dataplane | None = None
-        self.prog_fd = -1
+    def __init__(self, tag: str | None = None):
+        self.topo = Topology(tag=tag) if tag else Topology()
+        self._stack = contextlib.ExitStack()
 
-    def start(self) -> TestRunLab:
-        t = self.topo
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
         try:
-            t.add_host("lab")
-            t.add_host("fab")
-            t.add_host("vm")
-            t.link("lab", "fab0", "fab", "up0", a_addr="2001:db8:f::1/64", a_mac=FAB_MAC, b_mac=FAB_PEER_MAC)
-            t.link("lab", "vm0", "vm", "eth0", a_mac=GW_MAC, b_mac=VM_MAC)
-            for locator in ("fc00:0:2::/48", "fc00:0:3::/48"):
-                t.route("lab", locator, gateway=FAB_PEER, oif="fab0")
-            t.neigh("lab", "fab0", FAB_PEER, FAB_PEER_MAC)
-            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED, VM_NO_NEIGH):
-                t.route("lab", vm + "/128", oif="vm0")
-            for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED):
-                t.neigh("lab", "vm0", vm, VM_MAC)
-            with t.ipr("lab") as ipr:
-                ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
-            self.fab_ifindex = t.ifindex("lab", "fab0")
-            self.vm_ifindex = t.ifindex("lab", "vm0")
-            with t.inside("lab"):
-                loaded = loader.load_pinned_or_compile(self.limits)
-                self.prog_fd = loaded.prog_fd
-                self.pin_dir = loaded.pin_dir
-                self.dp = Dataplane(loaded.pin_dir)
-            self._provision()
+            self._build()
         except BaseException:
             self.close()
             raise
         return self
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        self.topo.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TestRunLab(NamespaceLab):
+    __test__ = False  # not a pytest class
+
+    def __init__(self, limits: loader.Limits | None = None):
+        super().__init__()
+        self.limits = limits or loader.Limits()
+        self.dp: Dataplane | None = None
+        self.prog_fd = -1
+
+    def _build(self) -> None:
+        t = self.topo
+        t.add_host("lab")
+        t.add_host("fab")
+        t.add_host("vm")
+        t.link("lab", "fab0", "fab", "up0", a_addr="2001:db8:f::1/64", a_mac=FAB_MAC, b_mac=FAB_PEER_MAC)
+        t.link("lab", "vm0", "vm", "eth0", a_mac=GW_MAC, b_mac=VM_MAC)
+        for locator in ("fc00:0:2::/48", "fc00:0:3::/48"):
+            t.route("lab", locator, gateway=FAB_PEER, oif="fab0")
+        t.neigh("lab", "fab0", FAB_PEER, FAB_PEER_MAC)
+        for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED, VM_NO_NEIGH):
+            t.route("lab", vm + "/128", oif="vm0")
+        for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED):
+            t.neigh("lab", "vm0", vm, VM_MAC)
+        with t.ipr("lab") as ipr:
+            ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
+        self.fab_ifindex = t.ifindex("lab", "fab0")
+        self.vm_ifindex = t.ifindex("lab", "vm0")
+        with t.inside("lab"):
+            loaded = loader.load_pinned_or_compile(self.limits)
+            self.prog_fd = loaded.prog_fd
+            self.pin_dir = loaded.pin_dir
+            self.dp = Dataplane(loaded.pin_dir)
+        self._provision()
 
     def _provision(self) -> None:
         dp = self.dp
@@ -114,44 +140,7 @@ class TestRunLab:
             self.prog_fd = -1
         if getattr(self, "pin_dir", None):
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-        self.topo.close()
-
-    def __enter__(self) -> TestRunLab:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class NamespaceLab:
-    """Namespaces that `_build()` sets up on `self.topo`, with an ExitStack for what is loaded into them; torn
-    down by close(), also when building fails. A subclass adds to close() whatever else it holds."""
-
-    def __init__(self, tag: str):
-        self.topo = Topology(tag=tag)
-        self._stack = contextlib.ExitStack()
-
-    def _build(self) -> None:
-        raise NotImplementedError
-
-    def start(self):
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        self.topo.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().close()
 
 
 @contextlib.contextmanager
