@@ -7,6 +7,7 @@ has: the BPF program and its maps outlive the agent, so traffic keeps flowing wh
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -42,7 +43,8 @@ class IngressRole:
         if self.cfg.encap == "kernel":
             self.encap = ingress.KernelEncap(self.cfg.gateway, self.oif, self.ipr)
         else:
-            loader.load_encap(self.cfg.interface)  # the pinned program, or compiled the first time
+            loaded = loader.load_encap(self.cfg.interface)  # the pinned program, or compiled the first time
+            os.close(loaded.prog_fd)  # the pin and the filter keep it; we only write its maps
             self.encap = ingress.BpfEncap(source=self.cfg.source or self._interface_address())
         records, rev = self.db.vms()
         self._apply(records)
