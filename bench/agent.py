@@ -28,8 +28,8 @@ from srmig.ctl import config, statedb
 from srmig.ctl.agent import Agent, Domain, metadata_xml
 from srmig.ctl.phases import HostSids
 from srmig.ctl.vmdb import VmDb
-from srmig.dataplane import loader
-from srmig.dataplane.abi import VmState
+from srmig.bpf import loader
+from srmig.bpf.abi import VmState
 from srmig.testbed import lab as L
 
 TARGET_EVENT_P99_MS = 1.0

@@ -63,7 +63,7 @@ from typing import Callable
 from bench.tx_ring import TxRingSender
 from srmig.ctl.encap import encapsulate_packet
 from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed import qemu
 from srmig.testbed.lab import NamespaceLab, xdp_on
 from srmig.testbed.netns import inside

@@ -92,8 +92,8 @@ from scapy.layers.l2 import Ether
 from bench import search as S
 from srmig import check
 from srmig.ctl import ingress
-from srmig.dataplane import libbpf, loader
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf import libbpf, loader
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.lab import NamespaceLab, encap_on, xdp_on
 from srmig.testbed.netns import Topology, inside
 from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner

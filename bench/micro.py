@@ -16,11 +16,14 @@ import ipaddress
 import statistics
 import sys
 import time
+from pathlib import Path
 
-from srmig.dataplane import abi, libbpf, loader
-from srmig.dataplane.abi import VmState
+from srmig.bpf import abi, libbpf, loader
+from srmig.bpf.abi import VmState
 from srmig.testbed import lab as L
 from srmig.testbed.packets import h_encaps, inner
+
+STUB_C = Path(__file__).resolve().parent / "xdp_stub.c"  # XDP_PASS: the baseline of every run
 
 TARGET_EXTRA_NS = 35
 TARGET_SCALE_RATIO = 1.2
@@ -86,7 +89,7 @@ def run(vms: int = 1_000_000, runs: int = 3000, progress: bool = True) -> dict:
             got = lab.run(pkt).action
             if got != EXPECTED[name]:
                 raise RuntimeError(f"bench packet {name} took {got}, expected {EXPECTED[name]}")
-        stub, stub_fd = loader.compile_program(abi.EBPF_DIR / "stub.c", "xdp_stub")
+        stub, stub_fd = loader.compile_program(STUB_C, "xdp_stub")
         fds = {name: lab.prog_fd for name in packets} | {"stub": stub_fd}
         timed = packets | {"stub": packets["end_s_deliver"]}
         try:

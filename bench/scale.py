@@ -5,7 +5,7 @@ in the same run). The map is grown in place between steps, so one lab serves eve
 from __future__ import annotations
 
 from bench import micro
-from srmig.dataplane import abi, loader
+from srmig.bpf import loader
 from srmig.testbed import lab as L
 
 COUNTS = (10, 1_000, 1_000_000)
@@ -20,7 +20,7 @@ def run(counts: tuple[int, ...] = COUNTS, runs: int = 1000, progress: bool = Fal
             got = lab.run(pkt).action
             if got != micro.EXPECTED[name]:
                 raise RuntimeError(f"bench packet {name} took {got}, expected {micro.EXPECTED[name]}")
-        stub, stub_fd = loader.compile_program(abi.EBPF_DIR / "stub.c", "xdp_stub")
+        stub, stub_fd = loader.compile_program(micro.STUB_C, "xdp_stub")
         try:
             fds = {name: lab.prog_fd for name in packets} | {"stub": stub_fd}
             timed = packets | {"stub": packets["end_s_deliver"]}

@@ -38,7 +38,7 @@ import time
 from typing import Callable
 
 from srmig.ctl import ingress
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.lab import NamespaceLab, encap_on, steer, xdp_on
 
 ING_ADDR = "2001:db8:f::1"

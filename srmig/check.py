@@ -173,7 +173,7 @@ BPF_MAP_TYPE_RINGBUF = 27
 BPF_FUNC_ringbuf_query = 134
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK = 0
-XDP_FLAGS_REPLACE = 16  # the other XDP_FLAGS_* are in srmig.dataplane.loader
+XDP_FLAGS_REPLACE = 16  # the other XDP_FLAGS_* are in srmig.bpf.loader
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -255,7 +255,7 @@ def _try_srv6(ns: str) -> tuple[bool, str]:
 # --- the probes: each returns {key: (ok, detail)} ---------------------------------------------------------
 
 def _kernel_headers() -> dict[str, Result]:
-    from srmig.dataplane import loader  # noqa: PLC0415
+    from srmig.bpf import loader  # noqa: PLC0415
 
     try:
         src = loader.kernel_source()  # None: the running kernel's own headers, bcc's default
@@ -288,7 +288,7 @@ def _xdp(ns: str, veth: str, interface: str | None) -> dict[str, Result]:
     of the scratch namespace. A program already attached is never replaced: it proves its own mode only."""
     from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
 
-    from srmig.dataplane import loader  # noqa: PLC0415
+    from srmig.bpf import loader  # noqa: PLC0415
 
     where = interface or "a veth"
     out = {}
@@ -390,7 +390,7 @@ def _pidfd_getfd() -> dict[str, Result]:
 def _live_frames(ns: str, veth: str) -> dict[str, Result]:
     from pyroute2 import netns  # noqa: PLC0415
 
-    from srmig.dataplane import libbpf  # noqa: PLC0415
+    from srmig.bpf import libbpf  # noqa: PLC0415
 
     with _fds() as fds:
         fds.append(_prog_load(BPF_PROG_TYPE_XDP, _returns(XDP_DROP)))

@@ -51,13 +51,13 @@ def _emit(args, obj, rows=None, columns=None) -> None:
 
 
 def _dataplane():
-    from srmig.ctl.dataplane import Dataplane
+    from srmig.ctl.maps import Dataplane
 
     return Dataplane()
 
 
 def cmd_load(args) -> int:
-    from srmig.dataplane import loader
+    from srmig.bpf import loader
 
     limits = loader.Limits(max_sids=args.max_sids, max_vms=args.max_vms, hold_ring_pages=args.hold_ring_pages)
     loaded = loader.load(args.iface, args.mode, limits)
@@ -67,7 +67,7 @@ def cmd_load(args) -> int:
 
 
 def cmd_unload(args) -> int:
-    from srmig.dataplane import loader
+    from srmig.bpf import loader
 
     _emit(args, loader.unload(args.iface))
     return 0
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from srmig.dataplane.loader import LoaderError
+    from srmig.bpf.loader import LoaderError
 
     try:
         if args.netns:

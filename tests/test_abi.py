@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from srmig.dataplane import abi
+from srmig.bpf import abi
 
 STRUCTS = sorted(abi.ffi.list_types()[1])
 
@@ -39,7 +39,7 @@ def _compile_reporting_defines(tmp_path, source: str, func: str, prog_type: str 
     appended per ABI #define whose size is that define's value in the program: what the compiled program uses after
     its own includes and defines and the loader's -D flags, not the header's text. A constant both sides
     read from one literal cannot disagree; one the program's compile changes can."""
-    from srmig.dataplane import loader
+    from srmig.bpf import loader
 
     src = tmp_path / source  # its own includes resolve through the loader's -I
     src.write_text((abi.EBPF_DIR / source).read_text() +
@@ -49,7 +49,7 @@ def _compile_reporting_defines(tmp_path, source: str, func: str, prog_type: str 
 
 def _check_defines(b) -> None:
     """The sizes the kernel gave those maps (bpf_obj_get_info_by_fd) equal cffi's values."""
-    from srmig.dataplane import libbpf
+    from srmig.bpf import libbpf
 
     want = _cffi_defines()
     assert {"SRMIG_ABI_VERSION", "SRMIG_HOLD_SNAPLEN", "SRMIG_VM_F_PARK", "SRMIG_ENCAP_SRH_MAX"} <= set(want)

@@ -17,7 +17,7 @@ def _ingress_agent(tmp_path, db_section: str):
     socket in tmp_path. Its H.Encaps program lives in that namespace; its pins are removed at the end."""
     import shutil
 
-    from srmig.dataplane import loader
+    from srmig.bpf import loader
     from srmig.testbed.netns import Topology
 
     with Topology() as topo:

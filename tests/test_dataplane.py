@@ -17,7 +17,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting
 from scapy.layers.l2 import Ether
 
-from srmig.dataplane.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT
+from srmig.bpf.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from srmig.testbed import lab as L
 from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner
 
@@ -259,7 +259,7 @@ def test_ring_first_parks_behind_unsent_records(lab):
     record not yet consumed (read but not committed counts as not consumed), and is forwarded once the ring
     is empty; without the flag, AWAY forwards whatever the ring holds. Same at End.DX6-map."""
     from srmig.ctl.drain import hold_ring_reader, read_hold_packets
-    from srmig.dataplane.abi import VmState
+    from srmig.bpf.abi import VmState
 
     vm = "2001:db8:100::77"
     to_s = [bytes(h_encaps(S_PATH, inner(vm, payload=f"s-{i}".encode()), dst_mac=L.FAB_MAC)) for i in range(8)]
@@ -300,7 +300,7 @@ def test_ring_first_parks_behind_unsent_records(lab):
 def test_shadow_copies_what_is_delivered(lab):
     """With the shadow flag, every packet delivered to the VM is also copied, decapsulated, to the shadow
     ring; the delivery itself is unchanged. Without it, nothing is copied."""
-    from srmig.dataplane.abi import VmState
+    from srmig.bpf.abi import VmState
 
     pkt = encaps(S_PATH, L.VM_RUNNING)()
     records = []
@@ -336,8 +336,8 @@ def test_table_copies_follow_every_write(lab):
     write bumps: each write is seen by the next packet, absent keys included (a VM or SID added after a packet
     missed it). A write to the map alone, without the bump, is not seen while a copy stands: that is the copy
     on the packet's path, and why every writer must go through Dataplane."""
-    from srmig.ctl.dataplane import ffi
-    from srmig.dataplane.abi import Behaviour, VmState
+    from srmig.ctl.maps import ffi
+    from srmig.bpf.abi import Behaviour, VmState
 
     vm, sid = "2001:db8:100::78", "fc00:0:1::55"
     to_s = encaps(S_PATH, vm)()
@@ -381,8 +381,8 @@ def test_generation_bumps_never_collide(lab):
     and no bump is lost: a generation written twice could make an outdated copy current again."""
     import threading
 
-    from srmig.ctl.dataplane import Dataplane, ffi
-    from srmig.dataplane import abi
+    from srmig.ctl.maps import Dataplane, ffi
+    from srmig.bpf import abi
 
     key = ffi.new("uint32_t *", abi.META_TABLE_GENERATION)
     start = lab.dp.meta.lookup(key)
@@ -400,7 +400,7 @@ def test_generation_bumps_never_collide(lab):
 
 
 def _domain_count(dp) -> int:
-    from srmig.ctl.dataplane import META_DOMAIN_PREFIXES, ffi
+    from srmig.ctl.maps import META_DOMAIN_PREFIXES, ffi
 
     return dp.meta.lookup(ffi.new("uint32_t *", META_DOMAIN_PREFIXES))
 
@@ -434,7 +434,7 @@ def test_sr_domain_operations(lab):
 
 def test_sr_domain_full(lab):
     """The trie holds Limits.max_domain_prefixes; one more is a clear error, and the count stays right."""
-    from srmig.dataplane.loader import Limits
+    from srmig.bpf.loader import Limits
 
     dp = lab.dp
     n = Limits().max_domain_prefixes

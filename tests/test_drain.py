@@ -121,7 +121,7 @@ class _NoRing:
 
 def _shadow(times_ms: list[float]) -> tuple[swallow.ShadowLog, list[bytes]]:
     """A shadow log of one frame delivered at each of `times_ms` (ms on the monotonic clock), in order."""
-    from srmig.ctl.dataplane import HoldRecord
+    from srmig.ctl.maps import HoldRecord
 
     log = swallow.ShadowLog(_NoRing())
     packets = [f"frame-{i}".encode() for i in range(len(times_ms))]

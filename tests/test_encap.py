@@ -22,8 +22,8 @@ import pytest
 
 from srmig.ctl import ingress
 from srmig.ctl.ingress import BpfEncap
-from srmig.dataplane import libbpf, loader
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf import libbpf, loader
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.lab import encap_on, steer, xdp_on
 
 SRMIG = [sys.executable, "-m", "srmig"]

@@ -242,7 +242,7 @@ def test_a_drain_killed_mid_send_is_not_sent_twice():
     restarted agent sent 109 probes twice), the records it had handed to the kernel stay in the ring; the
     ring's sent mark says so, and the next drain consumes them without sending them again."""
     from srmig.ctl.drain import SourceDrain, hold_ring_reader, read_hold_packets
-    from srmig.dataplane import libbpf
+    from srmig.bpf import libbpf
     from srmig.testbed import lab as L
     from srmig.testbed.packets import h_encaps, inner
 
@@ -284,7 +284,7 @@ def test_hold_ring_bulk_read_keeps_order_across_the_wrap():
     """read_hold_packets (the drain's bulk reader) returns exactly the held packets, in order, also when
     records wrap around the end of the ring (two fills of 5000 in a ring of ~8000 records)."""
     from srmig.ctl.drain import hold_ring_reader, read_hold_packets
-    from srmig.dataplane import libbpf
+    from srmig.bpf import libbpf
     from srmig.testbed import lab as L
     from srmig.testbed.packets import h_encaps, inner
 

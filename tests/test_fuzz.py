@@ -22,7 +22,7 @@ from collections import Counter
 
 import pytest
 
-from srmig.dataplane import libbpf
+from srmig.bpf import libbpf
 from srmig.testbed import lab as L
 from srmig.testbed import refmodel as M
 from srmig.testbed.packets import h_encaps, inner

@@ -35,8 +35,8 @@ import sys
 
 import pytest
 
-from srmig.dataplane import loader
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf import loader
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed import netns, qemu
 from srmig.testbed.lab import xdp_on
 from srmig.testbed.srv6_peer import KernelSrv6Guest

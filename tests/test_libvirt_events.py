@@ -16,7 +16,7 @@ import pytest
 from srmig.ctl.libvirt_events import translate
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, StartGrace, Unpark
 from srmig.ctl.phases import HostSids, Phase
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "libvirt"
 S = HostSids("S", dx6="fc00:0:1::d6", end_s="fc00:0:1::5", sbuf="fc00:0:1::b")

@@ -8,7 +8,7 @@ import pytest
 
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, StartGrace, Unpark
 from srmig.ctl.phases import HostSids
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 
 S = HostSids("S", dx6="fc00:0:1::d6", end_s="fc00:0:1::5", sbuf="fc00:0:1::b")
 D = HostSids("D", dx6="fc00:0:2::d6", end_s="fc00:0:2::5", sbuf="fc00:0:2::b")

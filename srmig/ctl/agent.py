@@ -36,7 +36,7 @@ from srmig.ctl.machine import (DelVm, Drain, Ev, KeepTap, Machine, Migration, Pu
                                Unpark)
 from srmig.ctl.phases import HostSids, Phase
 from srmig.ctl.vmdb import VmDb, VmRecord
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 
 log = logging.getLogger("srmig.agent")
 XMLNS = "urn:srmig:vm:1"
@@ -216,9 +216,9 @@ class Agent:
         threading.Thread(target=self._db_connector, name="db-connect", daemon=True).start()
 
     def _load_dataplane(self) -> None:
-        from srmig.ctl.dataplane import Dataplane  # noqa: PLC0415
-        from srmig.dataplane import loader  # noqa: PLC0415
-        from srmig.dataplane.abi import Behaviour  # noqa: PLC0415
+        from srmig.ctl.maps import Dataplane  # noqa: PLC0415
+        from srmig.bpf import loader  # noqa: PLC0415
+        from srmig.bpf.abi import Behaviour  # noqa: PLC0415
 
         h = self.cfg.host
         loaded = loader.load(h.fabric, h.xdp_mode, loader.Limits(hold_ring_pages=h.hold_ring_pages))

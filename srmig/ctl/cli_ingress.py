@@ -41,7 +41,7 @@ def cmd_ingress(args) -> int:
     from pyroute2 import IPRoute  # noqa: PLC0415
 
     from srmig.ctl import ingress  # noqa: PLC0415
-    from srmig.dataplane import loader  # noqa: PLC0415
+    from srmig.bpf import loader  # noqa: PLC0415
 
     if args.action == "load":
         loaded = loader.load_encap(args.iface)

@@ -22,8 +22,8 @@ from srmig.ctl.encap import decapsulate, encapsulate, encapsulate_packet
 from srmig.ctl.senders import PacketSender, RawSender
 from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
-from srmig.dataplane import libbpf
-from srmig.dataplane.abi import VmState
+from srmig.bpf import libbpf
+from srmig.bpf.abi import VmState
 
 RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
                                  # to arrive (counted at its End.SBUF) while none arrives, before it delivers

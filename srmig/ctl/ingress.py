@@ -24,8 +24,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from srmig.ctl.dataplane import _addr, _str
-from srmig.dataplane import abi, libbpf, loader
+from srmig.ctl.maps import _addr, _str
+from srmig.bpf import abi, libbpf, loader
 
 ffi = libbpf.ffi
 _consts = abi.ffi.dlopen(None)

@@ -16,7 +16,7 @@ import ipaddress
 from pyroute2 import IPRoute
 
 from srmig.ctl import ingress
-from srmig.dataplane import loader
+from srmig.bpf import loader
 from srmig.ctl.config import IngressConfig
 from srmig.ctl.vmdb import VmDb, VmRecord
 

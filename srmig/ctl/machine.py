@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from srmig.ctl.phases import HostSids, Phase, plan
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 
 
 class Ev(enum.Enum):

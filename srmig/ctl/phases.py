@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 
 
 class Phase(enum.Enum):

@@ -29,7 +29,7 @@ struct nh_cache {
 /* Copies of sid_table and vm_table entries, per CPU: a hash map lookup with a 16-byte key costs ~35 ns here
  * (jhash, bucket walk, key compare) and a packet for a VM needs two, where a 2-way cache in a per-CPU array
  * is inlined by the verifier. A copy is trusted only at the generation it was made at: userspace bumps
- * meta[SRMIG_META_TABLE_GENERATION] after every write to either table (srmig/ctl/dataplane.py), and a packet
+ * meta[SRMIG_META_TABLE_GENERATION] after every write to either table (srmig/ctl/maps.py), and a packet
  * reads the generation once, before any lookup it may copy. So a packet that starts after the bump sees the
  * write, as it would without the cache (one in flight during an update may see either, as with RCU). */
 struct table_copy {

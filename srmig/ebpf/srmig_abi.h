@@ -1,6 +1,6 @@
 /* srmig ABI: everything userspace sees of the XDP program (map keys and values, enums, drop reasons).
  *
- * srmig/dataplane/abi.py feeds the region between BEGIN ABI and END ABI to cffi, so Python uses these very
+ * srmig/bpf/abi.py feeds the region between BEGIN ABI and END ABI to cffi, so Python uses these very
  * declarations; tests/test_abi.py compiles them with the C compiler and compares sizes and offsets.
  * Keep the region to plain structs, enums and integer #defines.
  * Numbering is append-only: never renumber, never reuse a retired value.

@@ -12,10 +12,10 @@ import os
 import shutil
 
 from srmig.ctl import ingress
-from srmig.ctl.dataplane import Dataplane
+from srmig.ctl.maps import Dataplane
 from srmig.ctl.ingress import BpfEncap
-from srmig.dataplane import libbpf, loader
-from srmig.dataplane.abi import Behaviour, VmState
+from srmig.bpf import libbpf, loader
+from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.netns import Topology
 
 # This host (H) and the next one (D), each an SRv6 locator /48.

@@ -17,7 +17,7 @@ from srmig.ctl.phases import Phase, plan
 from srmig.ctl.ingress import BpfEncap
 from srmig.ctl.swallow import ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
-from srmig.dataplane.abi import VmState
+from srmig.bpf.abi import VmState
 from srmig.testbed.lab import encap_on, steer
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 

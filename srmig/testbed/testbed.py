@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from srmig.ctl.dataplane import Dataplane
+from srmig.ctl.maps import Dataplane
 from srmig.ctl.phases import HostSids
-from srmig.dataplane.abi import Behaviour
+from srmig.bpf.abi import Behaviour
 from srmig.testbed.lab import encap_on, steer, xdp_on
 from srmig.testbed.netns import Topology
 from srmig.testbed.qemu import GATEWAY_LL, GATEWAY_MAC, configure_host_tap

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from cffi import FFI
 
-from srmig.dataplane import abi
+from srmig.bpf import abi
 
 ffi = FFI()
 ffi.include(abi.ffi)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from srmig.dataplane import abi, libbpf
+from srmig.bpf import abi, libbpf
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = Path(os.environ.get("SRMIG_PIN_ROOT", BPFFS / "srmig"))

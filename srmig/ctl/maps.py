@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from srmig.dataplane import abi, libbpf, loader
-from srmig.dataplane.abi import Behaviour, DropReason, Verdict, VmState
+from srmig.bpf import abi, libbpf, loader
+from srmig.bpf.abi import Behaviour, DropReason, Verdict, VmState
 
 ffi = libbpf.ffi
 META_DOMAIN_PREFIXES: int = abi.ffi.typeof("enum srmig_meta").relements["SRMIG_META_DOMAIN_PREFIXES"]
