@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from importlib.metadata import entry_points
 
 EPILOG = """\
 examples (as root):
@@ -159,60 +161,38 @@ def cmd_check(args) -> int:
     return 1
 
 
-def cmd_bench(args) -> int:
-    from bench import micro
-
-    result = micro.run(vms=args.vms, runs=args.runs, progress=not args.json)
-    if args.json:
-        _emit(args, result)
-    else:
-        micro.print_table(result)
-    return 0
+# Commands that are not the product's (`srmig demo`: the lab; `srmig bench`: the benchmarks) come from providers
+# declared as entry points in this group (pyproject.toml), so that the product never imports them: each entry
+# point is named after the command it adds and names a function register(sub) that adds its parser(s) to the
+# srmig subparsers and sets func.
+COMMANDS_GROUP = "srmig.commands"
 
 
-def cmd_bench_all(args) -> int:
-    """`srmig bench` without a sub-benchmark: everything, one JSON document (bench/report.py)."""
-    from bench import local, report
+def add_provided_commands(sub) -> None:
+    """Register every provider of COMMANDS_GROUP, in name order (a stable --help).
 
-    parts = tuple(p for item in args.only for p in item.split(",") if p) or report.PARTS
-    unknown = set(parts) - set(report.PARTS)
-    if unknown:
-        raise ValueError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: expected "
-                         f"{', '.join(report.PARTS)}")
-    try:
-        sizes = tuple(x.strip() for item in args.sizes for x in item.split(",") if x.strip()) or None
-        result = report.run(quick=args.quick, parts=parts, max_rate=args.max_rate, duration_s=args.duration,
-                            max_trials=args.trials, mode=args.mode, progress=True, generator=args.generator,
-                            sizes=sizes, repeat=args.repeat)
-    except local.BenchError as e:
-        raise ValueError(str(e)) from None
-    if args.plot:
-        report.plot(result, args.plot)
-    if args.json:
-        _emit(args, result)
-    else:
-        report.print_table(result)
-        if args.plot and "local" in result:
-            print(f"plot: {args.plot}")
-    return 0
+    A provider that fails to import (the lab left out of an install, a dependency missing) does not break the
+    other commands: its command stays listed, as unavailable with the reason, and using it prints that reason
+    on one line and exits 1. Listed rather than left out, because someone who read `srmig demo` in the README
+    and types it should learn what is missing, not get argparse's "invalid choice", which suggests a typo."""
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except Exception as e:  # noqa: BLE001 - any import-time failure: one line, on use
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            sp = sub.add_parser(ep.name, help=f"unavailable ({reason})", add_help=False,
+                                # NUL never occurs in argv: every argument, --help included, lands in `args`,
+                                # so whatever follows the command, the user reads why it is unavailable.
+                                prefix_chars="\0")
+            sp.add_argument("args", nargs="*")
+            sp.set_defaults(func=functools.partial(_unavailable, ep, reason))
+            continue
+        register(sub)
 
 
-def cmd_demo(args) -> int:
-    if args.libvirt:
-        from srmig.testbed import libvirt_demo
-
-        rate = args.rate or libvirt_demo.DEFAULT_RATE
-        return libvirt_demo.main(rate, args.count or int(rate * args.duration), args.db, args.json,
-                                 xdp_mode=args.mode)
-    from srmig.testbed import demo
-
-    names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
-    if args.no_drain and "srmig-no-drain" not in names:
-        names.append("srmig-no-drain")
-    rate = args.rate or 10000
-    count = args.count or int(rate * args.duration)
-    return demo.main(names, rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
-                     event_delay_ms=args.event_delay_ms)
+def _unavailable(ep, reason: str, args) -> int:
+    print(f"srmig: error: `srmig {ep.name}` is unavailable: {ep.value} failed to load ({reason})", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,79 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_agent.add_parsers(sub)
     cli_ingress.add_parsers(sub)
 
-    sp = sub.add_parser(
-        "demo", help="migrate a real QEMU guest once per strategy under probe traffic, compare the losses",
-        description="Builds the namespace testbed (client, transit, hosts S and D with srmig's XDP), boots a "
-                    "QEMU guest on S and live-migrates it to D once per strategy while the client probes it; "
-                    "prints sent/lost/duplicated/reordered/blackout and the downtime QEMU reports, and "
-                    "writes a per-millisecond timeline plot. Removes everything it made, also on Ctrl-C.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="strategies: reactive (EVPN-like: switch after resume), withdraw (switch at pause), bicast "
-               "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)")
-    sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
-                    help="run only these (repeatable or comma-separated; default: all four)")
-    sp.add_argument("--rate", type=int, help="probes per second (default: 10000; 2000 with --libvirt, where the "
-                                             "guest runs under libvirt's QEMU settings)")
-    sp.add_argument("--duration", type=float, default=3.0, help="seconds of probing per run (default: 3)")
-    sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
-    sp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
-                    help="timeline plot (default: srmig-demo.png; '' for none)")
-    sp.add_argument("--keep", action="store_true", help="keep the last testbed up until Enter is pressed")
-    sp.add_argument("--no-drain", action="store_true", help="also run srmig without the source tap drain")
-    sp.add_argument("--mode", choices=["generic", "native"], default="generic", help="XDP mode on S and D")
-    sp.add_argument("--event-delay-ms", type=float, default=0, metavar="MS",
-                    help="react to every QEMU event MS later, as a slow agent would (default: 0)")
-    sp.add_argument("--libvirt", action="store_true",
-                    help="instead: two libvirtd daemons and the srmig agents (hook, events, state database) "
-                         "migrate the guest with libvirt; prints lost/duplicated/reordered")
-    sp.add_argument("--db", choices=["embedded", "etcd"], default="embedded",
-                    help="--libvirt: the agents' VM state database (default: embedded)")
-    sp.set_defaults(func=cmd_demo, json_out=None)
-
-    sp = sub.add_parser(
-        "bench", help="benchmarks (JSON with --json); without BENCH: everything",
-        description="Without BENCH: the local generator (BPF_PROG_RUN live frames or trafgen, through one "
-                    "DUT core: NDR/PDR and the forwarding rate at maximum load of srmig End.S forward/deliver, "
-                    "the kernel's End.DX6 and End where the kernel has SRv6 (else reported absent), an XDP "
-                    "redirect stub, and one that also swaps the MAC addresses, srmig's BPF H.Encaps against "
-                    "plain forwarding, per frame size, repeated: medians and ranges; live frames fall back to "
-                    "trafgen where the kernel refuses them, and the generator's ceiling is reported), a TCP "
-                    "bulk transfer with and without the BPF H.Encaps, the hold-ring flush rate, the "
-                    "per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the targets, as one JSON "
-                    "document with --json (progress on stderr). The ratios come from short windows of the "
-                    "stubs, End.S and End.DX6 taken in turn (5 rounds per run and size, 3 with --quick), so a "
-                    "neighbour's burst slows every path alike.")
-    sp.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    sp.add_argument("--quick", action="store_true",
-                    help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
-    sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
-                    help="run only these parts: local, tcp, scale, flush, agent")
-    sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
-    sp.add_argument("--duration", type=float,
-                    help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")
-    sp.add_argument("--generator", choices=["live", "trafgen"], default="live",
-                    help="live: BPF_PROG_RUN live frames (kernel >= 5.18, several Mpps, paced per frame); "
-                         "trafgen: sendto, ~700 kpps here, 1-s bursts (default: live)")
-    sp.add_argument("--sizes", action="append", default=[], metavar="SIZE[,SIZE]",
-                    help="frame sizes: 78 (64-byte inner IPv6 packet + outer IPv6 + SRH), an outer IPv6 "
-                         "length such as 512 or 1500, imix (default: 78,512,1500,imix live; 78 trafgen)")
-    sp.add_argument("--repeat", type=int, help="runs of every path and size; median and range (default 3, --quick 2)")
-    sp.add_argument("--trials", type=int, help="trials per path (default 10, --quick 5)")
-    sp.add_argument("--mode", choices=["native", "generic"], default="native", help="XDP mode on the DUT")
-    sp.add_argument("--plot", metavar="PNG", default="srmig-bench.png",
-                    help="plot: loss vs offered load, NDR/PDR, throughput vs frame size "
-                         "(default: srmig-bench.png; '' for none)")
-    sp.set_defaults(func=cmd_bench_all, bench=None)
-    bsub = sp.add_subparsers(dest="bench", required=False, metavar="BENCH")
-    b = bsub.add_parser("micro", help="BPF_PROG_TEST_RUN ns/packet per branch vs an XDP_PASS stub",
-                        description="Runs every branch of the program on a packet that takes that branch, "
-                                    "in a private network namespace, against an XDP_PASS stub measured "
-                                    "in the same run; then again with --vms VMs in the map.")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--vms", type=int, default=1_000_000, help="VMs in the map for the scale run")
-    b.add_argument("--runs", type=int, default=3000, help="test runs per branch (repeat=1 each)")
-    b.set_defaults(func=cmd_bench)
+    add_provided_commands(sub)
     return p
 
 

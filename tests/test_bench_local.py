@@ -14,8 +14,9 @@ import time
 import pytest
 
 from bench import local, report
+from bench.cli import cmd_bench, cmd_bench_all
 from srmig import check
-from srmig.cli import build_parser, cmd_bench, cmd_bench_all
+from srmig.cli import build_parser
 
 ABSENT = (False, "absent: kernel built without CONFIG_IPV6_SEG6_LWTUNNEL")
 PRESENT = (True, "present")
