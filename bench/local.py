@@ -86,11 +86,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pyroute2 import IPRoute
 from scapy.layers.l2 import Ether
 
 from bench import search as S
-from srmig import check
+from srmig import check, netlink
 from srmig.ctl import ingress
 from srmig.bpf import libbpf, loader
 from srmig.bpf.abi import Behaviour, VmState
@@ -276,13 +275,11 @@ def live_frames() -> tuple[bool, str]:
     """Whether this kernel runs BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES: (True, "available") or (False,
     "refused (EPERM: ...)"). Tried once per process with a few frames that an XDP_DROP program drops, in a
     throwaway namespace with a veth (the generator's setting); some kernels refuse it even to root."""
-    from pyroute2 import NetNS  # noqa: PLC0415
-
     with check.scratch_netns() as ns:
-        with NetNS(ns) as ipr:
-            ipr.link("add", ifname="lf0", kind="veth", peer={"ifname": "lf1"})
+        with netlink.handle(ns) as ipr:
+            netlink.add_veth("lf0", "lf1", ipr)
             for name in ("lf0", "lf1"):
-                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+                netlink.set_link_up(netlink.ifindex(name, ipr), ipr)
         bpf, fd = loader.compile_program(BENCH_DIR / "xdp_sink.c", "xdp_sink")
         try:
             with inside(ns):
@@ -545,7 +542,7 @@ class LocalBench(NamespaceLab):
         self._encap_attached = True
         self.encap.set(VM_ENC, ENC_SEGS)
         with t.ipr("dut") as ipr:
-            ingress.route_vm(ipr, VM_ENC, SINK_ADDR, self.d_out_ifindex)
+            ingress.route_vm(VM_ENC, SINK_ADDR, self.d_out_ifindex, ipr)
         self._encap_filter(False)
         if self.generator == "live":
             self.live = LiveGenerator(t, "gen", "g0", GEN_CPU if getattr(self, "_napi_cpu", None) else None)
@@ -641,9 +638,8 @@ class LocalBench(NamespaceLab):
             if on:
                 os.close(loader.load_encap("d_out").prog_fd)  # the pinned program: no compile
             else:
-                with IPRoute() as ipr:
-                    ipr.tc("del-filter", "bpf", index=self.d_out_ifindex, handle=loader.ENCAP_HANDLE,
-                           prio=loader.ENCAP_PRIO, parent=loader.CLSACT_EGRESS)
+                netlink.del_bpf_filter(self.d_out_ifindex, loader.ENCAP_HANDLE, loader.ENCAP_PRIO,
+                                       loader.CLSACT_EGRESS)
         self._encap_attached = on
 
     def encap_stats(self) -> dict:

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Callable
 
+from srmig import netlink
 from srmig.ctl import ingress
 from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.lab import NamespaceLab, encap_on, steer, xdp_on
@@ -83,7 +84,7 @@ class TcpLab(NamespaceLab):
         else:
             self.encap.clear(VM_ADDR)
             with self.topo.ipr("ing") as ipr:
-                ingress.route_vm(ipr, VM_ADDR, HOST_ADDR, ipr.link_lookup(ifname="i0")[0])
+                ingress.route_vm(VM_ADDR, HOST_ADDR, netlink.ifindex("i0", ipr), ipr)
 
     def delivered(self) -> int:
         """Packets host's End.DX6-map SID delivered (decapsulated and redirected towards the VM)."""

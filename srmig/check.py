@@ -113,14 +113,11 @@ def _without(option: str) -> str:
     return f" (kernel built without {option})" if cfg is not None and option not in cfg else ""
 
 
-def _code(e: BaseException) -> int | None:
-    """errno of an OSError, or of a pyroute2 NetlinkError (which calls it `code`)."""
-    return getattr(e, "errno", None) or getattr(e, "code", None)
-
-
 def _err(e: BaseException) -> str:
     """'EOPNOTSUPP: Operation not supported' for an errno, else the exception's first line."""
-    code = _code(e)
+    from srmig.netlink import error_code  # noqa: PLC0415 (pyroute2's import cost only when probing)
+
+    code = error_code(e)
     if isinstance(code, int) and code in errno.errorcode:
         name = "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode[code]  # not Python's ENOTSUP alias
         return f"{name}: {os.strerror(code)}"
@@ -131,17 +128,15 @@ def _err(e: BaseException) -> str:
 def scratch_netns():
     """A throwaway network namespace with lo up; removed on exit, whatever happened inside (its veths,
     qdiscs, filters, routes and XDP attachments go with it)."""
-    from pyroute2 import NetNS, netns  # noqa: PLC0415 (pyroute2's import cost only when probing)
+    from srmig import netlink  # noqa: PLC0415 (pyroute2's import cost only when probing)
 
     name = f"srmig-{os.getpid()}-check{next(_ns_ids)}"  # srmig.testbed.netns naming: PREFIX<pid>-<role>
-    netns.create(name)
+    netlink.create_ns(name)
     try:
-        with NetNS(name) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         yield name
     finally:
         with contextlib.suppress(Exception):
-            netns.remove(name)
+            netlink.remove_ns(name)
 
 
 @contextlib.contextmanager
@@ -234,19 +229,18 @@ def kernel_srv6() -> tuple[bool, str]:
 
 
 def _try_srv6(ns: str) -> tuple[bool, str]:
-    from pyroute2 import NetNS  # noqa: PLC0415
+    from srmig import netlink  # noqa: PLC0415
 
     # seg6local serves End / End.DX6 (transit, the bench's baselines); seg6 encap serves H.Encaps (ingress).
-    routes = (("seg6local End", {"dst": "fc00::e/128", "encap": {"type": "seg6local", "action": "End"}}),
-              ("seg6 encap", {"dst": "2001:db8::10/128",
-                              "encap": {"type": "seg6", "mode": "encap", "segs": ["fc00::e"]}}))
-    with NetNS(ns) as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        for what, route in routes:
+    routes = (("seg6local End", "fc00::e/128", netlink.seg6local("End")),
+              ("seg6 encap", "2001:db8::10/128", netlink.seg6_encap(["fc00::e"])))
+    with netlink.handle(ns) as ipr:
+        lo = netlink.ifindex("lo", ipr)
+        for what, dst, encap in routes:
             try:
-                ipr.route("add", oif=lo, **route)
+                netlink.add_route(dst, lo, encap, ipr)
             except Exception as e:
-                if _code(e) == errno.EOPNOTSUPP and _without("CONFIG_IPV6_SEG6_LWTUNNEL"):
+                if netlink.error_code(e) == errno.EOPNOTSUPP and _without("CONFIG_IPV6_SEG6_LWTUNNEL"):
                     return False, "absent: kernel built without CONFIG_IPV6_SEG6_LWTUNNEL"
                 return False, f"absent: an `encap {what}` route fails ({_err(e)})"
     return True, "present"
@@ -286,36 +280,32 @@ def _btf() -> dict[str, Result]:
 def _xdp(ns: str, veth: str, interface: str | None) -> dict[str, Result]:
     """XDP_PASS attached and detached in each mode, on `interface` (this namespace) if given, else on a veth
     of the scratch namespace. A program already attached is never replaced: it proves its own mode only."""
-    from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
-
+    from srmig import netlink  # noqa: PLC0415
     from srmig.bpf import loader  # noqa: PLC0415
 
     where = interface or "a veth"
     out = {}
-    with _fds() as fds, (IPRoute() if interface else NetNS(ns)) as ipr:
+    with _fds() as fds, netlink.handle(None if interface else ns) as ipr:
         fds.append(_prog_load(BPF_PROG_TYPE_XDP, _returns(XDP_PASS)))
-        idx = ipr.link_lookup(ifname=interface or veth)
-        if not idx:
+        idx = netlink.find_ifindex(interface or veth, ipr)
+        if idx is None:
             return {f"xdp_{m}": (False, f"not tried: {where} vanished") for m in loader.MODES}
-        prog, attached = loader.attached_prog_id(ipr, idx[0])
+        prog, attached = netlink.xdp_attached(idx, ipr)
         for mode, flags in loader.MODES.items():
             if prog:
                 out[f"xdp_{mode}"] = (attached == mode, f"in use on {where}: program {prog} is attached in "
                                       f"{attached} mode" + ("" if attached == mode else f" ({mode} not tried)"))
                 continue
             try:
-                ipr.link("set", index=idx[0], xdp={"attrs": [
-                    ("IFLA_XDP_FD", fds[0]), ("IFLA_XDP_FLAGS", flags | loader.XDP_FLAGS_UPDATE_IF_NOEXIST)]})
+                netlink.xdp_attach(idx, fds[0], flags | loader.XDP_FLAGS_UPDATE_IF_NOEXIST, ipr)
             except Exception as e:
                 out[f"xdp_{mode}"] = (False, f"attaching to {where} refused ({_err(e)})")
                 continue
             # Detach ours and only ours: REPLACE with EXPECTED_FD leaves a program attached meanwhile alone.
             try:
-                ipr.link("set", index=idx[0], xdp={"attrs": [
-                    ("IFLA_XDP_FD", -1), ("IFLA_XDP_EXPECTED_FD", fds[0]),
-                    ("IFLA_XDP_FLAGS", flags | XDP_FLAGS_REPLACE)]})
+                netlink.xdp_detach(idx, flags | XDP_FLAGS_REPLACE, ipr, expected_fd=fds[0])
             except Exception:  # a kernel < 5.7 knows no REPLACE; NOEXIST above made the attached one ours
-                ipr.link("set", index=idx[0], xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+                netlink.xdp_detach(idx, flags, ipr)
             out[f"xdp_{mode}"] = (True, f"attached and detached on {where}")
     return out
 
@@ -339,20 +329,20 @@ def _ringbuf() -> dict[str, Result]:
 
 
 def _tc(ns: str, veth: str) -> dict[str, Result]:
-    from pyroute2 import NetNS  # noqa: PLC0415
+    from srmig import netlink  # noqa: PLC0415
 
-    with _fds() as fds, NetNS(ns) as ipr:
-        idx = ipr.link_lookup(ifname=veth)[0]
+    with _fds() as fds, netlink.handle(ns) as ipr:
+        idx = netlink.ifindex(veth, ipr)
         try:
-            ipr.tc("add", "clsact", index=idx)
+            netlink.add_clsact(idx, ipr)
         except Exception as e:
             return {"clsact": (False, f"refused ({_err(e)}){_without('CONFIG_NET_SCH_INGRESS')}"),
                     "cls_bpf": (False, "not tried: no clsact")}
         out = {"clsact": (True, "a clsact qdisc was added on a veth")}
         try:
             fds.append(_prog_load(BPF_PROG_TYPE_SCHED_CLS, _returns(TC_ACT_OK)))
-            ipr.tc("add-filter", "bpf", index=idx, handle=":1", fd=fds[0], name="srmig_check",
-                   parent="ffff:fff3", classid=1, direct_action=True)  # ffff:fff3: clsact's egress hook
+            # ffff:fff3: clsact's egress hook
+            netlink.add_bpf_filter(idx, fds[0], "srmig_check", parent="ffff:fff3", filter_handle=":1", ipr=ipr)
             out["cls_bpf"] = (True, "a direct-action bpf filter was attached at clsact egress")
         except Exception as e:
             out["cls_bpf"] = (False, f"refused ({_err(e)}){_without('CONFIG_NET_CLS_BPF')}")
@@ -388,21 +378,19 @@ def _pidfd_getfd() -> dict[str, Result]:
 
 
 def _live_frames(ns: str, veth: str) -> dict[str, Result]:
-    from pyroute2 import netns  # noqa: PLC0415
-
+    from srmig import netlink  # noqa: PLC0415
     from srmig.bpf import libbpf  # noqa: PLC0415
 
     with _fds() as fds:
         fds.append(_prog_load(BPF_PROG_TYPE_XDP, _returns(XDP_DROP)))
         # As the bench does it: a batch of frames "received" on a veth of the calling thread's namespace
         # (setns); the program drops them all, so nothing is sent anywhere.
-        netns.pushns(ns)
-        try:
-            libbpf.prog_test_run_live(fds[0], bytes(64), repeat=64, ingress_ifindex=socket.if_nametoindex(veth))
-        except OSError as e:
-            return {"prog_run_live_frames": (False, f"refused ({_err(e)})")}
-        finally:
-            netns.popns()
+        with netlink.inside(ns):
+            try:
+                libbpf.prog_test_run_live(fds[0], bytes(64), repeat=64,
+                                          ingress_ifindex=socket.if_nametoindex(veth))
+            except OSError as e:
+                return {"prog_run_live_frames": (False, f"refused ({_err(e)})")}
     return {"prog_run_live_frames": (True, "BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ran 64 frames")}
 
 
@@ -428,12 +416,12 @@ def run(interface: str | None = None) -> dict:
     found |= _probe(("btf",), _btf)
     in_ns = ("xdp_native", "xdp_generic", "clsact", "cls_bpf", "prog_run_live_frames")
     try:
-        from pyroute2 import NetNS  # noqa: PLC0415
+        from srmig import netlink  # noqa: PLC0415
 
         with scratch_netns() as ns:
-            with NetNS(ns) as ipr:
-                ipr.link("add", ifname="check0", kind="veth", peer={"ifname": "check1"})
-                ipr.link("set", index=ipr.link_lookup(ifname="check0")[0], state="up")
+            with netlink.handle(ns) as ipr:
+                netlink.add_veth("check0", "check1", ipr)
+                netlink.set_link_up(netlink.ifindex("check0", ipr), ipr)
             found |= _probe(in_ns[:2], lambda: _xdp(ns, "check0", interface))
             found |= _probe(in_ns[2:4], lambda: _tc(ns, "check0"))
             found |= _probe(in_ns[4:], lambda: _live_frames(ns, "check0"))

@@ -35,7 +35,7 @@ import sys
 
 import pytest
 
-from srmig.bpf import loader
+from srmig import netlink
 from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed import netns, qemu
 from srmig.testbed.lab import xdp_on
@@ -286,7 +286,7 @@ def guest_xdp(request, guest_peer):
     with xdp_on(topo, "S", TAP, mode) as s_dp, xdp_on(topo, "D", "d_s", mode) as d_dp:
         for role, ifname in (("S", TAP), ("D", "d_s")):  # native on a tap too: tun has its own XDP path
             with topo.ipr(role) as ipr:
-                assert loader.attached_prog_id(ipr, ipr.link_lookup(ifname=ifname)[0])[1] == mode
+                assert netlink.xdp_attached(netlink.ifindex(ifname, ipr), ipr)[1] == mode
         yield topo, peer, s_dp, d_dp
 
 

@@ -11,7 +11,6 @@ namespace, "netns-<cookie>" otherwise.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import platform
 import shutil
@@ -20,8 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
+from srmig import netlink
 from srmig.bpf import abi, libbpf
 
 BPFFS = Path("/sys/fs/bpf")
@@ -179,56 +177,32 @@ def load_pinned_or_compile(limits: Limits | None = None) -> Loaded:
     return _pinned_or_compile(pin_dir(), "srmig.c", "srmig_xdp", "XDP", MAPS, limits or Limits(), write_abi_version)
 
 
-def _ifindex(ipr: IPRoute, ifname: str) -> int:
-    idx = ipr.link_lookup(ifname=ifname)
-    if not idx:
-        raise LoaderError(f"no interface {ifname!r} in this network namespace")
-    return idx[0]
-
-
-def attached_prog_id(ipr: IPRoute, ifindex: int) -> tuple[int, str | None]:
-    """(program id, "native"|"generic"|...) attached to an interface, (0, None) when none."""
-    link = ipr.get_links(ifindex)[0]
-    xdp = link.get_attr("IFLA_XDP")
-    if not xdp:
-        return 0, None
-    # pyroute2 decodes IFLA_XDP_ATTACHED (XDP_ATTACHED_DRV/SKB/HW/MULTI) into these names.
-    mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}.get(
-        xdp.get_attr("IFLA_XDP_ATTACHED"))
-    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, mode
-
-
 def attach(ifname: str, prog_fd: int, mode: str = "native") -> None:
     if mode not in MODES:
         raise LoaderError(f"unknown XDP mode {mode!r}: expected native or generic")
-    with IPRoute() as ipr:
-        idx = _ifindex(ipr, ifname)
+    with netlink.handle() as ipr:
+        idx = netlink.ifindex(ifname, ipr)
         try:
-            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", MODES[mode])]})
+            netlink.xdp_attach(idx, prog_fd, MODES[mode], ipr)
         except Exception as e:
             raise LoaderError(f"attaching XDP ({mode}) to {ifname} failed: {e}") from e
 
 
 def detach(ifname: str) -> bool:
     """Detach whatever XDP program is on `ifname`; False when there was none."""
-    with IPRoute() as ipr:
-        idx = _ifindex(ipr, ifname)
-        _, mode = attached_prog_id(ipr, idx)
+    with netlink.handle() as ipr:
+        idx = netlink.ifindex(ifname, ipr)
+        _, mode = netlink.xdp_attached(idx, ipr)
         if mode is None:
             return False
-        flags = MODES.get(mode, 0)
-        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+        netlink.xdp_detach(idx, MODES.get(mode, 0), ipr)
         return True
 
 
 def interfaces_running(prog_id: int) -> list[str]:
     """The interfaces of this namespace that run program `prog_id`."""
-    out = []
-    with IPRoute() as ipr:
-        for link in ipr.get_links():
-            if attached_prog_id(ipr, link["index"])[0] == prog_id:
-                out.append(link.get_attr("IFLA_IFNAME"))
-    return out
+    with netlink.handle() as ipr:
+        return [name for idx, name in netlink.link_names(ipr).items() if netlink.xdp_attached(idx, ipr)[0] == prog_id]
 
 
 def load(ifname: str, mode: str = "native", limits: Limits | None = None) -> Loaded:
@@ -275,29 +249,24 @@ def load_encap_pinned_or_compile(limits: Limits | None = None) -> Loaded:
                               limits or Limits())
 
 
-def _encap_filters(ipr: IPRoute, idx: int) -> list:
-    """Our bpf filters on `idx`'s clsact egress ([] when it has no clsact qdisc)."""
-    try:
-        filters = ipr.get_filters(index=idx, parent=CLSACT_EGRESS)
-    except Exception:  # noqa: BLE001 - no clsact qdisc: nothing of ours
-        return []
-    return [f for f in filters if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == ENCAP_PRIO]
+def _runs_encap(idx: int, ipr) -> bool:
+    """Whether `idx`'s clsact egress holds our bpf filter (False when it has no clsact qdisc)."""
+    return ENCAP_PRIO in netlink.bpf_filter_prios(idx, CLSACT_EGRESS, ipr)
 
 
 def load_encap(ifname: str, limits: Limits | None = None) -> Loaded:
     """`srmig ingress load IFACE`: run the namespace's H.Encaps program on `ifname`'s egress (compiling and
     pinning it the first time). Idempotent: the filter is replaced, other clsact filters are left alone."""
     loaded = load_encap_pinned_or_compile(limits)
-    with IPRoute() as ipr:
-        idx = _ifindex(ipr, ifname)
+    with netlink.handle() as ipr:
+        idx = netlink.ifindex(ifname, ipr)
         try:
-            ipr.tc("add", "clsact", index=idx)
+            netlink.add_clsact(idx, ipr)
         except Exception as e:  # noqa: BLE001
-            if getattr(e, "code", None) != errno.EEXIST:
-                raise LoaderError(f"adding a clsact qdisc to {ifname} failed: {e} (srmig check: clsact)") from e
+            raise LoaderError(f"adding a clsact qdisc to {ifname} failed: {e} (srmig check: clsact)") from e
         try:
-            ipr.tc("replace-filter", "bpf", index=idx, handle=ENCAP_HANDLE, prio=ENCAP_PRIO, fd=loaded.prog_fd,
-                   name=ENCAP_NAME, parent=CLSACT_EGRESS, classid=1, direct_action=True)
+            netlink.add_bpf_filter(idx, loaded.prog_fd, ENCAP_NAME, CLSACT_EGRESS, ENCAP_HANDLE, ENCAP_PRIO,
+                                   replace=True, ipr=ipr)
         except Exception as e:  # noqa: BLE001
             raise LoaderError(f"attaching H.Encaps (tc bpf, egress) to {ifname} failed: {e} "
                               f"(srmig check: cls_bpf)") from e
@@ -306,12 +275,8 @@ def load_encap(ifname: str, limits: Limits | None = None) -> Loaded:
 
 def encap_interfaces() -> list[str]:
     """The interfaces of this namespace whose egress runs our H.Encaps filter."""
-    out = []
-    with IPRoute() as ipr:
-        for link in ipr.get_links():
-            if _encap_filters(ipr, link["index"]):
-                out.append(link.get_attr("IFLA_IFNAME"))
-    return out
+    with netlink.handle() as ipr:
+        return [name for idx, name in netlink.link_names(ipr).items() if _runs_encap(idx, ipr)]
 
 
 def unload_encap(ifname: str) -> dict:
@@ -319,10 +284,10 @@ def unload_encap(ifname: str) -> dict:
     interface of the namespace runs it any more, remove the pins too (which frees the maps)."""
     ensure_bpffs()
     detached = False
-    with IPRoute() as ipr:
-        idx = _ifindex(ipr, ifname)
-        if _encap_filters(ipr, idx):
-            ipr.tc("del-filter", "bpf", index=idx, handle=ENCAP_HANDLE, prio=ENCAP_PRIO, parent=CLSACT_EGRESS)
+    with netlink.handle() as ipr:
+        idx = netlink.ifindex(ifname, ipr)
+        if _runs_encap(idx, ipr):
+            netlink.del_bpf_filter(idx, ENCAP_HANDLE, ENCAP_PRIO, CLSACT_EGRESS, ipr)
             detached = True
     removed = False
     pins = encap_pin_dir()

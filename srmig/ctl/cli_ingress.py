@@ -38,8 +38,7 @@ def _emit(args, obj) -> None:
 
 
 def cmd_ingress(args) -> int:
-    from pyroute2 import IPRoute  # noqa: PLC0415
-
+    from srmig import netlink  # noqa: PLC0415
     from srmig.ctl import ingress  # noqa: PLC0415
     from srmig.bpf import loader  # noqa: PLC0415
 
@@ -57,15 +56,14 @@ def cmd_ingress(args) -> int:
                 raise ValueError("--via and --dev go together: the route to the VM needs both")
             encap.set(args.vm, args.segments, source=args.src, reduced=args.reduced)
             if args.via:
-                with IPRoute() as ipr:
-                    ingress.route_vm(ipr, args.vm, args.via, loader._ifindex(ipr, args.dev))
+                with netlink.handle() as ipr:
+                    ingress.route_vm(args.vm, args.via, netlink.ifindex(args.dev, ipr), ipr)
             entry = next(e for e in encap.entries() if e.vm == _norm(args.vm))
             _emit(args, entry.to_dict())
         elif args.action == "del":
             route = False
             if args.dev:
-                with IPRoute() as ipr:
-                    route = ingress.clear_route(ipr, args.vm)
+                route = ingress.clear_route(args.vm)
             _emit(args, {"vm": args.vm, "deleted": encap.clear(args.vm), "route_deleted": route})
         elif args.action == "list":
             _emit(args, [e.to_dict() for e in encap.entries()])

@@ -12,7 +12,6 @@ anything newer (see `SourceDrain`). Also the abort's way back: `return_held`, `w
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -77,18 +76,17 @@ def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: boo
 def _ethernet_to(vm: str, tap: str) -> bytes | None:
     """The Ethernet header the program's delivery puts on a packet for `vm` on `tap`: to the VM's MAC (the
     tap's neighbour entry), from the tap's; None when the neighbour is unknown."""
-    from pyroute2 import IPRoute
+    from srmig import netlink  # noqa: PLC0415
 
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=tap)
-        if not idx:
+    with netlink.handle() as ipr:
+        idx = netlink.find_ifindex(tap, ipr)
+        if idx is None:
             return None
-        src = ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS")
-        for n in ipr.get_neighbours(family=socket.AF_INET6, ifindex=idx[0]):
-            if n.get_attr("NDA_DST") == vm and n.get_attr("NDA_LLADDR"):
-                mac = n.get_attr("NDA_LLADDR")
-                return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x86\xdd"
-    return None
+        src = netlink.link_mac(idx, ipr)
+        mac = netlink.neighbour_mac(vm, idx, ipr)
+    if mac is None:
+        return None
+    return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x86\xdd"
 
 
 def sid_delivered(dp, sid: str) -> int:

@@ -4,7 +4,7 @@ Two implementations with one interface (`set`, `clear`, `entries`, `stats`):
 - BpfEncap (the default): srmig's own tc egress program (srmig/ebpf/encap.c) and its pinned maps. Needs no
   SRv6 in the kernel. One map write switches a VM's list atomically: that write is what an ingress's
   versioned ack stands for.
-- KernelEncap: the kernel's `encap seg6 mode encap` routes (pyroute2), where the kernel has SRv6 lwtunnels.
+- KernelEncap: the kernel's `encap seg6 mode encap` routes (srmig.netlink), where the kernel has SRv6 lwtunnels.
 
 Both are idempotent (set replaces; deleting an absent entry is success). With BpfEncap the route to the VM
 (`route_vm`) only steers the packet out of the interface the program runs on, at the next hop towards the
@@ -21,9 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from srmig import netlink
 from srmig.ctl.maps import _addr, _str
 from srmig.bpf import abi, libbpf, loader
 
@@ -90,16 +88,13 @@ def parse_srh(srh: bytes, first_sid: str) -> tuple[list[str], bool]:
 
 def source_towards(sid: str) -> str:
     """The address this namespace's kernel would pick as source towards `sid` (its preferred source)."""
-    with IPRoute() as ipr:
-        try:
-            routes = ipr.route("get", dst=sid, family=10)
-        except NetlinkError as e:
-            raise ValueError(f"no route to the first SID {sid}: {os.strerror(e.code)}; give the outer source "
-                             f"explicitly (--src, or [ingress] source)") from None
-        for r in routes:
-            src = r.get_attr("RTA_PREFSRC")
-            if src:
-                return src
+    try:
+        src = netlink.preferred_source(sid)
+    except netlink.NetlinkError as e:
+        raise ValueError(f"no route to the first SID {sid}: {os.strerror(e.code)}; give the outer source "
+                         f"explicitly (--src, or [ingress] source)") from None
+    if src:
+        return src
     raise ValueError(f"the kernel picks no source address towards {sid}: give one (--src, or [ingress] source)")
 
 
@@ -187,9 +182,10 @@ class KernelEncap:
 
     kind = "kernel"
 
-    def __init__(self, gateway: str, oif: int, ipr: IPRoute | None = None):
+    def __init__(self, gateway: str, oif: int, ipr=None):
+        """`ipr`: a netlink.handle() to program the routes with (None: one of its own, closed by close())."""
         self.gateway, self.oif = gateway, oif
-        self.ipr = ipr or IPRoute()
+        self.ipr = ipr or netlink.handle()
         self._own_ipr = ipr is None
 
     def close(self) -> None:
@@ -197,15 +193,16 @@ class KernelEncap:
             self.ipr.close()
 
     def set(self, vm: str, segments: list[str], source: str | None = None, reduced: bool = False) -> None:
-        """pyroute2 takes the SRH order, reversed. (The kernel takes its outer source from `ip sr tunsrc`.)"""
+        """The VM's /128 route with `encap seg6 mode encap` along `segments` (travel order). `source` is
+        not used: the kernel takes its outer source from `ip sr tunsrc`."""
         segments = check_segments(segments)
         if reduced:
             raise ValueError("reduced encapsulation (H.Encaps.Red) is srmig's BPF encap only: use encap = \"bpf\"")
-        self.ipr.route("replace", dst=f"{vm}/128", family=10, oif=self.oif, gateway=self.gateway,
-                       encap={"type": "seg6", "mode": "encap", "segs": list(reversed(segments))})
+        netlink.replace_route(f"{vm}/128", self.oif, gateway=self.gateway, encap=netlink.seg6_encap(segments),
+                              ipr=self.ipr)
 
     def clear(self, vm: str) -> bool:
-        return clear_route(self.ipr, vm)
+        return clear_route(vm, self.ipr)
 
     def outcomes(self) -> dict[str, int]:
         return {}  # the kernel's seg6 routes count nothing per outcome
@@ -214,24 +211,19 @@ class KernelEncap:
         return {"encap": self.kind, "counters": {}, "vms": {}}
 
 
-def route_vm(ipr: IPRoute, vm: str, gateway: str, oif: int) -> None:
+def route_vm(vm: str, gateway: str, oif: int, ipr=None) -> None:
     """The route that takes `vm`'s packets to the interface running H.Encaps, at the next hop towards the
-    SIDs. Its MTU is the link's minus the longest encapsulation, so no packet grows past the link."""
-    link_mtu = ipr.get_links(oif)[0].get_attr("IFLA_MTU")
+    SIDs. Its MTU is the link's minus the longest encapsulation, so no packet grows past the link.
+    `ipr`: a netlink.handle() (None: this namespace)."""
+    link_mtu = netlink.link_mtu(oif, ipr)
     mtu = link_mtu - MAX_OVERHEAD
     if mtu < 1280:
         raise ValueError(f"the ingress interface's MTU {link_mtu} leaves {mtu} for VM traffic after srmig's "
                          f"{MAX_OVERHEAD}-byte encapsulation; IPv6 needs 1280: raise the fabric MTU to at least "
                          f"{1280 + MAX_OVERHEAD}")
-    # pyroute2 0.9 takes the route MTU as metrics={"mtu": n} (the RTAX_MTU attrs form is silently ignored).
-    ipr.route("replace", dst=f"{vm}/128", family=10, oif=oif, gateway=gateway, metrics={"mtu": mtu})
+    netlink.replace_route(f"{vm}/128", oif, gateway=gateway, mtu=mtu, ipr=ipr)
 
 
-def clear_route(ipr: IPRoute, vm: str) -> bool:
-    try:
-        ipr.route("del", dst=f"{vm}/128", family=10)
-    except NetlinkError as e:
-        if e.code not in (errno.ESRCH, errno.ENOENT):
-            raise
-        return False
-    return True
+def clear_route(vm: str, ipr=None) -> bool:
+    """Remove `vm`'s /128 route; False when there was none. `ipr`: as route_vm's."""
+    return netlink.del_route(f"{vm}/128", ipr)

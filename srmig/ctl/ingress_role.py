@@ -13,8 +13,7 @@ import time
 
 import ipaddress
 
-from pyroute2 import IPRoute
-
+from srmig import netlink
 from srmig.ctl import ingress
 from srmig.bpf import loader
 from srmig.ctl.config import IngressConfig
@@ -35,7 +34,7 @@ class IngressRole:
         self.apply_ms: list[float] = []
         self._lock = threading.Lock()
         self._watch = None
-        self.ipr = IPRoute()
+        self.ipr = netlink.handle()  # one netlink socket for every route the role programs
         self.encap = None
 
     def start(self) -> None:
@@ -55,8 +54,7 @@ class IngressRole:
     def _interface_address(self) -> str | None:
         """The interface's first global IPv6 address: the outer source by default. None: the kernel's choice
         towards the first SID."""
-        for a in self.ipr.get_addr(family=10, index=self.oif):
-            addr = a.get_attr("IFA_ADDRESS")
+        for addr in netlink.addresses(self.oif, self.ipr):
             if addr and not ipaddress.IPv6Address(addr).is_link_local:  # documentation prefixes count too
                 return addr
         return None
@@ -73,18 +71,18 @@ class IngressRole:
         """The entry before the route: no packet for the VM leaves unencapsulated."""
         self.encap.set(vm, segments)
         if isinstance(self.encap, ingress.BpfEncap):
-            ingress.route_vm(self.ipr, vm, self.cfg.gateway, self.oif)
+            ingress.route_vm(vm, self.cfg.gateway, self.oif, self.ipr)
 
     def _clear(self, vm: str) -> None:
         """The route before the entry."""
-        ingress.clear_route(self.ipr, vm)
+        ingress.clear_route(vm, self.ipr)
         self.encap.clear(vm)
 
     def _oif(self) -> int:
-        idx = self.ipr.link_lookup(ifname=self.cfg.interface)
-        if not idx:
+        idx = netlink.find_ifindex(self.cfg.interface, self.ipr)
+        if idx is None:
             raise ValueError(f"ingress.interface: no interface {self.cfg.interface!r} here")
-        return idx[0]
+        return idx
 
     def _on_events(self, events) -> None:
         self._apply([VmRecord.from_dict(e.value) for e in events if e.kind == "put"])

@@ -86,11 +86,10 @@ def read_queued(fd: int, limit: int = 100_000) -> list[bytes]:
 
 def tap_tx_packets(ifname: str) -> int:
     """Frames read from the tap by its owner (tun counts a frame as transmitted when the reader takes it)."""
-    from pyroute2 import IPRoute
+    from srmig import netlink  # noqa: PLC0415
 
-    with IPRoute() as ipr:
-        link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
-        return link.get_attr("IFLA_STATS64")["tx_packets"]
+    with netlink.handle() as ipr:
+        return netlink.link_stats(netlink.ifindex(ifname, ipr), ipr)["tx_packets"]
 
 
 class TapKeeper:
@@ -129,15 +128,15 @@ class TapKeeper:
 def tap_queue_len(tap: str, qlen: int | None = None) -> int | None:
     """The tap's queue length (the ring its frames wait in for QEMU), set to `qlen` if given; returns the
     length it had, None if there is no such tap."""
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    from srmig import netlink  # noqa: PLC0415
 
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=tap)
-        if not idx:
+    with netlink.handle() as ipr:
+        idx = netlink.find_ifindex(tap, ipr)
+        if idx is None:
             return None
-        old = ipr.get_links(idx[0])[0].get_attr("IFLA_TXQLEN")
+        old = netlink.link_txqlen(idx, ipr)
         if qlen is not None and qlen != old:
-            ipr.link("set", index=idx[0], txqlen=qlen)
+            netlink.set_link_txqlen(idx, qlen, ipr)
         return old
 
 

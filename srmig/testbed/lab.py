@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 
+from srmig import netlink
 from srmig.ctl import ingress
 from srmig.ctl.maps import Dataplane
 from srmig.ctl.ingress import BpfEncap
@@ -192,8 +193,8 @@ def steer(topo: Topology, role: str, encap: BpfEncap, vm: str, segments: list[st
     route, so no packet for the VM leaves unencapsulated."""
     with topo.ipr(role) as ipr:
         if segments is None:
-            ingress.clear_route(ipr, vm)
+            ingress.clear_route(vm, ipr)
             encap.clear(vm)
         else:
             encap.set(vm, segments)
-            ingress.route_vm(ipr, vm, gateway, ipr.link_lookup(ifname=ifname)[0])
+            ingress.route_vm(vm, gateway, netlink.ifindex(ifname, ipr), ipr)

@@ -1,6 +1,7 @@
 """Network namespaces as test hosts: create, wire with veth, run commands inside, always clean up.
 
-Every netlink call goes through pyroute2. Names carry a per-run prefix so that concurrent or crashed runs
+Every netlink call goes through pyroute2: srmig.netlink's where the product has the same call (namespaces,
+`inside`, ifindex), the lab's own here otherwise. Names carry a per-run prefix so that concurrent or crashed runs
 never collide, and `sweep()` removes whatever a previous crashed run left behind.
 """
 
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 
 from pyroute2 import NetNS, netns
 
+from srmig import netlink
+from srmig.netlink import inside  # here too: the lab's modules import it from srmig.testbed.netns
+
 PREFIX = "srmig-"
 _link_ids = itertools.count()
 
@@ -24,22 +28,6 @@ def sysctl(ns: str | None, key: str, value: str | int) -> None:
     with inside(ns):
         with open(path, "w") as f:
             f.write(str(value))
-
-
-@contextlib.contextmanager
-def inside(ns: str | None):
-    """Run the body with the calling thread switched into namespace `ns` (None: stay where we are).
-
-    setns() is per thread; pyroute2's pushns/popns keep a stack so nesting works.
-    """
-    if ns is None:
-        yield
-        return
-    netns.pushns(ns)
-    try:
-        yield
-    finally:
-        netns.popns()
 
 
 def run(ns: str | None, *argv: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
@@ -68,7 +56,7 @@ def sweep(prefix: str = PREFIX) -> list[str]:
     for name in netns.listnetns():
         if name.startswith(prefix) and not _owner_alive(name, prefix):
             with contextlib.suppress(OSError):
-                netns.remove(name)
+                netlink.remove_ns(name)
                 gone.append(name)
     return gone
 
@@ -89,10 +77,8 @@ class Topology:
 
     def add_host(self, role: str, forwarding: bool = True, seg6: bool = True) -> str:
         name = self.ns(role)
-        netns.create(name)
+        netlink.create_ns(name)
         self.hosts.append(name)
-        with NetNS(name) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         if forwarding:
             sysctl(name, "net.ipv6.conf.all.forwarding", 1)
         if seg6:
@@ -132,15 +118,15 @@ class Topology:
 
     def ipr(self, role: str) -> NetNS:
         """A pyroute2 handle inside a role's namespace (close it, or use `with`)."""
-        return NetNS(self.ns(role))
+        return netlink.handle(self.ns(role))
 
     def ifindex(self, role: str, ifname: str) -> int:
         with self.ipr(role) as ipr:
-            return ipr.link_lookup(ifname=ifname)[0]
+            return netlink.ifindex(ifname, ipr)
 
     def mac(self, role: str, ifname: str) -> str:
         with self.ipr(role) as ipr:
-            return ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0].get_attr("IFLA_ADDRESS")
+            return netlink.link_mac(netlink.ifindex(ifname, ipr), ipr)
 
     def route(self, role: str, dst: str, **kw) -> None:
         """`ip -6 route replace` in a role's namespace; kw as pyroute2's route(): gateway, oif, encap..."""
@@ -164,7 +150,7 @@ class Topology:
     def close(self) -> None:
         for name in reversed(self.hosts):
             with contextlib.suppress(OSError):
-                netns.remove(name)
+                netlink.remove_ns(name)
         self.hosts.clear()
 
     def __enter__(self) -> Topology:
