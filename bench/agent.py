@@ -24,10 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-from srmig.ctl import config, statedb
+from srmig.ctl import config, reconcile, statedb
 from srmig.ctl.agent import Agent, Domain, metadata_xml
-from srmig.ctl.phases import HostSids
-from srmig.ctl.vmdb import VmDb
+from srmig.ctl.work import DbMigrations, HookBegin, Lifecycle, Noop
 from srmig.bpf import loader
 from srmig.bpf.abi import VmState
 from srmig.testbed import lab as L
@@ -58,9 +57,9 @@ def _summary(xs: list[float]) -> dict:
 
 def _agent(name: str, locator: str, db: Path, dp, kv) -> Agent:
     a = Agent(config.parse(CFG.format(name=name, locator=locator, db=db), f"bench:{name}"))
-    a.dp, a.kv, a.db = dp, kv, VmDb(kv)
-    threading.Thread(target=a._db_writer, daemon=True).start()
-    a.db.put_host(a.sids, a.cfg.host.address, ())
+    a.host.use_dataplane(dp)
+    a.dbl.use(kv)
+    a.db.put_host(a.host.sids, a.cfg.host.address, ())
     return a
 
 
@@ -78,20 +77,20 @@ def event_to_map(lab, work: Path, events: int, say) -> dict:
     try:
         for i in range(events):
             vm, name = _vm(i), f"vm{i}"
-            src.db.publish(vm, "S", [src.sids.dx6], "steady")
+            src.db.publish(vm, "S", [src.host.sids.dx6], "steady")
             xml = f"<domain><name>{name}</name><metadata>{metadata_xml(vm)}</metadata></domain>"
-            dst.call("hook-begin", xml)                      # provisioning (INCOMING), as from the hook
-            dst.latencies_ms.clear()
-            dst.enqueue("lifecycle", name, "RESUMED", "MIGRATED", time.monotonic_ns())
-            dst.call("noop")                                 # the worker is done with it
-            resumed += dst.latencies_ms
+            dst.call(HookBegin(xml))                      # provisioning (INCOMING), as from the hook
+            dst.host.latencies_ms.clear()
+            dst.enqueue(Lifecycle(name, "RESUMED", "MIGRATED", time.monotonic_ns()))
+            dst.call(Noop())                                 # the worker is done with it
+            resumed += dst.host.latencies_ms
             # A VM that boots here outside any migration.
             bname, bvm = f"boot{i}", _vm(100_000 + i)
-            dst.domains[bname] = Domain(bname, bvm, None)
-            dst.latencies_ms.clear()
-            dst.enqueue("lifecycle", bname, "STARTED", "BOOTED", time.monotonic_ns())
-            dst.call("noop")
-            booted += dst.latencies_ms
+            dst.host.domains[bname] = Domain(bname, bvm, None)
+            dst.host.latencies_ms.clear()
+            dst.enqueue(Lifecycle(bname, "STARTED", "BOOTED", time.monotonic_ns()))
+            dst.call(Noop())
+            booted += dst.host.latencies_ms
             if say and i % 50 == 0:
                 say(f"agent: event -> map {i}/{events}")
             time.sleep(0.001)
@@ -113,14 +112,14 @@ def reconciliation(lab, work: Path, vms: int, say) -> dict:
     for i in range(vms):
         vm = _vm(i)
         seen[vm] = (Domain(f"vm{i}", vm, f"tap{i}"), 1, 1)  # VIR_DOMAIN_RUNNING, reason BOOTED
-        a.db.publish(vm, "S", [a.sids.dx6], "steady")
+        a.db.publish(vm, "S", [a.host.sids.dx6], "steady")
     out = {"vms": vms, "target_s": TARGET_RECONCILE_S}
     # Cold: the map is empty (host reboot, or the program reloaded): every entry is written.
     for e in lab.dp.list_vms():
         lab.dp.del_vm(e.vm)
     t0 = time.monotonic()
-    r = a.reconcile_snapshot(seen)
-    a._db_async(lambda: None).result()  # and every database write it queued
+    r = reconcile.snapshot(a.host, seen)
+    a.dbl.write(lambda: None).result()  # and every database write it queued
     out["cold_s"] = round(time.monotonic() - t0, 3)
     out["cold_fixed"] = r["fixed"]
     # Restart: the map survived the agent (it always does), a few entries are wrong.
@@ -128,8 +127,8 @@ def reconciliation(lab, work: Path, vms: int, say) -> dict:
         lab.dp.set_vm(_vm(i), VmState.AWAY, next_sid="fc00:0:2::d6")
     a2 = _agent("S", "fc00:0:1::/48", work / "rec.db", lab.dp, kv)
     t0 = time.monotonic()
-    r = a2.reconcile_snapshot(seen)
-    a2._db_async(lambda: None).result()
+    r = reconcile.snapshot(a2.host, seen)
+    a2.dbl.write(lambda: None).result()
     out["restart_s"] = round(time.monotonic() - t0, 3)
     out["restart_fixed"] = r["fixed"]
     assert all(lab.dp.get_vm(_vm(i)).state is VmState.RUNNING for i in range(0, vms, 1000))
@@ -155,28 +154,28 @@ def load(work: Path, migrations: int, say, grace_s: float = 0.2) -> dict:
     with L.TestRunLab(loader.Limits(max_vms=migrations + 1024)) as lab_s, lab_d:
         src = _agent("S", "fc00:0:1::/48", work / "load.db", lab_s.dp, kv)
         dst = _agent("D", "fc00:0:2::/48", work / "load.db", lab_d.dp, kv)
-        src.machine.grace_s = dst.machine.grace_s = grace_s
-        watches = [kv.watch("migrations/", lambda evs, a=a: a.enqueue("db-migrations", evs)) for a in (src, dst)]
+        src.host.machine.grace_s = dst.host.machine.grace_s = grace_s
+        watches = [kv.watch("migrations/", lambda evs, a=a: a.enqueue(DbMigrations(evs))) for a in (src, dst)]
         workers = [threading.Thread(target=a.run, daemon=True) for a in (src, dst)]
         for w in workers:
             w.start()
         rss0 = _rss_mib()
         names = {i: (f"vm{i}", _vm(i)) for i in range(migrations)}
         for i, (name, vm) in names.items():
-            src.domains[name] = Domain(name, vm, None)
-            dst.domains[name] = Domain(name, vm, None)
-            src.enqueue("lifecycle", name, "STARTED", "BOOTED", time.monotonic_ns())
-        src.call("noop")
-        src._db_async(lambda: None).result()
+            src.host.domains[name] = Domain(name, vm, None)
+            dst.host.domains[name] = Domain(name, vm, None)
+            src.enqueue(Lifecycle(name, "STARTED", "BOOTED", time.monotonic_ns()))
+        src.call(Noop())
+        src.dbl.write(lambda: None).result()
         t0 = time.monotonic()
         for i, (name, vm) in names.items():  # every migration begins before any pauses
-            dst.call("hook-begin", f"<domain><name>{name}</name><metadata>{metadata_xml(vm)}</metadata></domain>")
+            dst.call(HookBegin(f"<domain><name>{name}</name><metadata>{metadata_xml(vm)}</metadata></domain>"))
         if say:
             say(f"agent: {migrations} migrations in flight")
         for step, (agent, typ) in enumerate(((src, "SUSPENDED"), (dst, "RESUMED"), (src, "STOPPED"))):
             for name, _vm_addr in names.values():
-                agent.enqueue("lifecycle", name, typ, "MIGRATED", time.monotonic_ns())
-            agent.call("noop", timeout=60)
+                agent.enqueue(Lifecycle(name, typ, "MIGRATED", time.monotonic_ns()))
+            agent.call(Noop(), timeout=60)
             time.sleep(0.2)  # the other end's watch delivers
         deadline = time.monotonic() + 30
         ours = {vm for _n, vm in names.values()}
@@ -184,10 +183,10 @@ def load(work: Path, migrations: int, say, grace_s: float = 0.2) -> dict:
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
         for a in (src, dst):
-            a._db_async(lambda: None).result()
+            a.dbl.write(lambda: None).result()
         recs = {r.vm: r for r in src.db.vms()[0]}
         wrong = [vm for _n, vm in names.values()
-                 if recs[vm].host != "D" or recs[vm].segments != (dst.sids.dx6,)
+                 if recs[vm].host != "D" or recs[vm].segments != (dst.host.sids.dx6,)
                  or lab_d.dp.get_vm(vm) is None or lab_d.dp.get_vm(vm).state is not VmState.RUNNING]
         ours = {vm for _n, vm in names.values()}
         left_on_source = sum(e.vm in ours for e in lab_s.dp.list_vms())
@@ -210,12 +209,12 @@ def big_map(lab, work: Path, vms: int, say) -> dict:
     rss0 = _rss_mib()
     seen = {_vm(i): (Domain(f"vm{i}", _vm(i), None), 1, 1) for i in range(vms)}
     t0 = time.monotonic()
-    r = a.reconcile_snapshot(seen)
-    a._db_async(lambda: None).result()
+    r = reconcile.snapshot(a.host, seen)
+    a.dbl.write(lambda: None).result()
     cold = time.monotonic() - t0
     a2 = _agent("S", "fc00:0:1::/48", work / "big.db", lab.dp, kv)
     t0 = time.monotonic()
-    a2.reconcile_snapshot(seen)
+    reconcile.snapshot(a2.host, seen)
     restart = time.monotonic() - t0
     out = {"vms": vms, "cold_s": round(cold, 2), "restart_s": round(restart, 2), "written": r["fixed"],
            "in_map": len(lab.dp.list_vms()), "rss_mib_before": rss0, "rss_mib_after": _rss_mib()}

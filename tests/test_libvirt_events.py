@@ -171,6 +171,7 @@ def test_live_migration_between_two_daemons():
     import libvirt  # noqa: PLC0415
 
     from srmig.ctl.libvirt_link import LibvirtLink  # noqa: PLC0415
+    from srmig.ctl.work import Lifecycle  # noqa: PLC0415
     from srmig.testbed import libvirtd  # noqa: PLC0415
     from srmig.testbed.netns import Topology  # noqa: PLC0415
 
@@ -190,7 +191,7 @@ def test_live_migration_between_two_daemons():
             libvirtd_d = ds["D"]
             heard = []
             # Each item the link enqueues, with the QEMU STOPs it had recorded by then.
-            link = LibvirtLink(ds["S"].uri, lambda *item: heard.append((item, dict(link.qemu_stops))))
+            link = LibvirtLink(ds["S"].uri, lambda item: heard.append((item, dict(link.qemu_stops))))
             link.start()
             try:
                 deadline = time.monotonic() + 10
@@ -210,7 +211,8 @@ def test_live_migration_between_two_daemons():
     assert evs == [E.BEGIN, E.SUSPENDED, E.RESUMED, E.STOPPED]
     assert actions == PROVISION + PAUSE + RESUME + CUT_OVER
     check_success(actions, m)
-    suspended = [(item[4], stops) for item, stops in heard if item[:3] == ("lifecycle", "srmig-vm", "SUSPENDED")]
+    suspended = [(item.t_ns, stops) for item, stops in heard
+                 if isinstance(item, Lifecycle) and (item.domain, item.type) == ("srmig-vm", "SUSPENDED")]
     assert suspended, heard
     t_heard, stops_then = suspended[0]
     stop = link.qemu_stopped_ns("srmig-vm", t_heard)

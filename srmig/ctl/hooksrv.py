@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from srmig.ctl import work
+
 log = logging.getLogger("srmig.hook")
 
 
@@ -33,7 +35,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 if op == "migrate-begin":
                     out = self._begin(agent, req)
                 elif op == "status":
-                    out = {"ok": True, **agent.call("status")}
+                    out = {"ok": True, **agent.call(work.Status())}
                 else:
                     out = {"ok": False, "error": f"unknown op {op!r}"}
             except Exception as e:  # noqa: BLE001 - answered, never fatal
@@ -45,7 +47,7 @@ class _Handler(socketserver.StreamRequestHandler):
     @staticmethod
     def _begin(agent, req) -> dict:
         t0 = time.monotonic()
-        res = agent.call("hook-begin", req["xml"], timeout=agent.cfg.hook.ack_timeout_s + 5)
+        res = agent.call(work.HookBegin(req["xml"]), timeout=agent.cfg.hook.ack_timeout_s + 5)
         if not res.get("managed"):
             return {"ok": True, "managed": False}
         left = max(0.0, agent.cfg.hook.ack_timeout_s - (time.monotonic() - t0))

@@ -1,6 +1,9 @@
 """The agent's libvirt connection: event loop registered first, keepalive, close callback, reconnect with
-backoff. Callbacks only enqueue (the agent's one worker applies); after every (re)connect the worker
-reconciles, so whatever happened while we were away is caught up from the domains' states.
+backoff. Callbacks only enqueue (the agent's one worker applies, srmig.ctl.work); after every (re)connect the
+worker reconciles, so whatever happened while we were away is caught up from the domains' states.
+
+Also what the agent reads of a domain: its srmig metadata and tap (Domain), and QEMU's virtio-net RX ring
+through the monitor passthrough (rx_used: the swallowed-frame baseline).
 
 One callback does not enqueue: QEMU's own STOP event (libvirt_qemu's monitor events), which carries QEMU's
 timestamp. libvirt's lifecycle events carry none, and an agent starved of CPU heard SUSPENDED up to 186 ms
@@ -8,16 +11,65 @@ after QEMU had stopped reading its tap; the source's drain needs the real moment
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import threading
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from srmig.ctl.libvirt_events import ensure_event_loop, lifecycle_names
+from srmig.ctl.work import Iteration, JobCompleted, Lifecycle, LibvirtDown, LibvirtUp
 
 log = logging.getLogger("srmig.libvirt")
 KEEPALIVE = (5, 3)          # interval (s), missed replies before the connection is declared dead
 QEMU_STOP_MAX_AGE_NS = 10_000_000_000  # a QEMU STOP this much older than the SUSPENDED heard is another pause
 BACKOFF = (0.2, 10.0)       # first and longest retry delay (s)
+XMLNS = "urn:srmig:vm:1"
+
+
+@dataclass
+class Domain:
+    """What the agent needs from a libvirt domain's XML."""
+
+    name: str
+    vm: str            # the VM's IPv6 address: the key of everything srmig does
+    tap: str | None
+
+    @classmethod
+    def from_xml(cls, xml: str) -> Domain | None:
+        """None when the domain is not managed by srmig (no <srmig:vm><address> in its metadata)."""
+        root = ET.fromstring(xml)
+        addr = root.find(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")
+        if addr is None or not (addr.text or "").strip():
+            return None
+        vm = str(ipaddress.IPv6Address(addr.text.strip().split("/")[0]))
+        tap = root.find("./devices/interface/target")
+        return cls(root.findtext("name"), vm, tap.get("dev") if tap is not None else None)
+
+
+def metadata_xml(address: str) -> str:
+    """The metadata element that makes srmig manage a domain (goes inside <metadata>)."""
+    return f"<srmig:vm xmlns:srmig='{XMLNS}'><srmig:address>{address}</srmig:address></srmig:vm>"
+
+
+def _qmp(dom, cmd: str, **args):
+    """One QMP command through libvirt's QEMU monitor passthrough."""
+    import libvirt_qemu  # noqa: PLC0415
+
+    req = {"execute": cmd, "arguments": args} if args else {"execute": cmd}
+    return json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(req), 0))["return"]
+
+
+def _virtio_net_path(dom) -> str:
+    return next(d["path"] for d in _qmp(dom, "x-query-virtio") if d.get("name") == "virtio-net")
+
+
+def _rx_used_idx(dom, path: str) -> int:
+    """The virtio-net RX used index (QMP x-query-virtio-queue-status)."""
+    return _qmp(dom, "x-query-virtio-queue-status", path=path, queue=0)["used-idx"]
 
 
 class LibvirtLink:
@@ -70,7 +122,7 @@ class LibvirtLink:
             self.conn = conn
             self.connects += 1
             self.state, self.error, self.retry_in = "connected", None, None
-            self.enqueue("libvirt-up", conn)
+            self.enqueue(LibvirtUp(conn))
             while not self._closed.wait(0.5):
                 if self._stop.is_set():
                     break
@@ -92,8 +144,35 @@ class LibvirtLink:
                 pass
             if not self._stop.is_set():
                 self.state, self.error = "reconnecting", "connection closed"
-                self.enqueue("libvirt-down", "connection closed")
+                self.enqueue(LibvirtDown("connection closed"))
                 self._stop.wait(delay)
+
+    def domain(self, name: str) -> Domain | None | bool:
+        """`name`'s Domain read now; None: not managed by srmig; False: cannot tell (not connected, or the
+        domain went)."""
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            return Domain.from_xml(conn.lookupByName(name).XMLDesc(0))
+        except Exception as e:  # noqa: BLE001 - gone already
+            log.debug("%s: no XML (%s)", name, e)
+            return False
+
+    def rx_used(self, domain: str) -> Callable[[], int]:
+        """A counter of the frames `domain`'s QEMU took from its tap into the guest's RX ring (QMP), read
+        on the connection of the moment: libvirtd may restart between two reads."""
+        cache = {}
+
+        def read() -> int:
+            c = self.conn
+            if c is None:
+                raise RuntimeError("libvirt not connected")
+            if cache.get("conn") is not c:
+                dom = c.lookupByName(domain)
+                cache.update(conn=c, dom=dom, path=_virtio_net_path(dom))
+            return _rx_used_idx(cache["dom"], cache["path"])
+        return read
 
     def qemu_stopped_ns(self, domain: str, heard_ns: int) -> int | None:
         """When `domain`'s QEMU stopped (time.monotonic_ns), for the SUSPENDED event heard at `heard_ns`;
@@ -129,13 +208,13 @@ class LibvirtLink:
 
         def lifecycle(_c, dom, typ, detail, _o):
             t, d = lifecycle_names(typ, detail)
-            self.enqueue("lifecycle", dom.name(), t, d, time.monotonic_ns())
+            self.enqueue(Lifecycle(dom.name(), t, d, time.monotonic_ns()))
 
         def job(_c, dom, params, _o):
-            self.enqueue("job-completed", dom.name(), dict(params), time.monotonic_ns())
+            self.enqueue(JobCompleted(dom.name(), dict(params), time.monotonic_ns()))
 
         def iteration(_c, dom, it, _o):
-            self.enqueue("iteration", dom.name(), it, time.monotonic_ns())
+            self.enqueue(Iteration(dom.name(), it, time.monotonic_ns()))
 
         def closed(_c, reason, _o):
             self._closed.set()

@@ -7,21 +7,24 @@ the destination resumes; the migration completes. Baselines reuse srmig's datapl
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
-from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
-from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, Publish, ReturnHeld, SetVm, Unpark
-from srmig.ctl.phases import Phase, plan
+from srmig.ctl.drain import DrainReport
+from srmig.ctl.executor import Executor, Owner
 from srmig.ctl.ingress import BpfEncap
-from srmig.ctl.swallow import ShadowLog, SwallowCheck
-from srmig.ctl.tap import TapKeeper
+from srmig.ctl.machine import Drain, Ev, Machine, Publish, Unpark
+from srmig.ctl.phases import Phase, plan
+from srmig.ctl.swallow import SwallowCheck
 from srmig.bpf.abi import VmState
 from srmig.testbed.lab import encap_on, steer
 from srmig.testbed.testbed import SIDS, T_END, VM_ADDR, Testbed
 
+log = logging.getLogger("srmig.testbed")
 S, D = SIDS["S"], SIDS["D"]
+S_ADDR, D_ADDR = "2001:db8:a::2", "2001:db8:b::2"  # the hosts' fabric addresses: the outer source of what they send
 BICAST_TCLASS = 0x20
 BICAST_TABLE = 100
 BICAST_C, BICAST_B = "2001:db8:e1::1", "2001:db8:e1::2"  # C's link to the copy ingress B
@@ -158,9 +161,13 @@ class Bicast(Strategy):
 
 
 class Srmig(Strategy):
-    """srmig, driven by the agent's state machine (srmig.ctl.machine): the path S -> D is provisioned before
-    stop-and-copy (End.S, End.SBUF); at the pause the source tap queue is drained to D ahead of newer
-    packets; cut-over once the migration completes. This class only executes the machine's actions."""
+    """srmig, driven by the agent's state machine (srmig.ctl.machine) and applied by the agent's executor
+    (srmig.ctl.executor), one per host: the path S -> D is provisioned before stop-and-copy (End.S,
+    End.SBUF); at the pause the source tap queue is drained to D ahead of newer packets; cut-over once the
+    migration completes. This class only feeds events and publishes the segment lists (one ingress, applied
+    synchronously: acknowledged)."""
+
+    MIGRATION = "testbed"  # the migration's id (the agent's are random)
 
     def __init__(self, drain: bool = True, grace_s: float = 0.5, recover_swallowed: bool = True):
         super().__init__("srmig" if drain else "srmig-no-drain",
@@ -168,68 +175,72 @@ class Srmig(Strategy):
                          + ("; source tap queue drained at the pause" if drain else ""))
         self.machine = Machine(grace_s=grace_s, drain=drain)
         self.recover_swallowed = drain and recover_swallowed
-        self.drain_report: DrainReport | None = None
-        self._shadow: ShadowLog | None = None
-        self._check: SwallowCheck | None = None
-        self._src = None
-        self._dst = None
-        self._keeper: TapKeeper | None = None
-        self.returned = 0  # packets D returned to S on abort
-        self.unparked = 0  # packets S parked meanwhile, then delivered
-        self._sbuf_base = 0
-        self._drain: SourceDrain | None = None
-        self._queues: dict[str, int] = {}  # host -> the tap queue length to restore after the window
-        self._stopped_ns = 0
+        self.hosts: dict[str, Executor] = {}
+        self._qemu: dict[str, object] = {}  # host -> its Qemu (pid, tap, QMP)
+        # The executors are not thread-safe, like the agent's one worker: the STOP and RESUME watchers and the
+        # executors' timers take turns.
+        self._lock = threading.RLock()
+        self._timers: list[threading.Timer] = []
+        self._closed = False
 
-    def _long_queue(self, tb: Testbed, host: str, tap: str) -> None:
-        """The migration window: a paused or incoming QEMU's tap queue holds what it cannot read yet."""
-        if host not in self._queues:
-            self._queues[host] = tb.set_txqueuelen(host, tap, WINDOW_TXQUEUELEN)
+    @property
+    def drain_report(self) -> DrainReport | None:
+        return self.hosts["S"].vm(VM_ADDR).report if "S" in self.hosts else None
 
-    def _restore_queues(self, tb: Testbed) -> None:
-        for host, qlen in self._queues.items():
-            with contextlib.suppress(Exception):  # the tap may be gone with its QEMU
-                tb.set_txqueuelen(host, self._src.tap, qlen)
-        self._queues.clear()
+    @property
+    def returned(self) -> int:
+        """Packets D returned to S on abort."""
+        return (self.hosts["D"].vm(VM_ADDR).returned or 0) if "D" in self.hosts else 0
 
-    def _execute(self, tb: Testbed, actions: list) -> None:
+    @property
+    def unparked(self) -> int:
+        """Packets S parked meanwhile, then delivered."""
+        return self.hosts["S"].vm(VM_ADDR).unparked if "S" in self.hosts else 0
+
+    def _later(self, seconds: float, fn, *args) -> None:
+        def run():
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    fn(*args)
+                except Exception as e:  # noqa: BLE001 - as the agent's worker: logged, the run goes on
+                    log.warning("testbed executor: deferred %s failed: %s", getattr(fn, "__name__", fn), e)
+        t = threading.Timer(seconds, run)
+        t.daemon = True
+        self._timers.append(t)
+        t.start()
+
+    def _executor(self, tb: Testbed, host: str, address: str) -> Executor:
+        def qemu_pid(_loc, host=host):
+            q = self._qemu.get(host)
+            return q.pid if q is not None else None
+        return Executor(Owner(name=host, dp=tb.dp[host], address=address, drain=self.recover_swallowed,
+                              tap_queue=WINDOW_TXQUEUELEN, qemu_pid=qemu_pid, later=self._later,
+                              enter=lambda: tb.topo.inside(host)))
+
+    def _execute(self, actions: list) -> None:
+        m = self.machine.migrations[VM_ADDR]
+        s, d = self.hosts["S"].vm(VM_ADDR), self.hosts["D"].vm(VM_ADDR)
         for a in actions:
-            if isinstance(a, SetVm) and (a.state is VmState.INCOMING or a.shadow):  # the window opens
-                self._long_queue(tb, a.host, self._src.tap)
-            if isinstance(a, SetVm):
-                if a.shadow and self.recover_swallowed and self._shadow is None:
-                    self._shadow = ShadowLog(tb.dp[a.host]).start()  # before the flag: miss nothing
-                if a.park:  # D's returned packets are counted at this End.SBUF: Unpark waits for them
-                    self._sbuf_base = sid_delivered(tb.dp[a.host], S.sbuf)
-                tb.dp[a.host].set_vm(VM_ADDR, a.state, next_sid=a.next_sid,
-                                     shadow=a.shadow and self.recover_swallowed, park=a.park)
-            elif isinstance(a, DelVm):
-                tb.dp[a.host].del_vm(VM_ADDR)
-            elif isinstance(a, Publish):
-                tb.steer(list(a.segments))  # one ingress, applied synchronously: acknowledged
-            elif isinstance(a, Drain):
-                drain = self._drain = SourceDrain(tb.dp[a.host], VM_ADDR, "2001:db8:a::2", [T_END, D.sbuf],
-                                                  a.next_sid)
-                with tb.topo.inside(a.host), TapKeeper(self._src.pid, self._src.tap) as queue:
-                    self.drain_report = drain.run(queue, check=self._check, shadow=self._shadow,
-                                                  stopped_at_ns=self._stopped_ns)
-            elif isinstance(a, KeepTap) and a.host == "D" and self._dst is not None:
-                # The source's QEMU is ours: it outlives the drain, which takes its tap queue then.
-                self._keeper = TapKeeper(self._dst.pid, self._dst.tap)
-            elif isinstance(a, ReturnHeld) and self._keeper is not None:
-                with tb.topo.inside(a.host):
-                    # The source QEMU delivers, when it resumes, the one frame it keeps in its own net queue:
-                    # the newest of those the drain re-sent. The others it had dropped: return them.
-                    skip = self._drain.resent_swallowed[-1:] if self._drain else []
-                    self.returned += return_held(self._keeper, "2001:db8:b::2", list(a.segments), skip)
-            elif isinstance(a, Unpark):
-                wait_delivered(tb.dp[a.host], S.sbuf, self._sbuf_base + self.returned)  # D's, on their way
-                with tb.topo.inside(a.host):
-                    self.unparked = unpark(tb.dp[a.host], VM_ADDR, self._src.tap)
+            if isinstance(a, Publish):
+                self._tb.steer(list(a.segments))
+            elif getattr(a, "host", None) in self.hosts:
+                self.hosts[a.host].execute(m, [a], self.MIGRATION)
+                if isinstance(a, Unpark) and d.returned is not None:  # D's record, as the agent reads it
+                    self.hosts["S"].unpark(m, self.MIGRATION, d.returned)
+            if isinstance(a, Drain) and s.drain is not None:
+                d.peer_resent = list(s.drain.resent_swallowed)  # the source's record, as D reads it
             # StartGrace: the run outlasts the grace period; finish() ends it.
             self._note(type(a).__name__)
 
+    def _handle(self, ev: Ev) -> None:
+        with self._lock:
+            self._execute(self.machine.handle(VM_ADDR, ev))
+
     def steady(self, tb):
+        self._tb, self._closed = tb, False
+        self.hosts = {"S": self._executor(tb, "S", S_ADDR), "D": self._executor(tb, "D", D_ADDR)}
         tb.dp["D"].del_vm(VM_ADDR)
         p = plan(Phase.STEADY, S, D, [T_END])
         tb.dp["S"].set_vm(VM_ADDR, p.source)
@@ -237,40 +248,44 @@ class Srmig(Strategy):
         self.machine.start(VM_ADDR, S, D, (T_END,))
 
     def prepare(self, tb, src):
-        self._src = src
+        self._qemu["S"] = src
+        loc = self.hosts["S"].vm(VM_ADDR)
+        loc.tap = src.tap
         if self.recover_swallowed:
             # Frames QEMU read minus frames it gave the guest, while nothing is in flight.
-            self._check = SwallowCheck(src.tap, src.rx_used_idx)
+            check = SwallowCheck(src.tap, src.rx_used_idx)
             with tb.topo.inside("S"):
-                if not self._check.baseline():
-                    self._check = None
+                loc.check = check if check.baseline() else None
 
     def dest_started(self, tb, dst):
-        self._dst = dst
+        self._qemu["D"] = dst
+        self.hosts["D"].vm(VM_ADDR).tap = dst.tap
 
     def begin(self, tb, src):
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.BEGIN))
+        self._handle(Ev.BEGIN)
 
     def source_stopped(self, tb, src, stopped_ns):
-        self._stopped_ns = stopped_ns
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.SUSPENDED))
+        self.hosts["S"].vm(VM_ADDR).stopped_ns = stopped_ns
+        self._handle(Ev.SUSPENDED)
 
     def dest_resumed(self, tb):
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.RESUMED))
+        self._handle(Ev.RESUMED)
 
     def completed(self, tb):
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.STOPPED))
+        self._handle(Ev.STOPPED)
 
     def failed(self, tb):
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.FAILED))
+        self._handle(Ev.FAILED)
 
     def finish(self, tb):
-        self._execute(tb, self.machine.handle(VM_ADDR, Ev.GRACE_OVER))
-        self._restore_queues(tb)
-        for res in (self._shadow, self._keeper):
-            if res is not None:
-                res.close()
-        self._shadow = self._keeper = None
+        self._handle(Ev.GRACE_OVER)
+        with self._lock:
+            self._closed = True
+            for t in self._timers:
+                t.cancel()
+            self._timers.clear()
+            for ex in self.hosts.values():
+                ex.close()
 
 
 STRATEGIES = {"reactive": Reactive, "withdraw": Withdraw, "bicast": Bicast, "srmig": Srmig}

@@ -93,14 +93,6 @@ class Testbed:
         queue keeps the kernel's default length; srmig raises it for the migration window only."""
         configure_host_tap(self.ns(role), ifname, VM_ADDR, guest_mac, GATEWAY_LL, GATEWAY_MAC, txqueuelen)
 
-    def set_txqueuelen(self, role: str, ifname: str, qlen: int) -> int:
-        """Set a link's queue length; returns the previous one."""
-        with self.topo.ipr(role) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)[0]
-            old = ipr.get_links(idx)[0].get_attr("IFLA_TXQLEN")
-            ipr.link("set", index=idx, txqlen=qlen)
-            return old
-
     def steer(self, segments: list[str] | None) -> None:
         """The client's route to the VM: H.Encaps with `segments`, or withdrawn (None)."""
         steer(self.topo, "C", self.encap, VM_ADDR, segments, CLIENT_GW, "c0")

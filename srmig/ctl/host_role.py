@@ -1,0 +1,479 @@
+"""The agent's host role: a hypervisor's VMs through their migrations. libvirt's events (srmig.ctl.libvirt_link)
+and the other end's records (migrations/<vm>/<host>, srmig.ctl.vmdb) become the state machine's events
+(srmig.ctl.machine); the actions for this host go to the executor (srmig.ctl.executor), Publish and the
+grace period to the database. After a restart or a libvirt reconnect, reconciliation rebuilds the maps
+from the domains' states and the database.
+
+The two ends of a migration run their own state machine over the same events: each end applies the actions
+for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<vm>/<host> only
+after applying them; the other end feeds those to its machine.
+
+Every method runs on the agent's one worker (srmig.ctl.agent), except where a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srmig.bpf.abi import VmState
+from srmig.ctl import reconcile, work
+from srmig.ctl.baseline import Baselines
+from srmig.ctl.config import Config
+from srmig.ctl.dblink import LEASE_TTL_S, DbLink
+from srmig.ctl.executor import Executor, Owner, VmLocal
+from srmig.ctl.libvirt_events import translate
+from srmig.ctl.libvirt_link import Domain, LibvirtLink
+from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
+from srmig.ctl.phases import Phase
+
+log = logging.getLogger("srmig.agent")
+SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
+
+
+@dataclass
+class Track:
+    """What the agent knows of one VM's migration (its resources on this host: executor.VmLocal)."""
+
+    migration: str | None = None   # the id of the migration the machine runs
+    seen: set = field(default_factory=set)        # events this host saw (not its peer)
+    fed: dict = field(default_factory=dict)       # (migration id, host) -> events of its record fed
+    pending: list = field(default_factory=list)   # local events seen before the migration record
+    deferred: list = field(default_factory=list)  # actions waiting for the other end (abort on D)
+    phase: tuple[str, float] | None = None        # the phase and since when (metrics)
+
+
+class HostRole:
+    def __init__(self, cfg: Config, dbl: DbLink, enqueue: Callable[[work.Item], None],
+                 later: Callable[[float, work.Item], None], stopping: threading.Event, libvirt_factory=None):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.dbl = dbl
+        self.enqueue = enqueue
+        self.later = later
+        self.stopping = stopping
+        self._libvirt_factory = libvirt_factory
+        self.machine = Machine(grace_s=cfg.host.grace_s, drain=cfg.host.drain)
+        self.sids = cfg.host.sids
+        self.executor: Executor | None = None       # once the maps are loaded
+        self.domains: dict[str, Domain] = {}       # name -> Domain
+        self.tracks: dict[str, Track] = {}          # vm -> Track
+        self.libvirt: LibvirtLink | None = None
+        self.baselines: Baselines | None = None      # the swallowed-frame baselines (with libvirt)
+        self.metrics = None                          # srmig.ctl.metrics, when served
+        self._watches = []
+        self._last_event_ns = 0                      # the event the next map write answers (0: none)
+        self.latencies_ms: list[float] = []          # event -> first map write, last 1000
+        self._hosts: dict[str, tuple] = {}            # host records (they change only with a host's config)
+
+    @property
+    def dp(self):
+        """This host's maps (srmig.ctl.maps.Dataplane), None before they are loaded."""
+        return self.executor.dp if self.executor else None
+
+    @property
+    def db(self):
+        return self.dbl.db
+
+    def done_with_item(self) -> None:
+        self._last_event_ns = 0  # a later map write belongs to a later item
+
+    def track(self, vm: str) -> Track:
+        return self.tracks.setdefault(vm, Track())
+
+    def _local(self, vm: str) -> VmLocal | None:
+        return self.executor.vm(vm) if self.executor else None
+
+    def _host(self, name: str):
+        if name not in self._hosts:
+            h = self.db.host(name)
+            if h is None:
+                return None
+            self._hosts[name] = h
+        return self._hosts[name]
+
+    def load_dataplane(self) -> None:
+        from srmig.bpf import loader  # noqa: PLC0415
+        from srmig.bpf.abi import Behaviour  # noqa: PLC0415
+        from srmig.ctl.maps import Dataplane  # noqa: PLC0415
+
+        h = self.cfg.host
+        loaded = loader.load(h.fabric, h.xdp_mode, loader.Limits(hold_ring_pages=h.hold_ring_pages))
+        os.close(loaded.prog_fd)
+        dp = self.use_dataplane(Dataplane(loaded.pin_dir))
+        dp.add_sid(h.sids.dx6, Behaviour.END_DX6_MAP)
+        dp.add_sid(h.sids.end_s, Behaviour.END_S)
+        dp.add_sid(h.sids.sbuf, Behaviour.END_SBUF)
+        # The SR domain as configured: add first, then remove what is no longer listed (never a gap).
+        for prefix in h.sr_domain:
+            dp.add_domain(prefix)
+        for prefix in set(dp.list_domains()) - {str(ipaddress.IPv6Network(p)) for p in h.sr_domain}:
+            dp.del_domain(prefix)
+
+    def use_dataplane(self, dp):
+        """This host's maps: the executor of the host's actions works on them."""
+        h = self.cfg.host
+        self.executor = Executor(Owner(
+            name=self.name, dp=dp, address=h.address, drain=h.drain, tap_queue=h.tap_queue,
+            qemu_pid=self._qemu_pid, later=lambda s, fn, *args: self.later(s, work.Call(fn, args)),
+            qemu_stopped_ns=self._qemu_stopped_ns, on_map_write=self._mark_map_write,
+            on_returned=self._put_record))
+        return dp
+
+    def _qemu_pid(self, loc: VmLocal) -> int | None:
+        if not loc.domain:
+            return None
+        try:
+            return int((Path(self.cfg.host.qemu_run_dir) / f"{loc.domain}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _qemu_stopped_ns(self, loc: VmLocal) -> int | None:
+        """QEMU's own STOP time when libvirt passed it on (else the drain uses when we heard SUSPENDED)."""
+        return self.libvirt.qemu_stopped_ns(loc.domain, loc.stopped_ns) if self.libvirt else None
+
+    def db_up(self, kv) -> None:
+        """The database answers: our host record, the peers', the migrations in flight (replayed), their
+        watch, then libvirt (its reconciliation needs the records)."""
+        h = self.cfg.host
+        self.db.put_host(h.sids, h.address, h.transit, lease=None)
+        for e in kv.range("hosts/")[0]:  # the peers' SIDs, read once: no round trip at migration time
+            self._host(e.key[len("hosts/"):])
+        migs, rev = self.db.migrations()
+        for vm, recs in migs.items():
+            self._migration_records(vm, recs, replay=True)
+        self._watches.append(kv.watch("migrations/", lambda evs: self.enqueue(work.DbMigrations(evs)),
+                                      start_revision=rev + 1))
+        if self.libvirt is None:
+            self.libvirt = LibvirtLink(h.libvirt_uri, self.enqueue, factory=self._libvirt_factory)
+            self.libvirt.start()
+            if h.drain:
+                self.baselines = Baselines(self.executor, self.libvirt, lambda vm: self.role_of(vm) is not None,
+                                           self.stopping)
+
+    def close(self) -> None:
+        """Release what we hold; the maps stay (the program keeps forwarding while no agent runs)."""
+        if self.libvirt:
+            self.libvirt.close()
+        for w in self._watches:
+            with contextlib.suppress(Exception):
+                w.cancel()
+        if self.executor:
+            self.executor.close()
+
+    def _put_record(self, vm: str) -> None:
+        rec = self._record(vm)
+        self.dbl.write(lambda: self.db.put_migration(vm, self.name, rec))
+
+    # --- libvirt -------------------------------------------------------------------------------------
+
+    def on_libvirt_up(self, item: work.LibvirtUp) -> None:
+        reconcile.reconcile(self, item.conn)
+
+    def on_libvirt_down(self, item: work.LibvirtDown) -> None:
+        log.warning("libvirt connection lost: %s", item.reason)
+
+    def _domain(self, name: str, refresh: bool = False) -> Domain | None:
+        if (refresh or name not in self.domains) and self.libvirt:
+            d = self.libvirt.domain(name)
+            if d is None:
+                self.domains.pop(name, None)
+            elif d is not False:
+                self.domains[name] = d
+        return self.domains.get(name)
+
+    def role_of(self, vm: str) -> str | None:
+        m = self.machine.migrations.get(vm)
+        if m is None or m.done:
+            return None
+        return "S" if m.src.name == self.name else "D" if m.dst.name == self.name else None
+
+    def on_lifecycle(self, item: work.Lifecycle) -> None:
+        typ, detail, t_ns = item.type, item.detail, item.t_ns
+        d = self._domain(item.domain, refresh=typ in ("STARTED", "DEFINED"))
+        log.debug("event %s %s/%s (%s)", item.domain, typ, detail, "managed" if d else "not managed")
+        if d is None:
+            return
+        self._last_event_ns = t_ns
+        if self.executor:
+            loc = self.executor.vm(d.vm)
+            loc.domain, loc.tap = d.name, d.tap
+        role = self.role_of(d.vm)
+        if role is None:
+            # No migration in flight that we know of. A source's pause may beat the destination's record.
+            if (typ, detail) in (("SUSPENDED", "MIGRATED"), ("SUSPENDED", "POSTCOPY"), ("STOPPED", "MIGRATED")):
+                self.track(d.vm).pending.append((typ, detail, t_ns))
+            elif typ in ("STARTED", "RESUMED") and detail not in ("MIGRATED", "POSTCOPY"):
+                self.vm_running_here(d)
+            return
+        if role == "D" and typ == "STARTED":
+            self.executor.keep_tap(d.vm)
+        ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
+        if ev is not None:
+            self.local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
+
+    def on_iteration(self, item: work.Iteration) -> None:
+        log.debug("%s: migration iteration %d", item.domain, item.iteration)
+
+    def on_job_completed(self, item: work.JobCompleted) -> None:
+        """Only for success (libvirt emits nothing for a failed job); STOPPED/MIGRATED already cut over."""
+        log.info("%s: migration job completed (%s)", item.domain, ", ".join(
+            f"{k} {item.params[k]} ms" for k in ("time_elapsed", "downtime", "setup_time") if k in item.params))
+
+    _UNKNOWN = object()
+
+    def vm_running_here(self, d: Domain, entry=_UNKNOWN, rec=_UNKNOWN) -> bool:
+        """A VM runs here outside any migration: deliver it and tell the ingresses. `entry`/`rec`: its map
+        entry and database record when the caller already has them (reconciliation of many VMs).
+        Returns whether anything had to change."""
+        if self.dp is None:
+            return False
+        changed = False
+        cur = self.dp.get_vm(d.vm) if entry is self._UNKNOWN else entry
+        if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
+            self.dp.set_vm(d.vm, VmState.RUNNING)
+            self._mark_map_write()
+            changed = True
+        if self.db is not None:
+            if rec is self._UNKNOWN:
+                rec = self.db.vm(d.vm)
+            if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,):
+                self.dbl.write(lambda: self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value))
+                changed = True
+        return changed
+
+    # --- migrations ----------------------------------------------------------------------------------
+
+    def _record(self, vm: str) -> dict:
+        m, t, loc = self.machine.migrations[vm], self.track(vm), self._local(vm)
+        return {"id": t.migration, "vm": vm, "domain": loc.domain if loc else None,
+                "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
+                "events": [ev.value for ev, _ in m.history if ev in t.seen],
+                "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])],
+                "returned": loc.returned if loc else None}
+
+    def local_event(self, vm: str, ev: Ev, t_ns: int, what: str) -> None:
+        """`what` this host saw (a libvirt event, a reconciliation finding) that means `ev`."""
+        log.debug("%s: %s -> %s", vm, what, ev.value)
+        self._last_event_ns = t_ns
+        t = self.track(vm)
+        t.seen.add(ev)
+        m = self.machine.migrations[vm]
+        role = self.role_of(vm)
+        if ev is Ev.SUSPENDED and self.executor and vm in self.executor.vms:
+            self.executor.vms[vm].stopped_ns = t_ns
+        actions = self.machine.handle(vm, ev)
+        if ev is Ev.FAILED and role == "D":
+            # Abort on the destination: say so at once, but return what D held only once the source runs
+            # the VM again (the source writes "failed" after it did), or it would bounce back here.
+            t.deferred = actions
+            self._put_record(vm)
+            self._maybe_return(vm)
+            return
+        self._execute(m, actions)
+        self._observe_phase(m)
+        self._put_record(vm)
+        if ev is Ev.RESUMED and role == "D":
+            self.later(SOURCE_SILENT_S, work.SourceCheck(vm, t.migration))
+
+    def on_source_check(self, item: work.SourceCheck) -> None:
+        """The VM runs here but the source never said it paused: its agent is down (or far behind), so nobody
+        drains it and its map still delivers to a paused QEMU. Cut the ingresses over to us now instead of
+        at the source's STOPPED: what is lost is bounded by pause -> resume, not by the source's restart."""
+        vm, mid = item.vm, item.migration
+        m = self.machine.migrations.get(vm)
+        if self.track(vm).migration != mid or m is None or m.done or m.phase is not Phase.RESUMED:
+            return
+        if any(ev is Ev.SUSPENDED and ev not in self.track(vm).seen for ev, _ in m.history):
+            return  # the source reported its pause: it is alive, STOPPED will cut over
+        log.warning("%s: source %s silent since the pause; cutting the ingresses over to %s", vm, m.src.name,
+                    self.name)
+        step = m.version + 1  # the step the cut-over will have: written once, whoever gets there first
+        self.dbl.write(lambda: self.db.publish(vm, self.name, [m.dst.dx6], Phase.CUT_OVER.value, mid, step))
+
+    def on_db_migrations(self, item: work.DbMigrations) -> None:
+        touched: dict[str, dict] = {}
+        for ev in item.events:
+            if ev.kind != "put":
+                continue
+            vm, _, host = ev.key[len("migrations/"):].rpartition("/")
+            touched.setdefault(vm, {})[host] = ev.value
+        for vm, recs in touched.items():
+            self._migration_records(vm, recs)
+
+    def _migration_records(self, vm: str, recs: dict[str, dict], replay: bool = False) -> None:
+        """Records of the ends of one migration: start it here if it involves us, feed the other end's
+        events. `replay`: after a restart, our own records too (their actions were applied once already)."""
+        for host, rec in sorted(recs.items(), key=lambda kv: kv[0] != self.name):
+            if self.name not in (rec["src"], rec["dst"]):
+                continue
+            mid = rec["id"]
+            if self.track(vm).migration != mid:
+                if not self._start_migration(vm, rec):
+                    continue
+            if host == self.name and not replay:
+                continue
+            t = self.track(vm)
+            done = t.fed.get((mid, host), 0)
+            new = rec["events"][done:]
+            t.fed[(mid, host)] = len(rec["events"])
+            m = self.machine.migrations[vm]
+            last_write = None
+            for name in new:
+                ev = Ev(name)
+                if host == self.name:
+                    t.seen.add(ev)
+                actions = self.machine.handle(vm, ev)
+                if replay and host == self.name:
+                    # We applied these steps before a restart: of their map writes only the last one still
+                    # holds. An earlier one would take the map back in time meanwhile (the source's
+                    # provision state delivers to a QEMU that is gone).
+                    writes = [a for a in actions if isinstance(a, (SetVm, Drain)) and a.host == self.name]
+                    last_write = writes[-1] if writes else last_write
+                    actions = [a for a in actions if not any(a is w for w in writes)]
+                self._execute(m, actions, replay=replay and host == self.name)
+            if last_write is not None:
+                self._execute(m, [last_write], replay=True)
+            self._observe_phase(m)
+            loc = self._local(vm)
+            if host != self.name and rec.get("resent") and loc is not None:
+                loc.peer_resent = [bytes.fromhex(h) for h in rec["resent"]]
+            if host != self.name and "failed" in rec["events"] and rec["src"] == host:
+                self._maybe_return(vm, source_failed=True)
+            if host != self.name and rec.get("returned") is not None and rec["dst"] == host and self.executor:
+                self.executor.unpark(m, mid, rec["returned"])
+        # Events seen here before the record existed (the source's pause can beat the watch).
+        for typ, detail, t_ns in self.track(vm).pending:
+            if self.role_of(vm):
+                ev = translate(self.role_of(vm), {"event": "lifecycle", "type": typ, "detail": detail})
+                if ev:
+                    self.local_event(vm, ev, t_ns, f"{typ}/{detail}")
+        self.track(vm).pending = []
+
+    def _start_migration(self, vm: str, rec: dict) -> bool:
+        src, dst = self._host(rec["src"]), self._host(rec["dst"])
+        if src is None or dst is None:
+            log.error("migration %s of %s: unknown host %s", rec["id"], vm, rec["src"] if src is None else rec["dst"])
+            return False
+        old = self.machine.migrations.get(vm)
+        if old is not None and not old.done:
+            old.done = True  # superseded by a newer migration of the same VM
+        self.machine.migrations.pop(vm, None)
+        self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
+        t = self.track(vm)
+        t.migration, t.seen = rec["id"], set()
+        loc = self._local(vm)
+        if rec.get("domain") and loc is not None:
+            loc.domain = rec["domain"]
+            d = self.domains.get(rec["domain"])
+            if d:
+                loc.tap = d.tap
+        return True
+
+    def _maybe_return(self, vm: str, source_failed: bool = False) -> None:
+        t = self.track(vm)
+        if not t.deferred:
+            return
+        recs = self.db.migrations()[0].get(vm, {})
+        m = self.machine.migrations.get(vm)
+        src_rec = recs.get(m.src.name) if m else None
+        if not source_failed and not (src_rec and "failed" in src_rec.get("events", [])):
+            return
+        actions, t.deferred = t.deferred, []
+        self._execute(m, actions)
+
+    def on_hook_begin(self, item: work.HookBegin) -> None:
+        """`migrate begin` on this (destination) host: provision before QEMU even starts."""
+        fut = item.result
+        d = Domain.from_xml(item.domain_xml)
+        if d is None:
+            fut.set_result({"managed": False})
+            return
+        if self.db is None:
+            raise RuntimeError("state database not connected")
+        self.domains[d.name] = d
+        cur = self.db.vm(d.vm)
+        if cur is None or cur.host == self.name:
+            raise RuntimeError(f"{d.vm}: no source known in the state database (record: {cur})")
+        src = self._host(cur.host)
+        if src is None:
+            raise RuntimeError(f"{d.vm}: source host {cur.host} has no record in the state database")
+        mid = uuid.uuid4().hex[:12]
+        rec = {"id": mid, "vm": d.vm, "domain": d.name, "src": cur.host, "dst": self.name,
+               "transit": src[1].get("transit", []), "events": []}
+        self._start_migration(d.vm, rec)
+        loc = self.executor.vm(d.vm)
+        loc.domain, loc.tap = d.name, d.tap
+        self._last_event_ns = time.monotonic_ns()
+        self.track(d.vm).seen.add(Ev.BEGIN)
+        m = self.machine.migrations[d.vm]
+        pub = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
+        self._observe_phase(m)
+        self._put_record(d.vm)
+        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then).
+        self.dbl.write(lambda: fut.set_result({"managed": True, "vm": d.vm, "migration": mid,
+                                               "version": pub.result() if pub else 0}))
+
+    def on_grace_over(self, item: work.GraceOver) -> None:
+        if self.track(item.vm).migration != item.migration:
+            return
+        m = self.machine.migrations[item.vm]
+        self._execute(m, self.machine.handle(item.vm, Ev.GRACE_OVER))
+        self._observe_phase(m)
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    def _mark_map_write(self) -> None:
+        if self._last_event_ns:
+            ms = (time.monotonic_ns() - self._last_event_ns) / 1e6
+            self.latencies_ms = (self.latencies_ms + [ms])[-1000:]
+            if self.metrics:
+                self.metrics.event_to_map.observe(ms / 1000)
+            self._last_event_ns = 0
+
+    def _observe_phase(self, m: Migration) -> None:
+        t, now = self.track(m.vm), time.monotonic()
+        if t.phase and t.phase[0] != m.phase.value and self.metrics:
+            self.metrics.phase_seconds.labels(t.phase[0]).observe(now - t.phase[1])
+        if not t.phase or t.phase[0] != m.phase.value:
+            t.phase = (m.phase.value, now)
+
+    def _execute(self, m: Migration, actions, replay: bool = False) -> Future | None:
+        """Publish (on the writer thread) and StartGrace here; the rest, this host's, by the executor, in
+        order. Returns the future of the last published version."""
+        version = None
+        mid = self.track(m.vm).migration or ""
+        for a in actions:
+            if isinstance(a, Publish):
+                phase = m.phase.value
+                host = m.dst.name if m.phase in (Phase.CUT_OVER,) else m.src.name
+                version = self.dbl.write(lambda a=a, host=host, phase=phase:
+                                         self.db.publish(a.vm, host, a.segments, phase, mid, a.version))
+            elif isinstance(a, StartGrace):
+                if m.src.name == self.name:
+                    self._start_grace(a, mid, version or self.dbl.write(lambda: None))
+            elif self.executor:
+                self.executor.execute(m, [a], mid, replay=replay)
+        return version
+
+    def _start_grace(self, a: StartGrace, mid: str, published: Future) -> None:
+        """From the moment the cut-over is in the database and every ingress applied it (not before: while
+        the database is down, or an ingress agent restarts, the ingresses still send here and we must keep
+        forwarding). A dead ingress stays registered for its lease's TTL at most: wait no longer for its ack."""
+        def wait(f):
+            with contextlib.suppress(Exception):  # no version, database down: no ack wait
+                if (v := f.result()) and (late := self.db.wait_acks(a.vm, v, LEASE_TTL_S)):
+                    log.warning("%s: ingresses %s never applied version %d", a.vm, late, v)
+            if not self.stopping.wait(a.seconds):
+                self.enqueue(work.GraceOver(a.vm, mid))
+        published.add_done_callback(lambda f: threading.Thread(target=wait, args=(f,), name="grace",
+                                                                daemon=True).start())

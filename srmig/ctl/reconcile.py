@@ -1,0 +1,124 @@
+"""Reconciliation: after the agent's start or a libvirt reconnect, the maps, the database and the migrations
+in flight are brought back in line with the domains' states (a pause or a resume heard by nobody, a VM
+gone, map entries nothing explains). On the agent's worker, for its host host."""
+
+from __future__ import annotations
+
+import time
+
+from srmig.bpf.abi import VmState
+from srmig.ctl import work
+from srmig.ctl.libvirt_link import Domain
+from srmig.ctl.machine import Ev
+from srmig.ctl.phases import Phase
+
+RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
+
+
+def reconcile(host, conn) -> dict:
+    """Rebuild the map state from libvirt's domains and the database, after our start or a reconnect."""
+    import libvirt  # noqa: PLC0415
+
+    t0 = time.monotonic()
+    seen = {}
+    for dom in conn.listAllDomains(0):
+        try:
+            d = Domain.from_xml(dom.XMLDesc(0))
+            state, reason = dom.state()
+        except libvirt.libvirtError:
+            continue
+        if d is None:
+            continue
+        host.domains[d.name] = d
+        if host.executor:
+            loc = host.executor.vm(d.vm)
+            loc.domain, loc.tap = d.name, d.tap
+        seen[d.vm] = (d, state, reason)
+    out = snapshot(host, seen, t0)
+    for vm, (d, state, reason) in seen.items():
+        if source_here(host, vm) and state == libvirt.VIR_DOMAIN_PAUSED and \
+                reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+            recheck(host, work.Recheck(vm, host.track(vm).migration or ""))
+    return out
+
+
+def source_here(host, vm: str) -> bool:
+    """We are the source of `vm`'s migration, still going or aborted by the destination's failure, and
+    have not seen the VM run here again nor go. After an abort D returns what it held only once our
+    record says "failed" (the VM runs here again), so that must be said even if D's failure came first."""
+    m = host.machine.migrations.get(vm)
+    return m is not None and m.src.name == host.name and (not m.done or m.phase is Phase.ABORT) and \
+        not host.track(vm).seen & {Ev.FAILED, Ev.STOPPED}
+
+
+def recheck(host, item: work.Recheck) -> None:
+    """The source VM is paused by its migration after a reconnect. If libvirtd restarted, it cannot keep
+    the outgoing job: it recovers it, resuming the domain without a lifecycle event (or it goes, if the
+    migration had completed). Poll its state until it runs (FAILED: we have the VM back) or is gone."""
+    import libvirt  # noqa: PLC0415
+
+    vm = item.vm
+    conn = host.libvirt.conn if host.libvirt else None
+    if host.track(vm).migration != item.migration or not source_here(host, vm) or conn is None:
+        return
+    try:
+        state = conn.lookupByName(host.executor.vm(vm).domain).state()[0]
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            return  # the connection is going: the next reconnect reconciles again
+        state = None
+    if state is None:
+        host.local_event(vm, Ev.STOPPED, time.monotonic_ns(), "recheck: gone")
+    elif state == libvirt.VIR_DOMAIN_RUNNING:
+        host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "recheck: resumed")
+    else:
+        host.later(RECHECK_S, item)
+
+
+def snapshot(host, seen: dict, t0: float | None = None) -> dict:
+    """`seen`: {vm: (Domain, libvirt state, reason)} of this host. Pure of libvirt: benchmarks call it."""
+    import libvirt  # noqa: PLC0415
+
+    t0 = t0 or time.monotonic()
+    running = libvirt.VIR_DOMAIN_RUNNING
+    paused = libvirt.VIR_DOMAIN_PAUSED
+    fixed = 0
+    # One read of the map and of the database for all VMs: then only what differs is written.
+    entries = {e.vm: e for e in host.dp.list_vms()} if host.dp is not None else {}
+    records = {r.vm: r for r in host.db.vms()[0]} if host.db is not None else {}
+    for vm, (d, state, reason) in seen.items():
+        role = host.role_of(vm)
+        if role is None and state == running:
+            fixed += host.vm_running_here(d, entries.get(vm), records.get(vm))
+        elif role == "D" and state == running:
+            host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
+        elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                                                            libvirt.VIR_DOMAIN_PAUSED_POSTCOPY):
+            host.local_event(vm, Ev.SUSPENDED, time.monotonic_ns(), "reconcile: paused")
+    for vm in list(host.machine.migrations):
+        role = host.role_of(vm)
+        if role == "S" and vm not in seen:
+            host.local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
+        elif source_here(host, vm) and vm in seen and seen[vm][1] == running and \
+                Ev.SUSPENDED in host.track(vm).seen:
+            host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
+    # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
+    # stragglers: give them a fresh grace period.
+    if host.dp is not None:
+        for e in entries.values():
+            if e.vm in seen or host.role_of(e.vm):
+                continue
+            if e.state is VmState.AWAY:
+                host.later(host.cfg.host.grace_s, work.Forget(e.vm))
+            else:
+                host.dp.del_vm(e.vm)
+                fixed += 1
+    if host.baselines:
+        host.baselines.start(first_s=0.05)  # at once: the VMs may be quiet now, not later
+    return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
+
+
+def forget(host, item: work.Forget) -> None:
+    vm = item.vm
+    if not host.role_of(vm) and host.dp is not None and (e := host.dp.get_vm(vm)) and e.state is VmState.AWAY:
+        host.dp.del_vm(vm)
