@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.netns:
-            from srmig.testbed.netns import inside
+            from srmig.netlink import inside
 
             with inside(args.netns):
                 return args.func(args)

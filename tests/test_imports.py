@@ -17,10 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRMIG = [sys.executable, "-m", "srmig"]  # this checkout's CLI, whatever `srmig` on PATH points to
 LAB = ("bench", "srmig.testbed")
-# (product file, lab module it imports): why, for now. An entry no longer needed fails the test: remove it.
-ALLOWED = {
-    ("srmig/cli.py", "srmig.testbed.netns"): "the global --netns option; until srmig.netlink lands",
-}
 
 
 def is_lab(module: str) -> bool:
@@ -88,21 +84,14 @@ def test_the_walker_finds_every_kind_of_import(what, source, module, lab):
 def test_the_product_does_not_import_the_lab():
     files = product_files()
     assert ROOT / "srmig/cli.py" in files and not any("testbed" in p.parts for p in files)
-    bad, used = [], set()
+    bad = []
     for path in files:
         rel = str(path.relative_to(ROOT))
         for line, module in imported(path.read_text(), module_name(path), path.name == "__init__.py"):
             if not is_lab(module):
                 continue
-            key = next(((f, m) for f, m in ALLOWED if f == rel and (module == m or module.startswith(m + "."))),
-                       None)
-            if key:
-                used.add(key)
-            else:
-                bad.append(f"{rel}:{line}: imports {module}")
+            bad.append(f"{rel}:{line}: imports {module}")
     assert not bad, "the product imports the lab (bench/, srmig/testbed/):\n" + "\n".join(sorted(set(bad)))
-    stale = [f"{f}: {m} ({why})" for (f, m), why in ALLOWED.items() if (f, m) not in used]
-    assert not stale, "allowed imports no longer there, remove them from ALLOWED: " + "; ".join(stale)
 
 
 def test_importing_the_product_loads_no_lab_module():

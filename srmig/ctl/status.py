@@ -48,12 +48,10 @@ def _tap_dropped(tap: str | None) -> int | None:
     """Frames the VM's tap refused because its queue was full (the kernel's tx_dropped), None: no tap here."""
     if not tap:
         return None
-    from pyroute2 import IPRoute  # noqa: PLC0415
+    from srmig import netlink  # noqa: PLC0415
 
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=tap)
-        if not idx:
-            return None
-        return ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64")["tx_dropped"]
+    with netlink.handle() as ipr:
+        idx = netlink.find_ifindex(tap, ipr)
+        return None if idx is None else netlink.link_stats(idx, ipr)["tx_dropped"]
 
 
