@@ -455,33 +455,92 @@ static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is
 	}
 }
 
+/* The table generation, read once per packet before any lookup: a packet that starts after userspace's
+ * bump sees its write (cache.h). */
+static __always_inline __u32 table_generation(void)
+{
+	__u32 key = SRMIG_META_TABLE_GENERATION;
+	__u32 *gen = meta.lookup(&key);
+
+	return gen ? *gen : 0;
+}
+
+/* The outer headers of a packet addressed to one of our SIDs: its source, its length, its extension headers
+ * and its SRH. Returns a drop reason (0: fine); the cursor is left on the upper layer, `*nexthdr` its
+ * protocol. */
+static __always_inline __u32 check_outer(struct hdr_cursor *nh, void *data_end, struct pkt *p, int *nexthdr)
+{
+	__u32 reason;
+
+	/* Before anything else of ours: a packet from outside the SR domain triggers nothing (no hold, no
+	 * forward), whatever its SRH says. Its outer source is in the 40 bytes already checked. */
+	if (outside_domain(p->ip6h))
+		return SRMIG_DROP_OUTSIDE_DOMAIN;
+	/* A payload length that claims more than the frame holds is malformed (RFC 8200 3): never forward it.
+	 * (Shorter is fine: Ethernet pads small frames.) */
+	if (sizeof(*p->ip6h) + bpf_ntohs(p->ip6h->payload_len) > (__u32)(data_end - (void *)p->ip6h))
+		return SRMIG_DROP_TRUNCATED;
+	*nexthdr = skip_ipv6_opts(nh, data_end, *nexthdr);
+	if (*nexthdr < 0)
+		return SRMIG_DROP_TRUNCATED;
+	if (*nexthdr == IPPROTO_ROUTING_) {
+		reason = get_and_validate_srh(nh, data_end, &p->srh);
+		if (reason)
+			return reason;
+		*nexthdr = p->srh->nexthdr;
+	}
+	return 0;
+}
+
+/* The per-VM behaviours need the inner packet: its DA names the VM. Returns a drop reason (0: fine). */
+static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, struct pkt *p, int nexthdr)
+{
+	if (nexthdr != IPPROTO_IPV6_)
+		return SRMIG_DROP_INNER_NOT_IPV6;
+	p->inner = nh->pos;
+	if ((void *)(p->inner + 1) > data_end ||
+	    sizeof(*p->inner) + bpf_ntohs(p->inner->payload_len) > (__u32)(data_end - (void *)p->inner))
+		return SRMIG_DROP_TRUNCATED;
+	p->outer_len = (void *)p->inner - (void *)p->ip6h;
+	return 0;
+}
+
+static __always_inline int per_vm(struct xdp_md *ctx, struct pkt *p, __u32 behaviour, struct srmig_vm_key *vm_key,
+				  struct srmig_vm_value *vm)
+{
+	switch (behaviour) {
+	case SRMIG_BEH_END_S:
+		return end_s(ctx, p, vm_key, vm);
+	case SRMIG_BEH_END_SBUF:
+		return end_sbuf(ctx, p, vm_key, vm);
+	case SRMIG_BEH_END_DX6_MAP:
+		return end_dx6(ctx, p, vm_key, vm);
+	default:
+		p->reason = SRMIG_DROP_UNKNOWN_BEHAVIOUR;
+		return XDP_DROP;
+	}
+}
+
+/* parse -> SID lookup -> checks -> behaviour -> one counting exit. */
 int srmig_xdp(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 bytes = data_end - data;
-	struct hdr_cursor nh = { .pos = data };
+	struct hdr_cursor nh = { .pos = (void *)(long)ctx->data };
+	__u32 bytes = data_end - nh.pos;
 	struct pkt p = { .verdict = SRMIG_VERDICT_PASS };
 	struct srmig_sid_value *sid;
-	__u32 gen_key = SRMIG_META_TABLE_GENERATION, generation;
-	__u32 *gen;
 	struct srmig_vm_key vm_key;
 	struct srmig_vm_value *vm;
 	struct ethhdr *eth;
-	__u32 slot = 0;
-	int is_ours = 0;
-	int action = XDP_PASS;
-	int nexthdr;
+	__u32 generation, slot = 0;
+	int is_ours = 0, action = XDP_PASS, nexthdr;
 
 	if (parse_ethhdr(&nh, data_end, &eth) != ETH_P_IPV6_BE)
 		goto out; /* IPv4, ARP, VLAN...: not ours */
 	nexthdr = parse_ipv6hdr(&nh, data_end, &p.ip6h);
 	if (nexthdr < 0)
 		goto out; /* truncated IPv6 we never claimed: the kernel judges it */
-
-	/* Read once, before any lookup: a packet that starts after userspace's bump sees its write. */
-	gen = meta.lookup(&gen_key);
-	generation = gen ? *gen : 0;
+	generation = table_generation();
 	sid = sid_lookup(&p.ip6h->daddr, generation);
 	if (!sid)
 		goto out; /* not one of our SIDs: untouched */
@@ -489,70 +548,23 @@ int srmig_xdp(struct xdp_md *ctx)
 	slot = sid->stats_slot;
 	action = XDP_DROP;
 	p.verdict = SRMIG_VERDICT_DROP;
-	/* Before anything else of ours: a packet from outside the SR domain triggers nothing (no hold, no
-	 * forward), whatever its SRH says. Its outer source is in the 40 bytes already checked. */
-	if (outside_domain(p.ip6h)) {
-		p.reason = SRMIG_DROP_OUTSIDE_DOMAIN;
+	p.reason = check_outer(&nh, data_end, &p, &nexthdr);
+	if (p.reason)
 		goto out;
-	}
-	/* A payload length that claims more than the frame holds is malformed (RFC 8200 3): never forward it.
-	 * (Shorter is fine: Ethernet pads small frames.) */
-	if (sizeof(*p.ip6h) + bpf_ntohs(p.ip6h->payload_len) > (__u32)(data_end - (void *)p.ip6h)) {
-		p.reason = SRMIG_DROP_TRUNCATED;
-		goto out;
-	}
-
-	nexthdr = skip_ipv6_opts(&nh, data_end, nexthdr);
-	if (nexthdr < 0) {
-		p.reason = SRMIG_DROP_TRUNCATED;
-		goto out;
-	}
-	if (nexthdr == IPPROTO_ROUTING_) {
-		p.reason = get_and_validate_srh(&nh, data_end, &p.srh);
-		if (p.reason)
-			goto out;
-		nexthdr = p.srh->nexthdr;
-	}
-
 	if (sid->behaviour == SRMIG_BEH_END) {
 		action = end(ctx, &p);
 		goto out;
 	}
-
-	/* The per-VM behaviours need the inner packet: its DA names the VM. */
-	if (nexthdr != IPPROTO_IPV6_) {
-		p.reason = SRMIG_DROP_INNER_NOT_IPV6;
+	p.reason = parse_inner(&nh, data_end, &p, nexthdr);
+	if (p.reason)
 		goto out;
-	}
-	p.inner = nh.pos;
-	if ((void *)(p.inner + 1) > data_end ||
-	    sizeof(*p.inner) + bpf_ntohs(p.inner->payload_len) > (__u32)(data_end - (void *)p.inner)) {
-		p.reason = SRMIG_DROP_TRUNCATED;
-		goto out;
-	}
-	p.outer_len = (void *)p.inner - (void *)p.ip6h;
 	__builtin_memcpy(vm_key.addr, &p.inner->daddr, 16);
 	vm = vm_lookup(&vm_key, generation);
 	if (!vm) {
 		p.reason = SRMIG_DROP_UNKNOWN_VM;
 		goto out;
 	}
-
-	switch (sid->behaviour) {
-	case SRMIG_BEH_END_S:
-		action = end_s(ctx, &p, &vm_key, vm);
-		break;
-	case SRMIG_BEH_END_SBUF:
-		action = end_sbuf(ctx, &p, &vm_key, vm);
-		break;
-	case SRMIG_BEH_END_DX6_MAP:
-		action = end_dx6(ctx, &p, &vm_key, vm);
-		break;
-	default:
-		p.reason = SRMIG_DROP_UNKNOWN_BEHAVIOUR;
-		break;
-	}
-
+	action = per_vm(ctx, &p, sid->behaviour, &vm_key, vm);
 out:
 	/* A behaviour that gave up (XDP_DROP with a reason) is a drop, whatever it was trying to do; a hold in
 	 * the ring also returns XDP_DROP, but without a reason, and stays a hold. */
