@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import socket
 import struct
@@ -60,6 +59,7 @@ import time
 from array import array
 from typing import Callable
 
+from bench import emit
 from bench.tx_ring import TxRingSender
 from srmig.ctl.encap import encapsulate_packet
 from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
@@ -384,12 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     res = run(a.packets, tuple(int(s) for s in a.sizes.split(",")), tuple(a.methods.split(",")), a.repeat,
               progress=lambda m: print(m, file=sys.stderr, flush=True))
-    if a.json:
-        json.dump(res, sys.stdout, indent=1)
-        print()
-    else:
-        print_table(res)
-    return 0
+    return emit(res, a.json, print_table)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import socket
 import statistics
@@ -37,6 +36,7 @@ import threading
 import time
 from typing import Callable
 
+from bench import emit
 from srmig import netlink
 from srmig.ctl import ingress
 from srmig.bpf.abi import Behaviour, VmState
@@ -205,12 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     res = run(a.bytes, a.seconds, a.rounds, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    if a.json:
-        json.dump(res, sys.stdout, indent=1)
-        print()
-    else:
-        print_table(res)
-    return 0
+    return emit(res, a.json, print_table)
 
 
 if __name__ == "__main__":
