@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from srmig.bpf import abi, libbpf, loader
+from srmig.bpf import libbpf, loader
 from srmig.bpf.abi import VmState
 from srmig.testbed import lab as L
 from srmig.testbed.packets import h_encaps, inner
