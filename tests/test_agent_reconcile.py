@@ -1,0 +1,305 @@
+"""Reconciliation and replay in the real agent (srmig.ctl.reconcile, HostRole's migration records): libvirt's
+test driver (test:///default, inside this process), the embedded state database in tmp_path and real maps (a
+private namespace's srmig program, srmig.testbed.lab). The agent is built as bench/agent.py does, around the
+lab's Dataplane and without its servers; its worker runs on a thread, and the database link and the libvirt
+link are the agent's own (DbUp replays the records and starts libvirt's link, whose LibvirtUp reconciles)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from concurrent.futures import Future
+
+import pytest
+from pyroute2 import netns
+
+from srmig.bpf import abi
+from srmig.bpf.abi import VmState
+from srmig.ctl import config, reconcile, statedb, work
+from srmig.ctl.agent import Agent
+from srmig.ctl.drain import hold_ring_reader, read_hold_packets
+from srmig.ctl.libvirt_events import ensure_event_loop
+from srmig.ctl.libvirt_link import metadata_xml
+from srmig.ctl.machine import Ev
+from srmig.ctl.maps import ffi
+from srmig.ctl.phases import HostSids, Phase
+from srmig.ctl.vmdb import VmDb
+from srmig.testbed import lab as L
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed")
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+# This host is S, its SIDs the lab's (locator + d6/5/b); its peer D.
+CFG = """[host]
+name = "S"
+fabric = "lo"
+locator = "fc00:0:1::/48"
+address = "2001:db8:f::1"
+libvirt_uri = "test:///default"
+qemu_run_dir = "{tmp}"
+grace_s = 0.1
+[db]
+path = "{tmp}/state.db"
+[hook]
+socket = "{tmp}/agent.sock"
+[metrics]
+listen = ""
+"""
+D = HostSids("D", "fc00:0:2::d6", "fc00:0:2::5", "fc00:0:2::b")
+VM = "2001:db8:100::10"
+MID = "mig-1"
+
+
+def record(vm: str, src: str, dst: str, domain: str, events: list[str]) -> dict:
+    """A migrations/<vm>/<host> record, shaped as HostRole._record writes it."""
+    return {"id": MID, "vm": vm, "domain": domain, "src": src, "dst": dst, "transit": [], "events": events,
+            "resent": [], "returned": None}
+
+
+def generation(dp) -> int:
+    """The program's table generation: bumped by every write to its SID or VM table."""
+    return dp.meta.lookup(ffi.new("uint32_t *", abi.META_TABLE_GENERATION))
+
+
+def define(conn, name: str, address: str | None = None):
+    """A running test-driver domain, managed by srmig when it has an address."""
+    meta = f"<metadata>{metadata_xml(address)}</metadata>" if address else ""
+    dom = conn.defineXML(f"<domain type='test'><name>{name}</name><memory>8192</memory>"
+                         f"<os><type>hvm</type></os>{meta}</domain>")
+    dom.create()
+    return dom
+
+
+def unreachable(uri: str):
+    raise libvirt.libvirtError(f"{uri}: not reachable in this test")
+
+
+class RecoveringLibvirtd:
+    """The test driver seen through a restarted libvirtd that recovers `name`'s outgoing migration: the
+    domain, paused, says PAUSED/MIGRATION (the test driver cannot migrate: its pauses say PAUSED/USER), and
+    its resume comes without a lifecycle event. Everything else is the test driver's own."""
+
+    def __init__(self, conn, name: str):
+        self._conn, self._name = conn, name
+
+    def __getattr__(self, attr):
+        return getattr(self._conn, attr)
+
+    def listAllDomains(self, flags=0):  # noqa: N802 - libvirt's name
+        return [_PausedByMigration(d) if d.name() == self._name else d for d in self._conn.listAllDomains(flags)]
+
+    def domainEventRegisterAny(self, dom, event_id, cb, opaque):  # noqa: N802 - libvirt's name
+        def others_only(conn, d, *args):
+            if d.name() != self._name:
+                cb(conn, d, *args)
+        return self._conn.domainEventRegisterAny(dom, event_id, others_only, opaque)
+
+
+class _PausedByMigration:
+    def __init__(self, dom):
+        self._dom = dom
+
+    def __getattr__(self, attr):
+        return getattr(self._dom, attr)
+
+    def state(self, flags=0):
+        state, reason = self._dom.state(flags)
+        return (state, libvirt.VIR_DOMAIN_PAUSED_MIGRATION) if state == libvirt.VIR_DOMAIN_PAUSED else (state, reason)
+
+
+def make_agent(lab, tmp_path, libvirt_factory) -> Agent:
+    cfg = config.parse(CFG.format(tmp=tmp_path), "test_agent_reconcile")
+    a = Agent(cfg, kv_factory=lambda: statedb.open_db("embedded", path=str(tmp_path / "state.db")),
+              libvirt_factory=libvirt_factory)
+    a.host.use_dataplane(lab.dp)
+    return a
+
+
+def applied(a: Agent, typ, before=lambda item: None, after=lambda item: None) -> queue.Queue:
+    """(item, before(item), after(item)) for every `typ` item the worker applies, as it finishes each: the
+    real handler still does the work."""
+    out, real = queue.Queue(), a.handlers[typ]
+
+    def handler(item):
+        b = before(item)
+        try:
+            real(item)
+        finally:
+            out.put((item, b, after(item)))
+    a.handlers[typ] = handler
+    return out
+
+
+def on_worker(a: Agent, fn, *args):
+    """fn(*args) on the agent's worker (the one thread that may touch its state); its result."""
+    fut: Future = Future()
+
+    def call():
+        try:
+            fut.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - raised in the test
+            fut.set_exception(e)
+    a.enqueue(work.Call(call))
+    return fut.result(10)
+
+
+def _work_in(a: Agent, ns: str) -> None:
+    netns.setns(ns, flags=0)  # this thread only: whatever the executor sends stays in the lab's namespace
+    a.run()
+
+
+@contextlib.contextmanager
+def running(a: Agent, lab):
+    """The worker started, then the database link: stopped and closed at the end, pass or fail."""
+    worker = threading.Thread(target=_work_in, args=(a, lab.topo.ns("lab")), daemon=True)
+    worker.start()
+    try:
+        a.dbl.start()
+        yield a
+    finally:
+        a.stop()
+        worker.join(10)
+        a.close()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with L.TestRunLab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def maps(lab):
+    """The lab's maps with no VM entry and an empty hold ring, before and after the test."""
+    def clean():
+        for e in lab.dp.list_vms():
+            lab.dp.del_vm(e.vm)
+        with hold_ring_reader(lab.dp) as ring:
+            read_hold_packets(ring)
+    clean()
+    yield lab.dp
+    clean()
+
+
+@pytest.fixture
+def conn():
+    """The test's connection to the test driver. Every test:///default connection of this process shares one
+    driver state (its built-in domain "test" included): what a test defines is destroyed and undefined after."""
+    ensure_event_loop()  # before any connection: the agent's link registers for events
+    c = libvirt.open("test:///default")
+    before = {d.name() for d in c.listAllDomains(0)}
+    yield c
+    for d in c.listAllDomains(0):
+        if d.name() not in before:
+            if d.isActive():
+                d.destroy()
+            d.undefine()
+    c.close()
+
+
+@pytest.fixture
+def db(tmp_path):
+    """The database the agent will use, its peer D registered."""
+    kv = statedb.open_db("embedded", path=str(tmp_path / "state.db"))
+    vmdb = VmDb(kv)
+    vmdb.put_host(D, "2001:db8:f::2", ())
+    yield vmdb
+    kv.close()
+
+
+def test_running_domain_is_delivered_here_and_published(lab, maps, conn, db, tmp_path):
+    """A managed domain runs, the map and the database know nothing of it (a cold start): reconciliation
+    delivers it here and publishes its End.DX6 SID; a domain without srmig metadata is not ours; a second
+    reconciliation finds nothing to fix."""
+    define(conn, "srmig-rec-managed", VM)
+    define(conn, "srmig-rec-plain")
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        a.dbl.write(lambda: None).result(10)  # what reconciliation queued for the database is in
+        assert [(e.vm, e.state, e.shadow) for e in maps.list_vms()] == [(VM, VmState.RUNNING, False)]
+        rec = db.vm(VM)
+        assert (rec.host, rec.segments) == ("S", (L.SID_DX6,)) and a.host.sids.dx6 == L.SID_DX6
+        assert set(a.host.domains) == {"srmig-rec-managed"}
+        gen = generation(maps)
+        again = on_worker(a, reconcile.reconcile, a.host, conn)
+        a.dbl.write(lambda: None).result(10)
+        assert (again["vms"], again["fixed"]) == (1, 0)
+        assert generation(maps) == gen and db.vm(VM).version == rec.version
+
+
+def test_map_entries_nothing_explains_are_removed(lab, maps, conn, db, tmp_path):
+    """Entries for VMs libvirt does not have: one in no migration is deleted; an AWAY one (it forwards
+    stragglers) stays until a Forget a grace period later; one of a migration in flight stays."""
+    gone, away, incoming = "2001:db8:100::71", "2001:db8:100::72", "2001:db8:100::73"
+    maps.set_vm(gone, VmState.RUNNING)
+    maps.set_vm(away, VmState.AWAY, next_sid=D.dx6)
+    db.put_migration(incoming, "D", record(incoming, "D", "S", "srmig-rec-incoming", ["begin"]))  # D -> here
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    forgets = applied(a, work.Forget, before=lambda item: maps.get_vm(item.vm),
+                      after=lambda item: maps.get_vm(item.vm))
+    with running(a, lab):
+        ups.get(timeout=10)
+        assert maps.get_vm(gone) is None
+        assert maps.get_vm(incoming).state is VmState.INCOMING
+        item, before, after = forgets.get(timeout=10)
+        assert item == work.Forget(away)
+        assert (before.state, before.next_sid) == (VmState.AWAY, D.dx6), "kept by reconciliation"
+        assert after is None, "deleted once its grace period is over"
+        assert maps.get_vm(incoming).state is VmState.INCOMING and forgets.empty()
+
+
+def test_replay_after_a_restart_applies_only_the_last_map_write(lab, maps, db, tmp_path):
+    """The source restarts after the pause (its drain done, its record saying so) and the destination's
+    resume: replaying its own record, the agent writes the map once, the last step's state. Replaying each
+    step would take the map back in time meanwhile (provision: deliver to a QEMU that is gone) and run a drain
+    of a tap queue that is gone. libvirt is unreachable here: the replay alone."""
+    db.put_migration(VM, "S", record(VM, "S", "D", "srmig-rec-vm", ["begin", "suspended"]))
+    db.put_migration(VM, "D", record(VM, "S", "D", "srmig-rec-vm", ["begin", "resumed"]))
+    maps.set_vm(VM, VmState.AWAY, next_sid=D.dx6)  # what the drain left before the restart
+    gen = generation(maps)
+    a = make_agent(lab, tmp_path, unreachable)
+    ups = applied(a, work.DbUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        e = maps.get_vm(VM)
+        assert (e.state, e.next_sid, e.shadow, e.ring_first) == (VmState.AWAY, D.dx6, False, False)
+        assert generation(maps) == gen + 1, "one map write: neither the provision state nor a drain"
+        assert a.host.machine.migrations[VM].phase is Phase.RESUMED
+        assert a.host.executor.vms[VM].drain is None
+
+
+def test_source_paused_by_its_migration_is_rechecked_until_it_runs(lab, maps, conn, db, tmp_path):
+    """The source restarts mid-migration and finds its domain paused by the migration that libvirtd (restarted
+    too) recovers: it drains (the pause nobody heard) and polls the domain, which resumes without an event.
+    The next recheck says the migration failed: the VM is back on the source, the ingresses too."""
+    name = "srmig-rec-paused"
+    db.put_migration(VM, "S", record(VM, "S", "D", name, ["begin"]))
+    db.put_migration(VM, "D", record(VM, "S", "D", name, ["begin"]))
+    dom = define(conn, name, VM)
+    dom.suspend()
+    a = make_agent(lab, tmp_path, lambda uri: RecoveringLibvirtd(libvirt.open(uri), name))
+    ups = applied(a, work.LibvirtUp)
+    rechecks = applied(a, work.Recheck, after=lambda item: Ev.FAILED in a.host.track(item.vm).seen)
+    with running(a, lab):
+        ups.get(timeout=10)
+        m = a.host.machine.migrations[VM]
+        e = maps.get_vm(VM)
+        assert (m.phase, e.state, e.next_sid) == (Phase.STOP_AND_COPY, VmState.AWAY, D.dx6)
+        polls = [rechecks.get(timeout=10) for _ in range(2)]
+        assert polls == [(work.Recheck(VM, MID), None, False)] * 2, "paused: polled again, nothing decided"
+        dom.resume()
+        for _ in range(100):
+            item, _, failed = rechecks.get(timeout=10)
+            if failed:
+                break
+        assert failed and item == work.Recheck(VM, MID)
+        assert (m.phase, m.done) == (Phase.ABORT, True)
+        assert maps.get_vm(VM).state is VmState.RUNNING
+        a.dbl.write(lambda: None).result(10)
+        assert db.migrations()[0][VM]["S"]["events"][-2:] == ["suspended", "failed"]
+        rec = db.vm(VM)
+        assert (rec.host, rec.segments, rec.phase) == ("S", (L.SID_DX6,), "abort")
