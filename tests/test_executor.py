@@ -172,14 +172,19 @@ def test_tap_queue_window_restored_only_once_read(lab, topology, paused_tap):
         later.run_all()
         assert later.calls == [] and queue.fds == [] and qlen(topology) == TAP_QUEUE and loc.old_qlen == before
 
-        # Past its deadline, a restore gives up: no more polling, its fds closed, the backlog kept.
+        # Past its deadline, a restore gives up: no more polling, its fds closed, the backlog kept, and the
+        # old length remembered: the next window's end restores it.
         ex.execute(m, [SetVm("S", VM, VmState.RUNNING)], "m3")
         [(_, restore, (loc_, window, queue, _))] = later.calls
         later.calls.clear()
         restore(loc_, window, queue, time.monotonic() - 1)
-        assert later.calls == [] and queue.fds == [] and loc.restoring is None and loc.old_qlen is None
+        assert later.calls == [] and queue.fds == [] and loc.restoring is None and loc.old_qlen == before
+        assert qlen(topology) == TAP_QUEUE
         with TapKeeper(paused_tap.pid, "vmtap") as qemu:
             assert probes(qemu.frames()) == 100
+        ex.execute(m, [SetVm("S", VM, VmState.RUNNING, shadow=True)], "m4")
+        ex.execute(m, [SetVm("S", VM, VmState.RUNNING)], "m4")  # the queue was read: restored at once
+        assert qlen(topology) == before and loc.old_qlen is None
     finally:
         ex.close()
 

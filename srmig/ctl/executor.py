@@ -189,13 +189,18 @@ class Executor:
         with self.owner.enter():
             if loc.old_qlen is not None and loc.tap and window == loc.window:
                 try:
-                    if not restore_queue_len(loc.tap, loc.old_qlen, queue) and time.monotonic() < deadline:
+                    if restore_queue_len(loc.tap, loc.old_qlen, queue):
+                        loc.old_qlen = None
+                    elif time.monotonic() < deadline:
                         loc.restoring = queue
                         self.owner.later(QUEUE_POLL_S, self._restore_queue, loc, window, queue, deadline)
                         return
+                    else:  # shortening it now would free what waits; the next window's end restores it
+                        log.warning("tap %s: frames still queued %.0f s after the window: its queue stays long",
+                                    loc.tap, QUEUE_RESTORE_MAX_S)
                 except Exception as e:  # noqa: BLE001 - the tap went meanwhile
                     log.debug("tap %s: queue length not restored: %s", loc.tap, e)
-                loc.old_qlen = None
+                    loc.old_qlen = None
             if loc.restoring is queue:
                 loc.restoring = None
             if queue is not None:
