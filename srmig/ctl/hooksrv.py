@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socketserver
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,12 +65,11 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class HookServer:
     def __init__(self, agent, path: str):
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
         self.path = p
-        self.server = _Server(str(p), _Handler)
-        os.chmod(p, 0o600)
+        self.server = _bind_private(p)
         self.server.agent = agent
         self.thread = threading.Thread(target=self.server.serve_forever, name="hook-server", daemon=True)
         self.thread.start()
@@ -79,6 +79,26 @@ class HookServer:
         self.server.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _bind_private(p: Path) -> _Server:
+    """Root only from the first moment (whoever connects provisions migrations and reads every VM's status):
+    bound inside a fresh 0700 directory beside `p`, made 0600, then renamed to `p`. A bind at `p` followed
+    by chmod would leave a window in which the umask's mode lets others connect."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}-", dir=p.parent))
+    try:
+        server = _Server(str(tmp / "sock"), _Handler)
+        try:
+            os.chmod(tmp / "sock", 0o600)
+            os.rename(tmp / "sock", p)
+        except BaseException:
+            server.server_close()
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            (tmp / "sock").unlink()
+        os.rmdir(tmp)
+    return server
 
 
 def serve(agent, path: str) -> HookServer:
