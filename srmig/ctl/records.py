@@ -1,0 +1,290 @@
+"""What the agent takes from outside, checked where it comes in, before any of it reaches the state machine,
+the maps or the encap: the hook socket's requests, a domain's XML and srmig metadata, the database's
+records (written by other agents, other versions of srmig, or someone with etcdctl).
+
+Each check returns the parsed record, normalised (addresses in their canonical spelling), or raises
+Rejected, whose message is one line. `reject()` logs a rejection (one warning naming where the input came
+from, e.g. `migrations/<vm>/<host>`) and counts it by source: `srmig status` shows the counts (`rejected`),
+Prometheus as srmig_rejected_input_total{source}. The counts are the process's: one agent runs per process,
+and a configuration is rejected before any agent exists (`srmig agent` then exits with its one line).
+
+Records carry a `format` (FORMAT when absent: the records of agents that wrote none). A record of a later
+format is rejected whole: its fields may mean something this agent does not know.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+import xml.etree.ElementTree as ET
+
+from srmig.ctl.ingress import MAX_SEGMENTS
+from srmig.ctl.machine import Ev
+from srmig.ctl.phases import HostSids, Phase
+
+log = logging.getLogger("srmig.records")
+
+FORMAT = 1                         # the record format this agent writes and reads
+# Where an input comes from (the counter's label) and what it is called in the log.
+SOURCES = {"hook": "hook request", "domain_xml": "domain XML", "migration_record": "migration record",
+           "vm_record": "VM record", "host_record": "host record", "config": "configuration"}
+MAX_DOMAIN_XML = 1 << 20           # characters of a domain's XML (libvirt's are tens of KiB)
+MAX_NAME = 253                     # a host's name (a DNS name's length), a migration id, a domain's name
+MAX_EVENTS = 64                    # events in one migration record (a migration has five kinds)
+MAX_RESENT = 64                    # frames in one record's `resent` (QEMU swallows one per pause)
+MAX_FRAME = 65535                  # bytes of one of those frames
+MAX_TRANSIT = MAX_SEGMENTS - 2     # the migration list is [S::5, transit..., D::b]: it must fit the encap
+IFNAMSIZ = 16                      # Linux's interface names: at most 15 bytes (dev_valid_name)
+RECORD_EVENTS = {e.value for e in (Ev.BEGIN, Ev.SUSPENDED, Ev.RESUMED, Ev.STOPPED, Ev.FAILED)}  # grace-over: a timer
+PHASES = {p.value for p in Phase}
+HOOK_OPS = ("migrate-begin", "status")
+XMLNS = "urn:srmig:vm:1"
+
+
+class Rejected(ValueError):
+    """Why an input was refused: one line, bounded."""
+
+    def __init__(self, why: str):
+        super().__init__(line(why, 300))
+
+
+def line(text: str, limit: int = 120) -> str:
+    """`text` as one printable line of at most `limit` characters (hostile keys and values are logged)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def show(value) -> str:
+    """A value quoted for a message, cut short."""
+    return line(repr(value), 60)
+
+
+class Rejections:
+    """Rejections per source. The worker, the database's watch threads and the hook server's threads count."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._n = dict.fromkeys(SOURCES, 0)
+
+    def add(self, source: str) -> None:
+        with self._lock:
+            self._n[source] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._n)
+
+
+REJECTED = Rejections()
+
+
+def reject(source: str, where: str, why) -> None:
+    """One warning line naming where the input came from, and one count."""
+    REJECTED.add(source)
+    log.warning("%s: rejected %s: %s", line(where), SOURCES[source], line(str(why), 300))
+
+
+# --- fields --------------------------------------------------------------------------------------------
+
+def _obj(value, what: str = "record") -> dict:
+    if not isinstance(value, dict):
+        raise Rejected(f"{what} is not a JSON object ({type(value).__name__})")
+    return value
+
+
+def _format(d: dict) -> None:
+    f = d.get("format", FORMAT)
+    if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+        raise Rejected(f"format: expected an integer >= 1, got {show(f)}")
+    if f > FORMAT:
+        raise Rejected(f"format {f} is newer than this agent's {FORMAT}: upgrade it")
+
+
+def _get(d: dict, k: str, required: bool = True, default=None):
+    if k not in d:
+        if required:
+            raise Rejected(f"{k}: missing")
+        return default
+    return d[k]
+
+
+def _int(d: dict, k: str, lo: int = 0, required: bool = True, default: int = 0) -> int:
+    v = _get(d, k, required, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise Rejected(f"{k}: expected an integer >= {lo}, got {show(v)}")
+    return v
+
+
+def _name(v, what: str, limit: int = MAX_NAME, spaces: bool = False) -> str:
+    """A name that becomes part of a key or a path: printable, no '/' (and no white space unless `spaces`:
+    a domain's name may have some)."""
+    if not isinstance(v, str) or not 0 < len(v) <= limit or "/" in v or not v.isprintable() or \
+            (not spaces and any(c.isspace() for c in v)):
+        raise Rejected(f"{what}: expected a name (1..{limit} printable characters, no '/'"
+                       f"{'' if spaces else ' or space'}), got {show(v)}")
+    return v
+
+
+def address(v, what: str) -> str:
+    """An IPv6 address in its canonical spelling."""
+    if not isinstance(v, str) or len(v) > 64:  # the longest spelling of one is 45 characters
+        raise Rejected(f"{what}: expected an IPv6 address, got {show(v)}")
+    try:
+        return str(ipaddress.IPv6Address(v))
+    except ValueError:
+        raise Rejected(f"{what}: {show(v)} is not an IPv6 address") from None
+
+
+def _addresses(v, what: str, lo: int, hi: int) -> list[str]:
+    if not isinstance(v, list) or not lo <= len(v) <= hi:
+        raise Rejected(f"{what}: expected a list of {lo}..{hi} IPv6 addresses, got {show(v)}")
+    return [address(x, f"{what}[{i}]") for i, x in enumerate(v)]
+
+
+def _key_vm(key: str, prefix: str) -> str:
+    """The VM address a key names (vms/<vm>, migrations/<vm>/<host>)."""
+    return address(key[len(prefix):].split("/")[0], "the key's VM address")
+
+
+# --- the database's records (srmig.ctl.vmdb) -------------------------------------------------------------
+
+def vm_record(key: str, value) -> dict:
+    """vms/<vm>: the fields of a VmRecord. The segment list must fit srmig's H.Encaps."""
+    vm = _key_vm(key, "vms/")
+    d = _obj(value)
+    _format(d)
+    if address(_get(d, "vm"), "vm") != vm:
+        raise Rejected(f"vm {show(d['vm'])} is not the key's {vm}")
+    out = {"vm": vm, "host": _name(_get(d, "host"), "host"),
+           "segments": tuple(_addresses(_get(d, "segments"), "segments", 1, MAX_SEGMENTS)),
+           "version": _int(d, "version", lo=1),
+           "migration": _get(d, "migration", False, ""), "step": _int(d, "step", required=False),
+           "phase": _get(d, "phase", False, Phase.STEADY.value)}
+    if not isinstance(out["migration"], str) or len(out["migration"]) > MAX_NAME:
+        raise Rejected(f"migration: expected an id, got {show(out['migration'])}")
+    if out["phase"] not in PHASES:
+        raise Rejected(f"phase: expected one of {', '.join(sorted(PHASES))}, got {show(out['phase'])}")
+    return out
+
+
+def lenient_version(value) -> int:
+    """The version of a vms/ record that was rejected, when it has a usable one (0: none): a record written
+    over it must have a later version, or an ingress that applied an earlier valid one would ignore it."""
+    v = value.get("version") if isinstance(value, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def host_record(key: str, value) -> tuple[HostSids, dict]:
+    """hosts/<name>: the host's SIDs (End.DX6-map, End.S, End.SBUF), address and transit SIDs."""
+    name = _name(key[len("hosts/"):], "the key's host name")
+    d = _obj(value)
+    _format(d)
+    if _get(d, "name") != name:
+        raise Rejected(f"name {show(d['name'])} is not the key's {name!r}")
+    sids = HostSids(name, address(_get(d, "dx6"), "dx6"), address(_get(d, "end_s"), "end_s"),
+                    address(_get(d, "sbuf"), "sbuf"))
+    if len({sids.dx6, sids.end_s, sids.sbuf}) != 3:
+        raise Rejected("dx6, end_s, sbuf: expected three different SIDs")
+    out = {"name": name, "dx6": sids.dx6, "end_s": sids.end_s, "sbuf": sids.sbuf,
+           "address": address(_get(d, "address"), "address"),
+           "transit": _addresses(_get(d, "transit", False, []), "transit", 0, MAX_TRANSIT)}
+    return sids, out
+
+
+def migration_record(key: str, value) -> tuple[str, str, dict]:
+    """migrations/<vm>/<host>: (vm, host, record). The host that wrote it must be one of its ends; its
+    events are those a host writes (srmig.ctl.host_role.HostRole._record)."""
+    vm = _key_vm(key, "migrations/")
+    host = _name(key[len("migrations/"):].rpartition("/")[2], "the key's host")
+    d = _obj(value)
+    _format(d)
+    if address(_get(d, "vm"), "vm") != vm:
+        raise Rejected(f"vm {show(d['vm'])} is not the key's {vm}")
+    src, dst = _name(_get(d, "src"), "src"), _name(_get(d, "dst"), "dst")
+    if src == dst:
+        raise Rejected(f"src and dst are both {src!r}")
+    if host not in (src, dst):
+        raise Rejected(f"written by {host!r}, which is neither its src {src!r} nor its dst {dst!r}")
+    events = _get(d, "events")
+    if not isinstance(events, list) or len(events) > MAX_EVENTS:
+        raise Rejected(f"events: expected a list of at most {MAX_EVENTS} events, got {show(events)}")
+    for i, e in enumerate(events):
+        if not isinstance(e, str) or e not in RECORD_EVENTS:
+            raise Rejected(f"events[{i}]: expected one of {', '.join(sorted(RECORD_EVENTS))}, got {show(e)}")
+    domain = _get(d, "domain", False)
+    resent = _get(d, "resent", False, [])
+    if not isinstance(resent, list) or len(resent) > MAX_RESENT:
+        raise Rejected(f"resent: expected a list of at most {MAX_RESENT} frames, got {show(resent)}")
+    for i, f in enumerate(resent):
+        if not isinstance(f, str) or len(f) > 2 * MAX_FRAME or len(f) % 2:
+            raise Rejected(f"resent[{i}]: expected a frame in hex, got {show(f)}")
+        try:
+            bytes.fromhex(f)
+        except ValueError:
+            raise Rejected(f"resent[{i}]: expected a frame in hex, got {show(f)}") from None
+    returned = _get(d, "returned", False)
+    if returned is not None and (not isinstance(returned, int) or isinstance(returned, bool) or returned < 0):
+        raise Rejected(f"returned: expected null or a count, got {show(returned)}")
+    return vm, host, {
+        "id": _name(_get(d, "id"), "id", 64), "vm": vm,
+        "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),  # also a path: <run dir>/<domain>.pid
+        "src": src, "dst": dst, "transit": _addresses(_get(d, "transit", False, []), "transit", 0, MAX_TRANSIT),
+        "events": list(events), "resent": list(resent), "returned": returned}
+
+
+# --- the hook socket (srmig.ctl.hooksrv) -----------------------------------------------------------------
+
+def hook_request(raw: bytes) -> dict:
+    """One request line: a JSON object with a known `op` and its fields of the right type."""
+    try:
+        req = json.loads(raw)
+    except RecursionError:
+        raise Rejected("nested too deep") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        raise Rejected(f"not JSON: {e}") from None
+    _obj(req, "request")
+    op = req.get("op")
+    if not isinstance(op, str) or op not in HOOK_OPS:
+        raise Rejected(f"op: expected one of {', '.join(HOOK_OPS)}, got {show(op)}")
+    if op == "migrate-begin" and not isinstance(req.get("xml"), str):
+        raise Rejected(f"xml: expected the domain's XML as a string, got {show(req.get('xml'))}")
+    return req
+
+
+# --- a domain's XML (srmig.ctl.libvirt_link.Domain) -------------------------------------------------------
+
+def domain(xml) -> tuple[str, str, str | None] | None:
+    """(name, VM address, tap) of a domain srmig manages; None when its metadata has no srmig address (not
+    ours). Rejected: the document is not a domain's XML, or its name, srmig address or tap is malformed."""
+    if not isinstance(xml, str):
+        raise Rejected(f"expected XML text, got {type(xml).__name__}")
+    if len(xml) > MAX_DOMAIN_XML:
+        raise Rejected(f"{len(xml)} characters, more than the {MAX_DOMAIN_XML} a domain's XML may have")
+    if "<!DOCTYPE" in xml or "<!ENTITY" in xml:  # libvirt writes neither; entities can expand without bound
+        raise Rejected("a DOCTYPE or ENTITY declaration (libvirt's XML has none)")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise Rejected(f"not XML: {e}") from None
+    if root.tag != "domain":
+        raise Rejected(f"root element {show(root.tag)}, not <domain>")
+    addr = root.find(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")
+    if addr is None or not (addr.text or "").strip():
+        return None
+    try:
+        vm = address(addr.text.strip().split("/")[0], "srmig metadata's address")
+        a = ipaddress.IPv6Address(vm)
+        if a.is_unspecified or a.is_loopback or a.is_multicast or a.is_link_local:
+            raise Rejected(f"srmig metadata's address {vm} cannot be a VM's (unspecified, loopback, multicast "
+                           f"or link-local)")
+        name = _name(root.findtext("name"), "name", 1024, spaces=True)
+        target = root.find("./devices/interface/target")
+        tap = None if target is None else target.get("dev")
+        if tap is not None and (not tap or len(tap.encode()) >= IFNAMSIZ or tap in (".", "..") or "/" in tap
+                                or ":" in tap or any(c.isspace() for c in tap) or not tap.isprintable()):
+            raise Rejected(f"interface target {show(tap)} is not an interface name")
+    except Rejected as e:
+        raise Rejected(f"domain {show(root.findtext('name'))}: {e}") from None
+    return name, vm, tap
