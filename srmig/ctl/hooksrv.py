@@ -7,6 +7,12 @@
 `migrate-begin` comes from the libvirt hook (srmig.ctl.hook) on the destination, before its QEMU starts:
 the agent provisions the migration path, then this thread (not the worker) waits, bounded, for every
 ingress to acknowledge the new segment list.
+
+A request is checked before anything acts on it (srmig.ctl.records.hook_request): at most MAX_REQUEST_BYTES,
+a JSON object, a known op, its fields of the right type. A malformed, oversized or truncated one is answered
+`{"ok": false, "error", "rejected": "hook"}` (a domain XML refused: "domain_xml"), logged, counted, and
+the connection closed. No read or write waits longer than `request_timeout_s`: a client that stalls in the
+middle of a request does not hold a thread.
 """
 
 from __future__ import annotations
@@ -24,26 +30,72 @@ from pathlib import Path
 from srmig.ctl import work
 
 log = logging.getLogger("srmig.hook")
+MAX_REQUEST_BYTES = 4 << 20  # one request line: a domain's XML (records.MAX_DOMAIN_XML characters), JSON-escaped
+REQUEST_TIMEOUT_S = 10.0     # the longest one read or write on a connection may wait
 
 
 class _Handler(socketserver.StreamRequestHandler):
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # StreamRequestHandler sets it on the connection
+        super().setup()
+
     def handle(self) -> None:
+        from srmig.ctl import records  # noqa: PLC0415 - the libvirt hook imports this module: it must load fast
+
         agent = self.server.agent
-        for line in self.rfile:
+        where = f"hook socket (pid {self._peer_pid()})"
+        while True:  # until the client closes, or a request is rejected
             try:
-                req = json.loads(line)
-                op = req.get("op")
-                if op == "migrate-begin":
+                line = self.rfile.readline(MAX_REQUEST_BYTES + 1)
+            except TimeoutError:
+                line, stalled = b"", True
+            except OSError:
+                return
+            else:
+                stalled = False
+            try:
+                if stalled:
+                    raise records.Rejected(f"no complete request in {self.timeout:g} s")
+                if not line:
+                    return
+                if not line.endswith(b"\n"):
+                    raise records.Rejected(f"more than {MAX_REQUEST_BYTES} bytes" if len(line) > MAX_REQUEST_BYTES
+                                           else f"truncated: {len(line)} bytes and no end of line")
+                req = records.hook_request(line)
+            except records.Rejected as e:
+                records.reject("hook", where, e)
+                self._answer({"ok": False, "error": f"rejected: {e}", "rejected": "hook"})
+                return
+            try:
+                if req["op"] == "migrate-begin":
                     out = self._begin(agent, req)
-                elif op == "status":
-                    out = {"ok": True, **agent.call(work.Status())}
                 else:
-                    out = {"ok": False, "error": f"unknown op {op!r}"}
+                    out = {"ok": True, **agent.call(work.Status())}
+            except records.Rejected as e:  # the domain's XML, refused (and logged) by the worker
+                out = {"ok": False, "error": f"rejected: {e}", "rejected": "domain_xml"}
             except Exception as e:  # noqa: BLE001 - answered, never fatal
                 log.warning("request failed: %s", e)
                 out = {"ok": False, "error": str(e)}
+            if not self._answer(out):
+                return
+
+    def _answer(self, out: dict) -> bool:
+        """One answer line; False when the client is gone or does not read it."""
+        try:
             self.wfile.write((json.dumps(out, default=str) + "\n").encode())
             self.wfile.flush()
+        except OSError:
+            return False
+        return True
+
+    def _peer_pid(self) -> int | None:
+        import socket  # noqa: PLC0415
+        import struct  # noqa: PLC0415
+
+        try:
+            return struct.unpack("3i", self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            return None
 
     @staticmethod
     def _begin(agent, req) -> dict:
@@ -60,6 +112,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_timeout_s = REQUEST_TIMEOUT_S
 
 
 class HookServer:
