@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import time
 
@@ -17,6 +18,7 @@ import test_drain  # tests/ is on sys.path (rootdir conftest, no package)
 from srmig.bpf import abi
 from srmig.bpf.abi import VmState
 from srmig.ctl import executor as X
+from srmig.ctl import fdstore
 from srmig.ctl.drain import hold_ring_reader, read_hold_packets
 from srmig.ctl.machine import DelVm, Drain, Ev, KeepTap, Machine, SetVm
 from srmig.ctl.maps import ffi
@@ -50,13 +52,13 @@ class Later:
         return len(calls)
 
 
-def executor(name: str, dp, enter, qemu_pid: int | None = None, tap: str | None = None):
+def executor(name: str, dp, enter, qemu_pid: int | None = None, tap: str | None = None, fds=None):
     """An executor for host `name` on `dp`, working in the namespace `enter()` switches to; with the calls it
     schedules and the map writes it reports."""
     later, writes = Later(), []
     ex = X.Executor(X.Owner(name=name, dp=dp, address="2001:db8:f::1", drain=True, tap_queue=TAP_QUEUE,
                             qemu_pid=lambda loc: qemu_pid, later=later, on_map_write=lambda: writes.append(1),
-                            enter=enter))
+                            enter=enter, fds=fds or fdstore.NoStore()))
     ex.vm(VM).tap = tap
     return ex, later, writes
 
@@ -183,7 +185,10 @@ def test_tap_queue_window_restored_only_once_read(lab, topology, paused_tap):
         with TapKeeper(paused_tap.pid, "vmtap") as qemu:
             assert probes(qemu.frames()) == 100
         ex.execute(m, [SetVm("S", VM, VmState.RUNNING, shadow=True)], "m4")
-        ex.execute(m, [SetVm("S", VM, VmState.RUNNING)], "m4")  # the queue was read: restored at once
+        ex.execute(m, [SetVm("S", VM, VmState.RUNNING)], "m4")
+        with TapKeeper(paused_tap.pid, "vmtap") as qemu:
+            qemu.frames()  # what the namespace's stack sent meanwhile (MLD, RS), if anything: read
+        later.run_all()
         assert qlen(topology) == before and loc.old_qlen is None
     finally:
         ex.close()
@@ -276,3 +281,35 @@ def test_close_releases_the_kept_tap_fds(lab, topology, paused_tap):
         with pytest.raises(OSError):
             os.fstat(fd)
     assert loc.keeper is None and loc.restoring is None
+
+
+def test_a_restarted_agent_drains_the_tap_the_store_kept(lab, topology, paused_tap, tmp_path):
+    """The source's agent dies after KeepTap (its fds close, nothing is dropped from the store) and the paused
+    QEMU goes at the end of the migration. The restarted agent replays its Drain: the fds the store kept
+    are taken back and the tap's queue is drained to D, whole and in order; then the store forgets them."""
+    topology.add_host("T")
+    topology.link("S", "s0", "T", "t0", "2001:db8:a::2/64", "2001:db8:a::1/64", static_neigh=True)
+    topology.route("S", "fc00::/16", gateway="2001:db8:a::1")
+    store = fdstore.KeeperStore(str(tmp_path / "fdkeeper.sock"), idle_s=30)
+    keeper_pid = store.keeper_pid()
+    m = Machine().start(VM, S, D)
+    try:
+        ex, _, _ = executor("S", lab.dp, lambda: topology.inside("S"), paused_tap.pid, "vmtap", fds=store)
+        ex.execute(m, [KeepTap("S", VM)], "m1")
+        assert store.names() == {fdstore.tap_name("S", VM, "m1"): 1}
+        test_drain.send_probes(topology, 30)
+        ex.vms[VM].keeper.close()  # the agent is SIGKILLed: its fds close, the store's stay
+        paused_tap.kill()
+        paused_tap.wait()  # QEMU ends with the migration: the tap lives on in the store alone
+
+        again, _, _ = executor("S", lab.dp, lambda: topology.inside("S"), None, "vmtap", fds=store)
+        with capture(topology, "T", "t0") as t:
+            again.execute(m, [Drain("S", VM, D.dx6)], "m1", replay=True)
+            got = [received(t, f"probe-{i}".encode()) for i in range(30)]
+        assert all(f is not None and IPv6(f[14:]).dst == D.sbuf for f in got), "every queued probe, in order"
+        assert again.vms[VM].report.from_tap >= 30  # (and what the stack sent the tap: MLD, RS)
+        assert lab.dp.get_vm(VM).state is VmState.AWAY
+        assert store.names() == {}, "drained: the store need not keep them"
+    finally:
+        store.close()
+        os.kill(keeper_pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ from srmig.ctl import fdstore, tap
 
 paused_tap = test_drain.paused_tap  # host S of `topology`, tap `vmtap` held by a process that never reads it
 
-NAME = fdstore.tap_name("2001:db8:100::10", "m1")
+NAME = fdstore.tap_name("S", "2001:db8:100::10", "m1")
 
 # The agent, as far as the keeper is concerned: takes the paused QEMU's tap fds, hands them to the keeper,
 # says so, then waits to be killed.

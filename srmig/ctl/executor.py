@@ -6,7 +6,8 @@ What it does per action, on this host only (actions for another host are skipped
 belong to the owner: they speak to the database):
 - SetVm / DelVm: the map entry; the migration window opens (the tap's queue made long, the shadow log
   started) and closes (the queue restored once the resumed QEMU has read it, docs/drain.md);
-- KeepTap: a duplicate of QEMU's tap fds, so the tap's queue outlives that QEMU;
+- KeepTap: a duplicate of QEMU's tap fds, so the tap's queue outlives that QEMU; also handed to the fd store
+  (srmig.ctl.fdstore), so it outlives the agent too: a restarted agent drains or returns what waits in it;
 - Drain: the source drain (srmig.ctl.drain.SourceDrain) from the kept tap queue or QEMU's;
 - ReturnHeld: an aborted destination sends what its tap held back to the source;
 - Unpark: the source delivers what it parked, once the destination's returned packets are in (`unpark()`,
@@ -26,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from srmig.bpf.abi import VmState
+from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
 from srmig.ctl.swallow import ShadowLog, SwallowCheck
@@ -56,12 +58,15 @@ class Owner:
     on_map_write: Callable[[], None] = _nothing          # (the agent's event -> map latency)
     on_returned: Callable[[str], None] = _nothing        # an aborted destination returned its hold
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # this host's netns
+    fds: fdstore.FdStore = field(default_factory=fdstore.NoStore)  # where kept tap fds outlive the agent
 
 
 @dataclass
 class VmLocal:
     """This host's resources for one VM (and its migration)."""
 
+    vm: str = ""
+    migration: str | None = None        # the migration these resources serve
     domain: str | None = None
     tap: str | None = None
     shadow: ShadowLog | None = None     # source, window: what the program shadowed to the ring
@@ -88,12 +93,13 @@ class Executor:
         self.vms: dict[str, VmLocal] = {}
 
     def vm(self, vm: str) -> VmLocal:
-        return self.vms.setdefault(vm, VmLocal())
+        return self.vms.setdefault(vm, VmLocal(vm=vm))
 
     def execute(self, m: Migration, actions, mid: str, replay: bool = False) -> None:
         """Apply the actions meant for this host, in order. `mid`: the migration's id. `replay`: the steps
         were applied before a restart; a Drain then only sets the map (the QEMU it drained is gone)."""
         o, loc = self.owner, self.vm(m.vm)
+        loc.migration = mid or loc.migration
         with o.enter():
             for a in actions:
                 if getattr(a, "host", None) != o.name:
@@ -105,9 +111,9 @@ class Executor:
                     o.on_map_write()
                     self._end_window(loc)
                 elif isinstance(a, Drain):
-                    if replay:
+                    if replay and not self._stored(loc):  # drained before a restart: the map write alone
                         self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
-                    else:
+                    else:  # (a replay with the tap's fds still stored: the drain was cut short)
                         self._drain(m, loc, a)
                 elif isinstance(a, KeepTap):
                     loc.keep_wanted = True
@@ -150,11 +156,37 @@ class Executor:
             loc.keeper = TapKeeper(pid, loc.tap)
         except OSError as e:
             log.debug("%s: tap not held yet: %s", vm, e)
+            return
+        try:
+            self.owner.fds.put(self._name(loc), loc.keeper.fds)
+        except OSError as e:
+            log.warning("%s: kept tap fds not stored (%s): they die with the agent", vm, e)
+
+    def _name(self, loc: VmLocal) -> str:
+        return fdstore.tap_name(self.owner.name, loc.vm, loc.migration or "")
+
+    def _stored(self, loc: VmLocal) -> list[int]:
+        """The tap fds the fd store kept for this migration (ours now), [] if none."""
+        try:
+            return self.owner.fds.take(self._name(loc))
+        except OSError as e:
+            log.warning("%s: the fd store does not answer (%s)", loc.vm, e)
+            return []
+
+    def _forget_stored(self, loc: VmLocal) -> None:
+        """The window is over: the store need not keep this migration's tap fds any more."""
+        try:
+            self.owner.fds.drop(self._name(loc))
+        except OSError as e:
+            log.debug("%s: fd store: %s", loc.vm, e)
 
     def _tap_queue(self, loc: VmLocal) -> TapKeeper | None:
-        """The tap's queue (now the caller's): the fds kept since the migration began (KeepTap), or taken
-        from QEMU now; None if there is neither (QEMU gone, or ending as we look)."""
+        """The tap's queue (now the caller's): the fds kept since the migration began (KeepTap), by us or,
+        before our restart, in the fd store; else taken from QEMU now; None if there is none of these (QEMU
+        gone, or ending as we look)."""
         queue, loc.keeper = loc.keeper, None
+        if queue is None and loc.tap and (stored := self._stored(loc)):
+            queue = TapKeeper.of_fds(loc.tap, stored)
         if queue is None and loc.tap and (pid := self.owner.qemu_pid(loc)) is not None:
             with contextlib.suppress(OSError):
                 queue = TapKeeper(pid, loc.tap)
@@ -183,6 +215,7 @@ class Executor:
             queue = self._tap_queue(loc)
         else:
             queue, loc.keeper = loc.keeper, None
+        self._forget_stored(loc)
         self._restore_queue(loc, loc.window, queue, time.monotonic() + QUEUE_RESTORE_MAX_S)
 
     def _restore_queue(self, loc: VmLocal, window: int, queue: TapKeeper | None, deadline: float) -> None:
@@ -231,6 +264,7 @@ class Executor:
             with queue:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
                                              stopped_at_ns=heard if qemu is None else qemu)
+            self._forget_stored(loc)  # drained: a restart need not do it again
             log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, rep.from_ring, rep.resent_swallowed,
                      rep.swallowed, loc.check is not None, loc.shadow is not None, stopped_how,

@@ -12,7 +12,7 @@ agent, and a restarted agent takes it back from there (docs/faults.md):
   root-only unix socket (no logic to crash in; it exits once it has held nothing for a while). The agent
   starts it when it is not running.
 
-Names are `tap/<vm, ':' as '-'>/<migration id>`: a restarted agent takes only what belongs to the migration it resumes.
+Names are `tap/<host>/<vm, ':' as '-'>/<migration id>`: a restarted agent takes only what belongs to the migration it resumes.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ MAX_FDS = 64             # fds in one message (a VM's tap has one per queue)
 SD_LISTEN_FDS_START = 3
 
 
-def tap_name(vm: str, migration: str) -> str:
-    """systemd's LISTEN_FDNAMES separates names with ':', which sd_notify(3) therefore forbids in them."""
-    return f"tap/{vm.replace(':', '-')}/{migration}"
+def tap_name(host: str, vm: str, migration: str) -> str:
+    """The host too: two agents on one machine (the testbed) may share a keeper. systemd's LISTEN_FDNAMES
+    separates names with ':', which sd_notify(3) therefore forbids in them."""
+    return f"tap/{host}/{vm.replace(':', '-')}/{migration}"
 
 
 class FdStore:

@@ -103,6 +103,13 @@ class TapKeeper:
         if not self.fds:
             raise OSError(errno.ENOENT, f"process {qemu_pid} has no fd on tap {tap}")
 
+    @classmethod
+    def of_fds(cls, tap: str, fds: list[int]) -> TapKeeper:
+        """Fds already ours (taken back from the fd store, srmig.ctl.fdstore): closed with the keeper."""
+        keeper = cls.__new__(cls)
+        keeper.tap, keeper.fds = tap, list(fds)
+        return keeper
+
     def frames(self) -> list[bytes]:
         return [frame for fd in self.fds for frame in read_queued(fd)]
 
