@@ -3,7 +3,8 @@
 n simulated ingresses in one process, each with its own watch on "vms/"; a writer changes one VM's record
 `changes` times, one change at a time. Latency is taken from just before put() to the moment each
 watcher's callback holds the new value; reported over all (watcher, change) pairs. etcd runs as a local
-single member (EtcdServer); the embedded backend runs on a temporary SQLite file.
+single member (EtcdServer: TLS with client certificates, as deployed); the embedded backend runs on a
+temporary SQLite file.
 
     python -m bench.watchers [--watchers N] [--changes N] [--embedded-watchers N] [--json FILE]
 """
@@ -110,8 +111,8 @@ def run(n_watchers: int = 1000, changes: int = 20, backend: str = "etcd", embedd
     out: dict = {"changes": changes}
     if backend in ("etcd", "both"):
         with EtcdServer(name="srmig-bench") as server:
-            with statedb.open_db("etcd", endpoints=server.endpoints) as writer, \
-                    statedb.open_db("etcd", endpoints=server.endpoints) as watchers:
+            with statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("writer")) as writer, \
+                    statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("watchers")) as watchers:
                 out["etcd"] = _measure(writer, watchers, n_watchers, changes, server.proc.pid)
     if backend in ("embedded", "both") and embedded_watchers:
         with tempfile.TemporaryDirectory(prefix="srmig-bench-") as d:

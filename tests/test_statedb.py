@@ -1,4 +1,5 @@
-"""The VM state database, one suite over both backends: embedded (SQLite file) and etcd (a real etcd 3.4).
+"""The VM state database, one suite over both backends: embedded (SQLite file) and etcd (a real etcd 3.4,
+TLS with client certificates, as srmig.testbed.etcd starts it).
 
 Waits are on conditions with deadlines; nothing sleeps for a fixed time.
 """
@@ -40,19 +41,23 @@ class Store:
     path: str | None
     endpoints: list[str] | None
     prefix: str
+    tls: statedb.Tls | None = None
 
     def open(self) -> statedb.Kv:
-        return statedb.open_db(self.backend, path=self.path, endpoints=self.endpoints, prefix=self.prefix)
+        return statedb.open_db(self.backend, path=self.path, endpoints=self.endpoints, prefix=self.prefix,
+                               tls=self.tls)
 
     def args(self) -> list[str]:
-        return [self.backend, self.path or json.dumps(self.endpoints), self.prefix]
+        where = self.path or json.dumps({"endpoints": self.endpoints, "tls": list(vars(self.tls).values())})
+        return [self.backend, where, self.prefix]
 
 
 @pytest.fixture(params=["embedded", pytest.param("etcd", marks=pytest.mark.etcd)])
 def store(request, tmp_path) -> Store:
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"      # tests share the module's etcd: each its own key space
     if request.param == "etcd":
-        return Store("etcd", None, request.getfixturevalue("etcd_server").endpoints, prefix)
+        server = request.getfixturevalue("etcd_server")
+        return Store("etcd", None, server.endpoints, prefix, server.tls())
     return Store("embedded", str(tmp_path / "state.db"), None, prefix)
 
 
@@ -168,8 +173,9 @@ PEER = r"""
 import json, sys, threading
 from srmig.ctl import statedb
 backend, where, prefix = sys.argv[1:4]
-kv = statedb.open_db(backend, path=where if backend == "embedded" else None,
-                     endpoints=json.loads(where) if backend == "etcd" else None, prefix=prefix)
+etcd = json.loads(where) if backend == "etcd" else {}
+kv = statedb.open_db(backend, path=where if backend == "embedded" else None, endpoints=etcd.get("endpoints"),
+                     prefix=prefix, tls=statedb.Tls(*etcd["tls"]) if etcd else None)
 done = threading.Event()
 def on_events(events):
     for e in events:
@@ -299,7 +305,7 @@ def test_etcd_watch_resumes_after_restart(kill):
     backoff = BackoffSeen(0.8)     # 0.05, 0.1, 0.2, 0.4, 0.8 s: ~0.75 s down, then >= 0.64 s more asleep
     logger = logging.getLogger("srmig.ctl.statedb")
     logger.addHandler(backoff)
-    with EtcdServer() as server, statedb.open_db("etcd", endpoints=server.endpoints) as kv:
+    with EtcdServer() as server, statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls()) as kv:
         try:
             seen = Collector()
             w = kv.watch("vms/", seen)
@@ -334,13 +340,14 @@ def _dead_port() -> int:
 
 @pytest.mark.etcd
 def test_etcd_dead_endpoint_is_unavailable(etcd_server):
-    dead = f"http://127.0.0.1:{_dead_port()}"
+    dead = f"https://127.0.0.1:{_dead_port()}"
     t0 = time.monotonic()
     with pytest.raises(DbUnavailable, match=f"{dead}.*refused"):
-        statedb.open_db("etcd", endpoints=[dead], timeout_s=1.0)
+        statedb.open_db("etcd", endpoints=[dead], timeout_s=1.0, tls=etcd_server.tls())
     assert time.monotonic() - t0 < 1.5
     # a dead endpoint among live ones is skipped
-    with statedb.open_db("etcd", endpoints=[dead, *etcd_server.endpoints], prefix="/t-failover/") as kv:
+    with statedb.open_db("etcd", endpoints=[dead, *etcd_server.endpoints], prefix="/t-failover/",
+                         tls=etcd_server.tls()) as kv:
         assert kv.put("k", {}) > 0
 
 
@@ -349,8 +356,14 @@ def test_etcd_dead_endpoint_is_unavailable(etcd_server):
     ({"backend": "embedded", "path": "/nonexistent-srmig/state.db"}, DbUnavailable,
      "/nonexistent-srmig does not exist"),
     ({"backend": "etcd"}, ValueError, "needs endpoints"),
-    ({"backend": "etcd", "endpoints": ["127.0.0.1:2379"]}, ValueError, "expected http://HOST:PORT"),
-], ids=["unknown-backend", "missing-dir", "no-endpoints", "endpoint-without-scheme"])
+    ({"backend": "etcd", "endpoints": ["127.0.0.1:2379"]}, ValueError, "expected https://HOST:PORT"),
+    ({"backend": "etcd", "endpoints": ["https://127.0.0.1:2379"]}, ValueError, "https:// needs tls"),
+    ({"backend": "etcd", "endpoints": ["http://127.0.0.1:2379"], "tls": statedb.Tls("/dev/null")}, ValueError,
+     "TLS is configured but the endpoint is http://"),
+    ({"backend": "etcd", "endpoints": ["https://127.0.0.1:2379"], "tls": statedb.Tls("/nonexistent/ca.pem")},
+     DbUnavailable, r"etcd TLS: cannot load the CA file /nonexistent/ca.pem \(No such file or directory\)$"),
+], ids=["unknown-backend", "missing-dir", "no-endpoints", "endpoint-without-scheme", "https-without-tls",
+        "http-with-tls", "missing-ca-file"])
 def test_open_errors(kwargs, error, match):
     backend = kwargs.pop("backend")
     with pytest.raises(error, match=match):

@@ -11,7 +11,8 @@ This module is the interface callers use (`Kv`, `Lease`, `Watch`, `Entry`, `Even
   for good.
 - "etcd" (`etcd.py`): etcd's v3 JSON gateway through etcd3gw. Revisions, watches, leases and
   compare-and-swap are etcd's own; a watch is one streaming HTTP request per watch, resumed from the last
-  delivered revision after the member goes away.
+  delivered revision after the member goes away. https:// endpoints take `Tls`: the members' certificates
+  are verified against its CA, and the client certificate is what etcd's --client-cert-auth asks for.
 
 Keys given to the API are relative ("vms/2001:db8::10"); the store keeps them under `prefix`. Values are
 JSON objects. Revisions are store-wide and increase with every change, as in etcd: a put's revision is the
@@ -34,6 +35,16 @@ DEFAULT_PREFIX = "/srmig/"
 BACKOFF_MIN_S = 0.05            # first reconnect delay of a watch that lost its backend, doubled up to...
 BACKOFF_MAX_S = 2.0
 CANCEL_GRACE_S = 1.0            # Watch.cancel() waits at most timeout_s + this for the thread
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Mutual TLS to etcd: the CA the members' certificates are verified against, and this client's
+    certificate and key (PEM files). Without a client certificate a member started with --client-cert-auth
+    refuses the connection."""
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,18 +221,19 @@ class Kv:
 
 
 def open_db(backend: str, *, path: str | None = None, endpoints: list[str] | None = None,
-            prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0) -> Kv:
-    """Open the state database: "embedded" (SQLite file `path`, default /var/lib/srmig/state.db) or
-    "etcd" (`endpoints`, e.g. ["http://127.0.0.1:2379"]). Raises DbUnavailable if it cannot be reached."""
+            prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0, tls: Tls | None = None) -> Kv:
+    """Open the state database: "embedded" (SQLite file `path`, default /var/lib/srmig/state.db, made mode
+    0600) or "etcd" (`endpoints`, e.g. ["https://127.0.0.1:2379"], with `tls` for https://). Raises
+    DbUnavailable if it cannot be reached."""
     # each backend is imported when chosen: it imports this module
     if backend == "embedded":
         from srmig.ctl.statedb.sqlite import SqliteKv  # noqa: PLC0415
         return SqliteKv(path or DEFAULT_PATH, prefix, timeout_s)
     if backend == "etcd":
         if not endpoints:
-            raise ValueError("the etcd state db needs endpoints, e.g. ['http://127.0.0.1:2379']")
+            raise ValueError("the etcd state db needs endpoints, e.g. ['https://127.0.0.1:2379']")
         from srmig.ctl.statedb.etcd import EtcdKv  # noqa: PLC0415
-        return EtcdKv(endpoints, prefix, timeout_s)
+        return EtcdKv(endpoints, prefix, timeout_s, tls)
     raise ValueError(f"unknown state db backend {backend!r}: expected 'embedded' or 'etcd'")
 
 

@@ -2,6 +2,10 @@
 
 `EtcdKv` (requests to the endpoints, failing over between them), `_EtcdLease`, and `_EtcdWatch`, one
 streaming HTTP request per watch that reconnects and resumes from the last delivered revision.
+
+https:// endpoints are mutual TLS: every session verifies the member's certificate against `Tls.ca_file`
+and presents `Tls.cert_file`/`key_file`. (etcd3gw's own ca_cert/cert_cert/cert_key arguments apply only to
+the session it makes itself; srmig passes sessions of its own, so it sets verify and cert on them.)
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import os
 import random
 import re
 import socket
+import ssl
 import threading
 from urllib.parse import urlsplit
 
 from srmig.ctl.statedb import (BACKOFF_MAX_S, BACKOFF_MIN_S, DEFAULT_PREFIX, DbUnavailable, Entry, Event, Kv, Lease,
-                               LeaseExpired, Watch, WatchCallback, _check_key, _Compacted, _encode_value)
+                               LeaseExpired, Tls, Watch, WatchCallback, _check_key, _Compacted, _encode_value)
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +51,77 @@ def _bytes_end(prefix: bytes) -> bytes:
     return bytes(p)
 
 
-def _why(e: Exception) -> str:
-    """The useful part of an etcd3gw/requests error: etcd3gw keeps the text in detail_text, str() is empty."""
+# What a failed TLS handshake means, by OpenSSL's reason code (the client's view).
+TLS_REASONS = {
+    "SSLV3_ALERT_BAD_CERTIFICATE": "etcd refused our client certificate: not signed by a CA in its "
+                                   "--trusted-ca-file",
+    "TLSV1_ALERT_UNKNOWN_CA": "etcd refused our client certificate: not signed by a CA in its --trusted-ca-file",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "etcd refused us: it requires a client certificate (db.cert_file, "
+                                         "db.key_file)",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "etcd refused our client certificate: not for client "
+                                           "authentication (extendedKeyUsage clientAuth)",
+    "CERTIFICATE_VERIFY_FAILED": "etcd's certificate failed verification against db.ca_file",
+    "WRONG_VERSION_NUMBER": "the endpoint does not speak TLS (plain http:// etcd?)",
+}
+
+
+def _why(e: Exception, tls: Tls | None = None) -> str:
+    """The useful part of an etcd3gw/requests error: etcd3gw keeps the text in detail_text, str() is empty.
+    `tls`: what we presented, to explain a handshake etcd cut short."""
     text = getattr(e, "detail_text", None) or str(e) or type(e).__name__
+    if m := re.search(r"\[SSL: ([A-Z0-9_]+)\]([^'\"]*)", text):
+        detail = re.sub(r"\s*\(_ssl\.c:\d+\)?$", "", m.group(2).strip())
+        meaning = TLS_REASONS.get(m.group(1))
+        return f"TLS: {meaning} ({detail})" if meaning else f"TLS: {m.group(1).lower()}: {detail}"
+    if tls is not None and re.search(r"SSLEOFError|EOF occurred in violation of protocol", text):
+        # etcd (Go, TLS 1.2) hangs up without an alert when --client-cert-auth finds no certificate
+        if not tls.cert_file:
+            return "TLS: etcd closed the handshake: it requires a client certificate (db.cert_file, db.key_file)"
+        return "TLS: etcd closed the handshake (does it trust the CA of our client certificate?)"
+    if tls is None and "RemoteDisconnected" in text:
+        return "closed without an answer (an etcd with TLS does that to http://: use https://)"
     m = re.search(r"\[Errno -?\d+\][^'\")]*", text)
     return m.group(0) if m else text[:300]
 
 
+def _use_tls(session, tls: Tls | None) -> None:
+    if tls is not None:
+        session.verify = tls.ca_file
+        if tls.cert_file:
+            session.cert = (tls.cert_file, tls.key_file)
+
+
+def _check_tls(tls: Tls) -> None:
+    """Load the CA and the client's pair once, here: requests would fail on every request with an OSError
+    that is no etcd3gw error."""
+    ctx = ssl.create_default_context()
+    try:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise DbUnavailable(f"etcd TLS: cannot load the CA file {tls.ca_file} ({e.strerror or e})") from None
+    if tls.cert_file:
+        try:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise DbUnavailable(f"etcd TLS: cannot load the client certificate {tls.cert_file} with key "
+                                f"{tls.key_file} ({e.strerror or e})") from None
+
+
 class EtcdKv(Kv):
-    def __init__(self, endpoints: list[str], prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0):
+    def __init__(self, endpoints: list[str], prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0,
+                 tls: Tls | None = None):
         urls = [urlsplit(ep) for ep in endpoints]
         for ep, u in zip(endpoints, urls):
             if u.scheme not in ("http", "https") or not u.hostname:
-                raise ValueError(f"etcd endpoint {ep!r}: expected http://HOST:PORT or https://HOST:PORT")
+                raise ValueError(f"etcd endpoint {ep!r}: expected https://HOST:PORT (or http://HOST:PORT)")
+            if u.scheme == "https" and tls is None:
+                raise ValueError(f"etcd endpoint {ep!r}: https:// needs tls (the CA file, a client certificate "
+                                 "and its key)")
+            if u.scheme == "http" and tls is not None:
+                raise ValueError(f"etcd endpoint {ep!r}: TLS is configured but the endpoint is http://: "
+                                 "use https://")
+        if tls is not None:
+            _check_tls(tls)
         try:
             import requests
             from etcd3gw.client import Etcd3Client
@@ -70,10 +133,12 @@ class EtcdKv(Kv):
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.endpoints = list(endpoints)
+        self.tls = tls
         self._clients = []
         for u in urls:
             session = requests.Session()
             session.trust_env = False   # no HTTP proxy between us and etcd
+            _use_tls(session, tls)
             self._clients.append(Etcd3Client(
                 host=u.hostname, port=u.port or 2379, protocol=u.scheme, timeout=timeout_s,
                 api_path=ETCD_API_PATH, session=session))
@@ -102,15 +167,15 @@ class EtcdKv(Kv):
                 self._current = idx
                 return result
             except self._exc.ConnectionFailedError as e:
-                errors.append(f"{self.endpoints[idx]}: {_why(e)}")
+                errors.append(f"{self.endpoints[idx]}: {_why(e, self.tls)}")
             except self._exc.ConnectionTimeoutError as e:
                 raise DbUnavailable(f"etcd {self.endpoints[idx]}: timed out after {self.timeout_s} s "
-                                    f"({_why(e)})") from e
+                                    f"({_why(e, self.tls)})") from e
             except self._exc.Etcd3Exception as e:
                 if "lease not found" in (e.detail_text or ""):
                     raise LeaseExpired(f"etcd {self.endpoints[idx]}: lease has expired or was revoked "
                                        "(requested lease not found)") from e
-                raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {_why(e)}") from e
+                raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {_why(e, self.tls)}") from e
         raise DbUnavailable("etcd unreachable: " + "; ".join(errors))
 
     def _full(self, key: str) -> bytes:
@@ -220,6 +285,7 @@ class _EtcdWatch(Watch):
         # one session (one TCP connection) per watch: a pooled connection is busy for the stream's life
         self._session = kv._requests.Session()
         self._session.trust_env = False
+        _use_tls(self._session, kv.tls)
         self._session.mount("http://", _keepalive_adapter(kv._requests))
         self._session.mount("https://", _keepalive_adapter(kv._requests))
 
@@ -245,7 +311,7 @@ class _EtcdWatch(Watch):
                     self._resync(self._kv, c.revision)
                     continue
                 except Exception as e:
-                    why = _why(e)
+                    why = _why(e, self._kv.tls)
                 if self._cancelled.is_set():
                     break
                 log.warning("state db watch %r on %s: %s; reconnecting from revision %d in %.2f s",
