@@ -38,6 +38,7 @@ name = "{name}"
 fabric = "lo"
 locator = "{locator}"
 address = "2001:db8:a::2"
+sr_domain = ["2001:db8:f::/64"]
 [db]
 path = "{db}"
 [metrics]

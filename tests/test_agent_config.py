@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ gateway = "2001:db8:c::2"
 [db]
 backend = "etcd"
 endpoints = ["http://[2001:db8:c::1]:2379"]
+insecure = true
 
 [hook]
 ack_timeout_s = 1.5
@@ -44,8 +46,10 @@ def test_good_config_and_defaults():
     assert cfg.host.xdp_mode == "native" and cfg.host.tap_queue == 10000 and cfg.host.drain is True
     assert cfg.ingress.gateway == "2001:db8:c::2"
     assert cfg.db.backend == "etcd" and cfg.db.endpoints == ("http://[2001:db8:c::1]:2379",)
+    assert cfg.db.insecure is True and cfg.db.ca_file is None
     assert cfg.hook.on_timeout == "refuse" and cfg.hook.ack_timeout_s == 1.5
     assert cfg.metrics_listen == "127.0.0.1:9477"
+    assert [w.split(": ")[1] for w in cfg.warnings] == ["db.insecure"]
 
 
 def test_config_docstring_example_parses():
@@ -56,22 +60,34 @@ def test_config_docstring_example_parses():
     assert cfg.host.fabric == "eth1" and cfg.ingress.name == "edge1"
 
 
+HOST = "[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsr_domain = ['fc00::/16']\n"
+ETCD = "[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\n[db]\nbackend = 'etcd'\n"
+
 BAD = [
     ("[host]\nfabric = 'eth1'\naddress = '2001:db8::1'\n", "host.sids.dx6", "IPv6 address"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = 'nope'\n", "host.address", "IPv6 address"),
+    # the SR domain is closed by default: no implicit "every source"
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\n", "host.sr_domain",
+     'sr_domain = ["::/0"] accepts every source'),
+    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsr_domain = []\n",
+     "host.sr_domain", "the SR domain's source prefixes"),
+    # etcd: TLS unless insecure = true says otherwise, and then every file it needs
+    (ETCD, "db.ca_file", "https:// endpoints need db.ca_file, db.cert_file and db.key_file"),  # the default
+    (ETCD + "endpoints = ['http://[2001:db8:c::1]:2379']\n", "db.endpoints", "only with db.insecure = true"),
+    (ETCD + "endpoints = ['https://a:2379', 'http://b:2379']\ninsecure = true\n", "db.endpoints", "one scheme"),
+    (ETCD + "endpoints = ['https://a:2379']\nca_file = '/nonexistent/ca.pem'\n", "db.ca_file",
+     "a readable PEM file, the CA certificate that signed etcd's (No such file or directory)"),
+    (ETCD + "endpoints = ['https://a:2379']\nca_file = '/dev/null'\n", "db.cert_file",
+     "a PEM file, this agent's client certificate"),
+    (ETCD + "endpoints = ['https://a:2379']\ninsecure = 'yes'\n", "db.insecure", "true or false"),
+    (HOST.replace("'2001:db8::1'", "'nope'"), "host.address", "IPv6 address"),
     ("[host]\nfabric = 'eth1'\nlocator = 'fc00::1::/48'\naddress = '2001:db8::1'\n", "host.locator", "prefix"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsids = {dx6 = 'fc00:9::d6'}\n",
-     "host.sids.dx6", "inside host.locator"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nxdp_mode = 'fast'\n",
-     "host.xdp_mode", "native, generic"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nhold_ring_pages = 1000\n",
-     "host.hold_ring_pages", "power of two"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\ngrace_s = -1\n",
-     "host.grace_s", "number >= 0"),
+    (HOST + "sids = {dx6 = 'fc00:9::d6'}\n", "host.sids.dx6", "inside host.locator"),
+    (HOST + "xdp_mode = 'fast'\n", "host.xdp_mode", "native, generic"),
+    (HOST + "hold_ring_pages = 1000\n", "host.hold_ring_pages", "power of two"),
+    (HOST + "grace_s = -1\n", "host.grace_s", "number >= 0"),
     ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsr_domain = ['fc00::1/16']\n",
      "host.sr_domain[0]", "IPv6 prefix"),
-    ("[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nfabrik = 'x'\n",
-     "host.fabrik", "known keys"),
+    (HOST + "fabrik = 'x'\n", "host.fabrik", "known keys"),
     ("[ingress]\ninterface = 'eth0'\n", "ingress.gateway", "required"),
     ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\nencap = 'seg6'\n", "ingress.encap", "bpf, kernel"),
     ("[ingress]\ninterface = 'eth0'\ngateway = '2001:db8::1'\nsource = 'eth0'\n", "ingress.source", "IPv6 address"),
@@ -99,7 +115,7 @@ def test_bad_config_names_file_key_and_form(text, key, expected):
 def test_bad_config_exits_nonzero_and_installs_nothing(tmp_path):
     sock = tmp_path / "agent.sock"
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f"[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = 'x'\n"
+    cfg.write_text(f"[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = 'x'\nsr_domain = ['fc00::/16']\n"
                    f"[hook]\nsocket = '{sock}'\n")
     out = subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=60)
@@ -109,6 +125,48 @@ def test_bad_config_exits_nonzero_and_installs_nothing(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "nope.toml: (file): expected a readable file" in missing.stderr
+
+
+def _check(cfg) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "srmig", "agent", "--config", str(cfg), "--check"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_etcd_tls_files(tmp_path):
+    """https:// endpoints with the CA, the client certificate and its key: accepted with no warning when the
+    key is root-only; a key others can read is a warning naming the chmod."""
+    from srmig.testbed.pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    pair = pki.client("ing1")
+    text = (ETCD + f"endpoints = ['https://[2001:db8:c::1]:2379']\nca_file = '{pki.ca_file}'\n"
+            f"cert_file = '{pair.cert}'\nkey_file = '{pair.key}'\n")
+    cfg = config.parse(text, "agent.toml")
+    assert (cfg.db.ca_file, cfg.db.cert_file, cfg.db.key_file, cfg.db.insecure) == \
+        (pki.ca_file, pair.cert, pair.key, False)
+    assert cfg.warnings == ()
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    out = _check(path)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout.strip() == f"{path}: ok (ingress)"
+    Path(pair.key).chmod(0o644)
+    out = _check(path)
+    assert out.returncode == 0 and out.stderr == (f"srmig: warning: {path}: db.key_file: {pair.key} is mode 0644, "
+                                                  f"readable by others (chmod 600 {pair.key})\n")
+
+
+def test_check_warns_about_plain_http_etcd_and_an_open_domain(tmp_path):
+    """insecure = true and sr_domain = ["::/0"] are allowed, explicitly, and --check says so: one line each."""
+    path = tmp_path / "agent.toml"
+    path.write_text(HOST.replace("['fc00::/16']", "['::/0']") + "[db]\nbackend = 'etcd'\n"
+                    "endpoints = ['http://127.0.0.1:2379']\ninsecure = true\n")
+    out = _check(path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"srmig: warning: {path}: ") for line in lines), lines
+    assert "db.insecure: etcd over plain http://" in lines[0] and "use https://" in lines[0]
+    assert 'host.sr_domain: "::/0" accepts packets to our SIDs from every source' in lines[1]
+    assert config.load(path).host.sr_domain == ("::/0",)
 
 
 def test_ingress_encap_and_source():

@@ -50,7 +50,13 @@ def test_unreachable_database_is_retried_and_reported(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sock = tmp_path / "agent.sock"
-    with _ingress_agent(tmp_path, f"backend = 'etcd'\nendpoints = ['http://127.0.0.1:{port}']") as p:
+    from srmig.testbed.pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    me = pki.client("ing1")
+    db = (f"backend = 'etcd'\nendpoints = ['https://127.0.0.1:{port}']\nca_file = '{pki.ca_file}'\n"
+          f"cert_file = '{me.cert}'\nkey_file = '{me.key}'")
+    with _ingress_agent(tmp_path, db) as p:
         deadline = time.monotonic() + 30
         seen = []
         while time.monotonic() < deadline:

@@ -36,6 +36,7 @@ name = "S"
 fabric = "lo"
 locator = "fc00:0:1::/48"
 address = "2001:db8:f::1"
+sr_domain = ["2001:db8:f::/64"]
 libvirt_uri = "test:///default"
 qemu_run_dir = "{tmp}"
 grace_s = 0.1

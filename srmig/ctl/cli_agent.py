@@ -43,6 +43,8 @@ def kernel_fit(cfg: config_mod.Config) -> None:
 def cmd_agent(args) -> int:
     cfg = config_mod.load(args.config)  # every error before anything is installed
     kernel_fit(cfg)
+    for warning in cfg.warnings:  # valid but unsafe (plain-HTTP etcd, an open SR domain): said at every start
+        print(f"srmig: warning: {warning}", file=sys.stderr)
     if args.check:
         print(f"{args.config}: ok ({', '.join(r for r in ('host', 'ingress') if getattr(cfg, r))})")
         return 0

@@ -9,7 +9,8 @@
     address = "2001:db8:a::2"               # source address of the packets the agent sends (drain, abort)
     sids = { dx6 = "fc00:0:1::d6", end_s = "fc00:0:1::5", sbuf = "fc00:0:1::b" }  # default: locator + these
     transit = []                            # SIDs between hosts on the migration path
-    sr_domain = ["fc00::/16"]               # sources allowed to reach our SIDs (RFC 8754 5.1); [] = no check
+    sr_domain = ["fc00::/16"]               # required: the only sources that reach our SIDs (RFC 8754 5.1);
+                                            # ["::/0"] opens them to every source, and says so
     libvirt_uri = "qemu:///system"
     qemu_run_dir = "/run/libvirt/qemu"      # where libvirt writes <domain>.pid
     grace_s = 2.0                           # the source forwards stragglers this long after cut-over
@@ -29,12 +30,17 @@
 
     [db]
     backend = "embedded"                    # embedded | etcd
-    path = "/var/lib/srmig/state.db"        # embedded
-    endpoints = ["http://127.0.0.1:2379"]   # etcd
+    path = "/var/lib/srmig/state.db"        # embedded (made mode 0600, its directory 0700)
+    endpoints = ["https://127.0.0.1:2379"]  # etcd: https:// only (mutual TLS), unless insecure = true
+    ca_file = "/etc/srmig/pki/ca.pem"       # etcd: the CA that signed the members' certificates (verified)
+    cert_file = "/etc/srmig/pki/hv1.pem"    # etcd: this agent's client certificate (--client-cert-auth)
+    key_file = "/etc/srmig/pki/hv1-key.pem" # etcd: its key, mode 0600
+    insecure = false                        # true: allow http:// endpoints, no TLS; --check warns
     prefix = "/srmig/"
 
     [hook]
     socket = "/run/srmig/agent.sock"        # `srmig status` and the libvirt hook talk to the agent here
+                                            # (mode 0600: root only; its directory made 0700)
     ack_timeout_s = 2.0                     # `migrate begin` waits at most this long for the ingresses
     on_timeout = "proceed"                  # proceed | refuse (refuse fails the migration)
 
@@ -47,8 +53,11 @@ A VM is managed when its domain XML carries its address:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +105,12 @@ class IngressConfig:
 class DbConfig:
     backend: str = "embedded"
     path: str = "/var/lib/srmig/state.db"
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    endpoints: tuple[str, ...] = ("https://127.0.0.1:2379",)
     prefix: str = "/srmig/"
+    ca_file: str | None = None      # etcd over https://: the CA the members' certificates are verified with
+    cert_file: str | None = None    # this agent's client certificate and key (etcd's --client-cert-auth)
+    key_file: str | None = None
+    insecure: bool = False          # http:// endpoints allowed: no TLS, no client authentication
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,7 @@ class Config:
     db: DbConfig = field(default_factory=DbConfig)
     hook: HookConfig = field(default_factory=HookConfig)
     metrics_listen: str = "127.0.0.1:9477"
+    warnings: tuple[str, ...] = ()  # one line each: valid, but unsafe (`srmig agent` prints them)
 
     @property
     def name(self) -> str:
@@ -219,6 +233,12 @@ def _host(path: str, t) -> HostConfig:
     if len(set(values.values())) != 3:
         raise ConfigError(path, "host.sids", "three different SIDs", values)
     transit = s.list_of("transit", ipaddress.IPv6Address, "an IPv6 address")
+    # RFC 8754 5.1: closed by default. Whoever reaches an End.S or End.SBUF SID from outside steers a VM's
+    # traffic, so the domain is never implied; opening it to everyone is an explicit ["::/0"].
+    if not s.table.get("sr_domain", None):
+        raise ConfigError(path, "host.sr_domain", 'the SR domain\'s source prefixes, e.g. ["2001:db8::/32"] (RFC '
+                          '8754 5.1: only they reach our SIDs); sr_domain = ["::/0"] accepts every source',
+                          s.table.get("sr_domain"))
     domain = s.list_of("sr_domain", ipaddress.IPv6Network, "an IPv6 prefix such as fc00::/16 (no host bits)")
     pages = s.number("hold_ring_pages", 4096, lo=1, integer=True)
     if pages & (pages - 1):
@@ -250,6 +270,18 @@ def _ingress(path: str, t) -> IngressConfig:
     return cfg
 
 
+def _pem_file(path: str, key: str, v: str | None, what: str) -> str:
+    if v is None:
+        raise ConfigError(path, key, f"a PEM file, {what} (https:// endpoints need db.ca_file, db.cert_file and "
+                                     "db.key_file)")
+    try:
+        with open(v, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(path, key, f"a readable PEM file, {what} ({e.strerror})", v) from None
+    return v
+
+
 def _db(path: str, t) -> DbConfig:
     s = _Section(path, "db", t)
     backend = s.str("backend", "embedded", choices=("embedded", "etcd"))
@@ -257,12 +289,47 @@ def _db(path: str, t) -> DbConfig:
     endpoints = s._get("endpoints", list(DbConfig.endpoints), False)
     if (not isinstance(endpoints, list) or not endpoints
             or not all(isinstance(e, str) and e.startswith(("http://", "https://")) for e in endpoints)):
-        raise ConfigError(path, "db.endpoints", 'a list of URLs such as ["http://127.0.0.1:2379"]', endpoints)
+        raise ConfigError(path, "db.endpoints", 'a list of URLs such as ["https://127.0.0.1:2379"]', endpoints)
     prefix = s.str("prefix", "/srmig/")
     if not prefix.startswith("/") or not prefix.endswith("/"):
         raise ConfigError(path, "db.prefix", "a key prefix starting and ending with '/'", prefix)
+    ca, cert, key = s.str("ca_file"), s.str("cert_file"), s.str("key_file")
+    insecure = s.bool("insecure", False)
     s.done()
-    return DbConfig(backend, dbpath, tuple(endpoints), prefix)
+    if backend == "etcd":
+        schemes = {e.split(":", 1)[0] for e in endpoints}
+        if len(schemes) > 1:
+            raise ConfigError(path, "db.endpoints", "URLs of one scheme: all https:// (or all http:// with "
+                                                    "db.insecure = true)", endpoints)
+        if schemes == {"http"}:
+            if not insecure:
+                raise ConfigError(path, "db.endpoints", "https:// URLs (etcd with TLS; set db.ca_file, "
+                                                        "db.cert_file, db.key_file): plain http:// only with "
+                                                        "db.insecure = true", endpoints[0])
+        else:
+            ca = _pem_file(path, "db.ca_file", ca, "the CA certificate that signed etcd's")
+            cert = _pem_file(path, "db.cert_file", cert, "this agent's client certificate")
+            key = _pem_file(path, "db.key_file", key, "the key of db.cert_file")
+    return DbConfig(backend, dbpath, tuple(endpoints), prefix, ca, cert, key, insecure)
+
+
+def _warnings(path: str, host: HostConfig | None, db: DbConfig) -> tuple[str, ...]:
+    """Valid but unsafe choices, one line each, naming the key and the fix."""
+    out = []
+    if db.backend == "etcd" and db.insecure and any(e.startswith("http://") for e in db.endpoints):
+        out.append(f"{path}: db.insecure: etcd over plain http://, no client certificates: whoever reaches "
+                   f"{db.endpoints[0]} steers every VM's traffic (use https:// with db.ca_file, db.cert_file, "
+                   "db.key_file)")
+    if db.backend == "etcd" and db.key_file:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.stat(db.key_file).st_mode)
+            if mode & 0o077:
+                out.append(f"{path}: db.key_file: {db.key_file} is mode {mode:04o}, readable by others "
+                           f"(chmod 600 {db.key_file})")
+    if host and "::/0" in (str(ipaddress.IPv6Network(p)) for p in host.sr_domain):
+        out.append(f'{path}: host.sr_domain: "::/0" accepts packets to our SIDs from every source (list the '
+                   "SR domain's prefixes instead)")
+    return tuple(out)
 
 
 def _hook(path: str, t) -> HookConfig:
@@ -295,7 +362,7 @@ def parse(text: str, path: str = "<config>") -> Config:
     m.done()
     if doc:
         raise ConfigError(path, sorted(doc)[0], "no such table or key (known: host, ingress, db, hook, metrics)")
-    return Config(path, host, ingress, db, hook, listen or "")
+    return Config(path, host, ingress, db, hook, listen or "", _warnings(path, host, db))
 
 
 def load(path: str | Path) -> Config:

@@ -41,9 +41,10 @@ class DbLink:
 
         d = self.cfg.db
         if d.backend == "embedded":
-            Path(d.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(d.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # root only, as the file
             return statedb.open_db("embedded", path=d.path, prefix=d.prefix)
-        return statedb.open_db("etcd", endpoints=list(d.endpoints), prefix=d.prefix)
+        tls = statedb.Tls(d.ca_file, d.cert_file, d.key_file) if d.endpoints[0].startswith("https://") else None
+        return statedb.open_db("etcd", endpoints=list(d.endpoints), prefix=d.prefix, tls=tls)
 
     def start(self) -> None:
         """Connect in the background; the worker gets DbUp once the database answers."""

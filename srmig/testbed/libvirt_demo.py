@@ -172,7 +172,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
     own = work is None and not os.environ.get("SRMIG_DEMO_KEEP_WORK")
     work = work or Path(tempfile.mkdtemp(prefix="srmig-libvirt-demo-"))
     sock_dir = Path("/run/srmig") / f"demo-{os.getpid()}"
-    sock_dir.mkdir(parents=True, exist_ok=True)
+    sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     sockets = {r: str(sock_dir / f"{r}.sock") for r in ("S", "D", "C")}
     with contextlib.ExitStack() as stack:
         if own:
@@ -181,6 +181,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         say("building the namespace testbed")
         tb = stack.enter_context(Testbed(xdp_mode))
         db_env = {"SRMIG_DB": db, "SRMIG_DB_PATH": work / "state.db"}
+        tls_env = {r: {} for r in ("S", "D", "C")}     # per agent: its own client certificate
         if db == "etcd":
             from srmig.testbed.etcd import EtcdServer  # noqa: PLC0415
 
@@ -191,20 +192,25 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
             etcd = stack.enter_context(EtcdServer(netns=tb.ns("C"), host="2001:db8:c::1"))
             tb.etcd = etcd  # for fault injection (etcd_down_at_pause)
             db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)
+            for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent
+                tls = etcd.tls(role)
+                tls_env[role] = {"SRMIG_ETCD_CA": tls.ca_file, "SRMIG_ETCD_CERT": tls.cert_file,
+                                 "SRMIG_ETCD_KEY": tls.key_file}
         hooks = {r: {"qemu.d/srmig": hook_mod.script(sockets[r], 3.0, "proceed")} for r in ("S", "D")}
         say("starting libvirtd in S and D")
         ds = stack.enter_context(lv.daemons(tb.topo, hooks=hooks))
         for role in ("S", "D"):
             h = HOSTS[role]
             provision("host.sh", tb.ns(role), {
-                **db_env, "SRMIG_NAME": role, "SRMIG_FABRIC": h["fabric"], "SRMIG_LOCATOR": h["locator"],
+                **db_env, **tls_env[role], "SRMIG_NAME": role, "SRMIG_FABRIC": h["fabric"],
+                "SRMIG_LOCATOR": h["locator"],
                 "SRMIG_ADDRESS": h["address"], "SRMIG_TRANSIT": T_END, "SRMIG_DOMAIN": SR_DOMAIN,
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
                 "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
                 "SRMIG_GRACE_S": "1.0", "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
                 "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
         provision("ingress.sh", tb.ns("C"), {
-            **db_env, "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
+            **db_env, **tls_env["C"], "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
             "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": METRICS, "SRMIG_CONFIG": work / "C.toml"})
         agents = Agents(work)
         stack.callback(agents.close)

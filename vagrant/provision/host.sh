@@ -9,11 +9,15 @@
 #   SRMIG_LOCATOR     this host's locator, e.g. fc00:0:1::/48 [required]
 #   SRMIG_ADDRESS     this host's fabric address (source of what the agent sends) [required]
 #   SRMIG_TRANSIT     space-separated SIDs between hosts on the migration path [none]
-#   SRMIG_DOMAIN      space-separated SR-domain source prefixes (RFC 8754 5.1) [none: check off]
+#   SRMIG_DOMAIN      space-separated SR-domain source prefixes (RFC 8754 5.1): only they reach this host's
+#                     SIDs [required; "::/0" accepts every source]
 #   SRMIG_XDP_MODE    native | generic [native]
 #   SRMIG_DB          embedded | etcd [embedded]
 #   SRMIG_DB_PATH     embedded database file [/var/lib/srmig/state.db]
-#   SRMIG_ETCD        etcd endpoints, space-separated URLs [http://127.0.0.1:2379]
+#   SRMIG_ETCD        etcd endpoints, space-separated URLs [https://127.0.0.1:2379]
+#   SRMIG_ETCD_CA     the CA of etcd's certificate (PEM) [required with https:// endpoints]
+#   SRMIG_ETCD_CERT, SRMIG_ETCD_KEY   this agent's client certificate and key [required with https://]
+#   SRMIG_ETCD_INSECURE  true: allow http:// endpoints, no TLS (`srmig agent --check` warns) [false]
 #   SRMIG_SOCKET      the agent's unix socket [/run/srmig/agent.sock]
 #   SRMIG_LIBVIRT_URI [qemu:///system]
 #   SRMIG_QEMU_RUN_DIR where libvirt writes <domain>.pid [/run/libvirt/qemu]
@@ -26,6 +30,7 @@
 #   SRMIG_GW_MAC      the anycast gateway MAC, the same on every host [02:00:5e:00:00:01]
 set -eu
 : "${SRMIG_FABRIC:?set SRMIG_FABRIC}" "${SRMIG_LOCATOR:?set SRMIG_LOCATOR}" "${SRMIG_ADDRESS:?set SRMIG_ADDRESS}"
+: "${SRMIG_DOMAIN:?set SRMIG_DOMAIN: the SR domain prefixes whose sources reach our SIDs ("::/0" for every source)}"
 NAME=${SRMIG_NAME:-$(hostname)}
 CONFIG=${SRMIG_CONFIG:-/etc/srmig/agent.toml}
 TAP=${SRMIG_TAP:-vmtap}
@@ -38,6 +43,14 @@ toml_list() {  # "a b" -> ["a", "b"]
     for x in $1; do out="$out${out:+, }\"$x\""; done
     echo "[$out]"
 }
+toml_opt() {  # key value -> key = "value" and a newline, nothing when value is empty
+    [ -z "$2" ] || printf '%s = "%s"\n' "$1" "$2"
+}
+# etcd's mutual TLS (https:// endpoints): the CA, this agent's certificate and key
+db_tls=$(toml_opt ca_file "${SRMIG_ETCD_CA:-}"; toml_opt cert_file "${SRMIG_ETCD_CERT:-}"
+         toml_opt key_file "${SRMIG_ETCD_KEY:-}")
+db_tls=${db_tls:+$db_tls
+}
 
 mkdir -p "$(dirname "$CONFIG")"
 cat > "$CONFIG.tmp" <<TOML
@@ -48,7 +61,7 @@ fabric = "$SRMIG_FABRIC"
 locator = "$SRMIG_LOCATOR"
 address = "$SRMIG_ADDRESS"
 transit = $(toml_list "${SRMIG_TRANSIT:-}")
-sr_domain = $(toml_list "${SRMIG_DOMAIN:-}")
+sr_domain = $(toml_list "$SRMIG_DOMAIN")
 xdp_mode = "${SRMIG_XDP_MODE:-native}"
 libvirt_uri = "${SRMIG_LIBVIRT_URI:-qemu:///system}"
 qemu_run_dir = "${SRMIG_QEMU_RUN_DIR:-/run/libvirt/qemu}"
@@ -58,7 +71,8 @@ drain = ${SRMIG_DRAIN:-true}
 [db]
 backend = "${SRMIG_DB:-embedded}"
 path = "${SRMIG_DB_PATH:-/var/lib/srmig/state.db}"
-endpoints = $(toml_list "${SRMIG_ETCD:-http://127.0.0.1:2379}")
+endpoints = $(toml_list "${SRMIG_ETCD:-https://127.0.0.1:2379}")
+${db_tls}insecure = ${SRMIG_ETCD_INSECURE:-false}
 
 [hook]
 socket = "${SRMIG_SOCKET:-/run/srmig/agent.sock}"
