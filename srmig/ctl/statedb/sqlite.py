@@ -7,6 +7,7 @@ the one thread per open SqliteKv that reads the change log and fans it out to th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -96,6 +97,8 @@ class SqliteKv(Kv):
         self.timeout_s = timeout_s
         if not self.path.parent.is_dir():
             raise DbUnavailable(f"embedded state db {self.path}: directory {self.path.parent} does not exist")
+        self.bell = self.path.with_name(self.path.name + "-notify")
+        self._private()
         self._lock = threading.RLock()
         self._conn = self._connect()
         try:
@@ -109,14 +112,27 @@ class SqliteKv(Kv):
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
-            self.bell = self.path.with_name(self.path.name + "-notify")
-            self._bell_fd = os.open(self.bell, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._bell_fd = os.open(self.bell, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except (sqlite3.Error, OSError) as e:
             self._conn.close()
             raise DbUnavailable(f"embedded state db {self.path}: {e}") from e
         self._notifier: _Notifier | None = None
         self._watches: set[_SqliteWatch] = set()
         self._closed = False
+
+    def _private(self) -> None:
+        """Root only (the owner only): the database says where every VM's traffic goes. The file is made mode
+        0600 before SQLite opens it, and SQLite gives the -wal and -shm files it creates the database file's
+        mode. Files an older version made wider are narrowed."""
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            for f in (self.path, *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm", "-notify"))):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(f)
+                    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                        os.chmod(f, 0o600)
+        except OSError as e:
+            raise DbUnavailable(f"embedded state db {self.path}: {e.strerror}") from e
 
     def _connect(self) -> sqlite3.Connection:
         try:
