@@ -65,6 +65,13 @@ def cmd_load(args) -> int:
     loaded = loader.load(args.iface, args.mode, limits)
     _emit(args, {"interface": args.iface, "mode": args.mode, "prog_id": loaded.prog_id,
                  "pin_dir": str(loaded.pin_dir), "compiled": loaded.compiled})
+    from srmig.ctl.maps import Dataplane
+
+    with Dataplane(loaded.pin_dir) as dp:
+        if not dp.list_domains():
+            print("srmig: warning: no SR domain prefix: every source reaches this host's SIDs (RFC 8754 5.1); "
+                  "`srmig domain add PREFIX` for each SR domain prefix (`srmig domain add ::/0` to mean it)",
+                  file=sys.stderr)
     return 0
 
 
