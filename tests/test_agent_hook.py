@@ -57,6 +57,8 @@ def test_install_hook_writes_a_valid_systemd_unit(tmp_path):
     parsed.read_string(unit.read_text())
     exec_start = parsed["Service"]["ExecStart"]
     assert exec_start.endswith(f"agent --config {cfg}") and parsed["Service"]["Restart"] == "always"
+    # systemd keeps the taps' fds the agent hands it (sd_notify FDSTORE=1) across its restarts
+    assert parsed["Service"]["NotifyAccess"] == "main" and int(parsed["Service"]["FileDescriptorStoreMax"]) > 0
     exe = exec_start.split()[0]
     assert os.access(exe, os.X_OK), exe
     if shutil.which("systemd-analyze"):

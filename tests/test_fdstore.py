@@ -108,12 +108,17 @@ def test_keeper_exits_when_idle_and_the_agent_starts_a_new_one(tmp_path):
     path = str(tmp_path / "idle.sock")
     store = fdstore.KeeperStore(path, idle_s=0.3)
     first = store.keeper_pid()
-    store.close()  # no client, nothing held: it goes
+    r0, w0 = os.pipe()
+    store.put("held", [w0])
+    os.close(w0)
+    store.close()  # no client any more: it goes, with what it held
     deadline = time.monotonic() + 10
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
         assert not os.path.exists(path)
+        assert os.read(r0, 1) == b"", "what it held is closed: the pipe's last writer is gone"
+        os.close(r0)
         r, w = os.pipe()
         store.put("p", [w])  # a new keeper is started
         os.close(w)

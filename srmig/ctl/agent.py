@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from pathlib import Path
 
-from srmig.ctl import reconcile, work
+from srmig.ctl import fdstore, reconcile, work
 from srmig.ctl.config import Config
 from srmig.ctl.dblink import DbLink
 from srmig.ctl.host_role import HostRole
@@ -79,6 +80,7 @@ class Agent:
         """Everything but the worker: dataplane, servers, connections (each retried in the background)."""
         if self.host:
             self.host.load_dataplane()
+            self.host.executor.owner.fds = self._fd_store()
         from srmig.ctl import hooksrv  # noqa: PLC0415
 
         self.hook_server = hooksrv.serve(self, self.cfg.hook.socket)
@@ -89,6 +91,19 @@ class Agent:
             if self.host:
                 self.host.metrics = self.metrics
         self.dbl.start()
+
+    def _fd_store(self) -> fdstore.FdStore:
+        """Where the taps' kept fds outlive us: systemd's store, else a keeper next to the hook socket,
+        started now (not on the hook's path) and asked what it still holds of a previous life."""
+        store = fdstore.for_agent(str(Path(self.cfg.hook.socket).parent / "fdkeeper.sock"))
+        if isinstance(store, fdstore.KeeperStore):
+            try:
+                if held := store.names():
+                    log.info("fd keeper (pid %d) still holds %s", store.keeper_pid(), ", ".join(held))
+            except OSError as e:
+                log.warning("no fd keeper (%s): a paused QEMU's tap queue dies with this agent", e)
+                return fdstore.NoStore()
+        return store
 
     def run(self) -> None:
         """The worker: applies queued items until stop()."""
@@ -118,6 +133,8 @@ class Agent:
         self.stopping.set()
         if self.host:
             self.host.close()
+            if self.host.executor:
+                self.host.executor.owner.fds.close()
         if self.ingress:
             self.ingress.close()
         if self.hook_server:

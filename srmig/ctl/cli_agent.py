@@ -22,6 +22,10 @@ Restart=always
 RestartSec=1
 # The XDP program and its maps stay when the agent stops: traffic keeps flowing across restarts.
 KillMode=mixed
+# The VM taps' fds the agent keeps during a migration are also kept by systemd (sd_notify FDSTORE=1) and
+# given back when it restarts the agent: a paused QEMU's queue outlives a crashed agent.
+NotifyAccess=main
+FileDescriptorStoreMax=4096
 
 [Install]
 WantedBy=multi-user.target

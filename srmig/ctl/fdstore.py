@@ -9,8 +9,9 @@ agent, and a restarted agent takes it back from there (docs/faults.md):
   in LISTEN_FDS / LISTEN_FDNAMES (the unit needs FileDescriptorStoreMax, which `srmig install-hook --unit`
   writes);
 - otherwise the fd keeper (`python -m srmig.ctl.fdstore`), a small process that only holds fds and hands them over SCM_RIGHTS on a
-  root-only unix socket (no logic to crash in; it exits once it has held nothing for a while). The agent
-  starts it when it is not running.
+  root-only unix socket (no logic to crash in). The agent starts it when it is not running; it exits once
+  no agent has been connected for KEEPER_IDLE_S, with what it held: an agent that stays down that long has
+  nothing left worth draining, and no keeper outlives its host's agent for good.
 
 Names are `tap/<host>/<vm, ':' as '-'>/<migration id>`: a restarted agent takes only what belongs to the migration it resumes.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 log = logging.getLogger("srmig.fdstore")
 KEEPER_SOCKET = "/run/srmig/fdkeeper.sock"
-KEEPER_IDLE_S = 60.0     # the keeper exits after holding nothing, with no client, this long
+KEEPER_IDLE_S = 60.0     # the keeper exits after this long without a client (systemd restarts an agent in 1 s)
 KEEPER_START_S = 5.0     # the longest the agent waits for a keeper it started to answer
 MAX_FDS = 64             # fds in one message (a VM's tap has one per queue)
 SD_LISTEN_FDS_START = 3
@@ -249,12 +250,15 @@ def serve(path: str, idle_s: float = KEEPER_IDLE_S) -> None:
                 socket.send_fds(s, [json.dumps(reply).encode()], out)
             for fd in out if reply.get("dups") else ():
                 os.close(fd)
-        if held or clients:
+        if clients:
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since > idle_s:
             srv.close()
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+            for fds in held.values():
+                for fd in fds:
+                    os.close(fd)
             return
 
 
