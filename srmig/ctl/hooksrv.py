@@ -10,7 +10,7 @@ ingress to acknowledge the new segment list.
 
 A request is checked before anything acts on it (srmig.ctl.records.hook_request): at most MAX_REQUEST_BYTES,
 a JSON object, a known op, its fields of the right type. A malformed, oversized or truncated one is answered
-`{"ok": false, "error", "rejected": "hook"}` (a domain XML refused: "domain_xml"), logged, counted, and
+`{"ok": false, "error", "rejected_input": "hook"}` (a domain XML refused: "domain_xml"), logged, counted, and
 the connection closed. No read or write waits longer than `request_timeout_s`: a client that stalls in the
 middle of a request does not hold a thread.
 """
@@ -64,7 +64,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 req = records.hook_request(line)
             except records.Rejected as e:
                 records.reject("hook", where, e)
-                self._answer({"ok": False, "error": f"rejected: {e}", "rejected": "hook"})
+                self._answer({"ok": False, "error": f"rejected: {e}", "rejected_input": "hook"})
                 return
             try:
                 if req["op"] == "migrate-begin":
@@ -72,7 +72,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 else:
                     out = {"ok": True, **agent.call(work.Status())}
             except records.Rejected as e:  # the domain's XML, refused (and logged) by the worker
-                out = {"ok": False, "error": f"rejected: {e}", "rejected": "domain_xml"}
+                out = {"ok": False, "error": f"rejected: {e}", "rejected_input": "domain_xml"}
             except Exception as e:  # noqa: BLE001 - answered, never fatal
                 log.warning("request failed: %s", e)
                 out = {"ok": False, "error": str(e)}
