@@ -3,7 +3,9 @@ the rates). The tap's reader waits until the flush is over, like a paused or inc
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import socket
 
 import pytest
@@ -177,7 +179,8 @@ def test_tx_ring_frame_the_kernel_refuses_is_skipped_on_a_new_ring(lab, monkeypa
 
 
 class _FakeLibc:
-    """sendmmsg(2) that answers from a script: a positive count sends that many, an errno fails."""
+    """sendmmsg(2) that answers from a script: a positive count sends that many (and writes their msg_len, as
+    the kernel does), an errno fails."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -187,6 +190,8 @@ class _FakeLibc:
         self.calls += 1
         step = self.script.pop(0) if self.script else vlen
         if step > 0:
+            for j in range(min(step, vlen)):
+                msgs[j].msg_len = 1
             return min(step, vlen)
         senders._ffi.errno = -step
         return -1
@@ -218,20 +223,50 @@ def test_send_many_retries_and_counts(monkeypatch, script, sent, dropped, errors
         s._peer.close()
 
 
-def test_send_many_says_what_it_hands_to_the_kernel(monkeypatch):
-    """`handing(k)` comes before every sendmmsg(2) with all the call may send, and before a retry's wait
-    with only what is done: what a process killed at that moment had sent, at most."""
-    monkeypatch.setattr(senders, "_libc", _FakeLibc([3, -errno.ENOBUFS]))
-    monkeypatch.setattr(senders, "RETRY_FIRST_S", 1e-6)
-    monkeypatch.setattr(senders, "SENDMMSG_BATCH", 8)
-    s, handed = _PairSender(), []
+@contextlib.contextmanager
+def _log_in_memory(size: int = 4088):
+    """A SentLog in anonymous memory of the size the hold ring's consumer page leaves it."""
+    mem = mmap.mmap(-1, size)
+    with senders._ffi.from_buffer(mem) as p:
+        log = senders.SentLog(int(senders._ffi.cast("uintptr_t", p)), size)
     try:
-        assert s.send_many([b"x"] * 10, handing=handed.append) == 10
+        yield log
     finally:
-        s.sock.close()
-        s._peer.close()
-    # batch 1 (8): call, 3 sent; call, ENOBUFS: wait with 3 done; call, the other 5. Batch 2 (2): one call.
-    assert handed == [8, 8, 3, 8, 10]
+        log.close()
+        mem.close()
+
+
+def test_sent_log_says_what_sendmmsg_sent():
+    """The kernel writes each sent message's msg_len into the log's vector: the log says where the last
+    batch began and how many of it are done, in batches of what the room holds (one entry ends the count)."""
+    at = [1000 + 8 * i for i in range(150)]
+    with _log_in_memory() as log:
+        assert log.batch == 62
+        s = _PairSender()
+        try:
+            assert s.send_many([b"x"] * 150, log=log, at=at) == 150
+        finally:
+            s.sock.close()
+            s._peer.close()
+        assert log.sent() == (at[124], 26)  # batches from 0, 62, 124
+        log.reset()
+        assert log.sent() == (at[124], 0)
+        log.begin(at[0], 5)  # a batch begun and nothing sent: none counts, the tags of old ones differ
+        assert log.sent() == (at[0], 0)
+
+
+def test_sent_log_counts_a_skipped_message_as_done(monkeypatch):
+    """A message the kernel refuses twice is given up: it counts as done, so the ones sent after it do too."""
+    monkeypatch.setattr(senders, "_libc", _FakeLibc([-errno.EMSGSIZE, -errno.EMSGSIZE, 4, -errno.ENOBUFS]))
+    monkeypatch.setattr(senders, "RETRY_FIRST_S", 1e-6)
+    with _log_in_memory() as log:
+        s = _PairSender()
+        try:
+            assert s.send_many([b"x"] * 10, log=log, at=list(range(8, 88, 8))) == 9
+        finally:
+            s.sock.close()
+            s._peer.close()
+        assert log.sent() == (8, 10)
 
 
 @pytest.mark.bpf
@@ -239,37 +274,47 @@ def test_send_many_says_what_it_hands_to_the_kernel(monkeypatch):
 def test_a_drain_killed_mid_send_is_not_sent_twice():
     """The source's drain sends what the hold ring holds before consuming it (newer packets park behind it
     meanwhile). Killed in between (as the source agent was once in CI, after the VM resumed on D: the
-    restarted agent sent 109 probes twice), the records it had handed to the kernel stay in the ring; the
-    ring's sent mark says so, and the next drain consumes them without sending them again."""
-    from srmig.ctl.drain import SourceDrain, hold_ring_reader, read_hold_packets
+    restarted agent sent 109 probes twice), the records it had sent stay in the ring; the ring's sent log,
+    which the kernel wrote as it sent them, says so, and the next drain consumes them without sending them
+    again. (tests/test_sent_log.py kills the drain and unpark at every send.)"""
+    from srmig.ctl.drain import SourceDrain, hold_ring_reader, read_hold_packets, sent_log, skip_sent
     from srmig.bpf import libbpf
     from srmig.testbed import lab as L
     from srmig.testbed.packets import h_encaps, inner
 
     def park_40_and_kill_after_25(lab, tag: str) -> None:
-        """40 packets parked; a drain reads them, hands 25 to the kernel, and is killed before its commit."""
+        """40 packets parked; a drain reads them, sends 25, and is killed before its commit."""
         with lab.topo.inside("lab"):
             for i in range(40):
                 libbpf.prog_test_run(lab.prog_fd, bytes(h_encaps(
                     [L.SID_S, L.D_SBUF], inner(L.VM_HOLD, payload=f"{tag}-{i}".encode()), dst_mac=L.FAB_MAC)),
                     ingress_ifindex=lab.fab_ifindex)
-        killed = hold_ring_reader(lab.dp)
-        ends: list[int] = []
-        assert len(read_hold_packets(killed, commit=False, ends=ends)) == 40 and len(ends) == 40
-        killed.mark_sent(ends[24])  # what send_many's `handing` does before the sendmmsg of those 25
-        killed.close()
+            killed = hold_ring_reader(lab.dp)
+            log = sent_log(killed)
+            sender = RawSender()
+        try:
+            at = [killed.position]
+            packets = read_hold_packets(killed, commit=False, ends=at)
+            assert len(packets) == 40 and len(at) == 41
+            assert sender.send_many(packets[:25], log=log, at=at) == 25
+        finally:
+            sender.close()
+            log.close()
+            killed.close()
 
     with L.TestRunLab() as lab:
         with lab.dp.hold_ring(lambda rec: None) as ring:
             ring.poll(0)  # what earlier users of this pinned program left behind
         park_40_and_kill_after_25(lab, "a")
         reader = hold_ring_reader(lab.dp)
+        log = sent_log(reader)
         try:
-            assert reader.skip_sent() == 25
-            assert reader.skip_sent() == 0  # consumed: the mark is behind the consumer now
+            assert skip_sent(reader, log) == 25
+            assert skip_sent(reader, log) == 0  # consumed: the log is behind the consumer now
             left = read_hold_packets(reader)
             assert [p[-4:] for p in left] == [f"a-{i}".encode() for i in range(25, 40)]
         finally:
+            log.close()
             reader.close()
         # The restarted agent's path (QEMU gone: the ring alone): the 15 sent, the 25 not again.
         park_40_and_kill_after_25(lab, "b")

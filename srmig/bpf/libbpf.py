@@ -327,10 +327,10 @@ class RingReader:
     holds by itself on x86-64 (loads are not reordered with loads, nor stores with earlier loads).
 
     The consumer page is the consumer's: the kernel maps it writable to userspace and keeps only the
-    consumer position in it, so nothing it trusts. Its next 8 bytes hold the sent mark (mark_sent,
-    skip_sent): how far a consumer that reads, sends, then commits had handed records on, for the consumer
-    after it when it was killed in between. The mark lives as long as the ring (a pinned map), not the
-    process."""
+    consumer position in it, so nothing it trusts. The rest of that page (`spare`) lives as long as the ring
+    (a pinned map), not the process: a consumer that reads, sends, then commits keeps there what it has
+    sent, for the consumer after it when it was killed in between (srmig.ctl.senders.SentLog), and that
+    consumer skips it (`skip`)."""
 
     def __init__(self, map_fd: int, owns_fd: bool = False):
         size = map_info(map_fd).max_entries  # the data area: a power of two of pages
@@ -345,6 +345,9 @@ class RingReader:
             raise
         self._fd = map_fd if owns_fd else -1
         self._ahead: int | None = None  # read position past the consumer's (read(commit=False))
+        # The page's address, taken without keeping a buffer exported (mmap.close() refuses while one is).
+        with ffi.from_buffer(self._cons) as cons:
+            self._cons_addr = int(ffi.cast("uintptr_t", cons))
 
     def read(self, limit: int = 1 << 30, start: int = 0, length: Callable[[bytes, int], int] | None = None,
              commit: bool = True, until: int | None = None, ends: list[int] | None = None) -> list[bytes]:
@@ -389,17 +392,26 @@ class RingReader:
             self._cons[0:8] = self._ahead.to_bytes(8, "little")
             self._ahead = None
 
-    def mark_sent(self, pos: int) -> None:
-        """The records before ring position `pos` are handed on (being sent), not yet committed."""
-        self._cons[8:16] = pos.to_bytes(8, "little")
+    @property
+    def position(self) -> int:
+        """The ring position the next read starts at."""
+        return struct.unpack_from("<Q", self._cons, 0)[0] if self._ahead is None else self._ahead
 
-    def skip_sent(self) -> int:
-        """Commit what a killed consumer had marked sent (mark_sent) and not committed; returns how many
-        records. A mark at or behind the consumer position is an old one: nothing to skip."""
-        mark = struct.unpack_from("<Q", self._cons, 8)[0]
-        if self._ahead is not None or mark <= struct.unpack_from("<Q", self._cons, 0)[0]:
+    @property
+    def spare(self) -> tuple[int, int]:
+        """(address, size) of the consumer page after its 8 bytes of consumer position: the kernel ignores
+        them, they live as long as the ring. Valid until close()."""
+        return self._cons_addr + 8, self._page - 8
+
+    def skip(self, until: int, then: int = 0) -> int:
+        """Consume, without reading them, the records before ring position `until` and `then` records after
+        it; returns how many. An `until` behind the consumer position is an old one: nothing to skip."""
+        if self._ahead is not None:
+            raise RuntimeError("skip() with records read and not committed")
+        if until < struct.unpack_from("<Q", self._cons, 0)[0]:
             return 0
-        return len(self.read(until=mark, length=lambda data, off: 0))
+        n = len(self.read(until=until, length=lambda data, off: 0))
+        return n + len(self.read(limit=then, length=lambda data, off: 0))
 
     def empty(self) -> bool:
         """Nothing in the ring: no record reserved, being written, or not consumed (bpf_ringbuf_query's

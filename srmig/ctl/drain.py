@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from srmig.ctl.encap import decapsulate, encapsulate, encapsulate_packet
-from srmig.ctl.senders import PacketSender, RawSender
+from srmig.ctl.senders import PacketSender, RawSender, SentLog
 from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
 from srmig.bpf import libbpf
@@ -73,6 +73,36 @@ def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: boo
                      length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
 
 
+def sent_log(ring: libbpf.RingReader) -> SentLog:
+    """The ring's sent log: in its consumer page, so it lives as long as the ring (the pin), not the agent.
+    Close it before the ring."""
+    return SentLog(*ring.spare)
+
+
+def skip_sent(ring: libbpf.RingReader, log: SentLog) -> int:
+    """Consume, without sending them again, the records an agent killed while sending them had sent (its
+    sent log says exactly which); returns how many. First, before anything is read from `ring`."""
+    start, k = log.sent()
+    n = ring.skip(start, k)
+    log.reset()  # all it says is consumed now; its next batch may start anywhere
+    return n
+
+
+def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
+    """Send `parts`, one (sender, packet) per record read and not committed, in ring order; `at`: the ring
+    position of each record and the one past the last. One send_many per run of records with the same
+    sender, so what has been sent is always a prefix of the ring, which `log` can say; the order in which
+    each destination receives its packets is the ring's. Returns how many the kernel accepted."""
+    sent, i = 0, 0
+    while i < len(parts):
+        sender, j = parts[i][0], i + 1
+        while j < len(parts) and parts[j][0] is sender:
+            j += 1
+        sent += sender.send_many([p for _, p in parts[i:j]], log=log, at=at[i:j])
+        i = j
+    return sent
+
+
 def _ethernet_to(vm: str, tap: str) -> bytes | None:
     """The Ethernet header the program's delivery puts on a packet for `vm` on `tap`: to the VM's MAC (the
     tap's neighbour entry), from the tap's; None when the neighbour is unknown."""
@@ -117,51 +147,52 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
     parked meanwhile (SRMIG_VM_F_PARK: whole, as it came in), oldest first, straight into its tap queue;
     then plain RUNNING. While we send, newer packets still park behind them (SRMIG_VM_F_RING_FIRST: a batch
     is consumed only once sent), so none overtakes. Records of other VMs (already advanced: a drain's) are
-    sent on as they are. Returns how many packets the VM was given."""
+    sent on as they are. Every record goes out in ring order through the ring's sent log, so an agent
+    killed in here and restarted sends each exactly once. Returns how many packets the VM was given."""
     eth = _ethernet_to(vm, tap) if tap else None
     vm_key = ipaddress.IPv6Address(vm).packed
     ring = hold_ring_reader(dp)
-    ring.skip_sent()  # what a drain killed mid-send had forwarded already (its records are a drain's)
+    log = sent_log(ring)
     # Not TxRingSender (bench/tx_ring.py): its ring's setup (0.1-30 ms, an RCU grace period) comes before the
     # first frame and costs more than its faster sends save up to ~10^4 parked packets (measured, 128 B frames).
     to_tap = PacketSender(tap) if eth else None
     raw = RawSender()
     given = 0
 
-    def give(commit: bool) -> int:
+    def give() -> int:
         """Read what the ring holds, send it, then consume it; returns how many records were read."""
         nonlocal given
-        records = ring.read(start=_HOLD_VM, commit=commit,
+        at = [ring.position]  # then the end of each record read
+        records = ring.read(start=_HOLD_VM, commit=False, ends=at,
                             length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
                                 "<I", data, off + _HOLD_LEN)[0])
-        frames, others = [], []
+        parts = []
         for rec in records:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
             inner = decapsulate(packet) if rec[:16] == vm_key else None
             if inner is None:
-                others.append(packet)
+                parts.append((raw, packet))
             elif eth:
-                frames.append(eth + inner)
+                parts.append((to_tap, eth + inner))
             else:
-                others.append(inner)  # no neighbour entry: the kernel routes it to the tap
-        if frames:
-            given += to_tap.send_many(frames)
-        if others:
-            given += raw.send_many(others)
+                parts.append((raw, inner))  # no neighbour entry: the kernel routes it to the tap
+        given += send_in_ring_order(log, at, parts)
         ring.commit()
         return len(records)
 
     try:
+        skip_sent(ring, log)  # what an agent killed while sending from this ring (a drain, an unpark) had sent
         dp.set_vm(vm, VmState.RUNNING, ring_first=True)
         deadline = time.monotonic() + max_s
         while time.monotonic() <= deadline:
-            if not give(commit=False) and ring.empty():
+            if not give() and ring.empty():
                 break
         dp.set_vm(vm, VmState.RUNNING)
         # A program run that read the flag just before it was cleared may still be writing its record.
         time.sleep(0.002)
-        give(commit=True)
+        give()
     finally:
+        log.close()
         ring.close()
         raw.close()
         if to_tap is not None:
@@ -175,7 +206,7 @@ class DrainReport:
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
     swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
     resent_swallowed: int = 0  # of those, re-sent from the shadow log
-    ring_sent_before: int = 0  # records a drain killed mid-send had handed on (consumed, not sent again)
+    ring_sent_before: int = 0  # records an agent killed mid-send had sent (consumed, not sent again)
     swallow_miss: str | None = None  # why they were not (ShadowLog.swallowed_frames)
     not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
@@ -263,36 +294,40 @@ class SourceDrain:
                          settle_s: float = 0.002) -> None:
         """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
         it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
-        First, what a drain killed before its commit had handed to the kernel (the ring's sent mark) is
-        consumed without being sent again."""
-        rep.ring_sent_before = ring.skip_sent()
-        self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
-        t_flip = time.monotonic()
-        deadline = t_flip + RING_FIRST_MAX_S
-        while not ring.empty() and time.monotonic() < deadline:
-            ends: list[int] = []
-            packets = read_hold_packets(ring, commit=False, ends=ends)
-            if packets:
-                # Sent before consumed, so that newer packets keep parking behind them; marked as they go
-                # to the kernel, so that an agent killed before the commit does not send them twice.
-                sender.send_many(packets, handing=lambda k: ring.mark_sent(ends[k - 1]))
-                rep.from_ring += len(packets)
-            ring.commit()  # only now may the program forward newer packets directly
-        self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
-        rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
-        before = rep.from_ring
-        deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline:
-            self._ring_send(sender, rep, ring)
-        self._ring_send(sender, rep, ring)
-        rep.timings["ring_after_flip"] = rep.from_ring - before
+        First, what an agent killed while sending from the ring had sent (its sent log) is consumed without
+        being sent again."""
+        log = sent_log(ring)
+        try:
+            rep.ring_sent_before = skip_sent(ring, log)
+            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
+            t_flip = time.monotonic()
+            deadline = t_flip + RING_FIRST_MAX_S
+            while not ring.empty() and time.monotonic() < deadline:
+                # Sent before consumed, so that newer packets keep parking behind them; written down by the
+                # kernel as they go (the log), so that an agent killed before the commit does not send them
+                # twice.
+                self._ring_send(sender, rep, ring, log, rounds=1)
+            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
+            rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
+            before = rep.from_ring
+            deadline = time.monotonic() + settle_s
+            while time.monotonic() < deadline:
+                self._ring_send(sender, rep, ring, log)
+            self._ring_send(sender, rep, ring, log)
+            rep.timings["ring_after_flip"] = rep.from_ring - before
+        finally:
+            log.close()
 
     @staticmethod
-    def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, rounds: int = 1000) -> None:
-        """Send what the ring holds, and what it received meanwhile, until a read finds it empty."""
+    def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+                   rounds: int = 1000) -> None:
+        """Send what the ring holds, each batch consumed once sent, and what it received meanwhile, until a
+        read finds it empty (or `rounds` reads)."""
         for _ in range(rounds):
-            packets = read_hold_packets(ring)
+            at = [ring.position]  # then the end of each record read
+            packets = read_hold_packets(ring, commit=False, ends=at)
             if not packets:
                 return
-            sender.send_many(packets)
+            send_in_ring_order(log, at, [(sender, p) for p in packets])
+            ring.commit()  # consumed once sent (behind the ring: only now may newer packets go directly)
             rep.from_ring += len(packets)

@@ -1,6 +1,7 @@
 """Many packets out in order, fast, and nothing lost silently: sendmmsg(2) in batches over a raw IPv6
 socket (RawSender: routed by each packet's DA) or an AF_PACKET one (PacketSender: Ethernet frames straight
-out of an interface, e.g. into a VM's tap queue). What the kernel does not take is retried or counted."""
+out of an interface, e.g. into a VM's tap queue). What the kernel does not take is retried or counted. With a
+SentLog, the kernel itself writes down what it sent, where a process killed mid-send leaves it for the next."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import struct
 import time
 from array import array
 from itertools import accumulate
-from typing import Callable
+from typing import Sequence
 
 from cffi import FFI
 
@@ -34,42 +35,116 @@ IPV6_RECVERR = 25
 SOL_PACKET = 263
 PACKET_QDISC_BYPASS = 20
 # _Mmsg writes pointers and lengths as u64 words: right on 64-bit Linux (x86-64, like the rest of srmig).
-_MMSG_WORDS = _ffi.sizeof("struct mmsghdr") // 8  # x86-64: 8
+_MMSG = _ffi.sizeof("struct mmsghdr")  # x86-64: 64
+_MMSG_WORDS = _MMSG // 8
 _NAME_W = _ffi.offsetof("struct mmsghdr", "msg_hdr", "msg_name") // 8
+_NAMELEN_W = _ffi.offsetof("struct mmsghdr", "msg_hdr", "msg_namelen") // 8  # a u32, then padding
+_LEN_I = _ffi.offsetof("struct mmsghdr", "msg_len") // 4  # as u32s: msg_len, then 4 bytes of padding
 
 
 class _Mmsg:
-    """Reusable sendmmsg(2) vectors for up to SENDMMSG_BATCH messages of one iovec each.
+    """Reusable sendmmsg(2) vectors for up to `count` messages of one iovec each (the vector in `mem`, an
+    address, when given: a SentLog's).
 
     A batch is joined into one buffer and the per-message words (buffer address, length, destination) are
     written as strided u64 slices: a few Python operations per batch (~0.1 us a packet) instead of several
     cffi attribute writes per packet."""
 
-    def __init__(self, namelen: int):
+    def __init__(self, count: int = SENDMMSG_BATCH, mem: int | None = None):
         if _ffi.sizeof("void *") != 8 or _ffi.sizeof("size_t") != 8:
             raise NotImplementedError("sendmmsg batching is written for 64-bit Linux")
-        n = SENDMMSG_BATCH
-        self.iov = _ffi.new("struct iovec[]", n)
-        self.msgs = _ffi.new("struct mmsghdr[]", n)
-        for i in range(n):
+        self.iov = _ffi.new("struct iovec[]", count)
+        if mem is None:
+            self.msgs = _ffi.new("struct mmsghdr[]", count)
+        else:
+            self.msgs = _ffi.cast("struct mmsghdr *", mem)
+        for i in range(count):  # field by field: a SentLog's msg_len words are left as they are
             self.msgs[i].msg_hdr.msg_iov = self.iov + i
             self.msgs[i].msg_hdr.msg_iovlen = 1
-            self.msgs[i].msg_hdr.msg_namelen = namelen
+            self.msgs[i].msg_hdr.msg_control = _ffi.NULL
+            self.msgs[i].msg_hdr.msg_controllen = 0
+            self.msgs[i].msg_hdr.msg_flags = 0
         self._iov_q = memoryview(_ffi.buffer(self.iov)).cast("Q")
-        self._msg_q = memoryview(_ffi.buffer(self.msgs)).cast("Q")
+        self._msg_q = memoryview(_ffi.buffer(self.msgs, count * _MMSG)).cast("Q")
 
-    def fill(self, packets: list[bytes], names: array | None):
-        """Point the first len(packets) messages at `packets` (and `names`, u64 sockaddr addresses);
-        returns what must stay alive until they are sent."""
+    def fill(self, packets: list[bytes], names: array | None, namelen: int):
+        """Point the first len(packets) messages at `packets` (and `names`, u64 sockaddr addresses, each
+        `namelen` bytes long); returns what must stay alive until they are sent."""
         n = len(packets)
         buf = _ffi.from_buffer(b"".join(packets))
         lens = array("Q", map(len, packets))
         starts = array("Q", accumulate(lens, initial=int(_ffi.cast("uintptr_t", buf))))
         self._iov_q[0:2 * n:2] = starts[:n]
         self._iov_q[1:2 * n:2] = lens
-        if names is not None:
-            self._msg_q[_NAME_W:_MMSG_WORDS * n:_MMSG_WORDS] = names
+        # Name and its length every time: two senders (AF_PACKET without, raw with) share a SentLog's vector.
+        self._msg_q[_NAME_W:_MMSG_WORDS * n:_MMSG_WORDS] = names if names is not None else array("Q", bytes(8 * n))
+        self._msg_q[_NAMELEN_W:_MMSG_WORDS * n:_MMSG_WORDS] = array("Q", [namelen]) * n
         return buf
+
+
+SENT_SKIPPED = 0xFFFFFFFF  # a SentLog entry's msg_len for a message given up as unsendable: done, not sent
+
+
+class SentLog:
+    """What sendmmsg(2) sent, written down by the kernel itself, in memory that outlives the process (the
+    hold ring's consumer page: srmig.ctl.drain).
+
+    sendmmsg writes each message's msg_len into the caller's vector as soon as that message is sent, inside
+    the call. A process killed during the call dies only as the call returns: a kill wakes a send waiting
+    for buffer space, and the call then returns what it had sent. So with the vector kept here, the next
+    process reads exactly what went out, at every point a kill can land. No mark written by the process
+    itself can say as much: one written before the call loses what a kill stops the call from sending,
+    one written after it is never written when the kill lands in the call, and the batch goes out twice.
+
+    Layout at `address` (`size` bytes, 8-aligned): u64 `start`, the caller's position (a ring position) of
+    the first packet of the batch in flight, everything before which is done; at byte HEAD, struct
+    mmsghdr[entries]. In the 4 bytes of padding after each msg_len (the kernel never touches them) a tag:
+    start's low 32 bits, so that an entry counts for this batch only. Sent: the leading entries that carry
+    the tag and a msg_len (or SENT_SKIPPED); one entry more than a batch ends that count.
+
+    begin() writes start first: the entries still carry the last batch's tag, which differs (a batch spans
+    less than 4 GiB of positions), so none counts; then zeroes each msg_len, then tags them. A kill between
+    any two of those writes leaves a log that says the truth: the last batch, wholly done, before start."""
+
+    HEAD = 56  # the entries' offset: byte 64 of the consumer page, where the log starts at byte 8
+
+    def __init__(self, address: int, size: int):
+        entries = (size - self.HEAD) // _MMSG
+        if address % 8 or entries < 2:
+            raise ValueError(f"a sent log needs 8-aligned room for 2 messages, got {size} bytes at {address:#x}")
+        self._start = _ffi.cast("uint64_t *", address)
+        self.batch = entries - 1
+        self.mmsg = _Mmsg(entries, address + self.HEAD)
+        words = memoryview(_ffi.buffer(_ffi.cast("char *", address + self.HEAD), entries * _MMSG)).cast("I")
+        self._lens = words[_LEN_I::_MMSG // 4]
+        self._tags = words[_LEN_I + 1::_MMSG // 4]
+
+    def begin(self, start: int, n: int) -> None:
+        """A batch of `n` (at most `batch`) messages from position `start` on; everything before it is done.
+        The batch before, if any, began less than 4 GiB of positions before `start`, or the log was reset."""
+        self._start[0] = start
+        self._lens[0:n + 1] = array("I", bytes(4 * (n + 1)))
+        self._tags[0:n + 1] = array("I", [start & 0xFFFFFFFF]) * (n + 1)
+
+    def skipped(self, k: int) -> None:
+        """Message k of the batch will not be sent (the kernel refuses it): it counts as done."""
+        self._lens[k] = SENT_SKIPPED
+
+    def sent(self) -> tuple[int, int]:
+        """(start, k): everything before position `start` is done, and so are the k packets from it on."""
+        start = self._start[0]
+        tag, k = start & 0xFFFFFFFF, 0
+        while k < len(self._lens) and self._tags[k] == tag and self._lens[k]:
+            k += 1
+        return start, k
+
+    def reset(self) -> None:
+        """Forget the batch (its packets consumed since: what the log says of them no longer matters)."""
+        self._lens[:] = array("I", bytes(4 * len(self._lens)))
+
+    def close(self) -> None:
+        self._lens.release()
+        self._tags.release()
 
 
 class _Counted:
@@ -102,22 +177,24 @@ class _BatchSender(_Counted):
         return None
 
 
-    def send_many(self, packets: list[bytes], handing: Callable[[int], None] | None = None) -> int:
+    def send_many(self, packets: list[bytes], log: SentLog | None = None, at: Sequence[int] = ()) -> int:
         """Send `packets` in order; returns how many the kernel accepted (the rest is in `dropped`).
-        `handing(k)`: called right before each sendmmsg(2) with k = how many of `packets` are then sent,
-        skipped, or in that call, and again when a retry waits, with k = how many are done. A process killed
-        in the call dies once it returns (a send that must wait for buffer space returns early: then the
-        rest was counted as handed on)."""
-        if self._mm is None:
-            self._mm = _Mmsg(self._namelen)
-        mm, fd, sent = self._mm, self.sock.fileno(), 0
-        for i in range(0, len(packets), SENDMMSG_BATCH):
-            batch = packets[i:i + SENDMMSG_BATCH]
-            keep = mm.fill(batch, self._names(batch))  # noqa: F841 - the buffer the iovecs point into
+        `log`: sendmmsg(2) writes down in it what it sends (SentLog), in batches of log.batch messages, each
+        begun at `at[i]`, the caller's position of packets[i]. Everything before at[0] must be done."""
+        if log is not None:
+            mm, size = log.mmsg, log.batch
+        else:
+            if self._mm is None:
+                self._mm = _Mmsg()
+            mm, size = self._mm, SENDMMSG_BATCH
+        fd, sent = self.sock.fileno(), 0
+        for i in range(0, len(packets), size):
+            batch = packets[i:i + size]
             n, k, tries, last_err = len(batch), 0, 0, 0  # k: messages done (sent or skipped)
+            if log is not None:
+                log.begin(at[i], n)
+            keep = mm.fill(batch, self._names(batch), self._namelen)  # what the iovecs point into
             while k < n:
-                if handing is not None:
-                    handing(i + n)
                 rc = _libc.sendmmsg(fd, mm.msgs + k, n - k, 0)
                 if rc > 0:
                     k += rc
@@ -131,16 +208,17 @@ class _BatchSender(_Counted):
                     if tries >= RETRIES:  # the queue does not drain: give the rest up, counted
                         self._drop(err, len(packets) - i - k)
                         return sent
-                    if handing is not None:
-                        handing(i + k)
                     time.sleep(RETRY_FIRST_S * (1 << tries))
                     tries += 1
                 elif err == last_err:  # failed twice: this packet cannot be sent
+                    if log is not None:
+                        log.skipped(k)
                     self._drop(err, 1)
                     k += 1
                     last_err = 0
                 else:  # once more: the error may be a stale one reported on the next send
                     last_err = err
+            del keep
         return sent
 
 
