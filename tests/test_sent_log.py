@@ -1,0 +1,268 @@
+"""Whatever moment kills the agent while it sends from the hold ring, the restarted agent sends every record
+on exactly once, in the ring's order: an abort's unpark() (the VM's parked packets into its tap, another VM's
+records on to where they go, interleaved in the ring) and the source drain's ring (SourceDrain.ring_only, what
+a restarted source runs). The ring is the real one, filled by the program; the packets are counted where they
+land, in the lab's VM and fabric namespaces (srmig.testbed.lab)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from srmig.bpf import libbpf
+from srmig.bpf.abi import VmState
+from srmig.ctl import senders
+from srmig.ctl.drain import SourceDrain, unpark
+from srmig.testbed import lab as L
+from srmig.testbed.packets import h_encaps, inner
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+SRC = "fc00:0:1::1"
+SYS_SENDMMSG = 307  # x86-64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The ring of each case: the VM's parked packets, with runs of another VM's records (a drain's, advanced to
+# D's End.SBUF) between them, so that unpark() switches sender at each run and sends several batches a run.
+UNPARK_RUNS = [("v", 70), ("o", 5), ("v", 70), ("o", 3)]
+DRAIN_RUNS = [("o", 148)]
+SEQ = re.compile(rb"K(\d+)([vo])(\d+)\.")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with L.TestRunLab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def receivers(lab):
+    """Packet sockets where the records land: the VM's end of its link (unpark's frames) and the fabric
+    peer (what is routed on towards D); a clean ring and states before the test, plain queues after."""
+    socks = {}
+    with contextlib.ExitStack() as stack:
+        for kind, (role, ifname) in {"v": ("vm", "eth0"), "o": ("fab", "up0")}.items():
+            with lab.topo.inside(role):
+                s = stack.enter_context(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD)))
+                s.bind((ifname, 0))
+            s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: a case's records at once
+            socks[kind] = s
+        try:
+            yield socks
+        finally:
+            with lab.topo.inside("lab"):
+                for dev in ("vm0", "fab0"):
+                    subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            _reset(lab)
+
+
+def _reset(lab) -> None:
+    """The lab's states for filling the ring (unpark and the drain change them), and an empty ring."""
+    lab.dp.set_vm(L.VM_PARKED, VmState.RUNNING, park=True)
+    lab.dp.set_vm(L.VM_HOLD, VmState.HOLD, next_sid=L.D_DX6)
+    with lab.dp.hold_ring(lambda rec: None) as ring:
+        for _ in range(100):
+            if not ring.poll(0):
+                break
+
+
+def _fill(lab, case: int, runs: list[tuple[str, int]], size: int = 0) -> dict[str, int]:
+    """Let the program park `runs` in the ring, in order: "v" the VM's (End.DX6-map, parking), "o" another
+    VM's (End.S, holding). Payloads K<case><kind><seq>. (padded to `size`); returns how many of each kind."""
+    _reset(lab)
+    seq = {"v": 0, "o": 0}
+    with lab.topo.inside("lab"):
+        for kind, n in runs:
+            for _ in range(n):
+                payload = f"K{case}{kind}{seq[kind]}.".encode().ljust(size, b"-")
+                segments, vm = ([L.SID_DX6], L.VM_PARKED) if kind == "v" else ([L.SID_S, L.D_SBUF], L.VM_HOLD)
+                run = libbpf.prog_test_run(lab.prog_fd, bytes(h_encaps(segments, inner(vm, payload=payload),
+                                                                       dst_mac=L.FAB_MAC)),
+                                           ingress_ifindex=lab.fab_ifindex)
+                assert run.action == "XDP_DROP"  # parked
+                seq[kind] += 1
+    return seq
+
+
+def _flush(socks: dict) -> None:
+    for s in socks.values():
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                s.recv(65535)
+
+
+def _arrived(socks: dict, case: int, expect: dict[str, int]) -> dict[str, list[int]]:
+    """The sequence numbers of case `case` as they arrived, per kind: until `expect` of each came (or none
+    for 3 s), then whatever else comes within 0.2 s (a duplicate would)."""
+    got: dict[str, list[int]] = {k: [] for k in socks}
+    for kind, s in socks.items():
+        for _ in range(1_000_000):
+            s.settimeout(3.0 if len(got[kind]) < expect.get(kind, 0) else 0.2)
+            try:
+                frame = s.recv(65535)
+            except TimeoutError:
+                break
+            m = SEQ.search(frame)
+            if m and int(m[1]) == case and m[2].decode() == kind:
+                got[kind].append(int(m[3]))
+    return got
+
+
+def _once_in_order(got: dict[str, list[int]], expect: dict[str, int]) -> dict[str, str]:
+    """Per kind, what arrived against `expect` of it, numbered from 0: "once, in order" or what is wrong."""
+    out = {}
+    for kind, seqs in got.items():
+        n = expect.get(kind, 0)
+        lost, twice = n - len(set(seqs) & set(range(n))), len(seqs) - len(set(seqs))
+        out[kind] = ("once, in order" if seqs == list(range(n)) else
+                     f"{lost} lost, {twice} twice, {'in order' if seqs == sorted(seqs) else 'reordered'}")
+    return out
+
+
+ONCE = {"v": "once, in order", "o": "once, in order"}
+
+
+class Killed(BaseException):
+    """The agent killed: nothing of it runs past this point (not an Exception: no handler catches it)."""
+
+
+class KillAt:
+    """senders' libc, with the agent killed at its `at`-th sendmmsg(2): "before" it enters the kernel (the
+    sent log begun), or "at-return": the kernel has sent, and a kill that landed during the call takes
+    effect as it returns. The sendmmsg itself is the real one."""
+
+    def __init__(self, real, at: int | None = None, when: str = "before"):
+        self.real, self.at, self.when = real, at, when
+        self.calls = 0
+        self.sent = 0  # packets the kernel accepted before the kill
+
+    def sendmmsg(self, fd, msgs, vlen, flags):
+        self.calls += 1
+        if self.calls == self.at and self.when == "before":
+            raise Killed
+        rc = self.real.sendmmsg(fd, msgs, vlen, flags)
+        self.sent += max(rc, 0)
+        if self.calls == self.at:
+            raise Killed
+        return rc
+
+
+def _run(lab, path: str) -> tuple[int, int | None]:
+    """The path once, in the lab's namespace: how many it sent from the ring, and how many it found sent."""
+    with lab.topo.inside("lab"):
+        if path == "unpark":
+            return unpark(lab.dp, L.VM_PARKED, "vm0"), None
+        rep = SourceDrain(lab.dp, L.VM_HOLD, SRC, [L.D_SBUF], L.D_SBUF).ring_only()
+        return rep.from_ring, rep.ring_sent_before
+
+
+@pytest.mark.parametrize("path", ["unpark", "drain"])
+def test_killed_at_any_send_the_restarted_agent_sends_each_record_once(lab, receivers, monkeypatch, path):
+    """Kill the path at each of its sendmmsg(2) calls, just before the call and as it returns; the restarted
+    path (the same, run again) sends the rest: every record arrives once, in the ring's order, and the
+    restart says how many the killed one had sent."""
+    runs = UNPARK_RUNS if path == "unpark" else DRAIN_RUNS
+    real = senders._libc
+    _flush(receivers)
+    counting = KillAt(real)
+    monkeypatch.setattr(senders, "_libc", counting)
+    expect = _fill(lab, 0, runs)
+    assert _run(lab, path)[0] == sum(expect.values())
+    assert _once_in_order(_arrived(receivers, 0, expect), expect) == ONCE
+    case, calls = 0, counting.calls
+    for at in range(1, calls + 1):
+        for when in ("before", "at-return"):
+            case += 1
+            expect = _fill(lab, case, runs)
+            kill = KillAt(real, at, when)
+            monkeypatch.setattr(senders, "_libc", kill)
+            with pytest.raises(Killed):
+                _run(lab, path)
+            monkeypatch.setattr(senders, "_libc", real)
+            sent, sent_before = _run(lab, path)
+            where = f"killed {when} sendmmsg #{at}, {kill.sent} sent"
+            assert _once_in_order(_arrived(receivers, case, expect), expect) == ONCE, where
+            assert sent == sum(expect.values()) - kill.sent, where
+            if path == "drain":
+                assert sent_before == kill.sent, where
+    assert calls >= (6 if path == "unpark" else 3)  # several batches, and for unpark several runs
+
+
+# The agent in a process of its own: unpark() or the drain's ring, in the lab's namespace on its pinned maps,
+# until killed.
+AGENT = r"""
+import sys
+from pathlib import Path
+from srmig import netlink
+from srmig.ctl.drain import SourceDrain, unpark
+from srmig.ctl.maps import Dataplane
+ns, path, pin_dir, vm, tap, src, sid = sys.argv[1:]
+with netlink.inside(ns):
+    dp = Dataplane(Path(pin_dir))
+    print("ready", flush=True)
+    if path == "unpark":
+        unpark(dp, vm, tap)
+    else:
+        SourceDrain(dp, vm, src, [sid], sid).ring_only()
+"""
+
+
+def _in_sendmmsg(pid: int) -> bool:
+    """`pid` waits inside sendmmsg(2) (/proc/PID/syscall names the call a blocked task is in)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(SYS_SENDMMSG)
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("path, egress", [("unpark", "vm0"), ("drain", "fab0")])
+def test_a_kill_that_cuts_a_blocked_send_short_loses_and_duplicates_nothing(lab, receivers, path, egress):
+    """A real SIGKILL while the agent's sendmmsg(2) waits for socket buffer space (the egress held by a
+    qdisc that sends nothing): the call returns what it had sent as the kill wakes it, and the agent dies.
+    The kernel had written down each message it sent in the ring's sent log; the restarted agent sends the
+    rest, and every record arrives once, in order."""
+    runs = [("v" if path == "unpark" else "o", 300)]
+    _flush(receivers)
+    expect = _fill(lab, 1000, runs, size=1200)  # ~90 of them fill a socket's default send buffer
+    with lab.topo.inside("lab"):
+        # rate 8 bit/s after one 2000 B burst: the qdisc keeps every frame, each charged to the sender's socket.
+        subprocess.run(["tc", "qdisc", "add", "dev", egress, "root", "tbf", "rate", "8bit", "burst", "2000",
+                        "limit", "10000000"], check=True)
+    agent = subprocess.Popen([sys.executable, "-c", AGENT, lab.topo.ns("lab"), path, str(lab.pin_dir),
+                              L.VM_PARKED if path == "unpark" else L.VM_HOLD, "vm0", SRC, L.D_SBUF],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert agent.stdout.readline().strip() == "ready"
+        for _ in range(2000):  # bounded: the agent reaches the full buffer within a few hundred frames
+            if _in_sendmmsg(agent.pid) or agent.poll() is not None:
+                break
+            time.sleep(0.005)
+        blocked = _in_sendmmsg(agent.pid)
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        agent.stdout.close()
+    assert blocked, f"the agent never waited in sendmmsg (exit {agent.returncode})"
+    with lab.topo.inside("lab"):
+        # The qdisc sends what it kept (a frame of no case's, sent after the change, wakes it), then the
+        # restarted agent's.
+        subprocess.run(["tc", "qdisc", "change", "dev", egress, "root", "tbf", "rate", "10gbit", "burst", "1mb",
+                        "limit", "10000000"], check=True)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as kick:
+            kick.bind((egress, 0))
+            kick.send(bytes(6) + bytes.fromhex("020000000001" "86dd") + bytes(40))
+    sent, sent_before = _run(lab, path)
+    assert _once_in_order(_arrived(receivers, 1000, expect), expect) == ONCE
+    n = expect["v" if path == "unpark" else "o"]
+    assert 0 < n - sent < n  # the killed agent had sent some, not all
+    if path == "drain":
+        assert sent_before == n - sent
