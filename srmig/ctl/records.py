@@ -36,6 +36,7 @@ MAX_EVENTS = 64                    # events in one migration record (a migration
 MAX_RESENT = 64                    # frames in one record's `resent` (QEMU swallows one per pause)
 MAX_FRAME = 65535                  # bytes of one of those frames
 MAX_TRANSIT = MAX_SEGMENTS - 2     # the migration list is [S::5, transit..., D::b]: it must fit the encap
+INT_MAX = 2 ** 63 - 1
 IFNAMSIZ = 16                      # Linux's interface names: at most 15 bytes (dev_valid_name)
 RECORD_EVENTS = {e.value for e in (Ev.BEGIN, Ev.SUSPENDED, Ev.RESUMED, Ev.STOPPED, Ev.FAILED)}  # grace-over: a timer
 PHASES = {p.value for p in Phase}
@@ -112,9 +113,14 @@ def _get(d: dict, k: str, required: bool = True, default=None):
 
 def _int(d: dict, k: str, lo: int = 0, required: bool = True, default: int = 0) -> int:
     v = _get(d, k, required, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise Rejected(f"{k}: expected an integer >= {lo}, got {show(v)}")
+    if not _is_int(v, lo):
+        raise Rejected(f"{k}: expected an integer in {lo}..2^63-1, got {show(v)}")
     return v
+
+
+def _is_int(v, lo: int) -> bool:
+    """An integer as etcd, SQLite and other languages' JSON keep them (int64), at least `lo`."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= INT_MAX
 
 
 def _name(v, what: str, limit: int = MAX_NAME, spaces: bool = False) -> str:
@@ -129,7 +135,7 @@ def _name(v, what: str, limit: int = MAX_NAME, spaces: bool = False) -> str:
 
 def address(v, what: str) -> str:
     """An IPv6 address in its canonical spelling."""
-    if not isinstance(v, str) or len(v) > 64:  # the longest spelling of one is 45 characters
+    if not isinstance(v, str) or len(v) > 64 or "%" in v:  # the longest spelling is 45 characters; no zone
         raise Rejected(f"{what}: expected an IPv6 address, got {show(v)}")
     try:
         return str(ipaddress.IPv6Address(v))
@@ -143,16 +149,11 @@ def _addresses(v, what: str, lo: int, hi: int) -> list[str]:
     return [address(x, f"{what}[{i}]") for i, x in enumerate(v)]
 
 
-def _key_vm(key: str, prefix: str) -> str:
-    """The VM address a key names (vms/<vm>, migrations/<vm>/<host>)."""
-    return address(key[len(prefix):].split("/")[0], "the key's VM address")
-
-
 # --- the database's records (srmig.ctl.vmdb) -------------------------------------------------------------
 
 def vm_record(key: str, value) -> dict:
     """vms/<vm>: the fields of a VmRecord. The segment list must fit srmig's H.Encaps."""
-    vm = _key_vm(key, "vms/")
+    vm = address(key[len("vms/"):], "the key's VM address")
     d = _obj(value)
     _format(d)
     if address(_get(d, "vm"), "vm") != vm:
@@ -162,9 +163,9 @@ def vm_record(key: str, value) -> dict:
            "version": _int(d, "version", lo=1),
            "migration": _get(d, "migration", False, ""), "step": _int(d, "step", required=False),
            "phase": _get(d, "phase", False, Phase.STEADY.value)}
-    if not isinstance(out["migration"], str) or len(out["migration"]) > MAX_NAME:
-        raise Rejected(f"migration: expected an id, got {show(out['migration'])}")
-    if out["phase"] not in PHASES:
+    if out["migration"] != "":
+        _name(out["migration"], "migration", 64)
+    if not isinstance(out["phase"], str) or out["phase"] not in PHASES:
         raise Rejected(f"phase: expected one of {', '.join(sorted(PHASES))}, got {show(out['phase'])}")
     return out
 
@@ -173,7 +174,7 @@ def lenient_version(value) -> int:
     """The version of a vms/ record that was rejected, when it has a usable one (0: none): a record written
     over it must have a later version, or an ingress that applied an earlier valid one would ignore it."""
     v = value.get("version") if isinstance(value, dict) else None
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    return v if _is_int(v, 1) and v < INT_MAX else 0
 
 
 def host_record(key: str, value) -> tuple[HostSids, dict]:
@@ -196,8 +197,9 @@ def host_record(key: str, value) -> tuple[HostSids, dict]:
 def migration_record(key: str, value) -> tuple[str, str, dict]:
     """migrations/<vm>/<host>: (vm, host, record). The host that wrote it must be one of its ends; its
     events are those a host writes (srmig.ctl.host_role.HostRole._record)."""
-    vm = _key_vm(key, "migrations/")
-    host = _name(key[len("migrations/"):].rpartition("/")[2], "the key's host")
+    vm_text, _, host = key[len("migrations/"):].rpartition("/")
+    vm = address(vm_text, "the key's VM address")
+    _name(host, "the key's host")
     d = _obj(value)
     _format(d)
     if address(_get(d, "vm"), "vm") != vm:
@@ -225,7 +227,7 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
         except ValueError:
             raise Rejected(f"resent[{i}]: expected a frame in hex, got {show(f)}") from None
     returned = _get(d, "returned", False)
-    if returned is not None and (not isinstance(returned, int) or isinstance(returned, bool) or returned < 0):
+    if returned is not None and not _is_int(returned, 0):
         raise Rejected(f"returned: expected null or a count, got {show(returned)}")
     return vm, host, {
         "id": _name(_get(d, "id"), "id", 64), "vm": vm,

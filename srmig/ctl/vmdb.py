@@ -13,6 +13,9 @@ so an ingress applies a record only when it is newer than what it has. `migratio
 machine action that wrote it: two agents executing the same Publish write it once.
 `migrations/<addr>/<host>` carries the events each end of a migration saw, written by that end only after it
 applied them; the other end feeds them to its own state machine.
+
+Every record carries `format` (srmig.ctl.records.FORMAT). What is read is checked first (srmig.ctl.records):
+a malformed record, or one of a later format, is logged, counted and read as absent.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from srmig.ctl import records
 from srmig.ctl.phases import HostSids
+from srmig.ctl.records import Rejected
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,22 @@ class VmRecord:
     phase: str = "steady"
 
     @classmethod
-    def from_dict(cls, d: dict) -> VmRecord:
-        return cls(d["vm"], d["host"], tuple(d["segments"]), int(d["version"]), d.get("migration", ""),
-                   int(d.get("step", 0)), d.get("phase", "steady"))
+    def parse(cls, key: str, value) -> VmRecord:
+        """The record stored under `key` (vms/<vm>); Rejected (one line) when malformed."""
+        return cls(**records.vm_record(key, value))
 
     def to_dict(self) -> dict:
         return {"vm": self.vm, "host": self.host, "segments": list(self.segments), "version": self.version,
-                "migration": self.migration, "step": self.step, "phase": self.phase}
+                "migration": self.migration, "step": self.step, "phase": self.phase, "format": records.FORMAT}
+
+
+def _checked(source: str, key: str, parse, value):
+    """parse(key, value), or None after logging and counting why it is refused."""
+    try:
+        return parse(key, value)
+    except Rejected as e:
+        records.reject(source, key, e)
+        return None
 
 
 class VmDb:
@@ -51,15 +65,13 @@ class VmDb:
 
     def put_host(self, sids: HostSids, address: str, transit: tuple[str, ...], lease=None) -> None:
         self.kv.put(f"hosts/{sids.name}", {"name": sids.name, "dx6": sids.dx6, "end_s": sids.end_s,
-                                            "sbuf": sids.sbuf, "address": address, "transit": list(transit)},
-                    lease=lease)
+                                            "sbuf": sids.sbuf, "address": address, "transit": list(transit),
+                                            "format": records.FORMAT}, lease=lease)
 
     def host(self, name: str) -> tuple[HostSids, dict] | None:
+        """The host's SIDs and record; None when it has none, or a malformed one (logged and counted)."""
         e = self.kv.get(f"hosts/{name}")
-        if e is None:
-            return None
-        v = e.value
-        return HostSids(v["name"], v["dx6"], v["end_s"], v["sbuf"]), v
+        return None if e is None else _checked("host_record", e.key, records.host_record, e.value)
 
     def put_agent(self, name: str, info: dict, lease=None) -> None:
         self.kv.put(f"agents/{name}", info, lease=lease)
@@ -67,12 +79,15 @@ class VmDb:
     # --- VM records ----------------------------------------------------------------------------------
 
     def vm(self, addr: str) -> VmRecord | None:
+        """None when the VM has no record, or a malformed one (logged and counted)."""
         e = self.kv.get(f"vms/{addr}")
-        return None if e is None else VmRecord.from_dict(e.value)
+        return None if e is None else _checked("vm_record", e.key, VmRecord.parse, e.value)
 
     def vms(self) -> tuple[list[VmRecord], int]:
+        """The well-formed records (the others logged and counted) and the revision of the snapshot."""
         entries, rev = self.kv.range("vms/")
-        return [VmRecord.from_dict(e.value) for e in entries], rev
+        recs = [_checked("vm_record", e.key, VmRecord.parse, e.value) for e in entries]
+        return [r for r in recs if r is not None], rev
 
     def publish(self, vm: str, host: str, segments, phase: str, migration: str = "", step: int = 0) -> int:
         """Write the VM's segment list unless this (migration, step) or a later one is already there;
@@ -80,10 +95,19 @@ class VmDb:
         key = f"vms/{vm}"
         for _ in range(100):
             e = self.kv.get(key)
-            cur = None if e is None else VmRecord.from_dict(e.value)
+            cur, base = None, 0
+            if e is not None:
+                try:
+                    cur = VmRecord.parse(key, e.value)
+                    base = cur.version
+                except Rejected as err:
+                    # Nobody can apply it: written over (it must not hold up the writes behind this one),
+                    # with a later version than its own when it has one.
+                    records.reject("vm_record", key, f"{err} (written over)")
+                    base = records.lenient_version(e.value)
             if cur is not None and migration and cur.migration == migration and cur.step >= step:
                 return cur.version
-            rec = VmRecord(vm, host, tuple(segments), (cur.version + 1) if cur else 1, migration, step, phase)
+            rec = VmRecord(vm, host, tuple(segments), base + 1, migration, step, phase)
             if cur is not None and cur.to_dict() | {"version": rec.version} == rec.to_dict():
                 return cur.version  # nothing changes
             if self.kv.put_if(key, rec.to_dict(), 0 if e is None else e.mod_revision):
@@ -93,16 +117,24 @@ class VmDb:
     # --- migrations ----------------------------------------------------------------------------------
 
     def put_migration(self, vm: str, host: str, record: dict) -> None:
-        self.kv.put(f"migrations/{vm}/{host}", record)
+        self.kv.put(f"migrations/{vm}/{host}", record | {"format": records.FORMAT})
 
     def migrations(self) -> tuple[dict[str, dict[str, dict]], int]:
-        """{vm: {host: record}} and the revision of the snapshot."""
+        """{vm: {host: record}} of the well-formed records (the others logged and counted), and the revision
+        of the snapshot."""
         entries, rev = self.kv.range("migrations/")
         out: dict[str, dict[str, dict]] = {}
         for e in entries:
-            vm, _, host = e.key[len("migrations/"):].rpartition("/")
-            out.setdefault(vm, {})[host] = e.value
+            if (parsed := _checked("migration_record", e.key, records.migration_record, e.value)) is not None:
+                vm, host, rec = parsed
+                out.setdefault(vm, {})[host] = rec
         return out, rev
+
+    def migration(self, vm: str, host: str) -> dict | None:
+        """What `host` wrote of `vm`'s migration; None when nothing, or something malformed (logged, counted)."""
+        e = self.kv.get(f"migrations/{vm}/{host}")
+        parsed = None if e is None else _checked("migration_record", e.key, records.migration_record, e.value)
+        return None if parsed is None else parsed[2]
 
     # --- ingresses and acks --------------------------------------------------------------------------
 
@@ -110,7 +142,7 @@ class VmDb:
         self.kv.put(f"ingresses/{name}", {"name": name}, lease=lease)
 
     def ingresses(self) -> list[str]:
-        return [e.value["name"] for e in self.kv.range("ingresses/")[0]]
+        return [e.key[len("ingresses/"):] for e in self.kv.range("ingresses/")[0]]
 
     def ack(self, vm: str, ingress: str, version: int) -> None:
         self.kv.put(f"acks/{vm}/{ingress}", {"version": version})
@@ -130,13 +162,13 @@ class VmDb:
             with lock:
                 for ev in events:
                     if ev.kind == "put":
-                        acked[ev.key[len(prefix):]] = int(ev.value.get("version", 0))
+                        acked[ev.key[len(prefix):]] = _ack_version(ev.value)
             if not missing():
                 done.set()
 
         entries, rev = self.kv.range(prefix)
         for e in entries:
-            acked[e.key[len(prefix):]] = int(e.value.get("version", 0))
+            acked[e.key[len(prefix):]] = _ack_version(e.value)
         if not missing():
             return []
         w = self.kv.watch(prefix, on_events, start_revision=rev + 1)
@@ -146,3 +178,9 @@ class VmDb:
                 return missing()
         finally:
             w.cancel()
+
+
+def _ack_version(value) -> int:
+    """The version an ack says; 0 (nothing acknowledged) when it says none that is usable."""
+    v = value.get("version") if isinstance(value, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
