@@ -14,9 +14,10 @@ import time
 import ipaddress
 
 from srmig import netlink
-from srmig.ctl import ingress
+from srmig.ctl import ingress, records
 from srmig.bpf import loader
 from srmig.ctl.config import IngressConfig
+from srmig.ctl.records import Rejected
 from srmig.ctl.vmdb import VmDb, VmRecord
 
 log = logging.getLogger("srmig.ingress")
@@ -45,9 +46,11 @@ class IngressRole:
             loaded = loader.load_encap(self.cfg.interface)  # the pinned program, or compiled the first time
             os.close(loaded.prog_fd)  # the pin and the filter keep it; we only write its maps
             self.encap = ingress.BpfEncap(source=self.cfg.source or self._interface_address())
-        records, rev = self.db.vms()
-        self._apply(records)
-        self._forget_others({r.vm for r in records})
+        entries, rev = self.kv.range("vms/")
+        recs, present = self._parse(entries)
+        self._apply(recs)
+        # A VM whose record is malformed keeps what it had: its last good list beats none.
+        self._forget_others(present)
         self.db.register_ingress(self.cfg.name, self.lease)
         self._watch = self.kv.watch("vms/", self._on_events, start_revision=rev + 1)
 
@@ -84,14 +87,34 @@ class IngressRole:
             raise ValueError(f"ingress.interface: no interface {self.cfg.interface!r} here")
         return idx
 
+    @staticmethod
+    def _parse(entries) -> tuple[list[VmRecord], set[str]]:
+        """The well-formed records among `entries` (puts), and the VMs their keys name (well-formed or not);
+        what is malformed is logged and counted, never applied."""
+        recs, present = [], set()
+        for e in entries:
+            try:
+                present.add(records.address(e.key[len("vms/"):], "the key's VM address"))
+                recs.append(VmRecord.parse(e.key, e.value))
+            except Rejected as err:
+                records.reject("vm_record", e.key, err)
+        return recs, present
+
     def _on_events(self, events) -> None:
-        self._apply([VmRecord.from_dict(e.value) for e in events if e.kind == "put"])
+        """A watch's events, on its thread, in their order (a VM deleted and published again in one batch
+        ends published)."""
         for e in events:
-            if e.kind == "delete":
-                vm = e.key[len("vms/"):]
-                with self._lock:
-                    self._clear(vm)
-                    self.applied.pop(vm, None)
+            if e.kind == "put":
+                self._apply(self._parse([e])[0])
+                continue
+            try:
+                vm = records.address(e.key[len("vms/"):], "the key's VM address")
+            except Rejected as err:
+                records.reject("vm_record", e.key, err)
+                continue
+            with self._lock:
+                self._clear(vm)
+                self.applied.pop(vm, None)
 
     def _apply(self, records: list[VmRecord]) -> None:
         with self._lock:
