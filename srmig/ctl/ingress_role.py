@@ -116,9 +116,9 @@ class IngressRole:
                 self._clear(vm)
                 self.applied.pop(vm, None)
 
-    def _apply(self, records: list[VmRecord]) -> None:
+    def _apply(self, recs: list[VmRecord]) -> None:
         with self._lock:
-            for rec in records:
+            for rec in recs:
                 if self.applied.get(rec.vm, 0) >= rec.version:
                     continue  # older than what we have (a replayed or reordered event)
                 t0 = time.monotonic()
