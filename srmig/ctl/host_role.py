@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from srmig.bpf.abi import VmState
-from srmig.ctl import reconcile, work
+from srmig.ctl import reconcile, records, work
 from srmig.ctl.baseline import Baselines
 from srmig.ctl.config import Config
 from srmig.ctl.dblink import LEASE_TTL_S, DbLink
@@ -35,6 +35,7 @@ from srmig.ctl.libvirt_events import translate
 from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
 from srmig.ctl.phases import Phase
+from srmig.ctl.records import Rejected
 
 log = logging.getLogger("srmig.agent")
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
@@ -94,6 +95,7 @@ class HostRole:
         return self.executor.vm(vm) if self.executor else None
 
     def _host(self, name: str):
+        """`name`'s SIDs and record, None when it has no well-formed one (VmDb.host logged and counted)."""
         if name not in self._hosts:
             h = self.db.host(name)
             if h is None:
@@ -305,20 +307,25 @@ class HostRole:
         for ev in item.events:
             if ev.kind != "put":
                 continue
-            vm, _, host = ev.key[len("migrations/"):].rpartition("/")
-            touched.setdefault(vm, {})[host] = ev.value
+            try:
+                vm, host, rec = records.migration_record(ev.key, ev.value)
+            except Rejected as e:
+                records.reject("migration_record", ev.key, e)
+                continue
+            touched.setdefault(vm, {})[host] = rec
         for vm, recs in touched.items():
             self._migration_records(vm, recs)
 
     def _migration_records(self, vm: str, recs: dict[str, dict], replay: bool = False) -> None:
-        """Records of the ends of one migration: start it here if it involves us, feed the other end's
-        events. `replay`: after a restart, our own records too (their actions were applied once already)."""
+        """Records of the ends of one migration, well-formed (srmig.ctl.records.migration_record): start it
+        here if it involves us, feed the other end's events. `replay`: after a restart, our own records too
+        (their actions were applied once already)."""
         for host, rec in sorted(recs.items(), key=lambda kv: kv[0] != self.name):
             if self.name not in (rec["src"], rec["dst"]):
                 continue
             mid = rec["id"]
             if self.track(vm).migration != mid:
-                if not self._start_migration(vm, rec):
+                if not self._start_migration(vm, rec, f"migrations/{vm}/{host}"):
                     continue
             if host == self.name and not replay:
                 continue
@@ -359,10 +366,11 @@ class HostRole:
                     self.local_event(vm, ev, t_ns, f"{typ}/{detail}")
         self.track(vm).pending = []
 
-    def _start_migration(self, vm: str, rec: dict) -> bool:
+    def _start_migration(self, vm: str, rec: dict, where: str) -> bool:
         src, dst = self._host(rec["src"]), self._host(rec["dst"])
         if src is None or dst is None:
-            log.error("migration %s of %s: unknown host %s", rec["id"], vm, rec["src"] if src is None else rec["dst"])
+            records.reject("migration_record", where, f"migration {rec['id']}: host "
+                           f"{rec['src'] if src is None else rec['dst']!r} has no well-formed hosts/ record")
             return False
         old = self.machine.migrations.get(vm)
         if old is not None and not old.done:
@@ -383,10 +391,9 @@ class HostRole:
         t = self.track(vm)
         if not t.deferred:
             return
-        recs = self.db.migrations()[0].get(vm, {})
         m = self.machine.migrations.get(vm)
-        src_rec = recs.get(m.src.name) if m else None
-        if not source_failed and not (src_rec and "failed" in src_rec.get("events", [])):
+        src_rec = self.db.migration(vm, m.src.name) if m else None
+        if not source_failed and not (src_rec and "failed" in src_rec["events"]):
             return
         actions, t.deferred = t.deferred, []
         self._execute(m, actions)
@@ -394,7 +401,12 @@ class HostRole:
     def on_hook_begin(self, item: work.HookBegin) -> None:
         """`migrate begin` on this (destination) host: provision before QEMU even starts."""
         fut = item.result
-        d = Domain.from_xml(item.domain_xml)
+        try:
+            d = Domain.parse(item.domain_xml)
+        except Rejected as e:
+            records.reject("domain_xml", "migrate-begin hook", e)
+            fut.set_exception(e)  # answered as rejected (srmig.ctl.hooksrv), not logged again
+            return
         if d is None:
             fut.set_result({"managed": False})
             return
@@ -410,7 +422,7 @@ class HostRole:
         mid = uuid.uuid4().hex[:12]
         rec = {"id": mid, "vm": d.vm, "domain": d.name, "src": cur.host, "dst": self.name,
                "transit": src[1].get("transit", []), "events": []}
-        self._start_migration(d.vm, rec)
+        self._start_migration(d.vm, rec, f"migrate-begin hook for {d.vm}")
         loc = self.executor.vm(d.vm)
         loc.domain, loc.tap = d.name, d.tap
         self._last_event_ns = time.monotonic_ns()

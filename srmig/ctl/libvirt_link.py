@@ -11,15 +11,14 @@ after QEMU had stopped reading its tap; the source's drain needs the real moment
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from srmig.ctl import records
 from srmig.ctl.libvirt_events import ensure_event_loop, lifecycle_names
 from srmig.ctl.work import Iteration, JobCompleted, Lifecycle, LibvirtDown, LibvirtUp
 
@@ -27,7 +26,7 @@ log = logging.getLogger("srmig.libvirt")
 KEEPALIVE = (5, 3)          # interval (s), missed replies before the connection is declared dead
 QEMU_STOP_MAX_AGE_NS = 10_000_000_000  # a QEMU STOP this much older than the SUSPENDED heard is another pause
 BACKOFF = (0.2, 10.0)       # first and longest retry delay (s)
-XMLNS = "urn:srmig:vm:1"
+XMLNS = records.XMLNS
 
 
 @dataclass
@@ -39,15 +38,22 @@ class Domain:
     tap: str | None
 
     @classmethod
+    def parse(cls, xml: str) -> Domain | None:
+        """None when the domain is not managed by srmig (no <srmig:vm><address> in its metadata);
+        srmig.ctl.records.Rejected (one line) when the XML or its srmig metadata is malformed."""
+        parsed = records.domain(xml)
+        return None if parsed is None else cls(*parsed)
+
+    @classmethod
     def from_xml(cls, xml: str) -> Domain | None:
-        """None when the domain is not managed by srmig (no <srmig:vm><address> in its metadata)."""
-        root = ET.fromstring(xml)
-        addr = root.find(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")
-        if addr is None or not (addr.text or "").strip():
+        """As parse(), but a malformed document is logged (one line, with the domain's name when it has one),
+        counted, and read as not managed: one bad domain must not stop the others being read (reconciliation
+        read none after an address it could not parse; lifecycle events)."""
+        try:
+            return cls.parse(xml)
+        except records.Rejected as e:
+            records.reject("domain_xml", "domain XML", e)
             return None
-        vm = str(ipaddress.IPv6Address(addr.text.strip().split("/")[0]))
-        tap = root.find("./devices/interface/target")
-        return cls(root.findtext("name"), vm, tap.get("dev") if tap is not None else None)
 
 
 def metadata_xml(address: str) -> str:
