@@ -254,6 +254,7 @@ class Executor:
             log.warning("%s: no QEMU tap queue; forwarding without a drain (%d from the ring, %d the killed "
                         "drain had sent)", m.vm, rep.from_ring, rep.ring_sent_before)
             return
+        gone = "" if self.owner.qemu_pid(loc) else " (QEMU gone)"  # the queue is what we, or the store, kept
         drain = loc.drain = SourceDrain(self.dp, a.vm, address, segments, a.next_sid)
         self.owner.on_map_write()  # the drain's first step is the map write (HOLD)
         check = BoundedCheck(loc.check) if loc.check is not None else None
@@ -265,8 +266,8 @@ class Executor:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
                                              stopped_at_ns=heard if qemu is None else qemu)
             self._forget_stored(loc)  # drained: a restart need not do it again
-            log.info("%s: drained %d from the tap, %d from the ring, %d swallowed re-sent (swallowed %s, "
-                     "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, rep.from_ring, rep.resent_swallowed,
+            log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
+                     "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
                      rep.swallowed, loc.check is not None, loc.shadow is not None, stopped_how,
                      (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
                      + (f"; {rep.ring_sent_before} from the ring sent before a restart" if rep.ring_sent_before

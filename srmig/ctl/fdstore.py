@@ -8,12 +8,13 @@ agent, and a restarted agent takes it back from there (docs/faults.md):
 - under systemd, systemd itself: `FDSTORE=1` on $NOTIFY_SOCKET (sd_notify(3)), given back at the next start
   in LISTEN_FDS / LISTEN_FDNAMES (the unit needs FileDescriptorStoreMax, which `srmig install-hook --unit`
   writes);
-- otherwise the fd keeper (`python -m srmig.ctl.fdstore`), a small process that only holds fds and hands them over SCM_RIGHTS on a
-  root-only unix socket (no logic to crash in). The agent starts it when it is not running; it exits once
-  no agent has been connected for KEEPER_IDLE_S, with what it held: an agent that stays down that long has
-  nothing left worth draining, and no keeper outlives its host's agent for good.
+- otherwise the fd keeper (`python -m srmig.ctl.fdstore`), a small process that only holds fds and hands
+  them over SCM_RIGHTS on a root-only unix socket (no logic to crash in). The agent starts it when it is
+  not running; it exits once no agent has been connected for KEEPER_IDLE_S, with what it held: an agent
+  that stays down that long has nothing left worth draining, and no keeper outlives its agent for good.
 
-Names are `tap/<host>/<vm, ':' as '-'>/<migration id>`: a restarted agent takes only what belongs to the migration it resumes.
+Names are `tap/<host>/<vm, ':' as '-'>/<migration id>`: a restarted agent takes only what belongs to the
+migration it resumes.
 """
 
 from __future__ import annotations

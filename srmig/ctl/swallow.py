@@ -100,7 +100,7 @@ class ShadowLog:
         an older one, picked by a count that is off, was given to the guest: re-sent, it would arrive twice.
 
         The moment QEMU stopped reading is bounded from above by `stopped_at_ns` (QEMU's own STOP time, or
-        when the agent heard SUSPENDED if libvirt did not pass QEMU's event on: srmig.ctl.executor.Executor._drain) and by the
+        when the agent heard SUSPENDED if libvirt did not pass QEMU's event on: Executor._drain) and by the
         delivery of `first_queued` (QEMU never read it); the earlier bound is taken. The agent hears
         SUSPENDED late when it is starved of CPU (measured under a busy loop: 63 and 186 ms after the first
         frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
