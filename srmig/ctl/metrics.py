@@ -1,5 +1,5 @@
-"""Prometheus metrics (prometheus_client): dataplane counters read at scrape time, phase durations and the
-event -> map-update latency of the agent."""
+"""Prometheus metrics (prometheus_client): dataplane counters read at scrape time, phase durations, the
+event -> map-update latency of the agent and the inputs it rejected (srmig.ctl.records)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from srmig.ctl import records
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
@@ -69,6 +71,17 @@ class _Encap:
             yield v
 
 
+class _Rejected:
+    """srmig_rejected_input_total{source}: every source, zero included (a rate needs the series first)."""
+
+    def collect(self):
+        c = CounterMetricFamily("srmig_rejected_input", "Inputs rejected as malformed, by source",
+                                labels=["source"])
+        for source, n in records.REJECTED.counts().items():
+            c.add_metric([source], n)
+        yield c
+
+
 class Metrics:
     def __init__(self, agent, listen: str):
         self.registry = CollectorRegistry()
@@ -78,6 +91,7 @@ class Metrics:
                                        ["phase"], registry=self.registry)
         self.registry.register(_Dataplane(agent))
         self.registry.register(_Encap(agent))
+        self.registry.register(_Rejected())
         host, _, port = listen.rpartition(":")
         self.server, self.thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from srmig.ctl import records
 from srmig.ctl.executor import VmLocal
 
 
@@ -15,7 +16,8 @@ def agent_status(agent) -> dict:
            "roles": agent.roles(),
            "db": agent.dbl.status(),
            "libvirt": link.status() if link else None,
-           "ingress": agent.ingress.status() if agent.ingress else None}
+           "ingress": agent.ingress.status() if agent.ingress else None,
+           "rejected": records.REJECTED.counts()}  # malformed inputs refused, by source (srmig.ctl.records)
     if host := agent.host:
         vms = []
         entries = {e.vm: e for e in host.dp.list_vms()} if host.dp else {}
@@ -29,7 +31,8 @@ def agent_status(agent) -> dict:
                         "tap_dropped": _tap_dropped(loc.tap),
                         "state": e.state.name.lower() if e else None,
                         "phase": m.phase.value if m and not m.done else "steady",
-                        "migration": ({"id": host.tracks[vm].migration if vm in host.tracks else None, "src": m.src.name,
+                        "migration": ({"id": host.tracks[vm].migration if vm in host.tracks else None,
+                                       "src": m.src.name,
                                        "dst": m.dst.name, "done": m.done} if m else None)})
         out["vms"] = vms
         out["dataplane"] = host.dp.stats() if host.dp else None
