@@ -38,7 +38,8 @@ MAX_FRAME = 65535                  # bytes of one of those frames
 MAX_TRANSIT = MAX_SEGMENTS - 2     # the migration list is [S::5, transit..., D::b]: it must fit the encap
 INT_MAX = 2 ** 63 - 1
 IFNAMSIZ = 16                      # Linux's interface names: at most 15 bytes (dev_valid_name)
-RECORD_EVENTS = {e.value for e in (Ev.BEGIN, Ev.SUSPENDED, Ev.RESUMED, Ev.STOPPED, Ev.FAILED)}  # grace-over: a timer
+# What a host writes in its migration record: what it saw (grace-over is the source's own timer, never written).
+RECORD_EVENTS = {e.value for e in (Ev.BEGIN, Ev.SUSPENDED, Ev.RESUMED, Ev.STOPPED, Ev.FAILED)}
 PHASES = {p.value for p in Phase}
 HOOK_OPS = ("migrate-begin", "status")
 XMLNS = "urn:srmig:vm:1"
@@ -231,7 +232,8 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
         raise Rejected(f"returned: expected null or a count, got {show(returned)}")
     return vm, host, {
         "id": _name(_get(d, "id"), "id", 64), "vm": vm,
-        "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),  # also a path: <run dir>/<domain>.pid
+        # The domain's name is also a path: <qemu_run_dir>/<domain>.pid, whose pid the drain takes fds from.
+        "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),
         "src": src, "dst": dst, "transit": _addresses(_get(d, "transit", False, []), "transit", 0, MAX_TRANSIT),
         "events": list(events), "resent": list(resent), "returned": returned}
 
