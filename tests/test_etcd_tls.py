@@ -68,12 +68,11 @@ class Refused:
 
 REFUSED = [
     Refused("no client certificate", lambda e: e.endpoints, lambda e, o: Tls(e.tls().ca_file),
-            r"TLS: etcd (refused us|closed the handshake): it requires a client certificate \(db\.cert_file, "
-            r"db\.key_file\)"),
+            r"TLS: etcd refused us: it requires a client certificate \(db\.cert_file, db\.key_file\)$"),
     Refused("client certificate from another CA", lambda e: e.endpoints,
             lambda e, o: Tls(e.tls().ca_file, o.client("hv1").cert, str(o.dir / "client-hv1-key.pem")),
-            r"TLS: etcd (refused our client certificate: not signed by a CA in its --trusted-ca-file|closed the "
-            r"handshake \(does it trust the CA of our client certificate\?\))"),
+            r"TLS: etcd refused our client certificate: (not signed by a CA in its --trusted-ca-file|it closed the "
+            r"handshake \(is the certificate signed by a CA in its --trusted-ca-file\?\))"),
     Refused("the member's certificate is not from our CA", lambda e: e.endpoints,
             lambda e, o: Tls(o.ca_file, e.tls().cert_file, e.tls().key_file),
             r"TLS: etcd's certificate failed verification against db\.ca_file \(certificate verify failed"),
@@ -96,7 +95,8 @@ def test_refused_in_one_line(etcd, stranger, case):
 
 
 def _peer_get(etcd, cert: str, key: str) -> bytes:
-    """GET /members on the member's peer port, over TLS with this client certificate."""
+    """The status line of GET /members on the member's peer port, over TLS with this client certificate
+    (b"" if the member hangs up)."""
     import socket
     import ssl
 
@@ -106,9 +106,9 @@ def _peer_get(etcd, cert: str, key: str) -> bytes:
             ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
         s.sendall(b"GET /members HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         out = b""
-        while chunk := s.recv(65536):
+        while b"\r\n" not in out and (chunk := s.recv(65536)):     # etcd may hold the connection open
             out += chunk
-        return out
+        return out.split(b"\r\n")[0]
 
 
 def test_peer_port_takes_only_the_peers_ca(etcd):
@@ -116,7 +116,7 @@ def test_peer_port_takes_only_the_peers_ca(etcd):
     import ssl
 
     peer = etcd.peer_pki.client("peer-probe")
-    assert _peer_get(etcd, peer.cert, peer.key).startswith(b"HTTP/1.1 200")
+    assert _peer_get(etcd, peer.cert, peer.key) == b"HTTP/1.1 200 OK"
     agent = etcd.tls("hv1")
     with pytest.raises((ssl.SSLError, ConnectionError)):
         out = _peer_get(etcd, agent.cert_file, agent.key_file)
@@ -145,7 +145,13 @@ def _ingress_agent(topo, tmp_path, name: str, db_section: str):
         yield p, str(tmp_path / f"{name}.sock")
     finally:
         p.terminate()
-        p.wait(10)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            # Not what this file tests: the agent's worker waits in queue.get() with no timeout, and a SIGTERM
+            # the kernel hands to another thread does not wake it, so the handler waits for the next item.
+            p.kill()
+            p.wait(10)
         shutil.rmtree(pins, ignore_errors=True)
 
 
@@ -189,4 +195,4 @@ def test_agent_with_and_without_a_valid_certificate(tmp_path, stranger):
                 db = _db_status(sock, lambda db: db.get("state") == "unreachable")
                 assert p.poll() is None, "refused is retried, not a crash loop"
                 assert db.get("state") == "unreachable" and "\n" not in db["error"], db
-                assert re.search(r"TLS: etcd (refused our client certificate|closed the handshake)", db["error"]), db
+                assert "TLS: etcd refused our client certificate: " in db["error"], db

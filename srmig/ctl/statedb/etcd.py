@@ -56,28 +56,34 @@ TLS_REASONS = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "etcd refused our client certificate: not signed by a CA in its "
                                    "--trusted-ca-file",
     "TLSV1_ALERT_UNKNOWN_CA": "etcd refused our client certificate: not signed by a CA in its --trusted-ca-file",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "etcd refused us: it requires a client certificate (db.cert_file, "
-                                         "db.key_file)",
     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "etcd refused our client certificate: not for client "
                                            "authentication (extendedKeyUsage clientAuth)",
     "CERTIFICATE_VERIFY_FAILED": "etcd's certificate failed verification against db.ca_file",
     "WRONG_VERSION_NUMBER": "the endpoint does not speak TLS (plain http:// etcd?)",
 }
+# How etcd (Go) turns a client away over its client certificate: an alert, or, as often, a closed
+# connection with none (the handshake then ends in EOF on our side).
+CLIENT_CERT_ALERTS = {"SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                      "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE"}
+NO_CLIENT_CERT = "TLS: etcd refused us: it requires a client certificate (db.cert_file, db.key_file)"
 
 
 def _why(e: Exception, tls: Tls | None = None) -> str:
     """The useful part of an etcd3gw/requests error: etcd3gw keeps the text in detail_text, str() is empty.
     `tls`: what we presented, to explain a handshake etcd cut short."""
     text = getattr(e, "detail_text", None) or str(e) or type(e).__name__
-    if m := re.search(r"\[SSL: ([A-Z0-9_]+)\]([^'\"]*)", text):
+    m = re.search(r"\[SSL: ([A-Z0-9_]+)\]([^'\"]*)", text)
+    reason = m.group(1) if m else None
+    eof = bool(re.search(r"SSLEOFError|EOF occurred in violation of protocol", text))
+    if tls is not None and not tls.cert_file and (eof or reason in CLIENT_CERT_ALERTS):
+        return NO_CLIENT_CERT
+    if m:
         detail = re.sub(r"\s*\(_ssl\.c:\d+\)?$", "", m.group(2).strip())
-        meaning = TLS_REASONS.get(m.group(1))
-        return f"TLS: {meaning} ({detail})" if meaning else f"TLS: {m.group(1).lower()}: {detail}"
-    if tls is not None and re.search(r"SSLEOFError|EOF occurred in violation of protocol", text):
-        # etcd (Go, TLS 1.2) hangs up without an alert when --client-cert-auth finds no certificate
-        if not tls.cert_file:
-            return "TLS: etcd closed the handshake: it requires a client certificate (db.cert_file, db.key_file)"
-        return "TLS: etcd closed the handshake (does it trust the CA of our client certificate?)"
+        meaning = TLS_REASONS.get(reason)
+        return f"TLS: {meaning} ({detail})" if meaning else f"TLS: {reason.lower()}: {detail}"
+    if tls is not None and eof:
+        return ("TLS: etcd refused our client certificate: it closed the handshake (is the certificate signed by "
+                "a CA in its --trusted-ca-file?)")
     if tls is None and "RemoteDisconnected" in text:
         return "closed without an answer (an etcd with TLS does that to http://: use https://)"
     m = re.search(r"\[Errno -?\d+\][^'\")]*", text)
