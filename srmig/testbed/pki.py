@@ -2,7 +2,8 @@
 
     pki = Pki(directory)                        # a CA: directory/ca.pem (and ca-key.pem)
     pki.server("etcd", ["127.0.0.1"])           # the member's certificate, valid for those addresses
-    pki.client("hv1")                           # an agent's: CN=hv1 (etcd's user name once auth is on)
+    pki.client("hv1")                           # an agent's: CN=hv1 (names it; etcd's JSON gateway takes
+                                                # no user from a certificate)
 
 Keys are ECDSA P-256 (fast to make, and what etcd's own docs use with cfssl), written mode 0600 into a
 directory made 0700. Nothing here is for production: a deployment makes its certificates with its own CA
