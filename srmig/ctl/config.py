@@ -277,8 +277,9 @@ def _pem_file(path: str, key: str, v: str | None, what: str) -> str:
     try:
         with open(v, "rb"):
             pass
-    except OSError as e:
-        raise ConfigError(path, key, f"a readable PEM file, {what} ({e.strerror})", v) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ConfigError(path, key, f"a readable PEM file, {what} ({getattr(e, 'strerror', None) or e})",
+                          v) from None
     return v
 
 
@@ -321,7 +322,7 @@ def _warnings(path: str, host: HostConfig | None, db: DbConfig) -> tuple[str, ..
                    f"{db.endpoints[0]} steers every VM's traffic (use https:// with db.ca_file, db.cert_file, "
                    "db.key_file)")
     if db.backend == "etcd" and db.key_file:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             mode = stat.S_IMODE(os.stat(db.key_file).st_mode)
             if mode & 0o077:
                 out.append(f"{path}: db.key_file: {db.key_file} is mode {mode:04o}, readable by others "
@@ -346,6 +347,8 @@ def parse(text: str, path: str = "<config>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "(syntax)", f"valid TOML ({e})") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(path, "(syntax)", "TOML nested less deeply (arrays or inline tables)") from None
     doc = dict(doc)
     host = _host(path, doc.pop("host")) if "host" in doc else None
     ingress = _ingress(path, doc.pop("ingress")) if "ingress" in doc else None
@@ -357,7 +360,8 @@ def parse(text: str, path: str = "<config>") -> Config:
     listen = m.str("listen", "127.0.0.1:9477")
     if listen:
         hostpart, _, port = listen.rpartition(":")
-        if not hostpart or not port.isdigit() or not 0 <= int(port) < 65536:
+        # isascii: str.isdigit() also takes digits int() refuses ('²') or that take it seconds (5000 of them)
+        if not hostpart or not (port.isascii() and port.isdigit() and len(port) <= 5) or not int(port) < 65536:
             raise ConfigError(path, "metrics.listen", 'HOST:PORT such as "127.0.0.1:9477", or ""', listen)
     m.done()
     if doc:
