@@ -108,7 +108,12 @@ class Agent:
     def run(self) -> None:
         """The worker: applies queued items until stop()."""
         while True:
-            item = self.q.get()
+            try:
+                # Bounded: a SIGTERM the kernel hands to another thread only sets CPython's flag, which the
+                # main thread acts on once it runs again; a wait without timeout would never.
+                item = self.q.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if isinstance(item, work.Stop):
                 break
             handler = self.handlers.get(type(item))
