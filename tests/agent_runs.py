@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 
 
 def run_until(landed, attempts: int = 3, **kw):
@@ -26,7 +27,8 @@ def run_until(landed, attempts: int = 3, **kw):
 def agent_killed_at_pause(role: str, rate: int = 2000):
     """One libvirt run under `rate` probes/s in which the agent of `role` is SIGKILLed at the pause and
     started again 1 s later (run_until: again while the kill missed the pause); checks that the migration
-    completed and that the kill hit the source paused. res.faults also has "agent_fault.paused" and
+    completed and that the kill hit the source paused; res.source_log is the source agent's log. res.faults
+    also has "agent_fault.paused" and
     "agent_fault.resumed": libvirt's SUSPENDED on S and RESUMED on D, as this process heard them (ms on the
     probe's clock; both events take the same way here, so their difference is pause -> resume)."""
     import libvirt
@@ -35,7 +37,7 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
     from srmig.testbed import libvirt_demo
 
     ensure_event_loop()  # before the connections whose events we want
-    seen, watch = {}, {}
+    seen, watch, logs = {}, {}, {}
 
     def before(tb, ds, agents):
         watch["rec"] = EventRecorder(t0=0.0)  # t: time.monotonic(), the probe's clock
@@ -44,6 +46,12 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
             watch["rec"].watch(r, conn)
 
     def after(tb, ds, agents):
+        if role == "S":  # the restarted source drains what its tap kept (the fd keeper): its log says so
+            deadline = time.monotonic() + 15
+            while "drained" not in agents.log("S", 1 << 20).rpartition("agent S up")[2] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
+        logs["S"] = agents.log("S", 1 << 20)
         watch["rec"].close()
         for conn in watch["conns"]:
             conn.close()
@@ -68,6 +76,7 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
                      after=after)
     assert res.error is None, res.error
     assert landed(res), "the kill should hit the source paused"
+    res.source_log = logs.get("S", "")  # the source agent's log, both lives
     return res
 
 

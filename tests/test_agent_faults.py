@@ -179,32 +179,25 @@ def test_ingress_late_to_apply():
 
 @pytest.mark.libvirt
 def test_source_agent_killed_at_the_pause():
-    """The source's agent dies at the pause (SIGKILL) and comes back 1 s later. Nobody drains the source, so
-    what reached its tap between the pause and the cut-over is lost: physics. The destination notices that
-    the source never reported its pause and cuts the ingresses over itself when the VM resumes, so the loss
-    is bounded by pause -> resume (+50 ms), not by the restart. The restarted agent converges (cut over,
-    the source's entry forgotten after the grace period).
+    """The source's agent dies at the pause (SIGKILL) and comes back 1 s later. The tap fds it kept since the
+    migration began are also in the fd keeper (srmig.ctl.fdstore), so the paused QEMU's queue outlives the
+    agent and, once the migration completes, QEMU itself. The destination, not hearing of the pause, cuts
+    the ingresses over itself when the VM resumes; the restarted agent then drains what waited in the tap
+    to D: late (reordered, at most as many as drained), not lost. Only the frame QEMU may swallow at the
+    stop can go: its count needs the baseline and the QEMU that died with the migration (<= 2).
+    Measured before the keeper (10 runs): 0-303 lost, everything from the pause to D's cut-over."""
+    import re
 
-    The bound is this run's pause -> resume (libvirt's events) + 200 ms: D's 50 ms wait for the source's
-    report (SOURCE_SILENT_S), and 150 ms for a starved D to hear the resume and the cut-over to reach the
-    ingress (under a busy loop the loss once ended 131 ms after the resume, 263 probes against the 237 that
-    +100 ms allowed). Still far below the restart (1 s: 2000 probes), which the check after it tells apart.
-    Measured (10 runs, 4 quiet, 6 under a busy loop): pause -> resume 40-113 ms; lost 0-303; when the kill
-    beat the source's drain the loss ended 51-63 ms after the resume. A fixed 400 ms bound failed under a busy
-    loop (832 lost): pause -> resume is what a loaded machine stretches."""
     from srmig.testbed import libvirt_demo
 
-    rate = 2000
-    res = agent_killed_at_pause("S", rate)
-    d, f, rep = res.to_dict(), res.faults, res.report
-    assert "agent_fault.paused" in f and "agent_fault.resumed" in f, f"libvirt's pause and resume not heard: {f}"
-    window_ms = f["agent_fault.resumed"] - f["agent_fault.paused"]
-    bound = rate * (window_ms + 200) / 1e3
-    assert d["duplicated"] == 0 and d["lost_net"] <= bound, (d, f"pause -> resume {window_ms:.1f} ms", bound)
-    if rep.lost:  # ... and not by the restart (the loss would run until the restarted agent drained)
-        assert rep.blackout_start_ms + rep.blackout_ms < f["agent_fault.started"], (d, f)
-    print(f"[source agent killed at the pause] lost_net {d['lost_net']} bound {bound:.0f} (pause -> resume "
-          f"{window_ms:.1f} ms) migration {d['migration_s']} s")
+    res = agent_killed_at_pause("S", 2000)
+    d = res.to_dict()
+    drained = [int(n) for n in re.findall(r"drained (\d+) from the tap", res.source_log)]
+    assert drained, res.source_log[-3000:]
+    assert d["duplicated"] == 0 and d["lost_net"] <= 2, (d, res.report.lost_seqs)
+    assert d["reordered"] <= sum(drained), (d, drained)
+    print(f"[source agent killed at the pause] lost_net {d['lost_net']} reordered {d['reordered']} drained "
+          f"{drained} migration {d['migration_s']} s")
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
     assert loc["host"] == "D" and loc["segments"] == ["fc00:0:2::d6"]
 

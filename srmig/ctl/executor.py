@@ -185,8 +185,8 @@ class Executor:
         before our restart, in the fd store; else taken from QEMU now; None if there is none of these (QEMU
         gone, or ending as we look)."""
         queue, loc.keeper = loc.keeper, None
-        if queue is None and loc.tap and (stored := self._stored(loc)):
-            queue = TapKeeper.of_fds(loc.tap, stored)
+        if queue is None and (stored := self._stored(loc)):  # (a restarted agent may not know the tap's name:
+            queue = TapKeeper.of_fds(loc.tap or "", stored)     # its domain left with the migration)
         if queue is None and loc.tap and (pid := self.owner.qemu_pid(loc)) is not None:
             with contextlib.suppress(OSError):
                 queue = TapKeeper(pid, loc.tap)
