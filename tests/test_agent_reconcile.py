@@ -6,26 +6,24 @@ link are the agent's own (DbUp replays the records and starts libvirt's link, wh
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
-from concurrent.futures import Future
 
 import pytest
-from pyroute2 import netns
 
 from srmig.bpf import abi
 from srmig.bpf.abi import VmState
-from srmig.ctl import config, reconcile, statedb, work
+from srmig.ctl import reconcile, statedb, work
 from srmig.ctl.agent import Agent
-from srmig.ctl.drain import hold_ring_reader, read_hold_packets
-from srmig.ctl.libvirt_events import ensure_event_loop
 from srmig.ctl.libvirt_link import metadata_xml
 from srmig.ctl.machine import Ev
 from srmig.ctl.maps import ffi
 from srmig.ctl.phases import HostSids, Phase
 from srmig.ctl.vmdb import VmDb
 from srmig.testbed import lab as L
+
+import agent_lab  # tests/ is on sys.path (rootdir conftest)
+from agent_lab import applied, on_worker, running, unreachable
+
+lab, maps, conn = agent_lab.lab, agent_lab.maps, agent_lab.conn  # fixtures
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed")
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
@@ -72,8 +70,8 @@ def define(conn, name: str, address: str | None = None):
     return dom
 
 
-def unreachable(uri: str):
-    raise libvirt.libvirtError(f"{uri}: not reachable in this test")
+def make_agent(lab, tmp_path, libvirt_factory) -> Agent:
+    return agent_lab.make_agent(lab, tmp_path, libvirt_factory, CFG, "test_agent_reconcile")
 
 
 class RecoveringLibvirtd:
@@ -107,96 +105,6 @@ class _PausedByMigration:
     def state(self, flags=0):
         state, reason = self._dom.state(flags)
         return (state, libvirt.VIR_DOMAIN_PAUSED_MIGRATION) if state == libvirt.VIR_DOMAIN_PAUSED else (state, reason)
-
-
-def make_agent(lab, tmp_path, libvirt_factory) -> Agent:
-    cfg = config.parse(CFG.format(tmp=tmp_path), "test_agent_reconcile")
-    a = Agent(cfg, kv_factory=lambda: statedb.open_db("embedded", path=str(tmp_path / "state.db")),
-              libvirt_factory=libvirt_factory)
-    a.host.use_dataplane(lab.dp)
-    return a
-
-
-def applied(a: Agent, typ, before=lambda item: None, after=lambda item: None) -> queue.Queue:
-    """(item, before(item), after(item)) for every `typ` item the worker applies, as it finishes each: the
-    real handler still does the work."""
-    out, real = queue.Queue(), a.handlers[typ]
-
-    def handler(item):
-        b = before(item)
-        try:
-            real(item)
-        finally:
-            out.put((item, b, after(item)))
-    a.handlers[typ] = handler
-    return out
-
-
-def on_worker(a: Agent, fn, *args):
-    """fn(*args) on the agent's worker (the one thread that may touch its state); its result."""
-    fut: Future = Future()
-
-    def call():
-        try:
-            fut.set_result(fn(*args))
-        except Exception as e:  # noqa: BLE001 - raised in the test
-            fut.set_exception(e)
-    a.enqueue(work.Call(call))
-    return fut.result(10)
-
-
-def _work_in(a: Agent, ns: str) -> None:
-    netns.setns(ns, flags=0)  # this thread only: whatever the executor sends stays in the lab's namespace
-    a.run()
-
-
-@contextlib.contextmanager
-def running(a: Agent, lab):
-    """The worker started, then the database link: stopped and closed at the end, pass or fail."""
-    worker = threading.Thread(target=_work_in, args=(a, lab.topo.ns("lab")), daemon=True)
-    worker.start()
-    try:
-        a.dbl.start()
-        yield a
-    finally:
-        a.stop()
-        worker.join(10)
-        a.close()
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with L.TestRunLab() as lab:
-        yield lab
-
-
-@pytest.fixture
-def maps(lab):
-    """The lab's maps with no VM entry and an empty hold ring, before and after the test."""
-    def clean():
-        for e in lab.dp.list_vms():
-            lab.dp.del_vm(e.vm)
-        with hold_ring_reader(lab.dp) as ring:
-            read_hold_packets(ring)
-    clean()
-    yield lab.dp
-    clean()
-
-
-@pytest.fixture
-def conn():
-    """The test's connection to the test driver. Every test:///default connection of this process shares one
-    driver state (its built-in domain "test" included): what a test defines is destroyed and undefined after."""
-    ensure_event_loop()  # before any connection: the agent's link registers for events
-    c = libvirt.open("test:///default")
-    before = {d.name() for d in c.listAllDomains(0)}
-    yield c
-    for d in c.listAllDomains(0):
-        if d.name() not in before:
-            if d.isActive():
-                d.destroy()
-            d.undefine()
-    c.close()
 
 
 @pytest.fixture

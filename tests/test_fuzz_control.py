@@ -43,14 +43,16 @@ from srmig.ctl import config, hooksrv, metrics, reconcile, records, statedb, wor
 from srmig.ctl.agent import Agent
 from srmig.ctl.ingress import MAX_SEGMENTS
 from srmig.ctl.ingress_role import IngressRole
-from srmig.ctl.libvirt_events import ensure_event_loop
 from srmig.ctl.libvirt_link import metadata_xml
 from srmig.ctl.phases import HostSids, Phase
 from srmig.ctl.vmdb import VmDb
 from srmig.testbed import lab as L
 from srmig.testbed.netns import Topology
 
-from test_agent_reconcile import applied, on_worker, running  # tests/ is on sys.path (rootdir conftest)
+import agent_lab  # tests/ is on sys.path (rootdir conftest)
+from agent_lab import applied, on_worker, running, unreachable
+
+lab, maps, conn = agent_lab.lab, agent_lab.maps, agent_lab.conn  # fixtures
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python not installed")
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
@@ -142,23 +144,6 @@ def sids(r: random.Random, lo: int, hi: int) -> list[str]:
     return [f"fc00:0:{r.randint(1, 9)}::{r.randint(1, 0xffff):x}" for _ in range(r.randint(lo, hi))]
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with L.TestRunLab() as lab:
-        yield lab
-
-
-@pytest.fixture
-def maps(lab):
-    """The lab's maps with no VM entry, before and after the test."""
-    def clean():
-        for e in lab.dp.list_vms():
-            lab.dp.del_vm(e.vm)
-    clean()
-    yield lab.dp
-    clean()
-
-
 def vm_map(dp) -> dict[str, VmState]:
     return {e.vm: e.state for e in dp.list_vms()}
 
@@ -174,16 +159,8 @@ def db(tmp_path):
     kv.close()
 
 
-def unreachable(uri: str):
-    raise libvirt.libvirtError(f"{uri}: not reachable in this test")
-
-
 def make_agent(lab, tmp_path, libvirt_factory) -> Agent:
-    cfg = config.parse(CFG.format(tmp=tmp_path), "test_fuzz_control")
-    a = Agent(cfg, kv_factory=lambda: statedb.open_db("embedded", path=str(tmp_path / "state.db")),
-              libvirt_factory=libvirt_factory)
-    a.host.use_dataplane(lab.dp)
-    return a
+    return agent_lab.make_agent(lab, tmp_path, libvirt_factory, CFG, "test_fuzz_control")
 
 
 def noop(a: Agent) -> None:
@@ -380,24 +357,6 @@ def test_hook_requests(lab, maps, db, tmp_path, caplog, capsys, record_property)
 
 
 # --- domain XML through libvirt --------------------------------------------------------------------------
-
-@pytest.fixture
-def conn():
-    """The test driver; the domains the test creates are destroyed (and undefined) at the end."""
-    ensure_event_loop()  # before any connection: the agent's link registers for events
-    c = libvirt.open("test:///default")
-    before = {d.name() for d in c.listAllDomains(0)}
-    yield c
-    for d in c.listAllDomains(0):
-        if d.name() not in before:
-            with contextlib.suppress(libvirt.libvirtError):
-                persistent = d.isPersistent()
-                if d.isActive():
-                    d.destroy()
-                if persistent:
-                    d.undefine()
-    c.close()
-
 
 def test_domain_xml_through_libvirt(lab, maps, db, conn, tmp_path, caplog, capsys, record_property):
     """Running domains with srmig metadata, well-formed or not, through the agent's libvirt link: a valid one
