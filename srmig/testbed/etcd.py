@@ -1,6 +1,8 @@
-"""A throw-away single-member etcd (Debian's /usr/bin/etcd, 3.4) for tests, benches and demos.
+"""Throw-away etcd (Debian's /usr/bin/etcd, 3.4) for tests, benches and demos: a single member
+(`EtcdServer`) and a cluster whose members each run in a network namespace of their own (`EtcdCluster`,
+with `kill_etcd_leader_at_pause` for the libvirt run).
 
-Listens on 127.0.0.1 only, on free ports, with its own temporary data dir. stop() and start() keep the
+The single member listens on 127.0.0.1 only, on free ports, with its own temporary data dir. stop() and start() keep the
 data dir and the ports, so a test can take the member down and bring it back with its history intact
 (watches must then resume where they were). Everything is removed on exit, pass or fail.
 
@@ -12,6 +14,8 @@ temporary dir, and `tls(name)` makes one client certificate per agent there.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import http.client
 import json
 import os
 import shutil
@@ -22,6 +26,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from srmig.ctl.statedb import Tls
@@ -183,3 +188,317 @@ class EtcdServer:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
                 self.pki = self.peer_pki = None
+
+
+# --- a cluster: one member per network namespace ----------------------------------------------------------
+
+CLIENT_PORT, PEER_PORT = 2379, 2380     # each member has an address of its own: etcd's standard ports
+# A cluster's members must not call an election because one of them was starved of CPU for a moment (2 shared
+# cores, a TCG guest): etcd's own defaults are 100/1000 ms. These still elect a new leader within ~1 s.
+CLUSTER_HEARTBEAT_MS = 50
+CLUSTER_ELECTION_MS = 500
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def _thread_in(ns: str):
+    """This thread alone in namespace `ns` for the body. (srmig.netlink.inside saves and restores the
+    process's namespace through one global stack: not for a `during` thread while the main thread uses it.)"""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+@dataclass
+class Member:
+    """One member of an EtcdCluster: its name, namespace, address and process (None while down)."""
+    name: str
+    ns: str
+    address: str
+    dir: Path
+    proc: subprocess.Popen | None = None
+    id: str | None = None               # etcd's member id (decimal, as the JSON gateway writes it)
+    server: object = None               # srmig.testbed.pki.Pair: its certificate for clients...
+    peer: object = None                 # ... and for its peers
+
+    @property
+    def url(self) -> str:
+        return f"https://[{self.address}]:{CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"https://[{self.address}]:{PEER_PORT}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 5) -> str:
+        try:
+            return " | ".join((self.dir / "etcd.log").read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+class EtcdCluster:
+    """A `size`-member etcd cluster (3 by default), each member in a network namespace of its own, with an
+    address of its own, linked to `hub` (a namespace of `topo` that routes, e.g. the testbed's transit T):
+
+        with EtcdCluster(topo, hub="T") as etcd:
+            open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("hv1"))  # from a namespace that routes
+                                                                            # ROUTE via the hub
+            etcd.kill_leader()      # -> the Member killed; etcd.restart(member) brings it back
+
+    Member i is namespace E<i> at 2001:db8:e<i>::2/64, its link's hub end 2001:db8:e<i>::1 (all members
+    within ROUTE). TLS as EtcdServer: clients and peers each with a CA of their own, client certificates
+    required. The namespaces join `topo` (removed with it); cleanup() stops the members and removes the
+    data, pass or fail. stop()/start() take every member down and back with its data (a whole-cluster
+    outage); kill()/restart() one.
+    """
+
+    ROUTE = "2001:db8:e0::/44"
+
+    def __init__(self, topo, hub: str, size: int = 3, name: str = "srmig-etcd", binary: str = ETCD):
+        self.topo = topo
+        self.hub = hub
+        self.size = size
+        self.name = name
+        self.binary = binary
+        self.dir: Path | None = None
+        self.pki = None
+        self.peer_pki = None
+        self.members: list[Member] = []
+        self._ctx: ssl.SSLContext | None = None
+
+    # -- what clients need
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def tls(self, name: str = "srmig-test") -> Tls:
+        """A client certificate for `name` (made once), signed by the cluster's client CA."""
+        assert self.pki is not None, "start() first"
+        cert, key = self.pki.dir / f"client-{name}.pem", self.pki.dir / f"client-{name}-key.pem"
+        if not (cert.exists() and key.exists()):
+            pair = self.pki.client(name)
+            cert, key = pair.cert, pair.key
+        return Tls(self.pki.ca_file, str(cert), str(key))
+
+    def member(self, name: str) -> Member:
+        return next(m for m in self.members if m.name == name)
+
+    # -- life cycle
+
+    def __enter__(self) -> EtcdCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+    def _build(self) -> None:
+        if not os.access(self.binary, os.X_OK):
+            raise FileNotFoundError(f"{self.binary} not found (Debian etcd-server)")
+        self.dir = Path(tempfile.mkdtemp(prefix="srmig-etcd-cluster-"))    # 0700: the keys live here
+        from srmig.testbed.pki import Pki  # noqa: PLC0415 - needs `cryptography`, only when started
+
+        self.pki = Pki(self.dir / "pki", name=f"{self.name} CA")
+        self.peer_pki = Pki(self.dir / "peer-pki", name=f"{self.name} peer CA")
+        for i in range(1, self.size + 1):
+            role = f"E{i}"
+            ns = self.topo.add_host(role, forwarding=False, seg6=False)
+            hub_addr, addr = f"2001:db8:e{i}::1", f"2001:db8:e{i}::2"
+            self.topo.link(self.hub, f"etcd{i}", role, "e0", f"{hub_addr}/64", f"{addr}/64")
+            self.topo.route(role, "::/0", gateway=hub_addr)
+            m = Member(f"{self.name}-{i}", ns, addr, self.dir / f"m{i}")
+            m.dir.mkdir(mode=0o700)
+            self.members.append(m)
+        for m in self.members:
+            m.server = self.pki.server(m.name, [m.address])
+            m.peer = self.peer_pki.server(m.name, [m.address])
+        tls = self.tls("testbed")
+        self._ctx = ssl.create_default_context(cafile=tls.ca_file)
+        self._ctx.load_cert_chain(tls.cert_file, tls.key_file)
+
+    def _spawn(self, m: Member) -> None:
+        cluster = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        cmd = [
+            "ip", "netns", "exec", m.ns, self.binary, "--name", m.name, "--data-dir", str(m.dir / "data"),
+            "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
+            "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+            # ignored once the data dir exists: a restarted member rejoins with what it has
+            "--initial-cluster", cluster, "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"{self.name}-{os.getpid()}",
+            "--heartbeat-interval", str(CLUSTER_HEARTBEAT_MS), "--election-timeout", str(CLUSTER_ELECTION_MS),
+            "--cert-file", m.server.cert, "--key-file", m.server.key, "--trusted-ca-file", self.pki.ca_file,
+            "--client-cert-auth",
+            "--peer-cert-file", m.peer.cert, "--peer-key-file", m.peer.key,
+            "--peer-trusted-ca-file", self.peer_pki.ca_file, "--peer-client-cert-auth",
+            "--logger", "zap", "--log-level", "warn",
+        ]
+        log = open(m.dir / "etcd.log", "ab")
+        try:
+            m.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        finally:
+            log.close()
+
+    def start(self) -> None:
+        """Start every member that is down (all of them at first: they elect a leader together) and wait
+        until each reports healthy (it has a leader, and a read went through raft)."""
+        if self.dir is None:
+            self._build()
+        down = [m for m in self.members if not m.running]
+        for m in down:
+            self._spawn(m)
+        for m in down:
+            self._wait_healthy(m)
+
+    def _wait_healthy(self, m: Member) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        why = "no answer"
+        while time.monotonic() < deadline:
+            if m.proc.poll() is not None:
+                raise RuntimeError(f"etcd member {m.name} exited with {m.proc.returncode}: {m.log_tail()}")
+            try:
+                body = self._request(m, "GET", "/health", None, 1.0)
+                if body.get("health") == "true":
+                    m.id = self.status(m)["header"]["member_id"]
+                    return
+                why = f"/health says {body}"
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                why = str(e) or type(e).__name__
+            time.sleep(0.05)
+        raise RuntimeError(f"etcd member {m.name} on {m.url} not healthy after {START_TIMEOUT_S:.0f} s ({why}): "
+                           f"{m.log_tail()}")
+
+    def kill(self, m: Member, sig: int = signal.SIGKILL) -> None:
+        """Take one member down (SIGKILL, or `sig`); its data stays for restart()."""
+        if m.proc is None:
+            return
+        if m.proc.poll() is None:
+            m.proc.send_signal(sig)
+            try:
+                m.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait()
+        m.proc = None
+
+    def restart(self, m: Member) -> None:
+        """Start a member that is down again (same data dir and address) and wait until it is healthy."""
+        if m.running:
+            return
+        self._spawn(m)
+        self._wait_healthy(m)
+
+    def stop(self, kill: bool = False) -> None:
+        """Every member down (SIGTERM, or SIGKILL with kill=True); the data stays for start()."""
+        for m in self.members:
+            if m.running:
+                m.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        for m in self.members:
+            self.kill(m)
+
+    def cleanup(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
+                self.pki = self.peer_pki = None
+
+    # -- asking the members
+
+    def _request(self, m: Member, method: str, path: str, body: dict | None, timeout: float) -> dict:
+        """One HTTPS request to member `m`'s client URL, from inside its namespace, on this thread alone."""
+        with _thread_in(m.ns):
+            sock = socket.create_connection((m.address, CLIENT_PORT), timeout=timeout)
+        conn = http.client.HTTPSConnection(m.address, CLIENT_PORT, timeout=timeout, context=self._ctx)
+        try:
+            conn.sock = self._ctx.wrap_socket(sock, server_hostname=m.address)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            if r.status != 200:
+                raise ValueError(f"{m.name} {path}: HTTP {r.status}: {data[:200]!r}")
+            return json.loads(data)
+        finally:
+            conn.close()
+
+    def status(self, m: Member, timeout: float = 1.0) -> dict:
+        """etcd's maintenance status of member `m` (its JSON gateway's /v3/maintenance/status): header.member_id,
+        leader (0 while it has none), raftTerm..."""
+        return self._request(m, "POST", "/v3/maintenance/status", {}, timeout)
+
+    def leader(self, timeout: float = 10.0) -> Member:
+        """The member the running members name as their leader, once one of them does (bounded)."""
+        deadline = time.monotonic() + timeout
+        why = "no member running"
+        while True:
+            for m in (x for x in self.members if x.running):
+                try:
+                    lead = self.status(m).get("leader", "0")
+                except (OSError, ValueError, http.client.HTTPException) as e:
+                    why = f"{m.name}: {e or type(e).__name__}"
+                    continue
+                found = next((x for x in self.members if x.id == lead and x.running), None)
+                if found is not None:
+                    return found
+                why = f"{m.name} names leader {lead}"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd cluster: no leader within {timeout} s ({why})")
+            time.sleep(0.05)
+
+    def kill_leader(self) -> Member:
+        """SIGKILL the current leader; returns it (restart(member) brings it back)."""
+        m = self.leader()
+        self.kill(m)
+        return m
+
+
+def kill_etcd_leader_at_pause(tb, ds, agents, dom, timeout: float = 30, down_s: float = 2.0) -> None:
+    """`during` for srmig.testbed.libvirt_demo.run (db="etcd", tb.etcd an EtcdCluster): SIGKILL the etcd
+    cluster's leader as soon as the source is paused, start it again `down_s` later. tb.etcd_fault says
+    which member and when (monotonic, the probe's clock): killed, restarted (healthy again), and the source
+    domain's libvirt state at the kill."""
+    from srmig.testbed.libvirt_demo import _source_state, wait_paused  # noqa: PLC0415 - it imports this module
+
+    if not wait_paused(dom, timeout):
+        return
+    state = _source_state(dom)
+    t_kill = time.monotonic()
+    m = tb.etcd.kill_leader()
+    t_killed = time.monotonic()
+    time.sleep(down_s)
+    tb.etcd.restart(m)
+    tb.etcd_fault = {"leader": m.name, "down": t_kill, "killed": t_killed, "up": time.monotonic(),
+                     "source_state": state}
