@@ -34,7 +34,7 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
     import libvirt
 
     from srmig.ctl.libvirt_events import EventRecorder, ensure_event_loop
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     ensure_event_loop()  # before the connections whose events we want
     seen, watch, logs = {}, {}, {}
@@ -72,7 +72,7 @@ def agent_killed_at_pause(role: str, rate: int = 2000):
     def landed(res) -> bool:
         return seen.get("source_state") == libvirt.VIR_DOMAIN_PAUSED
 
-    res = run_until(landed, rate=rate, count=8000, before=before, during=libvirt_demo.restart_agent_at_pause(role),
+    res = run_until(landed, rate=rate, count=8000, before=before, during=faults.restart_agent_at_pause(role),
                      after=after)
     assert res.error is None, res.error
     assert landed(res), "the kill should hit the source paused"

@@ -67,7 +67,7 @@ def test_abort_after_pause_returns_held_packets():
     import threading
     import time
 
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     stop = threading.Event()
 
@@ -75,7 +75,7 @@ def test_abort_after_pause_returns_held_packets():
         """The probe runs until 1.5 s after the abort: under load the pause came 3.2 s into the run, after
         a fixed 6000 probes at 2000/s had all been sent, and there was nothing left to hold."""
         try:
-            libvirt_demo.kill_dest_at_pause(tb, ds, agents, dom)
+            faults.kill_dest_at_pause(tb, ds, agents, dom)
             time.sleep(1.5)
         finally:
             stop.set()
@@ -109,10 +109,10 @@ def test_etcd_down_at_the_pause():
     import threading
     import time
 
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     seen = {}
-    stop, outage = threading.Event(), libvirt_demo.etcd_down_at_pause(2.0)
+    stop, outage = threading.Event(), faults.etcd_down_at_pause(2.0)
 
     def on_d(st) -> bool:
         return {r["vm"]: r["host"] for r in st.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
@@ -165,10 +165,10 @@ def test_ingress_late_to_apply():
     time for the ack, then lets the migration go on. The ingress keeps sending to the source's End.DX6-map;
     the source forwards those packets to the destination (AWAY + next SID) and the destination holds them until
     the VM resumes: still 0 lost. Once thawed, the ingress catches up with the latest version."""
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
-    res = libvirt_demo.run(rate=2000, count=8000, before=libvirt_demo.freeze_ingress,
-                           during=libvirt_demo.thaw_ingress_after_migration)
+    res = libvirt_demo.run(rate=2000, count=8000, before=faults.freeze_ingress,
+                           during=faults.thaw_ingress_after_migration)
     d = res.to_dict()
     assert res.error is None
     assert (d["lost_net"], d["duplicated"]) == (0, 0), d
@@ -214,14 +214,14 @@ def test_source_agent_stalled_over_the_pause():
     was lost with QEMU (84 in a CI run of the libvirtd restart below, where the same race happens)."""
     import re
 
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     seen = {}
 
     def after(tb, ds, agents):
         seen.update(stall=tb.agent_stall, log=agents.log("S", 1 << 20))
 
-    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.stall_source_agent_over_pause, after=after)
+    res = libvirt_demo.run(rate=2000, count=8000, during=faults.stall_source_agent_over_pause, after=after)
     d = res.to_dict()
     assert res.error is None
     drained = re.search(r"drained (\d+) from the tap \(QEMU gone\)", seen["log"])
@@ -251,10 +251,10 @@ def test_destination_agent_killed_in_precopy():
     hook (map INCOMING: its tap queue holds); the restarted agent finds the VM running (RESUMED). Measured
     (7 runs): 0 lost in 6, 2 in 1, and 1 duplicated in 1: both the source's swallowed-frame recovery, not
     this fault (QEMU answered the count late: not re-sent; or one frame counted swallowed was delivered)."""
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     seen = {}
-    res = libvirt_demo.run(rate=2000, count=8000, during=libvirt_demo.restart_dest_agent_in_precopy(1.0),
+    res = libvirt_demo.run(rate=2000, count=8000, during=faults.restart_dest_agent_in_precopy(1.0),
                            after=lambda tb, ds, agents: seen.update(tb.agent_fault))
     d = res.to_dict()
     assert res.error is None, res.error
@@ -273,11 +273,11 @@ def test_source_agent_killed_after_resume():
     meanwhile is sent by the restarted agent (late: reordered, not lost); what the drain had read from, or
     left in, the source QEMU's tap queue is gone with the process and QEMU (physics: 0-60 frames, the guest's
     backlog at the pause). Without the ring recovery and the replay fix: up to 150 lost."""
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     rate = 2000
     seen = {}
-    res = libvirt_demo.run(rate=rate, count=8000, during=libvirt_demo.restart_source_agent_after_resume(1.0),
+    res = libvirt_demo.run(rate=rate, count=8000, during=faults.restart_source_agent_after_resume(1.0),
                            after=lambda tb, ds, agents: seen.update(tb.agent_fault))
     d = res.to_dict()
     assert res.error is None, res.error
@@ -342,12 +342,12 @@ def test_source_libvirtd_killed_during_migration(phase):
 
     import libvirt
 
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
     rate = 2000
-    hook = {"precopy": libvirt_demo.restart_source_libvirtd_in_precopy(signal.SIGKILL),
-            "pause": libvirt_demo.restart_source_libvirtd_at_pause(signal.SIGKILL),
-            "pause-slow-recovery": libvirt_demo.restart_source_libvirtd_at_pause(signal.SIGKILL, 1.0)}[phase]
+    hook = {"precopy": faults.restart_source_libvirtd_in_precopy(signal.SIGKILL),
+            "pause": faults.restart_source_libvirtd_at_pause(signal.SIGKILL),
+            "pause-slow-recovery": faults.restart_source_libvirtd_at_pause(signal.SIGKILL, 1.0)}[phase]
     seen = {}
 
     def after(tb, ds, agents):
@@ -390,10 +390,10 @@ def test_source_libvirtd_restarted_during_migration(phase):
     Bounded as in the crash below, where the same frames were 17 once."""
     import libvirt
 
-    from srmig.testbed import libvirt_demo
+    from srmig.testbed import faults, libvirt_demo
 
-    hook = {"precopy": libvirt_demo.restart_source_libvirtd_in_precopy,
-            "pause": libvirt_demo.restart_source_libvirtd_at_pause}[phase]()
+    hook = {"precopy": faults.restart_source_libvirtd_in_precopy,
+            "pause": faults.restart_source_libvirtd_at_pause}[phase]()
     seen = {}
 
     hit = libvirt.VIR_DOMAIN_RUNNING if phase == "precopy" else libvirt.VIR_DOMAIN_PAUSED

@@ -4,24 +4,93 @@ CLI (srmig/cli.py) never imports the lab. Parses only; the demos are demo.py and
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _usage(msg: str) -> int:
+    print(f"srmig demo: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args) -> int:
-    if args.libvirt:
-        from srmig.testbed import libvirt_demo
+    if args.fault == "list":
+        from srmig.testbed import faults
 
-        rate = args.rate or libvirt_demo.DEFAULT_RATE
-        return libvirt_demo.main(rate, args.count or int(rate * args.duration), args.db, args.json,
-                                 xdp_mode=args.mode)
+        print(faults.listing())
+        return 0
+    matrix_only = {"--runs": args.runs is not None, "--only": bool(args.only), "--fresh": args.fresh}
+    if not args.fault_matrix and any(matrix_only.values()):
+        return _usage(f"{', '.join(k for k, v in matrix_only.items() if v)}: only with --fault-matrix OUT.md")
+    if args.fault and args.fault_matrix:
+        return _usage("--fault runs one cell, --fault-matrix all of them: one or the other")
+    if args.fault or args.fault_matrix or args.libvirt:
+        return _libvirt(args)
     from srmig.testbed import demo
 
     names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
     if args.no_drain and "srmig-no-drain" not in names:
         names.append("srmig-no-drain")
     rate = args.rate or 10000
-    count = args.count or int(rate * args.duration)
+    count = args.count or int(rate * (args.duration or 3.0))
     return demo.main(names, rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
                      event_delay_ms=args.event_delay_ms)
+
+
+def _libvirt(args) -> int:
+    from srmig.testbed import faults, libvirt_demo
+
+    rate = args.rate or libvirt_demo.DEFAULT_RATE
+    if args.fault_matrix:
+        only = [n for item in args.only for n in item.split(",") if n]
+        try:
+            faults.cells(only)
+        except ValueError as e:
+            return _usage(str(e))
+        if args.db:
+            return _usage("--fault-matrix picks the database per fault (etcd for etcd-leader-kill): no --db")
+        if args.runs is not None and args.runs < 1:
+            return _usage("--runs: at least 1")
+        from srmig.testbed.demo import Progress
+
+        say = Progress(True)
+        made, failed = faults.matrix(args.fault_matrix, args.runs or 1, only, args.fresh, rate, args.mode,
+                                     args.attempts, say=lambda m: (say(m), say.done()))
+        print(f"{made} run(s) recorded; wrote {args.fault_matrix} and "
+              f"{faults.Path(args.fault_matrix).with_suffix('.json')}" + (f"; {failed} run(s) whose testbed "
+                                                                          f"failed (not recorded)" if failed else ""))
+        return 1 if failed else 0
+    count = args.count or (int(rate * args.duration) if args.duration else None)
+    if args.fault:
+        try:
+            fault, _phase = faults.parse(args.fault)
+        except ValueError as e:
+            return _usage(str(e))
+        if fault.db and args.db not in (None, fault.db):
+            return _usage(f"{fault.name} needs --db {fault.db}")
+    if args.attempts < 1:
+        return _usage("--attempts: at least 1")
+    return libvirt_demo.main(rate, count, args.db, args.json, xdp_mode=args.mode, fault=args.fault,
+                             attempts=args.attempts)
+
+
+EPILOG_FAULTS = """\
+faults (--libvirt):
+  --fault NAME[@PHASE] injects one fault in one phase of the migration (list them: --fault list) and
+  recovers from it as a host would (an agent back 1 s later, libvirtd started again at once, etcd back
+  2 s later); the probe runs until the fault is over and the ingress settled (30 s at most). It tells
+  whether the fault landed in its phase, from libvirt's events as this process heard them, and runs
+  again (--attempts, default 3) while it did not. --json adds fault, phase, fault_landed (and vm_on).
+  --fault-matrix OUT.md runs every meaningful fault x phase cell and writes a table (OUT.md) and every
+  run (OUT.json); it is incremental: it runs only cells with fewer than --runs runs in OUT.json.
+
+exit status (--libvirt):
+  0  nothing lost (lost_net: less what the guest itself left unanswered), nothing duplicated, the VM runs
+     on one host at the end, and the fault (if any) landed in its phase; reordering is not a failure
+  1  probes lost or duplicated, the VM runs nowhere, or the migration failed without a fault (an abort
+     is what some faults are for); --fault-matrix: some run's testbed failed
+  2  bad arguments (one line: what is valid)
+  3  --fault: the fault missed its phase in every attempt (the run measured another phase)
+"""
 
 
 def register(sub) -> None:
@@ -34,14 +103,16 @@ def register(sub) -> None:
                     "writes a per-millisecond timeline plot. Removes everything it made, also on Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="strategies: reactive (EVPN-like: switch after resume), withdraw (switch at pause), bicast "
-               "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)")
+               "(duplicate to S and D), srmig, srmig-no-drain (srmig without the source tap drain)\n\n"
+               + EPILOG_FAULTS)
     sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
                     help="run only these (repeatable or comma-separated; default: all four)")
     sp.add_argument("--rate", type=int, help="probes per second (default: 10000; 2000 with --libvirt, where the "
                                              "guest runs under libvirt's QEMU settings)")
-    sp.add_argument("--duration", type=float, default=3.0, help="seconds of probing per run (default: 3)")
+    sp.add_argument("--duration", type=float,
+                    help="seconds of probing per run (default: 3; with --fault, until the fault is over, 30 at most)")
     sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
-    sp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    sp.add_argument("--json", metavar="FILE", help="also write the results as JSON (--libvirt: '-' for stdout)")
     sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
                     help="timeline plot (default: srmig-demo.png; '' for none)")
     sp.add_argument("--keep", action="store_true", help="keep the last testbed up until Enter is pressed")
@@ -52,6 +123,22 @@ def register(sub) -> None:
     sp.add_argument("--libvirt", action="store_true",
                     help="instead: two libvirtd daemons and the srmig agents (hook, events, state database) "
                          "migrate the guest with libvirt; prints lost/duplicated/reordered")
-    sp.add_argument("--db", choices=["embedded", "etcd"], default="embedded",
-                    help="--libvirt: the agents' VM state database (default: embedded)")
+    sp.add_argument("--db", choices=["embedded", "etcd"],
+                    help="--libvirt: the agents' VM state database (default: embedded; etcd for a fault that "
+                         "needs it)")
+    sp.add_argument("--fault", metavar="NAME[@PHASE]",
+                    help="--libvirt (implied): inject this fault in this phase (default: the fault's own); "
+                         "'list' lists the faults and phases")
+    sp.add_argument("--attempts", type=int, default=3, metavar="N",
+                    help="--fault, --fault-matrix: runs of a cell at most while its fault misses its phase "
+                         "(default: 3)")
+    sp.add_argument("--fault-matrix", metavar="OUT.md",
+                    help="--libvirt (implied): every meaningful fault x phase, a table in OUT.md and the runs "
+                         "in OUT.json next to it (merged into what is there)")
+    sp.add_argument("--runs", type=int, metavar="N",
+                    help="--fault-matrix: runs per cell (default: 1); cells with N runs recorded are skipped")
+    sp.add_argument("--only", action="append", default=[], metavar="NAME[@PHASE][,...]",
+                    help="--fault-matrix: only these rows (NAME) or cells (NAME@PHASE)")
+    sp.add_argument("--fresh", action="store_true",
+                    help="--fault-matrix: discard the selected cells' recorded runs first")
     sp.set_defaults(func=cmd_demo, json_out=None)

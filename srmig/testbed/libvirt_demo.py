@@ -38,6 +38,7 @@ HOSTS = {"S": {"fabric": "s0", "locator": "fc00:0:1::/48", "address": "2001:db8:
          "D": {"fabric": "d0", "locator": "fc00:0:2::/48", "address": "2001:db8:b::2"}}
 METRICS = "127.0.0.1:9477"   # Prometheus, inside each host's namespace
 SR_DOMAIN = "2001:db8:a::/64 2001:db8:b::/64 2001:db8:c::/64"  # sources allowed to reach srmig SIDs
+GRACE_S = 1.0   # the source's grace period (agent config grace_s): it forwards stragglers that long after cut-over
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Result:
     wall_t0: float = 0.0                         # the first probe's send on the wall clock (the logs')
     domains: dict = field(default_factory=dict)  # role -> the domain's libvirt (state, reason) there, at the end
     guest_tail: str = ""                         # when the guest did not answer: its console's and QEMU's tails
+    fault_info: dict = field(default_factory=dict)  # srmig.testbed.faults: fault, phase, fault_landed, ...
+    diagnosis_text: str = ""                     # diagnosis() at the end of run()
 
     def unanswered(self) -> int:
         """Lost probes the guest received and left unanswered (srmig.testbed.guest.unanswered)."""
@@ -67,7 +70,15 @@ class Result:
                 "db": self.db, "error": self.error,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
                                     if v.get("event_to_map_ms")},
-                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}, "guest": self.guest}
+                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}, "guest": self.guest,
+                "vm_on": self.vm_on(),
+                # a fault run (srmig.testbed.faults.run_cell) sets these, and says how it landed
+                "fault": None, "phase": None, "fault_landed": None, **self.fault_info}
+
+    def vm_on(self) -> str | None:
+        """Where the guest runs at the end: "S", "D", or None (nowhere, or not known)."""
+        running = [role for role, st in self.domains.items() if st and st[0] == 1]  # VIR_DOMAIN_RUNNING
+        return running[0] if len(running) == 1 else None
 
     def diagnosis(self, logs: dict[str, str]) -> str:
         """What a failed assertion needs to say where packets went: the runs of lost probes (first sequence
@@ -207,7 +218,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 "SRMIG_ADDRESS": h["address"], "SRMIG_TRANSIT": T_END, "SRMIG_DOMAIN": SR_DOMAIN,
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
                 "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
-                "SRMIG_GRACE_S": "1.0", "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
+                "SRMIG_GRACE_S": str(GRACE_S), "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
                 "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
         provision("ingress.sh", tb.ns("C"), {
             **db_env, **tls_env["C"], "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
@@ -244,13 +255,16 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
-        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None, stop=None) -> Result:
+        say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None, stop=None,
+        show=print) -> Result:
     """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
     S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons, agents, dom)`
     in a thread once the migration has started (e.g. kill_dest_at_pause), joined once the probe is over;
     `after(tb, daemons, agents)` then, before the agents' final status is taken (e.g. wait for a recovery).
     `stop` (a threading.Event, e.g. set by `during`): the probe ends once it is set and the migration is
-    over, `count` probes at most: it outlasts what the run waits for, however long the migration took."""
+    over, `count` probes at most: it outlasts what the run waits for, however long the migration took.
+    `show`: what receives the run's diagnosis (Result.diagnosis: where lost probes went), None for nobody;
+    res.diagnosis_text keeps it."""
     count = count or rate * 3
     with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
         if before is not None:
@@ -266,6 +280,7 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             say(f"virsh migrate --live --p2p under {rate} probes/s")
             p.mark("migrate")
             mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds["D"], MGMT["D"])
+            tb.migration = mig   # for a `during` to know when the migration call returned
             mig.start()
             fault = None
             if during is not None:
@@ -315,7 +330,9 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
             res.wall_t0 = time.time() - (time.monotonic() - t0)
             res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
                           for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
-            print(res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}))
+            res.diagnosis_text = res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")})
+            if show is not None:
+                show(res.diagnosis_text)
         return res
 
 
@@ -323,7 +340,7 @@ GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
 # What the `during` hooks leave on the testbed.
-FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault")
+FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault", "fault")
 
 
 def _domain_states(ds) -> dict[str, tuple | None]:
@@ -354,226 +371,6 @@ def _guest_counters(ds, states: dict[str, tuple | None]) -> dict[str, int]:
     return {}
 
 
-def wait_paused(dom, timeout: float = 30) -> bool:
-    """Until the domain is paused (stop-and-copy began), polled every 0.5 ms, bounded. False if the pause was
-    missed (the domain left the source first: on a busy machine a poll can take longer than the pause) or
-    never came: the caller then injects nothing."""
-    import libvirt  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = dom.state()[0]
-        except libvirt.libvirtError as e:
-            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return False
-            state = None
-        if state == libvirt.VIR_DOMAIN_PAUSED:
-            return True
-        if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
-            return False
-        time.sleep(0.0005)
-    return False
-
-
-def kill_dest_at_pause(tb, ds, agents, dom, timeout: float = 30, held_within_s: float = 5) -> None:
-    """Abort after stop-and-copy began, once the destination holds something: at the pause, SIGSTOP the
-    source's QEMU (a long stop-and-copy, as a big VM's would be) until the destination's agent has held a
-    packet (the source drained and forwarded to it; at most `held_within_s`), then SIGKILL the destination's
-    QEMU and SIGCONT the source's: its migration fails and libvirt resumes it. Without the freeze libvirt
-    resumed the source 10-15 ms after the pause, and under one busy loop the starved source agent had not
-    forwarded anything by then (3 runs of 3): the abort returned nothing, so it proved nothing.
-    tb.dest_killed says when (monotonic): the source frozen, the destination killed, the source thawed."""
-    if not wait_paused(dom, timeout):
-        return
-    src = lv.qemu_pid(ds["S"], DOMAIN)
-    frozen = time.monotonic()
-    os.kill(src, signal.SIGSTOP)
-    try:
-        with contextlib.suppress(TimeoutError):
-            agents.wait("D", lambda s: s["dataplane"]["verdicts"]["hold"] > 0, held_within_s, "a held packet")
-        os.kill(lv.qemu_pid(ds["D"], DOMAIN), signal.SIGKILL)
-        killed = time.monotonic()
-    finally:
-        os.kill(src, signal.SIGCONT)
-    tb.dest_killed = {"source_frozen": frozen, "killed": killed, "source_thawed": time.monotonic()}
-
-
-def freeze_ingress(tb, ds, agents) -> None:
-    """`before`: the ingress agent stops answering (SIGSTOP) before the migration: it will be late."""
-    agents.procs["C"].send_signal(signal.SIGSTOP)
-
-
-def _wait_left_source(dom, poll_s: float, timeout: float) -> None:
-    """Until the domain has left the source (libvirt ended its QEMU), polled every `poll_s`, bounded."""
-    import libvirt  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not dom.isActive():
-                return
-        except libvirt.libvirtError:
-            return
-        time.sleep(poll_s)
-
-
-def thaw_ingress_after_migration(tb, ds, agents, dom, timeout: float = 30) -> None:
-    """`during`: once the domain has left the source, let the ingress agent run again."""
-    _wait_left_source(dom, 0.05, timeout)
-    agents.procs["C"].send_signal(signal.SIGCONT)
-
-
-def stall_source_agent_over_pause(tb, ds, agents, dom, timeout: float = 30) -> None:
-    """`during`: the source's agent stops (SIGSTOP) in pre-copy, once it has provisioned the migration, and
-    runs again (SIGCONT) only once libvirt ended the source's QEMU: an agent starved of CPU through the
-    whole stop-and-copy. It hears of the pause after the QEMU whose tap queue it must drain is gone.
-    tb.agent_stall says when (monotonic)."""
-    agents.wait("S", lambda s: any(v["vm"] == VM_ADDR and v["phase"] == "provision" for v in s["vms"]),
-                timeout, "the source's migration provisioned")
-    proc = agents.procs["S"]
-    t_stop = time.monotonic()
-    proc.send_signal(signal.SIGSTOP)
-    try:
-        _wait_left_source(dom, 0.005, timeout)
-    finally:
-        proc.send_signal(signal.SIGCONT)
-    tb.agent_stall = {"stopped": t_stop, "continued": time.monotonic()}
-
-
-def restart_agent_at_pause(role: str, down_s: float = 1.0):
-    """`during`: SIGKILL the agent of `role` as soon as the source is paused, start it again `down_s` later
-    (systemd's Restart=always, RestartSec=1)."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        if wait_paused(dom, timeout):
-            _kill_and_restart(tb, agents, role, down_s, dom)
-    return during
-
-
-def _incoming(conn):
-    """The guest's domain on the destination's connection, or None (listed: a failed lookup logs an error)."""
-    return next((d for d in conn.listAllDomains(0) if d.name() == DOMAIN), None)
-
-
-def _has_incoming(conn) -> bool:
-    return _incoming(conn) is not None
-
-
-def _source_state(dom) -> int | None:
-    """The source domain's libvirt state now, None if libvirt cannot say (for a test to check the phase a
-    fault hit)."""
-    import libvirt  # noqa: PLC0415
-
-    with contextlib.suppress(libvirt.libvirtError):
-        return dom.state()[0]
-    return None
-
-
-def _kill_and_restart(tb, agents, role: str, down_s: float, dom) -> None:
-    """SIGKILL the agent of `role`, start it again `down_s` later; tb.agent_fault says when, and the source
-    domain's libvirt state at the kill (for the test to check the phase it hit)."""
-    state = _source_state(dom)
-    t_kill = time.monotonic()
-    agents.kill(role)
-    time.sleep(down_s)
-    agents.start(role, *agents.args[role])
-    tb.agent_fault = {"role": role, "killed": t_kill, "started": time.monotonic(), "source_state": state}
-
-
-def _wait_on_dest(ds, ready, poll_s: float, timeout: float) -> None:
-    """Poll D's libvirtd (a connection of our own) until `ready(conn)` holds, at most `timeout` s."""
-    import libvirt  # noqa: PLC0415
-
-    conn = ds["D"].connect()
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(libvirt.libvirtError):
-                if ready(conn):
-                    return
-            time.sleep(poll_s)
-    finally:
-        conn.close()
-
-
-def _restart_agent_when(role: str, ready, down_s: float, poll_s: float):
-    """`during`: SIGKILL the agent of `role` once `ready(conn)` holds on D's libvirtd (polled every
-    `poll_s`), start it again `down_s` later."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        _wait_on_dest(ds, ready, poll_s, timeout)
-        _kill_and_restart(tb, agents, role, down_s, dom)
-    return during
-
-
-def restart_dest_agent_in_precopy(down_s: float = 1.0):
-    """`during`: SIGKILL the destination's agent once its libvirtd has the incoming domain (its begin hook has
-    answered: QEMU starts after it), i.e. during pre-copy; start it again `down_s` later."""
-    return _restart_agent_when("D", _has_incoming, down_s, 0.005)
-
-
-def restart_source_agent_after_resume(down_s: float = 1.0):
-    """`during`: SIGKILL the source's agent as soon as the domain runs on the destination (libvirt's Finish
-    resumed it; the source's cut-over and grace period are still to come); start it again `down_s` later."""
-    def running(conn) -> bool:
-        import libvirt  # noqa: PLC0415
-
-        d = _incoming(conn)
-        return d is not None and d.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-
-    return _restart_agent_when("S", running, down_s, 0.002)
-
-
-def _restart_source_libvirtd(tb, ds, dom, sig: int) -> None:
-    """Restart the source's libvirtd (Libvirtd.restart: any thread) after signal `sig`; tb.libvirtd_fault
-    says when, and the source domain's libvirt state just before (for the test to check the phase it hit)."""
-    state = _source_state(dom)
-    t_down = time.monotonic()
-    ds["S"].restart(sig=sig)
-    tb.libvirtd_fault = {"down": t_down, "up": time.monotonic(), "source_state": state}
-
-
-def restart_source_libvirtd_at_pause(sig: int = signal.SIGTERM, qemu_stopped_s: float = 0):
-    """`during`: restart the source's libvirtd (after `sig`) as soon as the source is paused. `qemu_stopped_s`:
-    SIGSTOP the source's QEMU first, SIGCONT it that much later: the new daemon's recovery of the migration
-    job waits for QEMU's monitor meanwhile (a slow recovery), so the agent reconnects before it is over."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        import threading  # noqa: PLC0415
-
-        if not wait_paused(dom, timeout):
-            return
-        if qemu_stopped_s:
-            pid = lv.qemu_pid(ds["S"], DOMAIN)
-            os.kill(pid, signal.SIGSTOP)
-            threading.Timer(qemu_stopped_s, os.kill, (pid, signal.SIGCONT)).start()
-        _restart_source_libvirtd(tb, ds, dom, sig)
-    return during
-
-
-def restart_source_libvirtd_in_precopy(sig: int = signal.SIGTERM):
-    """`during`: restart the source's libvirtd (after `sig`) once the destination's has the incoming domain
-    (pre-copy)."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        _wait_on_dest(ds, _has_incoming, 0.005, timeout)
-        _restart_source_libvirtd(tb, ds, dom, sig)
-    return during
-
-
-def etcd_down_at_pause(down_s: float = 2.0):
-    """`during` (db="etcd"): SIGKILL the etcd member as soon as the source is paused, start it again (same
-    data dir and ports) `down_s` later."""
-    def during(tb, ds, agents, dom, timeout: float = 30):
-        if not wait_paused(dom, timeout):
-            return
-        state = _source_state(dom)
-        t_down = time.monotonic()
-        tb.etcd.stop(kill=True)
-        time.sleep(down_s)
-        tb.etcd.start()
-        tb.etcd_outage = (t_down, time.monotonic())  # monotonic, the probe's clock
-        tb.etcd_fault = {"down": t_down, "up": tb.etcd_outage[1], "source_state": state}
-    return during
-
-
 def scrape(ns: str) -> str:
     """The Prometheus text of the agent in namespace `ns`."""
     import urllib.request  # noqa: PLC0415
@@ -585,23 +382,61 @@ def scrape(ns: str) -> str:
             return r.read().decode()
 
 
-def main(rate: int, count: int | None, db: str, json_path: str | None, xdp_mode: str = "generic") -> int:
+def exit_status(d: dict) -> int:
+    """`srmig demo --libvirt`'s exit status from a run's to_dict() (its --help says the same): 3 when the
+    fault missed its phase in every attempt (the run measured something else); 1 when probes were lost
+    (lost_net: less what the guest left unanswered) or duplicated, when the guest runs nowhere at the end,
+    or when the migration failed without a fault; 0 otherwise. Reordering is not a failure: a fault that
+    delays the source's drain delivers its probes late, by design."""
+    if d.get("fault") is not None and not d.get("fault_landed"):
+        return 3
+    if d["lost_net"] or d["duplicated"] or d.get("vm_on") is None:
+        return 1
+    if d.get("fault") is None and d.get("error"):
+        return 1
+    return 0
+
+
+def main(rate: int, count: int | None, db: str | None, json_path: str | None, xdp_mode: str = "generic",
+         fault: str | None = None, attempts: int = 3) -> int:
+    """`srmig demo --libvirt [--fault NAME[@PHASE]]`: one run, the usual lines, JSON if asked (`-`: on stdout,
+    the lines then on stderr), the exit status of exit_status(); the diagnosis on stderr when it fails."""
     from srmig.testbed.demo import Progress  # noqa: PLC0415
 
+    out = sys.stderr if json_path == "-" else sys.stdout
     say = Progress(True)
     t0 = time.monotonic()
-    res = run(rate, count, db, xdp_mode, say=say)
+    if fault:
+        from srmig.testbed import faults  # noqa: PLC0415
+
+        f, phase = faults.parse(fault)
+        res = faults.run_cell(f, phase, rate, db, xdp_mode, attempts, count, say=say, show=None)
+    else:
+        res = run(rate, count or rate * 3, db or "embedded", xdp_mode, say=say, show=None)
     say.done()
     d = res.to_dict()
-    print(f"libvirt live migration driven by the srmig agents ({db} state database), {rate} probes/s")
-    print(f"  sent {d['sent']}  lost {d['lost']}  duplicated {d['duplicated']}  reordered {d['reordered']}  "
-          f"blackout {d['blackout_ms']:.1f} ms  migration {d['migration_s']:.2f} s")
+    print(f"libvirt live migration driven by the srmig agents ({res.db} state database), {rate} probes/s", file=out)
+    if fault:
+        how = "landed" if d["fault_landed"] else f"MISSED its phase ({d['fault_missed_why']})"
+        injected = d["fault_ms"].get("fault.injected")
+        at = f" at {injected:.0f} ms" if injected is not None else ""
+        print(f"  fault {d['fault']}@{d['phase']}{at}: {how}, run {d['fault_attempts']} of {attempts} at most; "
+              f"the VM ends on {d['vm_on'] or 'no host'}", file=out)
+    net = f" ({d['lost_net']} but what the guest left unanswered)" if d["lost_net"] != d["lost"] else ""
+    print(f"  sent {d['sent']}  lost {d['lost']}{net}  duplicated {d['duplicated']}  reordered {d['reordered']}  "
+          f"blackout {d['blackout_ms']:.1f} ms  migration {d['migration_s']:.2f} s", file=out)
     for role, e in d["event_to_map_ms"].items():
-        print(f"  {role}: libvirt event -> map update p50 {e['p50']:.3f} ms, max {e['max']:.3f} ms ({e['n']})")
+        print(f"  {role}: libvirt event -> map update p50 {e['p50']:.3f} ms, max {e['max']:.3f} ms ({e['n']})",
+              file=out)
     if res.error:
-        print(f"  migration error: {res.error}")
-    print(f"({time.monotonic() - t0:.0f} s)")
-    if json_path:
+        print(f"  migration error: {res.error}", file=out)
+    print(f"({time.monotonic() - t0:.0f} s)", file=out)
+    if json_path == "-":
+        print(json.dumps(d, indent=2))
+    elif json_path:
         Path(json_path).write_text(json.dumps(d, indent=2))
-        print(f"wrote {json_path}")
-    return 0 if not res.error else 1
+        print(f"wrote {json_path}", file=out)
+    status = exit_status(d)
+    if status:
+        print(res.diagnosis_text, file=sys.stderr)
+    return status
