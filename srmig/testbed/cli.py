@@ -53,8 +53,13 @@ def _libvirt(args) -> int:
         from srmig.testbed.demo import Progress
 
         say = Progress(True)
+
+        def note(msg: str) -> None:
+            say(msg)
+            say.done()
+
         made, failed = faults.matrix(args.fault_matrix, args.runs or 1, only, args.fresh, rate, args.mode,
-                                     args.attempts, say=lambda m: (say(m), say.done()))
+                                     args.attempts, say=say, note=note)
         print(f"{made} run(s) recorded; wrote {args.fault_matrix} and "
               f"{faults.Path(args.fault_matrix).with_suffix('.json')}" + (f"; {failed} run(s) whose testbed "
                                                                           f"failed (not recorded)" if failed else ""))

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -227,9 +228,14 @@ def _etcd_leader_kill(cell) -> dict:
     for the outage (no other member takes over)."""
     etcd = cell.tb.etcd
     t = time.monotonic()
-    etcd.stop(kill=True)
-    time.sleep(ETCD_DOWN_S)
-    etcd.start()
+    if hasattr(etcd, "kill_leader"):   # a cluster (srmig.testbed.etcd.EtcdCluster): another member takes over
+        killed = etcd.kill_leader()
+        time.sleep(ETCD_DOWN_S)
+        etcd.restart(killed)
+    else:
+        etcd.stop(kill=True)
+        time.sleep(ETCD_DOWN_S)
+        etcd.start()
     return {"at": t, "up": time.monotonic()}
 
 
@@ -351,7 +357,7 @@ class Cell:
                     self.notes = self.fault.inject(self)
                 except Exception as e:  # noqa: BLE001 - reported with the run
                     self.error = f"{type(e).__name__}: {e}"
-                self.t_inject = self.notes.get("at", self.t_inject)
+                self.t_inject = self.notes.pop("at", self.t_inject)
                 tb.fault = {k: v for k, v in {"injected": self.t_inject, **self.notes}.items()
                             if isinstance(v, float)}
             self._settle()
@@ -465,10 +471,11 @@ def _active(dom) -> bool:
 
 
 def run_cell(fault: Fault, phase: str, rate: int = 2000, db: str | None = None, xdp_mode: str = "generic",
-             attempts: int = ATTEMPTS, count: int | None = None, say=lambda m: None, show=print):
+             attempts: int = ATTEMPTS, count: int | None = None, say=lambda m: None, show=print,
+             note=lambda m: print(m, file=sys.stderr)):
     """One cell: libvirt_demo.run() with `fault` injected in `phase`, again (at most `attempts` runs) while
-    the fault missed its phase. Returns the last run's Result, with res.cell (the Cell) and res.attempts;
-    res.to_dict() carries fault, phase, fault_landed."""
+    the fault missed its phase (`note`d). Returns the last run's Result, with res.cell (the Cell) and
+    res.attempts; res.to_dict() carries fault, phase, fault_landed."""
     from srmig.ctl.libvirt_events import ensure_event_loop
     from srmig.testbed import libvirt_demo
 
@@ -486,7 +493,7 @@ def run_cell(fault: Fault, phase: str, rate: int = 2000, db: str | None = None, 
                           "fault_ms": res.faults, "libvirt_events_ms": cell.event_marks(res.report.t0 or 0.0)}
         if cell.landed:
             break
-        say(f"{fault.name}@{phase}: run {n}/{attempts} missed its phase: {cell.why}")
+        note(f"{fault.name}@{phase}: run {n} of {attempts} at most missed its phase: {cell.why}")
     return res
 
 
@@ -520,7 +527,8 @@ def load(json_path: Path) -> dict:
 
 
 def matrix(out_md: str, runs: int = 1, only: list[str] | None = None, fresh: bool = False, rate: int = 2000,
-           xdp_mode: str = "generic", attempts: int = ATTEMPTS, say=lambda m: None) -> tuple[int, int]:
+           xdp_mode: str = "generic", attempts: int = ATTEMPTS, say=lambda m: None,
+           note=lambda m: print(m, file=sys.stderr)) -> tuple[int, int]:
     """Run every selected cell until it has `runs` runs recorded in OUT.json (next to OUT.md), merging into
     what is there (so an interrupted matrix goes on where it stopped; `fresh`: the selected cells' runs are
     discarded first), and write the table after every run. Returns (runs recorded, runs whose testbed failed:
@@ -541,10 +549,10 @@ def matrix(out_md: str, runs: int = 1, only: list[str] | None = None, fresh: boo
             tries += 1
             say(f"[{key}] run {len(data['cells'].get(key, [])) + 1}/{runs}")
             try:
-                res = run_cell(f, p, rate=rate, xdp_mode=xdp_mode, attempts=attempts, say=say, show=None)
+                res = run_cell(f, p, rate=rate, xdp_mode=xdp_mode, attempts=attempts, say=say, show=None, note=note)
             except Exception as e:  # noqa: BLE001 - the testbed failed, not the cell: left "not run yet"
                 failed += 1
-                say(f"[{key}] the run failed, nothing recorded: {type(e).__name__}: {str(e)[:300]}")
+                note(f"[{key}] the run failed, nothing recorded: {type(e).__name__}: {str(e)[:300]}")
                 continue
             d = res.to_dict()
             rec = {k: d.get(k) for k in ("sent", "lost", "lost_net", "duplicated", "reordered", "fault_landed",
@@ -555,8 +563,8 @@ def matrix(out_md: str, runs: int = 1, only: list[str] | None = None, fresh: boo
             made += 1
             js.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
             md.write_text(render(data, js.name))
-            say(f"[{key}] lost {d['lost_net']} duplicated {d['duplicated']} reordered {d['reordered']} "
-                f"landed {d['fault_landed']}")
+            note(f"[{key}] lost {d['lost_net']} duplicated {d['duplicated']} reordered {d['reordered']} "
+                 f"landed {d['fault_landed']} (run {d['fault_attempts']}), the VM on {d['vm_on']}")
     js.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     md.write_text(render(data, js.name))
     return made, failed

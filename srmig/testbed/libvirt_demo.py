@@ -410,7 +410,11 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
         from srmig.testbed import faults  # noqa: PLC0415
 
         f, phase = faults.parse(fault)
-        res = faults.run_cell(f, phase, rate, db, xdp_mode, attempts, count, say=say, show=None)
+        def note(msg: str) -> None:
+            say(msg)
+            say.done()
+
+        res = faults.run_cell(f, phase, rate, db, xdp_mode, attempts, count, say=say, show=None, note=note)
     else:
         res = run(rate, count or rate * 3, db or "embedded", xdp_mode, say=say, show=None)
     say.done()
