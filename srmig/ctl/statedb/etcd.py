@@ -1,7 +1,19 @@
-"""The etcd backend of the state database: etcd's v3 JSON gateway (grpc-gateway) through etcd3gw.
+"""The etcd backend of the state database: etcd's v3 JSON gateway (grpc-gateway), its clients etcd3gw's
+(the requests themselves sent on their sessions here, to tell a refused connection from a lost answer).
 
 `EtcdKv` (requests to the endpoints, failing over between them), `_EtcdLease`, and `_EtcdWatch`, one
 streaming HTTP request per watch that reconnects and resumes from the last delivered revision.
+
+Failing over (several endpoints, the members of one cluster): a request goes to the member that answered
+last; when that one does not answer, to the next, and the first success names the new one in one log line.
+What may be sent again depends on what the failure says: a connection that was never made, or an answer
+that etcd did not apply it (no leader, proposal dropped), is sent elsewhere as it is; so is a read. A write
+that went out with no answer (the member died under it, or raft timed out: the leader died) may have been
+applied, so it is sent again only as a transaction that applies it only if it did not land (`put`,
+`put_if`) or with an ID that shows it did (`lease`): every write lands once. During an election the members
+answer and cannot serve; the rounds go on for FAILOVER_ROUNDS_S. A watch whose member goes away resumes on
+the next one from the revision after the last it delivered; a lease is refreshed through whichever member
+answers (a new leader keeps every lease alive: it extends them at its election).
 
 https:// endpoints are mutual TLS: every session verifies the member's certificate against `Tls.ca_file`
 and presents `Tls.cert_file`/`key_file`. (etcd3gw's own ca_cert/cert_cert/cert_key arguments apply only to
@@ -20,6 +32,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from urllib.parse import urlsplit
 
 from srmig.ctl.statedb import (BACKOFF_MAX_S, BACKOFF_MIN_S, DEFAULT_PREFIX, DbUnavailable, Entry, Event, Kv, Lease,
@@ -33,6 +46,34 @@ ETCD_API_PATH = "/v3/"          # etcd 3.4 serves /v3/ and the deprecated /v3bet
 # FIN (host down, partition) in ~11 s, and the watch then reconnects, to another endpoint if there is one.
 KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5),
                      (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+
+
+# Failing over: while members answer but cannot serve (an election after the leader died), the endpoints are
+# tried again round after round, this long at most (etcd's default election timeout is 1 s; an election
+# takes one or two), with this pause between rounds.
+FAILOVER_ROUNDS_S = 3.0
+FAILOVER_PAUSE_S = 0.05
+# What etcd answers when it did not apply a request (raft never took it) ...
+NOT_APPLIED_ERRORS = ("etcdserver: no leader", "raft proposal dropped", "etcdserver: too many requests",
+                      "etcdserver: not capable")
+# ... and when it gave up waiting for raft: the request may still be applied.
+MAYBE_APPLIED_ERRORS = ("etcdserver: request timed out", "etcdserver: leader changed", "etcdserver: server stopped")
+
+
+class _NotApplied(Exception):
+    """etcd did not apply the request: send it elsewhere. `down`: no connection or TLS session at all."""
+
+    def __init__(self, message: str, down: bool = False):
+        super().__init__(message)
+        self.down = down
+
+
+class _MaybeApplied(Exception):
+    """The request went out and no answer says whether etcd applied it."""
+
+
+class _Refused(Exception):
+    """etcd answered with an error another member would give too (a bad request, a failed precondition)."""
 
 
 def _b64(data: bytes | str) -> str:
@@ -131,11 +172,11 @@ class EtcdKv(Kv):
         try:
             import requests
             from etcd3gw.client import Etcd3Client
-            from etcd3gw import exceptions as etcd_exc
+            from urllib3 import exceptions as urllib3_exc
         except ImportError as e:
             raise DbUnavailable(f"etcd state db: {e} (pip install 'srmig[etcd]')") from e
-        self._exc = etcd_exc
         self._requests = requests
+        self._not_connected = (urllib3_exc.NewConnectionError, urllib3_exc.ConnectTimeoutError, urllib3_exc.SSLError)
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.endpoints = list(endpoints)
@@ -149,6 +190,7 @@ class EtcdKv(Kv):
                 host=u.hostname, port=u.port or 2379, protocol=u.scheme, timeout=timeout_s,
                 api_path=ETCD_API_PATH, session=session))
         self._current = 0               # the endpoint that answered last
+        self._revision = 0              # the highest store revision an answer carried (see put)
         self._lock = threading.Lock()
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
@@ -159,30 +201,90 @@ class EtcdKv(Kv):
                 c.session.close()
             raise
 
-    def _call(self, path: str, payload: dict) -> dict:
-        """POST to the current endpoint; on a refused connection (or 503: member without leader) try the
-        others once each. A timeout is not retried: the request may have been applied."""
-        errors = []
+    def _post(self, idx: int, path: str, payload: dict) -> dict:
+        """One POST to endpoint `idx`. Raises _NotApplied when etcd certainly did not apply it (no connection,
+        no TLS session, or etcd said so), _MaybeApplied when it may have (the request was sent and no answer
+        came, or etcd gave up waiting for raft), LeaseExpired, or RuntimeError for an answer that another
+        endpoint would give too."""
+        c = self._clients[idx]
+        requests = self._requests
+        try:
+            resp = c.session.post(c.get_url(path), json=payload, timeout=self.timeout_s)
+        except (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError) as e:
+            raise _NotApplied(_why(e, self.tls), down=True) from e
+        except requests.exceptions.ReadTimeout as e:
+            raise _MaybeApplied(f"no answer within {self.timeout_s} s") from e
+        except requests.exceptions.ConnectionError as e:
+            # urllib3 wraps a failed connect (refused, unreachable) in MaxRetryError; anything else (reset,
+            # closed without an answer) came after the request went out
+            reason = getattr(e.args[0], "reason", None) if e.args else None
+            if isinstance(reason, self._not_connected):
+                raise _NotApplied(_why(e, self.tls), down=True) from e
+            raise _MaybeApplied(_why(e, self.tls)) from e
+        if resp.status_code == 200:
+            r = resp.json()
+            self._revision = max(self._revision, int(r.get("header", {}).get("revision", 0)))
+            return r
+        try:
+            body = resp.json()
+            message = str(body.get("message") or body.get("error") or body)
+        except ValueError:
+            message = resp.text[:300]
+        if "lease not found" in message:
+            raise LeaseExpired(f"etcd {self.endpoints[idx]}: lease has expired or was revoked "
+                               "(requested lease not found)")
+        if any(m in message for m in NOT_APPLIED_ERRORS):
+            raise _NotApplied(message)
+        if resp.status_code in (408, 503, 504) or any(m in message for m in MAYBE_APPLIED_ERRORS):
+            raise _MaybeApplied(message)
+        raise _Refused(message)
+
+    def _call(self, path: str, payload: dict, finish=None, again=None):
+        """POST to the endpoint that answered last, failing over to the others: the answer, through `finish`.
+
+        A request etcd certainly did not apply goes to the next endpoint; so does one that may have been
+        applied when it is a read (or repeating it changes nothing). A write that may have landed is sent
+        again only as `again()` -> (path, payload, finish): a transaction that applies it only if it did not
+        land (see put), so it lands exactly once. While a member answers but cannot serve (no leader yet,
+        raft timed out) the endpoints are tried round after round for FAILOVER_ROUNDS_S; when none accepts a
+        connection, DbUnavailable at once."""
+        errors: dict[int, str] = {}
+        down: set[int] = set()          # endpoints where nothing accepted a connection (this round)
         n = len(self._clients)
-        start = self._current
-        for i in range(n):
-            idx = (start + i) % n
-            c = self._clients[idx]
+        first = idx = self._current
+        deadline = None
+        while True:
             try:
-                result = c.post(c.get_url(path), json=payload)
+                r = self._post(idx, path, payload)
+            except _NotApplied as e:
+                errors[idx] = str(e)
+                (down.add if e.down else down.discard)(idx)
+            except _MaybeApplied as e:
+                errors[idx] = f"{e} (may have been applied)"
+                down.discard(idx)
+                if again is not None:
+                    path, payload, finish = again()
+                    again = None
+            except _Refused as e:
+                raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {e}") from None
+            else:
+                if idx != first:
+                    log.warning("state db: failed over from etcd %s (%s) to %s", self.endpoints[first],
+                                errors.get(first, "?"), self.endpoints[idx])
                 self._current = idx
-                return result
-            except self._exc.ConnectionFailedError as e:
-                errors.append(f"{self.endpoints[idx]}: {_why(e, self.tls)}")
-            except self._exc.ConnectionTimeoutError as e:
-                raise DbUnavailable(f"etcd {self.endpoints[idx]}: timed out after {self.timeout_s} s "
-                                    f"({_why(e, self.tls)})") from e
-            except self._exc.Etcd3Exception as e:
-                if "lease not found" in (e.detail_text or ""):
-                    raise LeaseExpired(f"etcd {self.endpoints[idx]}: lease has expired or was revoked "
-                                       "(requested lease not found)") from e
-                raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {_why(e, self.tls)}") from e
-        raise DbUnavailable("etcd unreachable: " + "; ".join(errors))
+                return finish(r) if finish else r
+            idx = (idx + 1) % n
+            if idx != first:
+                continue
+            # a round over every endpoint failed
+            if len(down) == n:
+                break       # nothing listens: no election to wait out
+            deadline = deadline or time.monotonic() + FAILOVER_ROUNDS_S
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(FAILOVER_PAUSE_S)
+        raise DbUnavailable("etcd unreachable: " + "; ".join(f"{self.endpoints[i]}: {errors[i]}"
+                                                             for i in sorted(errors)))
 
     def _full(self, key: str) -> bytes:
         return (self.prefix + key).encode()
@@ -220,25 +322,78 @@ class EtcdKv(Kv):
 
     def put(self, key: str, value: dict, lease: Lease | None = None) -> int:
         _check_key(key)
-        return int(self._call("kv/put", self._put_request(key, value, lease))["header"]["revision"])
+        seen = self._revision
+        req = self._put_request(key, value, lease)
+
+        def again():
+            # Ours landed if the key holds our value and lease, written after the last revision we had seen
+            # when we sent it: then read it, else put it now. A write in raft's log before this one is applied
+            # first, so an attempt that is still to land lands before this check.
+            txn = {"compare": self._ours(key, value, lease, seen), "success": [{"request_range": {"key": req["key"]}}],
+                   "failure": [{"request_put": req}]}
+
+            def finish(r: dict) -> int:
+                if r.get("succeeded"):
+                    return int(r["responses"][0]["response_range"]["kvs"][0]["mod_revision"])
+                return int(r["header"]["revision"])
+            return "kv/txn", txn, finish
+
+        return self._call("kv/put", req, lambda r: int(r["header"]["revision"]), again)
+
+    def _ours(self, key: str, value: dict, lease: Lease | None, seen: int) -> list[dict]:
+        """Compares that hold when `key` has `value` and `lease`, put after revision `seen`."""
+        k = _b64(self._full(key))
+        return [{"key": k, "result": "EQUAL", "target": "VALUE", "value": _b64(_encode_value(value))},
+                {"key": k, "result": "EQUAL", "target": "LEASE", "lease": str(lease.id if lease else 0)},
+                {"key": k, "result": "GREATER", "target": "MOD", "mod_revision": str(seen)}]
 
     def put_if(self, key: str, value: dict, mod_revision: int, lease: Lease | None = None) -> bool:
         _check_key(key)
+        seen = self._revision
         # a missing key compares as mod_revision 0, so one comparison covers create-only too
-        txn = {"compare": [{"key": _b64(self._full(key)), "result": "EQUAL", "target": "MOD",
-                            "mod_revision": str(mod_revision)}],
-               "success": [{"request_put": self._put_request(key, value, lease)}],
-               "failure": []}
-        return bool(self._call("kv/txn", txn).get("succeeded", False))  # false is omitted from the JSON
+        compare = [{"key": _b64(self._full(key)), "result": "EQUAL", "target": "MOD",
+                    "mod_revision": str(mod_revision)}]
+        put = [{"request_put": self._put_request(key, value, lease)}]
+
+        def again():
+            # the same swap, but when it fails read the key: our first attempt may be why it fails
+            txn = {"compare": compare, "success": put, "failure": [{"request_range": {"key": _b64(self._full(key))}}]}
+
+            def finish(r: dict) -> bool:
+                if r.get("succeeded"):
+                    return True
+                kvs = r["responses"][0]["response_range"].get("kvs") or [{}]
+                return (kvs[0].get("value") == _b64(_encode_value(value)) and int(kvs[0].get("mod_revision", 0)) > seen
+                        and int(kvs[0].get("lease", 0)) == (lease.id if lease else 0))
+            return "kv/txn", txn, finish
+
+        txn = {"compare": compare, "success": put, "failure": []}
+        return self._call("kv/txn", txn, lambda r: bool(r.get("succeeded", False)), again)  # false is omitted
 
     def delete(self, key: str) -> bool:
+        """After an attempt that may have been applied, True says only that the retry deleted the key (a key
+        the first attempt deleted reads as absent: False)."""
         _check_key(key)
-        return int(self._call("kv/deleterange", {"key": _b64(self._full(key))}).get("deleted", 0)) > 0
+        return self._call("kv/deleterange", {"key": _b64(self._full(key))}, lambda r: int(r.get("deleted", 0)) > 0)
 
     def lease(self, ttl_s: float) -> Lease:
         if ttl_s <= 0:
             raise ValueError(f"lease TTL must be positive, got {ttl_s}")
-        r = self._call("lease/grant", {"TTL": math.ceil(ttl_s), "ID": 0})
+        # Our own ID (etcd takes one from the client): a grant repeated after an attempt that may have landed
+        # then finds it and says so, where an ID of etcd's choosing would leave a second lease behind.
+        req = {"TTL": math.ceil(ttl_s), "ID": str(random.getrandbits(62) + 1)}
+        repeated = []
+
+        def again():
+            repeated.append(True)
+            return "lease/grant", req, None
+        try:
+            r = self._call("lease/grant", req, again=again)
+        except RuntimeError as e:
+            if not (repeated and "lease already exists" in str(e)):
+                raise
+            r = self._call("kv/lease/timetolive", {"ID": req["ID"]})
+            return _EtcdLease(self, int(req["ID"]), float(r["grantedTTL"]))
         return _EtcdLease(self, int(r["ID"]), float(r["TTL"]))
 
     def watch(self, prefix: str, callback: WatchCallback, start_revision: int | None = None) -> Watch:
@@ -320,9 +475,11 @@ class _EtcdWatch(Watch):
                     why = _why(e, self._kv.tls)
                 if self._cancelled.is_set():
                     break
-                log.warning("state db watch %r on %s: %s; reconnecting from revision %d in %.2f s",
-                            self.prefix, endpoint, why, self.last_revision + 1, backoff)
+                # the next endpoint: a member that died takes the watch elsewhere; it resumes there from the
+                # revision after the last one delivered (revisions are the cluster's, the same on every member)
                 idx = (idx + 1) % len(self._kv.endpoints)
+                log.warning("state db watch %r on %s: %s; reconnecting from revision %d in %.2f s to %s",
+                            self.prefix, endpoint, why, self.last_revision + 1, backoff, self._kv.endpoints[idx])
                 self._cancelled.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
