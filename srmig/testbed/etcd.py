@@ -490,7 +490,7 @@ def kill_etcd_leader_at_pause(tb, ds, agents, dom, timeout: float = 30, down_s: 
     cluster's leader as soon as the source is paused, start it again `down_s` later. tb.etcd_fault says
     which member and when (monotonic, the probe's clock): killed, restarted (healthy again), and the source
     domain's libvirt state at the kill."""
-    from srmig.testbed.libvirt_demo import _source_state, wait_paused  # noqa: PLC0415 - it imports this module
+    from srmig.testbed.faults import _source_state, wait_paused  # noqa: PLC0415 - the libvirt run imports this module
 
     if not wait_paused(dom, timeout):
         return
