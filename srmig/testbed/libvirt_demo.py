@@ -194,15 +194,15 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         db_env = {"SRMIG_DB": db, "SRMIG_DB_PATH": work / "state.db"}
         tls_env = {r: {} for r in ("S", "D", "C")}     # per agent: its own client certificate
         if db == "etcd":
-            from srmig.testbed.etcd import EtcdServer  # noqa: PLC0415
+            from srmig.testbed.etcd import EtcdCluster  # noqa: PLC0415
 
-            for role in ("S", "D"):  # the hosts' agents reach etcd on C through T
-                tb.topo.route("C", f"{HOSTS[role]['address']}/128", gateway="2001:db8:c::2")
-
-            say("starting etcd in C")
-            etcd = stack.enter_context(EtcdServer(netns=tb.ns("C"), host="2001:db8:c::1"))
-            tb.etcd = etcd  # for fault injection (etcd_down_at_pause)
-            db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)
+            # 3 members, each in a namespace of its own behind T, where every agent's traffic meets
+            for role, gw in (("S", "2001:db8:a::1"), ("D", "2001:db8:b::1"), ("C", "2001:db8:c::2")):
+                tb.topo.route(role, EtcdCluster.ROUTE, gateway=gw)
+            say("starting a 3-member etcd cluster")
+            etcd = stack.enter_context(EtcdCluster(tb.topo, hub="T"))
+            tb.etcd = etcd  # for fault injection (etcd's leader killed, or the whole cluster down)
+            db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)  # every agent is given every member
             for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent
                 tls = etcd.tls(role)
                 tls_env[role] = {"SRMIG_ETCD_CA": tls.ca_file, "SRMIG_ETCD_CERT": tls.cert_file,
