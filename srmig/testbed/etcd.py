@@ -367,14 +367,19 @@ class EtcdCluster:
 
     def start(self) -> None:
         """Start every member that is down (all of them at first: they elect a leader together) and wait
-        until each reports healthy (it has a leader, and a read went through raft)."""
-        if self.dir is None:
+        until each reports healthy (it has a leader, and a read went through raft). A new cluster's leader is
+        then its first member, the first endpoint, which every client talks to until it fails: killing the
+        leader takes the clients' member away too (the case that makes them fail over)."""
+        new = self.dir is None
+        if new:
             self._build()
         down = [m for m in self.members if not m.running]
         for m in down:
             self._spawn(m)
         for m in down:
             self._wait_healthy(m)
+        if new:
+            self.move_leader(self.members[0])
 
     def _wait_healthy(self, m: Member) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -477,6 +482,15 @@ class EtcdCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"etcd cluster: no leader within {timeout} s ({why})")
             time.sleep(0.05)
+
+    def move_leader(self, m: Member, timeout: float = 10.0) -> None:
+        """Make `m` the leader (etcd's leadership transfer, asked of the current leader), bounded."""
+        deadline = time.monotonic() + timeout
+        while (lead := self.leader(timeout)) is not m:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd cluster: {m.name} not the leader within {timeout} s ({lead.name} is)")
+            with contextlib.suppress(ValueError):   # "not leader": it changed meanwhile; ask again
+                self._request(lead, "POST", "/v3/maintenance/transfer-leadership", {"targetID": m.id}, timeout)
 
     def kill_leader(self) -> Member:
         """SIGKILL the current leader; returns it (restart(member) brings it back)."""
