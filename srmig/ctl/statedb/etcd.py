@@ -191,6 +191,7 @@ class EtcdKv(Kv):
                 api_path=ETCD_API_PATH, session=session))
         self._current = 0               # the endpoint that answered last
         self._revision = 0              # the highest store revision an answer carried (see put)
+        self._member_ids: list[str | None] = [None] * len(endpoints)   # etcd's id of each, once it answered
         self._lock = threading.Lock()
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
@@ -223,7 +224,9 @@ class EtcdKv(Kv):
             raise _MaybeApplied(_why(e, self.tls)) from e
         if resp.status_code == 200:
             r = resp.json()
-            self._revision = max(self._revision, int(r.get("header", {}).get("revision", 0)))
+            header = r.get("header", {})
+            self._revision = max(self._revision, int(header.get("revision", 0)))
+            self._member_ids[idx] = header.get("member_id", self._member_ids[idx])
             return r
         try:
             body = resp.json()
@@ -254,6 +257,10 @@ class EtcdKv(Kv):
         first = idx = self._current
         deadline = None
         while True:
+            dead = {self._member_ids[i] for i in down} - {None}
+            if dead and idx not in down:
+                deadline = deadline or time.monotonic() + FAILOVER_ROUNDS_S
+                self._await_leader(idx, dead, deadline)
             try:
                 r = self._post(idx, path, payload)
             except _NotApplied as e:
@@ -285,6 +292,20 @@ class EtcdKv(Kv):
             time.sleep(FAILOVER_PAUSE_S)
         raise DbUnavailable("etcd unreachable: " + "; ".join(f"{self.endpoints[i]}: {errors[i]}"
                                                              for i in sorted(errors)))
+
+    def _await_leader(self, idx: int, dead: set[str], deadline: float) -> None:
+        """Before failing over to endpoint `idx` from members that died (`dead`, their etcd ids): while that
+        member still names one of them its leader, or none, wait (its status is its own, no raft), until
+        `deadline`. A request sent to it meanwhile would be forwarded to the dead leader and wait out our
+        timeout (2 s) before it could be retried; this way it goes once the election is over (~0.5 s)."""
+        while True:
+            try:
+                lead = self._post(idx, "maintenance/status", {}).get("leader", "0")
+            except (_NotApplied, _MaybeApplied, _Refused):
+                return          # the request itself will find out
+            if lead not in dead and lead != "0" or time.monotonic() >= deadline:
+                return
+            time.sleep(FAILOVER_PAUSE_S)
 
     def _full(self, key: str) -> bytes:
         return (self.prefix + key).encode()
