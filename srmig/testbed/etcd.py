@@ -276,6 +276,9 @@ class EtcdCluster:
     ROUTE = "2001:db8:e0::/44"
 
     def __init__(self, topo, hub: str, size: int = 3, name: str = "srmig-etcd", binary: str = ETCD):
+        if not 1 <= size <= 9:
+            raise ValueError(f"an EtcdCluster has 1 to 9 members (their addresses are 2001:db8:e1:: to e9::), "
+                             f"not {size}")
         self.topo = topo
         self.hub = hub
         self.size = size
@@ -407,15 +410,19 @@ class EtcdCluster:
 
     def kill(self, m: Member, sig: int = signal.SIGKILL) -> None:
         """Take one member down (SIGKILL, or `sig`); its data stays for restart()."""
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.send_signal(sig)
+        self._reap(m)
+
+    def _reap(self, m: Member) -> None:
+        """Wait for a signalled member to exit, STOP_TIMEOUT_S at most, then SIGKILL it."""
         if m.proc is None:
             return
-        if m.proc.poll() is None:
-            m.proc.send_signal(sig)
-            try:
-                m.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                m.proc.kill()
-                m.proc.wait()
+        try:
+            m.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            m.proc.kill()
+            m.proc.wait()
         m.proc = None
 
     def restart(self, m: Member) -> None:
@@ -431,7 +438,7 @@ class EtcdCluster:
             if m.running:
                 m.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         for m in self.members:
-            self.kill(m)
+            self._reap(m)
 
     def cleanup(self) -> None:
         try:
