@@ -109,7 +109,11 @@ def pytest_terminal_summary(terminalreporter):
     if reruns:
         terminalreporter.write_sep("-", "rerun summary")
         for rep in reruns:
-            terminalreporter.write_line(f"failed once, run again: {rep.nodeid}")
+            # why, in a few lines: the next session can tell a flake's cause without running it again
+            crash = getattr(rep.longrepr, "reprcrash", None)
+            why = (crash.message if crash else str(rep.longrepr)).strip().splitlines()
+            shown = " | ".join(line.strip() for line in why[:3])[:600]
+            terminalreporter.write_line(f"failed once, run again: {rep.nodeid}: {shown}")
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         terminalreporter.write_line("skip summary: nothing skipped")
