@@ -403,6 +403,11 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
     the lines then on stderr), the exit status of exit_status(); the diagnosis on stderr when it fails."""
     from srmig.testbed.demo import Progress  # noqa: PLC0415
 
+    import libvirt  # noqa: PLC0415
+
+    # Every libvirt error is raised (and handled) where it happens; libvirt's default handler would also
+    # print each one, e.g. a lookup of the domain on the host it is not on.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     out = sys.stderr if json_path == "-" else sys.stdout
     say = Progress(True)
     t0 = time.monotonic()
