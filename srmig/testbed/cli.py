@@ -52,6 +52,7 @@ def _libvirt(args) -> int:
             return _usage("--runs: at least 1")
         from srmig.testbed.demo import Progress
 
+        libvirt_demo.quiet_libvirt()
         say = Progress(True)
 
         def note(msg: str) -> None:

@@ -382,6 +382,14 @@ def scrape(ns: str) -> str:
             return r.read().decode()
 
 
+def quiet_libvirt() -> None:
+    """Every libvirt error is raised (and handled) where it happens; libvirt's default handler would also
+    print each one on stderr, e.g. a lookup of the domain on the host it is not on."""
+    import libvirt  # noqa: PLC0415
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
 def exit_status(d: dict) -> int:
     """`srmig demo --libvirt`'s exit status from a run's to_dict() (its --help says the same): 3 when the
     fault missed its phase in every attempt (the run measured something else); 1 when probes were lost
@@ -403,11 +411,7 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
     the lines then on stderr), the exit status of exit_status(); the diagnosis on stderr when it fails."""
     from srmig.testbed.demo import Progress  # noqa: PLC0415
 
-    import libvirt  # noqa: PLC0415
-
-    # Every libvirt error is raised (and handled) where it happens; libvirt's default handler would also
-    # print each one, e.g. a lookup of the domain on the host it is not on.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    quiet_libvirt()
     out = sys.stderr if json_path == "-" else sys.stdout
     say = Progress(True)
     t0 = time.monotonic()
