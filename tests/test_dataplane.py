@@ -585,3 +585,28 @@ def test_cli_domain(lab, capsys):
         for p in lab.dp.list_domains():
             lab.dp.del_domain(p)
     assert "SR domain check is off" in srmig("list")
+
+
+def test_ipv4_vm_addresses(lab):
+    """An IPv4 VM is set, read, listed and deleted by its IPv4 address; the map holds its IPv4-mapped address
+    (srmig_abi.h), which is not an IPv6 VM of the same name."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.maps import ffi
+
+    dp = lab.dp
+    vm = "192.0.2.10"
+    try:
+        entry = dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+        assert entry.vm == vm and entry.next_sid == L.D_DX6
+        assert dp.get_vm(vm).state == VmState.AWAY
+        assert dp.get_vm("::ffff:192.0.2.10").vm == vm  # the key itself, spelled as IPv6
+        keys = [bytes(ffi.buffer(k.addr, 16)) for k in dp.vms.keys()]
+        assert ipaddress.IPv6Address("::ffff:192.0.2.10").packed in keys
+        listed = [e.vm for e in dp.list_vms()]
+        assert vm in listed and V4_RUNNING in listed and L.VM_RUNNING in listed
+        assert listed.index(V4_RUNNING) < listed.index(L.VM_RUNNING)  # IPv4 first, each family in order
+        with pytest.raises(ValueError, match="not an IPv6 or IPv4 address"):
+            dp.set_vm("192.0.2.300", VmState.RUNNING)
+        assert dp.del_vm(vm) is True and dp.get_vm(vm) is None
+    finally:
+        dp.del_vm(vm)

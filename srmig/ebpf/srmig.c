@@ -91,7 +91,7 @@ static __always_inline void v4_mapped(__u8 *out, __be32 v4)
 
 	w[0] = 0;
 	w[1] = 0;
-	w[2] = 0xFFFF0000; /* bytes 00 00 ff ff, little-endian load */
+	w[2] = 0xFFFF0000; /* bytes 00 00 ff ff read little-endian: the host order bpf_ntohs already assumes */
 	w[3] = v4;
 }
 
