@@ -321,6 +321,15 @@ def test_behaviour(lab, case: Case):
     assert delta == {k: int(k == case.verdict) for k in delta}, "exactly one verdict counted"
     drops = {k: after["drops"][k] - before["drops"][k] for k in after["drops"]}
     assert drops == {k: int(k == case.reason) for k in drops}, "drop counted under its reason, and only then"
+    # Per inner family: at most one count, under the case's family and verdict; always one for a packet a
+    # per-VM behaviour delivered or held (End forwards without reading the inner packet).
+    inner = {(fam, k): after["inner"][fam][k] - before["inner"][fam][k]
+             for fam in after["inner"] for k in after["inner"][fam]}
+    family = "ipv4" if case.desc.startswith("[IPv4]") else "ipv6"
+    moved = {key: n for key, n in inner.items() if n}
+    assert moved in ({}, {(family, case.verdict): 1}), moved
+    if case.verdict in ("deliver", "hold"):
+        assert moved == {(family, case.verdict): 1}
     if case.expect is not None:
         got, want = result.data, case.expect()
         assert got == want, f"output differs:\n got  {Ether(got)!r}\n want {Ether(want)!r}"

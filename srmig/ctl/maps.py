@@ -118,6 +118,7 @@ class Dataplane(libbpf.PinnedMaps):
         self.max_sids = libbpf.map_info(self.sid_stats.fd).max_entries
         # After the version check: an older program has no such pin.
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
+        self.inner_stats = self._map("inner_stats", "uint32_t", "uint64_t", percpu=True)
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
@@ -309,10 +310,15 @@ class Dataplane(libbpf.PinnedMaps):
     def stats(self) -> dict:
         verdicts = self._array_sums(self.verdict_stats, abi.VERDICT_MAX)
         drops = self._array_sums(self.drop_stats, abi.DROP_MAX)
+        inner = self._array_sums(self.inner_stats, abi.INNER_MAX * abi.VERDICT_MAX)
         return {
             "verdicts": {v.name.lower(): verdicts[v] for v in Verdict},
             "drops": {r.name.lower(): drops[r] for r in DropReason if r != DropReason.NONE},
             "sids": [e.to_dict() for e in self.list_sids()],
+            # Verdicts per inner family, of the packets whose inner packet a per-VM behaviour read.
+            "inner": {family: {v.name.lower(): inner[base + v] for v in Verdict}
+                      for family, base in (("ipv6", abi.INNER_IPV6 * abi.VERDICT_MAX),
+                                           ("ipv4", abi.INNER_IPV4 * abi.VERDICT_MAX))},
         }
 
     # Hold ring ------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ BPF_F_TABLE("hash", struct srmig_vm_key, struct srmig_vm_value, vm_table, SRMIG_
 BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
 BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
+BPF_PERCPU_ARRAY(inner_stats, __u64, SRMIG_INNER_MAX * SRMIG_VERDICT_MAX); /* see enum srmig_inner_family */
 BPF_ARRAY(meta, __u32, SRMIG_META_MAX); /* see enum srmig_meta */
 /* The SR domain's source prefixes (value unused); consulted only while meta counts at least one. */
 BPF_LPM_TRIE(sr_domain, struct srmig_domain_key, __u32, SRMIG_MAX_DOMAIN_PREFIXES);
@@ -215,7 +216,7 @@ struct pkt {
 	struct ipv6hdr *ip6h;   /* outer IPv6 header */
 	struct srh *srh;        /* NULL when the packet has none (reduced encapsulation) */
 	void *inner;            /* inner IPv6 or IPv4 header */
-	__u16 inner_proto;      /* its ethertype, network byte order: ETH_P_IPV6_BE or ETH_P_IP_BE */
+	__u16 inner_proto;      /* its ethertype, network byte order: ETH_P_IPV6_BE or ETH_P_IP_BE (0: not read) */
 	__u32 outer_len;        /* bytes from the outer IPv6 header to the inner one */
 	__u32 verdict;
 	__u32 reason;
@@ -492,6 +493,13 @@ static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is
 
 	if (v)
 		*v += 1;
+	if (p->inner_proto) {
+		idx = (p->inner_proto == ETH_P_IP_BE ? SRMIG_INNER_IPV4 : SRMIG_INNER_IPV6) * SRMIG_VERDICT_MAX +
+		      p->verdict;
+		v = inner_stats.lookup(&idx);
+		if (v)
+			*v += 1;
+	}
 	if (p->reason) { /* set exactly when the verdict is a drop (see the exit of srmig_xdp) */
 		idx = p->reason;
 		v = drop_stats.lookup(&idx);
@@ -561,13 +569,13 @@ static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, 
 	if (nexthdr == IPPROTO_IPV6_) {
 		struct ipv6hdr *ip6h = nh->pos;
 
+		p->inner_proto = ETH_P_IPV6_BE;
 		if ((void *)(ip6h + 1) > data_end ||
 		    sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len) > (__u32)(data_end - (void *)ip6h))
 			return SRMIG_DROP_TRUNCATED;
 		/* IPv4-mapped keys are IPv4 VMs': an IPv6 packet to one is for no VM (srmig_abi.h). */
 		if (is_v4_mapped(&ip6h->daddr))
 			return SRMIG_DROP_UNKNOWN_VM;
-		p->inner_proto = ETH_P_IPV6_BE;
 		__builtin_memcpy(vm->addr, &ip6h->daddr, 16);
 		return 0;
 	}
@@ -575,6 +583,7 @@ static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, 
 		struct iphdr *iph = nh->pos;
 		__u32 tot_len;
 
+		p->inner_proto = ETH_P_IP_BE;
 		if ((void *)(iph + 1) > data_end)
 			return SRMIG_DROP_TRUNCATED;
 		/* RFC 791 3.1; the checksum is left to the VM, as the kernel's End.DX4 does (it is not changed
@@ -584,7 +593,6 @@ static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, 
 			return SRMIG_DROP_INNER_MALFORMED;
 		if (tot_len > (__u32)(data_end - (void *)iph))
 			return SRMIG_DROP_TRUNCATED;
-		p->inner_proto = ETH_P_IP_BE;
 		v4_mapped(vm->addr, iph->daddr);
 		return 0;
 	}

@@ -14,7 +14,8 @@
                              * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
                              * 6: SRMIG_META_TABLE_GENERATION (lookup caches);
                              * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats);
-                             * 8: inner IPv4 (vm_table keys IPv4-mapped, SRMIG_DROP_INNER_MALFORMED) */
+                             * 8: inner IPv4 (vm_table keys IPv4-mapped, SRMIG_DROP_INNER_MALFORMED,
+                             *    inner_stats) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -75,6 +76,16 @@ enum srmig_verdict {
 	SRMIG_VERDICT_HOLD = 3,      /* parked: in the VM's (paused) tap queue or in the hold ring */
 	SRMIG_VERDICT_DROP = 4,      /* dropped; drop_stats says why */
 	SRMIG_VERDICT_MAX = 5,
+};
+
+/* The family of a packet's inner packet, for the packets a per-VM behaviour reads it of (every SID but End's).
+ * inner_stats, a per-CPU array of SRMIG_INNER_MAX * SRMIG_VERDICT_MAX counters, counts them per family and
+ * verdict at index family * SRMIG_VERDICT_MAX + verdict; a drop's reason is in drop_stats (inner_malformed
+ * is IPv4's alone). */
+enum srmig_inner_family {
+	SRMIG_INNER_IPV6 = 0,
+	SRMIG_INNER_IPV4 = 1,
+	SRMIG_INNER_MAX = 2,
 };
 
 /* sid_table: key = the SID (IPv6 address, network byte order). */
