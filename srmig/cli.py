@@ -136,6 +136,8 @@ def cmd_stats(args) -> int:
     print("verdicts: " + "  ".join(f"{k}={v}" for k, v in stats["verdicts"].items()))
     drops = {k: v for k, v in stats["drops"].items() if v}
     print("drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none"))
+    for family, counts in stats.get("inner", {}).items():  # per inner family, where a behaviour read it
+        print(f"{family}:     " + ("  ".join(f"{k}={v}" for k, v in counts.items() if v) or "none"))
     rows = [{"sid": s["sid"], "behaviour": s["behaviour"], **s["stats"]} for s in stats["sids"]]
     _print_table(rows, ["sid", "behaviour", "packets", "bytes", "delivered", "forwarded", "held", "dropped"])
     return 0

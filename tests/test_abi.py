@@ -23,7 +23,7 @@ def _cffi_layout() -> dict[str, int]:
         for field, f in t.fields:
             out[f"offsetof {name}.{field}"] = f.offset
     for ename in ("srmig_behaviour", "srmig_vm_state", "srmig_drop_reason", "srmig_verdict", "srmig_meta",
-                  "srmig_encap_counter"):
+                  "srmig_encap_counter", "srmig_inner_family"):
         for k, v in abi.ffi.typeof(f"enum {ename}").relements.items():
             out[f"enum {k}"] = v
     return out
@@ -111,6 +111,7 @@ def test_cffi_layout_matches_bcc_maps(tmp_path):
         assert ctypes.sizeof(b[b"drop_stats"].sLeaf) == 8
         assert b[b"drop_stats"].max_entries == abi.DROP_MAX
         assert b[b"verdict_stats"].max_entries == abi.VERDICT_MAX
+        assert b[b"inner_stats"].max_entries == abi.INNER_MAX * abi.VERDICT_MAX
         assert b[b"meta"].max_entries == abi.ffi.typeof("enum srmig_meta").relements["SRMIG_META_MAX"]
     finally:
         b.cleanup()

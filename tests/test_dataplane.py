@@ -1,6 +1,10 @@
 """Every row of the behaviour table (docs/design.md) and the RFC 8754/8986 error cases, through the real XDP program
 with BPF_PROG_TEST_RUN: {description, input packet, SR domain, expected action, expected verdict/drop reason,
-expected output packet}. The FIB the program consults is the lab namespace's (srmig/testbed/lab.py)."""
+expected output packet}. The FIB the program consults is the lab namespace's (srmig/testbed/lab.py).
+
+Every row whose packets carry an inner IPv6 packet to a lab VM has an IPv4 twin (V4_CASES, generated: the same
+packets with the inner packet replaced by the IPv4 one to the VM's IPv4 address, same expectations), so each
+behaviour x state is proven for both families; IPV4_CASES adds what only IPv4 has (RFC 791 header checks)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from scapy.layers.l2 import Ether
 
 from srmig.bpf.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from srmig.testbed import lab as L
-from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner
+from srmig.testbed.packets import INGRESS_MAC, h_encaps, inner, inner4
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -144,9 +148,11 @@ CASES = [
     Case("hop limit 1 at End", encaps([L.SID_END, L.D_SBUF], L.VM_AWAY, hlim=1), XDP_DROP, "drop", "hop_limit"),
     Case("hop limit 1 at End.DX6-map rewrite", encaps([L.SID_DX6], L.VM_AWAY, hlim=1), XDP_DROP, "drop",
          "hop_limit"),
-    Case("inner not IPv6 at delivery", lambda: bytes(Ether(dst=L.FAB_MAC) / IPv6(dst=L.SID_DX6) /
-         IPv6ExtHdrSegmentRouting(addresses=[L.SID_DX6], segleft=0) / IP(dst="192.0.2.1") / UDP()),
+    Case("inner neither IPv6 nor IPv4 at delivery", lambda: bytes(Ether(dst=L.FAB_MAC) / IPv6(dst=L.SID_DX6) /
+         IPv6ExtHdrSegmentRouting(addresses=[L.SID_DX6], segleft=0, nh=17) / UDP()),
          XDP_DROP, "drop", "inner_not_ipv6"),
+    Case("inner IPv6 to an IPv4-mapped address (an IPv4 VM's key): no VM", encaps([L.SID_DX6],
+         "::ffff:" + L.V4_OF[L.VM_RUNNING]), XDP_DROP, "drop", "unknown_vm"),
     Case("truncated inner header", lambda: encaps([L.SID_DX6], L.VM_RUNNING)()[:SRH_OFF + 24 + 20], XDP_DROP,
          "drop", "truncated"),
     # RFC 8754 5.1 SR domain: off while no prefix is configured (every row above), else checked first.
@@ -187,6 +193,89 @@ CASES = [
 ]
 
 
+def v4_twin(b: bytes, ether: bool = True) -> bytes | None:
+    """The same frame (or hold-ring record, from the IPv6 header on: ether=False) with its inner IPv6 packet to a
+    lab VM replaced by the IPv4 packet to the VM's IPv4 address (same payload, TTL = hop limit); None when it
+    has no such inner packet. Everything around it is kept as it was, lengths and next headers updated."""
+    v4_of = {str(ipaddress.IPv6Address(k)): v for k, v in L.V4_OF.items()}
+    pkt = Ether(b) if ether else IPv6(b)
+    layer = pkt
+    while layer and not (isinstance(layer, IPv6) and layer.dst in v4_of and UDP in layer):
+        layer = layer.payload
+    if not layer:
+        return None
+    new = inner4(v4_of[layer.dst], payload=bytes(layer[UDP].payload), ttl=layer.hlim)
+    under = layer.underlayer
+    if under is None:
+        return None
+    under.remove_payload()
+    under.add_payload(new)
+    if isinstance(under, Ether):
+        under.type = 0x0800
+    else:
+        under.nh = 4
+    if isinstance(pkt, IPv6) or IPv6 in pkt:
+        del pkt[IPv6].plen
+    return bytes(pkt)
+
+
+def _v4_cases(cases: list[Case]) -> list[Case]:
+    out = []
+    for c in cases:
+        if v4_twin(c.packet()) is None:
+            continue
+        out.append(Case(
+            "[IPv4] " + c.desc, lambda c=c: v4_twin(c.packet()), c.action, c.verdict, c.reason,
+            expect=c.expect and (lambda c=c: v4_twin(c.expect())),
+            ring=c.ring and (lambda c=c: v4_twin(c.ring(), ether=False)), domain=c.domain))
+    return out
+
+
+V4_INNER_OFF = SRH_OFF + 8 + 16  # the inner header behind a one-segment SRH
+
+
+def encaps4(segments, vm, **kw) -> Callable[[], bytes]:
+    return lambda: bytes(h_encaps(segments, inner4(vm, **kw), dst_mac=L.FAB_MAC))
+
+
+def tot_len(build: Callable[[], bytes], value: int | Callable[[int], int]) -> Callable[[], bytes]:
+    """The inner IPv4 total length set to `value` (or value(frame length))."""
+    def f():
+        b = bytearray(build())
+        v = value(len(b)) if callable(value) else value
+        b[V4_INNER_OFF + 2:V4_INNER_OFF + 4] = v.to_bytes(2, "big")
+        return bytes(b)
+    return f
+
+
+V4_RUNNING = L.V4_OF[L.VM_RUNNING]
+IPV4_CASES = [
+    # RFC 791 3.1 checks on the inner IPv4 header (RFC 8986 4.6 End.DX4), at a SID that decapsulates.
+    Case("[IPv4] inner version not 4 behind next header 4: drop", corrupt(encaps4([L.SID_DX6], V4_RUNNING),
+         V4_INNER_OFF, 0x65), XDP_DROP, "drop", "inner_malformed"),
+    Case("[IPv4] inner IHL < 5: drop", corrupt(encaps4([L.SID_DX6], V4_RUNNING), V4_INNER_OFF, 0x44), XDP_DROP,
+         "drop", "inner_malformed"),
+    Case("[IPv4] inner total length < IHL * 4: drop", tot_len(encaps4([L.SID_DX6], V4_RUNNING), 19), XDP_DROP,
+         "drop", "inner_malformed"),
+    Case("[IPv4] inner total length past the frame: drop", tot_len(encaps4([L.SID_DX6], V4_RUNNING),
+         lambda n: n - V4_INNER_OFF + 1), XDP_DROP, "drop", "truncated"),
+    Case("[IPv4] inner header cut short (fewer than 20 bytes)", lambda: encaps4([L.SID_DX6], V4_RUNNING)()[
+         :V4_INNER_OFF + 19], XDP_DROP, "drop", "truncated"),
+    Case("[IPv4] malformed inner at End.S away: dropped, not forwarded", lambda: bytes(
+         bytearray(encaps4(S_PATH, L.V4_OF[L.VM_AWAY])())[:V4_INNER_OFF + 16] + b"\x44" +
+         encaps4(S_PATH, L.V4_OF[L.VM_AWAY])()[V4_INNER_OFF + 17:]), XDP_DROP, "drop", "inner_malformed"),
+    # TTL: not decremented at delivery (as the kernel's End.DX4; IPv6's hop limit alike), the checksum intact.
+    Case("[IPv4] inner TTL 1 at delivery: delivered as it is", encaps4([L.SID_DX6], V4_RUNNING, ttl=1),
+         XDP_REDIRECT, "deliver", expect=lambda: bytes(Ether(src=L.GW_MAC, dst=L.VM_MAC) / inner4(V4_RUNNING, ttl=1))),
+    Case("[IPv4] inner total length shorter than the frame (Ethernet padding): delivered with the padding",
+         lambda: encaps4([L.SID_DX6], V4_RUNNING)() + bytes(6), XDP_REDIRECT, "deliver",
+         expect=lambda: bytes(Ether(src=L.GW_MAC, dst=L.VM_MAC) / inner4(V4_RUNNING)) + bytes(6)),
+]
+
+V4_CASES = _v4_cases(CASES)
+ALL_CASES = CASES + V4_CASES + IPV4_CASES
+
+
 @contextlib.contextmanager
 def sr_domain(dp, prefixes):
     """The SR domain is `prefixes` for the body, empty (check off) again afterwards."""
@@ -205,7 +294,17 @@ def lab():
         yield lab
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
+def test_every_ipv6_behaviour_row_has_an_ipv4_twin():
+    """The generator keeps up with the table: every row that reaches a VM (or End) with an inner IPv6 packet
+    to a lab VM is generated for IPv4 too."""
+    twins = {c.desc.removeprefix("[IPv4] ") for c in V4_CASES}
+    for c in CASES:
+        if c.verdict in ("deliver", "forward", "hold") and "IPv4" not in c.desc:
+            assert c.desc in twins, c.desc
+    assert len(V4_CASES) >= 40
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.desc for c in ALL_CASES])
 def test_behaviour(lab, case: Case):
     records = []
     with lab.dp.hold_ring(records.append) as ring:
@@ -222,6 +321,15 @@ def test_behaviour(lab, case: Case):
     assert delta == {k: int(k == case.verdict) for k in delta}, "exactly one verdict counted"
     drops = {k: after["drops"][k] - before["drops"][k] for k in after["drops"]}
     assert drops == {k: int(k == case.reason) for k in drops}, "drop counted under its reason, and only then"
+    # Per inner family: at most one count, under the case's family and verdict; always one for a packet a
+    # per-VM behaviour delivered or held (End forwards without reading the inner packet).
+    inner = {(fam, k): after["inner"][fam][k] - before["inner"][fam][k]
+             for fam in after["inner"] for k in after["inner"][fam]}
+    family = "ipv4" if case.desc.startswith("[IPv4]") else "ipv6"
+    moved = {key: n for key, n in inner.items() if n}
+    assert moved in ({}, {(family, case.verdict): 1}), moved
+    if case.verdict in ("deliver", "hold"):
+        assert moved == {(family, case.verdict): 1}
     if case.expect is not None:
         got, want = result.data, case.expect()
         assert got == want, f"output differs:\n got  {Ether(got)!r}\n want {Ether(want)!r}"
@@ -237,9 +345,11 @@ def test_behaviour(lab, case: Case):
         assert moved[0]["stats"][field] == old["stats"][field] + 1
 
 
-def test_hold_ring_keeps_order(lab):
-    """Packets parked in HOLD come out of the ring in arrival order, whole."""
-    packets = [bytes(h_encaps(S_PATH, inner(L.VM_HOLD, payload=f"seq-{i}".encode()), dst_mac=L.FAB_MAC))
+@pytest.mark.parametrize("family", [6, 4])
+def test_hold_ring_keeps_order(lab, family):
+    """Packets parked in HOLD come out of the ring in arrival order, whole, named by the VM's address."""
+    vm, build = (L.VM_HOLD, inner) if family == 6 else (L.V4_OF[L.VM_HOLD], inner4)
+    packets = [bytes(h_encaps(S_PATH, build(vm, payload=f"seq-{i}".encode()), dst_mac=L.FAB_MAC))
                for i in range(50)]
     records = []
     with lab.dp.hold_ring(records.append) as ring:
@@ -251,7 +361,7 @@ def test_hold_ring_keeps_order(lab):
             pass
     payloads = [bytes(IPv6(r.packet)[UDP].payload) for r in records]
     assert payloads == [f"seq-{i}".encode() for i in range(50)]
-    assert all(r.vm == L.VM_HOLD for r in records)
+    assert all(r.vm == vm for r in records)
 
 
 def test_ring_first_parks_behind_unsent_records(lab):
@@ -297,26 +407,34 @@ def test_ring_first_parks_behind_unsent_records(lab):
             read_hold_packets(ring)
 
 
-def test_shadow_copies_what_is_delivered(lab):
+@pytest.mark.parametrize("family", [6, 4])
+def test_shadow_copies_what_is_delivered(lab, family):
     """With the shadow flag, every packet delivered to the VM is also copied, decapsulated, to the shadow
-    ring; the delivery itself is unchanged. Without it, nothing is copied."""
+    ring; the delivery itself is unchanged. Without it, nothing is copied. An IPv4 VM's copy is its IPv4
+    packet, named by its IPv4 address (a short one too: 28 bytes, less than an IPv6 header)."""
     from srmig.bpf.abi import VmState
 
-    pkt = encaps(S_PATH, L.VM_RUNNING)()
+    vm = L.VM_RUNNING if family == 6 else V4_RUNNING
+    build = inner if family == 6 else inner4
+    packets = [bytes(h_encaps(S_PATH, build(vm), dst_mac=L.FAB_MAC))]
+    if family == 4:
+        packets.append(bytes(h_encaps(S_PATH, build(vm, payload=b""), dst_mac=L.FAB_MAC)))
     records = []
     with lab.dp.shadow_ring(records.append) as ring:
         ring.poll(0)
         records.clear()
-        lab.dp.set_vm(L.VM_RUNNING, VmState.RUNNING, shadow=True)
+        lab.dp.set_vm(vm, VmState.RUNNING, shadow=True)
         try:
-            out = lab.run(pkt)
+            outs = [lab.run(p) for p in packets]
         finally:
-            lab.dp.set_vm(L.VM_RUNNING, VmState.RUNNING)
-        assert lab.run(pkt).action == "XDP_REDIRECT"  # flag off again: no copy
+            lab.dp.set_vm(vm, VmState.RUNNING)
+        assert lab.run(packets[0]).action == "XDP_REDIRECT"  # flag off again: no copy
         ring.poll(0)
-    assert out.action == "XDP_REDIRECT" and out.data == delivered(L.VM_RUNNING)()
-    assert [r.packet for r in records] == [bytes(inner(L.VM_RUNNING))]
-    assert records[0].vm == L.VM_RUNNING
+    assert [o.action for o in outs] == ["XDP_REDIRECT"] * len(packets)
+    assert outs[0].data == bytes(Ether(src=L.GW_MAC, dst=L.VM_MAC) / build(vm))
+    want = [bytes(build(vm))] + ([bytes(build(vm, payload=b""))] if family == 4 else [])
+    assert [r.packet for r in records] == want
+    assert all(r.vm == vm for r in records)
 
 
 def _verdict(lab, packet: bytes) -> str:
@@ -476,3 +594,28 @@ def test_cli_domain(lab, capsys):
         for p in lab.dp.list_domains():
             lab.dp.del_domain(p)
     assert "SR domain check is off" in srmig("list")
+
+
+def test_ipv4_vm_addresses(lab):
+    """An IPv4 VM is set, read, listed and deleted by its IPv4 address; the map holds its IPv4-mapped address
+    (srmig_abi.h), which is not an IPv6 VM of the same name."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.maps import ffi
+
+    dp = lab.dp
+    vm = "192.0.2.10"
+    try:
+        entry = dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+        assert entry.vm == vm and entry.next_sid == L.D_DX6
+        assert dp.get_vm(vm).state == VmState.AWAY
+        assert dp.get_vm("::ffff:192.0.2.10").vm == vm  # the key itself, spelled as IPv6
+        keys = [bytes(ffi.buffer(k.addr, 16)) for k in dp.vms.keys()]
+        assert ipaddress.IPv6Address("::ffff:192.0.2.10").packed in keys
+        listed = [e.vm for e in dp.list_vms()]
+        assert vm in listed and V4_RUNNING in listed and L.VM_RUNNING in listed
+        assert listed.index(V4_RUNNING) < listed.index(L.VM_RUNNING)  # IPv4 first, each family in order
+        with pytest.raises(ValueError, match="not an IPv6 or IPv4 address"):
+            dp.set_vm("192.0.2.300", VmState.RUNNING)
+        assert dp.del_vm(vm) is True and dp.get_vm(vm) is None
+    finally:
+        dp.del_vm(vm)

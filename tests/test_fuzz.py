@@ -1,6 +1,6 @@
 """Differential fuzzing: the real XDP program (BPF_PROG_TEST_RUN in srmig/testbed/lab.py's namespace) against
 the pure-Python reference model (srmig/testbed/refmodel.py), over mutations of tests/test_dataplane.py's
-CASES and random IPv6/SRH packets.
+CASES (their IPv4 twins included) and random IPv6/SRH packets around inner IPv6 or IPv4 packets.
 
 Every other batch runs with an SR domain configured (RFC 8754 5.1), in the program and in the model alike.
 Per packet: XDP action, and the output frame unless dropped. Per batch of K packets: drop-reason and verdict
@@ -13,6 +13,7 @@ SRMIG_FUZZ_N (default 20000) packets, SRMIG_FUZZ_SEED (default 8) seeds the muta
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import os
 import random
@@ -27,7 +28,7 @@ from srmig.testbed import lab as L
 from srmig.testbed import refmodel as M
 from srmig.testbed.packets import h_encaps, inner
 
-from test_dataplane import CASES  # tests/ is on sys.path (rootdir conftest, no package)
+from test_dataplane import ALL_CASES, CASES  # tests/ is on sys.path (rootdir conftest, no package)
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -40,7 +41,10 @@ MAX_FRAME = 3000  # BPF_PROG_TEST_RUN takes at most a page minus head- and tailr
 A = M._a
 SIDS = [A(s) for s in (L.SID_END, L.SID_DX6, L.SID_S, L.SID_SBUF)]
 VMS = [A(v) for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED,
-                      L.VM_NO_NEIGH, L.VM_UNREACHABLE, L.VM_UNKNOWN)]
+                      L.VM_NO_NEIGH, L.VM_UNREACHABLE, L.VM_UNKNOWN, "::ffff:" + L.V4_OF[L.VM_RUNNING])]
+VMS4 = [ipaddress.IPv4Address(L.V4_OF[v]).packed for v in (
+    L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED, L.VM_NO_NEIGH,
+    L.VM_UNREACHABLE, L.VM_UNKNOWN)] + [bytes((192, 0, 2, 1)), bytes((127, 0, 0, 1))]
 OTHERS = [A(x) for x in (L.D_SBUF, L.D_DX6, L.T_END, L.NOT_OURS, L.FAB_PEER, "2001:db8:f::1", "2001:db8:f::9",
                          "ff02::1", "fd00::1", "2001:db8:9::1")]
 POOL = SIDS + VMS + OTHERS
@@ -65,13 +69,18 @@ def ipv6(nh: int, payload_len: int, src: bytes, dst: bytes, hlim: int, tc_fl: in
 def random_packet(r: random.Random) -> bytes:
     # Innermost first.
     kind = r.random()
-    if kind < 0.85:
+    if kind < 0.6:
         udp = struct.pack("!HHHH", 4000, 5000, 8 + 11, 0) + b"srmig-probe" + bytes(r.randrange(0, 64))
         body = ipv6(17, len(udp), r.choice(SRCS), r.choice(VMS), r.choice((64, 1, 2, 255)), 0) + udp
         nh = M.NH_IPV6
-    elif kind < 0.93:
-        body = bytes.fromhex("450000200000000040110000c0000201c0000201") + bytes(12)
-        nh = 4
+    elif kind < 0.93:  # inner IPv4, sometimes with options (IHL > 5), sometimes padded past its total length
+        udp = struct.pack("!HHHH", 4000, 5000, 8 + 11, 0) + b"srmig-probe" + bytes(r.randrange(0, 64))
+        opts = bytes(4 * r.choice((0, 0, 0, 1, 3)))
+        ihl = 5 + len(opts) // 4
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(udp), 0, 0, r.choice((64, 1, 0, 255)), 17,
+                          r.getrandbits(16), bytes((192, 0, 2, 1)), r.choice(VMS4))
+        body = hdr + opts + udp + bytes(r.choice((0, 0, 0, 6)))
+        nh = M.NH_IPV4
     else:
         body = bytes(r.randrange(0, 48))
         nh = r.choice((17, 6, 59, 58))
@@ -99,14 +108,15 @@ def random_packet(r: random.Random) -> bytes:
 
 
 def _walk(f: bytearray):
-    """Best-effort offsets of (SRH or None, inner IPv6 header or None) in an arbitrary frame."""
+    """Best-effort offsets of (SRH or None, inner IPv6 header or None, inner IPv4 header or None) in an
+    arbitrary frame."""
     n, pos, nh, srh = len(f), 54, f[20] if len(f) > 20 else 255, None
     for _ in range(3):
         if nh in (0, 60) and pos + 2 <= n:
             nh, pos = f[pos], pos + (f[pos + 1] + 1) * 8
     if nh == 43 and pos + 8 <= n:
         srh, nh, pos = pos, f[pos], pos + 8 + f[pos + 1] * 8
-    return srh, (pos if nh == 41 and pos + 40 <= n else None)
+    return srh, (pos if nh == 41 and pos + 40 <= n else None), (pos if nh == 4 and pos + 20 <= n else None)
 
 
 def mutate(pkt: bytes, r: random.Random) -> bytes:
@@ -114,8 +124,8 @@ def mutate(pkt: bytes, r: random.Random) -> bytes:
     for _ in range(r.choice((0, 1, 1, 1, 2, 2, 3))):
         if len(f) < 54:
             break
-        srh, inner = _walk(f)
-        m = r.randrange(13)
+        srh, inner, inner4 = _walk(f)
+        m = r.randrange(15)
         if m == 0:  # flip bytes
             for _ in range(r.randint(1, 3)):
                 i = r.randrange(len(f)) if r.random() < 0.5 else r.randrange(12, min(len(f), 14 + 40 + 80))
@@ -149,12 +159,21 @@ def mutate(pkt: bytes, r: random.Random) -> bytes:
                 f[i:i + 16] = r.choice(POOL)
         elif m == 12:  # outer source (the SR domain check)
             f[22:38] = r.choice(SRCS)
+        elif m == 13 and inner4 is not None:  # inner IPv4 DA to a VM, or its version / IHL
+            if r.random() < 0.5:
+                f[inner4 + 16:inner4 + 20] = r.choice(VMS4)
+            else:
+                f[inner4] = r.choice((0x45, 0x46, 0x44, 0x40, 0x65, 0x55, 0x4F, r.randrange(256)))
+        elif m == 14 and inner4 is not None:  # inner IPv4 total length
+            n = len(f) - inner4
+            f[inner4 + 2:inner4 + 4] = struct.pack("!H", r.choice((0, 19, 20, 28, n - 1, n, n + 1, 1500, 1501,
+                                                                   65535, r.randrange(65536))) & 0xFFFF)
     return bytes(f[:MAX_FRAME])
 
 
 def packets(n: int, seed: int):
     r = random.Random(seed)
-    seeds = [c.packet() for c in CASES]
+    seeds = [c.packet() for c in ALL_CASES]
     for _ in range(n):
         base = r.choice(seeds) if r.random() < 0.4 else random_packet(r)
         yield mutate(base, r)

@@ -54,6 +54,9 @@ META_NH_GENERATION: int = ffi.typeof("enum srmig_meta").relements["SRMIG_META_NH
 META_TABLE_GENERATION: int = ffi.typeof("enum srmig_meta").relements["SRMIG_META_TABLE_GENERATION"]
 DROP_MAX: int = ffi.typeof("enum srmig_drop_reason").relements["SRMIG_DROP_MAX"]
 VERDICT_MAX: int = ffi.typeof("enum srmig_verdict").relements["SRMIG_VERDICT_MAX"]
+INNER_IPV6: int = ffi.typeof("enum srmig_inner_family").relements["SRMIG_INNER_IPV6"]
+INNER_IPV4: int = ffi.typeof("enum srmig_inner_family").relements["SRMIG_INNER_IPV4"]
+INNER_MAX: int = ffi.typeof("enum srmig_inner_family").relements["SRMIG_INNER_MAX"]
 
 # The names operators type and read (RFC 8986 spelling).
 BEHAVIOUR_NAMES = {

@@ -28,7 +28,7 @@ MERGED_HEADERS = Path(os.environ.get("SRMIG_STATE", "/var/lib/srmig")) / "kernel
 
 PROG = "prog"
 MAPS = ("sid_table", "vm_table", "sid_stats", "drop_stats", "verdict_stats", "meta", "hold_ring", "shadow_ring",
-        "sr_domain")
+        "sr_domain", "inner_stats")
 
 # linux/if_link.h XDP_FLAGS_*
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1

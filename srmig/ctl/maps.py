@@ -35,6 +35,30 @@ def _str(raw) -> str:
     return str(ipaddress.IPv6Address(bytes(ffi.buffer(raw, 16))))
 
 
+def _vm_addr(text: str | bytes) -> bytes:
+    """A VM address as the vm_table key (srmig_abi.h): IPv6 as it is, IPv4 as ::ffff:a.b.c.d."""
+    if isinstance(text, bytes) and len(text) == 16:
+        return text
+    if isinstance(text, bytes) and len(text) == 4:
+        return bytes(10) + b"\xff\xff" + text
+    try:
+        a = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"VM address: {text!r} is not an IPv6 or IPv4 address") from None
+    return a.packed if a.version == 6 else bytes(10) + b"\xff\xff" + a.packed
+
+
+def _vm_str(key: bytes) -> str:
+    """A vm_table key as the VM's address: IPv4 VMs (IPv4-mapped keys) as IPv4."""
+    a = ipaddress.IPv6Address(bytes(key))
+    return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+
+
+def _vm_sort(vm: str):
+    a = ipaddress.ip_address(vm)
+    return a.version, a
+
+
 @dataclass
 class SidEntry:
     sid: str
@@ -94,6 +118,7 @@ class Dataplane(libbpf.PinnedMaps):
         self.max_sids = libbpf.map_info(self.sid_stats.fd).max_entries
         # After the version check: an older program has no such pin.
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
+        self.inner_stats = self._map("inner_stats", "uint32_t", "uint64_t", percpu=True)
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
@@ -169,7 +194,7 @@ class Dataplane(libbpf.PinnedMaps):
 
     def _vm_key(self, vm: str | bytes):
         key = ffi.new("struct srmig_vm_key *")
-        ffi.memmove(key.addr, _addr(vm, "VM address"), 16)
+        ffi.memmove(key.addr, _vm_addr(vm), 16)
         return key
 
     def set_vm(self, vm: str, state: VmState | str, next_sid: str | None = None,
@@ -188,18 +213,18 @@ class Dataplane(libbpf.PinnedMaps):
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
         self.vms.update(self._vm_key(vm), value)
         self._tables_changed()
-        return VmEntry(str(ipaddress.IPv6Address(_addr(vm, "VM address"))), st,
+        return VmEntry(_vm_str(_vm_addr(vm)), st,
                        str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first,
                        park)
 
     def get_vm(self, vm: str) -> VmEntry | None:
         v = self.vms.lookup(self._vm_key(vm))
-        return None if v is None else self._vm_entry(_addr(vm, "VM address"), v)
+        return None if v is None else self._vm_entry(_vm_addr(vm), v)
 
     @staticmethod
     def _vm_entry(addr: bytes, v) -> VmEntry:
         nxt = bytes(ffi.buffer(v.next_sid, 16))
-        return VmEntry(str(ipaddress.IPv6Address(addr)), VmState(v.state),
+        return VmEntry(_vm_str(addr), VmState(v.state),
                        str(ipaddress.IPv6Address(nxt)) if any(nxt) else None,
                        bool(v.flags & abi.VM_F_HOLD_RING), bool(v.flags & abi.VM_F_SHADOW),
                        bool(v.flags & abi.VM_F_RING_FIRST), bool(v.flags & abi.VM_F_PARK))
@@ -211,14 +236,14 @@ class Dataplane(libbpf.PinnedMaps):
 
     def list_vms(self) -> list[VmEntry]:
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
-        return sorted(out, key=lambda e: ipaddress.IPv6Address(e.vm))
+        return sorted(out, key=lambda e: _vm_sort(e.vm))
 
     def set_vms_bulk(self, entries: list[tuple[bytes, VmState]]) -> None:
         """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
         key = ffi.new("struct srmig_vm_key *")
         value = ffi.new("struct srmig_vm_value *")
         for addr, state in entries:
-            ffi.memmove(key.addr, addr, 16)
+            ffi.memmove(key.addr, _vm_addr(addr), 16)
             value.state = int(state)
             self.vms.update(key, value)
         self._tables_changed()
@@ -285,10 +310,15 @@ class Dataplane(libbpf.PinnedMaps):
     def stats(self) -> dict:
         verdicts = self._array_sums(self.verdict_stats, abi.VERDICT_MAX)
         drops = self._array_sums(self.drop_stats, abi.DROP_MAX)
+        inner = self._array_sums(self.inner_stats, abi.INNER_MAX * abi.VERDICT_MAX)
         return {
             "verdicts": {v.name.lower(): verdicts[v] for v in Verdict},
             "drops": {r.name.lower(): drops[r] for r in DropReason if r != DropReason.NONE},
             "sids": [e.to_dict() for e in self.list_sids()],
+            # Verdicts per inner family, of the packets whose inner packet a per-VM behaviour read.
+            "inner": {family: {v.name.lower(): inner[base + v] for v in Verdict}
+                      for family, base in (("ipv6", abi.INNER_IPV6 * abi.VERDICT_MAX),
+                                           ("ipv4", abi.INNER_IPV4 * abi.VERDICT_MAX))},
         }
 
     # Hold ring ------------------------------------------------------------------------------------------
@@ -306,6 +336,7 @@ class Dataplane(libbpf.PinnedMaps):
 
         def decode(raw: bytes) -> None:
             rec = ffi.cast("struct srmig_hold_record *", ffi.from_buffer(raw))
-            on_record(HoldRecord(_str(rec.vm), rec.timestamp_ns, raw[head:head + rec.len]))
+            on_record(HoldRecord(_vm_str(bytes(ffi.buffer(rec.vm, 16))), rec.timestamp_ns,
+                                 raw[head:head + rec.len]))
 
         return libbpf.RingBuffer(libbpf.obj_get(str(self.pin_dir / name)), decode, owns_fd=True)

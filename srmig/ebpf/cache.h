@@ -17,6 +17,8 @@ struct nh_cache {
 	__u8 dmac[ETH_ALEN];
 	__u8 smac[ETH_ALEN];
 	__u32 ok_len; /* the FIB passed a packet this long (its MTU check): longer ones take the slow path */
+	__u32 family; /* AF_INET6_ or AF_INET_: dst of an IPv4 destination is IPv4-mapped, and an IPv6 packet to
+		       * that mapped address must not take the IPv4 next hop */
 };
 
 #ifndef SRMIG_NH_TTL_NS

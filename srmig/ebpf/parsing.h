@@ -5,10 +5,12 @@
 #define SRMIG_PARSING_H
 
 #define ETH_P_IPV6_BE 0xDD86 /* htons(0x86DD), usable in a switch without a function call */
+#define ETH_P_IP_BE 0x0008   /* htons(0x0800) */
 #define IPPROTO_HOPOPTS_ 0
 #define IPPROTO_ROUTING_ 43
 #define IPPROTO_DSTOPTS_ 60
 #define IPPROTO_IPV6_ 41
+#define IPPROTO_IPIP_ 4 /* an IPv4 packet as the SRH's next header (RFC 8986 4.6 End.DX4) */
 #define SRMIG_MAX_EXT_HDRS 2 /* Hop-by-Hop and Destination Options may precede the SRH (RFC 8200 4.1) */
 #define SRH_TYPE_SEGMENT_ROUTING 4 /* RFC 8754 2 */
 

@@ -8,6 +8,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in6.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/ip.h>
 
 #include "srmig_abi.h"
 
@@ -39,6 +40,7 @@ BPF_F_TABLE("hash", struct srmig_vm_key, struct srmig_vm_value, vm_table, SRMIG_
 BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
 BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
+BPF_PERCPU_ARRAY(inner_stats, __u64, SRMIG_INNER_MAX * SRMIG_VERDICT_MAX); /* see enum srmig_inner_family */
 BPF_ARRAY(meta, __u32, SRMIG_META_MAX); /* see enum srmig_meta */
 /* The SR domain's source prefixes (value unused); consulted only while meta counts at least one. */
 BPF_LPM_TRIE(sr_domain, struct srmig_domain_key, __u32, SRMIG_MAX_DOMAIN_PREFIXES);
@@ -82,49 +84,103 @@ static __always_inline int nh_apply(struct ethhdr *eth, const __u8 *dmac, const 
 	return bpf_redirect(ifindex, 0);
 }
 
-/* Send the frame at ctx->data (Ethernet + IPv6) on towards its IPv6 destination: FIB lookup, MAC rewrite,
- * redirect. What the FIB cannot finish here (neighbour not resolved yet, a local address, a packet too big
- * for the egress MTU, a route with an lwtunnel) goes to the kernel, which knows how to. */
+/* The IPv4-mapped IPv6 address ::ffff:a.b.c.d of `v4` (network byte order): how vm_table and the next-hop
+ * cache key an IPv4 address (srmig_abi.h). */
+static __always_inline void v4_mapped(__u8 *out, __be32 v4)
+{
+	__u32 *w = (__u32 *)out;
+
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = 0xFFFF0000; /* bytes 00 00 ff ff read little-endian: the host order bpf_ntohs already assumes */
+	w[3] = v4;
+}
+
+static __always_inline int is_v4_mapped(const struct in6_addr *a)
+{
+	const __u32 *w = a->in6_u.u6_addr32;
+
+	return w[0] == 0 && w[1] == 0 && w[2] == 0xFFFF0000;
+}
+
+/* Send the frame at ctx->data (Ethernet + IPv6, or Ethernet + IPv4 after an IPv4 delivery's decap) on towards
+ * its destination: FIB lookup in the packet's family, MAC rewrite, redirect. What the FIB cannot finish here
+ * (neighbour not resolved yet, a local address, a packet too big for the egress MTU, a route with an
+ * lwtunnel) goes to the kernel, which knows how to. Neither family's TTL / hop limit is touched here: the
+ * behaviours decrement the outer hop limit where they forward, and a delivered inner packet keeps its own
+ * (as the kernel's End.DX6 and End.DX4 do: the decapsulating node is not a hop of the inner packet, and the
+ * inner IPv4 checksum stays valid untouched). */
 static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6h = data + sizeof(*eth);
+	struct iphdr *iph = data + sizeof(*eth);
 	struct bpf_fib_lookup fib = {};
-	int rc;
+	struct in6_addr dst;
+	__u32 tot_len, family;
+	int rc, never_fwd;
 
-	if ((void *)(ip6h + 1) > data_end) {
+	if ((void *)(eth + 1) > data_end) {
 		*reason = SRMIG_DROP_TRUNCATED;
 		return XDP_DROP;
+	}
+	if (eth->h_proto == ETH_P_IP_BE) {
+		if ((void *)(iph + 1) > data_end) {
+			*reason = SRMIG_DROP_TRUNCATED;
+			return XDP_DROP;
+		}
+		family = AF_INET_;
+		v4_mapped((__u8 *)&dst, iph->daddr);
+		tot_len = bpf_ntohs(iph->tot_len);
+		never_fwd = 0; /* the IPv4 FIB lookup does not judge the source */
+	} else {
+		if ((void *)(ip6h + 1) > data_end) {
+			*reason = SRMIG_DROP_TRUNCATED;
+			return XDP_DROP;
+		}
+		family = AF_INET6_;
+		dst = ip6h->daddr;
+		tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
+		never_fwd = never_forwarded_source(&ip6h->saddr);
 	}
 	__u32 gen_key = SRMIG_META_NH_GENERATION;
 	__u32 *gen = meta.lookup(&gen_key);
 	__u32 generation = gen ? *gen : 0;
-	struct in6_addr dst = ip6h->daddr;
 	__u32 set = set_of(&dst, SRMIG_NH_SLOTS), other = set + 1;
 	struct nh_cache *way0 = nh_cache.lookup(&set);
 	struct nh_cache *way1 = nh_cache.lookup(&other);
 	struct nh_cache *nh = NULL;
-	__u32 tot_len = bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h);
 
 	if (!way0 || !way1)
 		return XDP_PASS; /* never: both indexes are in range */
-	if (way0->expires_ns && same_addr(&way0->dst, &dst))
+	if (way0->expires_ns && way0->family == family && same_addr(&way0->dst, &dst))
 		nh = way0;
-	else if (way1->expires_ns && same_addr(&way1->dst, &dst))
+	else if (way1->expires_ns && way1->family == family && same_addr(&way1->dst, &dst))
 		nh = way1;
-	if (nh && nh->generation == generation && tot_len <= nh->ok_len && !never_forwarded_source(&ip6h->saddr) &&
-	    nh_fresh(nh))
+	if (nh && nh->generation == generation && tot_len <= nh->ok_len && !never_fwd && nh_fresh(nh))
 		return nh_apply(eth, nh->dmac, nh->smac, nh->ifindex);
 
-	fib.family = AF_INET6_;
-	fib.flowinfo = *(__be32 *)ip6h & IPV6_FLOWINFO_MASK_;
-	fib.l4_protocol = ip6h->nexthdr;
 	fib.tot_len = tot_len;
-	__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
-	__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
 	fib.ifindex = ctx->ingress_ifindex;
+	if (family == AF_INET_) {
+		if ((void *)(iph + 1) > data_end)
+			return XDP_PASS; /* never: checked above; the verifier wants it again */
+		fib.family = AF_INET_;
+		fib.tos = iph->tos;
+		fib.l4_protocol = iph->protocol;
+		fib.ipv4_src = iph->saddr;
+		fib.ipv4_dst = iph->daddr;
+	} else {
+		if ((void *)(ip6h + 1) > data_end)
+			return XDP_PASS; /* never: as above */
+		fib.family = AF_INET6_;
+		fib.flowinfo = *(__be32 *)ip6h & IPV6_FLOWINFO_MASK_;
+		fib.l4_protocol = ip6h->nexthdr;
+		__builtin_memcpy(fib.ipv6_src, &ip6h->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, &ip6h->daddr, 16);
+	}
 
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
 	switch (rc) {
@@ -139,6 +195,7 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 		slot->ifindex = fib.ifindex;
 		slot->generation = generation;
 		slot->ok_len = tot_len;
+		slot->family = family;
 		__builtin_memcpy(slot->dmac, fib.dmac, ETH_ALEN);
 		__builtin_memcpy(slot->smac, fib.smac, ETH_ALEN);
 		return nh_apply(eth, fib.dmac, fib.smac, fib.ifindex);
@@ -158,7 +215,8 @@ static __always_inline int fib_redirect(struct xdp_md *ctx, __u32 *reason)
 struct pkt {
 	struct ipv6hdr *ip6h;   /* outer IPv6 header */
 	struct srh *srh;        /* NULL when the packet has none (reduced encapsulation) */
-	struct ipv6hdr *inner;  /* inner IPv6 header, NULL when the upper layer is not IPv6 */
+	void *inner;            /* inner IPv6 or IPv4 header */
+	__u16 inner_proto;      /* its ethertype, network byte order: ETH_P_IPV6_BE or ETH_P_IP_BE (0: not read) */
 	__u32 outer_len;        /* bytes from the outer IPv6 header to the inner one */
 	__u32 verdict;
 	__u32 reason;
@@ -169,7 +227,7 @@ static __always_inline __u8 segments_left(struct pkt *p)
 	return p->srh ? p->srh->segments_left : 0;
 }
 
-/* Copy the packet from its IPv6 header on into `rec`'s payload. Returns its length, 0 when it cannot. */
+/* Copy the packet from its IPv6 (or, a shadow copy, inner IPv4) header on into `rec`'s payload. Returns its length, 0 when it cannot. */
 static __always_inline __u32 copy_packet(struct xdp_md *ctx, struct srmig_hold_record *rec,
 					 struct srmig_vm_key *vm)
 {
@@ -183,7 +241,7 @@ static __always_inline __u32 copy_packet(struct xdp_md *ctx, struct srmig_hold_r
 	/* The verifier needs 1 <= len <= buffer; the empty asm keeps clang from folding the mask away. */
 	asm volatile("" : "+r"(len));
 	len &= SRMIG_HOLD_SNAPLEN - 1;
-	if (len < sizeof(struct ipv6hdr) || bpf_xdp_load_bytes(ctx, off, (void *)(rec + 1), len))
+	if (len < sizeof(struct iphdr) || bpf_xdp_load_bytes(ctx, off, (void *)(rec + 1), len))
 		return 0;
 	rec->timestamp_ns = bpf_ktime_get_ns();
 	__builtin_memcpy(rec->vm, vm->addr, 16);
@@ -205,13 +263,14 @@ static __always_inline void shadow_copy(struct xdp_md *ctx, struct srmig_vm_key 
 		shadow_ring.ringbuf_discard(rec, 0);
 }
 
-/* Deliver: decapsulate, forward the inner packet to the VM (RFC 8986 4.5 End.DX6, SL must be 0 unless the
- * behaviour ignores the remaining segments, as End.S does while the VM runs here). */
+/* Deliver: decapsulate, forward the inner packet to the VM (RFC 8986 4.5 End.DX6, 4.6 End.DX4 for an inner
+ * IPv4 packet; SL must be 0 unless the behaviour ignores the remaining segments, as End.S does while the VM
+ * runs here). */
 static __always_inline int deliver(struct xdp_md *ctx, struct pkt *p, __u32 verdict, struct srmig_vm_key *vm,
 				   struct srmig_vm_value *st)
 {
 	p->verdict = verdict;
-	p->reason = decap(ctx, p->outer_len);
+	p->reason = decap(ctx, p->outer_len, p->inner_proto);
 	if (p->reason)
 		return XDP_DROP;
 	if (st->flags & SRMIG_VM_F_SHADOW)
@@ -434,6 +493,13 @@ static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is
 
 	if (v)
 		*v += 1;
+	if (p->inner_proto) {
+		idx = (p->inner_proto == ETH_P_IP_BE ? SRMIG_INNER_IPV4 : SRMIG_INNER_IPV6) * SRMIG_VERDICT_MAX +
+		      p->verdict;
+		v = inner_stats.lookup(&idx);
+		if (v)
+			*v += 1;
+	}
 	if (p->reason) { /* set exactly when the verdict is a drop (see the exit of srmig_xdp) */
 		idx = p->reason;
 		v = drop_stats.lookup(&idx);
@@ -492,17 +558,45 @@ static __always_inline __u32 check_outer(struct hdr_cursor *nh, void *data_end, 
 	return 0;
 }
 
-/* The per-VM behaviours need the inner packet: its DA names the VM. Returns a drop reason (0: fine). */
-static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, struct pkt *p, int nexthdr)
+/* The per-VM behaviours need the inner packet: its DA names the VM, written into `vm` as the vm_table key
+ * (srmig_abi.h: IPv4 as IPv4-mapped). One SID serves both families, as End.DT46 does (RFC 8986 4.8). Returns
+ * a drop reason (0: fine). */
+static __always_inline __u32 parse_inner(struct hdr_cursor *nh, void *data_end, struct pkt *p, int nexthdr,
+					 struct srmig_vm_key *vm)
 {
-	if (nexthdr != IPPROTO_IPV6_)
-		return SRMIG_DROP_INNER_NOT_IPV6;
 	p->inner = nh->pos;
-	if ((void *)(p->inner + 1) > data_end ||
-	    sizeof(*p->inner) + bpf_ntohs(p->inner->payload_len) > (__u32)(data_end - (void *)p->inner))
-		return SRMIG_DROP_TRUNCATED;
-	p->outer_len = (void *)p->inner - (void *)p->ip6h;
-	return 0;
+	p->outer_len = nh->pos - (void *)p->ip6h;
+	if (nexthdr == IPPROTO_IPV6_) {
+		struct ipv6hdr *ip6h = nh->pos;
+
+		p->inner_proto = ETH_P_IPV6_BE;
+		if ((void *)(ip6h + 1) > data_end ||
+		    sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len) > (__u32)(data_end - (void *)ip6h))
+			return SRMIG_DROP_TRUNCATED;
+		/* IPv4-mapped keys are IPv4 VMs': an IPv6 packet to one is for no VM (srmig_abi.h). */
+		if (is_v4_mapped(&ip6h->daddr))
+			return SRMIG_DROP_UNKNOWN_VM;
+		__builtin_memcpy(vm->addr, &ip6h->daddr, 16);
+		return 0;
+	}
+	if (nexthdr == IPPROTO_IPIP_) {
+		struct iphdr *iph = nh->pos;
+		__u32 tot_len;
+
+		p->inner_proto = ETH_P_IP_BE;
+		if ((void *)(iph + 1) > data_end)
+			return SRMIG_DROP_TRUNCATED;
+		/* RFC 791 3.1; the checksum is left to the VM, as the kernel's End.DX4 does (it is not changed
+		 * either: the TTL is not decremented, see fib_redirect). */
+		tot_len = bpf_ntohs(iph->tot_len);
+		if (iph->version != 4 || iph->ihl < 5 || tot_len < ((__u32)iph->ihl << 2))
+			return SRMIG_DROP_INNER_MALFORMED;
+		if (tot_len > (__u32)(data_end - (void *)iph))
+			return SRMIG_DROP_TRUNCATED;
+		v4_mapped(vm->addr, iph->daddr);
+		return 0;
+	}
+	return SRMIG_DROP_INNER_NOT_IPV6; /* neither IPv6 nor IPv4 */
 }
 
 static __always_inline int per_vm(struct xdp_md *ctx, struct pkt *p, __u32 behaviour, struct srmig_vm_key *vm_key,
@@ -555,10 +649,9 @@ int srmig_xdp(struct xdp_md *ctx)
 		action = end(ctx, &p);
 		goto out;
 	}
-	p.reason = parse_inner(&nh, data_end, &p, nexthdr);
+	p.reason = parse_inner(&nh, data_end, &p, nexthdr, &vm_key);
 	if (p.reason)
 		goto out;
-	__builtin_memcpy(vm_key.addr, &p.inner->daddr, 16);
 	vm = vm_lookup(&vm_key, generation);
 	if (!vm) {
 		p.reason = SRMIG_DROP_UNKNOWN_VM;

@@ -9,11 +9,13 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 7 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+#define SRMIG_ABI_VERSION 8 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
                              * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
                              * 6: SRMIG_META_TABLE_GENERATION (lookup caches);
-                             * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats) */
+                             * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats);
+                             * 8: inner IPv4 (vm_table keys IPv4-mapped, SRMIG_DROP_INNER_MALFORMED,
+                             *    inner_stats) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -33,7 +35,7 @@ enum srmig_behaviour {
 	SRMIG_BEH_END_SBUF = 4,    /* migration destination: hold until the VM resumes, then deliver */
 };
 
-/* Migration state of one VM on this host, keyed by the VM's IPv6 address (the inner destination). */
+/* Migration state of one VM on this host, keyed by the VM's address (the inner destination, IPv6 or IPv4). */
 enum srmig_vm_state {
 	SRMIG_VM_RUNNING = 1,  /* the VM runs here: deliver */
 	SRMIG_VM_HOLD = 2,     /* paused here, its tap queue being drained: newer packets go to the hold ring */
@@ -52,7 +54,8 @@ enum srmig_drop_reason {
 	SRMIG_DROP_SL_ZERO = 5,        /* SL == 0 where a next segment is required (End, End.S advancing) */
 	SRMIG_DROP_SL_NONZERO = 6,     /* SL != 0 at a decapsulating behaviour (RFC 8986 4.5 End.DX6 S01) */
 	SRMIG_DROP_HOP_LIMIT = 7,      /* Hop Limit <= 1 when forwarding (RFC 8986 4.1 S03) */
-	SRMIG_DROP_INNER_NOT_IPV6 = 8, /* upper-layer header is not IPv6 at delivery (RFC 8986 4.5) */
+	SRMIG_DROP_INNER_NOT_IPV6 = 8, /* upper-layer header is neither IPv6 nor IPv4 (RFC 8986 4.5, 4.6) at a
+					* per-VM behaviour (name kept from before inner IPv4: the value is stable) */
 	SRMIG_DROP_UNKNOWN_VM = 9,     /* inner DA is not a VM in the state map */
 	SRMIG_DROP_VM_STATE = 10,      /* the VM's state has no action for this behaviour */
 	SRMIG_DROP_NO_ROUTE = 11,      /* FIB lookup: unreachable, blackhole, prohibit, forwarding disabled */
@@ -60,7 +63,9 @@ enum srmig_drop_reason {
 	SRMIG_DROP_HEADROOM = 13,      /* bpf_xdp_adjust_head failed */
 	SRMIG_DROP_UNKNOWN_BEHAVIOUR = 14, /* SID table entry with a behaviour this program does not know */
 	SRMIG_DROP_OUTSIDE_DOMAIN = 15, /* to one of our SIDs from a source outside the SR domain (RFC 8754 5.1) */
-	SRMIG_DROP_MAX = 16,           /* number of slots in drop_stats; grows when a reason is appended */
+	SRMIG_DROP_INNER_MALFORMED = 16, /* inner IPv4 header: version != 4, IHL < 5 or total length < IHL * 4
+					  * (RFC 791 3.1); a total length past the frame is TRUNCATED, as for IPv6 */
+	SRMIG_DROP_MAX = 17,           /* number of slots in drop_stats; grows when a reason is appended */
 };
 
 /* What happened to a packet. Index into the verdict_stats map. */
@@ -73,6 +78,16 @@ enum srmig_verdict {
 	SRMIG_VERDICT_MAX = 5,
 };
 
+/* The family of a packet's inner packet, for the packets a per-VM behaviour reads it of (every SID but End's).
+ * inner_stats, a per-CPU array of SRMIG_INNER_MAX * SRMIG_VERDICT_MAX counters, counts them per family and
+ * verdict at index family * SRMIG_VERDICT_MAX + verdict; a drop's reason is in drop_stats (inner_malformed
+ * is IPv4's alone). */
+enum srmig_inner_family {
+	SRMIG_INNER_IPV6 = 0,
+	SRMIG_INNER_IPV4 = 1,
+	SRMIG_INNER_MAX = 2,
+};
+
 /* sid_table: key = the SID (IPv6 address, network byte order). */
 struct srmig_sid_key {
 	__u8 addr[16];
@@ -83,7 +98,10 @@ struct srmig_sid_value {
 	__u32 stats_slot; /* index into sid_stats, chosen by userspace, < SRMIG_MAX_SIDS */
 };
 
-/* vm_table: key = the VM's IPv6 address (the inner destination), network byte order. */
+/* vm_table: key = the VM's address (the inner destination), network byte order, 16 bytes for both families: an
+ * IPv6 address as it is, an IPv4 address as its IPv4-mapped IPv6 address ::ffff:a.b.c.d (RFC 4291 2.5.5.2).
+ * One map, one lookup: the inner header's family picks the encoding, and no VM's IPv6 address is
+ * IPv4-mapped (an IPv6 packet to ::ffff:0:0/96 never reaches a VM, RFC 4291 2.5.5.2). */
 struct srmig_vm_key {
 	__u8 addr[16];
 };
@@ -125,7 +143,8 @@ struct srmig_sid_stats {
 
 /* A record in the hold ring (BPF ring buffer): this header, then `len` bytes of the packet starting at
  * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is.
- * The shadow ring uses the same record; its packet is the inner one, as delivered to the VM. */
+ * The shadow ring uses the same record; its packet is the inner one, as delivered to the VM (an IPv6 or an
+ * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped). */
 struct srmig_hold_record {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
 	__u8 vm[16];        /* the VM it is for */

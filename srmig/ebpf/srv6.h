@@ -5,6 +5,7 @@
 
 #include "parsing.h"
 
+#define AF_INET_ 2
 #define AF_INET6_ 10
 #define IPV6_FLOWINFO_MASK_ 0xFFFFFF0F /* traffic class + flow label in network byte order */
 
@@ -50,10 +51,11 @@ static __always_inline __u32 advance_nextseg(struct ipv6hdr *ip6h, struct srh *s
 	return SRMIG_DROP_NONE;
 }
 
-/* Encapsulated-mode delivery (End.DX6-like, RFC 8986 4.5 S02): remove the outer IPv6 header and its
- * extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header. Returns SRMIG_DROP_NONE
- * or the reason; the inner packet then starts after the Ethernet header. */
-static __always_inline __u32 decap(struct xdp_md *ctx, __u32 outer_len)
+/* Encapsulated-mode delivery (End.DX6 / End.DX4-like, RFC 8986 4.5 S02, 4.6 S02): remove the outer IPv6
+ * header and its extension headers (`outer_len` bytes after Ethernet), keep the Ethernet header with the
+ * inner packet's ethertype (`h_proto`, network byte order). Returns SRMIG_DROP_NONE or the reason; the inner
+ * packet then starts after the Ethernet header. */
+static __always_inline __u32 decap(struct xdp_md *ctx, __u32 outer_len, __u16 h_proto)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -70,7 +72,8 @@ static __always_inline __u32 decap(struct xdp_md *ctx, __u32 outer_len)
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return SRMIG_DROP_TRUNCATED;
-	*eth = eth_copy; /* h_proto stays ETH_P_IPV6: the inner packet is IPv6 too */
+	eth_copy.h_proto = h_proto;
+	*eth = eth_copy;
 	return SRMIG_DROP_NONE;
 }
 

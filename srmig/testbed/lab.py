@@ -17,6 +17,7 @@ from srmig.ctl.maps import Dataplane
 from srmig.ctl.ingress import BpfEncap
 from srmig.bpf import libbpf, loader
 from srmig.bpf.abi import Behaviour, VmState
+from srmig.testbed import netns
 from srmig.testbed.netns import Topology
 
 # This host (H) and the next one (D), each an SRv6 locator /48.
@@ -44,6 +45,21 @@ VM_PARKED = "2001:db8:100::42"  # RUNNING, parking (an abort, until the destinat
 VM_NO_NEIGH = "2001:db8:100::50"
 VM_UNREACHABLE = "2001:db8:100::60"
 VM_UNKNOWN = "2001:db8:100::99"
+
+# The same VMs with an IPv4 address (inner IPv4: one SID serves both families), each in the state of its IPv6
+# twin: the IPv4 rows of tests/test_dataplane.py are generated from the IPv6 ones through this map.
+V4_OF = {
+    VM_RUNNING: "198.51.100.10",
+    VM_AWAY: "198.51.100.20",
+    VM_HOLD: "198.51.100.30",
+    VM_INCOMING: "198.51.100.40",
+    VM_INCOMING_RING: "198.51.100.41",
+    VM_PARKED: "198.51.100.42",
+    VM_NO_NEIGH: "198.51.100.50",
+    VM_UNREACHABLE: "198.51.100.60",
+    VM_UNKNOWN: "198.51.100.99",
+}
+V4_SRC = "192.0.2.1"  # the inner source of IPv4 test packets (IPv6: 2001:db8:9::1)
 
 RTN_UNREACHABLE = 7
 
@@ -91,6 +107,7 @@ class TestRunLab(NamespaceLab):
     def _build(self) -> None:
         t = self.topo
         t.add_host("lab")
+        netns.sysctl(t.ns("lab"), "net.ipv4.ip_forward", 1)  # the IPv4 FIB lookup forwards only then
         t.add_host("fab")
         t.add_host("vm")
         t.link("lab", "fab0", "fab", "up0", a_addr="2001:db8:f::1/64", a_mac=FAB_MAC, b_mac=FAB_PEER_MAC)
@@ -100,10 +117,13 @@ class TestRunLab(NamespaceLab):
         t.neigh("lab", "fab0", FAB_PEER, FAB_PEER_MAC)
         for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED, VM_NO_NEIGH):
             t.route("lab", vm + "/128", oif="vm0")
+            t.route("lab", V4_OF[vm] + "/32", oif="vm0")
         for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED):
             t.neigh("lab", "vm0", vm, VM_MAC)
+            t.neigh("lab", "vm0", V4_OF[vm], VM_MAC)
         with t.ipr("lab") as ipr:
             ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
+            ipr.route("replace", dst=V4_OF[VM_UNREACHABLE] + "/32", family=2, type=RTN_UNREACHABLE)
         self.fab_ifindex = t.ifindex("lab", "fab0")
         self.vm_ifindex = t.ifindex("lab", "vm0")
         with t.inside("lab"):
@@ -118,14 +138,20 @@ class TestRunLab(NamespaceLab):
         for sid, beh in ((SID_END, Behaviour.END), (SID_DX6, Behaviour.END_DX6_MAP), (SID_S, Behaviour.END_S),
                          (SID_SBUF, Behaviour.END_SBUF)):
             dp.add_sid(sid, beh)
-        dp.set_vm(VM_RUNNING, VmState.RUNNING)
-        dp.set_vm(VM_AWAY, VmState.AWAY, next_sid=D_DX6)
-        dp.set_vm(VM_HOLD, VmState.HOLD, next_sid=D_DX6)  # the drain records where the VM goes
-        dp.set_vm(VM_INCOMING, VmState.INCOMING)
-        dp.set_vm(VM_INCOMING_RING, VmState.INCOMING, hold_ring=True)
-        dp.set_vm(VM_PARKED, VmState.RUNNING, park=True)
-        dp.set_vm(VM_NO_NEIGH, VmState.RUNNING)
-        dp.set_vm(VM_UNREACHABLE, VmState.RUNNING)
+        for vm in (VM_RUNNING, V4_OF[VM_RUNNING]):
+            dp.set_vm(vm, VmState.RUNNING)
+        for vm in (VM_AWAY, V4_OF[VM_AWAY]):
+            dp.set_vm(vm, VmState.AWAY, next_sid=D_DX6)
+        for vm in (VM_HOLD, V4_OF[VM_HOLD]):
+            dp.set_vm(vm, VmState.HOLD, next_sid=D_DX6)  # the drain records where the VM goes
+        for vm in (VM_INCOMING, V4_OF[VM_INCOMING]):
+            dp.set_vm(vm, VmState.INCOMING)
+        for vm in (VM_INCOMING_RING, V4_OF[VM_INCOMING_RING]):
+            dp.set_vm(vm, VmState.INCOMING, hold_ring=True)
+        for vm in (VM_PARKED, V4_OF[VM_PARKED]):
+            dp.set_vm(vm, VmState.RUNNING, park=True)
+        for vm in (VM_NO_NEIGH, V4_OF[VM_NO_NEIGH], VM_UNREACHABLE, V4_OF[VM_UNREACHABLE]):
+            dp.set_vm(vm, VmState.RUNNING)
 
     def run(self, packet: bytes, repeat: int = 1) -> libbpf.TestRun:
         """One BPF_PROG_TEST_RUN in the lab's namespace (its FIB), as if received on fab0."""

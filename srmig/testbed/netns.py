@@ -129,17 +129,20 @@ class Topology:
             return netlink.link_mac(netlink.ifindex(ifname, ipr), ipr)
 
     def route(self, role: str, dst: str, **kw) -> None:
-        """`ip -6 route replace` in a role's namespace; kw as pyroute2's route(): gateway, oif, encap..."""
+        """`ip route replace` in a role's namespace, IPv6 or IPv4 by `dst`; kw as pyroute2's route(): gateway,
+        oif, encap..."""
+        kw.setdefault("family", 10 if ":" in dst else 2)
         with self.ipr(role) as ipr:
             if "oif" in kw and isinstance(kw["oif"], str):
                 kw["oif"] = ipr.link_lookup(ifname=kw["oif"])[0]
-            ipr.route("replace", dst=dst, family=10, **kw)
+            ipr.route("replace", dst=dst, **kw)
 
     def neigh(self, role: str, ifname: str, addr: str, mac: str) -> None:
         """A permanent neighbour entry, so the first packet is not parked in the neighbour queue."""
         with self.ipr(role) as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            ipr.neigh("replace", dst=addr, lladdr=mac, ifindex=idx, state=0x80, family=10)  # NUD_PERMANENT
+            ipr.neigh("replace", dst=addr, lladdr=mac, ifindex=idx, state=0x80,
+                      family=10 if ":" in addr else 2)  # NUD_PERMANENT
 
     def run(self, role: str, *argv: str, **kw) -> subprocess.CompletedProcess:
         return run(self.ns(role), *argv, **kw)

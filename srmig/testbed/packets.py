@@ -1,7 +1,8 @@
-"""SRv6 packets with scapy, in the field's terms: H.Encaps of an inner IPv6 packet with a segment list."""
+"""SRv6 packets with scapy, in the field's terms: H.Encaps of an inner IPv6 or IPv4 packet with a segment list."""
 
 from __future__ import annotations
 
+from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop, IPv6ExtHdrSegmentRouting, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -11,6 +12,11 @@ INGRESS_MAC = "02:00:00:00:00:aa"
 
 def inner(dst: str, src: str = "2001:db8:9::1", payload: bytes = b"srmig-probe", hlim: int = 64) -> IPv6:
     return IPv6(src=src, dst=dst, hlim=hlim) / UDP(sport=4000, dport=5000) / Raw(payload)
+
+
+def inner4(dst: str, src: str = "192.0.2.1", payload: bytes = b"srmig-probe", ttl: int = 64) -> IP:
+    """The IPv4 twin of inner(): an inner IPv4 packet (SRH next header 4, RFC 8986 4.6)."""
+    return IP(src=src, dst=dst, ttl=ttl) / UDP(sport=4000, dport=5000) / Raw(payload)
 
 
 def h_encaps(segments: list[str], inner_pkt, src: str = "2001:db8:9::1", sl: int | None = None,

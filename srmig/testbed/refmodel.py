@@ -1,7 +1,8 @@
 """A pure-Python reference model of the srmig XDP program, for differential fuzzing (tests/test_fuzz.py).
 
 Written from the "Endpoint behaviours" table of docs/design.md, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
-RFC 8986 (End 4.1, End.DX6 4.5) and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
+RFC 8986 (End 4.1, End.DX6 4.5, End.DX4 4.6: an inner IPv4 packet is handled as an inner IPv6 one), RFC 791
+and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
 VM states, routes, neighbours and the SR domain. It parses with `struct` only. Where the specs leave freedom
 (order of checks, which reason a packet is counted under), it follows the C program's documented choice; each
 such place says "C's choice".
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 ETH_P_IPV6 = 0x86DD
-NH_HOPOPTS, NH_ROUTING, NH_DSTOPTS, NH_IPV6 = 0, 43, 60, 41
+ETH_P_IP = 0x0800
+NH_HOPOPTS, NH_ROUTING, NH_DSTOPTS, NH_IPV6, NH_IPV4 = 0, 43, 60, 41, 4
 MAX_EXT_HDRS = 2
 HOLD_SNAPLEN = 2048
 
@@ -45,7 +47,7 @@ class Vm:
 class Route:
     """A route as the FIB lookup sees it. kind: "neigh" (resolved: dmac/smac), "no_neigh", "unreachable",
     "local" (local/anycast/multicast: not forwarded)."""
-    prefix: ipaddress.IPv6Network
+    prefix: ipaddress.IPv6Network | ipaddress.IPv4Network
     kind: str
     dmac: bytes = b""
     smac: bytes = b""
@@ -56,7 +58,7 @@ class Route:
 @dataclass
 class LabConfig:
     sids: dict[bytes, str]
-    vms: dict[bytes, Vm]
+    vms: dict[bytes, Vm]  # keyed as vm_table is: 16 bytes, IPv4 VMs IPv4-mapped
     routes: list[Route] = field(default_factory=list)
     domain: list[ipaddress.IPv6Network] = field(default_factory=list)  # SR domain prefixes; empty: no check
 
@@ -71,16 +73,27 @@ class LabConfig:
         return cache[dst]
 
     def _lookup(self, dst: bytes) -> Route | None:
-        a = ipaddress.IPv6Address(dst)
+        """`dst`: 16 bytes (IPv6) or 4 (IPv4); each family has its own routes."""
+        a = ipaddress.ip_address(dst)
         best = None
         for r in self.routes:
-            if a in r.prefix and (best is None or r.prefix.prefixlen > best.prefix.prefixlen):
+            if r.prefix.version == a.version and a in r.prefix and (best is None or r.prefix.prefixlen > best.prefix.prefixlen):
                 best = r
         return best
 
 
 def _a(text: str) -> bytes:
     return ipaddress.IPv6Address(text).packed
+
+
+def _v4key(v4: bytes) -> bytes:
+    """The vm_table key of an IPv4 address: ::ffff:a.b.c.d (srmig_abi.h)."""
+    return bytes(10) + b"\xff\xff" + bytes(v4)
+
+
+def _vm_key(text: str) -> bytes:
+    a = ipaddress.ip_address(text)
+    return a.packed if a.version == 6 else _v4key(a.packed)
 
 
 def _mac(text: str) -> bytes:
@@ -109,20 +122,26 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
     ]
     for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED):
         routes.append(Route(net(v + "/128"), "neigh", *vm, dev="vm0"))
-    routes.append(Route(net(L.VM_NO_NEIGH + "/128"), "no_neigh", dev="vm0"))
-    routes.append(Route(net(L.VM_UNREACHABLE + "/128"), "unreachable", dev="lo"))
+        routes.append(Route(ipaddress.IPv4Network(L.V4_OF[v] + "/32"), "neigh", *vm, dev="vm0"))
+    for v in (L.VM_NO_NEIGH, L.V4_OF[L.VM_NO_NEIGH]):
+        routes.append(Route(ipaddress.ip_network(v), "no_neigh", dev="vm0"))
+    for v in (L.VM_UNREACHABLE, L.V4_OF[L.VM_UNREACHABLE]):
+        routes.append(Route(ipaddress.ip_network(v), "unreachable", dev="lo"))
+    # IPv4 has no other route in the lab: any other destination is not forwarded (NOT_FWDED, to the kernel).
+    vms = {
+        L.VM_RUNNING: Vm(RUNNING),
+        L.VM_AWAY: Vm(AWAY, next_sid=_a(L.D_DX6)),
+        L.VM_HOLD: Vm(HOLD, next_sid=_a(L.D_DX6)),
+        L.VM_INCOMING: Vm(INCOMING),
+        L.VM_INCOMING_RING: Vm(INCOMING, hold_ring=True),
+        L.VM_PARKED: Vm(RUNNING, park=True),
+        L.VM_NO_NEIGH: Vm(RUNNING),
+        L.VM_UNREACHABLE: Vm(RUNNING),
+    }
     return LabConfig(
         sids={_a(L.SID_END): END, _a(L.SID_DX6): DX6_MAP, _a(L.SID_S): END_S, _a(L.SID_SBUF): END_SBUF},
-        vms={
-            _a(L.VM_RUNNING): Vm(RUNNING),
-            _a(L.VM_AWAY): Vm(AWAY, next_sid=_a(L.D_DX6)),
-            _a(L.VM_HOLD): Vm(HOLD, next_sid=_a(L.D_DX6)),
-            _a(L.VM_INCOMING): Vm(INCOMING),
-            _a(L.VM_INCOMING_RING): Vm(INCOMING, hold_ring=True),
-            _a(L.VM_PARKED): Vm(RUNNING, park=True),
-            _a(L.VM_NO_NEIGH): Vm(RUNNING),
-            _a(L.VM_UNREACHABLE): Vm(RUNNING),
-        },
+        # Every VM twice, by its IPv6 and its IPv4 address, in the same state (lab.py's V4_OF).
+        vms={_vm_key(a): v for vm, v in vms.items() for a in (vm, L.V4_OF[vm])},
         routes=routes,
         domain=[ipaddress.IPv6Network(p) for p in domain],
     )
@@ -141,13 +160,21 @@ def _fib_refuses_src(addr: bytes) -> bool:
 
 
 def _send(frame: bytearray, cfg: LabConfig, verdict: str) -> tuple[Result, None]:
-    """Forward the frame (Ethernet + IPv6) towards its IPv6 DA like bpf_fib_lookup + bpf_redirect would.
-    The program's next-hop cache is transparent: same answer as the FIB."""
-    src, dst = bytes(frame[14 + 8:14 + 24]), bytes(frame[14 + 24:14 + 40])
-    # bpf_fib_lookup (input lookup) refuses a multicast, link-local or loopback source whatever the route,
-    # even an unreachable one: NOT_FWDED, to the kernel (measured on the lab; RFC 4291 2.5.3, 2.5.6, 2.7).
-    if _fib_refuses_src(src):
-        return Result("XDP_PASS", bytes(frame), verdict, None), None
+    """Forward the frame (Ethernet + IPv6, or + IPv4 after an IPv4 delivery) towards its DA like bpf_fib_lookup +
+    bpf_redirect would. The program's next-hop cache is transparent: same answer as the FIB. Neither TTL nor
+    hop limit changes here (a delivered inner packet keeps its own, as the kernel's End.DX6 / End.DX4 do)."""
+    if struct.unpack_from("!H", frame, 12)[0] == ETH_P_IP:
+        # The IPv4 lookup does not judge the source; its MTU check uses the header's total length.
+        dst = bytes(frame[14 + 16:14 + 20])
+        tot_len = struct.unpack_from("!H", frame, 14 + 2)[0]
+    else:
+        src, dst = bytes(frame[14 + 8:14 + 24]), bytes(frame[14 + 24:14 + 40])
+        # bpf_fib_lookup (input lookup) refuses a multicast, link-local or loopback source whatever the route,
+        # even an unreachable one: NOT_FWDED, to the kernel (measured on the lab; RFC 4291 2.5.3, 2.5.6, 2.7).
+        if _fib_refuses_src(src):
+            return Result("XDP_PASS", bytes(frame), verdict, None), None
+        # bpf_fib_lookup's MTU check uses tot_len from the header (struct bpf_fib_lookup.tot_len is 16 bits).
+        tot_len = (struct.unpack_from("!H", frame, 14 + 4)[0] + 40) & 0xFFFF
     r = cfg.lookup(dst)
     if r is None or r.kind == "local":
         return Result("XDP_PASS", bytes(frame), verdict, None), None          # NOT_FWDED
@@ -155,8 +182,6 @@ def _send(frame: bytearray, cfg: LabConfig, verdict: str) -> tuple[Result, None]
         return Result("XDP_DROP", None, "drop", "no_route"), None
     if r.kind == "unknown":
         raise ValueError("destination with an unpredictable neighbour table")
-    # bpf_fib_lookup's MTU check uses tot_len from the header (struct bpf_fib_lookup.tot_len is 16 bits).
-    tot_len = (struct.unpack_from("!H", frame, 14 + 4)[0] + 40) & 0xFFFF
     if tot_len > r.mtu or r.kind == "no_neigh":
         return Result("XDP_PASS", bytes(frame), verdict, None), None          # FRAG_NEEDED / NO_NEIGH
     frame[0:6] = r.dmac
@@ -241,20 +266,37 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
         _advance(f, srh)
         return _send(f, cfg, "forward")
 
-    # Per-VM behaviours: the inner packet names the VM (RFC 8986 4.5: upper layer must be IPv6).
-    if nh != NH_IPV6:
-        raise _Drop("inner_not_ipv6")
-    if pos + 40 > n or 40 + struct.unpack_from("!H", f, pos + 4)[0] > n - pos:
-        raise _Drop("truncated")
+    # Per-VM behaviours: the inner packet names the VM (RFC 8986 4.5 / 4.6: upper layer IPv6 or IPv4; one SID
+    # serves both, as End.DT46 does).
     inner = pos
-    vm_addr = bytes(f[inner + 24:inner + 40])
+    if nh == NH_IPV6:
+        if pos + 40 > n or 40 + struct.unpack_from("!H", f, pos + 4)[0] > n - pos:
+            raise _Drop("truncated")
+        vm_addr = bytes(f[inner + 24:inner + 40])
+        if vm_addr[:12] == bytes(10) + b"\xff\xff":
+            raise _Drop("unknown_vm")  # IPv4-mapped: IPv4 VMs' keys, never an IPv6 packet's VM (srmig_abi.h)
+        ethertype = ETH_P_IPV6
+    elif nh == NH_IPV4:
+        if pos + 20 > n:
+            raise _Drop("truncated")
+        # RFC 791 3.1. C's choice: version, IHL and total length >= IHL*4 are inner_malformed; a total length
+        # past the frame is truncated (as for IPv6). The checksum is not checked (left to the VM) nor changed.
+        ihl, tot_len = f[pos] & 0xF, struct.unpack_from("!H", f, pos + 2)[0]
+        if f[pos] >> 4 != 4 or ihl < 5 or tot_len < ihl * 4:
+            raise _Drop("inner_malformed")
+        if tot_len > n - pos:
+            raise _Drop("truncated")
+        vm_addr = _v4key(f[inner + 16:inner + 20])
+        ethertype = ETH_P_IP
+    else:
+        raise _Drop("inner_not_ipv6")  # neither IPv6 nor IPv4 (the reason keeps its old name)
     vm = cfg.vms.get(vm_addr)
     if vm is None:
         raise _Drop("unknown_vm")
 
     def deliver(verdict: str):
         # Encapsulated-mode decap: Ethernet header kept, outer IPv6 + its extension headers removed.
-        out = bytearray(f[:14]) + f[inner:]
+        out = bytearray(f[:12]) + struct.pack("!H", ethertype) + f[inner:]
         return _send(out, cfg, verdict)
 
     def ring(frame: bytearray):
