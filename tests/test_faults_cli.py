@@ -164,6 +164,7 @@ def test_nothing_injected_is_not_landed():
       "fault_landed": True}, 0),
     ({"lost_net": 0, "duplicated": 2, "vm_on": "D", "error": None, "fault": "x", "fault_landed": True}, 1),
     ({"lost_net": 0, "duplicated": 0, "vm_on": None, "error": None, "fault": "x", "fault_landed": True}, 1),
+    ({"lost_net": 0, "duplicated": 0, "vm_on": "S+D", "error": "x", "fault": "x", "fault_landed": True}, 1),
     ({"lost_net": 9, "duplicated": 0, "vm_on": "D", "error": None, "fault": "x", "fault_landed": False}, 3),
 ])
 def test_exit_status(d, status):
@@ -277,6 +278,7 @@ def test_matrix_keeps_going_when_a_testbed_fails(tmp_path, monkeypatch):
       {"lost_net": 2, "duplicated": 0, "reordered": 1, "fault_landed": True, "vm_on": "D"}], "0–2 / 0 / 1–3 ×2"),
     ([{"lost_net": 1, "duplicated": 0, "reordered": 0, "fault_landed": False, "vm_on": "S"}], "1 / 0 / 0 † ↩"),
     ([{"lost_net": 900, "duplicated": 0, "reordered": 0, "fault_landed": True, "vm_on": None}], "900 / 0 / 0 ✗"),
+    ([{"lost_net": 0, "duplicated": 18, "reordered": 124, "fault_landed": True, "vm_on": "S+D"}], "0 / 18 / 124 ‖"),
 ])
 def test_cell_text(runs, text):
     from srmig.testbed import faults

@@ -92,8 +92,8 @@ faults (--libvirt):
 exit status (--libvirt):
   0  nothing lost (lost_net: less what the guest itself left unanswered), nothing duplicated, the VM runs
      on one host at the end, and the fault (if any) landed in its phase; reordering is not a failure
-  1  probes lost or duplicated, the VM runs nowhere, or the migration failed without a fault (an abort
-     is what some faults are for); --fault-matrix: some run's testbed failed
+  1  probes lost or duplicated, the VM runs nowhere or on both hosts, or the migration failed without a
+     fault (an abort is what some faults are for); --fault-matrix: some run's testbed failed
   2  bad arguments (one line: what is valid)
   3  --fault: the fault missed its phase in every attempt (the run measured another phase)
 """

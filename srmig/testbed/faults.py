@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from srmig.testbed import libvirtd as lv
-from srmig.testbed.libvirt_demo import DOMAIN, GRACE_S, VM_ADDR
+from srmig.testbed.libvirt_demo import DOMAIN, GRACE_S, STATE_NAMES, VM_ADDR
 
 AGENT_DOWN_S = 1.0    # a SIGKILLed agent is started again this much later (systemd: Restart=always, RestartSec=1)
 ETCD_DOWN_S = 2.0     # a SIGKILLed etcd member is started again this much later
@@ -38,8 +38,6 @@ PROBE_CAP_S = 30      # a fault run probes until the fault is over and the ingre
 
 # libvirt's domain states (libvirt.VIR_DOMAIN_*), named here so the registry needs no libvirt to list
 RUNNING, PAUSED, SHUTOFF, CRASHED = 1, 3, 5, 6
-STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
-               7: "pmsuspended"}
 
 
 # --- the phases -------------------------------------------------------------------------------------------
@@ -68,8 +66,9 @@ def _landed_provision(cell) -> str | None:
 
 
 def _wait_precopy(cell) -> bool:
-    """libvirt started the memory copy: the first iteration on S or STARTED on D."""
-    return cell.poll(lambda: cell.seen("S", "ITERATION") or cell.seen("D", "STARTED"), 0.002)
+    """libvirt started the memory copy: its first iteration on S (STARTED on D comes before the source has
+    connected to the incoming QEMU: a destination QEMU killed then fails the connection, not the copy)."""
+    return cell.poll(lambda: cell.seen("S", "ITERATION"), 0.002)
 
 
 def _landed_precopy(cell) -> str | None:
@@ -156,8 +155,8 @@ PHASES: dict[str, Phase] = {p.name: p for p in (
           "the destination's begin hook has answered and its incoming QEMU exists (pid file), before QEMU "
           "started (no STARTED on D yet)", _wait_provision, _landed_provision),
     Phase("pre-copy", "pre-copy",
-          "libvirt copies memory (first iteration on S, or STARTED on D), the source running, before "
-          "SUSPENDED on S", _wait_precopy, _landed_precopy),
+          "libvirt copies memory (its first iteration on S heard), the source running, before SUSPENDED on S",
+          _wait_precopy, _landed_precopy),
     Phase("pause", "the pause",
           "the moment the source is seen paused (polled every 0.5 ms), before RESUMED on D",
           _wait_pause, _landed_pause, reads=()),
@@ -563,7 +562,7 @@ def matrix(out_md: str, runs: int = 1, only: list[str] | None = None, fresh: boo
                 continue
             d = res.to_dict()
             rec = {k: d.get(k) for k in ("sent", "lost", "lost_net", "duplicated", "reordered", "fault_landed",
-                                          "fault_attempts", "fault_missed_why", "vm_on", "migration_s", "db")}
+                                          "fault_attempts", "fault_missed_why", "vm_on", "domains", "migration_s", "db")}
             rec.update(error=(d["error"] or "")[:200] or None, rate=rate, commit=_commit(),
                        when=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
             data["cells"].setdefault(key, []).append(rec)
@@ -587,7 +586,8 @@ def _span(values: list[int]) -> str:
 
 def cell_text(runs: list[dict]) -> str:
     """`lost / duplicated / reordered` over a cell's runs (ranges when they differ), ×N for N runs;
-    † when the last attempt's fault still missed its phase, ↩ when the VM stayed on S (an abort)."""
+    † when the last attempt's fault still missed its phase, ↩ when the VM stayed on S (an abort), ‖ when it
+    ran on both hosts at the end, ✗ when it ran nowhere."""
     text = " / ".join(_span([r[k] for r in runs]) for k in ("lost_net", "duplicated", "reordered"))
     if len(runs) > 1:
         text += f" ×{len(runs)}"
@@ -595,6 +595,8 @@ def cell_text(runs: list[dict]) -> str:
         text += " †"
     if any(r.get("vm_on") == "S" for r in runs):
         text += " ↩"
+    if any(r.get("vm_on") == "S+D" for r in runs):
+        text += " ‖"
     if any(r.get("vm_on") is None for r in runs):
         text += " ✗"
     return text
@@ -621,7 +623,9 @@ def render(data: dict, json_name: str) -> str:
         "",
         "Marks: ×N: N runs (ranges over them); †: the fault never landed in its phase (the figures are from a "
         "run whose fault landed elsewhere, or was not injected); ↩: the migration aborted and the VM stayed on "
-        "S; ✗: the VM ran nowhere at the end; —: not meaningful (below); *not run yet*: no run recorded.",
+        "S; ‖: the VM ran on both hosts at the end (a split brain: libvirt resumed the source while the "
+        "destination's ran); ✗: the VM ran nowhere at the end; —: not meaningful (below); *not run yet*: no run "
+        "recorded.",
         "",
         "| fault | " + " | ".join(p.title for p in PHASES.values()) + " |",
         "|---|" + "---|" * len(PHASES),

@@ -72,13 +72,16 @@ class Result:
                                     if v.get("event_to_map_ms")},
                 "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}, "guest": self.guest,
                 "vm_on": self.vm_on(),
+                "domains": {role: None if st is None else STATE_NAMES.get(st[0], str(st[0]))
+                            for role, st in self.domains.items()},
                 # a fault run (srmig.testbed.faults.run_cell) sets these, and says how it landed
                 "fault": None, "phase": None, "fault_landed": None, **self.fault_info}
 
     def vm_on(self) -> str | None:
-        """Where the guest runs at the end: "S", "D", or None (nowhere, or not known)."""
+        """Where the guest runs at the end: "S", "D", "S+D" (on both: libvirt resumed the source while the
+        destination's ran, a split brain), or None (nowhere, or not known)."""
         running = [role for role, st in self.domains.items() if st and st[0] == 1]  # VIR_DOMAIN_RUNNING
-        return running[0] if len(running) == 1 else None
+        return "+".join(running) or None
 
     def diagnosis(self, logs: dict[str, str]) -> str:
         """What a failed assertion needs to say where packets went: the runs of lost probes (first sequence
@@ -336,6 +339,8 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
         return res
 
 
+STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
+               7: "pmsuspended"}   # libvirt's virDomainState
 GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
                   "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
                   "eth0_tx_packets")
@@ -382,6 +387,9 @@ def scrape(ns: str) -> str:
             return r.read().decode()
 
 
+VM_ON = {None: "no host", "S+D": "both hosts (a split brain)"}
+
+
 def quiet_libvirt() -> None:
     """Every libvirt error is raised (and handled) where it happens; libvirt's default handler would also
     print each one on stderr, e.g. a lookup of the domain on the host it is not on."""
@@ -393,12 +401,13 @@ def quiet_libvirt() -> None:
 def exit_status(d: dict) -> int:
     """`srmig demo --libvirt`'s exit status from a run's to_dict() (its --help says the same): 3 when the
     fault missed its phase in every attempt (the run measured something else); 1 when probes were lost
-    (lost_net: less what the guest left unanswered) or duplicated, when the guest runs nowhere at the end,
+    (lost_net: less what the guest left unanswered) or duplicated, when the guest runs nowhere or on both
+    hosts at the end,
     or when the migration failed without a fault; 0 otherwise. Reordering is not a failure: a fault that
     delays the source's drain delivers its probes late, by design."""
     if d.get("fault") is not None and not d.get("fault_landed"):
         return 3
-    if d["lost_net"] or d["duplicated"] or d.get("vm_on") is None:
+    if d["lost_net"] or d["duplicated"] or d.get("vm_on") not in ("S", "D"):
         return 1
     if d.get("fault") is None and d.get("error"):
         return 1
@@ -434,7 +443,7 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
         injected = d["fault_ms"].get("fault.injected")
         at = f" at {injected:.0f} ms" if injected is not None else ""
         print(f"  fault {d['fault']}@{d['phase']}{at}: {how}, run {d['fault_attempts']} of {attempts} at most; "
-              f"the VM ends on {d['vm_on'] or 'no host'}", file=out)
+              f"the VM ends on {VM_ON.get(d['vm_on'], d['vm_on'])}", file=out)
     net = f" ({d['lost_net']} but what the guest left unanswered)" if d["lost_net"] != d["lost"] else ""
     print(f"  sent {d['sent']}  lost {d['lost']}{net}  duplicated {d['duplicated']}  reordered {d['reordered']}  "
           f"blackout {d['blackout_ms']:.1f} ms  migration {d['migration_s']:.2f} s", file=out)
