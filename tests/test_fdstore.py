@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -93,6 +95,7 @@ def test_keeper_refuses_malformed_requests_and_keeps_serving(keeper):
     r, w = os.pipe()
     try:
         keeper.put("pipe", [w])
+        keeper.put("pipe", [w])  # kept again (a restarted agent): replaces, not adds
         assert keeper.names() == {"pipe": 1}
         [got] = keeper.take("pipe")
         os.write(got, b"x")  # the keeper's copy is the pipe's write end
@@ -188,3 +191,73 @@ def test_fds_systemd_passes_back_are_found_by_name():
     finally:
         for fd in (r1, w1, r2, w2):
             os.close(fd)
+
+
+def test_agents_that_start_together_share_one_keeper(tmp_path):
+    """Two agents of one machine (or an agent and its restart) start a keeper at the same moment: one keeper
+    serves the path and holds what both put, so a restarted agent finds its fds. (Measured before the lock:
+    the last keeper to bind took the path, and the fds put in the other were out of reach.)"""
+    path = str(tmp_path / "fdkeeper.sock")
+    stores = [fdstore.KeeperStore(path, idle_s=30) for _ in range(8)]
+    pipes = [os.pipe() for _ in stores]
+    pids: set[int] = set()
+    together = threading.Barrier(len(stores))
+
+    def put(i):
+        together.wait(10)
+        stores[i].put(f"agent-{i}", [pipes[i][1]])
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            list(pool.map(put, range(len(stores))))
+        pids = {s.keeper_pid() for s in stores}
+        assert len(pids) == 1, f"one keeper, not {len(pids)}"
+        restarted = fdstore.KeeperStore(path, start=False)
+        assert restarted.names() == {f"agent-{i}": 1 for i in range(len(stores))}
+        restarted.close()
+    finally:
+        for s in stores:
+            s.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_keeper_whose_directory_was_remade_leaves_the_new_keeper_alone(tmp_path):
+    """The testbed removes its socket directory after a run while the keeper idles; the next run makes it again
+    and starts a keeper of its own. The old keeper's idle exit must not unlink the new one's socket (measured:
+    a restarted agent 60 s later then found no keeper and drained nothing)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    path = str(d / "fdkeeper.sock")
+    old = fdstore.KeeperStore(path, idle_s=0.5)
+    pids = [old.keeper_pid()]
+    old.close()
+    try:
+        for name in os.listdir(d):
+            os.unlink(d / name)
+        new = fdstore.KeeperStore(path, idle_s=30)
+        pids.append(new.keeper_pid())
+        assert pids[0] != pids[1]
+        deadline = time.monotonic() + 10
+        while _alive(pids[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pids[0]), "the old keeper exits idle"
+        assert os.path.exists(path)
+        assert fdstore.KeeperStore(path, start=False).keeper_pid() == pids[1]
+        new.close()
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -111,10 +112,17 @@ class Executor:
                     o.on_map_write()
                     self._end_window(loc)
                 elif isinstance(a, Drain):
-                    if replay and not self._stored(loc):  # drained before a restart: the map write alone
-                        self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
-                    else:  # (a replay with the tap's fds still stored: the drain was cut short)
-                        self._drain(m, loc, a)
+                    if replay:  # a drain cut short by the restart left the tap's fds stored
+                        stored = self._stored(loc)
+                        if not stored:  # drained before the restart: the map write alone
+                            self.dp.set_vm(a.vm, VmState.AWAY, next_sid=a.next_sid)
+                            continue
+                        if loc.keeper is None:
+                            loc.keeper = TapKeeper.of_fds(loc.tap or "", stored)
+                        else:  # a replayed KeepTap took the same queue again
+                            for fd in stored:
+                                os.close(fd)
+                    self._drain(m, loc, a)
                 elif isinstance(a, KeepTap):
                     loc.keep_wanted = True
                     self._keep_tap(m.vm, loc)
@@ -159,6 +167,7 @@ class Executor:
             return
         try:
             self.owner.fds.put(self._name(loc), loc.keeper.fds)
+            log.debug("%s: tap %s fds kept in the fd store as %s", vm, loc.tap, self._name(loc))
         except OSError as e:
             log.warning("%s: kept tap fds not stored (%s): they die with the agent", vm, e)
 
@@ -168,7 +177,9 @@ class Executor:
     def _stored(self, loc: VmLocal) -> list[int]:
         """The tap fds the fd store kept for this migration (ours now), [] if none."""
         try:
-            return self.owner.fds.take(self._name(loc))
+            fds = self.owner.fds.take(self._name(loc))
+            log.debug("%s: %d tap fds taken from the fd store as %s", loc.vm, len(fds), self._name(loc))
+            return fds
         except OSError as e:
             log.warning("%s: the fd store does not answer (%s)", loc.vm, e)
             return []

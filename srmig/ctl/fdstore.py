@@ -20,6 +20,7 @@ migration it resumes.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -156,7 +157,7 @@ class KeeperStore(FdStore):
 
     def put(self, name, fds):
         for i in range(0, len(fds), MAX_FDS):
-            self._ask({"op": "put", "name": name}, fds[i:i + MAX_FDS])
+            self._ask({"op": "put", "name": name, "add": i > 0}, fds[i:i + MAX_FDS])
 
     def take(self, name):
         return self._ask({"op": "take", "name": name})[1]
@@ -221,8 +222,10 @@ def serve(path: str, idle_s: float = KEEPER_IDLE_S) -> None:
     held: dict[str, list[int]] = {}
     p = Path(path)
     p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _sole_keeper(path):
+        return  # another keeper serves this path: whoever started us connects to it
     with contextlib.suppress(FileNotFoundError):
-        p.unlink()
+        p.unlink()  # a dead keeper's socket
     old = os.umask(0o077)  # root-only from its first instant
     try:
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -230,6 +233,7 @@ def serve(path: str, idle_s: float = KEEPER_IDLE_S) -> None:
     finally:
         os.umask(old)
     srv.listen(4)
+    ours = os.stat(path).st_ino
     clients: list[socket.socket] = []
     idle_since = time.monotonic()
     while True:
@@ -254,13 +258,31 @@ def serve(path: str, idle_s: float = KEEPER_IDLE_S) -> None:
         if clients:
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since > idle_s:
-            srv.close()
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                if os.stat(path).st_ino == ours:  # (our directory may have been removed and made again,
+                    p.unlink()                   # the path now another keeper's)
+            srv.close()  # first the path: a new client then starts a keeper, which waits for our lock
             for fds in held.values():
                 for fd in fds:
                     os.close(fd)
             return
+
+
+def _sole_keeper(path: str) -> bool:
+    """Hold `path`.lock for the rest of our life; False if another keeper holds it for KEEPER_START_S. Agents
+    that start together (two hosts of the testbed on one machine, an agent and its restart) may each start a
+    keeper: without the lock, the last one to bind would take the path from the one holding the fds."""
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + KEEPER_START_S  # (a keeper exiting idle lets go within that)
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True  # the fd stays open, unreferenced: the lock is ours until we exit
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(lock)
+                return False
+            time.sleep(0.02)
 
 
 def _keeper_answer(held: dict[str, list[int]], msg: bytes, fds: list[int]) -> tuple[dict, list[int]]:
@@ -271,7 +293,10 @@ def _keeper_answer(held: dict[str, list[int]], msg: bytes, fds: list[int]) -> tu
         for fd in fds:
             os.close(fd)
         return {"ok": False, "error": "malformed request"}, []
-    if op == "put":
+    if op == "put":  # a second put of a name (a restarted agent kept the tap again) replaces the first
+        old = held.pop(name, []) if not req.get("add") else []
+        for fd in old:
+            os.close(fd)
         held.setdefault(name, []).extend(fds)
         return {"ok": True}, []
     for fd in fds:  # only a put carries fds

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srmig.ctl import fdstore
 from srmig.ctl import hook as hook_mod
 from srmig.ctl.agent import metadata_xml
 from srmig.ctl.hooksrv import request
@@ -172,6 +173,15 @@ class Agents:
                 p.wait(5)
 
 
+def end_fd_keeper(path: Path) -> None:
+    """The fd keeper the agents started on `path` (it would idle for a minute, holding the run's taps)."""
+    with contextlib.suppress(OSError):
+        store = fdstore.KeeperStore(str(path), start=False)
+        pid = store.keeper_pid()
+        store.close()
+        os.kill(pid, signal.SIGKILL)
+
+
 def provision(script: str, ns: str, env: dict) -> None:
     full = {**os.environ, **{k: str(v) for k, v in env.items()}}
     out = subprocess.run(["ip", "netns", "exec", ns, "sh", str(PROVISION / script)], env=full,
@@ -192,6 +202,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         if own:
             stack.callback(shutil.rmtree, work, True)
         stack.callback(shutil.rmtree, sock_dir, True)
+        stack.callback(end_fd_keeper, sock_dir / "fdkeeper.sock")  # the agents' (after they stop)
         say("building the namespace testbed")
         tb = stack.enter_context(Testbed(xdp_mode))
         db_env = {"SRMIG_DB": db, "SRMIG_DB_PATH": work / "state.db"}
