@@ -12,8 +12,9 @@ Two implementations with one interface (`set`, `set_many`, `clear`, `clear_many`
 
 Both are idempotent (set replaces; deleting an absent entry is success). With BpfEncap the route to the VM
 (`route_vm`: a /128, or for an IPv4 address a /32 via the same IPv6 next hop, RFC 5549 style) only steers the
-packet out of the interface the program runs on, at the next hop towards the SIDs; its MTU leaves room for the longest list the program can add, so the MTU never changes in the middle
-of a migration and the kernel, not the program, tells senders the path MTU (ICMPv6 Packet Too Big, TCP MSS).
+packet out of the interface the program runs on, at the next hop towards the SIDs; its MTU leaves room for the
+longest list the program can add, so the MTU never changes in the middle of a migration and the kernel, not
+the program, tells senders the path MTU (ICMPv6 Packet Too Big or ICMP Fragmentation Needed, TCP MSS).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class BpfEncap(libbpf.PinnedMaps):
         """Steer every address of one VM (IPv6 and IPv4 alike) along one segment list. Everything is checked
         before anything is written; then one map write per address, each atomic for its packets. The
         addresses switch one after the other, microseconds apart, not at one instant: a packet never mixes
-        two lists, and during a migration the old list and the new one both reach the VM."""
+        two lists, and the migration already tolerates two ingresses switching at different moments (the
+        old list and the new one both reach the VM), so two addresses of one ingress may too."""
         addresses = check_addresses(addresses)
         segments = check_segments(segments)
         src = source or self.source or source_towards(segments[0])
