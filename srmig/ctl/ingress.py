@@ -278,7 +278,7 @@ class KernelEncap:
         return {}  # the kernel's seg6 routes count nothing per outcome
 
     def stats(self) -> dict:
-        return {"encap": self.kind, "counters": {}, "vms": {}}
+        return {"encap": self.kind, "counters": {}, "vms": {}, "families": {}}
 
 
 def route_vm(vm: str, gateway: str, oif: int, ipr=None) -> None:
