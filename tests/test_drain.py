@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting, UDP
+from scapy.layers.inet import IP, IPOption_RR
+from scapy.layers.inet6 import ICMPv6MLReport2, ICMPv6ND_NS, IPv6, IPv6ExtHdrSegmentRouting, UDP
+from scapy.layers.l2 import ARP
 
 from srmig.ctl import encap, swallow, tap
 
@@ -74,15 +78,104 @@ def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
     assert payloads == [f"probe-{i}".encode() for i in range(200)]
 
 
-def test_encapsulate_is_h_encaps():
-    inner = bytes(IPv6(src="2001:db8:c::1", dst=VM) / UDP(dport=7) / b"x")
-    frame = bytes.fromhex("525400123456" "02005e000001" "86dd") + inner
-    pkt = IPv6(encap.encapsulate(frame, "2001:db8:a::2", ["fc00:0:3::e", "fc00:0:2::b"]))
-    assert pkt.dst == "fc00:0:3::e" and pkt.src == "2001:db8:a::2" and pkt.nh == 43
-    srh = pkt[IPv6ExtHdrSegmentRouting]
-    assert srh.addresses == ["fc00:0:2::b", "fc00:0:3::e"] and srh.segleft == 1 and srh.lastentry == 1
-    assert bytes(srh.payload) == inner
-    assert encap.encapsulate(bytes(14 + 40), "::1", ["::2"]) is None  # not IPv6: ethertype 0
+# --- H.Encaps and which frames are the VM's: pure logic, both families (srmig.ctl.encap) ------------------
+
+VM4 = "198.51.100.10"      # the VM's IPv4 address (dual-stack: VM and VM4)
+SEGS = ["fc00:0:3::e", "fc00:0:2::b"]
+SRC6, SRC4 = "2001:db8:c::1", "192.0.2.1"
+ETH = bytes.fromhex("525400123456" "02005e000001")  # to the VM's MAC, from the tap's
+V6 = bytes(IPv6(src=SRC6, dst=VM) / UDP(dport=7) / b"six")
+V4 = bytes(IP(src=SRC4, dst=VM4, ttl=1) / UDP(dport=7) / b"four")      # TTL 1: never decremented here
+V4_OPTS = bytes(IP(src=SRC4, dst=VM4, options=[IPOption_RR()]) / UDP(dport=7) / b"opts")  # IHL > 5
+ND_NS = bytes(IPv6(src="fe80::1", dst=VM, hlim=255) / ICMPv6ND_NS(tgt=VM))  # NUD: unicast to the VM
+MLD = bytes(IPv6(src="fe80::1", dst="ff02::16", hlim=1) / ICMPv6MLReport2())
+ARP_REQ = bytes(ARP(op=1, psrc="198.51.100.1", pdst=VM4))
+
+
+def frame(ethertype: int, packet: bytes) -> bytes:
+    return ETH + ethertype.to_bytes(2, "big") + packet
+
+
+@pytest.mark.parametrize("name, frame_, nh", [
+    ("ipv6", frame(0x86DD, V6), 41),
+    ("ipv4", frame(0x0800, V4), 4),
+    ("ipv4 with options", frame(0x0800, V4_OPTS), 4),
+    ("arp", frame(0x0806, ARP_REQ), None),
+    ("ipv4 in an ipv6 ethertype", frame(0x86DD, V4), None),
+    ("ipv6 in an ipv4 ethertype", frame(0x0800, V6), None),
+    ("ipv4 shorter than its header", frame(0x0800, V4[:19]), None),
+    ("ipv6 shorter than its header", frame(0x86DD, V6[:39]), None),
+    ("runt", frame(0x86DD, b""), None),
+])
+def test_encapsulate_is_h_encaps_of_either_family(name, frame_, nh):
+    """RFC 8986 5.1 H.Encaps: outer IPv6 to the first segment, an SRH with the segments reversed, SL and
+    last entry at the end, next header 41 (IPv6) or 4 (IPv4, as End.DX4 expects), the inner packet
+    untouched; anything but an IP packet of the Ethernet type's family is not carried."""
+    pkt = encap.encapsulate(frame_, "2001:db8:a::2", SEGS)
+    if nh is None:
+        assert pkt is None
+        return
+    inner = frame_[14:]
+    outer = IPv6(pkt)
+    assert (outer.src, outer.dst, outer.nh, outer.plen) == ("2001:db8:a::2", SEGS[0], 43, len(pkt) - 40)
+    srh = outer[IPv6ExtHdrSegmentRouting]
+    assert (srh.addresses, srh.segleft, srh.lastentry, srh.nh) == (SEGS[::-1], 1, 1, nh)
+    assert pkt.endswith(inner) and len(pkt) == 40 + 8 + 16 * len(SEGS) + len(inner)
+    assert encap.decapsulate(pkt) == inner and encap.family(encap.decapsulate(pkt)) == inner[0] >> 4
+
+
+def _outer(nh: int, payload: bytes, srh: bool = True) -> bytes:
+    """An SRv6 packet around `payload` with next header `nh` (after an SRH of one segment, or none)."""
+    ext = struct.pack("!BBBBBBH", nh, 2, 4, 0, 0, 0, 0) + bytes(16) if srh else b""
+    first = 43 if srh else nh
+    return struct.pack("!IHBB", 6 << 28, len(ext) + len(payload), first, 64) + bytes(32) + ext + payload
+
+
+@pytest.mark.parametrize("name, packet, inner", [
+    ("srh, inner ipv6", _outer(41, V6), V6),
+    ("srh, inner ipv4", _outer(4, V4), V4),
+    ("reduced (no srh), inner ipv6", _outer(41, V6, srh=False), V6),
+    ("reduced (no srh), inner ipv4", _outer(4, V4, srh=False), V4),
+    ("next header 4, an ipv6 packet", _outer(4, V6), None),
+    ("next header 41, an ipv4 packet", _outer(41, V4), None),
+    ("next header udp", _outer(17, V4), None),
+    ("inner ipv4 truncated", _outer(4, V4[:12]), None),
+    ("outer ipv4", V4, None),
+])
+def test_decapsulate_returns_the_inner_packet_of_either_family(name, packet, inner):
+    assert encap.decapsulate(packet) == inner
+    if inner is not None:
+        assert encap.family(encap.decapsulate(packet)) == (4 if inner is V4 else 6)
+
+
+@pytest.mark.parametrize("name, frame_, addresses, carried", [
+    ("ipv6 to the vm", frame(0x86DD, V6), [VM, VM4], True),
+    ("ipv4 to the vm", frame(0x0800, V4), [VM, VM4], True),
+    ("ipv4 to the vm, ipv6-only list", frame(0x0800, V4), [VM], False),
+    ("ipv4 to another address", frame(0x0800, bytes(IP(dst="198.51.100.11") / UDP())), [VM, VM4], False),
+    ("ipv6 to the vm's ipv4-mapped address", frame(0x86DD, bytes(IPv6(dst="::ffff:" + VM4) / UDP())),
+     [VM, VM4], False),
+    ("nd to the vm (nud)", frame(0x86DD, ND_NS), [VM, VM4], False),
+    ("mld", frame(0x86DD, MLD), [VM, VM4], False),
+    ("arp for the vm", frame(0x0806, ARP_REQ), [VM, VM4], False),
+    ("ipv6, addresses unknown", frame(0x86DD, V6), None, True),
+    ("ipv4, addresses unknown", frame(0x0800, V4), None, True),
+    ("nd, addresses unknown", frame(0x86DD, ND_NS), None, False),
+    ("arp, addresses unknown", frame(0x0806, ARP_REQ), None, False),
+])
+def test_the_vms_frames_are_ip_to_one_of_its_addresses(name, frame_, addresses, carried):
+    vm = encap.VmPackets(addresses)
+    assert vm.packet(frame_) == (frame_[14:] if carried else None)
+
+
+def test_vm_keys_are_the_programs():
+    """Hold records name the VM by its vm_table key: IPv4 as its IPv4-mapped address (srmig_abi.h)."""
+    vm = encap.VmPackets([VM, VM4, VM])  # a repeated address counts once
+    assert vm.addresses == [VM, VM4]
+    assert vm.keys == {ipaddress.IPv6Address(VM).packed: VM,
+                       ipaddress.IPv6Address("::ffff:" + VM4).packed: VM4}
+    with pytest.raises(ValueError):
+        encap.VmPackets(["198.51.100.0/24"])
 
 
 @pytest.mark.netns
