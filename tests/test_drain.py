@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -264,3 +265,260 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     assert log.swallowed_frames(1, b"never delivered", 1001 * MS) == (
         [], "the first queued frame is not in the shadow log (3 records)")
     assert log.swallowed_frames(2, packets[1], 1001 * MS) == ([], "1 of them in the shadow log")
+
+
+# --- Both families through a paused tap and the program's hold ring, in veth namespaces --------------------
+#
+#   I (an ingress: H.Encaps'd frames) --i0/h_in--> H (srmig XDP on h_in; tap vmtap, its owner paused) --h_out/d0--> D
+#
+# H is the source of a drain, the destination of an abort's return, the source of an unpark. D stands for the
+# host across the fabric (fc00:0:2::/48): what H sends there is captured on d0.
+
+H_ADDR = "2001:db8:b::1"      # H's address: the outer source of what the agent sends
+H_END_S = "fc00:0:1::5"
+H_DX6 = "fc00:0:1::d6"
+H_SBUF = "fc00:0:1::b"
+D_SBUF = "fc00:0:2::b"
+D_DX6 = "fc00:0:2::d6"
+OTHER = "2001:db8:100::30"    # another VM of H's, in HOLD towards D (its records share the ring)
+OUTER_SRC = "2001:db8:9::1"   # the ingress's outer source
+
+
+@pytest.fixture
+def srv6_host(topology, paused_tap):
+    """I -- H -- D with srmig's XDP on H's h_in and H's tap vmtap (a paused QEMU's) routed to the dual-stack
+    VM (VM, VM4); yields (topology, H's dataplane, the tap's owner)."""
+    from srmig.bpf.abi import Behaviour
+    from srmig.testbed import netns
+    from srmig.testbed.lab import xdp_on
+
+    t = topology
+    t.add_host("I")
+    t.add_host("D")
+    netns.sysctl(t.ns("S"), "net.ipv4.ip_forward", 1)  # the program's IPv4 FIB lookup forwards only then
+    t.link("I", "i0", "S", "h_in", "2001:db8:a::1/64", "2001:db8:a::2/64", static_neigh=True)
+    t.link("S", "h_out", "D", "d0", H_ADDR + "/64", "2001:db8:b::2/64", static_neigh=True)
+    t.route("S", "fc00:0:2::/48", gateway="2001:db8:b::2")
+    with t.ipr("S") as ipr:
+        idx = ipr.link_lookup(ifname="vmtap")[0]
+        ipr.route("replace", dst=VM4 + "/32", oif=idx, family=2)
+        ipr.neigh("replace", dst=VM4, lladdr=VM_MAC, ifindex=idx, state=0x80, family=2)
+    with xdp_on(t, "S", "h_in", "generic") as dp:
+        for sid, beh in ((H_END_S, Behaviour.END_S), (H_DX6, Behaviour.END_DX6_MAP), (H_SBUF, Behaviour.END_SBUF)):
+            dp.add_sid(sid, beh)
+        yield t, dp, paused_tap
+
+
+MARK = re.compile(rb"([A-Z])-(\d+)\.\Z")  # a stream's payload, at the end of its packets
+
+
+def _stream(tag: str, families: str, vm6: str = VM, vm4: str = VM4) -> list[tuple[str, int, bytes]]:
+    """(marker, family, inner packet) for each letter of `families` ("6" or "4"), payloads <tag>-<i>."""
+    out = []
+    for i, f in enumerate(families):
+        mark = f"{tag}-{i}"
+        ip = IPv6(src=SRC6, dst=vm6) if f == "6" else IP(src=SRC4, dst=vm4)
+        out.append((mark, int(f), bytes(ip / UDP(dport=5000) / f"{mark}.".encode())))
+    return out
+
+
+def _ingress_send(topo, h_mac: str, segments: list[str], stream: list[tuple[str, int, bytes]]) -> None:
+    """I sends `stream` H.Encaps'd along `segments` (scapy's encapsulation, not the code under test) to H's
+    h_in, from one CPU (a veth receives on the sender's CPU: one keeps the order), then a moment to land."""
+    from scapy.layers.l2 import Ether
+
+    frames = []
+    for _m, fam, inner_pkt in stream:
+        srh = IPv6ExtHdrSegmentRouting(addresses=segments[::-1], segleft=len(segments) - 1,
+                                       lastentry=len(segments) - 1, nh=41 if fam == 6 else 4)
+        frames.append(bytes(Ether(dst=h_mac) / IPv6(src=OUTER_SRC, dst=segments[0]) / srh) + inner_pkt)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        with topo.inside("I"):
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        with s:
+            s.bind(("i0", 0))
+            for f in frames:
+                s.send(f)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    time.sleep(0.1)
+
+
+def _into_tap(topo, frames: list[bytes]) -> None:
+    """H's own frames into the tap's queue (what its stack sends the VM: ARP, ND...)."""
+    with topo.inside("S"):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    with s:
+        s.bind(("vmtap", 0))
+        for f in frames:
+            s.send(f)
+
+
+@pytest.fixture
+def at_d(srv6_host):
+    """A packet socket on D's d0: what H sends across the fabric."""
+    topo = srv6_host[0]
+    with topo.inside("D"):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+    with s:
+        s.bind(("d0", 0))
+        s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        yield s
+
+
+def _arrived(sock, expect: int) -> list[tuple[str, str, str, int, int, bytes]]:
+    """The SRv6 packets of a stream that reached D, in arrival order: (marker, outer source, outer DA,
+    segments left, SRH next header, inner packet); until `expect` came (3 s without one: given up), then
+    0.2 s more (a duplicate would come)."""
+    got = []
+    for _ in range(100_000):
+        sock.settimeout(3.0 if len(got) < expect else 0.2)
+        try:
+            f = sock.recv(65535)
+        except TimeoutError:
+            break
+        srh = IPv6(f[14:]).getlayer(IPv6ExtHdrSegmentRouting)
+        if srh is None or not (m := MARK.search(f)):
+            continue
+        outer = IPv6(f[14:])
+        got.append((f"{m[1].decode()}-{int(m[2])}", outer.src, outer.dst, srh.segleft, srh.nh,
+                    f[14 + 40 + 8 + 16 * len(srh.addresses):]))
+    return got
+
+
+def _tap_frames(holder) -> list[bytes]:
+    with tap.TapKeeper(holder.pid, "vmtap") as q:
+        return q.frames()
+
+
+JUNK = [frame(0x0806, ARP_REQ), frame(0x86DD, ND_NS),  # H's own ARP and NUD for the VM, and an IPv4 packet to
+        frame(0x0800, bytes(IP(src=SRC4, dst="198.51.100.11") / UDP(dport=5000) / b"J-0."))]  # another address
+
+
+def _entries(dp) -> list[tuple]:
+    return [(e.state, e.next_sid, e.ring_first, e.park) for e in map(dp.get_vm, (VM, VM4))]
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
+    """The source drain of a dual-stack VM: the paused tap's queue (IPv6 and IPv4 frames interleaved, with
+    H's own ARP and ND for the VM and a packet to another address among them), then what the program parked
+    in the hold ring meanwhile (both families), then what it forwards once AWAY. D receives the VM's
+    packets whole and in the order they reached H, each with its family's next header (41, 4) and its inner
+    packet byte for byte; nothing else."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+
+    topo, dp, holder = srv6_host
+    h_mac, path = topo.mac("S", "h_in"), [H_END_S, D_SBUF]  # an ingress's list while the VM migrates
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING)
+    queued, parked, after = _stream("A", "6446464666444466" * 4), _stream("B", "4664" * 10), _stream("C", "6446" * 5)
+
+    _into_tap(topo, JUNK[:2])
+    _ingress_send(topo, h_mac, path, queued[:32])  # End.S, running: delivered into the paused tap
+    _into_tap(topo, JUNK[2:])
+    _ingress_send(topo, h_mac, path, queued[32:])
+    for a in (VM, VM4):  # the drain's first step, taken early, so that B waits in the ring for certain
+        dp.set_vm(a, VmState.HOLD, next_sid=D_DX6)
+    _ingress_send(topo, h_mac, path, parked)
+    with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+        rep = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4]).run(queue)
+    _ingress_send(topo, h_mac, path, after)  # AWAY: End.S forwards to D directly
+
+    want = queued + parked + after
+    got = _arrived(at_d, len(want))
+    assert [g[0] for g in got] == [m for m, _, _ in want], "once each, in order, nothing else"
+    for (mark, fam, inner), (_, src, dst, sl, nh, got_inner) in zip(want, got):
+        # The tap's frames are H.Encaps'd again by the agent (from H); the ring's and the later ones are the
+        # ingress's own packets, advanced by the program.
+        assert (src, dst, sl) == (H_ADDR if mark[0] == "A" else OUTER_SRC, D_SBUF, 0), mark
+        assert (nh, got_inner) == (41 if fam == 6 else 4, inner), mark
+    assert (rep.from_tap, rep.from_tap_ipv4, rep.from_ring) == (64, 32, 40)
+    assert rep.not_vm >= len(JUNK) and rep.send_dropped == 0 and rep.timings["ring_after_flip"] == 0
+    assert _entries(dp) == [(VmState.AWAY, D_DX6, False, False)] * 2
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_abort_returns_both_families_the_tap_held_in_order(srv6_host, at_d):
+    """An abort on the destination (here H): what End.SBUF held in the VM's tap queue for both of its
+    addresses goes back to the source's End.DX6-map in the queue's order, IPv4 with next header 4, less
+    the frame the source QEMU delivers itself (an IPv4 one here) and anything not the VM's."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import return_held
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.INCOMING)
+    held = _stream("R", "4466464" * 6)
+    _ingress_send(topo, topo.mac("S", "h_in"), [H_SBUF], held[:20])  # the drain's, to H's End.SBUF
+    _into_tap(topo, JUNK)
+    _ingress_send(topo, topo.mac("S", "h_in"), [H_SBUF], held[20:])
+    skip = [held[4][2]]
+    assert held[4][1] == 4
+    with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+        sent = return_held(queue, H_ADDR, [D_DX6], skip, addresses=[VM, VM4])
+
+    want = [h for h in held if h[2] not in skip]
+    got = _arrived(at_d, len(want))
+    assert sent == len(want) == 41
+    assert [g[0] for g in got] == [m for m, _, _ in want]
+    for (mark, fam, inner), (_, src, dst, sl, nh, got_inner) in zip(want, got):
+        assert (src, dst, sl, nh, got_inner) == (H_ADDR, D_DX6, 0, 41 if fam == 6 else 4, inner), mark
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("arp_entry", [True, False], ids=["neighbours-known", "ipv4-neighbour-unknown"])
+def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_entry):
+    """An abort on the source (H): the program parked both of the VM's families in the hold ring, with
+    another VM's held records between them. unpark() puts the VM's into its tap in the ring's order, each
+    with its family's Ethernet type, to the VM's MAC, inner packets unchanged; the other VM's go on to D.
+    Without an ARP entry for the VM's IPv4 address its packets are handed to the kernel (a raw IPv4 socket),
+    which resolves the VM's MAC first: then each family keeps its own order."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import unpark
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING, park=True)
+    dp.set_vm(OTHER, VmState.HOLD, next_sid=D_DX6)
+    h_mac = topo.mac("S", "h_in")
+    parked, others = _stream("P", "46644664" * 5), _stream("O", "66", vm6=OTHER)
+    _ingress_send(topo, h_mac, [H_DX6], parked[:20])  # End.DX6-map parks the VM's, whole
+    _ingress_send(topo, h_mac, [H_END_S, D_SBUF], others)  # End.S holds the other's, advanced
+    _ingress_send(topo, h_mac, [H_DX6], parked[20:])
+    _tap_frames(holder)  # what H's stack sent the tap meanwhile, if anything
+    if not arp_entry:
+        with topo.ipr("S") as ipr:
+            ipr.neigh("del", dst=VM4, ifindex=ipr.link_lookup(ifname="vmtap")[0], family=2)
+    with topo.inside("S"):
+        given = unpark(dp, VM, "vmtap", addresses=[VM4])
+    if not arp_entry:  # the VM answers ARP (here: the entry comes back), the kernel sends what waited
+        with topo.ipr("S") as ipr:
+            ipr.neigh("replace", dst=VM4, lladdr=VM_MAC, ifindex=ipr.link_lookup(ifname="vmtap")[0],
+                      state=0x80, family=2)
+        time.sleep(0.1)
+
+    assert given == len(parked) + len(others)  # every record sent, the VM's and the other's
+    tap_mac = bytes.fromhex(topo.mac("S", "vmtap").replace(":", ""))
+    frames = [f for f in _tap_frames(holder) if MARK.search(f)]
+    got = {m.group(0)[:-1].decode(): f for f in frames if (m := MARK.search(f))}
+    order = [MARK.search(f).group(0)[:-1].decode() for f in frames]
+    if arp_entry:
+        assert order == [m for m, _, _ in parked]
+    else:
+        for fam in (6, 4):
+            assert [m for m in order if got[m][12:14] == (b"\x86\xdd" if fam == 6 else b"\x08\x00")] == \
+                [m for m, f, _ in parked if f == fam]
+        assert sorted(order) == sorted(m for m, _, _ in parked)
+    for mark, fam, inner in parked:
+        f = got[mark]
+        assert (f[:6], f[6:12], f[12:14], f[14:]) == (bytes.fromhex(VM_MAC.replace(":", "")), tap_mac,
+                                                      b"\x86\xdd" if fam == 6 else b"\x08\x00", inner), mark
+    assert [(g[0], g[2], g[4]) for g in _arrived(at_d, 2)] == [("O-0", D_SBUF, 41), ("O-1", D_SBUF, 41)]
+    assert _entries(dp) == [(VmState.RUNNING, None, False, False)] * 2

@@ -158,7 +158,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
     (SRMIG_VM_F_RING_FIRST: a batch is consumed only once sent), so none overtakes. Records of other VMs
     (already advanced: a drain's) are sent on as they are. Every record goes out in ring order through the
     ring's sent log, so an agent killed in here and restarted sends each exactly once. Returns how many
-    packets the VM was given."""
+    records were sent (the kernel accepted), the VM's and others'."""
     own = VmPackets([vm, *(addresses or ())])
     macs = _macs_to(own.addresses, tap) if tap else {}
     eth = {key: macs[addr] for key, addr in own.keys.items() if addr in macs}  # record's vm -> MACs
