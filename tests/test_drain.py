@@ -522,3 +522,53 @@ def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_en
                                                       b"\x86\xdd" if fam == 6 else b"\x08\x00", inner), mark
     assert [(g[0], g[2], g[4]) for g in _arrived(at_d, 2)] == [("O-0", D_SBUF, 41), ("O-1", D_SBUF, 41)]
     assert _entries(dp) == [(VmState.RUNNING, None, False, False)] * 2
+
+
+class _Counted:
+    """What SwallowCheck.swallowed() answers, asked of QEMU over QMP in the agent: `n` frames read, not given
+    to the guest. The frames themselves are the real ones, read off the tap below."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def swallowed(self) -> int:
+        return self.n
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_drain_resends_a_swallowed_ipv4_frame_first(srv6_host, at_d):
+    """QEMU read three frames after the shadow flag went on and gave the guest two: the third, an IPv4
+    frame, it swallowed. The drain finds it in the shadow log (both families delivered, in order) by the
+    first of the VM's frames left in the queue, whatever its family (IPv4 here, with IPv6 ones after it),
+    and sends it first, with next header 4."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING, shadow=True)
+    _tap_frames(holder)  # what H's stack sent the tap so far
+    shadow = swallow.ShadowLog(dp).start()
+    stream = _stream("S", "6644646")
+    try:
+        _ingress_send(topo, topo.mac("S", "h_in"), [H_END_S, D_SBUF], stream)
+        stopped_ns = time.monotonic_ns()
+        with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+            read = []
+            for _ in range(100):  # QEMU reads the VM's first three (and whatever H's stack sent meanwhile)
+                read += [f for f in tap.read_queued(queue.fds[0], limit=1) if MARK.search(f)]
+                if len(read) == 3:
+                    break
+            assert [MARK.search(f)[0] for f in read] == [b"S-0.", b"S-1.", b"S-2."]
+            drain = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4])
+            rep = drain.run(queue, check=_Counted(1), shadow=shadow, stopped_at_ns=stopped_ns)
+    finally:
+        shadow.close()
+
+    assert (rep.swallowed, rep.resent_swallowed, rep.swallow_miss, rep.from_tap) == (1, 1, None, 4)
+    assert drain.resent_swallowed == [stream[2][2]]
+    want = [stream[2], *stream[3:]]
+    got = _arrived(at_d, len(want))
+    assert [g[0] for g in got] == [m for m, _, _ in want]
+    assert [(g[4], g[5]) for g in got] == [(41 if fam == 6 else 4, inner) for _, fam, inner in want]
