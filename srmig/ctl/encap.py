@@ -4,6 +4,7 @@ VM's (`VmPackets`). The program's own H.Encaps, at an ingress, is srmig/ebpf/enc
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterable
@@ -41,12 +42,22 @@ def encapsulate_packet(inner: bytes, src: str, segments: list[str]) -> bytes:
     v = family(inner)
     if v is None:
         raise ValueError(f"not an IPv6 or IPv4 packet (version {inner[0] >> 4 if inner else None})")
+    addrs, srh = _headers(src, tuple(segments))
+    return _FIXED.pack(6 << 28, 1 + len(srh) + len(inner), 43, 64) + addrs + _NH_BYTE[v] + srh + inner
+
+
+_FIXED = struct.Struct("!IHBB")  # version, payload length, next header (the SRH), hop limit
+_NH_BYTE = {6: bytes((NH_IPV6,)), 4: bytes((NH_IPV4,))}
+
+
+@functools.lru_cache(maxsize=64)
+def _headers(src: str, segments: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """What H.Encaps writes the same for every packet along `segments` from `src`: the outer addresses, and
+    the SRH after its next header (segments reversed, RFC 8754 2; SL and last entry at the end). Parsed once
+    per list, not per packet: a drain sends thousands along one."""
     segs = [ipaddress.IPv6Address(s).packed for s in reversed(segments)]
-    srh = struct.pack("!BBBBBBH", _NH_OF[v], 2 * len(segs), 4, len(segs) - 1, len(segs) - 1, 0, 0) + b"".join(segs)
-    payload = srh + inner
-    outer = struct.pack("!IHBB", 6 << 28, len(payload), 43, 64)
-    outer += ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(segments[0]).packed
-    return outer + payload
+    srh = struct.pack("!BBBBBH", 2 * len(segs), 4, len(segs) - 1, len(segs) - 1, 0, 0) + b"".join(segs)
+    return ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(segments[0]).packed, srh
 
 
 def decapsulate(packet: bytes) -> bytes | None:
