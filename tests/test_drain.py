@@ -481,7 +481,7 @@ def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_en
     Without an ARP entry for the VM's IPv4 address its packets are handed to the kernel (a raw IPv4 socket),
     which resolves the VM's MAC first: then each family keeps its own order."""
     from srmig.bpf.abi import VmState
-    from srmig.ctl.drain import unpark
+    from srmig.ctl.drain import _macs_to, unpark
 
     topo, dp, holder = srv6_host
     for a in (VM, VM4):
@@ -497,6 +497,8 @@ def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_en
         with topo.ipr("S") as ipr:
             ipr.neigh("del", dst=VM4, ifindex=ipr.link_lookup(ifname="vmtap")[0], family=2)
     with topo.inside("S"):
+        # The VM's MAC for each address, from its neighbour entry (ND, ARP): without one, the kernel's way.
+        assert set(_macs_to([VM, VM4], "vmtap")) == ({VM, VM4} if arp_entry else {VM})
         given = unpark(dp, VM, "vmtap", addresses=[VM4])
     if not arp_entry:  # the VM answers ARP (here: the entry comes back), the kernel sends what waited
         with topo.ipr("S") as ipr:

@@ -168,13 +168,13 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
     # first frame and costs more than its faster sends save up to ~10^4 parked packets (measured, 128 B frames).
     to_tap = PacketSender(tap) if eth else None
     raw = RawSender()
-    raw4 = RawSender(4) if len(eth) < len(own.keys) else None  # an IPv4 address with no neighbour entry
+    raw4: RawSender | None = None  # opened for the first IPv4 packet with no neighbour entry to go by
     ether_type = {6: ETH_P_IPV6, 4: ETH_P_IP}
     given = 0
 
     def give() -> int:
         """Read what the ring holds, send it, then consume it; returns how many records were read."""
-        nonlocal given
+        nonlocal given, raw4
         at = [ring.position]  # then the end of each record read
         records = ring.read(start=_HOLD_VM, commit=False, ends=at,
                             length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
@@ -189,6 +189,8 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
             elif key in eth:
                 parts.append((to_tap, eth[key] + ether_type[family(inner)] + inner))
             else:  # no neighbour entry: the kernel routes it to the tap (and resolves the VM's MAC)
+                if family(inner) == 4 and raw4 is None:
+                    raw4 = RawSender(4)
                 parts.append((raw4 if family(inner) == 4 else raw, inner))
         given += send_in_ring_order(log, at, parts)
         ring.commit()
