@@ -271,8 +271,9 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
 #
 #   I (an ingress: H.Encaps'd frames) --i0/h_in--> H (srmig XDP on h_in; tap vmtap, its owner paused) --h_out/d0--> D
 #
-# H is the source of a drain, the destination of an abort's return, the source of an unpark. D stands for the
-# host across the fabric (fc00:0:2::/48): what H sends there is captured on d0.
+# H (the topology's role "S", where paused_tap puts the tap) is the source of a drain, the destination of an
+# abort's return, the source of an unpark. D stands for the host across the fabric (fc00:0:2::/48): what H
+# sends there is captured on d0.
 
 H_ADDR = "2001:db8:b::1"      # H's address: the outer source of what the agent sends
 H_END_S = "fc00:0:1::5"
