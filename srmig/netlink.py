@@ -157,9 +157,11 @@ def addresses(index: int, ipr: IPRoute | None = None) -> list[str]:
 
 
 def neighbour_mac(addr: str, index: int, ipr: IPRoute | None = None) -> str | None:
-    """The link-layer address of IPv6 neighbour `addr` on link `index`, None when the kernel has none."""
+    """The link-layer address of neighbour `addr` (IPv6, or IPv4: ARP) on link `index`, None when the kernel
+    has none."""
     with _using(ipr) as h:
-        for n in h.get_neighbours(family=socket.AF_INET6, ifindex=index):
+        for n in h.get_neighbours(family=socket.AF_INET if "." in addr and ":" not in addr else socket.AF_INET6,
+                                  ifindex=index):
             if n.get_attr("NDA_DST") == addr and n.get_attr("NDA_LLADDR"):
                 return n.get_attr("NDA_LLADDR")
     return None
