@@ -18,12 +18,15 @@ def cmd_demo(args) -> int:
 
         print(faults.listing())
         return 0
-    matrix_only = {"--runs": args.runs is not None, "--only": bool(args.only), "--fresh": args.fresh}
+    matrix_only = {"--runs": args.runs is not None, "--only": bool(args.only) and args.soak is None,
+                   "--fresh": args.fresh}
     if not args.fault_matrix and any(matrix_only.values()):
         return _usage(f"{', '.join(k for k, v in matrix_only.items() if v)}: only with --fault-matrix OUT.md")
+    if args.seed is not None and args.soak is None:
+        return _usage("--seed: only with --soak N")
     if args.fault and args.fault_matrix:
         return _usage("--fault runs one cell, --fault-matrix all of them: one or the other")
-    if args.fault or args.fault_matrix or args.libvirt:
+    if args.fault or args.fault_matrix or args.libvirt or args.soak is not None:
         return _libvirt(args)
     from srmig.testbed import demo
 
@@ -65,6 +68,19 @@ def _libvirt(args) -> int:
               f"{faults.Path(args.fault_matrix).with_suffix('.json')}" + (f"; {failed} run(s) whose testbed "
                                                                           f"failed (not recorded)" if failed else ""))
         return 1 if failed else 0
+    if args.soak is not None:
+        if args.fault or args.fault_matrix:
+            return _usage("--soak draws its own faults: no --fault or --fault-matrix")
+        if args.soak < 1:
+            return _usage("--soak: at least 1 migration")
+        only = [n for item in args.only for n in item.split(",") if n]
+        try:
+            faults.cells(only)
+        except ValueError as e:
+            return _usage(str(e))
+        from srmig.testbed import soak
+
+        return soak.main(args.soak, rate, args.db, args.json, args.mode, args.seed, only or None)
     count = args.count or (int(rate * args.duration) if args.duration else None)
     if args.fault:
         try:
@@ -144,7 +160,13 @@ def register(sub) -> None:
     sp.add_argument("--runs", type=int, metavar="N",
                     help="--fault-matrix: runs per cell (default: 1); cells with N runs recorded are skipped")
     sp.add_argument("--only", action="append", default=[], metavar="NAME[@PHASE][,...]",
-                    help="--fault-matrix: only these rows (NAME) or cells (NAME@PHASE)")
+                    help="--fault-matrix, --soak: only these rows (NAME) or cells (NAME@PHASE)")
     sp.add_argument("--fresh", action="store_true",
                     help="--fault-matrix: discard the selected cells' recorded runs first")
+    sp.add_argument("--soak", type=int, metavar="N",
+                    help="--libvirt (implied): migrate the guest back and forth N times on one testbed, a random "
+                         "fault in a random phase of about half the migrations from S to D (--only narrows "
+                         "the draw); prints each migration, the totals, and the agents' fds, memory and pinned "
+                         "objects before and after (a growth is a leak: exit status 1)")
+    sp.add_argument("--seed", type=int, help="--soak: the random draw's seed (printed by every soak)")
     sp.set_defaults(func=cmd_demo, json_out=None)

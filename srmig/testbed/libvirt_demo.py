@@ -280,74 +280,82 @@ def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mo
     `show`: what receives the run's diagnosis (Result.diagnosis: where lost probes went), None for nobody;
     res.diagnosis_text keeps it."""
     count = count or rate * 3
-    with setup(db, xdp_mode, say) as (tb, ds, agents, _work):
-        if before is not None:
-            before(tb, ds, agents)
-        ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
-        if ready.received == 0:
-            raise RuntimeError("the guest on S does not answer through the ingress")
-        guest_before = _guest_counters(ds, _domain_states(ds))
-        p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
-        conn = ds["S"].connect()
-        try:
-            time.sleep(warmup_s)
-            say(f"virsh migrate --live --p2p under {rate} probes/s")
-            p.mark("migrate")
-            mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds["D"], MGMT["D"])
-            tb.migration = mig   # for a `during` to know when the migration call returned
-            mig.start()
-            fault = None
-            if during is not None:
-                import threading  # noqa: PLC0415
+    with setup(db, xdp_mode, say) as env:
+        return migrate(env, "S", "D", rate, count, db, say, warmup_s, before, during, after, stop, show)
 
-                fault = threading.Thread(target=during, args=(tb, ds, agents, mig.args[0]), daemon=True)
-                fault.start()
-            error = None
-            try:
-                migration_s = mig.result(60)
-            except Exception as e:  # noqa: BLE001 - reported
-                error, migration_s = str(e), mig.t_end - mig.t_start
-            p.mark("complete")
-            if stop is not None:
-                while not stop.wait(0.05) and not p.done():
-                    pass
-                p.stop()
-            report = p.wait(timeout=60)
-        except BaseException:
-            p.stop()
-            raise
-        finally:
-            conn.close()
-        if fault is not None:
-            fault.join(30)  # the fault injected and undone (etcd back, agent restarted) before the status
-        res = Result(report, migration_s, db, error=error)
+
+def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda m: None, warmup_s: float = 0.8,
+            before=None, during=None, after=None, stop=None, show=print) -> Result:
+    """One live migration of the guest from `src` to `dst` ("S" or "D") on a testbed setup() made, under
+    probe traffic; run()'s hooks and Result."""
+    tb, ds, agents, _work = env
+    if before is not None:
+        before(tb, ds, agents)
+    ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
+    if ready.received == 0:
+        raise RuntimeError(f"the guest on {src} does not answer through the ingress")
+    guest_before = _guest_counters(ds, _domain_states(ds))
+    p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
+    conn = ds[src].connect()
+    try:
+        time.sleep(warmup_s)
+        say(f"virsh migrate --live --p2p {src} -> {dst} under {rate} probes/s")
+        p.mark("migrate")
+        mig = lv.MigrationThread(conn.lookupByName(DOMAIN), ds[dst], MGMT[dst])
+        tb.migration = mig   # for a `during` to know when the migration call returned
+        mig.start()
+        fault = None
+        if during is not None:
+            import threading  # noqa: PLC0415
+
+            fault = threading.Thread(target=during, args=(tb, ds, agents, mig.args[0]), daemon=True)
+            fault.start()
+        error = None
         try:
-            if after is not None:
-                after(tb, ds, agents)
-            # Cut-over and the grace period: the source forgets the VM.
-            with contextlib.suppress(TimeoutError):
-                agents.wait("S", lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
-                            "the source's grace period over")
-            # A restarted agent may still be starting on a busy machine: its status, once it answers.
-            res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
-            res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D", "C")}
-            res.domains = _domain_states(ds)
-            after_counters = _guest_counters(ds, res.domains)
-            res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
-            if not after_counters:
-                res.guest_tail = "\n".join(
-                    f"{role} {what}: {text[-600:]}" for role in ("S", "D") for what, text in (
-                        ("console", lv.tail(ds[role].host_path(lv.console_path(DOMAIN)))),
-                        ("qemu log", ds[role].qemu_log(DOMAIN))))
-        finally:  # shown if a test fails, `after` included
-            t0 = report.t0 or time.monotonic()
-            res.wall_t0 = time.time() - (time.monotonic() - t0)
-            res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
-                          for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
-            res.diagnosis_text = res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")})
-            if show is not None:
-                show(res.diagnosis_text)
-        return res
+            migration_s = mig.result(60)
+        except Exception as e:  # noqa: BLE001 - reported
+            error, migration_s = str(e), mig.t_end - mig.t_start
+        p.mark("complete")
+        if stop is not None:
+            while not stop.wait(0.05) and not p.done():
+                pass
+            p.stop()
+        report = p.wait(timeout=60)
+    except BaseException:
+        p.stop()
+        raise
+    finally:
+        conn.close()
+    if fault is not None:
+        fault.join(30)  # the fault injected and undone (etcd back, agent restarted) before the status
+    res = Result(report, migration_s, db, error=error)
+    try:
+        if after is not None:
+            after(tb, ds, agents)
+        # Cut-over and the grace period: the source forgets the VM.
+        with contextlib.suppress(TimeoutError):
+            agents.wait(src, lambda s: not any(v["vm"] == VM_ADDR and v["state"] for v in s["vms"]), 5,
+                        "the source's grace period over")
+        # A restarted agent may still be starting on a busy machine: its status, once it answers.
+        res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
+        res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D", "C")}
+        res.domains = _domain_states(ds)
+        after_counters = _guest_counters(ds, res.domains)
+        res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
+        if not after_counters:
+            res.guest_tail = "\n".join(
+                f"{role} {what}: {text[-600:]}" for role in ("S", "D") for what, text in (
+                    ("console", lv.tail(ds[role].host_path(lv.console_path(DOMAIN)))),
+                    ("qemu log", ds[role].qemu_log(DOMAIN))))
+    finally:  # shown if a test fails, `after` included
+        t0 = report.t0 or time.monotonic()
+        res.wall_t0 = time.time() - (time.monotonic() - t0)
+        res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
+                      for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
+        res.diagnosis_text = res.diagnosis({r: agents.log(r, 1 << 20) for r in ("S", "D", "C")})
+        if show is not None:
+            show(res.diagnosis_text)
+    return res
 
 
 STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
