@@ -90,6 +90,40 @@ def ingress_on(res, host: str) -> None:
     assert c["ingress"]["applied"].get(libvirt_demo.VM_ADDR) == loc["version"], c["ingress"]
 
 
+def ingress_knows_d(status: dict) -> bool:
+    """An agent's status says that the VM is on D (the ingress learnt the cut-over)."""
+    from srmig.testbed import libvirt_demo
+
+    return {r["vm"]: r["host"] for r in status.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
+
+
+def database_fault_through_cut_over(inject, landed_attr: str, stop):
+    """A `during` for a database fault: `inject` it (it sets `tb.<landed_attr>` once it landed), then keep the
+    probe going until the ingress learnt the cut-over and 1.5 s more (the source's grace period), so that the
+    probe outlasts the fault and what follows it however long the migration took; then `stop` the probe."""
+    import time
+
+    def during(tb, ds, agents, dom):
+        try:
+            inject(tb, ds, agents, dom)
+            if getattr(tb, landed_attr, None) is not None:
+                with contextlib.suppress(TimeoutError):  # the caller's after() asserts it
+                    agents.wait("C", ingress_knows_d, 20, "the ingress learns that the VM is on D")
+                time.sleep(1.5)
+        finally:
+            stop.set()
+
+    return during
+
+
+def database_settled(agents) -> None:
+    """After a database fault: every agent connected with no write pending, and the ingress knows the VM is on D."""
+    for role in ("S", "D", "C"):  # the lease is refreshed every LEASE_TTL_S / 3
+        agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
+                    "the database connected, nothing pending")
+    agents.wait("C", ingress_knows_d, 10, "the ingress learns that the VM is on D")
+
+
 def converged(res) -> None:
     """The ingress ends on D with that version applied; the source forgot the VM after its grace period."""
     from srmig.testbed import libvirt_demo

@@ -14,6 +14,8 @@ import pytest
 from agent_runs import (  # tests/ is on sys.path (rootdir conftest, no package)
     agent_killed_at_pause,
     converged,
+    database_fault_through_cut_over,
+    database_settled,
     domains,
     ingress_on,
     run_until,
@@ -107,36 +109,19 @@ def test_etcd_down_at_the_pause():
     it outlasts the outage and what follows it however long the migration took (a fixed 8 s of probes
     ended before etcd had been back for 1 s under a busy loop, where the migration took 5.3 s)."""
     import threading
-    import time
 
-    from srmig.testbed import faults, libvirt_demo
+    from srmig.testbed import faults
 
     seen = {}
-    stop, outage = threading.Event(), faults.etcd_down_at_pause(2.0)
-
-    def on_d(st) -> bool:
-        return {r["vm"]: r["host"] for r in st.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
-
-    def during(tb, ds, agents, dom):
-        try:
-            outage(tb, ds, agents, dom)
-            if getattr(tb, "etcd_outage", None) is not None:
-                with contextlib.suppress(TimeoutError):  # asserted in after()
-                    agents.wait("C", on_d, 20, "the ingress learns that the VM is on D")
-                time.sleep(1.5)
-        finally:
-            stop.set()
+    stop = threading.Event()
 
     def after(tb, ds, agents):
         seen["outage"] = getattr(tb, "etcd_outage", None)  # none: the pause was missed, nothing injected
-        if seen["outage"] is None:
-            return
-        for role in ("S", "D", "C"):  # the lease is refreshed every LEASE_TTL_S / 3
-            agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
-                        "the database connected again, nothing pending")
-        agents.wait("C", on_d, 10, "the ingress learns that the VM is on D")
-        seen["S log"] = agents.log("S", 100000)
+        if seen["outage"] is not None:
+            database_settled(agents)
+            seen["S log"] = agents.log("S", 100000)
 
+    during = database_fault_through_cut_over(faults.etcd_down_at_pause(2.0), "etcd_outage", stop)
     res = run_until(lambda r: seen["outage"] is not None and
                      seen["outage"][0] < r.report.t0 + r.report.marks["complete"] / 1e3,
                      rate=2000, count=60000, db="etcd", before=lambda tb, ds, agents: stop.clear(), during=during,
@@ -170,38 +155,21 @@ def test_etcd_leader_killed_at_the_pause():
     until the ingress learnt the cut-over and 1.5 s more (the source's grace period), past the restart."""
     import re
     import threading
-    import time
 
-    from srmig.testbed import libvirt_demo
     from srmig.testbed.etcd import kill_etcd_leader_at_pause
 
     seen = {}
     stop = threading.Event()
 
-    def on_d(st) -> bool:
-        return {r["vm"]: r["host"] for r in st.get("locations", [])}.get(libvirt_demo.VM_ADDR) == "D"
-
-    def during(tb, ds, agents, dom):
-        try:
-            kill_etcd_leader_at_pause(tb, ds, agents, dom, down_s=2.0)
-            if getattr(tb, "etcd_fault", None) is not None:
-                with contextlib.suppress(TimeoutError):  # asserted in after()
-                    agents.wait("C", on_d, 20, "the ingress learns that the VM is on D")
-                time.sleep(1.5)
-        finally:
-            stop.set()
-
     def after(tb, ds, agents):
         seen["fault"] = getattr(tb, "etcd_fault", None)  # none: the pause was missed, nothing injected
-        if seen["fault"] is None:
-            return
-        seen["first"] = tb.etcd.members[0].name
-        for role in ("S", "D", "C"):
-            agents.wait(role, lambda s: s["db"]["state"] == "connected" and not s["db"]["pending_writes"], 10,
-                        "the database connected, nothing pending")
-        agents.wait("C", on_d, 10, "the ingress learns that the VM is on D")
-        seen["logs"] = {r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}
+        if seen["fault"] is not None:
+            seen["first"] = tb.etcd.members[0].name
+            database_settled(agents)
+            seen["logs"] = {r: agents.log(r, 1 << 20) for r in ("S", "D", "C")}
 
+    during = database_fault_through_cut_over(
+        lambda *a: kill_etcd_leader_at_pause(*a, down_s=2.0), "etcd_fault", stop)
     res = run_until(lambda r: seen.get("fault") is not None and
                      seen["fault"]["down"] < r.report.t0 + r.report.marks["complete"] / 1e3,
                      rate=2000, count=60000, db="etcd", before=lambda tb, ds, agents: stop.clear(), during=during,

@@ -46,7 +46,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class EtcdServer:
+class _Started:
+    """`with X() as x`: start() on entry (and cleanup() if starting fails half-way), cleanup() on exit."""
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+class EtcdServer(_Started):
     """`with EtcdServer() as etcd: open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("agent1"))`."""
 
     def __init__(self, name: str = "srmig-test", binary: str = ETCD, netns: str | None = None,
@@ -82,17 +97,6 @@ class EtcdServer:
     def log_path(self) -> Path:
         assert self.dir is not None
         return self.dir / "etcd.log"
-
-    def __enter__(self) -> EtcdServer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
 
     def start(self) -> None:
         """Start the member (again: same data dir and ports) and wait until it reports healthy."""
@@ -257,7 +261,7 @@ class Member:
             return "(no log)"
 
 
-class EtcdCluster:
+class EtcdCluster(_Started):
     """A `size`-member etcd cluster (3 by default), each member in a network namespace of its own, with an
     address of its own, linked to `hub` (a namespace of `topo` that routes, e.g. the testbed's transit T):
 
@@ -310,17 +314,6 @@ class EtcdCluster:
         return next(m for m in self.members if m.name == name)
 
     # -- life cycle
-
-    def __enter__(self) -> EtcdCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.cleanup()
 
     def _build(self) -> None:
         if not os.access(self.binary, os.X_OK):
