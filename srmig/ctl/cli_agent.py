@@ -109,10 +109,17 @@ def cmd_status(args) -> int:
             drops = "-" if v.get("tap_dropped") is None else str(v["tap_dropped"])
             print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {drops:<10} "
                   f"{mig}")
+            differ = v.get("states_differ") or {}
+            for a in v.get("addresses", [v["vm"]])[1:]:  # the VM's other addresses, under its id
+                print(f"    + {a}" + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
+    for name, why in (st.get("rejected_domains") or {}).items():
+        print(f"  not managed: domain {name}: {why}")
     if st.get("locations"):
         print("  locations (state db):")
         for r in st["locations"]:
-            print(f"    {r['vm']:<28} on {r['host']:<10} v{r['version']:<4} {' '.join(r['segments'])}")
+            others = r.get("addresses", [r["vm"]])[1:]
+            print(f"    {r['vm']:<28} on {r['host']:<10} v{r['version']:<4} {' '.join(r['segments'])}"
+                  + (f"  (also {', '.join(others)})" if others else ""))
     dp = st.get("dataplane")
     if dp:
         drops = {k: v for k, v in dp["drops"].items() if v}

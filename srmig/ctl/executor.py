@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from srmig.bpf.abi import VmState
 from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
+from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
 from srmig.ctl.swallow import ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_queue_len
@@ -60,6 +61,7 @@ class Owner:
     on_returned: Callable[[str], None] = _nothing        # an aborted destination returned its hold
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # this host's netns
     fds: fdstore.FdStore = field(default_factory=fdstore.NoStore)  # where kept tap fds outlive the agent
+    addresses: Callable[[str], tuple[str, ...]] = lambda vm: (vm,)  # a VM's addresses, its id first
 
 
 @dataclass
@@ -90,7 +92,8 @@ class VmLocal:
 class Executor:
     def __init__(self, owner: Owner):
         self.owner = owner
-        self.dp = owner.dp
+        # Every map write for a VM (here, the drain's, the unpark's) writes all its addresses: one step.
+        self.dp = VmAddressSet(owner.dp, owner.addresses)
         self.vms: dict[str, VmLocal] = {}
 
     def vm(self, vm: str) -> VmLocal:

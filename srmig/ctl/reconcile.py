@@ -20,20 +20,35 @@ def reconcile(host, conn) -> dict:
     import libvirt  # noqa: PLC0415
 
     t0 = time.monotonic()
-    seen = {}
+    read = []
     for dom in conn.listAllDomains(0):
         try:
-            d = Domain.from_xml(dom.XMLDesc(0))
+            name = dom.name()
+            d = Domain.from_xml(dom.XMLDesc(0), name, host.domain_rejected)
             state, reason = dom.state()
         except libvirt.libvirtError:
             continue
-        if d is None:
+        read.append((name, d, state, reason))
+    names = {name for name, *_ in read}
+    host.rejected_domains = {k: v for k, v in host.rejected_domains.items() if k in names}  # those gone
+    # Who owns an address: the domains known before first (an address claimed by two domains stays with
+    # the one that had it), then in libvirt's order; the other hosts' records, read once for all.
+    known = [r for r in read if r[1] is not None and r[0] in host.domains]
+    new = [r for r in read if r[1] is not None and r[0] not in host.domains]
+    entries = host.db.kv.range("vms/")[0] if host.db is not None else []
+    admitted: dict = {}
+    seen = {}
+    for name, d, state, reason in known + new:
+        if not host.admit(d, host.owners(entries, admitted)):
             continue
-        host.domains[d.name] = d
+        admitted[name] = d
         if host.executor:
             loc = host.executor.vm(d.vm)
             loc.domain, loc.tap = d.name, d.tap
         seen[d.vm] = (d, state, reason)
+    # The domains here now (a domain gone no longer claims its addresses), and an incoming migration's,
+    # known from the hook before its QEMU exists.
+    host.domains = {**{n: d for n, d in host.domains.items() if host.role_of(d.vm) == "D"}, **admitted}
     out = snapshot(host, seen, t0)
     for vm, (d, state, reason) in seen.items():
         if source_here(host, vm) and state == libvirt.VIR_DOMAIN_PAUSED and \
@@ -89,7 +104,7 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
         if role is None and state == running:
-            fixed += host.vm_running_here(d, entries.get(vm), records.get(vm))
+            fixed += host.vm_running_here(d, entries, records.get(vm))
         elif role == "D" and state == running:
             host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
         elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
@@ -103,15 +118,22 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                 Ev.SUSPENDED in host.track(vm).seen:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
     # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
-    # stragglers: give them a fresh grace period.
+    # stragglers: give them a fresh grace period. An entry is a VM's address: its id's, or one of the
+    # other addresses of a VM known here (its domain's, or its migration's record).
     if host.dp is not None:
+        vm_of = {a: vm for vm in [*seen, *host.machine.migrations] for a in host.addresses_of(vm)}
+        unexplained: dict[str, list] = {}
         for e in entries.values():
-            if e.vm in seen or host.role_of(e.vm):
+            vm = vm_of.get(e.vm, e.vm)
+            if vm in seen or host.role_of(vm):
                 continue
-            if e.state is VmState.AWAY:
-                host.later(host.cfg.host.grace_s, work.Forget(e.vm))
+            unexplained.setdefault(vm, []).append(e)
+        for vm, es in unexplained.items():
+            if any(e.state is VmState.AWAY for e in es):
+                host.later(host.cfg.host.grace_s, work.Forget(vm))
             else:
-                host.dp.del_vm(e.vm)
+                for e in es:
+                    host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
                 fixed += 1
     if host.baselines:
         host.baselines.start(first_s=0.05)  # at once: the VMs may be quiet now, not later
@@ -121,4 +143,4 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
 def forget(host, item: work.Forget) -> None:
     vm = item.vm
     if not host.role_of(vm) and host.dp is not None and (e := host.dp.get_vm(vm)) and e.state is VmState.AWAY:
-        host.dp.del_vm(vm)
+        host.dp.del_vm(vm)  # all its addresses (srmig.ctl.maps.VmAddressSet)
