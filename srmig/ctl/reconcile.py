@@ -121,20 +121,27 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     # stragglers: give them a fresh grace period. An entry is a VM's address: its id's, or one of the
     # other addresses of a VM known here (its domain's, or its migration's record).
     if host.dp is not None:
-        vm_of = {a: vm for vm in [*seen, *host.machine.migrations] for a in host.addresses_of(vm)}
+        vm_of = {a: vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
+                 for a in host.addresses_of(vm)}
         unexplained: dict[str, list] = {}
         for e in entries.values():
             vm = vm_of.get(e.vm, e.vm)
             if vm in seen or host.role_of(vm):
                 continue
             unexplained.setdefault(vm, []).append(e)
+        away = set()
         for vm, es in unexplained.items():
             if any(e.state is VmState.AWAY for e in es):
                 host.later(host.cfg.host.grace_s, work.Forget(vm))
+                away.add(vm)
             else:
                 for e in es:
                     host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
                 fixed += 1
+        # The addresses of VMs that are here, migrating, or still forwarding stragglers: the others are
+        # forgotten with their entries.
+        host.vm_addresses = {vm: addrs for vm, addrs in host.vm_addresses.items()
+                             if vm in seen or vm in host.machine.migrations or vm in away}
     if host.baselines:
         host.baselines.start(first_s=0.05)  # at once: the VMs may be quiet now, not later
     return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}

@@ -369,7 +369,7 @@ def metadata_addresses(texts: list[str]) -> tuple[str, ...]:
             if iface.ip == iface.network.network_address and iface.network.num_addresses > 1:
                 raise Rejected(f"{what} is a prefix: srmig moves a VM's exact addresses only (the VM map has "
                                f"no prefix lookup); list the addresses the VM uses")
-        a = vm_address(addr, what)
+        a = vm_address(addr, "srmig metadata's address")
         if a in out:
             raise Rejected(f"srmig metadata: {a} listed twice")
         out.append(a)
