@@ -230,7 +230,21 @@ def states(dp, addresses) -> dict:
     return {a: (e.state, e.next_sid, e.shadow) if (e := dp.get_vm(a)) else None for a in addresses}
 
 
-def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, conn, db, tmp_path):
+def srmig_status(a, capsys) -> str:
+    """`srmig status` as printed, asked of the agent over its socket."""
+    from srmig.cli import main
+    from srmig.ctl import hooksrv
+
+    server = hooksrv.serve(a, a.cfg.hook.socket)
+    try:
+        capsys.readouterr()
+        assert main(["status", "--socket", a.cfg.hook.socket]) == 0
+        return capsys.readouterr().out
+    finally:
+        server.close()
+
+
+def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, conn, db, tmp_path, capsys):
     """A running dual-stack domain: reconciliation delivers each of its addresses here and publishes them all
     with its segment list; a second reconciliation finds nothing to fix; once the domain is gone, the next
     one removes every entry it had."""
@@ -253,6 +267,9 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
         assert [(v["vm"], v["addresses"], v["state"], v["states_differ"]) for v in st["vms"]] == \
             [(VM, list(DUAL), "running", None)]
         assert st["locations"][0]["addresses"] == list(DUAL)
+        shown = srmig_status(a, capsys)
+        assert f"\n    + {DUAL[1]}\n    + {DUAL[2]}\n" in shown, shown
+        assert f"(also {DUAL[1]}, {DUAL[2]})" in shown, shown
         dom.destroy()
         dom.undefine()
         out = on_worker(a, reconcile.reconcile, a.host, conn)
@@ -303,7 +320,7 @@ def test_destination_provisions_every_address(lab, maps, db, tmp_path):
         assert (rec.phase, rec.addresses, rec.version) == ("provision", DUAL, answer["version"])
 
 
-def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, tmp_path):
+def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, tmp_path, capsys):
     """A domain listing a prefix, or an address another VM has (a domain here, another host's record), is
     one rejection and a status entry, and srmig leaves it alone (no entry for any of its addresses); the
     agent carries on. Once the domain that had the address is gone, the next reconciliation manages the one
@@ -335,6 +352,8 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
         assert f"address {taken} is already VM {vm_w}'s (vms/{vm_w})" in why["srmig-rec-c"]
         assert "'10.1.0.0/24' is a prefix" in why["srmig-rec-e"]
         assert db.vm(vm_b) is None and db.vm(vm_c) is None and db.vm(vm_e) is None
+        shown = srmig_status(a, capsys)
+        assert f"  not managed: domain srmig-rec-b: domain 'srmig-rec-b': address {shared} is already" in shown
         dom_a.destroy()
         dom_a.undefine()
         out = on_worker(a, reconcile.reconcile, a.host, conn)
@@ -343,3 +362,23 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
         assert db.vm(vm_b).addresses == (vm_b, shared)
         assert set(on_worker(a, status.agent_status, a)["rejected_domains"]) == {"srmig-rec-c", "srmig-rec-e"}
         assert out["vms"] == 1
+
+
+def test_cli_vm_sets_each_address(lab, maps, capsys):
+    """`srmig vm set|del ADDR,ADDR...`: each address's entry, in one command; one address as before."""
+    import json
+
+    from srmig.cli import main
+
+    ns = lab.topo.ns("lab")
+
+    def srmig(*args):
+        assert main(["--netns", ns, "vm", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    out = srmig("set", ",".join(DUAL), "away", "--next-sid", D.dx6)
+    assert [(e["vm"], e["state"], e["next_sid"]) for e in out] == [(x, "away", D.dx6) for x in DUAL]
+    assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.AWAY, D.dx6, False))
+    assert srmig("set", VM, "running")["state"] == "running"  # one address: one entry, as before
+    assert srmig("del", ",".join(DUAL)) == [{"vm": x, "deleted": True} for x in DUAL]
+    assert maps.list_vms() == []
