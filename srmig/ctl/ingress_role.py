@@ -1,9 +1,10 @@
 """The ingress role: watches vms/ in the state database and programs H.Encaps towards each VM (srmig's BPF
 encap by default, or the kernel's seg6 routes: srmig.ctl.ingress), then acknowledges the version it applied
 (acks/<vm>/<ingress>). A VM's segment list is set for every address its record lists (`addresses`), and an
-address the record no longer lists is cleared, in the same application: one version, all of them. It registers itself under ingresses/<name> with the agent's lease, so migrations wait
-for it while it lives. On start it re-applies the database's state and removes what the database no longer
-has: the BPF program and its maps outlive the agent, so traffic keeps flowing while it restarts."""
+address the record no longer lists is cleared, in the same application: one version, all of them. It
+registers itself under ingresses/<name> with the agent's lease, so migrations wait for it while it lives.
+On start it re-applies the database's state and removes what the database no longer has: the BPF program
+and its maps outlive the agent, so traffic keeps flowing while it restarts."""
 
 from __future__ import annotations
 
