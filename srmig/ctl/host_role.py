@@ -13,6 +13,7 @@ Every method runs on the agent's one worker (srmig.ctl.agent), except where a do
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -219,35 +220,60 @@ class HostRole:
             if len(self.rejected_domains) > 1000:  # bounded: the oldest go
                 self.rejected_domains.pop(next(iter(self.rejected_domains)))
 
-    def owners(self, entries=None, domains=None) -> dict[str, tuple[str, str]]:
-        """address -> (the VM claiming it, where): the domains here (`domains`, else the ones known) and the
-        vms/ records the other hosts wrote (`entries`: a range of vms/ already read, else read now). Records
-        of this host are not counted: its domains say what runs here, and a record left by a VM gone from
-        here must not keep its addresses from a new one. Read leniently: a record malformed otherwise still
-        claims its addresses (and is rejected where it is used)."""
+    @staticmethod
+    def domain_owners(domains) -> dict[str, tuple[str, str]]:
+        """address -> (the VM claiming it, where) of `domains` (Domain objects)."""
         out: dict[str, tuple[str, str]] = {}
-        for d in (self.domains if domains is None else domains).values():
+        for d in domains:
             for a in d.addresses:
                 out.setdefault(a, (d.vm, f"domain {d.name!r}"))
-        if self.db is not None:
-            if entries is None:
-                entries = self.db.kv.range("vms/")[0]
-            for e in entries:
-                if isinstance(e.value, dict) and e.value.get("host") == self.name:
-                    continue
-                addrs = records.lenient_addresses(e.key, e.value)
-                for a in addrs:
-                    out.setdefault(a, (addrs[0], e.key))
         return out
 
+    def record_owners(self, entries=None) -> dict[str, tuple[str, str]]:
+        """address -> (the VM claiming it, where) of the vms/ records the other hosts wrote (`entries`: a
+        range of vms/ already read, else read now). Records of this host are not counted: its domains say
+        what runs here, and a record left by a VM gone from here must not keep its addresses from a new one.
+        Read leniently: a record malformed otherwise still claims its addresses (and is rejected where it
+        is used)."""
+        out: dict[str, tuple[str, str]] = {}
+        if self.db is None:
+            return out
+        if entries is None:
+            try:
+                entries = self.db.kv.range("vms/")[0]
+            except Exception as e:  # noqa: BLE001 - the database down: what this host knows decides
+                log.warning("addresses not checked against the other hosts' records: %s", e)
+                entries = []
+        for e in entries:
+            if isinstance(e.value, dict) and e.value.get("host") == self.name:
+                continue
+            addrs = records.lenient_addresses(e.key, e.value)
+            for a in addrs:
+                out.setdefault(a, (addrs[0], e.key))
+        return out
+
+    def _new_addresses(self, d: Domain) -> bool:
+        """Whether `d` lists an address its VM's own vms/ record does not: only those need the other hosts'
+        records read (the ones it lists were checked by whoever published them, and while they are listed
+        there no other VM is given them). Saves reading every record at a migration's begin and start."""
+        if self.db is None:
+            return False
+        try:
+            e = self.db.kv.get(f"vms/{d.vm}")
+        except Exception:  # noqa: BLE001 - the database down: record_owners() says so
+            return True
+        return e is None or not set(d.addresses) <= set(records.lenient_addresses(e.key, e.value))
+
     def admit(self, d: Domain, owners=None) -> bool:
-        """Whether srmig manages `d`: none of its addresses is another VM's (`owners()`). A domain that claims
+        """Whether srmig manages `d`: none of its addresses is another VM's (`owners`: address -> (VM,
+        where)). A domain that claims
         one is rejected whole (one line, counted as domain_xml, a status entry): moving the VM without that
         address would lose its traffic silently, moving it would take the other VM's. Its addresses are
         learnt when admitted, and a map entry of an address it no longer lists is removed (no migration in
         flight: one in flight keeps what it moves)."""
-        if owners is None:
-            owners = self.owners(domains={k: v for k, v in self.domains.items() if k != d.name})
+        if owners is None:  # the other domains here first, then the other hosts' records
+            owners = collections.ChainMap(self.domain_owners(v for k, v in self.domains.items() if k != d.name),
+                                          self.record_owners() if self._new_addresses(d) else {})
         for a in d.addresses:
             vm, where = owners.get(a, (d.vm, ""))
             if vm != d.vm:

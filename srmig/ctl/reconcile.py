@@ -4,6 +4,7 @@ gone, map entries nothing explains). On the agent's worker, for its host host.""
 
 from __future__ import annotations
 
+import collections
 import time
 
 from srmig.bpf.abi import VmState
@@ -21,6 +22,7 @@ def reconcile(host, conn) -> dict:
 
     t0 = time.monotonic()
     read = []
+    host.rejected_domains = {}  # filled again by what this reading rejects (a domain gone has no entry)
     for dom in conn.listAllDomains(0):
         try:
             name = dom.name()
@@ -29,19 +31,19 @@ def reconcile(host, conn) -> dict:
         except libvirt.libvirtError:
             continue
         read.append((name, d, state, reason))
-    names = {name for name, *_ in read}
-    host.rejected_domains = {k: v for k, v in host.rejected_domains.items() if k in names}  # those gone
     # Who owns an address: the domains known before first (an address claimed by two domains stays with
     # the one that had it), then in libvirt's order; the other hosts' records, read once for all.
     known = [r for r in read if r[1] is not None and r[0] in host.domains]
     new = [r for r in read if r[1] is not None and r[0] not in host.domains]
-    entries = host.db.kv.range("vms/")[0] if host.db is not None else []
+    claimed, by_records = {}, host.record_owners()
     admitted: dict = {}
     seen = {}
     for name, d, state, reason in known + new:
-        if not host.admit(d, host.owners(entries, admitted)):
+        if not host.admit(d, collections.ChainMap(claimed, by_records)):
             continue
         admitted[name] = d
+        for a, owner in host.domain_owners([d]).items():
+            claimed.setdefault(a, owner)
         if host.executor:
             loc = host.executor.vm(d.vm)
             loc.domain, loc.tap = d.name, d.tap
