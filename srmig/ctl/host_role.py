@@ -266,11 +266,10 @@ class HostRole:
 
     def admit(self, d: Domain, owners=None) -> bool:
         """Whether srmig manages `d`: none of its addresses is another VM's (`owners`: address -> (VM,
-        where)). A domain that claims
-        one is rejected whole (one line, counted as domain_xml, a status entry): moving the VM without that
-        address would lose its traffic silently, moving it would take the other VM's. Its addresses are
-        learnt when admitted, and a map entry of an address it no longer lists is removed (no migration in
-        flight: one in flight keeps what it moves)."""
+        where)). A domain that claims one is rejected whole (one line, counted as domain_xml, a status
+        entry): moving the VM without that address would lose its traffic silently, moving it would take the
+        other VM's. Its addresses are learnt when admitted, and a map entry of an address it no longer lists
+        is removed (no migration in flight: one in flight keeps what it moves)."""
         if owners is None:  # the other domains here first, then the other hosts' records
             owners = collections.ChainMap(self.domain_owners(v for k, v in self.domains.items() if k != d.name),
                                           self.record_owners() if self._new_addresses(d) else {})
@@ -343,6 +342,7 @@ class HostRole:
         them (reconciliation of many VMs). Returns whether anything had to change."""
         if self.dp is None:
             return False
+        self.vm_addresses.setdefault(d.vm, d.addresses)  # (admit() learnt them; a benchmark's Domain not)
         changed = False
         for a in d.addresses:
             cur = self.dp.get_vm(a) if entries is self._UNKNOWN else entries.get(a)
