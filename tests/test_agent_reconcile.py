@@ -277,6 +277,37 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
         assert maps.list_vms() == []
 
 
+def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
+    """The VM starts again with one address fewer and one more: the dropped address's entry goes, the new
+    one is delivered, and the record lists the new set in one new version."""
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    lifecycle = applied(a, work.Lifecycle)
+
+    def started(name: str) -> None:
+        for _ in range(20):
+            item, _, _ = lifecycle.get(timeout=10)
+            if (item.domain, item.type) == (name, "STARTED"):
+                return
+        raise AssertionError(f"{name}: no STARTED applied")
+
+    with running(a, lab):
+        ups.get(timeout=10)
+        dom = conn.createXML(domain_xml("srmig-rec-change", *DUAL), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm for e in maps.list_vms()} == set(DUAL)
+        v1 = db.vm(VM).version
+        dom.destroy()
+        again = (VM, DUAL[2], "2001:db8:200::11")
+        conn.createXML(domain_xml("srmig-rec-change", *again), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys(again, VmState.RUNNING)
+        rec = db.vm(VM)
+        assert (rec.addresses, rec.version) == (again, v1 + 1)
+
+
 def test_migration_moves_every_address_in_each_step(lab, maps, db, tmp_path):
     """The source restarts after its drain, libvirt unreachable: the VM's addresses come from its vms/
     record, and the replay's one map write (AWAY towards D) covers each of them, whatever state each was
