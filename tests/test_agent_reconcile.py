@@ -349,6 +349,13 @@ def test_destination_provisions_every_address(lab, maps, db, tmp_path):
         assert {x: e[0] for x, e in states(maps, DUAL).items()} == dict.fromkeys(DUAL, VmState.INCOMING)
         rec = db.vm(VM)
         assert (rec.phase, rec.addresses, rec.version) == ("provision", DUAL, answer["version"])
+        # Another VM arriving with one of its addresses: refused at the hook, nothing provisioned for it.
+        other = "2001:db8:100::99"
+        db.publish(other, "D", [D.dx6], Phase.STEADY.value)
+        with pytest.raises(records.Rejected, match=f"address {DUAL[2]} is already VM {VM}'s"):
+            a.call(work.HookBegin(domain_xml("srmig-rec-in2", other, DUAL[2])), timeout=10)
+        assert maps.get_vm(other) is None and maps.get_vm(DUAL[2]).state is VmState.INCOMING
+        assert "srmig-rec-in2" in on_worker(a, status.agent_status, a)["rejected_domains"]
 
 
 def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, tmp_path, capsys):
