@@ -201,16 +201,21 @@ class HostRole:
     # --- a VM's addresses ----------------------------------------------------------------------------
 
     def addresses_of(self, vm: str) -> tuple[str, ...]:
-        """All of `vm`'s addresses, `vm` first: its domain's metadata, else its vms/ record (a migration
-        replayed before libvirt answered), else `vm` alone. The executor writes the map for each."""
-        if vm not in self.vm_addresses and self.db is not None:
-            # A malformed record, or the database down: the id alone for now (a map write must not fail
-            # on the database; the record is counted where it is read).
-            with contextlib.suppress(Exception):
-                e = self.db.kv.get(f"vms/{vm}")
-                if e is not None:
-                    self.vm_addresses[vm] = records.vm_record(e.key, e.value)["addresses"]
+        """All of `vm`'s addresses, `vm` first, as learnt from its domain's metadata (admit()) or, for a
+        migration started before libvirt answered, its vms/ record (_learn_from_record); else `vm` alone.
+        The executor writes the map for each: a lookup, never a database read (the drain calls it in HOLD)."""
         return self.vm_addresses.get(vm, (vm,))
+
+    def _learn_from_record(self, vm: str) -> None:
+        """`vm`'s addresses from its vms/ record when its domain has not told them (a migration replayed
+        after a restart, before libvirt answered; a source whose domain is gone)."""
+        if vm in self.vm_addresses or self.db is None:
+            return
+        # A malformed record, or the database down: the id alone for now (counted where it is read).
+        with contextlib.suppress(Exception):
+            e = self.db.kv.get(f"vms/{vm}")
+            if e is not None:
+                self.vm_addresses[vm] = records.vm_record(e.key, e.value)["addresses"]
 
     def domain_rejected(self, name: str | None, why: str) -> None:
         """A domain srmig does not manage because of its XML or metadata (already logged and counted): its
@@ -487,6 +492,7 @@ class HostRole:
             old.done = True  # superseded by a newer migration of the same VM
         self.machine.migrations.pop(vm, None)
         self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
+        self._learn_from_record(vm)
         t = self.track(vm)
         t.migration, t.seen = rec["id"], set()
         loc = self._local(vm)
