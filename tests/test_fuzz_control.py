@@ -825,7 +825,8 @@ def test_vm_addresses_at_the_ingress(ingress_ns, writer, tmp_path, caplog):
         writer.kv.delete(f"vms/{v1}")
         sync(4)
         assert encap(role) == {v2: seg2, shared: seg2}
-        assert role.errors == 0, role.last_error
+        st = role.status()
+        assert (st["routes"], st["addresses"], st["errors"]) == (2, 3, 0), role.last_error  # v2's, the sentinel
     logged_once_each(caplog, at_start)
 
 

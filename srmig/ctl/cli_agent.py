@@ -95,7 +95,8 @@ def cmd_status(args) -> int:
         ing = st["ingress"]
         c = ing.get("counters") or {}
         drops = sum(n for k, n in c.items() if k.startswith("drop"))
-        print(f"  ingress:  {ing['routes']} VM routes, {ing['errors']} errors"
+        print(f"  ingress:  {ing['routes']} VM routes ({ing.get('addresses', ing['routes'])} addresses), "
+              f"{ing['errors']} errors"
               + (f" (last: {ing['last_error']})" if ing.get("last_error") else "")
               + (f"; H.Encaps ({ing.get('encap')}): {c.get('done', 0)} encapsulated, {drops} dropped" if c else ""))
     if st.get("event_to_map_ms"):

@@ -172,6 +172,7 @@ class IngressRole:
         counters = self.encap.outcomes() if self.encap is not None else {}
         with self._lock:
             return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
+                    "addresses": len(self.owner),  # the VMs' addresses programmed (routes: the VMs)
                     "errors": self.errors, "last_error": self.last_error,
                     "applied": dict(sorted(self.applied.items())), "counters": counters}
 
