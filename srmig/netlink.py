@@ -157,9 +157,11 @@ def addresses(index: int, ipr: IPRoute | None = None) -> list[str]:
 
 
 def neighbour_mac(addr: str, index: int, ipr: IPRoute | None = None) -> str | None:
-    """The link-layer address of IPv6 neighbour `addr` on link `index`, None when the kernel has none."""
+    """The link-layer address of neighbour `addr` (IPv6, or IPv4: ARP) on link `index`, None when the kernel
+    has none."""
     with _using(ipr) as h:
-        for n in h.get_neighbours(family=socket.AF_INET6, ifindex=index):
+        for n in h.get_neighbours(family=socket.AF_INET if "." in addr and ":" not in addr else socket.AF_INET6,
+                                  ifindex=index):
             if n.get_attr("NDA_DST") == addr and n.get_attr("NDA_LLADDR"):
                 return n.get_attr("NDA_LLADDR")
     return None
@@ -237,7 +239,7 @@ def bpf_filter_prios(index: int, parent: str, ipr: IPRoute | None = None) -> lis
     return sorted({f["info"] >> 16 for f in filters if f.get_attr("TCA_KIND") == "bpf"})
 
 
-# --- IPv6 routes ---------------------------------------------------------------------------------------
+# --- routes (IPv6, and IPv4 towards IPv4 VM addresses) --------------------------------------------------
 
 def seg6_encap(segments: list[str]) -> dict:
     """A route's `encap seg6 mode encap` along `segments` (travel order). pyroute2 takes the SRH order (the
@@ -250,10 +252,20 @@ def seg6local(action: str) -> dict:
     return {"type": "seg6local", "action": action}
 
 
+def _family(addr: str) -> int:
+    """AF_INET6 or AF_INET, by the address (or prefix) text."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
 def _route(command: str, dst: str, oif: int, gateway: str | None, mtu: int | None, encap: dict | None,
            ipr: IPRoute | None) -> None:
     kw: dict = {"oif": oif}
-    if gateway is not None:
+    family = _family(dst)
+    if gateway is not None and _family(gateway) != family:
+        # An IPv4 route via an IPv6 next hop (RTA_VIA, `ip route ... via inet6 GW`, Linux >= 5.2, RFC 5549
+        # style): pyroute2 takes it as via={"family", "addr"}.
+        kw["via"] = {"family": _family(gateway), "addr": gateway}
+    elif gateway is not None:
         kw["gateway"] = gateway
     if encap is not None:
         kw["encap"] = encap
@@ -261,26 +273,29 @@ def _route(command: str, dst: str, oif: int, gateway: str | None, mtu: int | Non
         # pyroute2 0.9 takes the route MTU as metrics={"mtu": n} (the RTAX_MTU attrs form is silently ignored).
         kw["metrics"] = {"mtu": mtu}
     with _using(ipr) as h:
-        h.route(command, dst=dst, family=socket.AF_INET6, **kw)
+        h.route(command, dst=dst, family=family, **kw)
 
 
 def add_route(dst: str, oif: int, encap: dict | None = None, ipr: IPRoute | None = None) -> None:
-    """`ip -6 route add`: EEXIST when there is one (for probing which routes the kernel accepts)."""
+    """`ip -6 route add` (`ip -4` for an IPv4 `dst`): EEXIST when there is one (for probing which routes the
+    kernel accepts)."""
     _route("add", dst, oif, None, None, encap, ipr)
 
 
 def replace_route(dst: str, oif: int, gateway: str | None = None, mtu: int | None = None,
                   encap: dict | None = None, ipr: IPRoute | None = None) -> None:
-    """`ip -6 route replace`: the route to `dst` out of `oif`, via `gateway`, with MTU metric `mtu` and
-    lightweight tunnel `encap` (seg6_encap(), seg6local()) where given."""
+    """`ip -6 route replace` (`ip -4` for an IPv4 `dst`): the route to `dst` out of `oif`, via `gateway` (an
+    IPv6 gateway for an IPv4 `dst`: `via inet6`), with MTU metric `mtu` and lightweight tunnel `encap`
+    (seg6_encap(), seg6local()) where given."""
     _route("replace", dst, oif, gateway, mtu, encap, ipr)
 
 
 def del_route(dst: str, ipr: IPRoute | None = None) -> bool:
-    """`ip -6 route del`; False when there was no such route (success: the route is gone either way)."""
+    """`ip -6 route del` (`ip -4` for an IPv4 `dst`); False when there was no such route (success: the route
+    is gone either way)."""
     try:
         with _using(ipr) as h:
-            h.route("del", dst=dst, family=socket.AF_INET6)
+            h.route("del", dst=dst, family=_family(dst))
     except NetlinkError as e:
         if e.code not in (errno.ESRCH, errno.ENOENT):
             raise

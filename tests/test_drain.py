@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrSegmentRouting, UDP
+from scapy.layers.inet import IP, IPOption_RR
+from scapy.layers.inet6 import ICMPv6MLReport2, ICMPv6ND_NS, IPv6, IPv6ExtHdrSegmentRouting, UDP
+from scapy.layers.l2 import ARP
 
 from srmig.ctl import encap, swallow, tap
 
@@ -74,15 +79,104 @@ def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
     assert payloads == [f"probe-{i}".encode() for i in range(200)]
 
 
-def test_encapsulate_is_h_encaps():
-    inner = bytes(IPv6(src="2001:db8:c::1", dst=VM) / UDP(dport=7) / b"x")
-    frame = bytes.fromhex("525400123456" "02005e000001" "86dd") + inner
-    pkt = IPv6(encap.encapsulate(frame, "2001:db8:a::2", ["fc00:0:3::e", "fc00:0:2::b"]))
-    assert pkt.dst == "fc00:0:3::e" and pkt.src == "2001:db8:a::2" and pkt.nh == 43
-    srh = pkt[IPv6ExtHdrSegmentRouting]
-    assert srh.addresses == ["fc00:0:2::b", "fc00:0:3::e"] and srh.segleft == 1 and srh.lastentry == 1
-    assert bytes(srh.payload) == inner
-    assert encap.encapsulate(bytes(14 + 40), "::1", ["::2"]) is None  # not IPv6: ethertype 0
+# --- H.Encaps and which frames are the VM's: pure logic, both families (srmig.ctl.encap) ------------------
+
+VM4 = "198.51.100.10"      # the VM's IPv4 address (dual-stack: VM and VM4)
+SEGS = ["fc00:0:3::e", "fc00:0:2::b"]
+SRC6, SRC4 = "2001:db8:c::1", "192.0.2.1"
+ETH = bytes.fromhex("525400123456" "02005e000001")  # to the VM's MAC, from the tap's
+V6 = bytes(IPv6(src=SRC6, dst=VM) / UDP(dport=7) / b"six")
+V4 = bytes(IP(src=SRC4, dst=VM4, ttl=1) / UDP(dport=7) / b"four")      # TTL 1: never decremented here
+V4_OPTS = bytes(IP(src=SRC4, dst=VM4, options=[IPOption_RR()]) / UDP(dport=7) / b"opts")  # IHL > 5
+ND_NS = bytes(IPv6(src="fe80::1", dst=VM, hlim=255) / ICMPv6ND_NS(tgt=VM))  # NUD: unicast to the VM
+MLD = bytes(IPv6(src="fe80::1", dst="ff02::16", hlim=1) / ICMPv6MLReport2())
+ARP_REQ = bytes(ARP(op=1, psrc="198.51.100.1", pdst=VM4))
+
+
+def frame(ethertype: int, packet: bytes) -> bytes:
+    return ETH + ethertype.to_bytes(2, "big") + packet
+
+
+@pytest.mark.parametrize("name, frame_, nh", [
+    ("ipv6", frame(0x86DD, V6), 41),
+    ("ipv4", frame(0x0800, V4), 4),
+    ("ipv4 with options", frame(0x0800, V4_OPTS), 4),
+    ("arp", frame(0x0806, ARP_REQ), None),
+    ("ipv4 in an ipv6 ethertype", frame(0x86DD, V4), None),
+    ("ipv6 in an ipv4 ethertype", frame(0x0800, V6), None),
+    ("ipv4 shorter than its header", frame(0x0800, V4[:19]), None),
+    ("ipv6 shorter than its header", frame(0x86DD, V6[:39]), None),
+    ("runt", frame(0x86DD, b""), None),
+])
+def test_encapsulate_is_h_encaps_of_either_family(name, frame_, nh):
+    """RFC 8986 5.1 H.Encaps: outer IPv6 to the first segment, an SRH with the segments reversed, SL and
+    last entry at the end, next header 41 (IPv6) or 4 (IPv4, as End.DX4 expects), the inner packet
+    untouched; anything but an IP packet of the Ethernet type's family is not carried."""
+    pkt = encap.encapsulate(frame_, "2001:db8:a::2", SEGS)
+    if nh is None:
+        assert pkt is None
+        return
+    inner = frame_[14:]
+    outer = IPv6(pkt)
+    assert (outer.src, outer.dst, outer.nh, outer.plen) == ("2001:db8:a::2", SEGS[0], 43, len(pkt) - 40)
+    srh = outer[IPv6ExtHdrSegmentRouting]
+    assert (srh.addresses, srh.segleft, srh.lastentry, srh.nh) == (SEGS[::-1], 1, 1, nh)
+    assert pkt.endswith(inner) and len(pkt) == 40 + 8 + 16 * len(SEGS) + len(inner)
+    assert encap.decapsulate(pkt) == inner and encap.family(encap.decapsulate(pkt)) == inner[0] >> 4
+
+
+def _outer(nh: int, payload: bytes, srh: bool = True) -> bytes:
+    """An SRv6 packet around `payload` with next header `nh` (after an SRH of one segment, or none)."""
+    ext = struct.pack("!BBBBBBH", nh, 2, 4, 0, 0, 0, 0) + bytes(16) if srh else b""
+    first = 43 if srh else nh
+    return struct.pack("!IHBB", 6 << 28, len(ext) + len(payload), first, 64) + bytes(32) + ext + payload
+
+
+@pytest.mark.parametrize("name, packet, inner", [
+    ("srh, inner ipv6", _outer(41, V6), V6),
+    ("srh, inner ipv4", _outer(4, V4), V4),
+    ("reduced (no srh), inner ipv6", _outer(41, V6, srh=False), V6),
+    ("reduced (no srh), inner ipv4", _outer(4, V4, srh=False), V4),
+    ("next header 4, an ipv6 packet", _outer(4, V6), None),
+    ("next header 41, an ipv4 packet", _outer(41, V4), None),
+    ("next header udp", _outer(17, V4), None),
+    ("inner ipv4 truncated", _outer(4, V4[:12]), None),
+    ("outer ipv4", V4, None),
+])
+def test_decapsulate_returns_the_inner_packet_of_either_family(name, packet, inner):
+    assert encap.decapsulate(packet) == inner
+    if inner is not None:
+        assert encap.family(encap.decapsulate(packet)) == (4 if inner is V4 else 6)
+
+
+@pytest.mark.parametrize("name, frame_, addresses, carried", [
+    ("ipv6 to the vm", frame(0x86DD, V6), [VM, VM4], True),
+    ("ipv4 to the vm", frame(0x0800, V4), [VM, VM4], True),
+    ("ipv4 to the vm, ipv6-only list", frame(0x0800, V4), [VM], False),
+    ("ipv4 to another address", frame(0x0800, bytes(IP(dst="198.51.100.11") / UDP())), [VM, VM4], False),
+    ("ipv6 to the vm's ipv4-mapped address", frame(0x86DD, bytes(IPv6(dst="::ffff:" + VM4) / UDP())),
+     [VM, VM4], False),
+    ("nd to the vm (nud)", frame(0x86DD, ND_NS), [VM, VM4], False),
+    ("mld", frame(0x86DD, MLD), [VM, VM4], False),
+    ("arp for the vm", frame(0x0806, ARP_REQ), [VM, VM4], False),
+    ("ipv6, addresses unknown", frame(0x86DD, V6), None, True),
+    ("ipv4, addresses unknown", frame(0x0800, V4), None, True),
+    ("nd, addresses unknown", frame(0x86DD, ND_NS), None, False),
+    ("arp, addresses unknown", frame(0x0806, ARP_REQ), None, False),
+])
+def test_the_vms_frames_are_ip_to_one_of_its_addresses(name, frame_, addresses, carried):
+    vm = encap.VmPackets(addresses)
+    assert vm.packet(frame_) == (frame_[14:] if carried else None)
+
+
+def test_vm_keys_are_the_programs():
+    """Hold records name the VM by its vm_table key: IPv4 as its IPv4-mapped address (srmig_abi.h)."""
+    vm = encap.VmPackets([VM, VM4, VM])  # a repeated address counts once
+    assert vm.addresses == [VM, VM4]
+    assert vm.keys == {ipaddress.IPv6Address(VM).packed: VM,
+                       ipaddress.IPv6Address("::ffff:" + VM4).packed: VM4}
+    with pytest.raises(ValueError):
+        encap.VmPackets(["198.51.100.0/24"])
 
 
 @pytest.mark.netns
@@ -171,3 +265,313 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     assert log.swallowed_frames(1, b"never delivered", 1001 * MS) == (
         [], "the first queued frame is not in the shadow log (3 records)")
     assert log.swallowed_frames(2, packets[1], 1001 * MS) == ([], "1 of them in the shadow log")
+
+
+# --- Both families through a paused tap and the program's hold ring, in veth namespaces --------------------
+#
+#   I (an ingress: H.Encaps'd frames) --i0/h_in--> H (srmig XDP on h_in; tap vmtap, its owner paused) --h_out/d0--> D
+#
+# H (the topology's role "S", where paused_tap puts the tap) is the source of a drain, the destination of an
+# abort's return, the source of an unpark. D stands for the host across the fabric (fc00:0:2::/48): what H
+# sends there is captured on d0.
+
+H_ADDR = "2001:db8:b::1"      # H's address: the outer source of what the agent sends
+H_END_S = "fc00:0:1::5"
+H_DX6 = "fc00:0:1::d6"
+H_SBUF = "fc00:0:1::b"
+D_SBUF = "fc00:0:2::b"
+D_DX6 = "fc00:0:2::d6"
+OTHER = "2001:db8:100::30"    # another VM of H's, in HOLD towards D (its records share the ring)
+OUTER_SRC = "2001:db8:9::1"   # the ingress's outer source
+
+
+@pytest.fixture
+def srv6_host(topology, paused_tap):
+    """I -- H -- D with srmig's XDP on H's h_in and H's tap vmtap (a paused QEMU's) routed to the dual-stack
+    VM (VM, VM4); yields (topology, H's dataplane, the tap's owner)."""
+    from srmig.bpf.abi import Behaviour
+    from srmig.testbed import netns
+    from srmig.testbed.lab import xdp_on
+
+    t = topology
+    t.add_host("I")
+    t.add_host("D")
+    netns.sysctl(t.ns("S"), "net.ipv4.ip_forward", 1)  # the program's IPv4 FIB lookup forwards only then
+    t.link("I", "i0", "S", "h_in", "2001:db8:a::1/64", "2001:db8:a::2/64", static_neigh=True)
+    t.link("S", "h_out", "D", "d0", H_ADDR + "/64", "2001:db8:b::2/64", static_neigh=True)
+    t.route("S", "fc00:0:2::/48", gateway="2001:db8:b::2")
+    with t.ipr("S") as ipr:
+        idx = ipr.link_lookup(ifname="vmtap")[0]
+        ipr.route("replace", dst=VM4 + "/32", oif=idx, family=2)
+        ipr.neigh("replace", dst=VM4, lladdr=VM_MAC, ifindex=idx, state=0x80, family=2)
+    with xdp_on(t, "S", "h_in", "generic") as dp:
+        for sid, beh in ((H_END_S, Behaviour.END_S), (H_DX6, Behaviour.END_DX6_MAP), (H_SBUF, Behaviour.END_SBUF)):
+            dp.add_sid(sid, beh)
+        yield t, dp, paused_tap
+
+
+MARK = re.compile(rb"([A-Z])-(\d+)\.\Z")  # a stream's payload, at the end of its packets
+
+
+def _stream(tag: str, families: str, vm6: str = VM, vm4: str = VM4) -> list[tuple[str, int, bytes]]:
+    """(marker, family, inner packet) for each letter of `families` ("6" or "4"), payloads <tag>-<i>."""
+    out = []
+    for i, f in enumerate(families):
+        mark = f"{tag}-{i}"
+        ip = IPv6(src=SRC6, dst=vm6) if f == "6" else IP(src=SRC4, dst=vm4)
+        out.append((mark, int(f), bytes(ip / UDP(dport=5000) / f"{mark}.".encode())))
+    return out
+
+
+def _ingress_send(topo, h_mac: str, segments: list[str], stream: list[tuple[str, int, bytes]]) -> None:
+    """I sends `stream` H.Encaps'd along `segments` (scapy's encapsulation, not the code under test) to H's
+    h_in, from one CPU (a veth receives on the sender's CPU: one keeps the order), then a moment to land."""
+    from scapy.layers.l2 import Ether
+
+    frames = []
+    for _m, fam, inner_pkt in stream:
+        srh = IPv6ExtHdrSegmentRouting(addresses=segments[::-1], segleft=len(segments) - 1,
+                                       lastentry=len(segments) - 1, nh=41 if fam == 6 else 4)
+        frames.append(bytes(Ether(dst=h_mac) / IPv6(src=OUTER_SRC, dst=segments[0]) / srh) + inner_pkt)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        with topo.inside("I"):
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        with s:
+            s.bind(("i0", 0))
+            for f in frames:
+                s.send(f)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    time.sleep(0.1)
+
+
+def _into_tap(topo, frames: list[bytes]) -> None:
+    """H's own frames into the tap's queue (what its stack sends the VM: ARP, ND...)."""
+    with topo.inside("S"):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    with s:
+        s.bind(("vmtap", 0))
+        for f in frames:
+            s.send(f)
+
+
+@pytest.fixture
+def at_d(srv6_host):
+    """A packet socket on D's d0: what H sends across the fabric."""
+    topo = srv6_host[0]
+    with topo.inside("D"):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+    with s:
+        s.bind(("d0", 0))
+        s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        yield s
+
+
+def _arrived(sock, expect: int) -> list[tuple[str, str, str, int, int, bytes]]:
+    """The SRv6 packets of a stream that reached D, in arrival order: (marker, outer source, outer DA,
+    segments left, SRH next header, inner packet); until `expect` came (3 s without one: given up), then
+    0.2 s more (a duplicate would come)."""
+    got = []
+    for _ in range(100_000):
+        sock.settimeout(3.0 if len(got) < expect else 0.2)
+        try:
+            f = sock.recv(65535)
+        except TimeoutError:
+            break
+        srh = IPv6(f[14:]).getlayer(IPv6ExtHdrSegmentRouting)
+        if srh is None or not (m := MARK.search(f)):
+            continue
+        outer = IPv6(f[14:])
+        got.append((f"{m[1].decode()}-{int(m[2])}", outer.src, outer.dst, srh.segleft, srh.nh,
+                    f[14 + 40 + 8 + 16 * len(srh.addresses):]))
+    return got
+
+
+def _tap_frames(holder) -> list[bytes]:
+    with tap.TapKeeper(holder.pid, "vmtap") as q:
+        return q.frames()
+
+
+JUNK = [frame(0x0806, ARP_REQ), frame(0x86DD, ND_NS),  # H's own ARP and NUD for the VM, and an IPv4 packet to
+        frame(0x0800, bytes(IP(src=SRC4, dst="198.51.100.11") / UDP(dport=5000) / b"J-0."))]  # another address
+
+
+def _entries(dp) -> list[tuple]:
+    return [(e.state, e.next_sid, e.ring_first, e.park) for e in map(dp.get_vm, (VM, VM4))]
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
+    """The source drain of a dual-stack VM: the paused tap's queue (IPv6 and IPv4 frames interleaved, with
+    H's own ARP and ND for the VM and a packet to another address among them), then what the program parked
+    in the hold ring meanwhile (both families), then what it forwards once AWAY. D receives the VM's
+    packets whole and in the order they reached H, each with its family's next header (41, 4) and its inner
+    packet byte for byte; nothing else."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+
+    topo, dp, holder = srv6_host
+    h_mac, path = topo.mac("S", "h_in"), [H_END_S, D_SBUF]  # an ingress's list while the VM migrates
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING)
+    queued, parked, after = _stream("A", "6446464666444466" * 4), _stream("B", "4664" * 10), _stream("C", "6446" * 5)
+
+    _into_tap(topo, JUNK[:2])
+    _ingress_send(topo, h_mac, path, queued[:32])  # End.S, running: delivered into the paused tap
+    _into_tap(topo, JUNK[2:])
+    _ingress_send(topo, h_mac, path, queued[32:])
+    for a in (VM, VM4):  # the drain's first step, taken early, so that B waits in the ring for certain
+        dp.set_vm(a, VmState.HOLD, next_sid=D_DX6)
+    _ingress_send(topo, h_mac, path, parked)
+    with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+        rep = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4]).run(queue)
+    _ingress_send(topo, h_mac, path, after)  # AWAY: End.S forwards to D directly
+
+    want = queued + parked + after
+    got = _arrived(at_d, len(want))
+    assert [g[0] for g in got] == [m for m, _, _ in want], "once each, in order, nothing else"
+    for (mark, fam, inner), (_, src, dst, sl, nh, got_inner) in zip(want, got):
+        # The tap's frames are H.Encaps'd again by the agent (from H); the ring's and the later ones are the
+        # ingress's own packets, advanced by the program.
+        assert (src, dst, sl) == (H_ADDR if mark[0] == "A" else OUTER_SRC, D_SBUF, 0), mark
+        assert (nh, got_inner) == (41 if fam == 6 else 4, inner), mark
+    assert (rep.from_tap, rep.from_tap_ipv4, rep.from_ring) == (64, 32, 40)
+    assert rep.not_vm >= len(JUNK) and rep.send_dropped == 0 and rep.timings["ring_after_flip"] == 0
+    assert _entries(dp) == [(VmState.AWAY, D_DX6, False, False)] * 2
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_abort_returns_both_families_the_tap_held_in_order(srv6_host, at_d):
+    """An abort on the destination (here H): what End.SBUF held in the VM's tap queue for both of its
+    addresses goes back to the source's End.DX6-map in the queue's order, IPv4 with next header 4, less
+    the frame the source QEMU delivers itself (an IPv4 one here) and anything not the VM's."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import return_held
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.INCOMING)
+    held = _stream("R", "4466464" * 6)
+    _ingress_send(topo, topo.mac("S", "h_in"), [H_SBUF], held[:20])  # the drain's, to H's End.SBUF
+    _into_tap(topo, JUNK)
+    _ingress_send(topo, topo.mac("S", "h_in"), [H_SBUF], held[20:])
+    skip = [held[4][2]]
+    assert held[4][1] == 4
+    with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+        sent = return_held(queue, H_ADDR, [D_DX6], skip, addresses=[VM, VM4])
+
+    want = [h for h in held if h[2] not in skip]
+    got = _arrived(at_d, len(want))
+    assert sent == len(want) == 41
+    assert [g[0] for g in got] == [m for m, _, _ in want]
+    for (mark, fam, inner), (_, src, dst, sl, nh, got_inner) in zip(want, got):
+        assert (src, dst, sl, nh, got_inner) == (H_ADDR, D_DX6, 0, 41 if fam == 6 else 4, inner), mark
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("arp_entry", [True, False], ids=["neighbours-known", "ipv4-neighbour-unknown"])
+def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_entry):
+    """An abort on the source (H): the program parked both of the VM's families in the hold ring, with
+    another VM's held records between them. unpark() puts the VM's into its tap in the ring's order, each
+    with its family's Ethernet type, to the VM's MAC, inner packets unchanged; the other VM's go on to D.
+    Without an ARP entry for the VM's IPv4 address its packets are handed to the kernel (a raw IPv4 socket),
+    which resolves the VM's MAC first: then each family keeps its own order."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import _macs_to, unpark
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING, park=True)
+    dp.set_vm(OTHER, VmState.HOLD, next_sid=D_DX6)
+    h_mac = topo.mac("S", "h_in")
+    parked, others = _stream("P", "46644664" * 5), _stream("O", "66", vm6=OTHER)
+    _ingress_send(topo, h_mac, [H_DX6], parked[:20])  # End.DX6-map parks the VM's, whole
+    _ingress_send(topo, h_mac, [H_END_S, D_SBUF], others)  # End.S holds the other's, advanced
+    _ingress_send(topo, h_mac, [H_DX6], parked[20:])
+    _tap_frames(holder)  # what H's stack sent the tap meanwhile, if anything
+    if not arp_entry:
+        with topo.ipr("S") as ipr:
+            ipr.neigh("del", dst=VM4, ifindex=ipr.link_lookup(ifname="vmtap")[0], family=2)
+    with topo.inside("S"):
+        # The VM's MAC for each address, from its neighbour entry (ND, ARP): without one, the kernel's way.
+        assert set(_macs_to([VM, VM4], "vmtap")) == ({VM, VM4} if arp_entry else {VM})
+        given = unpark(dp, VM, "vmtap", addresses=[VM4])
+    if not arp_entry:  # the VM answers ARP (here: the entry comes back), the kernel sends what waited
+        with topo.ipr("S") as ipr:
+            ipr.neigh("replace", dst=VM4, lladdr=VM_MAC, ifindex=ipr.link_lookup(ifname="vmtap")[0],
+                      state=0x80, family=2)
+        time.sleep(0.1)
+
+    assert given == len(parked) + len(others)  # every record sent, the VM's and the other's
+    tap_mac = bytes.fromhex(topo.mac("S", "vmtap").replace(":", ""))
+    frames = [f for f in _tap_frames(holder) if MARK.search(f)]
+    got = {m.group(0)[:-1].decode(): f for f in frames if (m := MARK.search(f))}
+    order = [MARK.search(f).group(0)[:-1].decode() for f in frames]
+    if arp_entry:
+        assert order == [m for m, _, _ in parked]
+    else:
+        for fam in (6, 4):
+            assert [m for m in order if got[m][12:14] == (b"\x86\xdd" if fam == 6 else b"\x08\x00")] == \
+                [m for m, f, _ in parked if f == fam]
+        assert sorted(order) == sorted(m for m, _, _ in parked)
+    for mark, fam, inner in parked:
+        f = got[mark]
+        assert (f[:6], f[6:12], f[12:14], f[14:]) == (bytes.fromhex(VM_MAC.replace(":", "")), tap_mac,
+                                                      b"\x86\xdd" if fam == 6 else b"\x08\x00", inner), mark
+    assert [(g[0], g[2], g[4]) for g in _arrived(at_d, 2)] == [("O-0", D_SBUF, 41), ("O-1", D_SBUF, 41)]
+    assert _entries(dp) == [(VmState.RUNNING, None, False, False)] * 2
+
+
+class _Counted:
+    """What SwallowCheck.swallowed() answers, asked of QEMU over QMP in the agent: `n` frames read, not given
+    to the guest. The frames themselves are the real ones, read off the tap below."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def swallowed(self) -> int:
+        return self.n
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_drain_resends_a_swallowed_ipv4_frame_first(srv6_host, at_d):
+    """QEMU read three frames after the shadow flag went on and gave the guest two: the third, an IPv4
+    frame, it swallowed. The drain finds it in the shadow log (both families delivered, in order) by the
+    first of the VM's frames left in the queue, whatever its family (IPv4 here, with IPv6 ones after it),
+    and sends it first, with next header 4."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+
+    topo, dp, holder = srv6_host
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING, shadow=True)
+    _tap_frames(holder)  # what H's stack sent the tap so far
+    shadow = swallow.ShadowLog(dp).start()
+    stream = _stream("S", "6644646")
+    try:
+        _ingress_send(topo, topo.mac("S", "h_in"), [H_END_S, D_SBUF], stream)
+        stopped_ns = time.monotonic_ns()
+        with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+            read = []
+            for _ in range(100):  # QEMU reads the VM's first three (and whatever H's stack sent meanwhile)
+                read += [f for f in tap.read_queued(queue.fds[0], limit=1) if MARK.search(f)]
+                if len(read) == 3:
+                    break
+            assert [MARK.search(f)[0] for f in read] == [b"S-0.", b"S-1.", b"S-2."]
+            drain = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4])
+            rep = drain.run(queue, check=_Counted(1), shadow=shadow, stopped_at_ns=stopped_ns)
+    finally:
+        shadow.close()
+
+    assert (rep.swallowed, rep.resent_swallowed, rep.swallow_miss, rep.from_tap) == (1, 1, None, 4)
+    assert drain.resent_swallowed == [stream[2][2]]
+    want = [stream[2], *stream[3:]]
+    got = _arrived(at_d, len(want))
+    assert [g[0] for g in got] == [m for m, _, _ in want]
+    assert [(g[4], g[5]) for g in got] == [(41 if fam == 6 else 4, inner) for _, fam, inner in want]

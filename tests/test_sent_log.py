@@ -2,7 +2,8 @@
 on exactly once, in the ring's order: an abort's unpark() (the VM's parked packets into its tap, another VM's
 records on to where they go, interleaved in the ring) and the source drain's ring (SourceDrain.ring_only, what
 a restarted source runs). The ring is the real one, filled by the program; the packets are counted where they
-land, in the lab's VM and fabric namespaces (srmig.testbed.lab)."""
+land, in the lab's VM and fabric namespaces (srmig.testbed.lab). The VM is dual-stack and so is the other VM:
+IPv4 records (the VM's, into its tap as IPv4 frames; the other's, next header 4) interleave with IPv6 ones."""
 
 from __future__ import annotations
 
@@ -22,18 +23,20 @@ from srmig.bpf.abi import VmState
 from srmig.ctl import senders
 from srmig.ctl.drain import SourceDrain, unpark
 from srmig.testbed import lab as L
-from srmig.testbed.packets import h_encaps, inner
+from srmig.testbed.packets import h_encaps, inner, inner4
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
 SRC = "fc00:0:1::1"
 SYS_SENDMMSG = 307  # x86-64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The ring of each case: the VM's parked packets, with runs of another VM's records (a drain's, advanced to
-# D's End.SBUF) between them, so that unpark() switches sender at each run and sends several batches a run.
-UNPARK_RUNS = [("v", 70), ("o", 5), ("v", 70), ("o", 3)]
-DRAIN_RUNS = [("o", 148)]
-SEQ = re.compile(rb"K(\d+)([vo])(\d+)\.")
+# The ring of each case: the VM's parked packets ("v" IPv6, "w" IPv4), with runs of another VM's records (a
+# drain's, advanced to D's End.SBUF: "o" IPv6 inside, "p" IPv4) between them, so that unpark() switches sender
+# at each run and sends several batches a run.
+UNPARK_RUNS = [("v", 40), ("w", 30), ("o", 5), ("w", 40), ("v", 30), ("p", 3)]
+DRAIN_RUNS = [("o", 50), ("p", 50), ("o", 48)]
+SEQ = re.compile(rb"K(\d+)([vwop])(\d+)\.")
+VM_PARKED4, VM_HOLD4 = L.V4_OF[L.VM_PARKED], L.V4_OF[L.VM_HOLD]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +51,10 @@ def receivers(lab):
     peer (what is routed on towards D); a clean ring and states before the test, plain queues after."""
     socks = {}
     with contextlib.ExitStack() as stack:
-        for kind, (role, ifname) in {"v": ("vm", "eth0"), "o": ("fab", "up0")}.items():
+        for kind, (role, ifname, proto) in {"v": ("vm", "eth0", 0x86DD), "w": ("vm", "eth0", 0x0800),
+                                            "o": ("fab", "up0", 0x86DD), "p": ("fab", "up0", 0x86DD)}.items():
             with lab.topo.inside(role):
-                s = stack.enter_context(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD)))
+                s = stack.enter_context(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto)))
                 s.bind((ifname, 0))
             s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: a case's records at once
             socks[kind] = s
@@ -65,8 +69,10 @@ def receivers(lab):
 
 def _reset(lab) -> None:
     """The lab's states for filling the ring (unpark and the drain change them), and an empty ring."""
-    lab.dp.set_vm(L.VM_PARKED, VmState.RUNNING, park=True)
-    lab.dp.set_vm(L.VM_HOLD, VmState.HOLD, next_sid=L.D_DX6)
+    for vm in (L.VM_PARKED, VM_PARKED4):
+        lab.dp.set_vm(vm, VmState.RUNNING, park=True)
+    for vm in (L.VM_HOLD, VM_HOLD4):
+        lab.dp.set_vm(vm, VmState.HOLD, next_sid=L.D_DX6)
     with lab.dp.hold_ring(lambda rec: None) as ring:
         for _ in range(100):
             if not ring.poll(0):
@@ -74,17 +80,19 @@ def _reset(lab) -> None:
 
 
 def _fill(lab, case: int, runs: list[tuple[str, int]], size: int = 0) -> dict[str, int]:
-    """Let the program park `runs` in the ring, in order: "v" the VM's (End.DX6-map, parking), "o" another
-    VM's (End.S, holding). Payloads K<case><kind><seq>. (padded to `size`); returns how many of each kind."""
+    """Let the program park `runs` in the ring, in order: "v"/"w" the VM's IPv6/IPv4 (End.DX6-map, parking),
+    "o"/"p" another VM's (End.S, holding). Payloads K<case><kind><seq>. (padded to `size`); returns how many of
+    each kind."""
     _reset(lab)
-    seq = {"v": 0, "o": 0}
+    seq = {"v": 0, "w": 0, "o": 0, "p": 0}
     with lab.topo.inside("lab"):
         for kind, n in runs:
             for _ in range(n):
                 payload = f"K{case}{kind}{seq[kind]}.".encode().ljust(size, b"-")
-                segments, vm = ([L.SID_DX6], L.VM_PARKED) if kind == "v" else ([L.SID_S, L.D_SBUF], L.VM_HOLD)
-                run = libbpf.prog_test_run(lab.prog_fd, bytes(h_encaps(segments, inner(vm, payload=payload),
-                                                                       dst_mac=L.FAB_MAC)),
+                segments = [L.SID_DX6] if kind in "vw" else [L.SID_S, L.D_SBUF]
+                vm = {"v": L.VM_PARKED, "w": VM_PARKED4, "o": L.VM_HOLD, "p": VM_HOLD4}[kind]
+                packet = inner(vm, payload=payload) if kind in "vo" else inner4(vm, payload=payload)
+                run = libbpf.prog_test_run(lab.prog_fd, bytes(h_encaps(segments, packet, dst_mac=L.FAB_MAC)),
                                            ingress_ifindex=lab.fab_ifindex)
                 assert run.action == "XDP_DROP"  # parked
                 seq[kind] += 1
@@ -127,7 +135,7 @@ def _once_in_order(got: dict[str, list[int]], expect: dict[str, int]) -> dict[st
     return out
 
 
-ONCE = {"v": "once, in order", "o": "once, in order"}
+ONCE = {kind: "once, in order" for kind in "vwop"}
 
 
 class Killed(BaseException):
@@ -159,8 +167,8 @@ def _run(lab, path: str) -> tuple[int, int | None]:
     """The path once, in the lab's namespace: how many it sent from the ring, and how many it found sent."""
     with lab.topo.inside("lab"):
         if path == "unpark":
-            return unpark(lab.dp, L.VM_PARKED, "vm0"), None
-        rep = SourceDrain(lab.dp, L.VM_HOLD, SRC, [L.D_SBUF], L.D_SBUF).ring_only()
+            return unpark(lab.dp, L.VM_PARKED, "vm0", addresses=[VM_PARKED4]), None
+        rep = SourceDrain(lab.dp, L.VM_HOLD, SRC, [L.D_SBUF], L.D_SBUF, addresses=[VM_HOLD4]).ring_only()
         return rep.from_ring, rep.ring_sent_before
 
 

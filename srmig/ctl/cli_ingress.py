@@ -13,6 +13,8 @@ examples (as root):
   srmig ingress set 2001:db8:100::10 fc00:0:1::5 fc00:0:3::e fc00:0:2::b --via 2001:db8:c::2 --dev eth0
                                                 steer a VM along a segment list (travel order), with its route
   srmig ingress set 2001:db8:100::10 fc00:0:2::d6   switch the list: one map write, atomic for the packets
+  srmig ingress set 192.0.2.10 fc00:0:2::d6 --via 2001:db8:c::2 --dev eth0
+                                                an IPv4 VM: SRH next header 4, a /32 via the IPv6 next hop
   srmig ingress list                            VMs, their lists and counters
   srmig ingress stats --json                    counters per outcome and drop reason, and per VM
   srmig ingress del 2001:db8:100::10 --dev eth0 stop steering (and remove the route)
@@ -58,7 +60,7 @@ def cmd_ingress(args) -> int:
             if args.via:
                 with netlink.handle() as ipr:
                     ingress.route_vm(args.vm, args.via, netlink.ifindex(args.dev, ipr), ipr)
-            entry = next(e for e in encap.entries() if e.vm == _norm(args.vm))
+            entry = next(e for e in encap.entries() if e.vm == ingress.vm_address(args.vm))
             _emit(args, entry.to_dict())
         elif args.action == "del":
             route = False
@@ -81,12 +83,6 @@ def cmd_ingress(args) -> int:
     return 0
 
 
-def _norm(vm: str) -> str:
-    import ipaddress  # noqa: PLC0415
-
-    return str(ipaddress.IPv6Address(vm))
-
-
 def add_parsers(sub) -> None:
     from srmig.ctl.ingress import MAX_OVERHEAD, MAX_SEGMENTS  # noqa: PLC0415
 
@@ -105,7 +101,7 @@ def add_parsers(sub) -> None:
     verb("load", "run H.Encaps on an interface's egress (idempotent)").add_argument("iface")
     verb("unload", "remove it; the last interface removes the pinned maps").add_argument("iface")
     a = verb("set", "steer a VM along a segment list (replaces its list atomically)")
-    a.add_argument("vm", help="the VM's IPv6 address (the inner destination)")
+    a.add_argument("vm", help="the VM's IPv6 or IPv4 address (the inner destination)")
     a.add_argument("segments", nargs="+", metavar="SID",
                    help=f"the segment list in travel order (first SID first), at most {MAX_SEGMENTS}")
     a.add_argument("--src", help="outer source address (default: the kernel's source towards the first SID)")

@@ -2,22 +2,22 @@
 
 After QEMU pauses (stop-and-copy), frames already delivered to the VM's tap sit in a queue that QEMU no
 longer reads and that dies with the source QEMU. QEMU's tap fd can be taken with pidfd_getfd(2) while it is
-paused. Reading it returns those frames in order, each behind a virtio-net header. They are
-re-encapsulated towards the destination's End.SBUF, so they reach the VM after it resumes, ahead of
-anything newer (see `SourceDrain`). Also the abort's way back: `return_held`, `wait_delivered`, `unpark`
+paused. Reading it returns those frames in order, each behind a virtio-net header. The VM's (IPv6 or IPv4
+packets to one of its addresses) are re-encapsulated towards the destination's End.SBUF, one stream in the
+tap's order whatever their family, so they reach the VM after it resumes, ahead of anything newer (see
+`SourceDrain`). Also the abort's way back: `return_held`, `wait_delivered`, `unpark`
 (docs/drain.md). Its parts: the tap (srmig.ctl.tap), the swallowed frame (srmig.ctl.swallow), the senders
 (srmig.ctl.senders), H.Encaps (srmig.ctl.encap).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from srmig.ctl.encap import decapsulate, encapsulate, encapsulate_packet
+from srmig.ctl.encap import ETH_P_IP, ETH_P_IPV6, VmPackets, decapsulate, encapsulate_packet, family
 from srmig.ctl.senders import PacketSender, RawSender, SentLog
 from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
@@ -33,20 +33,25 @@ RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring
                                  # fills faster than we send never empties: then forward, and count)
 
 
-def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = ()) -> int:
-    """Send every frame the destination's tap queue held back along `segments` (the source's
-    End.DX6-map), in order, in sendmmsg batches; returns how many were sent (the kernel accepted).
-    `skip`: inner packets not to return, once each: the frames the drain re-sent because the source QEMU
-    had swallowed them, which that QEMU delivers itself when it resumes after an abort."""
+def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = (),
+                addresses: list[str] | None = None) -> int:
+    """Send every packet the destination's tap queue held back for the VM along `segments` (the source's
+    End.DX6-map), IPv6 and IPv4 alike (next header 41 or 4), in the queue's order, in sendmmsg batches;
+    returns how many were sent (the kernel accepted). `addresses`: the VM's, of both families (None: every
+    IPv6 or IPv4 packet; ND and ARP are never returned). `skip`: inner packets not to return, once each: the
+    frames the drain re-sent because the source QEMU had swallowed them, which that QEMU delivers itself
+    when it resumes after an abort."""
     skip = list(skip)
+    vm = VmPackets(addresses)
     packets = []
     for frame in keeper.frames():
-        if frame[14:] in skip:
-            skip.remove(frame[14:])
+        inner = vm.packet(frame)
+        if inner is None:
             continue
-        pkt = encapsulate(frame, src_addr, segments)
-        if pkt is not None:
-            packets.append(pkt)
+        if inner in skip:
+            skip.remove(inner)
+            continue
+        packets.append(encapsulate_packet(inner, src_addr, segments))
     sender = RawSender()
     try:
         return sender.send_many(packets)
@@ -103,20 +108,22 @@ def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
     return sent
 
 
-def _ethernet_to(vm: str, tap: str) -> bytes | None:
-    """The Ethernet header the program's delivery puts on a packet for `vm` on `tap`: to the VM's MAC (the
-    tap's neighbour entry), from the tap's; None when the neighbour is unknown."""
+def _macs_to(addresses: list[str], tap: str) -> dict[str, bytes]:
+    """The MACs the program's delivery puts on a packet for each of `addresses` on `tap`: to the VM's MAC
+    (the tap's neighbour entry for that address, IPv6 or ARP), from the tap's; 12 bytes, the Ethernet type
+    to follow. An address whose neighbour is unknown is left out."""
     from srmig import netlink  # noqa: PLC0415
 
+    out = {}
     with netlink.handle() as ipr:
         idx = netlink.find_ifindex(tap, ipr)
         if idx is None:
-            return None
-        src = netlink.link_mac(idx, ipr)
-        mac = netlink.neighbour_mac(vm, idx, ipr)
-    if mac is None:
-        return None
-    return bytes.fromhex(mac.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x86\xdd"
+            return out
+        src = bytes.fromhex(netlink.link_mac(idx, ipr).replace(":", ""))
+        for addr in addresses:
+            if (mac := netlink.neighbour_mac(addr, idx, ipr)) is not None:
+                out[addr] = bytes.fromhex(mac.replace(":", "")) + src
+    return out
 
 
 def sid_delivered(dp, sid: str) -> int:
@@ -142,26 +149,32 @@ def wait_delivered(dp, sid: str, at_least: int, stall_s: float = RETURN_ARRIVAL_
     return max(0, at_least - seen)
 
 
-def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
+def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses: list[str] | None = None) -> int:
     """An abort, once the destination has returned the older packets it held: give the VM what the program
     parked meanwhile (SRMIG_VM_F_PARK: whole, as it came in), oldest first, straight into its tap queue;
-    then plain RUNNING. While we send, newer packets still park behind them (SRMIG_VM_F_RING_FIRST: a batch
-    is consumed only once sent), so none overtakes. Records of other VMs (already advanced: a drain's) are
-    sent on as they are. Every record goes out in ring order through the ring's sent log, so an agent
-    killed in here and restarted sends each exactly once. Returns how many packets the VM was given."""
-    eth = _ethernet_to(vm, tap) if tap else None
-    vm_key = ipaddress.IPv6Address(vm).packed
+    then plain RUNNING. `addresses`: the VM's, of both families (default: `vm` alone); every one of them
+    is one entry of the program's, each parking its family's packets in the same ring, given in the ring's
+    order, each with its family's Ethernet type. While we send, newer packets still park behind them
+    (SRMIG_VM_F_RING_FIRST: a batch is consumed only once sent), so none overtakes. Records of other VMs
+    (already advanced: a drain's) are sent on as they are. Every record goes out in ring order through the
+    ring's sent log, so an agent killed in here and restarted sends each exactly once. Returns how many
+    records were sent (the kernel accepted), the VM's and others'."""
+    own = VmPackets([vm, *(addresses or ())])
+    macs = _macs_to(own.addresses, tap) if tap else {}
+    eth = {key: macs[addr] for key, addr in own.keys.items() if addr in macs}  # record's vm -> MACs
     ring = hold_ring_reader(dp)
     log = sent_log(ring)
     # Not TxRingSender (bench/tx_ring.py): its ring's setup (0.1-30 ms, an RCU grace period) comes before the
     # first frame and costs more than its faster sends save up to ~10^4 parked packets (measured, 128 B frames).
     to_tap = PacketSender(tap) if eth else None
     raw = RawSender()
+    raw4: RawSender | None = None  # opened for the first IPv4 packet with no neighbour entry to go by
+    ether_type = {6: ETH_P_IPV6, 4: ETH_P_IP}
     given = 0
 
     def give() -> int:
         """Read what the ring holds, send it, then consume it; returns how many records were read."""
-        nonlocal given
+        nonlocal given, raw4
         at = [ring.position]  # then the end of each record read
         records = ring.read(start=_HOLD_VM, commit=False, ends=at,
                             length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
@@ -169,25 +182,30 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
         parts = []
         for rec in records:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
-            inner = decapsulate(packet) if rec[:16] == vm_key else None
+            key = rec[:16]
+            inner = decapsulate(packet) if key in own.keys else None
             if inner is None:
                 parts.append((raw, packet))
-            elif eth:
-                parts.append((to_tap, eth + inner))
-            else:
-                parts.append((raw, inner))  # no neighbour entry: the kernel routes it to the tap
+            elif key in eth:
+                parts.append((to_tap, eth[key] + ether_type[family(inner)] + inner))
+            else:  # no neighbour entry: the kernel routes it to the tap (and resolves the VM's MAC)
+                if family(inner) == 4 and raw4 is None:
+                    raw4 = RawSender(4)
+                parts.append((raw4 if family(inner) == 4 else raw, inner))
         given += send_in_ring_order(log, at, parts)
         ring.commit()
         return len(records)
 
     try:
         skip_sent(ring, log)  # what an agent killed while sending from this ring (a drain, an unpark) had sent
-        dp.set_vm(vm, VmState.RUNNING, ring_first=True)
+        for addr in own.addresses:
+            dp.set_vm(addr, VmState.RUNNING, ring_first=True)
         deadline = time.monotonic() + max_s
         while time.monotonic() <= deadline:
             if not give() and ring.empty():
                 break
-        dp.set_vm(vm, VmState.RUNNING)
+        for addr in own.addresses:
+            dp.set_vm(addr, VmState.RUNNING)
         # A program run that read the flag just before it was cleared may still be writing its record.
         time.sleep(0.002)
         give()
@@ -195,20 +213,22 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S) -> int:
         log.close()
         ring.close()
         raw.close()
-        if to_tap is not None:
-            to_tap.close()
+        for sender in (to_tap, raw4):
+            if sender is not None:
+                sender.close()
     return given
 
 
 @dataclass
 class DrainReport:
-    from_tap: int = 0          # frames recovered from the paused QEMU's tap queue
+    from_tap: int = 0          # frames recovered from the paused QEMU's tap queue (IPv6 and IPv4)
+    from_tap_ipv4: int = 0     # of those, IPv4 (next header 4)
     from_ring: int = 0         # packets the program parked in the hold ring while we drained
     swallowed: int | None = None  # frames QEMU read but never gave the guest (None: not checked)
     resent_swallowed: int = 0  # of those, re-sent from the shadow log
     ring_sent_before: int = 0  # records an agent killed mid-send had sent (consumed, not sent again)
     swallow_miss: str | None = None  # why they were not (ShadowLog.swallowed_frames)
-    not_ipv6: int = 0          # tap frames that were not IPv6 (not forwarded)
+    not_vm: int = 0            # tap frames not carried: not IP to one of the VM's addresses (ARP, ND, MLD)
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
@@ -222,16 +242,24 @@ class SourceDrain:
     """Stop-and-copy on the source, in the order that keeps packets in order:
 
     1. VM state HOLD: the program parks every newer packet in the hold ring (already advanced to D).
-    2. Drain QEMU's tap queue (the oldest packets), send them to D's End.SBUF (one sendmmsg list).
+    2. Drain QEMU's tap queue (the oldest packets), send them to D's End.SBUF (one sendmmsg list), each
+       family with its next header (41, 4) but one stream, in the queue's order.
     3. AWAY behind the ring (SRMIG_VM_F_RING_FIRST): the program parks a packet while the ring holds any
        record we have not consumed, and forwards directly once it holds none. We send the ring's packets
        batch by batch and consume each batch only once it is sent, until the ring is empty.
     4. Plain AWAY, then read the ring once more for a packet parked while the flag was being cleared.
+
+    The VM is `vm` and, if given, its other `addresses` (IPv6 and IPv4, any number): each step writes every
+    one's entry, and the tap's frames to any of them are the VM's. The ring's records need no such sorting:
+    they are whole SRv6 packets, already advanced, sent as they are whatever their inner family.
     """
 
-    def __init__(self, dataplane, vm: str, src_addr: str, dest_segments: list[str], next_sid: str):
+    def __init__(self, dataplane, vm: str, src_addr: str, dest_segments: list[str], next_sid: str,
+                 addresses: list[str] | None = None):
         self.dp = dataplane
         self.vm = vm
+        self.own = VmPackets([vm, *(addresses or ())])
+        self.addresses = self.own.addresses
         self.src = src_addr
         self.segments = dest_segments
         self.next_sid = next_sid
@@ -247,28 +275,27 @@ class SourceDrain:
         t0 = time.monotonic()
         ring = hold_ring_reader(self.dp)
         try:
-            self.dp.set_vm(self.vm, VmState.HOLD, next_sid=self.next_sid)
+            self._set(VmState.HOLD)
             if check is not None:
                 rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
-            queued = queue.frames()
+            frames = queue.frames()
+            queued = [p for p in map(self.own.packet, frames) if p is not None]  # the VM's, either family
+            rep.not_vm = len(frames) - len(queued)
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
             if shadow is not None and rep.swallowed and rep.swallowed <= MAX_SWALLOWED:
                 shadow.flush()
-                first = next((f[14:] for f in queued if f[12:14] == b"\x86\xdd"), None)
+                first = queued[0] if queued else None
                 # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
                 # ring: both reached the tap shortly before it stopped reading, never long before.
-                frames, rep.swallow_miss = shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns)
-                for frame in frames:
-                    older.append(encapsulate_packet(frame, self.src, self.segments))
-                    self.resent_swallowed.append(frame)
+                swallowed, rep.swallow_miss = shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns)
+                for packet in swallowed:  # the inner packet as delivered, IPv6 or IPv4
+                    older.append(encapsulate_packet(packet, self.src, self.segments))
+                    self.resent_swallowed.append(packet)
                     rep.resent_swallowed += 1
-            for frame in queued:
-                pkt = encapsulate(frame, self.src, self.segments)
-                if pkt is None:
-                    rep.not_ipv6 += 1
-                    continue
-                older.append(pkt)
-                rep.from_tap += 1
+            for packet in queued:
+                older.append(encapsulate_packet(packet, self.src, self.segments))
+                rep.from_tap_ipv4 += packet[0] >> 4 == 4
+            rep.from_tap = len(queued)
             sender.send_many(older)
             rep.hold_ms = rep.timings["before_flip_ms"] = round((time.monotonic() - t0) * 1000, 3)
             self.away_behind_ring(sender, rep, ring, settle_s)
@@ -299,7 +326,7 @@ class SourceDrain:
         log = sent_log(ring)
         try:
             rep.ring_sent_before = skip_sent(ring, log)
-            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid, ring_first=True)
+            self._set(VmState.AWAY, ring_first=True)
             t_flip = time.monotonic()
             deadline = t_flip + RING_FIRST_MAX_S
             while not ring.empty() and time.monotonic() < deadline:
@@ -307,7 +334,7 @@ class SourceDrain:
                 # kernel as they go (the log), so that an agent killed before the commit does not send them
                 # twice.
                 self._ring_send(sender, rep, ring, log, rounds=1)
-            self.dp.set_vm(self.vm, VmState.AWAY, next_sid=self.next_sid)
+            self._set(VmState.AWAY)
             rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
             before = rep.from_ring
             deadline = time.monotonic() + settle_s
@@ -317,6 +344,12 @@ class SourceDrain:
             rep.timings["ring_after_flip"] = rep.from_ring - before
         finally:
             log.close()
+
+    def _set(self, state: VmState, ring_first: bool = False) -> None:
+        """Every one of the VM's entries to `state`. One after the other: between two writes a packet of an
+        address not written yet still goes the old way (into the tap, or the ring), ahead of the next step."""
+        for addr in self.addresses:
+            self.dp.set_vm(addr, state, next_sid=self.next_sid, ring_first=ring_first)
 
     @staticmethod
     def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,

@@ -1,5 +1,5 @@
-"""Many packets out in order, fast, and nothing lost silently: sendmmsg(2) in batches over a raw IPv6
-socket (RawSender: routed by each packet's DA) or an AF_PACKET one (PacketSender: Ethernet frames straight
+"""Many packets out in order, fast, and nothing lost silently: sendmmsg(2) in batches over a raw IPv6 (or
+IPv4) socket (RawSender: routed by each packet's DA) or an AF_PACKET one (PacketSender: Ethernet frames straight
 out of an interface, e.g. into a VM's tap queue). What the kernel does not take is retried or counted. With a
 SentLog, the kernel itself writes down what it sent, where a process killed mid-send leaves it for the next."""
 
@@ -32,6 +32,8 @@ RETRY_FIRST_S = 20e-6       # the first wait; doubling, so RETRIES waits add up 
 TRANSIENT = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
 SOL_IPV6 = 41
 IPV6_RECVERR = 25
+SOL_IP = 0
+IP_RECVERR = 11
 SOL_PACKET = 263
 PACKET_QDISC_BYPASS = 20
 # _Mmsg writes pointers and lengths as u64 words: right on 64-bit Linux (x86-64, like the rest of srmig).
@@ -223,34 +225,47 @@ class _BatchSender(_Counted):
 
 
 class RawSender(_BatchSender):
-    """Sends complete IPv6 packets (IPPROTO_RAW implies IPV6_HDRINCL); the kernel routes them by their DA.
+    """Sends complete IP packets (IPPROTO_RAW implies IPV6_HDRINCL / IP_HDRINCL); the kernel routes them by
+    their DA. IPv6 packets (every SRv6 packet, and an inner IPv6 one), or with `family=4` IPv4 ones (an
+    inner IPv4 packet unpark() hands to the kernel to route to a VM's tap).
 
-    IPV6_RECVERR: without it a raw socket reports a full queue (ENOBUFS) as success (rawv6_send_hdrinc),
-    and send_many could neither retry nor count it."""
+    IPV6_RECVERR / IP_RECVERR: without it a raw socket reports a full queue (ENOBUFS) as success
+    (rawv6_send_hdrinc, raw_send_hdrinc), and send_many could neither retry nor count it."""
 
-    _namelen = 28  # struct sockaddr_in6
-
-    def __init__(self):
+    def __init__(self, family: int = 6):
         super().__init__()
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        self.sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
-        self._sockaddrs: dict[bytes, object] = {}  # DA -> struct sockaddr_in6 (kept alive)
+        if family == 6:
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self.sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+            self._af, self._da, self._namelen = socket.AF_INET6, slice(24, 40), 28  # struct sockaddr_in6
+        elif family == 4:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self.sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+            self._af, self._da, self._namelen = socket.AF_INET, slice(16, 20), 16  # struct sockaddr_in
+        else:
+            raise ValueError(f"family {family}: 6 or 4")
+        self.family = family
+        self._sockaddrs: dict[bytes, object] = {}  # DA -> struct sockaddr_in6 / sockaddr_in (kept alive)
         self._addr_of: dict[bytes, int] = {}
 
     def send(self, packet: bytes) -> None:
-        dst = str(ipaddress.IPv6Address(packet[24:40]))
+        dst = str(ipaddress.ip_address(packet[self._da]))
         self.sock.sendto(packet, (dst, 0))
 
     def _sockaddr(self, da: bytes) -> int:
-        sa = _ffi.new("char[]", struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, da, 0))
+        if self._af == socket.AF_INET6:
+            raw = struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, da, 0)
+        else:
+            raw = struct.pack("=HH4s8x", socket.AF_INET, 0, da)
+        sa = _ffi.new("char[]", raw)
         self._sockaddrs[da] = sa
         self._addr_of[da] = addr = int(_ffi.cast("uintptr_t", sa))
         return addr
 
     def _names(self, packets: list[bytes]) -> array:
         # The route lookup uses the destination address given, not the header's: pass each packet's DA.
-        get = self._addr_of.get
-        return array("Q", [get(p[24:40]) or self._sockaddr(p[24:40]) for p in packets])
+        get, da = self._addr_of.get, self._da
+        return array("Q", [get(p[da]) or self._sockaddr(p[da]) for p in packets])
 
     def close(self) -> None:
         self.sock.close()

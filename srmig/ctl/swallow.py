@@ -4,7 +4,9 @@ After the pause QEMU 7.2's tap_send() still reads one frame, parks it in its own
 and stops polling. We find it by arithmetic: frames QEMU read from the tap (the tap's tx_packets) minus
 frames it put in the guest's RX ring (the virtio used index, over QMP), against the same difference at a
 baseline taken before the pause. The content comes from the shadow ring, where the XDP program copies every
-frame it delivers to a VM flagged `shadow` during the migration window.
+frame it delivers to a VM flagged `shadow` during the migration window: the inner packet as delivered, IPv6
+or IPv4 (a dual-stack VM's two families in one log, in delivery order), matched byte for byte against the
+tap's frames whatever their family.
 """
 
 from __future__ import annotations

@@ -154,12 +154,14 @@ struct srmig_hold_record {
 
 #define SRMIG_HOLD_SNAPLEN 2048
 
-/* The ingress's H.Encaps (RFC 8986 5.1), srmig/ebpf/encap.c on tc egress: every IPv6 packet whose destination
- * is a VM in encap_table leaves inside an outer IPv6 header + SRH built from the VM's entry. */
+/* The ingress's H.Encaps (RFC 8986 5.1), srmig/ebpf/encap.c on tc egress: every IPv6 or IPv4 packet whose
+ * destination is a VM in encap_table leaves inside an outer IPv6 header + SRH built from the VM's entry. */
 #define SRMIG_ENCAP_MAX_SEGS 6 /* segments in one list (travel order S::5, transit..., D::b fits easily) */
 #define SRMIG_ENCAP_SRH_MAX 104 /* 8 + 16 * SRMIG_ENCAP_MAX_SEGS (cffi takes literals only) */
 
-/* encap_table (and encap_vm_stats): key = the VM's IPv6 address, the inner destination, network byte order. */
+/* encap_table (and encap_vm_stats): key = the VM's address, the inner destination, network byte order: an IPv6
+ * address as it is, an IPv4 address a.b.c.d as the IPv4-mapped ::ffff:a.b.c.d, as in vm_table. An IPv6
+ * packet to an IPv4-mapped destination takes no entry. */
 struct srmig_encap_key {
 	__u8 addr[16];
 };
@@ -173,8 +175,10 @@ struct srmig_encap_value {
 			     * encapsulated in reduced mode, H.Encaps.Red) */
 	__u8 hop_limit;     /* of the outer header */
 	__u8 pad[3];
-	__u8 srh[104]; /* SRMIG_ENCAP_SRH_MAX: the SRH as sent: next header 41, type 4, SL = Last Entry = entries - 1
-				      * (or SL = entries, H.Encaps.Red), segments in SRH order (last first) */
+	__u8 srh[104]; /* SRMIG_ENCAP_SRH_MAX: the SRH as sent: next header 41 (an IPv6 key) or 4 (an IPv4-mapped
+				      * key; the program drops as BAD_ENTRY a packet of the other family), type 4,
+				      * SL = Last Entry = entries - 1 (or SL = entries, H.Encaps.Red), segments in SRH
+				      * order (last first) */
 };
 
 /* encap_vm_stats: per-CPU hash, one entry per VM in encap_table (userspace creates and deletes it). */
@@ -186,14 +190,17 @@ struct srmig_encap_vm_stats {
 
 /* What the encap program did with a packet. Index into the encap_stats per-CPU array. Append-only. */
 enum srmig_encap_counter {
-	SRMIG_ENCAP_PASS = 0,           /* not IPv6 to a VM in encap_table: left as it is */
+	SRMIG_ENCAP_PASS = 0,           /* not IPv6 or IPv4 to a VM in encap_table: left as it is */
 	SRMIG_ENCAP_DONE = 1,           /* encapsulated */
 	SRMIG_ENCAP_DROP_TOO_BIG = 2,   /* would exceed the egress MTU once encapsulated (and is not GSO): the
 					 * route to the VM must carry mtu = link MTU - (40 + srh_len) */
 	SRMIG_ENCAP_DROP_ROOM = 3,      /* bpf_skb_adjust_room refused to make room for the headers */
 	SRMIG_ENCAP_DROP_STORE = 4,     /* writing the headers failed */
-	SRMIG_ENCAP_DROP_BAD_ENTRY = 5, /* an encap_table entry whose srh_len the program cannot write */
-	SRMIG_ENCAP_MAX = 6,
+	SRMIG_ENCAP_DROP_BAD_ENTRY = 5, /* an encap_table entry whose srh_len the program cannot write, or
+					 * whose SRH next header is not the packet's family */
+	SRMIG_ENCAP_DROP_MALFORMED = 6, /* IPv4 to a VM whose header is not well formed (version 4, IHL >= 5,
+					 * IHL * 4 <= total length <= the bytes there): never encapsulated */
+	SRMIG_ENCAP_MAX = 7,
 };
 /* END ABI */
 
