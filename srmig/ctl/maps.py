@@ -345,9 +345,9 @@ class Dataplane(libbpf.PinnedMaps):
 class VmAddressSet:
     """A Dataplane whose VM writes apply to all of a VM's addresses: set_vm(vm, ...) and del_vm(vm) write the
     entry of every address `addresses(vm)` lists (the VM's id, its first address, included), so whatever
-    moves a VM through its migration's states (the executor, the source drain, an abort's unpark) moves
-    all of its addresses in the same step, in the same order, without knowing there are several. Reads
-    and everything else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
+    moves a VM through its migration's states by its id (the executor, the agent's steady state and
+    reconciliation) moves all of its addresses in the same step, in the same order. Reads and everything
+    else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
 
     def __init__(self, dp: Dataplane, addresses: Callable[[str], tuple[str, ...]]):
         self.dp = dp
