@@ -626,8 +626,8 @@ def ingress_ns():
 
 
 def companions(vm: str) -> list[str]:
-    """The other addresses a pool VM may list (each VM its own: no address is two VMs')."""
-    return [vm.replace("::", f":{j}::", 1) for j in range(1, 3)]
+    """The other addresses a pool VM may list (each VM its own: no address is two VMs'), IPv6 and IPv4."""
+    return [vm.replace("::", ":1::", 1), f"10.4.0.{int(vm.rpartition(':')[2], 16)}"]
 
 
 def vm_record(vm: str, version: int, r: random.Random) -> dict:
@@ -785,7 +785,7 @@ def test_vm_addresses_at_the_ingress(ingress_ns, writer, tmp_path, caplog):
     lets it go; a deleted VM loses every entry it had."""
     cfg = config.parse(INGRESS_CFG.format(db=tmp_path / "ingress.db"), "test_fuzz_control ingress")
     v1, v2 = vm_addr(0x420, 0), vm_addr(0x420, 1)
-    a1, shared, a2 = vm_addr(0x421, 0), vm_addr(0x422, 0), vm_addr(0x421, 1)
+    a1, shared, a2 = vm_addr(0x421, 0), "10.4.2.2", "10.4.2.1"  # IPv4: H.Encaps with next header 4
     seg1, seg2 = [P.dx6], [Q.dx6]
 
     def put(vm: str, version: int, segments: list[str], addresses: list[str]) -> None:
