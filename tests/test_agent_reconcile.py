@@ -279,7 +279,8 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
 
 def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
     """The VM starts again with one address fewer and one more: the dropped address's entry goes, the new
-    one is delivered, and the record lists the new set in one new version."""
+    one is delivered, and the record lists the new set in one new version. An address it dropped that
+    another VM took meanwhile stays that VM's."""
     a = make_agent(lab, tmp_path, libvirt.open)
     ups = applied(a, work.LibvirtUp)
     lifecycle = applied(a, work.Lifecycle)
@@ -306,6 +307,17 @@ def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
         assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys(again, VmState.RUNNING)
         rec = db.vm(VM)
         assert (rec.addresses, rec.version) == (again, v1 + 1)
+        # Stopped, it lets its addresses go: another VM takes one, and the first one's next start (with its
+        # id alone) removes only the entry nobody took.
+        conn.lookupByName("srmig-rec-change").destroy()
+        other = "2001:db8:100::77"
+        conn.createXML(domain_xml("srmig-rec-other", other, DUAL[2]), 0)
+        started("srmig-rec-other")
+        conn.createXML(domain_xml("srmig-rec-change", VM), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys((VM, other, DUAL[2]), VmState.RUNNING)
+        assert db.vm(other).addresses == (other, DUAL[2]) and db.vm(VM).addresses == (VM,)
 
 
 def test_migration_moves_every_address_in_each_step(lab, maps, db, tmp_path):

@@ -288,8 +288,9 @@ class HostRole:
         self.rejected_domains.pop(d.name, None)
         old = self.vm_addresses.get(d.vm, ())
         self.vm_addresses[d.vm] = d.addresses
-        if self.dp is not None and self.role_of(d.vm) is None:
-            for a in set(old) - set(d.addresses):
+        if self.dp is not None and self.role_of(d.vm) is None and (dropped := set(old) - set(d.addresses)):
+            others = {a for vm, addrs in self.vm_addresses.items() if vm != d.vm for a in addrs}
+            for a in dropped - others:  # (one another VM took meanwhile is that VM's now)
                 self.dp.dp.del_vm(a)  # that address alone (VmAddressSet.dp: the maps themselves)
         return True
 
