@@ -69,6 +69,7 @@ class HostRole:
         self.executor: Executor | None = None       # once the maps are loaded
         self.domains: dict[str, Domain] = {}       # name -> Domain
         self.vm_addresses: dict[str, tuple[str, ...]] = {}  # vm -> all its addresses, the vm first
+        self._address_vm: dict[str, str] = {}        # address -> the vm whose it is now (set_addresses)
         self.rejected_domains: dict[str, str] = {}  # domain name -> why srmig does not manage it (status)
         self.tracks: dict[str, Track] = {}          # vm -> Track
         self.libvirt: LibvirtLink | None = None
@@ -215,7 +216,7 @@ class HostRole:
         with contextlib.suppress(Exception):
             e = self.db.kv.get(f"vms/{vm}")
             if e is not None:
-                self.vm_addresses[vm] = records.vm_record(e.key, e.value)["addresses"]
+                self.set_addresses(vm, records.vm_record(e.key, e.value)["addresses"])
 
     def domain_rejected(self, name: str | None, why: str) -> None:
         """A domain srmig does not manage because of its XML or metadata (already logged and counted): its
@@ -287,12 +288,28 @@ class HostRole:
                 return False
         self.rejected_domains.pop(d.name, None)
         old = self.vm_addresses.get(d.vm, ())
-        self.vm_addresses[d.vm] = d.addresses
-        if self.dp is not None and self.role_of(d.vm) is None and (dropped := set(old) - set(d.addresses)):
-            others = {a for vm, addrs in self.vm_addresses.items() if vm != d.vm for a in addrs}
-            for a in dropped - others:  # (one another VM took meanwhile is that VM's now)
-                self.dp.dp.del_vm(a)  # that address alone (VmAddressSet.dp: the maps themselves)
+        self.set_addresses(d.vm, d.addresses)
+        if self.dp is not None and self.role_of(d.vm) is None:
+            for a in set(old) - set(d.addresses):
+                if a not in self._address_vm:  # (one another VM took meanwhile is that VM's now)
+                    self.dp.dp.del_vm(a)  # that address alone (VmAddressSet.dp: the maps themselves)
         return True
+
+    def set_addresses(self, vm: str, addresses: tuple[str, ...] | None) -> None:
+        """`vm`'s addresses are now `addresses` (None: forgotten). One another VM listed is this one's now:
+        that VM, gone from here (admit() let this one have it), no longer writes its entry (a late Forget or
+        grace period of it would remove the new owner's)."""
+        for a in self.vm_addresses.pop(vm, ()):
+            if self._address_vm.get(a) == vm:
+                del self._address_vm[a]
+        if addresses is None:
+            return
+        self.vm_addresses[vm] = addresses
+        for a in addresses:
+            prev = self._address_vm.get(a)
+            if prev is not None and prev != vm and a != prev:  # (an id stays its VM's: its key)
+                self.vm_addresses[prev] = tuple(x for x in self.vm_addresses[prev] if x != a)
+            self._address_vm[a] = vm
 
     def role_of(self, vm: str) -> str | None:
         m = self.machine.migrations.get(vm)
@@ -348,7 +365,8 @@ class HostRole:
         them (reconciliation of many VMs). Returns whether anything had to change."""
         if self.dp is None:
             return False
-        self.vm_addresses.setdefault(d.vm, d.addresses)  # (admit() learnt them; a benchmark's Domain not)
+        if d.vm not in self.vm_addresses:  # (admit() learnt them; a benchmark's Domain not)
+            self.set_addresses(d.vm, d.addresses)
         changed = False
         for a in d.addresses:
             cur = self.dp.get_vm(a) if entries is self._UNKNOWN else entries.get(a)

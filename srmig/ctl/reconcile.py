@@ -142,8 +142,9 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                 fixed += 1
         # The addresses of VMs that are here, migrating, or still forwarding stragglers: the others are
         # forgotten with their entries.
-        host.vm_addresses = {vm: addrs for vm, addrs in host.vm_addresses.items()
-                             if vm in seen or vm in host.machine.migrations or vm in away}
+        for vm in [vm for vm in host.vm_addresses if vm not in seen and vm not in host.machine.migrations
+                   and vm not in away]:
+            host.set_addresses(vm, None)
     if host.baselines:
         host.baselines.start(first_s=0.05)  # at once: the VMs may be quiet now, not later
     return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
