@@ -124,29 +124,32 @@ class IngressRole:
                 continue
             with self._lock:
                 for a in self.addresses.get(vm, (vm,)):
-                    self._clear(a)
+                    if self.owner.get(a, vm) == vm:  # (one another VM's record took is that VM's now)
+                        self._clear(a)
                 self._own(vm, ())
                 self.applied.pop(vm, None)
 
     def _own(self, vm: str, addresses: tuple[str, ...]) -> None:
-        """`vm`'s addresses are now `addresses` (none: it is gone)."""
+        """`vm`'s addresses are now `addresses` (none: it is gone). An address another VM had is this one's
+        now: the hosts decide who has an address (srmig.ctl.host_role.HostRole.admit, a VM stopped lets its
+        go while its record still lists them), the ingress follows the record it applied last."""
         for a in self.addresses.pop(vm, ()):
             if self.owner.get(a) == vm:
                 del self.owner[a]
+        for a in addresses:
+            prev = self.owner.get(a)
+            if prev is not None and prev != vm:
+                log.info("%s: now VM %s's, no longer VM %s's", a, vm, prev)
+                self.addresses[prev] = tuple(x for x in self.addresses[prev] if x != a)
+            self.owner[a] = vm
         if addresses:
             self.addresses[vm] = addresses
-            self.owner.update(dict.fromkeys(addresses, vm))
 
     def _apply(self, recs: list[VmRecord]) -> None:
         with self._lock:
             for rec in recs:
                 if self.applied.get(rec.vm, 0) >= rec.version:
                     continue  # older than what we have (a replayed or reordered event)
-                taken = [(a, self.owner[a]) for a in rec.addresses if self.owner.get(a, rec.vm) != rec.vm]
-                if taken:  # the first VM keeps it: the agents never publish this (HostRole.admit)
-                    a, vm = taken[0]
-                    records.reject("vm_record", f"vms/{rec.vm}", f"v{rec.version}: address {a} is VM {vm}'s")
-                    continue
                 t0 = time.monotonic()
                 old = self.addresses.get(rec.vm, ())
                 # Every address programmed now, or remembered as maybe programmed (cleared with the VM).
