@@ -15,6 +15,7 @@ examples (as root):
   srmig sid add fc00:0:1::d6 End.DX6-map   and the steady-state one
   srmig vm set 2001:db8:100::10 running    a VM that runs on this host
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
+  srmig vm set 2001:db8:100::10,10.0.0.10 running   a dual-stack VM: each address's entry
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
   srmig ingress load eth0                  H.Encaps in BPF on an ingress (srmig ingress --help)
@@ -98,16 +99,26 @@ def cmd_sid(args) -> int:
 
 
 def cmd_vm(args) -> int:
+    columns = ["vm", "state", "next_sid", "hold_ring", "shadow"]
+    # A VM is a set of addresses: ADDR[,ADDR...] sets (or deletes) the entry of each, in that order.
+    addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
-            entry = dp.set_vm(args.vm, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring,
-                              shadow=args.shadow)
-            _emit(args, entry.to_dict())
+            entries = [dp.set_vm(a, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring,
+                                 shadow=args.shadow).to_dict() for a in addresses]
+            if len(entries) == 1:  # one address: one entry, as before
+                _emit(args, entries[0])
+            else:
+                _emit(args, entries, entries, columns)
         elif args.action == "del":
-            _emit(args, {"vm": args.vm, "deleted": dp.del_vm(args.vm)})
+            gone = [{"vm": a, "deleted": dp.del_vm(a)} for a in addresses]
+            if len(gone) == 1:
+                _emit(args, gone[0])
+            else:
+                _emit(args, gone, gone, ["vm", "deleted"])
         else:
             entries = [e.to_dict() for e in dp.list_vms()]
-            _emit(args, entries, entries, ["vm", "state", "next_sid", "hold_ring", "shadow"])
+            _emit(args, entries, entries, columns)
     return 0
 
 
@@ -249,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sid["add"].add_argument("behaviour", help="End, End.DX6-map, End.S or End.SBUF")
 
     vm = table_command("vm", "set, delete or list VM migration states", cmd_vm,
-                       "the VM's IPv6 address (the inner destination)",
+                       "the VM's address, IPv6 or IPv4 (the inner destination), or its addresses "
+                       "separated by commas (each entry written)",
                        [("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")])
     a = vm["set"]
     a.add_argument("state", help="running, hold, away or incoming")

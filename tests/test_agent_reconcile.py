@@ -11,7 +11,9 @@ import pytest
 
 from srmig.bpf import abi
 from srmig.bpf.abi import VmState
-from srmig.ctl import reconcile, statedb, work
+import time
+
+from srmig.ctl import records, reconcile, statedb, status, work
 from srmig.ctl.agent import Agent
 from srmig.ctl.libvirt_link import metadata_xml
 from srmig.ctl.machine import Ev
@@ -61,11 +63,14 @@ def generation(dp) -> int:
     return dp.meta.lookup(ffi.new("uint32_t *", abi.META_TABLE_GENERATION))
 
 
-def define(conn, name: str, address: str | None = None):
-    """A running test-driver domain, managed by srmig when it has an address."""
-    meta = f"<metadata>{metadata_xml(address)}</metadata>" if address else ""
-    dom = conn.defineXML(f"<domain type='test'><name>{name}</name><memory>8192</memory>"
-                         f"<os><type>hvm</type></os>{meta}</domain>")
+def domain_xml(name: str, *addresses: str) -> str:
+    meta = f"<metadata>{metadata_xml(*addresses)}</metadata>" if addresses else ""
+    return f"<domain type='test'><name>{name}</name><memory>8192</memory><os><type>hvm</type></os>{meta}</domain>"
+
+
+def define(conn, name: str, *addresses: str):
+    """A running test-driver domain, managed by srmig when it has addresses (the first its id)."""
+    dom = conn.defineXML(domain_xml(name, *addresses))
     dom.create()
     return dom
 
@@ -212,3 +217,218 @@ def test_source_paused_by_its_migration_is_rechecked_until_it_runs(lab, maps, co
         assert db.migrations()[0][VM]["S"]["events"][-2:] == ["suspended", "failed"]
         rec = db.vm(VM)
         assert (rec.host, rec.segments, rec.phase) == ("S", (L.SID_DX6,), "abort")
+
+
+# --- a VM is a set of addresses: dual-stack VMs ------------------------------------------------------------
+
+# A dual-stack VM: its id (the first address), another IPv6 address, an IPv4 one (the VM map keys it as
+# ::ffff:10.0.0.10, srmig_abi.h).
+DUAL = (VM, "2001:db8:200::10", "10.0.0.10")
+
+
+def states(dp, addresses) -> dict:
+    return {a: (e.state, e.next_sid, e.shadow) if (e := dp.get_vm(a)) else None for a in addresses}
+
+
+def srmig_status(a, capsys) -> str:
+    """`srmig status` as printed, asked of the agent over its socket."""
+    from srmig.cli import main
+    from srmig.ctl import hooksrv
+
+    server = hooksrv.serve(a, a.cfg.hook.socket)
+    try:
+        capsys.readouterr()
+        assert main(["status", "--socket", a.cfg.hook.socket]) == 0
+        return capsys.readouterr().out
+    finally:
+        server.close()
+
+
+def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, conn, db, tmp_path, capsys):
+    """A running dual-stack domain: reconciliation delivers each of its addresses here and publishes them all
+    with its segment list; a second reconciliation finds nothing to fix; once the domain is gone, the next
+    one removes every entry it had."""
+    dom = define(conn, "srmig-rec-dual", *DUAL)
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        a.dbl.write(lambda: None).result(10)
+        assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.RUNNING, None, False))
+        assert {e.vm for e in maps.list_vms()} == set(DUAL)
+        rec = db.vm(VM)
+        assert (rec.host, rec.segments, rec.addresses) == ("S", (L.SID_DX6,), DUAL)
+        gen = generation(maps)
+        again = on_worker(a, reconcile.reconcile, a.host, conn)
+        a.dbl.write(lambda: None).result(10)
+        assert (again["vms"], again["fixed"]) == (1, 0)
+        assert generation(maps) == gen and db.vm(VM).version == rec.version
+        st = on_worker(a, status.agent_status, a)
+        assert [(v["vm"], v["addresses"], v["state"], v["states_differ"]) for v in st["vms"]] == \
+            [(VM, list(DUAL), "running", None)]
+        assert st["locations"][0]["addresses"] == list(DUAL)
+        shown = srmig_status(a, capsys)
+        assert f"\n    + {DUAL[1]}\n    + {DUAL[2]}\n" in shown, shown
+        assert f"(also {DUAL[1]}, {DUAL[2]})" in shown, shown
+        dom.destroy()
+        dom.undefine()
+        out = on_worker(a, reconcile.reconcile, a.host, conn)
+        assert (out["vms"], out["fixed"]) == (0, 1)
+        assert maps.list_vms() == []
+
+
+def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
+    """The VM starts again with one address fewer and one more: the dropped address's entry goes, the new
+    one is delivered, and the record lists the new set in one new version. An address it dropped that
+    another VM took meanwhile stays that VM's."""
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    lifecycle = applied(a, work.Lifecycle)
+
+    def started(name: str) -> None:
+        for _ in range(20):
+            item, _, _ = lifecycle.get(timeout=10)
+            if (item.domain, item.type) == (name, "STARTED"):
+                return
+        raise AssertionError(f"{name}: no STARTED applied")
+
+    with running(a, lab):
+        ups.get(timeout=10)
+        dom = conn.createXML(domain_xml("srmig-rec-change", *DUAL), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm for e in maps.list_vms()} == set(DUAL)
+        v1 = db.vm(VM).version
+        dom.destroy()
+        again = (VM, DUAL[2], "2001:db8:200::11")
+        conn.createXML(domain_xml("srmig-rec-change", *again), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys(again, VmState.RUNNING)
+        rec = db.vm(VM)
+        assert (rec.addresses, rec.version) == (again, v1 + 1)
+        # Stopped, it lets its addresses go: another VM takes one, and the first one's next start (with its
+        # id alone) removes only the entry nobody took.
+        conn.lookupByName("srmig-rec-change").destroy()
+        other = "2001:db8:100::77"
+        conn.createXML(domain_xml("srmig-rec-other", other, DUAL[2]), 0)
+        started("srmig-rec-other")
+        conn.createXML(domain_xml("srmig-rec-change", VM), 0)
+        started("srmig-rec-change")
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys((VM, other, DUAL[2]), VmState.RUNNING)
+        assert db.vm(other).addresses == (other, DUAL[2]) and db.vm(VM).addresses == (VM,)
+
+
+def test_migration_moves_every_address_in_each_step(lab, maps, db, tmp_path):
+    """The source restarts after its drain, libvirt unreachable: the VM's addresses come from its vms/
+    record, and the replay's one map write (AWAY towards D) covers each of them, whatever state each was
+    left in. The cut-over publishes D's SID for all of them (one version), and once the grace period is
+    over every entry goes at once."""
+    db.publish(VM, "S", [L.SID_DX6], Phase.STEADY.value, addresses=DUAL)
+    db.put_migration(VM, "S", record(VM, "S", "D", "srmig-rec-vm", ["begin", "suspended"]))
+    db.put_migration(VM, "D", record(VM, "S", "D", "srmig-rec-vm", ["begin", "resumed"]))
+    maps.set_vm(VM, VmState.AWAY, next_sid=D.dx6)     # the drain's, before the restart
+    maps.set_vm(DUAL[1], VmState.HOLD, next_sid=D.dx6)
+    maps.set_vm(DUAL[2], VmState.RUNNING, shadow=True)
+    a = make_agent(lab, tmp_path, unreachable)
+    ups = applied(a, work.DbUp)
+    graces = applied(a, work.GraceOver, before=lambda item: states(maps, DUAL),
+                     after=lambda item: states(maps, DUAL))
+    with running(a, lab):
+        ups.get(timeout=10)
+        assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.AWAY, D.dx6, False))
+        on_worker(a, a.host.local_event, VM, Ev.STOPPED, time.monotonic_ns(), "test: the source QEMU is gone")
+        item, before, after = graces.get(timeout=10)
+        assert item.vm == VM
+        assert before == dict.fromkeys(DUAL, (VmState.AWAY, D.dx6, False)), "forwarding stragglers until then"
+        assert after == dict.fromkeys(DUAL), "all gone together"
+        a.dbl.write(lambda: None).result(10)
+        rec = db.vm(VM)
+        assert (rec.host, rec.segments, rec.phase, rec.addresses) == ("D", (D.dx6,), "cut-over", DUAL)
+
+
+def test_destination_provisions_every_address(lab, maps, db, tmp_path):
+    """`migrate begin` of a dual-stack domain here (its source D in the database): each of its addresses is
+    INCOMING before the hook is answered, and the new segment list is published for all of them."""
+    db.publish(VM, "D", [D.dx6], Phase.STEADY.value, addresses=DUAL)
+    a = make_agent(lab, tmp_path, unreachable)
+    ups = applied(a, work.DbUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        answer = a.call(work.HookBegin(domain_xml("srmig-rec-in", *DUAL)), timeout=10)
+        assert answer["managed"] and answer["addresses"] == list(DUAL)
+        assert {x: e[0] for x, e in states(maps, DUAL).items()} == dict.fromkeys(DUAL, VmState.INCOMING)
+        rec = db.vm(VM)
+        assert (rec.phase, rec.addresses, rec.version) == ("provision", DUAL, answer["version"])
+        # Another VM arriving with one of its addresses: refused at the hook, nothing provisioned for it.
+        other = "2001:db8:100::99"
+        db.publish(other, "D", [D.dx6], Phase.STEADY.value)
+        with pytest.raises(records.Rejected, match=f"address {DUAL[2]} is already VM {VM}'s"):
+            a.call(work.HookBegin(domain_xml("srmig-rec-in2", other, DUAL[2])), timeout=10)
+        assert maps.get_vm(other) is None and maps.get_vm(DUAL[2]).state is VmState.INCOMING
+        assert "srmig-rec-in2" in on_worker(a, status.agent_status, a)["rejected_domains"]
+
+
+def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, tmp_path, capsys):
+    """A domain listing a prefix, or an address another VM has (a domain here, another host's record), is
+    one rejection and a status entry, and srmig leaves it alone (no entry for any of its addresses); the
+    agent carries on. Once the domain that had the address is gone, the next reconciliation manages the one
+    that wanted it, and removes the gone one's entries."""
+    vm_a, vm_b, vm_c, vm_e, vm_w = (f"2001:db8:100::{i:x}" for i in (0xa, 0xb, 0xc, 0xe, 0xf))
+    shared, taken = "10.0.0.20", "2001:db8:300::1"
+    db.kv.put(f"vms/{vm_w}", {"vm": vm_w, "host": "D", "segments": [D.dx6], "version": 1,
+                              "addresses": [vm_w, taken]})
+    dom_a = define(conn, "srmig-rec-a", vm_a, shared)
+    define(conn, "srmig-rec-c", vm_c, taken)
+    define(conn, "srmig-rec-e", vm_e, "10.1.0.0/24")
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    lifecycle = applied(a, work.Lifecycle)
+    before = records.REJECTED.counts()["domain_xml"]
+    with running(a, lab):
+        ups.get(timeout=10)
+        conn.createXML(domain_xml("srmig-rec-b", vm_b, shared), 0)
+        for _ in range(20):
+            item, _, _ = lifecycle.get(timeout=10)
+            if (item.domain, item.type) == ("srmig-rec-b", "STARTED"):
+                break
+        assert records.REJECTED.counts()["domain_xml"] == before + 3
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys([vm_a, shared], VmState.RUNNING)
+        st = on_worker(a, status.agent_status, a)
+        why = st["rejected_domains"]
+        assert set(why) == {"srmig-rec-b", "srmig-rec-c", "srmig-rec-e"}
+        assert f"address {shared} is already VM {vm_a}'s (domain 'srmig-rec-a')" in why["srmig-rec-b"]
+        assert f"address {taken} is already VM {vm_w}'s (vms/{vm_w})" in why["srmig-rec-c"]
+        assert "'10.1.0.0/24' is a prefix" in why["srmig-rec-e"]
+        assert db.vm(vm_b) is None and db.vm(vm_c) is None and db.vm(vm_e) is None
+        shown = srmig_status(a, capsys)
+        assert f"  not managed: domain srmig-rec-b: domain 'srmig-rec-b': address {shared} is already" in shown
+        dom_a.destroy()
+        dom_a.undefine()
+        out = on_worker(a, reconcile.reconcile, a.host, conn)
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys([vm_b, shared], VmState.RUNNING)
+        assert db.vm(vm_b).addresses == (vm_b, shared)
+        assert set(on_worker(a, status.agent_status, a)["rejected_domains"]) == {"srmig-rec-c", "srmig-rec-e"}
+        assert out["vms"] == 1
+
+
+def test_cli_vm_sets_each_address(lab, maps, capsys):
+    """`srmig vm set|del ADDR,ADDR...`: each address's entry, in one command; one address as before."""
+    import json
+
+    from srmig.cli import main
+
+    ns = lab.topo.ns("lab")
+
+    def srmig(*args):
+        assert main(["--netns", ns, "vm", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    out = srmig("set", ",".join(DUAL), "away", "--next-sid", D.dx6)
+    assert [(e["vm"], e["state"], e["next_sid"]) for e in out] == [(x, "away", D.dx6) for x in DUAL]
+    assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.AWAY, D.dx6, False))
+    assert srmig("set", VM, "running")["state"] == "running"  # one address: one entry, as before
+    assert srmig("del", ",".join(DUAL)) == [{"vm": x, "deleted": True} for x in DUAL]
+    assert maps.list_vms() == []

@@ -54,3 +54,159 @@ def test_hundred_concurrent_migrations(tmp_path):
 
     out = bench_agent.load(tmp_path, 100, None, grace_s=0.1)
     assert out["wrong_end_state"] == 0 and out["left_on_source"] == 0, out
+
+
+# --- a VM is a set of addresses (docs/design.md) ------------------------------------------------------------
+
+def _domain(*texts: str) -> str:
+    from srmig.ctl.records import XMLNS
+
+    addrs = "".join(f"<srmig:address>{t}</srmig:address>" for t in texts)
+    return f"<domain><name>vm1</name><metadata><srmig:vm xmlns:srmig='{XMLNS}'>{addrs}</srmig:vm></metadata></domain>"
+
+
+METADATA_GOOD = [
+    # <srmig:address> texts -> the VM's addresses, its id first
+    (["2001:db8:100::10"], ("2001:db8:100::10",)),
+    (["2001:db8:100:0::10/64"], ("2001:db8:100::10",)),                 # interface notation, as before
+    (["2001:db8:100::10", "10.0.0.10", "2001:db8:200::10"], ("2001:db8:100::10", "10.0.0.10", "2001:db8:200::10")),
+    (["10.0.0.10", "2001:db8:100::10"], ("10.0.0.10", "2001:db8:100::10")),  # an IPv4 id
+    ([" 10.0.0.10/24 ", "", "::ffff:10.0.0.11"], ("10.0.0.10", "10.0.0.11")),  # IPv4-mapped: the IPv4 address
+    (["2001:DB8::1/128", "192.0.2.1/32"], ("2001:db8::1", "192.0.2.1")),   # a host prefix is the address
+]
+
+METADATA_BAD = [
+    # texts -> what the one line says
+    (["2001:db8::1", "2001:db8:0::1"], "2001:db8::1 listed twice"),
+    (["10.0.0.1", "::ffff:10.0.0.1"], "10.0.0.1 listed twice"),
+    (["2001:db8::1", "10.1.0.0/24"], "is a prefix"),
+    (["2001:db8:5::/64"], "is a prefix"),
+    (["2001:db8::1", "10.0.0.256"], "is not an IPv6 or IPv4 address"),
+    (["2001:db8::1", "nope"], "is not an IPv6 or IPv4 address"),
+    (["2001:db8::1/129"], "expected ADDRESS or ADDRESS/LENGTH"),
+    (["10.0.0.1/x"], "expected ADDRESS or ADDRESS/LENGTH"),
+    (["2001:db8::1", "fe80::1"], "cannot be a VM's"),
+    (["169.254.1.1"], "cannot be a VM's"),
+    (["127.0.0.1"], "cannot be a VM's"),
+    (["224.0.0.5"], "cannot be a VM's"),
+    (["0.0.0.0"], "cannot be a VM's"),
+    (["255.255.255.255"], "cannot be a VM's"),
+    (["2001:db8::1%eth0"], "expected an IPv6 or IPv4 address, got '2001:db8::1%eth0'"),
+    (["2001:db8::1", "x" * 65], "expected an IPv6 or IPv4 address"),
+    ([f"2001:db8::{i + 1:x}" for i in range(65)], "65 addresses, more than the 64"),
+]
+
+
+@pytest.mark.parametrize("texts, addresses", METADATA_GOOD)
+def test_metadata_addresses(texts, addresses):
+    from srmig.ctl.libvirt_link import Domain
+
+    d = Domain.parse(_domain(*texts))
+    assert (d.vm, d.addresses) == (addresses[0], addresses)
+
+
+@pytest.mark.parametrize("texts, why", METADATA_BAD)
+def test_metadata_malformed_is_one_line(texts, why):
+    """The domain is rejected whole: one line naming the domain and the address."""
+    from srmig.ctl.libvirt_link import Domain
+    from srmig.ctl.records import Rejected
+
+    with pytest.raises(Rejected) as e:
+        Domain.parse(_domain(*texts))
+    assert why in str(e.value) and str(e.value).startswith("domain 'vm1': ") and "\n" not in str(e.value)
+
+
+def test_metadata_without_an_address_is_not_ours():
+    from srmig.ctl.libvirt_link import Domain, metadata_xml
+
+    assert Domain.parse(_domain()) is None and Domain.parse(_domain("", "  ")) is None
+    # what metadata_xml writes reads back, in its order
+    xml = f"<domain><name>v</name><metadata>{metadata_xml('10.0.0.1', '2001:db8::1')}</metadata></domain>"
+    assert Domain.parse(xml).addresses == ("10.0.0.1", "2001:db8::1")
+
+
+VM = "2001:db8::10"
+RECORD = {"vm": VM, "host": "S", "segments": ["fc00:0:1::d6"], "version": 3}
+
+RECORD_GOOD = [
+    # the record's `addresses` (absent: not in it) -> the VmRecord's
+    (None, (VM,)),                                   # an older agent's record: the id alone
+    ([VM], (VM,)),
+    ([VM, "10.0.0.10", "2001:db8::11"], (VM, "10.0.0.10", "2001:db8::11")),
+    ([VM, "::ffff:10.0.0.10"], (VM, "10.0.0.10")),
+    (["2001:DB8::10", "2001:db8:0::11"], (VM, "2001:db8::11")),
+]
+
+RECORD_BAD = [
+    ([], "expected a list of 1..64 VM addresses"),
+    (VM, "expected a list of 1..64 VM addresses"),
+    ({"a": VM}, "expected a list of 1..64 VM addresses"),
+    ([VM] + [f"2001:db8:1::{i + 1:x}" for i in range(64)], "expected a list of 1..64 VM addresses"),
+    (["2001:db8::11", VM], "the first address must be the VM's 2001:db8::10"),
+    ([VM, "2001:db8:0::10"], "2001:db8::10 listed twice"),
+    ([VM, "10.0.0.1", "::ffff:10.0.0.1"], "10.0.0.1 listed twice"),
+    ([VM, "nope"], "addresses[1]: 'nope' is not an IPv6 or IPv4 address"),
+    ([VM, 7], "addresses[1]: expected an IPv6 or IPv4 address"),
+    ([VM, None], "addresses[1]: expected an IPv6 or IPv4 address"),
+    ([VM, "10.0.0.0/24"], "is not an IPv6 or IPv4 address"),
+    ([VM, "ff02::1"], "cannot be a VM's"),
+]
+
+
+@pytest.mark.parametrize("addresses, want", RECORD_GOOD)
+def test_vm_record_addresses(addresses, want):
+    from srmig.ctl.vmdb import VmRecord
+
+    value = RECORD | ({} if addresses is None else {"addresses": addresses})
+    rec = VmRecord.parse(f"vms/{VM}", value)
+    assert rec.addresses == want
+    assert VmRecord.parse(f"vms/{VM}", rec.to_dict()) == rec  # what it writes reads back
+
+
+@pytest.mark.parametrize("addresses, why", RECORD_BAD)
+def test_vm_record_malformed_addresses(addresses, why):
+    from srmig.ctl.records import Rejected
+    from srmig.ctl.vmdb import VmRecord
+
+    with pytest.raises(Rejected) as e:
+        VmRecord.parse(f"vms/{VM}", RECORD | {"addresses": addresses})
+    assert why in str(e.value), str(e.value)
+
+
+def test_ipv4_vm_id():
+    """A VM whose first address is IPv4 has it as its key."""
+    from srmig.ctl import records
+
+    rec = records.vm_record("vms/10.0.0.10", {"vm": "10.0.0.10", "host": "S", "segments": ["fc00::1"],
+                                              "version": 1, "addresses": ["10.0.0.10", "2001:db8::10"]})
+    assert rec["addresses"] == ("10.0.0.10", "2001:db8::10")
+    vm, host, _ = records.migration_record("migrations/10.0.0.10/S", {
+        "id": "m1", "vm": "10.0.0.10", "src": "S", "dst": "D", "events": ["begin"]})
+    assert (vm, host) == ("10.0.0.10", "S")
+    with pytest.raises(records.Rejected, match="not the key's"):
+        records.vm_record("vms/10.0.0.10", {"vm": "10.0.0.11", "host": "S", "segments": ["fc00::1"], "version": 1})
+
+
+def test_publish_carries_the_addresses(vmdb):
+    """The list and the segment list change in one version; a publish that does not know the addresses keeps
+    the record's; an older agent's record (no list) reads as the id alone; a malformed list in the database is
+    read as no record, counted."""
+    from srmig.ctl import records
+
+    assert vmdb.publish(VM, "S", ["fc00:0:1::d6"], "steady") == 1
+    assert vmdb.vm(VM).addresses == (VM,)
+    assert vmdb.publish(VM, "S", ["fc00:0:1::d6"], "steady", addresses=[VM, "10.0.0.10"]) == 2
+    assert vmdb.publish(VM, "S", ["fc00:0:1::d6"], "steady", addresses=[VM, "10.0.0.10"]) == 2  # no change
+    assert vmdb.publish(VM, "D", ["fc00:0:2::d6"], "cut-over", "m1", 1) == 3
+    rec = vmdb.vm(VM)
+    assert (rec.host, rec.addresses, rec.version) == ("D", (VM, "10.0.0.10"), 3)
+    assert vmdb.kv.get(f"vms/{VM}").value["addresses"] == [VM, "10.0.0.10"]
+    vmdb.kv.put("vms/2001:db8::20", {"vm": "2001:db8::20", "host": "S", "segments": ["fc00::1"], "version": 1})
+    assert vmdb.vm("2001:db8::20").addresses == ("2001:db8::20",)
+    before = records.REJECTED.counts()["vm_record"]
+    vmdb.kv.put("vms/2001:db8::30", {"vm": "2001:db8::30", "host": "S", "segments": ["fc00::1"], "version": 1,
+                                     "addresses": ["2001:db8::30", "2001:db8::30"]})
+    assert vmdb.vm("2001:db8::30") is None
+    assert records.REJECTED.counts()["vm_record"] == before + 1
+    # written over with a later version than its own (as for any malformed record)
+    assert vmdb.publish("2001:db8::30", "S", ["fc00::1"], "steady") == 2

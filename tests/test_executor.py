@@ -313,3 +313,43 @@ def test_a_restarted_agent_drains_the_tap_the_store_kept(lab, topology, paused_t
     finally:
         store.close()
         os.kill(keeper_pid, signal.SIGKILL)
+
+
+srv6_host, at_d = test_drain.srv6_host, test_drain.at_d  # H (here S) between an ingress I and D; D's capture
+
+
+def test_every_address_of_a_dual_stack_vm_moves_in_each_step(srv6_host, at_d):
+    """A dual-stack VM (its id VM, and VM4) through the executor, its owner telling the addresses: each map
+    write of a step is written for both (RUNNING, then the drain's HOLD and AWAY), and the drain takes both
+    families' frames from the paused tap, then forwards what comes after: D receives them once each, in
+    order. Then GRACE_OVER's DelVm removes both entries."""
+    topo, dp, holder = srv6_host
+    h_s = HostSids("S", test_drain.H_DX6, test_drain.H_END_S, test_drain.H_SBUF)
+    h_d = HostSids("D", test_drain.D_DX6, "fc00:0:2::5", test_drain.D_SBUF)
+    both = (VM, test_drain.VM4)
+    ex = X.Executor(X.Owner(name="S", dp=dp, address=test_drain.H_ADDR, drain=True, tap_queue=TAP_QUEUE,
+                            qemu_pid=lambda loc: holder.pid, later=Later(), enter=lambda: topo.inside("S"),
+                            addresses=lambda vm: both if vm == VM else (vm,)))
+    ex.vm(VM).tap = "vmtap"
+    m = Machine().start(VM, h_s, h_d)
+    path = [test_drain.H_END_S, test_drain.D_SBUF]  # the ingresses' list during the migration
+    queued, after = test_drain._stream("A", "64466446" * 2), test_drain._stream("C", "4664")
+    try:
+        ex.execute(m, [SetVm("S", VM, VmState.RUNNING)], "m1")
+        assert [dp.get_vm(a).state for a in both] == [VmState.RUNNING] * 2
+        test_drain._ingress_send(topo, topo.mac("S", "h_in"), path, queued)  # into the paused VM's tap
+        ex.execute(m, [Drain("S", VM, h_d.dx6)], "m1")
+        test_drain._ingress_send(topo, topo.mac("S", "h_in"), path, after)   # AWAY: straight to D
+        want = queued + after
+        got = test_drain._arrived(at_d, len(want))
+        assert [g[0] for g in got] == [mark for mark, _, _ in want], "once each, in order"
+        assert [(g[4], g[5]) for g in got] == [(41 if fam == 6 else 4, pkt) for _, fam, pkt in want]
+        rep = ex.vms[VM].report
+        assert (rep.from_tap, rep.from_tap_ipv4) == (16, 8)
+        assert [(e.state, e.next_sid) for e in map(dp.get_vm, both)] == [(VmState.AWAY, h_d.dx6)] * 2
+        ex.execute(m, [DelVm("S", VM)], "m1")
+        assert [dp.get_vm(a) for a in both] == [None, None]
+    finally:
+        ex.close()
+        for a in both:
+            dp.del_vm(a)

@@ -179,7 +179,8 @@ def domain_xml(name: str, vm: str | None, tap: str | None = None, extra: str = "
 
 
 BAD_ADDRESSES = ["not-an-address", "::", "::1", "ff02::1", "fe80::1", "2001:db8::1::2", "2001:db8::g",
-                 "1.2.3.4", "2001:db8::1%eth0", "x" * 100_000, "2001:db8:" + ":1" * 50]
+                 "1.2.3.256", "127.0.0.1", "169.254.0.1", "224.0.0.1", "0.0.0.0", "10.1.0.0/24", "2001:db8:5::/64",
+                 "2001:db8::1/129", "2001:db8::1%eth0", "x" * 100_000, "2001:db8:" + ":1" * 50]
 BAD_TAPS = ["t" * 16, "a/b", "a b", "..", ".", "a:b", "tap\t0"]
 
 
@@ -624,18 +625,26 @@ def ingress_ns():
             shutil.rmtree(pins, ignore_errors=True)
 
 
+def companions(vm: str) -> list[str]:
+    """The other addresses a pool VM may list (each VM its own: no address is two VMs'), IPv6 and IPv4."""
+    return [vm.replace("::", ":1::", 1), f"10.4.0.{int(vm.rpartition(':')[2], 16)}"]
+
+
 def vm_record(vm: str, version: int, r: random.Random) -> dict:
     rec = {"vm": vm, "host": r.choice(["P", "Q", "H"]), "segments": sids(r, 1, MAX_SEGMENTS),
            "version": version, "migration": r.choice(["", "m1"]), "step": r.randint(0, 3),
            "phase": r.choice([p.value for p in Phase])}
     if r.random() < 0.5:
         rec["format"] = records.FORMAT
+    k = r.randrange(3)  # none (an older agent's: [vm]), the id alone, or with some of its other addresses
+    if k:
+        rec["addresses"] = [vm] + (r.sample(companions(vm), r.randint(1, 2)) if k == 2 else [])
     return rec
 
 
 def broken_vm_record(rec: dict, r: random.Random) -> dict:
     rec = dict(rec)
-    k = r.randrange(12)
+    k = r.randrange(13)
     if k == 0:
         del rec[r.choice(["vm", "host", "segments", "version"])]
     elif k == 1:
@@ -659,6 +668,11 @@ def broken_vm_record(rec: dict, r: random.Random) -> dict:
         rec["step"] = -1
     elif k == 10:
         rec["migration"] = r.choice([5, "m" * 300, "a/b", None])
+    elif k == 11:  # the address list: not one, the id not first, one malformed or unusable, twice, too many
+        vm = rec["vm"]
+        rec["addresses"] = r.choice([[], vm, None, [vm_addr(0xdead, 3)], [vm_addr(0xdead, 3), vm], [vm, "nope"],
+                                     [vm, "fe80::1"], [vm, "10.1.0.0/24"], [vm, vm], [vm, 5], deep(100, vm),
+                                     [vm] + [vm_addr(0x411, j) for j in range(records.MAX_ADDRESSES)]])
     else:
         rec["segments"] = [junk(r)]
     return rec
@@ -683,7 +697,7 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
     cfg = config.parse(INGRESS_CFG.format(db=path), "test_fuzz_control ingress")
     pool = [vm_addr(0x400, i) for i in range(24)]
     sentinel = vm_addr(0x4ff, 0)
-    model: dict[str, tuple[int, list[str]]] = {}   # vm -> (version, segments): what the ingress applied
+    model: dict[str, tuple[int, list[str], list[str]]] = {}  # vm -> (version, segments, addresses) applied
     latest: dict[str, int] = {}                    # vm -> the highest version written (valid or not)
 
     def generate() -> tuple[str, str, object, int]:
@@ -695,8 +709,8 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
             v = latest.get(vm, 0) + r.randint(1, 3) if r.random() < 0.85 else r.randint(1, 3)  # or stale
             latest[vm] = max(latest.get(vm, 0), v)
             rec = vm_record(vm, v, r)
-            if v > model.get(vm, (0, []))[0]:
-                model[vm] = (v, rec["segments"])
+            if v > model.get(vm, (0,))[0]:
+                model[vm] = (v, rec["segments"], rec.get("addresses", [vm]))
             return "put", key, rec, 0
         if k < 45 and vm in model:
             model.pop(vm)
@@ -717,11 +731,12 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
                     writer.kv.delete(key)
 
     def check(role: IngressRole, what: str) -> None:
+        # Every address of every VM has its VM's segment list, and nothing else has one.
         entries = {e.vm: e.segments for e in role.encap.entries()}
-        assert entries == {vm: segs for vm, (_, segs) in model.items()}, what
-        assert role.applied == {vm: v for vm, (v, _) in model.items()}, what
+        assert entries == {a: segs for vm, (_, segs, addrs) in model.items() for a in addrs}, what
+        assert role.applied == {vm: v for vm, (v, *_) in model.items()}, what
         acks = {e.key.split("/")[1]: e.value["version"] for e in writer.kv.range("acks/")[0]}
-        assert all(acks[vm] == v for vm, (v, _) in model.items()), what
+        assert all(acks[vm] == v for vm, (v, *_) in model.items()), what
         assert role.errors == 0, role.last_error
 
     initial = []  # already there at the start: one write per key (a later one would replace it unread)
@@ -729,7 +744,7 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
         if r.random() < 0.5:
             latest[vm] = r.randint(1, 5)
             rec = vm_record(vm, latest[vm], r)
-            model[vm] = (latest[vm], rec["segments"])
+            model[vm] = (latest[vm], rec["segments"], rec.get("addresses", [vm]))
             initial.append(("put", f"vms/{vm}", rec, 0))
         else:
             initial.append(("put", f"vms/{vm}", broken_vm_record(vm_record(vm, 1, r), r), 1))
@@ -751,7 +766,7 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
             before = counts()
             write(batch)
             version += 1
-            model[sentinel] = (version, [P.sbuf])
+            model[sentinel] = (version, [P.sbuf], [sentinel])
             writer.kv.put(f"vms/{sentinel}", {"vm": sentinel, "host": "P", "segments": [P.sbuf],
                                               "version": version})
             assert writer.wait_acks(sentinel, version, WAIT_S) == [], "the ingress applied everything before it"
@@ -761,6 +776,62 @@ def test_vm_records_at_the_ingress(ingress_ns, writer, tmp_path, caplog, capsys,
     assert model
     logged_once_each(caplog, at_start)
     say(capsys, record_property, "VM records at the ingress", sent, t0, vms_applied=len(model))
+
+
+def test_vm_addresses_at_the_ingress(ingress_ns, writer, tmp_path, caplog):
+    """A VM's segment list is programmed for every address its record lists, in the version that lists it:
+    an address a newer version no longer lists loses its entry, one it adds gains it. An address another
+    VM's record lists too is the one applied last's (the hosts decide who has an address: a stopped VM's
+    record still lists its), and a later version or the delete of the VM that had it leaves it alone; a
+    deleted VM loses every entry it still had. Nothing here is malformed: nothing is rejected."""
+    cfg = config.parse(INGRESS_CFG.format(db=tmp_path / "ingress.db"), "test_fuzz_control ingress")
+    v1, v2 = vm_addr(0x420, 0), vm_addr(0x420, 1)
+    a1, shared, a2 = vm_addr(0x421, 0), "10.4.2.2", "10.4.2.1"  # IPv4: H.Encaps with next header 4
+    seg1, seg2 = [P.dx6], [Q.dx6]
+    sentinel = vm_addr(0x4ff, 1)
+
+    def put(vm: str, version: int, segments: list[str], addresses: list[str]) -> None:
+        writer.kv.put(f"vms/{vm}", {"vm": vm, "host": "P", "segments": segments, "version": version,
+                                    "addresses": addresses})
+
+    def sync(version: int) -> None:
+        """Everything written before is applied: a sentinel VM's version acked after it."""
+        put(sentinel, version, seg1, [sentinel])
+        assert writer.wait_acks(sentinel, version, WAIT_S) == []
+
+    def encap(role) -> dict[str, list[str]]:
+        return {e.vm: e.segments for e in role.encap.entries() if e.vm != sentinel}
+
+    at_start = counts()
+    put(v1, 1, seg1, [v1, a1, shared])
+    with contextlib.ExitStack() as stack:
+        with ingress_ns.inside("ing"):
+            kv = statedb.open_db("embedded", path=str(tmp_path / "ingress.db"))
+            stack.callback(kv.close)
+            role = IngressRole(cfg.ingress, kv, lease=None)
+            stack.callback(role.close)
+            role.start()
+        assert encap(role) == {v1: seg1, a1: seg1, shared: seg1}
+        put(v2, 1, seg2, [v2, shared])  # v1 stopped, v2 was given `shared` by its host
+        sync(1)
+        assert encap(role) == {v1: seg1, a1: seg1, v2: seg2, shared: seg2}
+        assert role.applied == {v1: 1, v2: 1, sentinel: 1}
+        put(v1, 2, seg1, [v1, a2])  # v1 lets a1 (and `shared`, v2's now) go, takes a2: one version
+        sync(2)
+        assert encap(role) == {v1: seg1, a2: seg1, v2: seg2, shared: seg2}
+        put(v1, 3, seg2, [v1, a2, shared])  # v1's record takes it back: the last applied has it
+        sync(3)
+        assert encap(role) == {v1: seg2, a2: seg2, v2: seg2, shared: seg2}
+        put(v2, 2, seg1, [v2])
+        sync(4)
+        assert encap(role) == {v1: seg2, a2: seg2, v2: seg1, shared: seg2}, "v2 no longer had it"
+        writer.kv.delete(f"vms/{v1}")
+        sync(5)
+        assert encap(role) == {v2: seg1}
+        st = role.status()
+        assert (st["routes"], st["addresses"], st["errors"]) == (2, 2, 0), role.last_error  # v2's, the sentinel
+    assert counts() == at_start
+    logged_once_each(caplog, at_start)
 
 
 # --- the configuration -----------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def cmd_status(args) -> int:
         ing = st["ingress"]
         c = ing.get("counters") or {}
         drops = sum(n for k, n in c.items() if k.startswith("drop"))
-        print(f"  ingress:  {ing['routes']} VM routes, {ing['errors']} errors"
+        print(f"  ingress:  {ing['routes']} VM routes ({ing.get('addresses', ing['routes'])} addresses), "
+              f"{ing['errors']} errors"
               + (f" (last: {ing['last_error']})" if ing.get("last_error") else "")
               + (f"; H.Encaps ({ing.get('encap')}): {c.get('done', 0)} encapsulated, {drops} dropped" if c else ""))
     if st.get("event_to_map_ms"):
@@ -109,10 +110,17 @@ def cmd_status(args) -> int:
             drops = "-" if v.get("tap_dropped") is None else str(v["tap_dropped"])
             print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {drops:<10} "
                   f"{mig}")
+            differ = v.get("states_differ") or {}
+            for a in v.get("addresses", [v["vm"]])[1:]:  # the VM's other addresses, under its id
+                print(f"    + {a}" + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
+    for name, why in (st.get("rejected_domains") or {}).items():
+        print(f"  not managed: domain {name}: {why}")
     if st.get("locations"):
         print("  locations (state db):")
         for r in st["locations"]:
-            print(f"    {r['vm']:<28} on {r['host']:<10} v{r['version']:<4} {' '.join(r['segments'])}")
+            others = r.get("addresses", [r["vm"]])[1:]
+            print(f"    {r['vm']:<28} on {r['host']:<10} v{r['version']:<4} {' '.join(r['segments'])}"
+                  + (f"  (also {', '.join(others)})" if others else ""))
     dp = st.get("dataplane")
     if dp:
         drops = {k: v for k, v in dp["drops"].items() if v}

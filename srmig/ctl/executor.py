@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from srmig.bpf.abi import VmState
 from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
+from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
 from srmig.ctl.swallow import ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_queue_len
@@ -60,6 +61,7 @@ class Owner:
     on_returned: Callable[[str], None] = _nothing        # an aborted destination returned its hold
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # this host's netns
     fds: fdstore.FdStore = field(default_factory=fdstore.NoStore)  # where kept tap fds outlive the agent
+    addresses: Callable[[str], tuple[str, ...]] = lambda vm: (vm,)  # a VM's addresses, its id first
 
 
 @dataclass
@@ -90,8 +92,14 @@ class VmLocal:
 class Executor:
     def __init__(self, owner: Owner):
         self.owner = owner
-        self.dp = owner.dp
+        # Every map write for a VM writes all its addresses: one step (the drain and the unpark are given them).
+        self.dp = VmAddressSet(owner.dp, owner.addresses)
         self.vms: dict[str, VmLocal] = {}
+
+    def _addresses(self, vm: str) -> list[str]:
+        """The VM's addresses for the drain and the unpark: they take the VM's frames to any of them, and
+        write each one's entry themselves (given the maps, not the VmAddressSet: once each)."""
+        return list(self.owner.addresses(vm))
 
     def vm(self, vm: str) -> VmLocal:
         return self.vms.setdefault(vm, VmLocal(vm=vm))
@@ -260,13 +268,13 @@ class Executor:
             # QEMU is gone (we restarted after libvirt's confirm): its tap queue with it. The hold ring is the
             # program's and outlives us: what it parked while a drain we were killed in held the VM goes
             # first (the drain's steps 3-4), then the rest is forwarded directly.
-            rep = SourceDrain(self.dp, a.vm, address, segments, a.next_sid).ring_only()
+            rep = SourceDrain(self.dp.dp, a.vm, address, segments, a.next_sid, self._addresses(a.vm)).ring_only()
             self.owner.on_map_write()
             log.warning("%s: no QEMU tap queue; forwarding without a drain (%d from the ring, %d the killed "
                         "drain had sent)", m.vm, rep.from_ring, rep.ring_sent_before)
             return
         gone = "" if self.owner.qemu_pid(loc) else " (QEMU gone)"  # the queue is what we, or the store, kept
-        drain = loc.drain = SourceDrain(self.dp, a.vm, address, segments, a.next_sid)
+        drain = loc.drain = SourceDrain(self.dp.dp, a.vm, address, segments, a.next_sid, self._addresses(a.vm))
         self.owner.on_map_write()  # the drain's first step is the map write (HOLD)
         check = BoundedCheck(loc.check) if loc.check is not None else None
         heard, qemu = loc.stopped_ns, self.owner.qemu_stopped_ns(loc) if loc.stopped_ns else None
@@ -293,6 +301,8 @@ class Executor:
         # The source QEMU delivers, when it resumes, the one frame it keeps in its own net queue: the newest
         # of those the drain re-sent. The others it had dropped: return them.
         skip = loc.peer_resent[-1:]
+        # Every IP packet of the tap's queue, whichever of the VM's addresses (no `addresses`): the queue is
+        # this VM's alone and held only what the source sent for it.
         loc.returned = 0 if loc.keeper is None else return_held(loc.keeper, self.owner.address,
                                                                  list(a.segments), skip)
         log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
@@ -310,7 +320,7 @@ class Executor:
             missing = wait_delivered(self.dp, m.src.sbuf, loc.sbuf_base + returned) if returned else 0
             t_wait = time.monotonic()
             try:
-                loc.unparked = unpark(self.dp, m.vm, loc.tap)
+                loc.unparked = unpark(self.dp.dp, m.vm, loc.tap, addresses=self._addresses(m.vm))
             except OSError as e:
                 log.error("%s: delivering the parked packets failed (%s); delivering directly", m.vm, e)
                 self.dp.set_vm(m.vm, VmState.RUNNING)

@@ -13,6 +13,7 @@ Every method runs on the agent's one worker (srmig.ctl.agent), except where a do
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ipaddress
 import logging
@@ -67,6 +68,9 @@ class HostRole:
         self.sids = cfg.host.sids
         self.executor: Executor | None = None       # once the maps are loaded
         self.domains: dict[str, Domain] = {}       # name -> Domain
+        self.vm_addresses: dict[str, tuple[str, ...]] = {}  # vm -> all its addresses, the vm first
+        self._address_vm: dict[str, str] = {}        # address -> the vm whose it is now (set_addresses)
+        self.rejected_domains: dict[str, str] = {}  # domain name -> why srmig does not manage it (status)
         self.tracks: dict[str, Track] = {}          # vm -> Track
         self.libvirt: LibvirtLink | None = None
         self.baselines: Baselines | None = None      # the swallowed-frame baselines (with libvirt)
@@ -128,7 +132,7 @@ class HostRole:
             name=self.name, dp=dp, address=h.address, drain=h.drain, tap_queue=h.tap_queue,
             qemu_pid=self._qemu_pid, later=lambda s, fn, *args: self.later(s, work.Call(fn, args)),
             qemu_stopped_ns=self._qemu_stopped_ns, on_map_write=self._mark_map_write,
-            on_returned=self._put_record))
+            on_returned=self._put_record, addresses=self.addresses_of))
         return dp
 
     def _qemu_pid(self, loc: VmLocal) -> int | None:
@@ -185,7 +189,9 @@ class HostRole:
 
     def _domain(self, name: str, refresh: bool = False) -> Domain | None:
         if (refresh or name not in self.domains) and self.libvirt:
-            d = self.libvirt.domain(name)
+            d = self.libvirt.domain(name, on_reject=self.domain_rejected)
+            if d is not None and d is not False and not self.admit(d):
+                d = None
             if d is None:
                 self.domains.pop(name, None)
             elif d is not False:
@@ -201,6 +207,118 @@ class HostRole:
         if m is None or m.done:
             return False
         return not (m.dst.name == self.name and m.phase is Phase.CUT_OVER)
+
+    # --- a VM's addresses ----------------------------------------------------------------------------
+
+    def addresses_of(self, vm: str) -> tuple[str, ...]:
+        """All of `vm`'s addresses, `vm` first, as learnt from its domain's metadata (admit()) or, for a
+        migration started before libvirt answered, its vms/ record (_learn_from_record); else `vm` alone.
+        The executor writes the map for each: a lookup, never a database read (the drain calls it in HOLD)."""
+        return self.vm_addresses.get(vm, (vm,))
+
+    def _learn_from_record(self, vm: str) -> None:
+        """`vm`'s addresses from its vms/ record when its domain has not told them (a migration replayed
+        after a restart, before libvirt answered; a source whose domain is gone)."""
+        if vm in self.vm_addresses or self.db is None:
+            return
+        # A malformed record, or the database down: the id alone for now (counted where it is read).
+        with contextlib.suppress(Exception):
+            e = self.db.kv.get(f"vms/{vm}")
+            if e is not None:
+                self.set_addresses(vm, records.vm_record(e.key, e.value)["addresses"])
+
+    def domain_rejected(self, name: str | None, why: str) -> None:
+        """A domain srmig does not manage because of its XML or metadata (already logged and counted): its
+        status entry until it is read well-formed or goes."""
+        if name:
+            self.rejected_domains[name] = records.line(why, 300)
+            if len(self.rejected_domains) > 1000:  # bounded: the oldest go
+                self.rejected_domains.pop(next(iter(self.rejected_domains)))
+
+    @staticmethod
+    def domain_owners(domains) -> dict[str, tuple[str, str]]:
+        """address -> (the VM claiming it, where) of `domains` (Domain objects)."""
+        out: dict[str, tuple[str, str]] = {}
+        for d in domains:
+            for a in d.addresses:
+                out.setdefault(a, (d.vm, f"domain {d.name!r}"))
+        return out
+
+    def record_owners(self, entries=None) -> dict[str, tuple[str, str]]:
+        """address -> (the VM claiming it, where) of the vms/ records the other hosts wrote (`entries`: a
+        range of vms/ already read, else read now). Records of this host are not counted: its domains say
+        what runs here, and a record left by a VM gone from here must not keep its addresses from a new one.
+        Read leniently: a record malformed otherwise still claims its addresses (and is rejected where it
+        is used)."""
+        out: dict[str, tuple[str, str]] = {}
+        if self.db is None:
+            return out
+        if entries is None:
+            try:
+                entries = self.db.kv.range("vms/")[0]
+            except Exception as e:  # noqa: BLE001 - the database down: what this host knows decides
+                log.warning("addresses not checked against the other hosts' records: %s", e)
+                entries = []
+        for e in entries:
+            if isinstance(e.value, dict) and e.value.get("host") == self.name:
+                continue
+            addrs = records.lenient_addresses(e.key, e.value)
+            for a in addrs:
+                out.setdefault(a, (addrs[0], e.key))
+        return out
+
+    def _new_addresses(self, d: Domain) -> bool:
+        """Whether `d` lists an address its VM's own vms/ record does not: only those need the other hosts'
+        records read (the ones it lists were checked by whoever published them, and while they are listed
+        there no other VM is given them). Saves reading every record at a migration's begin and start."""
+        if self.db is None:
+            return False
+        try:
+            e = self.db.kv.get(f"vms/{d.vm}")
+        except Exception:  # noqa: BLE001 - the database down: record_owners() says so
+            return True
+        return e is None or not set(d.addresses) <= set(records.lenient_addresses(e.key, e.value))
+
+    def admit(self, d: Domain, owners=None) -> bool:
+        """Whether srmig manages `d`: none of its addresses is another VM's (`owners`: address -> (VM,
+        where)). A domain that claims one is rejected whole (one line, counted as domain_xml, a status
+        entry): moving the VM without that address would lose its traffic silently, moving it would take the
+        other VM's. Its addresses are learnt when admitted, and a map entry of an address it no longer lists
+        is removed (no migration in flight: one in flight keeps what it moves)."""
+        if owners is None:  # the other domains here first, then the other hosts' records
+            owners = collections.ChainMap(self.domain_owners(v for k, v in self.domains.items() if k != d.name),
+                                          self.record_owners() if self._new_addresses(d) else {})
+        for a in d.addresses:
+            vm, where = owners.get(a, (d.vm, ""))
+            if vm != d.vm:
+                why = f"domain {records.show(d.name)}: address {a} is already VM {vm}'s ({where})"
+                records.reject("domain_xml", f"domain {d.name}", why)
+                self.domain_rejected(d.name, why)
+                return False
+        self.rejected_domains.pop(d.name, None)
+        old = self.vm_addresses.get(d.vm, ())
+        self.set_addresses(d.vm, d.addresses)
+        if self.dp is not None and self.role_of(d.vm) is None:
+            for a in set(old) - set(d.addresses):
+                if a not in self._address_vm:  # (one another VM took meanwhile is that VM's now)
+                    self.dp.dp.del_vm(a)  # that address alone (VmAddressSet.dp: the maps themselves)
+        return True
+
+    def set_addresses(self, vm: str, addresses: tuple[str, ...] | None) -> None:
+        """`vm`'s addresses are now `addresses` (None: forgotten). One another VM listed is this one's now:
+        that VM, gone from here (admit() let this one have it), no longer writes its entry (a late Forget or
+        grace period of it would remove the new owner's)."""
+        for a in self.vm_addresses.pop(vm, ()):
+            if self._address_vm.get(a) == vm:
+                del self._address_vm[a]
+        if addresses is None:
+            return
+        self.vm_addresses[vm] = addresses
+        for a in addresses:
+            prev = self._address_vm.get(a)
+            if prev is not None and prev != vm and a != prev:  # (an id stays its VM's: its key)
+                self.vm_addresses[prev] = tuple(x for x in self.vm_addresses[prev] if x != a)
+            self._address_vm[a] = vm
 
     def role_of(self, vm: str) -> str | None:
         m = self.machine.migrations.get(vm)
@@ -225,12 +343,20 @@ class HostRole:
                 self.track(d.vm).pending.append((typ, detail, t_ns))
             elif typ in ("STARTED", "RESUMED") and detail not in ("MIGRATED", "POSTCOPY"):
                 self.vm_running_here(d)
+            self._forget_stopped(item)
             return
         if role == "D" and typ == "STARTED":
             self.executor.keep_tap(d.vm)
         ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
         if ev is not None:
             self.local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
+        self._forget_stopped(item)
+
+    def _forget_stopped(self, item: work.Lifecycle) -> None:
+        """A domain that stopped or was undefined no longer claims its addresses here (admit()); read again
+        when it starts."""
+        if item.type in ("STOPPED", "UNDEFINED"):
+            self.domains.pop(item.domain, None)
 
     def on_iteration(self, item: work.Iteration) -> None:
         log.debug("%s: migration iteration %d", item.domain, item.iteration)
@@ -242,23 +368,29 @@ class HostRole:
 
     _UNKNOWN = object()
 
-    def vm_running_here(self, d: Domain, entry=_UNKNOWN, rec=_UNKNOWN) -> bool:
-        """A VM runs here outside any migration: deliver it and tell the ingresses. `entry`/`rec`: its map
-        entry and database record when the caller already has them (reconciliation of many VMs).
-        Returns whether anything had to change."""
+    def vm_running_here(self, d: Domain, entries=_UNKNOWN, rec=_UNKNOWN) -> bool:
+        """A VM runs here outside any migration: deliver it (each of its addresses) and tell the ingresses.
+        `entries`/`rec`: the map's entries by address and its database record when the caller already has
+        them (reconciliation of many VMs). Returns whether anything had to change."""
         if self.dp is None:
             return False
+        if d.vm not in self.vm_addresses:  # (admit() learnt them; a benchmark's Domain not)
+            self.set_addresses(d.vm, d.addresses)
         changed = False
-        cur = self.dp.get_vm(d.vm) if entry is self._UNKNOWN else entry
-        if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
-            self.dp.set_vm(d.vm, VmState.RUNNING)
-            self._mark_map_write()
-            changed = True
+        for a in d.addresses:
+            cur = self.dp.get_vm(a) if entries is self._UNKNOWN else entries.get(a)
+            if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
+                self.dp.set_vm(d.vm, VmState.RUNNING)  # all its addresses (VmAddressSet)
+                self._mark_map_write()
+                changed = True
+                break
         if self.db is not None:
             if rec is self._UNKNOWN:
                 rec = self.db.vm(d.vm)
-            if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,):
-                self.dbl.write(lambda: self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value))
+            if rec is None or rec.host != self.name or rec.segments != (self.sids.dx6,) or \
+                    rec.addresses != d.addresses:
+                self.dbl.write(lambda: self.db.publish(d.vm, self.name, [self.sids.dx6], Phase.STEADY.value,
+                                                       addresses=d.addresses))
                 changed = True
         return changed
 
@@ -309,7 +441,9 @@ class HostRole:
         log.warning("%s: source %s silent since the pause; cutting the ingresses over to %s", vm, m.src.name,
                     self.name)
         step = m.version + 1  # the step the cut-over will have: written once, whoever gets there first
-        self.dbl.write(lambda: self.db.publish(vm, self.name, [m.dst.dx6], Phase.CUT_OVER.value, mid, step))
+        addrs = self.vm_addresses.get(vm)
+        self.dbl.write(lambda: self.db.publish(vm, self.name, [m.dst.dx6], Phase.CUT_OVER.value, mid, step,
+                                               addresses=addrs))
 
     def on_db_migrations(self, item: work.DbMigrations) -> None:
         touched: dict[str, dict] = {}
@@ -386,6 +520,7 @@ class HostRole:
             old.done = True  # superseded by a newer migration of the same VM
         self.machine.migrations.pop(vm, None)
         self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
+        self._learn_from_record(vm)
         t = self.track(vm)
         t.migration, t.seen = rec["id"], set()
         loc = self._local(vm)
@@ -421,6 +556,9 @@ class HostRole:
             return
         if self.db is None:
             raise RuntimeError("state database not connected")
+        if not self.admit(d):
+            fut.set_exception(Rejected(self.rejected_domains[d.name]))  # answered as rejected, logged once
+            return
         self.domains[d.name] = d
         cur = self.db.vm(d.vm)
         if cur is None or cur.host == self.name:
@@ -441,7 +579,8 @@ class HostRole:
         self._observe_phase(m)
         self._put_record(d.vm)
         # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then).
-        self.dbl.write(lambda: fut.set_result({"managed": True, "vm": d.vm, "migration": mid,
+        self.dbl.write(lambda: fut.set_result({"managed": True, "vm": d.vm, "addresses": list(d.addresses),
+                                               "migration": mid,
                                                "version": pub.result() if pub else 0}))
 
     def on_grace_over(self, item: work.GraceOver) -> None:
@@ -477,8 +616,9 @@ class HostRole:
             if isinstance(a, Publish):
                 phase = m.phase.value
                 host = m.dst.name if m.phase in (Phase.CUT_OVER,) else m.src.name
-                version = self.dbl.write(lambda a=a, host=host, phase=phase:
-                                         self.db.publish(a.vm, host, a.segments, phase, mid, a.version))
+                addrs = self.vm_addresses.get(a.vm)  # unknown: the record's stay
+                version = self.dbl.write(lambda a=a, host=host, phase=phase, addrs=addrs:
+                                         self.db.publish(a.vm, host, a.segments, phase, mid, a.version, addrs))
             elif isinstance(a, StartGrace):
                 if m.src.name == self.name:
                     self._start_grace(a, mid, version or self.dbl.write(lambda: None))

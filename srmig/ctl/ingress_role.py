@@ -1,8 +1,10 @@
 """The ingress role: watches vms/ in the state database and programs H.Encaps towards each VM (srmig's BPF
 encap by default, or the kernel's seg6 routes: srmig.ctl.ingress), then acknowledges the version it applied
-(acks/<vm>/<ingress>). It registers itself under ingresses/<name> with the agent's lease, so migrations wait
-for it while it lives. On start it re-applies the database's state and removes what the database no longer
-has: the BPF program and its maps outlive the agent, so traffic keeps flowing while it restarts."""
+(acks/<vm>/<ingress>). A VM's segment list is set for every address its record lists (`addresses`), and an
+address the record no longer lists is cleared, in the same application: one version, all of them. It
+registers itself under ingresses/<name> with the agent's lease, so migrations wait for it while it lives.
+On start it re-applies the database's state and removes what the database no longer has: the BPF program
+and its maps outlive the agent, so traffic keeps flowing while it restarts."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class IngressRole:
         self.db = VmDb(kv)
         self.lease = lease
         self.applied: dict[str, int] = {}   # vm -> version
+        self.addresses: dict[str, tuple[str, ...]] = {}  # vm -> the addresses programmed for it
+        self.owner: dict[str, str] = {}     # address -> its vm (the inverse of `addresses`)
         self.errors = 0
         self.last_error: str | None = None
         self.apply_ms: list[float] = []
@@ -49,7 +53,8 @@ class IngressRole:
         entries, rev = self.kv.range("vms/")
         recs, present = self._parse(entries)
         self._apply(recs)
-        # A VM whose record is malformed keeps what it had: its last good list beats none.
+        # A VM whose record is malformed keeps what it had (the addresses it still names): its last good
+        # list beats none.
         self._forget_others(present)
         self.db.register_ingress(self.cfg.name, self.lease)
         self._watch = self.kv.watch("vms/", self._on_events, start_revision=rev + 1)
@@ -62,12 +67,17 @@ class IngressRole:
                 return addr
         return None
 
-    def _forget_others(self, vms: set[str]) -> None:
-        """Entries left by an earlier run for VMs the database no longer has (BPF maps outlive the agent)."""
+    def _forget_others(self, addresses: set[str]) -> None:
+        """Entries left by an earlier run for addresses no VM of the database has (BPF maps outlive the
+        agent)."""
         if not isinstance(self.encap, ingress.BpfEncap):
             return
         for e in self.encap.entries():
-            if e.vm not in vms:
+            try:
+                a = records.vm_address(e.vm, "an encap entry")
+            except Rejected:
+                a = e.vm
+            if a not in addresses:
                 self._clear(e.vm)
 
     def _set(self, vm: str, segments: list[str]) -> None:
@@ -89,12 +99,12 @@ class IngressRole:
 
     @staticmethod
     def _parse(entries) -> tuple[list[VmRecord], set[str]]:
-        """The well-formed records among `entries` (puts), and the VMs their keys name (well-formed or not);
-        what is malformed is logged and counted, never applied."""
+        """The well-formed records among `entries` (puts), and the addresses they claim (well-formed or not:
+        records.lenient_addresses); what is malformed is logged and counted, never applied."""
         recs, present = [], set()
         for e in entries:
             try:
-                present.add(records.address(e.key[len("vms/"):], "the key's VM address"))
+                present.update(records.lenient_addresses(e.key, e.value))
                 recs.append(VmRecord.parse(e.key, e.value))
             except Rejected as err:
                 records.reject("vm_record", e.key, err)
@@ -108,13 +118,32 @@ class IngressRole:
                 self._apply(self._parse([e])[0])
                 continue
             try:
-                vm = records.address(e.key[len("vms/"):], "the key's VM address")
+                vm = records.vm_address(e.key[len("vms/"):], "the key's VM address")
             except Rejected as err:
                 records.reject("vm_record", e.key, err)
                 continue
             with self._lock:
-                self._clear(vm)
+                for a in self.addresses.get(vm, (vm,)):
+                    if self.owner.get(a, vm) == vm:  # (one another VM's record took is that VM's now)
+                        self._clear(a)
+                self._own(vm, ())
                 self.applied.pop(vm, None)
+
+    def _own(self, vm: str, addresses: tuple[str, ...]) -> None:
+        """`vm`'s addresses are now `addresses` (none: it is gone). An address another VM had is this one's
+        now: the hosts decide who has an address (srmig.ctl.host_role.HostRole.admit, a VM stopped lets its
+        go while its record still lists them), the ingress follows the record it applied last."""
+        for a in self.addresses.pop(vm, ()):
+            if self.owner.get(a) == vm:
+                del self.owner[a]
+        for a in addresses:
+            prev = self.owner.get(a)
+            if prev is not None and prev != vm:
+                log.info("%s: now VM %s's, no longer VM %s's", a, vm, prev)
+                self.addresses[prev] = tuple(x for x in self.addresses[prev] if x != a)
+            self.owner[a] = vm
+        if addresses:
+            self.addresses[vm] = addresses
 
     def _apply(self, recs: list[VmRecord]) -> None:
         with self._lock:
@@ -122,13 +151,21 @@ class IngressRole:
                 if self.applied.get(rec.vm, 0) >= rec.version:
                     continue  # older than what we have (a replayed or reordered event)
                 t0 = time.monotonic()
+                old = self.addresses.get(rec.vm, ())
+                # Every address programmed now, or remembered as maybe programmed (cleared with the VM).
+                self._own(rec.vm, tuple(dict.fromkeys([*rec.addresses, *old])))
                 try:
-                    self._set(rec.vm, list(rec.segments))
+                    for a in rec.addresses:
+                        self._set(a, list(rec.segments))
+                    for a in old:
+                        if a not in rec.addresses:
+                            self._clear(a)
                 except Exception as e:  # noqa: BLE001 - counted and reported; no ack
                     self.errors += 1
                     self.last_error = f"{rec.vm} v{rec.version}: {e}"
                     log.error("cannot program %s: %s", rec.vm, e)
                     continue
+                self._own(rec.vm, rec.addresses)
                 self.applied[rec.vm] = rec.version
                 self.db.ack(rec.vm, self.cfg.name, rec.version)
                 self.apply_ms = (self.apply_ms + [(time.monotonic() - t0) * 1000])[-1000:]
@@ -138,6 +175,7 @@ class IngressRole:
         counters = self.encap.outcomes() if self.encap is not None else {}
         with self._lock:
             return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
+                    "addresses": len(self.owner),  # the VMs' addresses programmed (routes: the VMs)
                     "errors": self.errors, "last_error": self.last_error,
                     "applied": dict(sorted(self.applied.items())), "counters": counters}
 

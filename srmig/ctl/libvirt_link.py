@@ -31,11 +31,18 @@ XMLNS = records.XMLNS
 
 @dataclass
 class Domain:
-    """What the agent needs from a libvirt domain's XML."""
+    """What the agent needs from a libvirt domain's XML. A VM is a set of addresses (docs/design.md, "A VM is
+    a set of addresses"): its id, the key of everything srmig does (map entry, vms/<vm>, migrations/<vm>/),
+    is the first address its metadata lists; `addresses` are all of them, the id first."""
 
     name: str
-    vm: str            # the VM's IPv6 address: the key of everything srmig does
+    vm: str            # the VM's id: its first address
     tap: str | None
+    addresses: tuple[str, ...] = ()  # all of them, the id first (empty: just the id)
+
+    def __post_init__(self):
+        if not self.addresses:
+            self.addresses = (self.vm,)
 
     @classmethod
     def parse(cls, xml: str) -> Domain | None:
@@ -45,20 +52,26 @@ class Domain:
         return None if parsed is None else cls(*parsed)
 
     @classmethod
-    def from_xml(cls, xml: str) -> Domain | None:
+    def from_xml(cls, xml: str, name: str | None = None,
+                 on_reject: Callable[[str | None, str], None] | None = None) -> Domain | None:
         """As parse(), but a malformed document is logged (one line, with the domain's name when it has one),
         counted, and read as not managed: one bad domain must not stop the others being read (reconciliation
-        read none after an address it could not parse; lifecycle events)."""
+        read none after an address it could not parse; lifecycle events). `on_reject(name, why)`: the
+        domain's status entry (`name`: libvirt's name of it, when the caller has it)."""
         try:
             return cls.parse(xml)
         except records.Rejected as e:
-            records.reject("domain_xml", "domain XML", e)
+            records.reject("domain_xml", "domain XML" if name is None else f"domain {name}", e)
+            if on_reject is not None:
+                on_reject(name, str(e))
             return None
 
 
-def metadata_xml(address: str) -> str:
-    """The metadata element that makes srmig manage a domain (goes inside <metadata>)."""
-    return f"<srmig:vm xmlns:srmig='{XMLNS}'><srmig:address>{address}</srmig:address></srmig:vm>"
+def metadata_xml(*addresses: str) -> str:
+    """The metadata element that makes srmig manage a domain (goes inside <metadata>): one <srmig:address>
+    per address of the VM, IPv6 or IPv4, the first its id."""
+    return (f"<srmig:vm xmlns:srmig='{XMLNS}'>"
+            + "".join(f"<srmig:address>{a}</srmig:address>" for a in addresses) + "</srmig:vm>")
 
 
 def _qmp(dom, cmd: str, **args):
@@ -153,17 +166,18 @@ class LibvirtLink:
                 self.enqueue(LibvirtDown("connection closed"))
                 self._stop.wait(delay)
 
-    def domain(self, name: str) -> Domain | None | bool:
-        """`name`'s Domain read now; None: not managed by srmig; False: cannot tell (not connected, or the
-        domain went)."""
+    def domain(self, name: str, on_reject=None) -> Domain | None | bool:
+        """`name`'s Domain read now; None: not managed by srmig (`on_reject(name, why)` when that is because
+        its XML or metadata is malformed); False: cannot tell (not connected, or the domain went)."""
         conn = self.conn
         if conn is None:
             return False
         try:
-            return Domain.from_xml(conn.lookupByName(name).XMLDesc(0))
+            xml = conn.lookupByName(name).XMLDesc(0)
         except Exception as e:  # noqa: BLE001 - gone already
             log.debug("%s: no XML (%s)", name, e)
             return False
+        return Domain.from_xml(xml, name, on_reject)
 
     def rx_used(self, domain: str) -> Callable[[], int]:
         """A counter of the frames `domain`'s QEMU took from its tap into the guest's RX ring (QMP), read

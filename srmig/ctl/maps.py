@@ -340,3 +340,34 @@ class Dataplane(libbpf.PinnedMaps):
                                  raw[head:head + rec.len]))
 
         return libbpf.RingBuffer(libbpf.obj_get(str(self.pin_dir / name)), decode, owns_fd=True)
+
+
+class VmAddressSet:
+    """A Dataplane whose VM writes apply to all of a VM's addresses: set_vm(vm, ...) and del_vm(vm) write the
+    entry of every address `addresses(vm)` lists (the VM's id, its first address, included), so whatever
+    moves a VM through its migration's states by its id (the executor, the agent's steady state and
+    reconciliation) moves all of its addresses in the same step, in the same order. Reads and everything
+    else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
+
+    def __init__(self, dp: Dataplane, addresses: Callable[[str], tuple[str, ...]]):
+        self.dp = dp
+        self.addresses = addresses
+
+    def __getattr__(self, name: str):
+        return getattr(self.dp, name)
+
+    def _all(self, vm: str) -> list[str]:
+        """The id first, then the VM's other addresses (the VM map's key spelling decides what is the same)."""
+        out, keys = [vm], {_vm_addr(vm)}
+        for a in self.addresses(vm):
+            if (k := _vm_addr(a)) not in keys:
+                keys.add(k)
+                out.append(a)
+        return out
+
+    def set_vm(self, vm: str, state: VmState | str, **kw) -> VmEntry:
+        entries = [self.dp.set_vm(a, state, **kw) for a in self._all(vm)]
+        return entries[0]
+
+    def del_vm(self, vm: str) -> bool:
+        return [self.dp.del_vm(a) for a in self._all(vm)][0]

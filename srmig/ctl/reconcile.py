@@ -4,6 +4,7 @@ gone, map entries nothing explains). On the agent's worker, for its host host.""
 
 from __future__ import annotations
 
+import collections
 import time
 
 from srmig.bpf.abi import VmState
@@ -20,20 +21,36 @@ def reconcile(host, conn) -> dict:
     import libvirt  # noqa: PLC0415
 
     t0 = time.monotonic()
-    seen = {}
+    read = []
+    host.rejected_domains = {}  # filled again by what this reading rejects (a domain gone has no entry)
     for dom in conn.listAllDomains(0):
         try:
-            d = Domain.from_xml(dom.XMLDesc(0))
+            name = dom.name()
+            d = Domain.from_xml(dom.XMLDesc(0), name, host.domain_rejected)
             state, reason = dom.state()
         except libvirt.libvirtError:
             continue
-        if d is None:
+        read.append((name, d, state, reason))
+    # Who owns an address: the domains known before first (an address claimed by two domains stays with
+    # the one that had it), then in libvirt's order; the other hosts' records, read once for all.
+    known = [r for r in read if r[1] is not None and r[0] in host.domains]
+    new = [r for r in read if r[1] is not None and r[0] not in host.domains]
+    claimed, by_records = {}, host.record_owners()
+    admitted: dict = {}
+    seen = {}
+    for name, d, state, reason in known + new:
+        if not host.admit(d, collections.ChainMap(claimed, by_records)):
             continue
-        host.domains[d.name] = d
+        admitted[name] = d
+        for a, owner in host.domain_owners([d]).items():
+            claimed.setdefault(a, owner)
         if host.executor:
             loc = host.executor.vm(d.vm)
             loc.domain, loc.tap = d.name, d.tap
         seen[d.vm] = (d, state, reason)
+    # The domains here now (a domain gone no longer claims its addresses), and an incoming migration's,
+    # known from the hook before its QEMU exists.
+    host.domains = {**{n: d for n, d in host.domains.items() if host.role_of(d.vm) == "D"}, **admitted}
     out = snapshot(host, seen, t0)
     for vm, (d, state, reason) in seen.items():
         if source_here(host, vm) and state == libvirt.VIR_DOMAIN_PAUSED and \
@@ -89,7 +106,7 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
         if role is None and state == running:
-            fixed += host.vm_running_here(d, entries.get(vm), records.get(vm))
+            fixed += host.vm_running_here(d, entries, records.get(vm))
         elif role == "D" and state == running:
             host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
         elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
@@ -103,16 +120,31 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                 Ev.SUSPENDED in host.track(vm).seen:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
     # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
-    # stragglers: give them a fresh grace period.
+    # stragglers: give them a fresh grace period. An entry is a VM's address: its id's, or one of the
+    # other addresses of a VM known here (its domain's, or its migration's record).
     if host.dp is not None:
+        vm_of = {a: vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
+                 for a in host.addresses_of(vm)}
+        unexplained: dict[str, list] = {}
         for e in entries.values():
-            if e.vm in seen or host.role_of(e.vm):
+            vm = vm_of.get(e.vm, e.vm)
+            if vm in seen or host.role_of(vm):
                 continue
-            if e.state is VmState.AWAY:
-                host.later(host.cfg.host.grace_s, work.Forget(e.vm))
+            unexplained.setdefault(vm, []).append(e)
+        away = set()
+        for vm, es in unexplained.items():
+            if any(e.state is VmState.AWAY for e in es):
+                host.later(host.cfg.host.grace_s, work.Forget(vm))
+                away.add(vm)
             else:
-                host.dp.del_vm(e.vm)
+                for e in es:
+                    host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
                 fixed += 1
+        # The addresses of VMs that are here, migrating, or still forwarding stragglers: the others are
+        # forgotten with their entries.
+        for vm in [vm for vm in host.vm_addresses if vm not in seen and vm not in host.machine.migrations
+                   and vm not in away]:
+            host.set_addresses(vm, None)
     if host.baselines:
         host.baselines.start(first_s=0.05)  # at once: the VMs may be quiet now, not later
     return {"vms": len(seen), "fixed": fixed, "seconds": round(time.monotonic() - t0, 4)}
@@ -121,4 +153,4 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
 def forget(host, item: work.Forget) -> None:
     vm = item.vm
     if not host.role_of(vm) and host.dp is not None and (e := host.dp.get_vm(vm)) and e.state is VmState.AWAY:
-        host.dp.del_vm(vm)
+        host.dp.del_vm(vm)  # all its addresses (srmig.ctl.maps.VmAddressSet)

@@ -14,6 +14,7 @@ format is rejected whole: its fields may mean something this agent does not know
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -36,6 +37,7 @@ MAX_EVENTS = 64                    # events in one migration record (a migration
 MAX_RESENT = 64                    # frames in one record's `resent` (QEMU swallows one per pause)
 MAX_FRAME = 65535                  # bytes of one of those frames
 MAX_TRANSIT = MAX_SEGMENTS - 2     # the migration list is [S::5, transit..., D::b]: it must fit the encap
+MAX_ADDRESSES = 64                 # addresses of one VM (one map entry and one encap entry each)
 INT_MAX = 2 ** 63 - 1
 IFNAMSIZ = 16                      # Linux's interface names: at most 15 bytes (dev_valid_name)
 # What a host writes in its migration record: what it saw (grace-over is the source's own timer, never written).
@@ -144,6 +146,52 @@ def address(v, what: str) -> str:
         raise Rejected(f"{what}: {show(v)} is not an IPv6 address") from None
 
 
+def vm_address(v, what: str) -> str:
+    """A VM's address, IPv6 or IPv4 (the VM map keys IPv4 as ::ffff:a.b.c.d, srmig_abi.h), in its canonical
+    spelling: IPv4 dotted, IPv6 compressed, an IPv4-mapped IPv6 address as the IPv4 address it maps (one
+    address, one spelling: the map could not tell them apart). Not one no VM can have: unspecified,
+    loopback, multicast, link-local (fe80::1 and 169.254.0.0/16 are the anycast gateway's, every host's)."""
+    if not isinstance(v, str) or len(v) > 64 or "%" in v:
+        raise Rejected(f"{what}: expected an IPv6 or IPv4 address, got {show(v)}")
+    parsed = _vm_ip(v)
+    if parsed is None:
+        raise Rejected(f"{what}: {show(v)} is not an IPv6 or IPv4 address")
+    canonical, usable = parsed
+    if not usable:
+        raise Rejected(f"{what}: {canonical} cannot be a VM's (unspecified, loopback, multicast, broadcast or "
+                       f"link-local)")
+    return canonical
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _vm_ip(text: str) -> tuple[str, bool] | None:
+    """(canonical spelling, usable by a VM), None: not an address. Cached: a record names its VM three times
+    (key, `vm`, `addresses`), and reconciling 10^5 VMs parsed each of them (ipaddress is ~10 us a parse)."""
+    try:  # the family by its separator: ip_address() tries IPv4 first and pays an exception for IPv6
+        a = ipaddress.IPv6Address(text) if ":" in text else ipaddress.IPv4Address(text)
+    except ValueError:
+        return None
+    if a.version == 6 and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    usable = not (a.is_unspecified or a.is_loopback or a.is_multicast or a.is_link_local
+                  or (a.version == 4 and a == ipaddress.IPv4Address("255.255.255.255")))
+    return str(a), usable
+
+
+def vm_addresses(v, what: str, first: str | None = None) -> tuple[str, ...]:
+    """A VM's addresses: 1..MAX_ADDRESSES VM addresses (vm_address), no two the same, the first `first` (the
+    VM's id) when given."""
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_ADDRESSES:
+        raise Rejected(f"{what}: expected a list of 1..{MAX_ADDRESSES} VM addresses, got {show(v)}")
+    out = tuple(vm_address(x, f"{what}[{i}]") for i, x in enumerate(v))
+    if len(set(out)) != len(out):
+        dup = next(a for i, a in enumerate(out) if a in out[:i])
+        raise Rejected(f"{what}: {dup} listed twice")
+    if first is not None and out[0] != first:
+        raise Rejected(f"{what}: the first address must be the VM's {first}, got {out[0]}")
+    return out
+
+
 def _addresses(v, what: str, lo: int, hi: int) -> list[str]:
     if not isinstance(v, list) or not lo <= len(v) <= hi:
         raise Rejected(f"{what}: expected a list of {lo}..{hi} IPv6 addresses, got {show(v)}")
@@ -153,17 +201,19 @@ def _addresses(v, what: str, lo: int, hi: int) -> list[str]:
 # --- the database's records (srmig.ctl.vmdb) -------------------------------------------------------------
 
 def vm_record(key: str, value) -> dict:
-    """vms/<vm>: the fields of a VmRecord. The segment list must fit srmig's H.Encaps."""
-    vm = address(key[len("vms/"):], "the key's VM address")
+    """vms/<vm>: the fields of a VmRecord. The segment list must fit srmig's H.Encaps. `addresses`: all of
+    the VM's, its id first (absent: a record of an agent that knew one address per VM, [vm])."""
+    vm = vm_address(key[len("vms/"):], "the key's VM address")
     d = _obj(value)
     _format(d)
-    if address(_get(d, "vm"), "vm") != vm:
+    if vm_address(_get(d, "vm"), "vm") != vm:
         raise Rejected(f"vm {show(d['vm'])} is not the key's {vm}")
     out = {"vm": vm, "host": _name(_get(d, "host"), "host"),
            "segments": tuple(_addresses(_get(d, "segments"), "segments", 1, MAX_SEGMENTS)),
            "version": _int(d, "version", lo=1),
            "migration": _get(d, "migration", False, ""), "step": _int(d, "step", required=False),
-           "phase": _get(d, "phase", False, Phase.STEADY.value)}
+           "phase": _get(d, "phase", False, Phase.STEADY.value),
+           "addresses": vm_addresses(_get(d, "addresses", False, [vm]), "addresses", first=vm)}
     if out["migration"] != "":
         _name(out["migration"], "migration", 64)
     if not isinstance(out["phase"], str) or out["phase"] not in PHASES:
@@ -176,6 +226,22 @@ def lenient_version(value) -> int:
     over it must have a later version, or an ingress that applied an earlier valid one would ignore it."""
     v = value.get("version") if isinstance(value, dict) else None
     return v if _is_int(v, 1) and v < INT_MAX else 0
+
+
+def lenient_addresses(key: str, value) -> tuple[str, ...]:
+    """The addresses a vms/ record claims, read without judging the rest of it (nothing logged or counted):
+    its key's and those of its `addresses` that are VM addresses. Who owns an address (srmig.ctl.host_role,
+    the ingress role keeping what a malformed record's VM had) must not depend on the record being usable."""
+    out = []
+    raw = value.get("addresses") if isinstance(value, dict) else None
+    for a in [key[len("vms/"):], *(raw[:MAX_ADDRESSES] if isinstance(raw, list) else [])]:
+        try:
+            a = vm_address(a, "address")
+        except Rejected:
+            continue
+        if a not in out:
+            out.append(a)
+    return tuple(out)
 
 
 def host_record(key: str, value) -> tuple[HostSids, dict]:
@@ -199,11 +265,11 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
     """migrations/<vm>/<host>: (vm, host, record). The host that wrote it must be one of its ends; its
     events are those a host writes (srmig.ctl.host_role.HostRole._record)."""
     vm_text, _, host = key[len("migrations/"):].rpartition("/")
-    vm = address(vm_text, "the key's VM address")
+    vm = vm_address(vm_text, "the key's VM address")
     _name(host, "the key's host")
     d = _obj(value)
     _format(d)
-    if address(_get(d, "vm"), "vm") != vm:
+    if vm_address(_get(d, "vm"), "vm") != vm:
         raise Rejected(f"vm {show(d['vm'])} is not the key's {vm}")
     src, dst = _name(_get(d, "src"), "src"), _name(_get(d, "dst"), "dst")
     if src == dst:
@@ -259,9 +325,11 @@ def hook_request(raw: bytes) -> dict:
 
 # --- a domain's XML (srmig.ctl.libvirt_link.Domain) -------------------------------------------------------
 
-def domain(xml) -> tuple[str, str, str | None] | None:
-    """(name, VM address, tap) of a domain srmig manages; None when its metadata has no srmig address (not
-    ours). Rejected: the document is not a domain's XML, or its name, srmig address or tap is malformed."""
+def domain(xml) -> tuple[str, str, str | None, tuple[str, ...]] | None:
+    """(name, VM id, tap, addresses) of a domain srmig manages; None when its metadata has no srmig address
+    (not ours). Rejected: the document is not a domain's XML, or its name, tap or any of its srmig addresses
+    is malformed (metadata_addresses): the whole domain, so that a VM is moved with all its addresses or
+    not at all."""
     if not isinstance(xml, str):
         raise Rejected(f"expected XML text, got {type(xml).__name__}")
     if len(xml) > MAX_DOMAIN_XML:
@@ -274,15 +342,11 @@ def domain(xml) -> tuple[str, str, str | None] | None:
         raise Rejected(f"not XML: {e}") from None
     if root.tag != "domain":
         raise Rejected(f"root element {show(root.tag)}, not <domain>")
-    addr = root.find(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")
-    if addr is None or not (addr.text or "").strip():
+    texts = [(a.text or "").strip() for a in root.findall(f"./metadata/{{{XMLNS}}}vm/{{{XMLNS}}}address")]
+    if not any(texts):
         return None
     try:
-        vm = address(addr.text.strip().split("/")[0], "srmig metadata's address")
-        a = ipaddress.IPv6Address(vm)
-        if a.is_unspecified or a.is_loopback or a.is_multicast or a.is_link_local:
-            raise Rejected(f"srmig metadata's address {vm} cannot be a VM's (unspecified, loopback, multicast "
-                           f"or link-local)")
+        addresses = metadata_addresses(texts)
         name = _name(root.findtext("name"), "name", 1024, spaces=True)
         target = root.find("./devices/interface/target")
         tap = None if target is None else target.get("dev")
@@ -291,4 +355,35 @@ def domain(xml) -> tuple[str, str, str | None] | None:
             raise Rejected(f"interface target {show(tap)} is not an interface name")
     except Rejected as e:
         raise Rejected(f"domain {show(root.findtext('name'))}: {e}") from None
-    return name, vm, tap
+    return name, addresses[0], tap, addresses
+
+
+def metadata_addresses(texts: list[str]) -> tuple[str, ...]:
+    """The VM's addresses from its <srmig:address> elements, in their order (the first is the VM's id):
+    each an IPv6 or IPv4 address (vm_address), optionally with the length of its interface's prefix
+    (2001:db8::10/64, 10.0.0.5/24: the address, as before). A prefix (no host bits: 10.1.0.0/24,
+    2001:db8:5::/64) is what a VM routing a subnet would list; the VM map finds a VM by its exact address,
+    so srmig cannot move a prefix yet and says so rather than move part of the VM. Empty elements are
+    ignored; none of the others may be malformed or listed twice."""
+    texts = [t for t in texts if t]
+    if len(texts) > MAX_ADDRESSES:
+        raise Rejected(f"srmig metadata: {len(texts)} addresses, more than the {MAX_ADDRESSES} a VM may have")
+    out: list[str] = []
+    for i, text in enumerate(texts):
+        what = f"srmig metadata's address {show(text)}"
+        if len(text) > 64:
+            raise Rejected(f"{what}: expected an IPv6 or IPv4 address")
+        addr, slash, length = text.partition("/")
+        if slash:
+            try:
+                iface = ipaddress.ip_interface(text)
+            except ValueError:
+                raise Rejected(f"{what}: expected ADDRESS or ADDRESS/LENGTH") from None
+            if iface.ip == iface.network.network_address and iface.network.num_addresses > 1:
+                raise Rejected(f"{what} is a prefix: srmig moves a VM's exact addresses only (the VM map has "
+                               f"no prefix lookup); list the addresses the VM uses")
+        a = vm_address(addr, "srmig metadata's address")
+        if a in out:
+            raise Rejected(f"srmig metadata: {a} listed twice")
+        out.append(a)
+    return tuple(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 
 from srmig.ctl import records
@@ -21,20 +22,30 @@ def agent_status(agent) -> dict:
     if host := agent.host:
         vms = []
         entries = {e.vm: e for e in host.dp.list_vms()} if host.dp else {}
-        for vm in sorted(set(entries) | set(host.machine.migrations)):
+        # One row per VM (its id), not per map entry: a VM's other addresses are listed in its row.
+        known = {vm: host.vm_addresses.get(vm, (vm,)) for vm in [*host.vm_addresses, *host.machine.migrations]}
+        of = {a: vm for vm, addrs in known.items() for a in addrs}
+        rows = {of.get(a, a) for a in entries} | set(host.machine.migrations)
+        for vm in sorted(rows, key=_address_order):
             m = host.machine.migrations.get(vm)
             e = entries.get(vm)
+            addrs = known.get(vm, (vm,))
             loc = (host.executor.vms.get(vm) if host.executor else None) or VmLocal()
-            vms.append({"vm": vm, "domain": loc.domain,
+            states = {a: entries[a].state.name.lower() if a in entries else None for a in addrs}
+            vms.append({"vm": vm, "addresses": list(addrs), "domain": loc.domain,
                         "baseline": loc.check is not None,
                         # the hold at the destination is the tap's queue: what overflowed it
                         "tap_dropped": _tap_dropped(loc.tap),
                         "state": e.state.name.lower() if e else None,
+                        # an address whose entry is not the id's: a step half applied (expected never)
+                        "states_differ": {a: st for a, st in states.items() if st != states[vm]} or None,
                         "phase": m.phase.value if m and not m.done else "steady",
                         "migration": ({"id": host.tracks[vm].migration if vm in host.tracks else None,
                                        "src": m.src.name,
                                        "dst": m.dst.name, "done": m.done} if m else None)})
         out["vms"] = vms
+        # Domains srmig does not manage because of their srmig metadata, and why (srmig.ctl.records).
+        out["rejected_domains"] = dict(sorted(host.rejected_domains.items()))
         out["dataplane"] = host.dp.stats() if host.dp else None
         lat = sorted(host.latencies_ms)
         out["event_to_map_ms"] = ({"n": len(lat), "p50": lat[len(lat) // 2],
@@ -45,6 +56,14 @@ def agent_status(agent) -> dict:
             recs, _ = agent.db.vms()
             out["locations"] = [r.to_dict() for r in recs]
     return out
+
+
+def _address_order(a: str):
+    try:
+        ip = ipaddress.ip_address(a)
+        return ip.version, ip.packed
+    except ValueError:
+        return 9, a.encode()
 
 
 def _tap_dropped(tap: str | None) -> int | None:

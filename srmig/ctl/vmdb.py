@@ -4,9 +4,13 @@ Keys (under the backend's prefix, e.g. /srmig/):
     hosts/<name>              {"name", "dx6", "end_s", "sbuf", "address", "transit": [...]}   (agent's lease)
     agents/<name>             {"name", "roles", "libvirt", "pid", "since"}                      (agent's lease)
     ingresses/<name>          {"name"}                        (the ingress's lease: it is expected to ack)
-    vms/<addr>                {"vm", "host", "segments", "version", "migration", "step", "phase"}
-    migrations/<addr>/<host>  {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
-    acks/<addr>/<ingress>     {"version"}
+    vms/<vm>                  {"vm", "host", "segments", "version", "migration", "step", "phase", "addresses"}
+    migrations/<vm>/<host>    {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
+    acks/<vm>/<ingress>       {"version"}
+
+<vm> is the VM's id, its first address (IPv6 or IPv4); `addresses` lists all of them, the id first: the
+ingresses encapsulate towards each, the hosts' maps hold an entry for each (a record without it, written by an
+agent that knew one address per VM, means [vm]). Agents of that kind ignore the field: the format stays 1.
 
 `vms/` is what ingresses program; `version` grows by one per change over the VM's life (compare-and-swap),
 so an ingress applies a record only when it is newer than what it has. `migration`/`step` identify the
@@ -37,6 +41,11 @@ class VmRecord:
     migration: str = ""
     step: int = 0
     phase: str = "steady"
+    addresses: tuple[str, ...] = ()  # all the VM's addresses, `vm` first (empty: just `vm`)
+
+    def __post_init__(self):
+        if not self.addresses:
+            object.__setattr__(self, "addresses", (self.vm,))
 
     @classmethod
     def parse(cls, key: str, value) -> VmRecord:
@@ -45,7 +54,8 @@ class VmRecord:
 
     def to_dict(self) -> dict:
         return {"vm": self.vm, "host": self.host, "segments": list(self.segments), "version": self.version,
-                "migration": self.migration, "step": self.step, "phase": self.phase, "format": records.FORMAT}
+                "migration": self.migration, "step": self.step, "phase": self.phase,
+                "addresses": list(self.addresses), "format": records.FORMAT}
 
 
 def _checked(source: str, key: str, parse, value):
@@ -89,9 +99,12 @@ class VmDb:
         recs = [_checked("vm_record", e.key, VmRecord.parse, e.value) for e in entries]
         return [r for r in recs if r is not None], rev
 
-    def publish(self, vm: str, host: str, segments, phase: str, migration: str = "", step: int = 0) -> int:
+    def publish(self, vm: str, host: str, segments, phase: str, migration: str = "", step: int = 0,
+                addresses=None) -> int:
         """Write the VM's segment list unless this (migration, step) or a later one is already there;
-        returns the version that holds it. Compare-and-swap, retried on a concurrent writer."""
+        returns the version that holds it. Compare-and-swap, retried on a concurrent writer. `addresses`:
+        all the VM's, `vm` first (None: those of the record there, else just `vm`); the list and its segment
+        list change in one version."""
         key = f"vms/{vm}"
         for _ in range(100):
             e = self.kv.get(key)
@@ -107,7 +120,8 @@ class VmDb:
                     base = records.lenient_version(e.value)
             if cur is not None and migration and cur.migration == migration and cur.step >= step:
                 return cur.version
-            rec = VmRecord(vm, host, tuple(segments), base + 1, migration, step, phase)
+            addrs = tuple(addresses) if addresses else cur.addresses if cur is not None else (vm,)
+            rec = VmRecord(vm, host, tuple(segments), base + 1, migration, step, phase, addrs)
             if cur is not None and cur.to_dict() | {"version": rec.version} == rec.to_dict():
                 return cur.version  # nothing changes
             if self.kv.put_if(key, rec.to_dict(), 0 if e is None else e.mod_revision):
