@@ -144,14 +144,15 @@ def soak(n: int, rate: int = 2000, db: str = "embedded", xdp_mode: str = "generi
                 error = f"migration {i} ({src} -> {dst}): {type(e).__name__}: {e}"
                 break
             leg.result = res.to_dict()
-            if leg.result["lost_net"] or leg.result["duplicated"]:  # where they went: the agents' lines
-                leg.result["diagnosis"] = res.diagnosis_text
+            if leg.result["lost_net"] or leg.result["duplicated"] or leg.result["vm_on"] not in ("S", "D"):
+                leg.result["diagnosis"] = res.diagnosis_text  # where the probes or the VM went
             legs.append(leg)
             leg_done(leg)
             if i == 1:
                 snaps["warm"] = resources(env)
             if leg.result["vm_on"] not in ("S", "D"):
-                error = f"migration {i}: the VM runs on {libvirt_demo.VM_ON.get(leg.result['vm_on'])}"
+                error = (f"migration {i}: the VM runs on {libvirt_demo.VM_ON.get(leg.result['vm_on'])} (domains "
+                         f"{leg.result['domains']}, migration error {leg.result['error']})")
                 break
             where = leg.result["vm_on"]
         time.sleep(libvirt_demo.GRACE_S)  # the last source's grace period: what it kept goes
