@@ -79,8 +79,7 @@ class Agent:
     def start(self) -> None:
         """Everything but the worker: dataplane, servers, connections (each retried in the background)."""
         if self.host:
-            self.host.load_dataplane()
-            self.host.executor.owner.fds = self._fd_store()
+            self.host.load_dataplane(self._fd_store())
         from srmig.ctl import hooksrv  # noqa: PLC0415
 
         self.hook_server = hooksrv.serve(self, self.cfg.hook.socket)
@@ -138,8 +137,6 @@ class Agent:
         self.stopping.set()
         if self.host:
             self.host.close()
-            if self.host.executor:
-                self.host.executor.owner.fds.close()
         if self.ingress:
             self.ingress.close()
         if self.hook_server:

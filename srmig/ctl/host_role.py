@@ -32,6 +32,7 @@ from srmig.ctl.baseline import Baselines
 from srmig.ctl.config import Config
 from srmig.ctl.dblink import LEASE_TTL_S, DbLink
 from srmig.ctl.executor import Executor, Owner, VmLocal
+from srmig.ctl.fdstore import FdStore, NoStore
 from srmig.ctl.libvirt_events import translate
 from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
@@ -107,7 +108,8 @@ class HostRole:
             self._hosts[name] = h
         return self._hosts[name]
 
-    def load_dataplane(self) -> None:
+    def load_dataplane(self, fds: FdStore) -> None:
+        """Load (or find pinned) the XDP program and its maps; `fds`: where kept tap fds outlive us."""
         from srmig.bpf import loader  # noqa: PLC0415
         from srmig.bpf.abi import Behaviour  # noqa: PLC0415
         from srmig.ctl.maps import Dataplane  # noqa: PLC0415
@@ -115,7 +117,7 @@ class HostRole:
         h = self.cfg.host
         loaded = loader.load(h.fabric, h.xdp_mode, loader.Limits(hold_ring_pages=h.hold_ring_pages))
         os.close(loaded.prog_fd)
-        dp = self.use_dataplane(Dataplane(loaded.pin_dir))
+        dp = self.use_dataplane(Dataplane(loaded.pin_dir), fds)
         dp.add_sid(h.sids.dx6, Behaviour.END_DX6_MAP)
         dp.add_sid(h.sids.end_s, Behaviour.END_S)
         dp.add_sid(h.sids.sbuf, Behaviour.END_SBUF)
@@ -125,14 +127,15 @@ class HostRole:
         for prefix in set(dp.list_domains()) - {str(ipaddress.IPv6Network(p)) for p in h.sr_domain}:
             dp.del_domain(prefix)
 
-    def use_dataplane(self, dp):
-        """This host's maps: the executor of the host's actions works on them."""
+    def use_dataplane(self, dp, fds: FdStore | None = None):
+        """This host's maps: the executor of the host's actions works on them (`fds`: none by default, the
+        kept tap fds then die with us)."""
         h = self.cfg.host
         self.executor = Executor(Owner(
             name=self.name, dp=dp, address=h.address, drain=h.drain, tap_queue=h.tap_queue,
             qemu_pid=self._qemu_pid, later=lambda s, fn, *args: self.later(s, work.Call(fn, args)),
             qemu_stopped_ns=self._qemu_stopped_ns, on_map_write=self._mark_map_write,
-            on_returned=self._put_record, addresses=self.addresses_of))
+            on_returned=self._put_record, addresses=self.addresses_of, fds=fds or NoStore()))
         return dp
 
     def _qemu_pid(self, loc: VmLocal) -> int | None:
@@ -174,6 +177,7 @@ class HostRole:
                 w.cancel()
         if self.executor:
             self.executor.close()
+            self.executor.owner.fds.close()
 
     def _put_record(self, vm: str) -> None:
         rec = self._record(vm)
