@@ -630,7 +630,7 @@ def parse_stats(lines: list[str]) -> dict[str, int]:
     header: list[str] | None = None
     for line in lines:
         parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+        if len(parts) == 2 and not parts[0].endswith(":") and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
             header = None
         elif len(parts) >= 2 and parts[0].endswith(":"):
