@@ -344,3 +344,53 @@ def test_probe_start_event_and_stop(topology):
     p.stop()
     rep = p.wait(timeout=5)
     assert rep.truncated and 0 < rep.sent < 100_000 and rep.lost == 0, rep.summary()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the demo makes of the reports (srmig.testbed.demo: table and JSON; pure)
+# ---------------------------------------------------------------------------------------------------------
+
+def _demo_run(notes=None):
+    from srmig.testbed import demo
+
+    sent = every_ms(100)
+    marks = [("migrate", 30 * MS), ("complete", 80 * MS)]
+    v6 = analyse(sent, held(sent, {s: 70 - s for s in range(40, 50)}), marks=marks, rtt_window=demo.RTT_WINDOW)
+    v4 = analyse(sent, held(sent, {}, lost=range(40, 50)), marks=marks, rtt_window=demo.RTT_WINDOW)
+    v6.family, v4.family = "6", "4"
+    guest = {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 100, "IcmpInEchos": 95, "IcmpOutEchoReps": 92,
+             "Ip6OutDiscards": 0, "IpOutDiscards": 3}
+    return demo.Run("srmig", {"6": v6, "4": v4}, 12.0, 480.0, guest, notes=notes or {})
+
+
+def test_demo_json_keeps_todays_keys_and_adds_families():
+    """Today's keys per strategy (counts summed over the families, blackout and round trips the worse one's),
+    and `families` with each family's own numbers, its round trips and the guest's counters of that family."""
+    run = _demo_run()
+    d = json.loads(json.dumps(run.to_dict()))
+    for key in ("sent", "lost", "guest_unanswered", "duplicated", "reordered", "blackout_ms", "downtime_ms",
+                "migration_ms", "guest_echo_requests", "guest_echo_replies", "guest_out_discards",
+                "probe_socket_drops", "marks_ms"):
+        assert key in d, key
+    v6, v4 = d["families"]["6"], d["families"]["4"]
+    assert (d["sent"], d["lost"], d["guest_unanswered"]) == (200, 10, 3)
+    assert (v6["lost"], v4["lost"], v4["guest_unanswered"], v4["guest_out_discards"]) == (0, 10, 3, 3)
+    assert (v6["guest_echo_requests"], v4["guest_echo_requests"], d["guest_echo_requests"]) == (100, 95, 195)
+    assert v6["rtt_p50_ms"] == pytest.approx(0.25) and v6["rtt_p99_ms"] == pytest.approx(30.0)
+    assert v6["rtt_max_ms"] == pytest.approx(30.0) and v4["rtt_max_ms"] == pytest.approx(0.25)
+    assert d["rtt_max_ms"] == pytest.approx(30.0) and d["blackout_ms"] == pytest.approx(10.0)
+    assert run.report is run.reports["6"] and run.unanswered() == 0 and run.unanswered("4") == 3
+
+
+def test_demo_table_one_row_per_strategy_and_family():
+    from srmig.testbed import demo
+
+    run = _demo_run(notes={"4": "the ingress does not steer IPv4: why"})
+    lines = demo.table([run], 1000).splitlines()
+    header = lines[1].split()
+    assert header == demo.TABLE_COLS
+    rows = [dict(zip(header, line.split())) for line in lines[2:4]]
+    assert [(r["strategy"], r["family"], r["lost"]) for r in rows] == [("srmig", "IPv6", "0"), ("srmig", "IPv4", "10")]
+    assert rows[0]["rtt_max_ms"] == "30.0" and rows[1]["guest_unanswered"] == "3"
+    assert lines[4:] == ["notes:", "  srmig IPv4: the ingress does not steer IPv4: why"]
+    assert run.to_dict()["families"]["4"]["note"] == "the ingress does not steer IPv4: why"
