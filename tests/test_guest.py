@@ -194,17 +194,25 @@ def test_ipv4_anycast_gateway_moves_with_the_guest(topology):
 # --- QEMU ------------------------------------------------------------------------------------------------
 
 def three_hosts(t) -> None:
+    """C, S, D; dual-stack C-S and C-D links (IPv4 for a dual-stack guest), S and D forward both families."""
     for role in ("C", "S", "D"):
         t.add_host(role)
     t.link("C", "cs", "S", "sc", "2001:db8:a::1/64", f"{VIA_S}/64")
     t.link("C", "cd", "D", "dc", "2001:db8:b::1/64", f"{VIA_D}/64")
     t.link("S", "mg0", "D", "mg0", "fd00:99::1/64", f"{MGMT_D}/64")
+    for role, ifname, addr in (("C", "cs", "192.0.2.1"), ("S", "sc", VIA_S4), ("C", "cd", "192.0.2.5"),
+                               ("D", "dc", VIA_D4)):
+        with t.ipr(role) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr, prefixlen=30, family=2)
+    for role in ("S", "D"):
+        sysctl(t.ns(role), "net.ipv4.ip_forward", 1)
     t.route("C", f"{VM}/128", gateway=VIA_S)
+    t.route("C", f"{VM4}/32", gateway=VIA_S4)
 
 
 def ping(topo, count: int, interval: float = 0.1, wait: float = 1.0, timeout: float = 20,
          dst: str = VM) -> tuple[int, int]:
-    """(transmitted, received) of an iputils ping from the client; bounded."""
+    """(transmitted, received) of an iputils ping from the client to `dst` (IPv6 or IPv4); bounded."""
     r = topo.run("C", "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), dst,
                  check=False, timeout=timeout)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout)
@@ -223,12 +231,20 @@ def first_reply(topo, timeout: float) -> float:
 
 def boot(vm: qemu.Qemu, topo, role: str) -> float:
     """Configure the host side of the VM's tap, wait for the guest; returns seconds to its first reply."""
-    qemu.configure_host_tap(topo.ns(role), vm.tap, VM, vm.mac)
+    qemu.configure_host_tap(topo.ns(role), vm.tap, VM, vm.mac, guest_addr4=vm.addr4)
     try:
         return vm.wait_ready(30) + first_reply(topo, 15)
     except BaseException:
         print(f"{vm.name} console:\n{vm.console()}")
         raise
+
+
+def guest_gateway_entry(vm: qemu.Qemu) -> tuple[str | None, int]:
+    """The guest's ARP entry for its IPv4 gateway: (MAC, ARP probes sent for it), by iproute2's ip in the guest."""
+    out = vm.guest_shell(f"{guest.IPROUTE2_IP} -s -4 neigh show {qemu.GATEWAY_V4} dev eth0")
+    mac = re.search(r"lladdr (\S+)", out)
+    probes = re.search(r"probes (\d+)", out)
+    return (mac.group(1) if mac else None), (int(probes.group(1)) if probes else 0)
 
 
 @pytest.mark.vm
@@ -245,14 +261,18 @@ def test_boot_ping_migrate_ping(topology, capsys):
     t = topology
     three_hosts(t)
     facts = {}
-    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm") as src:
+    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm", addr4=f"{VM4}/24") as src:
         facts["first_reply_s"] = boot(src, t, "S")
         assert ping(t, 10, interval=0.05) == (10, 10)
+        assert ping(t, 10, interval=0.05, dst=VM4) == (10, 10)
         before = src.guest_stats()
         assert before["Icmp6InEchos"] >= 10 and before["Icmp6OutEchoReplies"] >= 10
+        assert before["IcmpInEchos"] >= 10 and before["IcmpOutEchoReps"] >= 10
+        gw_before = guest_gateway_entry(src)
+        assert gw_before[0] == qemu.GATEWAY_MAC, gw_before
 
-        with qemu.Qemu("dst", ns=t.ns("D"), tap="tapvm", incoming=URI) as dst:
-            qemu.configure_host_tap(t.ns("D"), "tapvm", VM, dst.mac)
+        with qemu.Qemu("dst", ns=t.ns("D"), tap="tapvm", incoming=URI, addr4=f"{VM4}/24") as dst:
+            qemu.configure_host_tap(t.ns("D"), "tapvm", VM, dst.mac, guest_addr4=dst.addr4)
             assert dst.status() == "inmigrate"
             t0 = time.monotonic()
             info = src.migrate(URI, timeout=30)
@@ -268,9 +288,16 @@ def test_boot_ping_migrate_ping(topology, capsys):
             assert src.status() == "postmigrate" and dst.status() == "running"
 
             t.route("C", f"{VM}/128", gateway=VIA_D)
+            t.route("C", f"{VM4}/32", gateway=VIA_D4)
             assert ping(t, 10, interval=0.05) == (10, 10)
+            assert ping(t, 10, interval=0.05, dst=VM4) == (10, 10)
+            # Same IPv4 anycast gateway (198.51.100.1, same MAC) on D: the guest's ARP entry is the one it had
+            # on S, and it sent no ARP probe for it since.
+            assert guest_gateway_entry(dst) == gw_before
 
             after = dst.guest_stats()  # the migrated guest's counters continue from the source's
+            assert after["IcmpInEchos"] >= before["IcmpInEchos"] + 10
+            assert after["IcmpOutEchoReps"] >= before["IcmpOutEchoReps"] + 10
             assert after["Icmp6InEchos"] >= before["Icmp6InEchos"] + 10
             assert after["Icmp6OutEchoReplies"] >= before["Icmp6OutEchoReplies"] + 10
             assert after["Icmp6OutRateLimitHost"] == 0

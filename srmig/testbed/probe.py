@@ -810,9 +810,12 @@ def _plot_counts(ax, rep: ProbeReport, label: str) -> None:
 def _plot_latency(ax, rep: ProbeReport) -> None:
     pts = [(b.t_ms, b.rtt_max_ms) for b in rep.timeline if b.rtt_max_ms is not None]
     if pts:
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], ".", color="tab:purple", markersize=2,
-                label="longest RTT of the probes sent")
+        ys = [max(p[1], 1e-3) for p in pts]
+        ax.plot([p[0] for p in pts], ys, ".", color="tab:purple", markersize=2, label="longest RTT of the probes sent")
+        # Log: the steady state's fraction of a ms and a hold's tens of ms on one axis; at least two decades,
+        # so a flat line is not zoomed into noise.
         ax.set_yscale("log")
+        ax.set_ylim(min(ys) / 2, max(max(ys) * 3, min(ys) * 100))
     steady = rep.rtt_steady_ms or rep.rtt_ms
     if steady:
         ax.axhline(steady["p50"], color="tab:green", linestyle=":", linewidth=1,
@@ -823,7 +826,7 @@ def _plot_latency(ax, rep: ProbeReport) -> None:
                                               if win else ""), fontsize=9, loc="left")
     ax.set_ylabel("RTT ms")
     if pts or steady:
-        ax.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
 
 
 def _marks(ax, rep: ProbeReport, names: bool = True) -> None:
