@@ -230,6 +230,7 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
             p.mark("complete")
             time.sleep(event_delay_s)
             strategy.completed(tb)
+            notes.update({f: n for f, n in strategy.family_notes(tb).items() if f in families and f not in notes})
             while not p.done():
                 sent, got = p.progress()
                 say(f"{strategy.name}: migrated; probes {sent}/{count * len(families)} sent, {got} answered")
