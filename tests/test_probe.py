@@ -385,12 +385,12 @@ def test_demo_json_keeps_todays_keys_and_adds_families():
 def test_demo_table_one_row_per_strategy_and_family():
     from srmig.testbed import demo
 
-    run = _demo_run(notes={"4": "the ingress does not steer IPv4: why"})
+    run = _demo_run(notes={"4": "the strategy left IPv4 undone: why"})
     lines = demo.table([run], 1000).splitlines()
     header = lines[1].split()
     assert header == demo.TABLE_COLS
     rows = [dict(zip(header, line.split())) for line in lines[2:4]]
     assert [(r["strategy"], r["family"], r["lost"]) for r in rows] == [("srmig", "IPv6", "0"), ("srmig", "IPv4", "10")]
     assert rows[0]["rtt_max_ms"] == "30.0" and rows[1]["guest_unanswered"] == "3"
-    assert lines[4:] == ["notes:", "  srmig IPv4: the ingress does not steer IPv4: why"]
-    assert run.to_dict()["families"]["4"]["note"] == "the ingress does not steer IPv4: why"
+    assert lines[4:] == ["notes:", "  srmig IPv4: the strategy left IPv4 undone: why"]
+    assert run.to_dict()["families"]["4"]["note"] == "the strategy left IPv4 undone: why"

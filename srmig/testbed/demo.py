@@ -11,8 +11,8 @@ The guest is dual-stack (2001:db8:100::10 and 198.51.100.10); the probe sends IC
 (`families`, "6" and "4"), one schedule, counted per family. Each family's report has, next to what was lost,
 the round trip of the probes: the steady state's median (probes sent before the migration began) and the 99th
 percentile and maximum over the migration window (sent from its beginning to its completion): a held probe is
-not lost but late, and this is how late. The IPv4 path needs the ingress to encapsulate IPv4; where it does
-not, the run says so (Run.notes) and counts that family's probes lost.
+not lost but late, and this is how late. A family whose numbers say less than they seem (the guest did not
+answer it before the migration; the strategy left it undone) has a note (Run.notes), printed under the table.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _guest(name: str, ns: str, incoming: str | None = None) -> Qemu:
 
 def ready_check(tb: Testbed, families: tuple[str, ...], console=lambda: "") -> dict[str, str]:
     """Probe the guest briefly over each family before measuring anything. IPv6 must answer (RuntimeError);
-    an IPv4 that does not is a note (family -> why), not a failure: the ingress may not encapsulate IPv4."""
+    an IPv4 that does not is a note (family -> why), not a failure: the run goes on and its table says so."""
     reports = probe_mod.run_probes([VM_ADDRS[f] for f in families], 50, 20, timeout_s=2, netns=tb.ns("C"))
     notes = {}
     for family, rep in reports.items():
@@ -151,9 +151,8 @@ def ready_check(tb: Testbed, families: tuple[str, ...], console=lambda: "") -> d
             continue
         if family == "6":
             raise RuntimeError(f"the guest on S does not answer over IPv6: {console()[-500:]}")
-        notes[family] = tb.unsteered.get(family) or (
-            f"the guest did not answer over {FAMILY_NAMES[family]} before the migration "
-            f"(0 of {rep.sent} echo requests, {rep.send_errors} not sent)")
+        notes[family] = (f"the guest did not answer over {FAMILY_NAMES[family]} before the migration "
+                         f"(0 of {rep.sent} echo requests, {rep.send_errors} not sent)")
     return notes
 
 

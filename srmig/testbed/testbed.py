@@ -18,8 +18,7 @@ the VM's IPv4 prefix, so reverse-path filtering is off on the path (the replies'
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from srmig.ctl.maps import Dataplane
 from srmig.ctl.phases import HostSids
@@ -27,8 +26,6 @@ from srmig.bpf.abi import Behaviour, VmState
 from srmig.testbed.lab import encap_on, steer, xdp_on
 from srmig.testbed.netns import Topology, sysctl
 from srmig.testbed.qemu import GATEWAY_LL, GATEWAY_MAC, GATEWAY_V4, configure_host_tap
-
-log = logging.getLogger("srmig.testbed")
 
 VM_ADDR = "2001:db8:100::10"
 VM_PREFIXLEN = 64
@@ -55,8 +52,6 @@ SIDS = {
 class Testbed:
     xdp_mode: str = "generic"
     families: tuple[str, ...] = ("6", "4")  # the VM's addresses the ingress steers and the hosts deliver
-    # family -> why the ingress could not steer that family's address (it stays unrouted at C; the demo says so)
-    unsteered: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.topo = Topology()
@@ -138,23 +133,14 @@ class Testbed:
                            guest_addr4=VM_ADDR4 if "4" in self.families else None, gateway_v4=GATEWAY_V4)
 
     def steer(self, segments: list[str] | None) -> None:
-        """The client's route to the VM (every address of it): H.Encaps with `segments`, or withdrawn (None). An
-        address family the ingress does not encapsulate (a ValueError from it) is left unrouted and recorded in
-        `unsteered`, once: the probe then counts that family's probes lost, and the demo says why."""
+        """The client's route to the VM (every address of it, IPv4 too: H.Encaps with next header 4 and a /32
+        via the IPv6 next hop): along `segments`, or withdrawn (None)."""
         self.steer_at("C", self.encap, segments, CLIENT_GW, "c0")
 
     def steer_at(self, role: str, encap, segments: list[str] | None, gateway: str, ifname: str) -> None:
         """As steer(), at another ingress: host `role`, its H.Encaps `encap` on `ifname`, next hop `gateway`."""
-        for family in self.families:
-            if family in self.unsteered:
-                continue
-            try:
-                steer(self.topo, role, encap, VM_ADDRS[family], segments, gateway, ifname)
-            except ValueError as e:
-                if family == "6":
-                    raise
-                self.unsteered[family] = f"the ingress does not steer IPv4: {e}"
-                log.warning("testbed: %s", self.unsteered[family])
+        for vm in self.vm_addrs:
+            steer(self.topo, role, encap, vm, segments, gateway, ifname)
 
     def set_vm(self, role: str, state: VmState, **kw) -> None:
         """Host `role`'s VM map entry for every address of the VM."""
