@@ -394,3 +394,23 @@ def test_demo_table_one_row_per_strategy_and_family():
     assert rows[0]["rtt_max_ms"] == "30.0" and rows[1]["guest_unanswered"] == "3"
     assert lines[4:] == ["notes:", "  srmig IPv4: the strategy left IPv4 undone: why"]
     assert run.to_dict()["families"]["4"]["note"] == "the strategy left IPv4 undone: why"
+
+
+COVERAGE_ROWS = [
+    # probes 0..99 ms, the migration completes at 80 ms: covered
+    ("covered", 100, [("migrate", 30), ("complete", 80)], None),
+    # completes at 150 ms, the last probe left at 99 ms: 51 ms not measured
+    ("ended-early", 100, [("migrate", 30), ("complete", 150)], "the probes stopped 51 ms before"),
+    ("no-complete", 100, [("migrate", 30)], None),  # a run_abort: no completion to cover
+]
+
+
+@pytest.mark.parametrize("n,marks,want", [r[1:] for r in COVERAGE_ROWS], ids=[r[0] for r in COVERAGE_ROWS])
+def test_demo_coverage_note(n, marks, want):
+    """A run whose probes stopped before the migration completed says so: its zero loss means nothing."""
+    from srmig.testbed import demo
+
+    sent = every_ms(n)
+    rep = analyse(sent, held(sent, {}), marks=[(k, v * MS) for k, v in marks])
+    note = demo.coverage_note(rep)
+    assert (note is None) if want is None else note.startswith(want), note

@@ -141,6 +141,16 @@ def _guest(name: str, ns: str, incoming: str | None = None) -> Qemu:
                 addr4=f"{VM_ADDR4}/{VM_PREFIXLEN4}", gateway4=GATEWAY_V4)
 
 
+def coverage_note(rep: probe_mod.ProbeReport) -> str | None:
+    """Why a report says nothing about the migration: its probes stopped before the migration completed (a
+    count too small for the rate), so the pause may have seen none."""
+    complete = rep.marks.get("complete")
+    if complete is not None and rep.duration_ms < complete:
+        return (f"the probes stopped {complete - rep.duration_ms:.0f} ms before the migration completed: "
+                f"nothing after that was measured (raise --count or --duration)")
+    return None
+
+
 def ready_check(tb: Testbed, families: tuple[str, ...], console=lambda: "") -> dict[str, str]:
     """Probe the guest briefly over each family before measuring anything. IPv6 must answer (RuntimeError);
     an IPv4 that does not is a note (family -> why), not a failure: the run goes on and its table says so."""
@@ -244,6 +254,9 @@ def run_one(strategy: Strategy, rate: int, count: int, xdp_mode: str = "generic"
         guest = _guest_delta(dst, guest_before)
     if errors:
         raise errors[0]
+    for family, rep in p.reports.items():
+        if (note := coverage_note(rep)) is not None:
+            notes[family] = note + (f"; {notes[family]}" if family in notes else "")
     drain = getattr(strategy, "drain_report", None)
     return Run(strategy.name, dict(p.reports), info.get("downtime"), info.get("total-time"), guest,
                strategy.events, drain.__dict__ if drain else None, notes)
