@@ -3,7 +3,12 @@ live-migrate it over QMP to an `-incoming` QEMU in host D (over a separate manag
 client's route to D, ping again. Plain kernel routing, no XDP: this proves the guest and the QEMU driver.
 
     C ──cs/sc── S ──mg0── D        migration stream over mg0
-    └────cd/dc────────────┘        the VM's tap "tapvm" in S and in D: anycast gateway fe80::1 + one MAC
+    └────cd/dc────────────┘        the VM's tap "tapvm" in S and in D: anycast gateway fe80::1, 198.51.100.1
+                                   and one MAC
+
+Before them (no QEMU): the guest's kernel command line and counters (pure tables), and the IPv4 anycast gateway
+between namespaces: every host answers ARP for it with the same MAC, and a guest moved to another host keeps
+its ARP entry and sends no ARP.
 """
 
 from __future__ import annotations
@@ -15,27 +20,200 @@ import time
 import pytest
 
 from srmig.testbed import guest, qemu
-
-pytestmark = pytest.mark.vm
+from srmig.testbed.netns import sysctl
 
 VM = "2001:db8:100::10"
+VM4 = "198.51.100.10"
 MGMT_D = "fd00:99::2"
 URI = f"tcp:[{MGMT_D}]:4444"
 VIA_S, VIA_D = "2001:db8:a::2", "2001:db8:b::2"
+VIA_S4, VIA_D4 = "192.0.2.2", "192.0.2.6"  # C-S 192.0.2.0/30, C-D 192.0.2.4/30
 
+
+# --- pure ------------------------------------------------------------------------------------------------
+
+# (id, kernel_cmdline keywords, srmig.* settings expected, settings that must be absent)
+CMDLINE_ROWS = [
+    ("ipv6-only", dict(addr="2001:db8:100::10/64"),
+     ["srmig.addr=2001:db8:100::10/64", "srmig.gw=fe80::1"], ["srmig.addr4=", "srmig.gw4="]),
+    ("dual-stack", dict(addr="2001:db8:100::10/64", addr4="198.51.100.10/24", gw4="198.51.100.1"),
+     ["srmig.addr=2001:db8:100::10/64", "srmig.gw=fe80::1", "srmig.addr4=198.51.100.10/24",
+      "srmig.gw4=198.51.100.1"], []),
+    ("ipv4-no-gateway", dict(addr=None, addr4="198.51.100.10/32"),
+     ["srmig.addr4=198.51.100.10/32", "srmig.gw=fe80::1"], ["srmig.addr=", "srmig.gw4="]),
+    ("stats", dict(addr="2001:db8:100::10/64", stats=2), ["srmig.stats=2"], ["srmig.addr4="]),
+]
+
+
+@pytest.mark.parametrize("kw,present,absent", [r[1:] for r in CMDLINE_ROWS], ids=[r[0] for r in CMDLINE_ROWS])
+def test_kernel_cmdline(kw, present, absent):
+    words = guest.kernel_cmdline(**kw).split()
+    for p in present:
+        assert p in words
+    for a in absent:
+        assert not any(w.startswith(a) for w in words), words
+    assert words[0] == "console=ttyS0"
+
+
+def test_kernel_cmdline_gateway_needs_address():
+    with pytest.raises(ValueError):
+        guest.kernel_cmdline("2001:db8:100::10/64", gw4="198.51.100.1")
+
+
+def test_init_reads_every_setting():
+    """/init reads every srmig.* setting kernel_cmdline writes, and configures IPv4 from them."""
+    for key in ("srmig.addr=", "srmig.gw=", "srmig.addr4=", "srmig.gw4=", "srmig.stats=", "srmig.ctl="):
+        assert f"        {key}*)" in guest.INIT, key
+    assert 'ip -4 addr add "$ADDR4" dev eth0' in guest.INIT
+    assert "net.ipv4.neigh.eth0.base_reachable_time_ms=3600000" in guest.INIT
+    assert "cat /proc/net/snmp6 /proc/net/snmp" in guest.INIT
+
+
+STATS_LINES = """\
+Icmp6InEchos 120
+Icmp6OutEchoReplies 118
+Ip: Forwarding DefaultTTL InReceives OutDiscards
+Ip: 2 64 300 3
+Icmp: InMsgs InErrors InEchos OutEchoReps
+Icmp: 100 0 99 97
+IcmpMsg: InType8 OutType0
+IcmpMsg: 99 97
+Udp: InDatagrams NoPorts
+eth0_rx_packets 400
+Tcp: RtoAlgorithm
+Tcp: 1 2
+Udp: 5 6""".splitlines()
+
+# (id, lines, expected subset); a value line that does not follow its own header is ignored
+STATS_ROWS = [
+    ("mixed", STATS_LINES,
+     {"Icmp6InEchos": 120, "Icmp6OutEchoReplies": 118, "IpOutDiscards": 3, "IpInReceives": 300, "IcmpInEchos": 99,
+      "IcmpOutEchoReps": 97, "IcmpMsgInType8": 99, "eth0_rx_packets": 400}),
+    ("orphans", STATS_LINES, {"UdpInDatagrams": None, "TcpRtoAlgorithm": None}),
+    ("negative", ["Ip6Foo -1", "Icmp: InMsgs", "Icmp: -2"], {"Ip6Foo": -1, "IcmpInMsgs": -2}),
+]
+
+
+@pytest.mark.parametrize("lines,expected", [r[1:] for r in STATS_ROWS], ids=[r[0] for r in STATS_ROWS])
+def test_parse_stats(lines, expected):
+    got = qemu.parse_stats(lines)
+    for key, want in expected.items():
+        assert got.get(key) == want, key
+
+
+def test_parse_stats_of_this_kernel():
+    """The host's own /proc/net/snmp, as the guest sends it: every counter of every protocol line."""
+    text = open("/proc/net/snmp").read().splitlines()
+    got = qemu.parse_stats(text)
+    for header, values in zip(text[::2], text[1::2]):
+        proto = header.split(":")[0]
+        for k, v in zip(header.split()[1:], values.split()[1:]):
+            assert got[proto + k] == int(v)
+    assert {"IcmpInEchos", "IcmpOutEchoReps", "IpOutDiscards"} <= set(got)
+
+
+# (id, counters, lost, family, unanswered)
+UNANSWERED_ROWS = [
+    ("v6", {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90, "IcmpInEchos": 50, "IcmpOutEchoReps": 50}, 20, "6", 10),
+    ("v4", {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90, "IcmpInEchos": 50, "IcmpOutEchoReps": 47}, 20, "4", 3),
+    ("v4-capped", {"IcmpInEchos": 50, "IcmpOutEchoReps": 40}, 4, "4", 4),
+    ("v4-unknown", {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "4", 0),
+    ("more-replies", {"IcmpInEchos": 5, "IcmpOutEchoReps": 7}, 3, "4", 0),
+]
+
+
+@pytest.mark.parametrize("counters,lost,family,want", [r[1:] for r in UNANSWERED_ROWS],
+                         ids=[r[0] for r in UNANSWERED_ROWS])
+def test_unanswered(counters, lost, family, want):
+    assert guest.unanswered(counters, lost, family) == want
+
+
+# --- the IPv4 anycast gateway between namespaces ----------------------------------------------------------
+
+def _gateway_entry(topo) -> tuple[str | None, int]:
+    """The guest namespace's ARP entry for the gateway: (its MAC, ARP probes it sent for it)."""
+    out = topo.run("G", "ip", "-s", "-4", "neigh", "show", qemu.GATEWAY_V4, "dev", "eth0").stdout
+    mac = re.search(r"lladdr (\S+)", out)
+    probes = re.search(r"probes (\d+)", out)
+    return (mac.group(1) if mac else None), (int(probes.group(1)) if probes else 0)
+
+
+def _ping_gateway(topo, count: int = 3) -> int:
+    r = topo.run("G", "ping", "-4", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", qemu.GATEWAY_V4,
+                 check=False, timeout=20)
+    m = re.search(r"(\d+) received", r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.netns
+def test_ipv4_anycast_gateway_moves_with_the_guest(topology):
+    """A guest namespace G behind host H1's "tap" (a veth) resolves its IPv4 gateway to the shared gateway MAC;
+    the host end then moves to H2 (as a migration moves the VM: G's link and caches stay) and is configured as
+    every host's is. G reaches the gateway through H2 at once with the ARP entry it had, sends no ARP, and H2
+    sees only G's echo requests. Asked afresh, each host answers ARP with the same MAC."""
+    t = topology
+    for role in ("G", "H1", "H2"):
+        t.add_host(role)
+    t.link("G", "eth0", "H1", "vmtap", a_mac=qemu.GUEST_MAC)
+    # QEMU's virtio link never loses carrier across a migration; a veth moved between namespaces does, and
+    # the kernel would then evict G's ARP cache (arp_evict_nocarrier): keep it, as the guest does.
+    sysctl(t.ns("G"), "net.ipv4.conf.eth0.arp_evict_nocarrier", 0)
+    # IPv4 only: G's IPv6 (a link-local's MLD, router solicitations after the carrier returns) would blur the
+    # count of frames H2 receives from it.
+    sysctl(t.ns("G"), "net.ipv6.conf.eth0.disable_ipv6", 1)
+    with t.ipr("G") as ipr:
+        idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=idx, address=VM4, prefixlen=24, family=2)
+        ipr.route("add", dst="0.0.0.0/0", gateway=qemu.GATEWAY_V4, oif=idx, family=2)
+    qemu.configure_host_tap(t.ns("H1"), "vmtap", VM, qemu.GUEST_MAC, guest_addr4=f"{VM4}/24")
+    assert _ping_gateway(t) == 3
+    mac, probes = _gateway_entry(t)
+    assert mac == qemu.GATEWAY_MAC
+
+    with t.ipr("H1") as ipr:  # the move
+        ipr.link("set", index=ipr.link_lookup(ifname="vmtap")[0], net_ns_fd=t.ns("H2"))
+    qemu.configure_host_tap(t.ns("H2"), "vmtap", VM, qemu.GUEST_MAC, guest_addr4=f"{VM4}/24")
+    rx0 = qemu.link_stats(t.ns("H2"), "vmtap")["rx_packets"]
+    h2_0 = qemu.parse_stats(t.run("H2", "cat", "/proc/net/snmp").stdout.splitlines())
+    assert _ping_gateway(t, 5) == 5
+    h2_1 = qemu.parse_stats(t.run("H2", "cat", "/proc/net/snmp").stdout.splitlines())
+    assert h2_1["IcmpInEchos"] - h2_0["IcmpInEchos"] == 5  # H2 answered, not a leftover of H1
+    assert qemu.link_stats(t.ns("H2"), "vmtap")["rx_packets"] - rx0 == 5  # the echoes only: no ARP from G
+    assert _gateway_entry(t) == (mac, probes)
+
+    for host in ("H2",):  # a forgotten entry: H2 answers ARP with the gateway MAC too
+        t.run("G", "ip", "-4", "neigh", "flush", "dev", "eth0")
+        assert _gateway_entry(t)[0] is None
+        assert _ping_gateway(t) == 3, host
+        assert _gateway_entry(t)[0] == qemu.GATEWAY_MAC, host
+    # and H2 keeps its permanent entry for the guest: it never ARPs towards it
+    neigh = t.run("H2", "ip", "-4", "neigh", "show", VM4, "dev", "vmtap").stdout
+    assert qemu.GUEST_MAC in neigh and "PERMANENT" in neigh, neigh
+
+
+# --- QEMU ------------------------------------------------------------------------------------------------
 
 def three_hosts(t) -> None:
+    """C, S, D; dual-stack C-S and C-D links (IPv4 for a dual-stack guest), S and D forward both families."""
     for role in ("C", "S", "D"):
         t.add_host(role)
     t.link("C", "cs", "S", "sc", "2001:db8:a::1/64", f"{VIA_S}/64")
     t.link("C", "cd", "D", "dc", "2001:db8:b::1/64", f"{VIA_D}/64")
     t.link("S", "mg0", "D", "mg0", "fd00:99::1/64", f"{MGMT_D}/64")
+    for role, ifname, addr in (("C", "cs", "192.0.2.1"), ("S", "sc", VIA_S4), ("C", "cd", "192.0.2.5"),
+                               ("D", "dc", VIA_D4)):
+        with t.ipr(role) as ipr:
+            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr, prefixlen=30, family=2)
+    for role in ("S", "D"):
+        sysctl(t.ns(role), "net.ipv4.ip_forward", 1)
     t.route("C", f"{VM}/128", gateway=VIA_S)
+    t.route("C", f"{VM4}/32", gateway=VIA_S4)
 
 
-def ping(topo, count: int, interval: float = 0.1, wait: float = 1.0, timeout: float = 20) -> tuple[int, int]:
-    """(transmitted, received) of an iputils ping from the client; bounded."""
-    r = topo.run("C", "ping", "-6", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), VM,
+def ping(topo, count: int, interval: float = 0.1, wait: float = 1.0, timeout: float = 20,
+         dst: str = VM) -> tuple[int, int]:
+    """(transmitted, received) of an iputils ping from the client to `dst` (IPv6 or IPv4); bounded."""
+    r = topo.run("C", "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), dst,
                  check=False, timeout=timeout)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", r.stdout)
     assert m, f"ping output: {r.stdout} {r.stderr}"
@@ -53,7 +231,7 @@ def first_reply(topo, timeout: float) -> float:
 
 def boot(vm: qemu.Qemu, topo, role: str) -> float:
     """Configure the host side of the VM's tap, wait for the guest; returns seconds to its first reply."""
-    qemu.configure_host_tap(topo.ns(role), vm.tap, VM, vm.mac)
+    qemu.configure_host_tap(topo.ns(role), vm.tap, VM, vm.mac, guest_addr4=vm.addr4)
     try:
         return vm.wait_ready(30) + first_reply(topo, 15)
     except BaseException:
@@ -61,6 +239,15 @@ def boot(vm: qemu.Qemu, topo, role: str) -> float:
         raise
 
 
+def guest_gateway_entry(vm: qemu.Qemu) -> tuple[str | None, int]:
+    """The guest's ARP entry for its IPv4 gateway: (MAC, ARP probes sent for it), by iproute2's ip in the guest."""
+    out = vm.guest_shell(f"{guest.IPROUTE2_IP} -s -4 neigh show {qemu.GATEWAY_V4} dev eth0")
+    mac = re.search(r"lladdr (\S+)", out)
+    probes = re.search(r"probes (\d+)", out)
+    return (mac.group(1) if mac else None), (int(probes.group(1)) if probes else 0)
+
+
+@pytest.mark.vm
 def test_second_build_is_a_stamp_check():
     t0 = time.monotonic()
     img = guest.build(quiet=True)
@@ -69,18 +256,23 @@ def test_second_build_is_a_stamp_check():
     assert guest.is_built()
 
 
+@pytest.mark.vm
 def test_boot_ping_migrate_ping(topology, capsys):
     t = topology
     three_hosts(t)
     facts = {}
-    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm") as src:
+    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm", addr4=f"{VM4}/24") as src:
         facts["first_reply_s"] = boot(src, t, "S")
         assert ping(t, 10, interval=0.05) == (10, 10)
+        assert ping(t, 10, interval=0.05, dst=VM4) == (10, 10)
         before = src.guest_stats()
         assert before["Icmp6InEchos"] >= 10 and before["Icmp6OutEchoReplies"] >= 10
+        assert before["IcmpInEchos"] >= 10 and before["IcmpOutEchoReps"] >= 10
+        gw_before = guest_gateway_entry(src)
+        assert gw_before[0] == qemu.GATEWAY_MAC, gw_before
 
-        with qemu.Qemu("dst", ns=t.ns("D"), tap="tapvm", incoming=URI) as dst:
-            qemu.configure_host_tap(t.ns("D"), "tapvm", VM, dst.mac)
+        with qemu.Qemu("dst", ns=t.ns("D"), tap="tapvm", incoming=URI, addr4=f"{VM4}/24") as dst:
+            qemu.configure_host_tap(t.ns("D"), "tapvm", VM, dst.mac, guest_addr4=dst.addr4)
             assert dst.status() == "inmigrate"
             t0 = time.monotonic()
             info = src.migrate(URI, timeout=30)
@@ -96,9 +288,16 @@ def test_boot_ping_migrate_ping(topology, capsys):
             assert src.status() == "postmigrate" and dst.status() == "running"
 
             t.route("C", f"{VM}/128", gateway=VIA_D)
+            t.route("C", f"{VM4}/32", gateway=VIA_D4)
             assert ping(t, 10, interval=0.05) == (10, 10)
+            assert ping(t, 10, interval=0.05, dst=VM4) == (10, 10)
+            # Same IPv4 anycast gateway (198.51.100.1, same MAC) on D: the guest's ARP entry is the one it had
+            # on S, and it sent no ARP probe for it since.
+            assert guest_gateway_entry(dst) == gw_before
 
             after = dst.guest_stats()  # the migrated guest's counters continue from the source's
+            assert after["IcmpInEchos"] >= before["IcmpInEchos"] + 10
+            assert after["IcmpOutEchoReps"] >= before["IcmpOutEchoReps"] + 10
             assert after["Icmp6InEchos"] >= before["Icmp6InEchos"] + 10
             assert after["Icmp6OutEchoReplies"] >= before["Icmp6OutEchoReplies"] + 10
             assert after["Icmp6OutRateLimitHost"] == 0
@@ -114,6 +313,7 @@ def test_boot_ping_migrate_ping(topology, capsys):
                                             for k, v in facts.items()))
 
 
+@pytest.mark.vm
 def test_frame_held_by_paused_qemu_is_not_migrated(topology):
     """The swallowed frame (docs/platform.md), measured. After `stop`, QEMU reads exactly one more frame from its tap
     (it sits in QEMU's own net queue, delivered on `cont`) and leaves the rest in the tap queue. That frame

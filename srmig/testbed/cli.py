@@ -27,6 +27,8 @@ def cmd_demo(args) -> int:
     if args.fault and args.fault_matrix:
         return _usage("--fault runs one cell, --fault-matrix all of them: one or the other")
     if args.fault or args.fault_matrix or args.libvirt or args.soak is not None:
+        if args.family:
+            return _usage("--family: the namespace demo only (not with --libvirt, --fault, --fault-matrix, --soak)")
         return _libvirt(args)
     from srmig.testbed import demo
 
@@ -35,8 +37,9 @@ def cmd_demo(args) -> int:
         names.append("srmig-no-drain")
     rate = args.rate or 10000
     count = args.count or int(rate * (args.duration or 3.0))
+    families = {"4": ("4",), "6": ("6",), "both": ("6", "4")}[args.family or "both"]
     return demo.main(names, rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
-                     event_delay_ms=args.event_delay_ms)
+                     event_delay_ms=args.event_delay_ms, families=families)
 
 
 def _libvirt(args) -> int:
@@ -121,7 +124,8 @@ def register(sub) -> None:
         "demo", help="migrate a real QEMU guest once per strategy under probe traffic, compare the losses",
         description="Builds the namespace testbed (client, transit, hosts S and D with srmig's XDP), boots a "
                     "QEMU guest on S and live-migrates it to D once per strategy while the client probes it; "
-                    "prints sent/lost/duplicated/reordered/blackout and the downtime QEMU reports, and "
+                    "prints sent/lost/duplicated/reordered/blackout, the probes' round trip (steady state and "
+                    "over the migration) and the downtime QEMU reports, per strategy and address family, and "
                     "writes a per-millisecond timeline plot. Removes everything it made, also on Ctrl-C.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="strategies: reactive (EVPN-like: switch after resume), withdraw (switch at pause), bicast "
@@ -129,11 +133,14 @@ def register(sub) -> None:
                + EPILOG_FAULTS)
     sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
                     help="run only these (repeatable or comma-separated; default: all four)")
-    sp.add_argument("--rate", type=int, help="probes per second (default: 10000; 2000 with --libvirt, where the "
-                                             "guest runs under libvirt's QEMU settings)")
+    sp.add_argument("--rate", type=int, help="probes per second, per family (default: 10000; 2000 with --libvirt, "
+                                             "where the guest runs under libvirt's QEMU settings)")
+    sp.add_argument("--family", choices=["4", "6", "both"],
+                    help="probe the dual-stack guest over IPv4 (ICMP echo), IPv6 (ICMPv6 echo) or both through "
+                         "the same migration (default: both; one table row per strategy and family)")
     sp.add_argument("--duration", type=float,
                     help="seconds of probing per run (default: 3; with --fault, until the fault is over, 30 at most)")
-    sp.add_argument("--count", type=int, help="probes per run (default: rate x duration)")
+    sp.add_argument("--count", type=int, help="probes per run and family (default: rate x duration)")
     sp.add_argument("--json", metavar="FILE", help="also write the results as JSON (--libvirt: '-' for stdout)")
     sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
                     help="timeline plot (default: srmig-demo.png; '' for none)")

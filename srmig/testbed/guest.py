@@ -17,15 +17,20 @@ gateway's neighbour entry reachable for an hour (no ND around a migration), conf
 command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s answered without loss for
 2 s; beyond (~15 k/s) the guest drops replies itself (Ip6OutDiscards / Icmp6OutErrors count them).
 
-    srmig.addr=2001:db8:100::10/64   address and prefix of eth0 (required for networking)
-    srmig.gw=fe80::1                 default gateway on eth0 (the anycast gateway; default fe80::1)
+    srmig.addr=2001:db8:100::10/64   IPv6 address and prefix of eth0 (required for IPv6 networking)
+    srmig.gw=fe80::1                 IPv6 default gateway on eth0 (the anycast gateway; default fe80::1)
+    srmig.addr4=198.51.100.10/24     optional: IPv4 address and prefix of eth0 (a dual-stack guest)
+    srmig.gw4=198.51.100.1           IPv4 default gateway on eth0 (the anycast gateway every host presents:
+                                     the same address and MAC on every host's tap, docs/operations.md)
     srmig.stats=N                    optional: print a counters line on the console every N seconds
     srmig.ctl=ttyS1                  the control serial port (default ttyS1)
 
 Reading the guest's own counters from the host: the second serial port (ttyS1, a unix socket on the host)
 is a tiny line protocol, raw mode, no echo, spoken by srmig.testbed.qemu.Qemu.guest_stats(). The host
 writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of /proc/net/snmp6
-(`Icmp6InEchos 123`), the eth0 device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics),
+(`Icmp6InEchos 123`), every line of /proc/net/snmp (IPv4: header and value lines, `Icmp: InMsgs ...` then
+`Icmp: 12 ...`, which srmig.testbed.qemu.parse_stats turns into `IcmpInEchos 12`, as nstat names them), the eth0
+device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics),
 then `END TOKEN`. `ping TOKEN` answers `PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and
 answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
 shows `SRMIG-GUEST-READY addr=...` once eth0 is configured and, with srmig.stats=N, periodic
@@ -82,11 +87,13 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /tmp /run
 log() { echo "srmig-guest: $*" >/dev/console; }
 
-ADDR=; GW=fe80::1; STATS=0; CTL=/dev/ttyS1
+ADDR=; GW=fe80::1; ADDR4=; GW4=; STATS=0; CTL=/dev/ttyS1
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         srmig.addr=*) ADDR=${arg#srmig.addr=} ;;
         srmig.gw=*) GW=${arg#srmig.gw=} ;;
+        srmig.addr4=*) ADDR4=${arg#srmig.addr4=} ;;
+        srmig.gw4=*) GW4=${arg#srmig.gw4=} ;;
         srmig.stats=*) STATS=${arg#srmig.stats=} ;;
         srmig.ctl=*) CTL=/dev/${arg#srmig.ctl=} ;;
     esac
@@ -121,13 +128,22 @@ sysctl -qw net.ipv6.conf.eth0.accept_dad=0 net.ipv6.conf.eth0.dad_transmits=0 \
     net.ipv6.conf.eth0.accept_ra=0 net.ipv6.conf.eth0.autoconf=0 2>/dev/null
 ip link set lo up
 ip link set eth0 qlen 10000
-# Keep the gateway's neighbour entry REACHABLE for long: no ND probes around a migration.
+# Keep the gateway's neighbour entry REACHABLE for long: no ND probes (IPv4: no ARP) around a migration. The
+# entry stays right after a move: every host answers for the gateway with the same MAC.
 sysctl -qw net.ipv6.neigh.eth0.base_reachable_time_ms=3600000 2>/dev/null
+sysctl -qw net.ipv4.neigh.eth0.base_reachable_time_ms=3600000 2>/dev/null
 ip link set eth0 up
 if [ -n "$ADDR" ]; then
     ip -6 addr add "$ADDR" dev eth0 || log "address $ADDR failed"
 fi
 ip -6 route add default via "$GW" dev eth0 || log "default route via $GW failed"
+if [ -n "$ADDR4" ]; then
+    ip -4 addr add "$ADDR4" dev eth0 || log "address $ADDR4 failed"
+    # onlink: the gateway need not be inside the guest's prefix (a /32 guest works too).
+    # (iproute2's ip: busybox's does not know onlink everywhere.)
+    [ -n "$GW4" ] && { /usr/sbin/ip -4 route add default via "$GW4" dev eth0 onlink \
+        || log "default route via $GW4 failed"; }
+fi
 
 counters() {
     while read -r k v; do
@@ -146,7 +162,7 @@ control() {
             case "$cmd" in
                 stats)
                     echo "BEGIN $tok"
-                    cat /proc/net/snmp6
+                    cat /proc/net/snmp6 /proc/net/snmp
                     for f in /sys/class/net/eth0/statistics/*; do echo "eth0_${f##*/} $(cat "$f")"; done
                     echo "END $tok" ;;
                 ping) echo "PONG $tok" ;;
@@ -166,7 +182,7 @@ control() {
 if [ "$STATS" -gt 0 ] 2>/dev/null; then
     (while :; do sleep "$STATS"; echo "SRMIG-STATS $(counters)" >/dev/console; done) &
 fi
-echo "SRMIG-GUEST-READY addr=$ADDR" >/dev/console
+echo "SRMIG-GUEST-READY addr=$ADDR addr4=$ADDR4" >/dev/console
 while :; do sleep 3600; done
 """
 
@@ -184,15 +200,22 @@ class MissingPackage(RuntimeError):
     """A Debian package the guest needs is not available (named in the message)."""
 
 
-def unanswered(counters: dict, lost: int) -> int:
+# The guest's echo counters per address family: (requests received, replies sent), as parse_stats names them
+# (/proc/net/snmp6 for IPv6; /proc/net/snmp's Icmp line for IPv4).
+ECHO_COUNTERS = {"6": ("Icmp6InEchos", "Icmp6OutEchoReplies"), "4": ("IcmpInEchos", "IcmpOutEchoReps")}
+OUT_DISCARDS = {"6": "Ip6OutDiscards", "4": "IpOutDiscards"}
+
+
+def unanswered(counters: dict, lost: int, family: str = "6") -> int:
     """Of `lost` probes, the requests the guest received and left unanswered, by its own counters (their
     difference over a run; 0 if it could not say). After a burst (a resume, an abort's return) a TCG guest
     makes replies faster than QEMU transmits them, and its kernel's ICMPv6 socket holds at most 2 x 64 KiB
     of replies not yet sent (a fixed sndbuf): it drops the rest (Icmp6OutErrors, Ip6OutDiscards). The probe
-    counts them lost; nothing on the network lost them."""
-    if "Icmp6InEchos" not in counters or "Icmp6OutEchoReplies" not in counters:
+    counts them lost; nothing on the network lost them. `family`: "6" (ICMPv6 echo) or "4" (ICMP echo)."""
+    requests, replies = ECHO_COUNTERS[family]
+    if requests not in counters or replies not in counters:
         return 0
-    return min(lost, max(0, counters["Icmp6InEchos"] - counters["Icmp6OutEchoReplies"]))
+    return min(lost, max(0, counters[requests] - counters[replies]))
 
 
 def guest_dir() -> Path:
@@ -593,13 +616,21 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
     return image()
 
 
-def kernel_cmdline(addr: str | None, gw: str = "fe80::1", stats: int = 0, extra: str = "") -> str:
-    """The -append line for this guest: serial console, quiet boot, and the srmig.* settings."""
+def kernel_cmdline(addr: str | None, gw: str = "fe80::1", stats: int = 0, extra: str = "",
+                   addr4: str | None = None, gw4: str | None = None) -> str:
+    """The -append line for this guest: serial console, quiet boot, and the srmig.* settings. `addr4`
+    ("198.51.100.10/24") makes the guest dual-stack, `gw4` its IPv4 default gateway (needs `addr4`)."""
+    if gw4 and not addr4:
+        raise ValueError("an IPv4 gateway (srmig.gw4) needs an IPv4 address (srmig.addr4)")
     parts = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "mitigations=off", "tsc=reliable",
              "no_timer_check", "nokaslr"]
     if addr:
         parts.append(f"srmig.addr={addr}")
     parts.append(f"srmig.gw={gw}")
+    if addr4:
+        parts.append(f"srmig.addr4={addr4}")
+    if gw4:
+        parts.append(f"srmig.gw4={gw4}")
     if stats:
         parts.append(f"srmig.stats={int(stats)}")
     if extra:

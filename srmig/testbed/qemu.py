@@ -16,8 +16,8 @@ its own queue (delivered on `cont`); that frame is NOT migrated: the guest on th
 
 Choices:
 - The tap is created by us (persistent, TUNSETIFF + TUNSETPERSIST from a thread switched into the namespace)
-  *before* QEMU starts, so the host side (anycast gateway MAC and fe80::1, route, permanent neighbour entry,
-  txqueuelen) is configured with plain netlink independent of QEMU; QEMU attaches with
+  *before* QEMU starts, so the host side (anycast gateway MAC, fe80::1 and the IPv4 gateway, routes,
+  permanent neighbour entries, txqueuelen) is configured with plain netlink independent of QEMU; QEMU attaches with
   `-netdev tap,ifname=..,script=no,downscript=no,vhost=off`. The tap is deleted on close if we created it.
 - QEMU runs inside the namespace through `ip netns exec NS` (which execs, so the pid is QEMU's).
   PR_SET_PDEATHSIG=SIGKILL makes it die with the thread that started it, even if the test is SIGKILLed.
@@ -59,6 +59,9 @@ from srmig.testbed.netns import inside
 GUEST_MAC = "02:00:00:00:10:10"
 GATEWAY_LL = "fe80::1"            # the anycast gateway every host presents to its VMs
 GATEWAY_MAC = "02:00:5e:00:00:01"
+# The IPv4 anycast gateway of the testbed's VM subnet (198.51.100.0/24, RFC 5737): on every host's tap, with
+# GATEWAY_MAC, so the host's kernel answers the guest's ARP for it, and the same answer on every host.
+GATEWAY_V4 = "198.51.100.1"
 QEMU = "qemu-system-x86_64"
 
 TUNSETIFF = 0x400454CA
@@ -129,12 +132,19 @@ def delete_link(ns: str | None, ifname: str) -> None:
 
 def configure_host_tap(ns: str | None, ifname: str, guest_addr: str, guest_mac: str = GUEST_MAC,
                        gateway_ll: str = GATEWAY_LL, gateway_mac: str = GATEWAY_MAC,
-                       txqueuelen: int = 10000) -> None:
+                       txqueuelen: int = 10000, guest_addr4: str | None = None,
+                       gateway_v4: str = GATEWAY_V4) -> None:
     """The host side of a VM's tap: anycast gateway MAC + link-local, up, a /128 route to the guest, a
     permanent neighbour entry for it (so the host's neighbour queue never holds its packets) and a long
     queue (what a paused QEMU leaves unread waits there). No multicast: the host's MLD reports would be
     read by QEMU and dropped by the guest's filter, which blurs srmig's count of frames QEMU read but did
-    not deliver (srmig.ctl.drain.SwallowCheck)."""
+    not deliver (srmig.ctl.drain.SwallowCheck).
+
+    A dual-stack guest (`guest_addr4`): the IPv4 anycast gateway `gateway_v4` as a /32 on the tap (no
+    connected route: the VM subnet is not this host's), so the host's kernel answers the guest's ARP for it
+    with the tap's MAC, the same gateway MAC on every host: a moved guest's ARP entry stays right. And a /32
+    route and a permanent neighbour entry for the guest, as for IPv6: the host never ARPs towards it (no
+    frame the guest did not ask for, nothing parked in the ARP queue after a move)."""
     def cfg():
         with inside(ns), IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
@@ -147,6 +157,11 @@ def configure_host_tap(ns: str | None, ifname: str, guest_addr: str, guest_mac: 
             ipr.route("replace", dst=f"{guest_addr.split('/')[0]}/128", oif=idx, family=10)
             ipr.neigh("replace", dst=guest_addr.split("/")[0], lladdr=guest_mac, ifindex=idx, state=0x80,
                       family=10)  # NUD_PERMANENT
+            if guest_addr4:
+                v4 = guest_addr4.split("/")[0]
+                ipr.addr("replace", index=idx, address=gateway_v4, prefixlen=32, family=2)
+                ipr.route("replace", dst=f"{v4}/32", oif=idx, family=2)
+                ipr.neigh("replace", dst=v4, lladdr=guest_mac, ifindex=idx, state=0x80, family=2)
     _in_thread(cfg)
 
 
@@ -314,6 +329,8 @@ class Qemu:
     ns: str | None
     tap: str
     addr: str | None = "2001:db8:100::10/64"
+    addr4: str | None = None          # "198.51.100.10/24": a dual-stack guest
+    gateway4: str = GATEWAY_V4        # its IPv4 default gateway (with addr4)
     mac: str = GUEST_MAC
     incoming: str | None = None      # "tcp:[ADDR]:PORT" (listen via migrate-incoming) or "defer"
     memory: int = 256
@@ -360,7 +377,8 @@ class Qemu:
 
     def argv(self) -> list[str]:
         img = self.image or guest_mod.image()
-        append = guest_mod.kernel_cmdline(self.addr, self.gateway, self.stats_interval, self.extra_append)
+        append = guest_mod.kernel_cmdline(self.addr, self.gateway, self.stats_interval, self.extra_append,
+                                          addr4=self.addr4, gw4=self.gateway4 if self.addr4 else None)
         argv = [
             QEMU, "-name", self.name, "-accel", "tcg", "-machine", "pc", "-m", str(self.memory), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -460,6 +478,7 @@ class Qemu:
 
     def guest_stats(self, timeout: float = 10) -> dict[str, int]:
         """The guest's own counters: every /proc/net/snmp6 key (Icmp6InEchos, Icmp6OutEchoReplies, ...),
+        every /proc/net/snmp one as nstat names it (IcmpInEchos, IcmpOutEchoReps, IpOutDiscards, ...),
         eth0_<counter> from /sys/class/net/eth0/statistics."""
         return parse_stats(self.guest_command("stats", timeout))
 
@@ -604,10 +623,24 @@ def control_command(path, cmd: str, timeout: float = 10, rest: str = "", retry: 
 
 
 def parse_stats(lines: list[str]) -> dict[str, int]:
-    """The `stats` answer as {counter: value}: /proc/net/snmp6 keys and eth0_<counter>."""
+    """The `stats` answer as {counter: value}: /proc/net/snmp6 keys ("Icmp6InEchos 12"), eth0_<counter>, and
+    /proc/net/snmp's pairs of lines ("Icmp: InMsgs InErrors ..." then "Icmp: 12 0 ...") as nstat names them
+    (IcmpInMsgs, IcmpInErrors, ...)."""
     out = {}
+    header: list[str] | None = None
     for line in lines:
         parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+        if len(parts) == 2 and not parts[0].endswith(":") and parts[1].lstrip("-").isdigit():
             out[parts[0]] = int(parts[1])
+            header = None
+        elif len(parts) >= 2 and parts[0].endswith(":"):
+            if all(p.lstrip("-").isdigit() for p in parts[1:]):
+                if header and header[0] == parts[0] and len(header) == len(parts):
+                    proto = parts[0][:-1]
+                    out.update({proto + k: int(v) for k, v in zip(header[1:], parts[1:])})
+                header = None
+            else:
+                header = parts
+        else:
+            header = None
     return out
