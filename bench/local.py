@@ -1,7 +1,7 @@
 """`srmig bench local`: packets/s through one forwarding core, on veths in namespaces, per SRv6 path.
 
     gen (g0) ---- (d_in) DUT (d_out) ---- (s0) sink
-    trafgen       XDP or kernel            XDP counter (drop)
+    generator     XDP or kernel            XDP counter (drop)
     CPU 0         NAPI kthread, CPU 1      (runs in the DUT's softirq, CPU 1)
 
 In ONE run, on the SAME path and packets, each of these DUT configurations is searched for its NDR and PDR
@@ -32,7 +32,9 @@ has MTU 1500, as a fabric with room for the encapsulation gives a VM. forward_pl
 same route to the same VM; only the filter on d_out differs (attached for bpf_encap alone, so no other
 path pays for it).
 
-Where the cores go: trafgen (one process, paced with sendto, pinned to CPU 0 by itself) on CPU 0. d_in uses
+Where the cores go: the generator on CPU 0 (trafgen, one process paced with sendto and pinned by itself; the
+live generator's BPF_PROG_RUN, from a thread pinned there; the clone generator's loop, a NAPI kthread pinned
+there). d_in uses
 threaded NAPI (GRO on, /sys/class/net/d_in/threaded = 1) and its kthread is pinned to CPU 1, so the DUT's
 whole receive path (XDP, or the kernel's IPv6 + seg6local + forwarding) runs on CPU 1, together with the
 sink's XDP counter (d_out -> s0 is processed in the same softirq). One DUT core: "pps per core" = NDR.
@@ -490,22 +492,33 @@ class CloneGenerator:
         lp0, lp1 = LOOP_IFS
         with topo.ipr(role) as ipr:
             netlink.add_veth(lp0, lp1, ipr)
+        for name in (lp0, lp1):  # no IPv6 there: the kernel's own ND and MLD frames would join the loop
+            topo.run(role, "sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1")
+        with topo.ipr(role) as ipr:
             for name in (lp0, lp1):
                 netlink.set_link_up(netlink.ifindex(name, ipr), ipr)
         self.out_ifindex = topo.ifindex(role, ifname)
         self.loop_ifindex = topo.ifindex(role, lp0)
         self.bpf, self.fd = loader.compile_program(BENCH_DIR / "xdp_clone_gen.c", "xdp_clone_gen")
         self.notes: list[str] = []
-        # A devmap resolves ifindexes in the namespace of the writer: fill the fans from inside.
-        with topo.inside(role):
-            for n in self.FANS:
-                fan = self.bpf[f"fan{n}".encode()]
-                for i in range(n):
-                    fan[fan.Key(i)] = fan.Leaf(self.out_ifindex)
-                fan[fan.Key(n)] = fan.Leaf(self.loop_ifindex)  # last: the original frame, round again
-            loader.attach(lp1, self.fd, "native")  # always native: the clones leave as XDP frames
-        self._pin_loop()
         self._seeds: list[bytes] = []
+        self.threaded = False
+        self._tx: socket.socket | None = None
+        try:
+            # A devmap resolves ifindexes in the namespace of the writer: fill the fans from inside.
+            with topo.inside(role):
+                for n in self.FANS:
+                    fan = self.bpf[f"fan{n}".encode()]
+                    for i in range(n):
+                        fan[fan.Key(i)] = fan.Leaf(self.out_ifindex)
+                    fan[fan.Key(n)] = fan.Leaf(self.loop_ifindex)  # last: the original frame, round again
+                loader.attach(lp1, self.fd, "native")  # always native: the clones leave as XDP frames
+                self._tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)  # the seeds' way in
+            self._tx.bind((lp0, 0))
+            self._pin_loop()
+        except BaseException:
+            self.close()
+            raise
 
     def _pin_loop(self) -> None:
         """lp1's NAPI threaded, its kthread on the generator's CPU: the loop spins there, scheduled like
@@ -515,7 +528,8 @@ class CloneGenerator:
         before = set(subprocess.run(["pgrep", pat], capture_output=True, text=True).stdout.split())
         r = self.topo.run(self.role, "sh", "-c", f"echo 1 > /sys/class/net/{lp1}/threaded", check=False)
         own = set(subprocess.run(["pgrep", pat], capture_output=True, text=True).stdout.split()) - before
-        if r.returncode != 0 or not own:
+        self.threaded = r.returncode == 0 and bool(own)
+        if not self.threaded:
             self.notes.append(f"clone generator: threaded NAPI on {lp1} unavailable: the loop runs in softirq "
                               f"on the CPU that injects the seeds")
             return
@@ -559,7 +573,7 @@ class CloneGenerator:
         cfg.loop_ifindex, cfg.stop, cfg.seeds = self.loop_ifindex, 0, len(self._seeds)
         c[c.Key(0)] = cfg
         st = self.bpf[b"state"]
-        st[st.Key(0)] = st.Leaf(0, time.monotonic_ns() * 1000, 0, 0, 0, 0)
+        st[st.Key(0)] = st.Leaf(0, time.monotonic_ns() * 1000, 0, 0, 0, 0, 0)
 
     def _stop(self) -> None:
         c = self.bpf[b"cfg"]
@@ -568,15 +582,13 @@ class CloneGenerator:
         c[c.Key(0)] = cfg
 
     def _inject(self) -> None:
-        """The seeds into the loop: one packet-socket send each, from the generator's CPU."""
-        with self.topo.inside(self.role), _on_cpu(self.cpu):
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-        try:
-            s.bind((LOOP_IFS[0], 0))
+        """The seeds into the loop: one packet-socket send each. With threaded NAPI the loop's kthread takes
+        them wherever we run; without, the loop stays in the softirq of the CPU that sent them: the
+        generator's. The socket stays open from one run to the next: closing a packet socket waits for an
+        RCU grace period (synchronize_net), which took 0.7-1.4 s here while the loop spins."""
+        with _on_cpu(None if self.threaded else self.cpu):
             for f in self._seeds:
-                s.send(f)
-        finally:
-            s.close()
+                self._tx.send(f)
 
     def _run(self, limit: int, rate_pps: float | None, stop_at: float,
              during: Callable[[], None] | None = None) -> int:
@@ -599,9 +611,9 @@ class CloneGenerator:
             while self._retired() < len(self._seeds) and time.monotonic() < give_up:
                 time.sleep(0.002)
         st = self._state()
-        if st.retired < len(self._seeds):
-            raise BenchError(f"clone generator: {len(self._seeds) - st.retired} seed(s) lost in the loop "
-                             f"(failed broadcasts: {st.failed})")
+        if st.retired < len(self._seeds) or st.seen != len(self._seeds):
+            raise BenchError(f"clone generator: {st.seen} of {len(self._seeds)} seed(s) in the loop, "
+                             f"{st.retired} left it (failed broadcasts: {st.failed})")
         return st.sent
 
     def send(self, n: int, rate_pps: float | None = None, until: float | None = None) -> int:
@@ -629,6 +641,8 @@ class CloneGenerator:
             self._stop()
         with contextlib.suppress(Exception), self.topo.inside(self.role):
             loader.detach(LOOP_IFS[1])
+        if self._tx:
+            self._tx.close()
         self.bpf.cleanup()
 
 

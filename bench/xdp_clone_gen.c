@@ -62,6 +62,7 @@ struct clone_state {
 	u64 retired;  /* seeds dropped at the end of a run */
 	u64 failed;   /* broadcasts the helper refused: the seed is dropped and the run stops short */
 	u64 seen;     /* seeds numbered so far (in their metadata, on their first pass) */
+	u64 strays;   /* frames that came to the loop beyond the run's seeds, dropped */
 };
 
 BPF_ARRAY(cfg, struct clone_cfg, 1);
@@ -91,7 +92,13 @@ int xdp_clone_gen(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	if (meta == data) {
 		/* A seed's first pass (from the packet socket: no metadata yet). Seeds come first in the order
-		 * they were written: number them so. */
+		 * they were written: number them so. Anything beyond the run's seeds is not ours (the loop veth
+		 * has IPv6 off, so the kernel sends nothing there, but a frame that got there anyway must not
+		 * become a seed): drop it. */
+		if (st->seen >= c->seeds) {
+			st->strays++;
+			return XDP_DROP;
+		}
 		if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(u32)))
 			return XDP_ABORTED;
 		data = (void *)(long)ctx->data;
