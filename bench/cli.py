@@ -49,12 +49,13 @@ def register(sub) -> None:
     """Add `srmig bench [micro]` to the srmig command's subparsers."""
     sp = sub.add_parser(
         "bench", help="benchmarks (JSON with --json); without BENCH: everything",
-        description="Without BENCH: the local generator (BPF_PROG_RUN live frames or trafgen, through one "
+        description="Without BENCH: the local generator (BPF_PROG_RUN live frames, XDP clones or trafgen, through one "
                     "DUT core: NDR/PDR and the forwarding rate at maximum load of srmig End.S forward/deliver, "
                     "the kernel's End.DX6 and End where the kernel has SRv6 (else reported absent), an XDP "
                     "redirect stub, and one that also swaps the MAC addresses, srmig's BPF H.Encaps against "
                     "plain forwarding, per frame size, repeated: medians and ranges; live frames fall back to "
-                    "trafgen where the kernel refuses them, and the generator's ceiling is reported), a TCP "
+                    "the clone generator where the kernel refuses them, and the generator's ceiling is reported "
+                    "next to every ratio), a TCP "
                     "bulk transfer with and without the BPF H.Encaps, the hold-ring flush rate, the "
                     "per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the targets, as one JSON "
                     "document with --json (progress on stderr). The ratios come from short windows of the "
@@ -68,9 +69,11 @@ def register(sub) -> None:
     sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
     sp.add_argument("--duration", type=float,
                     help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")
-    sp.add_argument("--generator", choices=["live", "trafgen"], default="live",
-                    help="live: BPF_PROG_RUN live frames (kernel >= 5.18, several Mpps, paced per frame); "
-                         "trafgen: sendto, ~700 kpps here, 1-s bursts (default: live)")
+    sp.add_argument("--generator", choices=["live", "clone", "trafgen"], default="live",
+                    help="live: BPF_PROG_RUN live frames (kernel >= 5.18, several Mpps, paced in groups; where "
+                         "the kernel refuses them, clone runs instead); clone: seed frames looping between two "
+                         "veths, cloned by an XDP devmap broadcast (several Mpps on any kernel with native XDP "
+                         "on veth); trafgen: sendto, ~700 kpps here, 1-s bursts (default: live)")
     sp.add_argument("--sizes", action="append", default=[], metavar="SIZE[,SIZE]",
                     help="frame sizes: 78 (64-byte inner IPv6 packet + outer IPv6 + SRH), an outer IPv6 "
                          "length such as 512 or 1500, imix (default: 78,512,1500,imix live; 78 trafgen)")

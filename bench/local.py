@@ -1,7 +1,7 @@
 """`srmig bench local`: packets/s through one forwarding core, on veths in namespaces, per SRv6 path.
 
     gen (g0) ---- (d_in) DUT (d_out) ---- (s0) sink
-    trafgen       XDP or kernel            XDP counter (drop)
+    generator     XDP or kernel            XDP counter (drop)
     CPU 0         NAPI kthread, CPU 1      (runs in the DUT's softirq, CPU 1)
 
 In ONE run, on the SAME path and packets, each of these DUT configurations is searched for its NDR and PDR
@@ -32,7 +32,9 @@ has MTU 1500, as a fabric with room for the encapsulation gives a VM. forward_pl
 same route to the same VM; only the filter on d_out differs (attached for bpf_encap alone, so no other
 path pays for it).
 
-Where the cores go: trafgen (one process, paced with sendto, pinned to CPU 0 by itself) on CPU 0. d_in uses
+Where the cores go: the generator on CPU 0 (trafgen, one process paced with sendto and pinned by itself; the
+live generator's BPF_PROG_RUN, from a thread pinned there; the clone generator's loop, a NAPI kthread pinned
+there). d_in uses
 threaded NAPI (GRO on, /sys/class/net/d_in/threaded = 1) and its kthread is pinned to CPU 1, so the DUT's
 whole receive path (XDP, or the kernel's IPv6 + seg6local + forwarding) runs on CPU 1, together with the
 sink's XDP counter (d_out -> s0 is processed in the same softirq). One DUT core: "pps per core" = NDR.
@@ -47,11 +49,12 @@ Two measurements per path:
 - max_forwarding_rate (RFC 2285 forwarding rate at maximum offered load): trafgen unpaced, the sink counted
   over a window while the DUT core is saturated. This is the DUT core's capacity; the headline ratios use it.
 
-Two generators (`generator=`); "live" (the default) falls back to trafgen by itself where the kernel refuses
+Three generators (`generator=`); "live" (the default) falls back to "clone" by itself where the kernel refuses
 live frames (EPERM on some kernels; live_frames() tries it once), and the JSON's "generator" says which ran,
-why, and its ceiling (the `generator` path's rate): a path forwarding >= GEN_BOUND of it is generator-bound
-and its ratios say so ("ratio_notes").
-- trafgen: as above; sendto per frame, about 700 kpps on this machine, below what XDP paths forward.
+why, and its ceiling (the `generator` path's rate, same run): a path forwarding >= GEN_BOUND of it is
+generator-bound and its ratios say so ("ratio_notes"); "ratio_ceilings" puts the ceiling next to every ratio.
+- trafgen: as above; sendto per frame, about 700 kpps on this machine, below what XDP paths forward. Still
+  selectable; the hold-ring flush parks its frames with it.
 - live: BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (kernel >= 5.18) runs bench/xdp_live_gen.c on CPU 0
   with ingress = g0; its XDP_TX sends each frame out of g0 with ndo_xdp_xmit, so d_in receives XDP frames
   (no skb on the generator side) at several Mpps. One BPF_PROG_RUN per trial; the program paces itself
@@ -59,6 +62,14 @@ and its ratios say so ("ratio_notes").
   group, not per frame; bursts of at most 128 frames only to catch up after a preemption), so a trial is a
   smooth load at the scale of a veth ring, not a burst per second, and may be shorter than a second.
   Unpaced for the forwarding rate at maximum load.
+- clone: no live frames needed (native XDP on veth and a devmap broadcast, kernel >= 5.13). One seed frame
+  per frame of the sequence is written once (packet socket) into a veth pair of the generator's namespace
+  (LOOP_IFS); bench/xdp_clone_gen.c on its far end broadcasts each seed into a devmap holding g0 N times and
+  the loop veth last: N XDP clones leave out of g0 (d_in receives XDP frames, as with live frames) and the
+  seed comes round again. The loop runs in that veth's threaded NAPI, pinned to CPU 0. Pacing is the live
+  generator's, per group: a group of CLONE_GROUP_MAX frames leaves when the clock says it is due, a seed that
+  comes round early only loops; a run sends exactly N (the program counts, and drops its seeds at the
+  limit, at the deadline, or when told to stop: the loop always ends by itself).
 
 Frame sizes (`sizes=`, as bench/trex): "78" (an inner 78-byte frame, i.e. a 64-byte inner IPv6 packet, plus
 outer IPv6 and SRH: the minimum), a number N (an N-byte outer IPv6 packet, frame N + 14; 1500 fills the
@@ -120,7 +131,7 @@ KERNEL_PATHS = ("kernel_end_dx6", "kernel_end", "kernel_encap")  # need SRv6 lwt
 PLAIN_PATHS = ("forward_plain", "bpf_encap", "kernel_encap")  # fed plain IPv6 (no SRH): the ingress's input
 GEN_BOUND = 0.9  # a path forwarding >= 90 % of what the generator can offer at all is generator-bound
 STUBS = {"redirect_stub": "xdp_redirect_stub", "redirect_stub_mac": "xdp_redirect_stub_mac"}  # path: C function
-GENERATORS = ("trafgen", "live")
+GENERATORS = ("trafgen", "live", "clone")
 SIZES = ("78", "512", "1500", "imix")
 IMIX = ((64, 7), (570, 4), (None, 1))  # inner IPv6 bytes (None: a 1500-byte outer packet), weight: bench/trex's
 IMIX_ORDER = (0, 1, 0, 1, 0, 2, 0, 1, 0, 1, 0, 0)  # 7:4:1, interleaved so no size comes in a run
@@ -134,6 +145,11 @@ WARMUP_S = 0.05
 UNREACHABLE_PPS = 50_000_000
 START_GRACE_S = 0.1
 START_TIMEOUT_S = 2.0
+LOOP_IFS = ("lp0", "lp1")    # the clone generator's seed loop, a veth pair in the generator's namespace
+CLONE_GROUP_MAX = 32         # clones per pass of a seed (bench/xdp_clone_gen.c's GROUP_MAX): paced groups too
+CLONE_SEEDS_MAX = 16         # seeds in the loop at once (IMIX: 12)
+CLONE_RETIRE_S = 1.0         # after its deadline, a run's seeds leave the loop within this (a pass takes µs)
+CLONE_FLAT_OUT_S = 60.0      # an unpaced window ends by itself after this, whatever userspace does
 
 
 class BenchError(RuntimeError):
@@ -293,18 +309,16 @@ def live_frames() -> tuple[bool, str]:
 
 def pick_generator(requested: str) -> tuple[str, str]:
     """The generator to run for `requested` and what became of live frames: ("live", "available"), or
-    ("trafgen", "refused (EPERM: ...)") when live frames are refused here and trafgen is installed (the
-    automatic fallback), or ("trafgen", "not tried: --generator trafgen")."""
+    ("clone", "refused (EPERM: ...)") when live frames are refused here (the automatic fallback: the clone
+    generator needs no more than native XDP on veth and a devmap broadcast), or ("trafgen" | "clone",
+    "not tried: --generator ...") when one is asked for by name."""
     if requested not in GENERATORS:
-        raise BenchError(f"unknown generator {requested!r}: expected {' or '.join(GENERATORS)}")
-    if requested == "trafgen":
-        name, why = "trafgen", "not tried: --generator trafgen"
+        raise BenchError(f"unknown generator {requested!r}: expected {', '.join(GENERATORS)}")
+    if requested in ("trafgen", "clone"):
+        name, why = requested, f"not tried: --generator {requested}"
     else:
         ok, why = live_frames()
-        name = "live" if ok else "trafgen"
-        if not ok and not shutil.which("trafgen"):
-            raise BenchError(f"BPF_PROG_RUN live frames {why} here, and trafgen (the fallback) is not installed: "
-                             f"apt-get install netsniff-ng (./run setup installs it)")
+        name = "live" if ok else "clone"
     if name == "trafgen" and not shutil.which("trafgen"):
         raise BenchError("trafgen not found: apt-get install netsniff-ng (./run setup installs it)")
     return name, why
@@ -463,6 +477,175 @@ class LiveGenerator:
         self.bpf.cleanup()
 
 
+class CloneGenerator:
+    """Frames out of one veth, cloned in the kernel (bench/xdp_clone_gen.c): a few seed frames loop between
+    a veth pair of the generator's namespace (LOOP_IFS) and every pass broadcasts up to CLONE_GROUP_MAX
+    clones of the seed out of `ifname`. Needs native XDP on veth and BPF_F_BROADCAST (kernel >= 5.13), not
+    live frames. `load(frames)` then `send(n, rate)`; the program counts every frame it sent
+    (`generated()`), and a run sends exactly n (the ones a full DUT ring refuses included, as with live
+    frames: the kernel counts those as tx_dropped on `ifname`). Same interface as LiveGenerator."""
+
+    FANS = (32, 16, 8, 4, 2, 1)  # the program's fan maps: fanN = N x `ifname`, then the loop veth
+
+    def __init__(self, topo: Topology, role: str, ifname: str, cpu: int | None = GEN_CPU):
+        self.topo, self.role, self.cpu = topo, role, cpu
+        lp0, lp1 = LOOP_IFS
+        with topo.ipr(role) as ipr:
+            netlink.add_veth(lp0, lp1, ipr)
+        for name in (lp0, lp1):  # no IPv6 there: the kernel's own ND and MLD frames would join the loop
+            topo.run(role, "sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1")
+        with topo.ipr(role) as ipr:
+            for name in (lp0, lp1):
+                netlink.set_link_up(netlink.ifindex(name, ipr), ipr)
+        self.out_ifindex = topo.ifindex(role, ifname)
+        self.loop_ifindex = topo.ifindex(role, lp0)
+        self.bpf, self.fd = loader.compile_program(BENCH_DIR / "xdp_clone_gen.c", "xdp_clone_gen")
+        self.notes: list[str] = []
+        self._seeds: list[bytes] = []
+        self.threaded = False
+        self._tx: socket.socket | None = None
+        try:
+            # A devmap resolves ifindexes in the namespace of the writer: fill the fans from inside.
+            with topo.inside(role):
+                for n in self.FANS:
+                    fan = self.bpf[f"fan{n}".encode()]
+                    for i in range(n):
+                        fan[fan.Key(i)] = fan.Leaf(self.out_ifindex)
+                    fan[fan.Key(n)] = fan.Leaf(self.loop_ifindex)  # last: the original frame, round again
+                loader.attach(lp1, self.fd, "native")  # always native: the clones leave as XDP frames
+                self._tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)  # the seeds' way in
+            self._tx.bind((lp0, 0))
+            self._pin_loop()
+        except BaseException:
+            self.close()
+            raise
+
+    def _pin_loop(self) -> None:
+        """lp1's NAPI threaded, its kthread on the generator's CPU: the loop spins there, scheduled like
+        any thread, not in whichever task's softirq happens to run."""
+        lp1 = LOOP_IFS[1]
+        pat = f"^napi/{lp1}-"
+        before = set(subprocess.run(["pgrep", pat], capture_output=True, text=True).stdout.split())
+        r = self.topo.run(self.role, "sh", "-c", f"echo 1 > /sys/class/net/{lp1}/threaded", check=False)
+        own = set(subprocess.run(["pgrep", pat], capture_output=True, text=True).stdout.split()) - before
+        self.threaded = r.returncode == 0 and bool(own)
+        if not self.threaded:
+            self.notes.append(f"clone generator: threaded NAPI on {lp1} unavailable: the loop runs in softirq "
+                              f"on the CPU that injects the seeds")
+            return
+        if self.cpu is not None:
+            for pid in own:
+                subprocess.run(["taskset", "-pc", str(self.cpu), pid], capture_output=True)
+        self.notes.append(f"clone generator: seed loop {LOOP_IFS[0]} <-> {lp1}, NAPI kthread "
+                          f"{','.join(sorted(own))} on CPU {self.cpu}")
+
+    def load(self, frames_: list[bytes], flows: int = 1) -> None:
+        """Send `frames_` in this order, over and over (each one `group` times in a row: one seed per
+        frame); with flows > 1 the last 2 bytes of the inner IPv6 source count 0..flows-1 per group."""
+        if not frames_ or len(frames_) > CLONE_SEEDS_MAX:
+            raise BenchError(f"clone generator: 1 to {CLONE_SEEDS_MAX} frames")
+        if min(map(len, frames_)) < 14 + 40:
+            raise BenchError("clone generator: frames shorter than Ethernet + IPv6")
+        if not 1 <= flows <= 1 << 16:
+            raise BenchError("clone generator: 1 to 65536 flows")
+        offs = {inner_offset(f) + 8 + 14 for f in frames_}  # the inner source's last 2 bytes (IPv6 src at +8)
+        if len(offs) != 1 or max(offs) + 2 > min(map(len, frames_)) or max(offs) > 255:
+            raise BenchError("clone generator: the frames' inner sources must sit at one offset below 256")
+        self._seeds, self._flows, self._flow_off = list(frames_), flows, offs.pop()
+
+    def _state(self):
+        st = self.bpf[b"state"]
+        return st[st.Key(0)]
+
+    def generated(self) -> int:
+        """Frames sent by the current (or last) run."""
+        return self._state().sent
+
+    def _retired(self) -> int:
+        return self._state().retired
+
+    def _arm(self, limit: int, rate_pps: float | None, stop_at: float) -> None:
+        c = self.bpf[b"cfg"]
+        cfg = c.Leaf()
+        cfg.interval_ps = round(1e12 / rate_pps) if rate_pps else 0
+        cfg.limit, cfg.stop_ns = limit, int(stop_at * 1e9)
+        cfg.group, cfg.flows, cfg.flow_off = CLONE_GROUP_MAX, self._flows, self._flow_off
+        cfg.loop_ifindex, cfg.stop, cfg.seeds = self.loop_ifindex, 0, len(self._seeds)
+        c[c.Key(0)] = cfg
+        st = self.bpf[b"state"]
+        st[st.Key(0)] = st.Leaf(0, time.monotonic_ns() * 1000, 0, 0, 0, 0, 0)
+
+    def _stop(self) -> None:
+        c = self.bpf[b"cfg"]
+        cfg = c[c.Key(0)]
+        cfg.stop = 1
+        c[c.Key(0)] = cfg
+
+    def _inject(self) -> None:
+        """The seeds into the loop: one packet-socket send each. With threaded NAPI the loop's kthread takes
+        them wherever we run; without, the loop stays in the softirq of the CPU that sent them: the
+        generator's. The socket stays open from one run to the next: closing a packet socket waits for an
+        RCU grace period (synchronize_net), which took 0.7-1.4 s here while the loop spins."""
+        with _on_cpu(None if self.threaded else self.cpu):
+            for f in self._seeds:
+                self._tx.send(f)
+
+    def _run(self, limit: int, rate_pps: float | None, stop_at: float,
+             during: Callable[[], None] | None = None) -> int:
+        """One run: seeds in, until `limit` frames are sent or the clock reaches `stop_at`
+        (time.monotonic()); `during` runs meanwhile and ends the run when it returns. Every seed has
+        retired when this returns (the loop is empty). Returns the frames sent."""
+        if not self._seeds:
+            raise BenchError("clone generator: load() frames first")
+        self._arm(limit, rate_pps, stop_at)
+        self._inject()
+        try:
+            if during:
+                during()
+                self._stop()
+            while self._retired() < len(self._seeds) and time.monotonic() < stop_at + CLONE_RETIRE_S:
+                time.sleep(0.002)
+        finally:
+            self._stop()
+            give_up = time.monotonic() + CLONE_RETIRE_S
+            while self._retired() < len(self._seeds) and time.monotonic() < give_up:
+                time.sleep(0.002)
+        st = self._state()
+        if st.retired < len(self._seeds) or st.seen != len(self._seeds):
+            raise BenchError(f"clone generator: {st.seen} of {len(self._seeds)} seed(s) in the loop, "
+                             f"{st.retired} left it (failed broadcasts: {st.failed})")
+        return st.sent
+
+    def send(self, n: int, rate_pps: float | None = None, until: float | None = None) -> int:
+        """Send `n` frames, paced at `rate_pps` (None: as fast as the CPU goes), stopping at `until`
+        (time.monotonic(); by default twice the time n frames take at rate_pps, or at 100 kpps, plus a
+        second). Returns the frames sent."""
+        if until is None:
+            until = time.monotonic() + 2 * n / (rate_pps or 100_000) + 1.0
+        return self._run(n, rate_pps, until)
+
+    def flat_out(self, during: Callable[[], None]) -> int:
+        """Frames as fast as the CPU goes while `during()` runs (it measures); at most CLONE_FLAT_OUT_S."""
+        def watch():
+            give_up = time.monotonic() + START_TIMEOUT_S
+            while self.generated() == 0:
+                if time.monotonic() > give_up:
+                    return  # nothing measured: the caller finds no window
+                time.sleep(0.001)
+            during()
+
+        return self._run(2**62, None, time.monotonic() + CLONE_FLAT_OUT_S, watch)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stop()
+        with contextlib.suppress(Exception), self.topo.inside(self.role):
+            loader.detach(LOOP_IFS[1])
+        if self._tx:
+            self._tx.close()
+        self.bpf.cleanup()
+
+
 class LocalBench(NamespaceLab):
     """The gen -> DUT -> sink topology; `configure(path)` then `trial(rate, duration)`. Always cleaned up.
 
@@ -480,7 +663,7 @@ class LocalBench(NamespaceLab):
         self.mode = mode
         self.flows = flows
         self.frame_size = frame_size
-        self.live: LiveGenerator | None = None
+        self.fast: LiveGenerator | CloneGenerator | None = None  # None: trafgen
         self.size: str | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix="srmig-bench-"))
         self.path: str | None = None
@@ -544,9 +727,14 @@ class LocalBench(NamespaceLab):
         with t.ipr("dut") as ipr:
             ingress.route_vm(VM_ENC, SINK_ADDR, self.d_out_ifindex, ipr)
         self._encap_filter(False)
+        cpu = GEN_CPU if getattr(self, "_napi_cpu", None) is not None else None
         if self.generator == "live":
-            self.live = LiveGenerator(t, "gen", "g0", GEN_CPU if getattr(self, "_napi_cpu", None) else None)
-            self._stack.callback(self.live.close)
+            self.fast = LiveGenerator(t, "gen", "g0", cpu)
+        elif self.generator == "clone":
+            self.fast = CloneGenerator(t, "gen", "g0", cpu)
+            self.notes += self.fast.notes
+        if self.fast:
+            self._stack.callback(self.fast.close)
 
     @staticmethod
     def _napi_pids() -> set[str]:
@@ -567,10 +755,11 @@ class LocalBench(NamespaceLab):
             return
         self._napi_cpu = 1
         pid = self._repin()
-        gen = "trafgen" if self.generator == "trafgen" else "the live-frames generator (BPF_PROG_RUN)"
+        gen = {"trafgen": "trafgen", "live": "the live-frames generator (BPF_PROG_RUN)",
+               "clone": "the clone generator's seed loop"}[self.generator]
         if self.live_frames.startswith("refused"):
-            self.notes.append(f"BPF_PROG_RUN live frames {self.live_frames} on this kernel: trafgen generates "
-                              f"instead (below what XDP paths forward: see generator.ceiling_pps)")
+            self.notes.append(f"BPF_PROG_RUN live frames {self.live_frames} on this kernel: the {self.generator} "
+                              f"generator runs instead (its ceiling: generator.ceiling_pps)")
         self.notes.append(f"{gen} on CPU 0; d_in NAPI kthread ({pid or 'not found'}) on CPU 1 with the "
                           f"DUT's forwarding and the sink's XDP")
 
@@ -612,14 +801,14 @@ class LocalBench(NamespaceLab):
         self._cfg = self._tmp / f"{path}.cfg"
         # Several frames (IMIX): trafgen sends the packets of its configuration round robin, in order.
         self._cfg.write_text("".join(trafgen_config(f, self.flows) for f in self.frames))
-        if self.live:
-            self.live.load(self.frames, self.flows)
+        if self.fast:
+            self.fast.load(self.frames, self.flows)
         self._warm()
 
     def _warm(self) -> None:
         """A few frames first: next-hop cache, neighbour state; not counted."""
-        if self.live:
-            self.live.send(200, 20000)
+        if self.fast:
+            self.fast.send(200, 20000)
             time.sleep(0.02)
             return
         proc = self._trafgen(200, 20000)
@@ -663,8 +852,8 @@ class LocalBench(NamespaceLab):
     def send_exactly(self, n: int, rate_pps: float) -> int:
         """`n` frames of the configured path at `rate_pps`, with whichever generator runs; returns the frames
         the generator sent (count arrivals with sink_count())."""
-        if self.live:
-            return self.live.send(n, rate_pps)
+        if self.fast:
+            return self.fast.send(n, rate_pps)
         self._send_exactly(n, rate_pps)
         return n
 
@@ -696,13 +885,14 @@ class LocalBench(NamespaceLab):
 
         trafgen's shaper spends each second's budget as one burst at full speed, then sleeps: a trial lasts
         whole seconds so every second is a full one. Frames not at the sink once trafgen is done, or by the
-        deadline duration + 0.1 s (trafgen's start-up, measured ~10 ms; trafgen is stopped there), are lost: dropped by a full veth ring, or
-        never sent because the veth pushed back on the generator (txq stop) for longer than the trial.
+        deadline duration + 0.1 s (trafgen's start-up, measured ~10 ms; trafgen is stopped there), are lost:
+        dropped by a full veth ring, or never sent because the veth pushed back on the generator (txq stop)
+        for longer than the trial.
 
-        With the live generator the load is smooth (paced in groups of LIVE_GROUP frames), the trial may last
+        With the live or clone generator the load is smooth (paced in groups of LIVE_GROUP frames), the trial may last
         a fraction of a second, and frames not sent by duration x 1.05 + 20 ms (the generator could not keep
         up) are lost too."""
-        if self.live:
+        if self.fast:
             return self._live_trial(rate_pps, duration_s)
         duration_s = max(1.0, round(duration_s))
         n = max(1, int(rate_pps * duration_s))
@@ -728,7 +918,7 @@ class LocalBench(NamespaceLab):
         n = max(1, int(rate_pps * duration_s))
         c0 = self.sink_count()
         t0 = time.monotonic()
-        sent = self.live.send(n, rate_pps, until=t0 + duration_s * (1 + LIVE_GRACE) + 0.02)
+        sent = self.fast.send(n, rate_pps, until=t0 + duration_s * (1 + LIVE_GRACE) + 0.02)
         wall = time.monotonic() - t0
         time.sleep(0.02)  # frames in flight reach the sink
         received = self.sink_count() - c0
@@ -742,11 +932,11 @@ class LocalBench(NamespaceLab):
 
         def measure():
             time.sleep(WARMUP_S)
-            w["c0"], w["g0"], w["t0"] = self.sink_count(), self.live.generated(), time.monotonic()
+            w["c0"], w["g0"], w["t0"] = self.sink_count(), self.fast.generated(), time.monotonic()
             time.sleep(duration_s)
-            w["c1"], w["g1"], w["t1"] = self.sink_count(), self.live.generated(), time.monotonic()
+            w["c1"], w["g1"], w["t1"] = self.sink_count(), self.fast.generated(), time.monotonic()
 
-        self.live.flat_out(measure)
+        self.fast.flat_out(measure)
         if "t1" not in w:
             raise BenchError(f"the live generator sent nothing within {START_TIMEOUT_S} s")
         dt = w["t1"] - w["t0"]
@@ -757,7 +947,7 @@ class LocalBench(NamespaceLab):
         """RFC 2285 forwarding rate at maximum offered load: trafgen as fast as it can (a rate it never
         reaches) for about `duration_s`; the sink is counted over a window that starts after the warm-up.
         The DUT core is saturated the whole window, so this is its capacity."""
-        if self.live:
+        if self.fast:
             return self._live_max_forwarding_rate(duration_s)
         tx0 = self._gen_tx()
         # A rate trafgen can never reach: its shaper never sleeps (per-packet sendto). Its unpaced mmap mode
@@ -934,8 +1124,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
 
     Where the kernel lacks SRv6 lwtunnels (`kernel_srv6`, srmig.check.kernel_srv6() when None) the kernel
     paths are left out ("skipped_paths", with the reason) and their ratios are null ("ratio_notes" says
-    why). "generator" says which generator ran (live frames fall back to trafgen where refused), its
-    ceiling and the paths it bounds."""
+    why). "generator" says which generator ran (live frames fall back to the clone generator where
+    refused), its ceiling and the paths it bounds; "ratio_ceilings" puts that ceiling next to every ratio."""
     sizes = tuple(str(x) for x in sizes)
     if not sizes or repeat < 1:
         raise BenchError("at least one frame size and one repetition")
@@ -1009,6 +1199,8 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                                                           * fb[path] * 8 / 1e9, 3) for one in runs]),
             } for path in paths},
             "ratios": {k: spread([pr[k] for pr in per_run]) for k in per_run[0]},
+            "generator_ceiling_pps": spread([one[size]["generator"]["max_forwarding_rate"]["forwarded_pps"]
+                                             if "generator" in one[size] else None for one in runs]),
         }
         if inter[size]:
             per_run_i = inter_ratios[size]
@@ -1020,10 +1212,14 @@ def run(paths: tuple[str, ...] = PATHS, max_rate: float = 600_000, duration_s: f
                                                  if v["median"] is not None}}  # not interleaved: kernel_end, generator
     out["generator"] = generator_info(out, gen_name, generator, live)
     out["ratio_notes"] = ratio_notes(out)
-    gen = ("trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure burst "
-           "tolerance)" if gen_name == "trafgen" else
-           f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of {LIVE_GROUP} "
-           f"frames: a smooth load)")
+    out["ratio_ceilings"] = ratio_ceilings(out)
+    gen = {"trafgen": "trafgen (sendto; its shaper sends each second's budget as one burst, so NDR/PDR measure "
+                      "burst tolerance)",
+           "live": f"BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX out of g0, paced in groups of "
+                   f"{LIVE_GROUP} frames: a smooth load)",
+           "clone": f"the clone generator (bench/xdp_clone_gen.c: seed frames loop between two veths, each pass "
+                    f"broadcasts up to {CLONE_GROUP_MAX} XDP clones out of g0, paced in groups of "
+                    f"{CLONE_GROUP_MAX}: a smooth load)"}[gen_name]
     if gen_name != generator:
         gen += f", in place of {generator}: BPF_PROG_RUN live frames {live} on this kernel"
     out["method"] = (f"{gen}; {mode} XDP veth gen->DUT->sink; NDR/PDR (loss <= {S.DEFAULT_PDR_LOSS * 100} %) "
@@ -1127,6 +1323,22 @@ def ratio_notes(loc: dict) -> dict[str, str]:
         elif den_bound:
             notes[key] = f"an upper bound: {den} forwards >= {GEN_BOUND:.0%} of {at}"
     return notes
+
+
+def ratio_ceilings(loc: dict) -> dict[str, dict]:
+    """Next to every ratio (RATIOS), what the generator could offer: its ceiling (the `generator` path, a
+    plain sink on the DUT's receive side, same run, first size), the faster side's forwarding rate, and the
+    ceiling over it: above 1 / GEN_BOUND the ratio measures the programs, not the generator."""
+    gen = loc.get("generator") or {}
+    ceiling = gen.get("ceiling_pps")
+    paths = loc.get("paths", {})
+    out = {}
+    for key, (nums, den, _) in RATIOS.items():
+        rates = [paths[p]["max_forwarding_rate"]["forwarded_pps"] for p in (*nums, den) if p in paths]
+        top = max(rates) if rates else None
+        out[key] = {"generator": gen.get("name"), "generator_ceiling_pps": ceiling, "fastest_side_pps": top,
+                    "ceiling_over_fastest": round(ceiling / top, 2) if ceiling and top else None}
+    return out
 
 
 def ratios(local: dict) -> dict:

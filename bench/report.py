@@ -1,14 +1,16 @@
 """`srmig bench` with no sub-benchmark: everything, as ONE JSON document (or a table), plus a plot.
 
 - local: NDR/PDR per path through one DUT core (bench/local.py), with the live-frames generator (BPF_PROG_RUN,
-  default; trafgen by itself where the kernel refuses live frames) or trafgen, at every frame size, repeated:
+  default; the clone generator by itself where the kernel refuses live frames), the clone generator or trafgen,
+  at every frame size, repeated:
   medians and ranges; srmig's BPF H.Encaps against plain forwarding (and the kernel's encap seg6 where the
   kernel has it); hold-ring flush rate
 - tcp: a bulk TCP transfer into a VM behind srmig's End.DX6-map, with and without srmig's BPF H.Encaps
   (bench/tcp_encap.py): Gbit/s of each, same run
 - kernel_srv6: "present", or why the kernel's SRv6 baselines (End.DX6, End, encap seg6) are not measured
   (srmig.check.kernel_srv6()); generator: which generator ran, its ceiling, the paths it bounds; ratio_notes:
-  why a ratio is null or what bounds it
+  why a ratio is null or what bounds it; ratio_ceilings: next to every ratio, the generator's ceiling (its
+  rate into a plain sink, same run) and the faster side's rate
 - flush: a full held buffer into a VM's tap queue, per sending method, in order (bench/flush.py): "hold_flush"
 - agent: libvirt event -> VM-state map latency, reconciliation after a restart with 10^4 VMs (bench/agent.py)
 - scale: per-packet cost at 10, 10^3, 10^6 VMs (bench/scale.py, bench/micro.py's method)
@@ -38,14 +40,16 @@ HEADLINE_RATIOS = ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub", "end_s_vs_re
 
 
 # Per generator: highest offered load (pps) and seconds per trial (quick, full). trafgen's trials are whole
-# seconds (its shaper works per second); the live generator paces 32 frames at a time: short trials suffice.
-MAX_RATE = {"trafgen": 1_500_000, "live": 4_000_000}
-DURATION = {"trafgen": (1.0, 2.0), "live": (0.25, 0.5)}
+# seconds (its shaper works per second); the live and clone generators pace 32 frames at a time: short trials
+# suffice.
+MAX_RATE = {"trafgen": 1_500_000, "live": 4_000_000, "clone": 4_000_000}
+DURATION = {"trafgen": (1.0, 2.0), "live": (0.25, 0.5), "clone": (0.25, 0.5)}
 
 
 def default_sizes(generator: str) -> tuple[str, ...]:
-    """Every size with the live generator; trafgen's whole-second trials make a sweep slow: the minimum."""
-    return local.SIZES if generator == "live" else ("78",)
+    """Every size with the live or clone generator; trafgen's whole-second trials make a sweep slow: the
+    minimum."""
+    return ("78",) if generator == "trafgen" else local.SIZES
 
 
 def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | None = None,
@@ -60,10 +64,11 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | N
                  "quick": quick, "kernel_srv6": ks[1]}
     ratios: dict = {}
     if "local" in parts:
-        # The generator that will run (live frames fall back to trafgen where refused) sets the defaults.
+        # The generator that will run (live frames fall back to the clone generator where refused) sets the
+        # defaults.
         gen, live = local.pick_generator(generator)
         if say and gen != generator:
-            say(f"local: BPF_PROG_RUN live frames {live} on this kernel: trafgen generates instead")
+            say(f"local: BPF_PROG_RUN live frames {live} on this kernel: the {gen} generator runs instead")
         loc = local.run(max_rate=max_rate or MAX_RATE[gen],
                         duration_s=duration_s or DURATION[gen][0 if quick else 1],
                         max_trials=max_trials or (5 if quick else 10), resolution=0.05 if quick else 0.02,
@@ -76,6 +81,7 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | N
         out["ratios_spread"] = loc.get("ratios_spread")
         out["generator"] = loc["generator"]
         out["ratio_notes"] = loc["ratio_notes"]
+        out["ratio_ceilings"] = loc["ratio_ceilings"]
     if "tcp" in parts:
         if say:
             say("tcp: a bulk TCP transfer into a VM behind End.DX6-map, with and without srmig's BPF H.Encaps")
@@ -152,7 +158,7 @@ def print_table(result: dict) -> None:
                   f"{p['pdr_pps'] / 1e3:>10.1f}{len(p['trials']):>8}  {'yes' if p['settled'] else 'no'}")
         for name, why in loc.get("skipped_paths", {}).items():
             print(f"{name:<16}  not measured: {why}")
-        burst = "1-s bursts" if _gen_name(loc) == "trafgen" else "a smooth load"
+        burst = "1-s bursts" if _gen_name(loc) == "trafgen" else "a smooth load"  # live, clone: paced groups
         print(f"  (one DUT core: MFR = forwarded kpps per core at maximum load; NDR/PDR with {burst}; "
               f"frame {loc['frame_bytes']} bytes; median of {loc.get('repeat', 1)} run(s))")
         if len(loc.get("sweep", {})) > 1:
@@ -200,9 +206,20 @@ def print_table(result: dict) -> None:
               f"{rng('bpf_encap_vs_forward_plain')} (pps); / the kernel's encap seg6 = "
               f"{_fmt(r.get('bpf_encap_vs_kernel_encap'))}; TCP through it / without = "
               f"{_fmt(r.get('tcp_encap_vs_plain'))} (Gbit/s)")
+    ceilings = result.get("ratio_ceilings") or {}
     for k in HEADLINE_RATIOS:
+        c = ceilings.get(k) or {}
+        if r.get(k) is not None and c.get("generator_ceiling_pps"):
+            print(f"  {k} = {_fmt(r[k])}: {ceiling_text(c)}")
         if (result.get("ratio_notes") or {}).get(k):
             print(f"  {k}: {result['ratio_notes'][k]}")
+
+
+def ceiling_text(c: dict) -> str:
+    """'generator clone: ceiling 5200 kpps, faster side 4300 kpps (1.21x)' for one ratio's ceiling entry."""
+    top = c.get("fastest_side_pps")
+    return (f"generator {c['generator']}: ceiling {c['generator_ceiling_pps'] / 1e3:.0f} kpps"
+            + (f", faster side {top / 1e3:.0f} kpps ({_fmt(c['ceiling_over_fastest'])}x)" if top else ""))
 
 
 def _gen_name(loc: dict) -> str:
@@ -233,15 +250,18 @@ def print_sweep(loc: dict) -> None:
         print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))
     inter = any("interleaved" in sz for sz in sweep.values())
     print(f"{'size':<7}{'End.S/kernel End.DX6':>24}{'End.S/redirect stub':>24}{'/stub swapping MACs':>24}"
-          + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}{'/stub swapping MACs':>24}" if inter else ""))
+          + (f"{'interleaved: /End.DX6':>24}{'/redirect stub':>24}{'/stub swapping MACs':>24}" if inter else "")
+          + f"{'generator ceiling kpps':>26}")
     for size, sz in sweep.items():
+        g = sz.get("generator_ceiling_pps") or {}
+        ceiling = (_fmt(g["median"] / 1e3, ".0f") + _range(g)) if g.get("median") is not None else "-"
         cells = []
         for ratios in [sz["ratios"]] + ([sz.get("interleaved", {}).get("ratios", {})] if inter else []):
             for k in ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub", "end_s_vs_redirect_stub_mac"):
                 v = ratios.get(k) or {"median": None, "min": None, "runs": []}
                 cells.append(f"{_fmt(v['median'])}" + (f" ({_fmt(v['min'])}-{_fmt(v['max'])})"
                                                        if v["min"] is not None and len(v["runs"]) > 1 else ""))
-        print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells))
+        print(f"{size:<7}" + "".join(f"{c:>24}" for c in cells) + f"{ceiling:>26}")
 
 
 def plot(result: dict, png: str) -> str | None:

@@ -1,13 +1,16 @@
 """The local benchmark's plumbing (bench/local.py, bench/report.py, `srmig bench` parsing): every DUT path
 forwards a short low-rate trial, the hold-ring flush returns every parked packet, the generator that runs
-(live frames, or trafgen where the kernel refuses them) delivers exactly the frames it is asked for, the
+(live frames, or the clone generator where the kernel refuses them; trafgen on request) delivers exactly the
+frames it is asked for, the
 encap path's frames are SRv6 at the sink, the size sweep and its repetitions have the documented layout
 with and without the kernel's SRv6, the report renders. No speed is asserted here: speed lives in bench/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import struct
 import time
 
@@ -21,6 +24,7 @@ from srmig.cli import build_parser
 ABSENT = (False, "absent: kernel built without CONFIG_IPV6_SEG6_LWTUNNEL")
 PRESENT = (True, "present")
 REFUSED = "refused (EPERM: Operation not permitted)"
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not name it
 
 
 def test_cli_bench_without_name_runs_everything_and_micro_is_unchanged():
@@ -37,6 +41,7 @@ def test_cli_bench_generator_sizes_repeat():
     assert a.generator == "live" and a.sizes == [] and a.repeat is None and a.max_rate is None
     a = p.parse_args(["bench", "--generator", "trafgen", "--sizes", "78,1500", "--sizes", "imix", "--repeat", "1"])
     assert a.generator == "trafgen" and a.sizes == ["78,1500", "imix"] and a.repeat == 1
+    assert p.parse_args(["bench", "--generator", "clone"]).generator == "clone"
 
 
 def _ip6_payload_len(frame: bytes, at: int) -> int:
@@ -113,13 +118,13 @@ class FakeBench:
                 "bpf_encap": 2.4e5, "kernel_encap": 2e5}
     runs_per_size: dict = {}
     configured: list = []
-    live_frames = "available"  # what live frames do on the fake's kernel; a refusal runs trafgen instead
+    live_frames = "available"  # what live frames do on the fake's kernel; a refusal runs the clone generator
 
     def __init__(self, **kw):
         self.kw, self.notes = kw, ["fake"]
         FakeBench.configured = []
         refused = kw["generator"] == "live" and FakeBench.live_frames != "available"
-        self.generator = "trafgen" if refused else kw["generator"]
+        self.generator = local.pick_generator(kw["generator"])[0] if refused else kw["generator"]
         self.live_frames = FakeBench.live_frames if kw["generator"] == "live" else "not tried"
         self.kernel_srv6 = kw["kernel_srv6"]
 
@@ -269,18 +274,24 @@ def test_without_kernel_srv6_the_kernel_paths_are_absent_with_the_reason(monkeyp
     json.dumps(result)
 
 
-def test_refused_live_frames_run_trafgen_and_say_which_ratios_it_bounds(monkeypatch, capsys):
-    """Live frames refused (EPERM): trafgen runs, with its ceiling (the generator path) next to the ratios;
-    paths at >= 90 % of it are generator-bound, and so are the ratios between them."""
+def test_refused_live_frames_run_the_clone_generator_and_say_which_ratios_it_bounds(monkeypatch, capsys):
+    """Live frames refused (EPERM): the clone generator runs, with its ceiling (the generator path) next to
+    every ratio; paths at >= 90 % of it are generator-bound, and so are the ratios between them."""
     FakeBench.runs_per_size = {}
     monkeypatch.setattr(local, "LocalBench", FakeBench)
+    monkeypatch.setattr(local, "live_frames", lambda: (False, REFUSED))
     monkeypatch.setattr(FakeBench, "live_frames", REFUSED)
     monkeypatch.setattr(FakeBench, "capacity", dict(FakeBench.capacity, generator=7e5))
     loc = local.run(max_rate=2e6, duration_s=0.1, max_trials=6, hold_packets=0, generator="live",
                     sizes=("78",), repeat=1, rounds=2, kernel_srv6=PRESENT)
     gen = loc["generator"]
-    assert (gen["name"], gen["requested"], gen["live_frames"]) == ("trafgen", "live", REFUSED)
-    assert gen["ceiling_pps"] == 7e5
+    assert (gen["name"], gen["requested"], gen["live_frames"]) == ("clone", "live", REFUSED)
+    assert gen["ceiling_pps"] == 7e5 and loc["sweep"]["78"]["generator_ceiling_pps"]["median"] == 7e5
+    # Next to every ratio: the ceiling, the faster side, and how far above it the ceiling sits.
+    assert set(loc["ratio_ceilings"]) == set(local.RATIOS)
+    c = loc["ratio_ceilings"]["bpf_encap_vs_forward_plain"]
+    assert (c["generator"], c["generator_ceiling_pps"], c["fastest_side_pps"]) == ("clone", 7e5, 3e5)
+    assert c["ceiling_over_fastest"] == pytest.approx(2.33)
     assert set(gen["bound_paths"]) == {"redirect_stub", "redirect_stub_mac", "end_s_forward", "end_s_deliver"}
     assert "bounded by the generator" in gen["note"] and "in place of live" in loc["method"]
     notes = loc["ratio_notes"]
@@ -289,6 +300,36 @@ def test_refused_live_frames_run_trafgen_and_say_which_ratios_it_bounds(monkeypa
     assert "bpf_encap_vs_forward_plain" not in notes  # 240 and 300 kpps: both below the ceiling
     assert local.ratios(loc)["bpf_encap_vs_forward_plain"] == 0.8
     json.dumps(loc)
+
+
+def test_the_automatic_choice(monkeypatch):
+    """--generator live: live frames where the kernel runs them, the clone generator where it refuses them
+    (trafgen is never chosen by itself: it sits below every XDP path); clone and trafgen on request."""
+    monkeypatch.setattr(local, "live_frames", lambda: (True, "available"))
+    assert local.pick_generator("live") == ("live", "available")
+    monkeypatch.setattr(local, "live_frames", lambda: (False, REFUSED))
+    assert local.pick_generator("live") == ("clone", REFUSED)
+    assert local.pick_generator("clone") == ("clone", "not tried: --generator clone")
+    with pytest.raises(local.BenchError):
+        local.pick_generator("pktgen")
+    assert report.MAX_RATE["clone"] == report.MAX_RATE["live"] and report.default_sizes("clone") == local.SIZES
+
+
+def test_report_puts_the_generators_ceiling_next_to_every_ratio(monkeypatch, capsys):
+    FakeBench.runs_per_size = {}
+    monkeypatch.setattr(local, "LocalBench", FakeBench)
+    monkeypatch.setattr(local, "live_frames", lambda: (False, REFUSED))
+    monkeypatch.setattr(FakeBench, "live_frames", REFUSED)
+    result = report.run(quick=True, parts=("local",), duration_s=0.1, sizes=("78", "1500"), repeat=2,
+                        progress=False, kernel_srv6=ABSENT)
+    assert result["generator"]["name"] == "clone"
+    c = result["ratio_ceilings"]["end_s_vs_redirect_stub"]
+    assert c["generator_ceiling_pps"] == pytest.approx(8.4e6) and c["fastest_side_pps"] == pytest.approx(4.2e6)
+    report.print_table(result)
+    out = capsys.readouterr().out
+    assert "end_s_vs_redirect_stub = 0.45: generator clone: ceiling 8400 kpps, faster side 4200 kpps (2.00x)" in out
+    assert "generator ceiling kpps" in out and "4200(4000-4400)" in out  # 1500: half the fake's rate, per run
+    json.dumps(result)
 
 
 @pytest.mark.bpf
@@ -336,28 +377,33 @@ def test_the_encap_paths_frames_are_srv6_at_the_sink():
 @pytest.mark.netns
 def test_live_generator_delivers_exactly_n_frames():
     """Where the kernel permits live frames, the live generator sends exactly what it is asked for, on every
-    path; where it refuses them (EPERM on some kernels), LocalBench runs trafgen instead and says why, and
-    trafgen delivers exactly n. Either way the answer agrees with `srmig check`."""
+    path; where it refuses them (EPERM on some kernels), LocalBench runs the clone generator instead and says
+    why, and that delivers exactly n. Either way the answer agrees with `srmig check`."""
     ok = check.run()["checks"]["prog_run_live_frames"]["ok"]
     with local.LocalBench(flows=4, generator="live") as b:
-        assert (b.live is not None) == local.live_frames()[0] == ok
-        if b.live is None:
-            assert b.generator == "trafgen" and b.live_frames.startswith("refused (E"), b.live_frames
+        assert (b.generator == "live") == local.live_frames()[0] == ok
+        if b.generator != "live":
+            assert b.generator == "clone" and b.live_frames.startswith("refused (E"), b.live_frames
             assert any(b.live_frames in note for note in b.notes)
-            _trafgen_delivers_exactly(b)
-            return
-        assert b.generator == "live" and b.live_frames == "available"
-        for path in b.paths:
-            for size in ("78", "imix"):
-                b.configure(path, size)
+        else:
+            assert b.live_frames == "available" and isinstance(b.fast, local.LiveGenerator)
+        _fast_delivers_exactly(b, b.paths)
 
-                def send():
-                    assert b.live.send(200) == 200  # unpaced: fewer than a veth ring
-                    # paced: 500 frames over 0.1 s; send() allows 1.2 s, so a busy machine cannot cut it
-                    # short (bench trials count late frames as lost, by design: that is not what this checks)
-                    assert b.live.send(500, 5000) == 500 and b.live.generated() == 500, (path, size)
-                _delivered(b, send, 700)
-        assert b.max_forwarding_rate(0.1)["forwarded_pps"] > 0
+
+def _fast_delivers_exactly(b, paths) -> None:
+    """The live or clone generator, unpaced and paced, makes exactly n frames on every path and size, and every
+    one is at the sink or counted refused by a full ring."""
+    for path in paths:
+        for size in ("78", "imix"):
+            b.configure(path, size)
+
+            def send():
+                assert b.fast.send(200) == 200  # unpaced: fewer than a veth ring
+                # paced: 500 frames over 0.1 s; send() allows 1.2 s, so a busy machine cannot cut it
+                # short (bench trials count late frames as lost, by design: that is not what this checks)
+                assert b.fast.send(500, 5000) == 500 and b.fast.generated() == 500, (path, size)
+            _delivered(b, send, 700)
+    assert b.max_forwarding_rate(0.1)["forwarded_pps"] > 0
 
 
 def _delivered(b, send, n: int) -> tuple[int, int]:
@@ -384,14 +430,73 @@ def _trafgen_delivers_exactly(b) -> None:
 
 @pytest.mark.bpf
 @pytest.mark.netns
-def test_refused_live_frames_fall_back_to_trafgen_which_delivers_exactly_n(monkeypatch):
-    """The fallback itself, on every kernel: live frames refused as some kernels refuse them (EPERM) ->
-    trafgen runs, the refusal is in the notes, and trafgen delivers exactly the frames asked for."""
+def test_refused_live_frames_fall_back_to_the_clone_generator_which_delivers_exactly_n(monkeypatch):
+    """The fallback itself, on every kernel: live frames refused as some kernels refuse them (EPERM) -> the
+    clone generator runs (not trafgen), the refusal is in the notes, and it delivers exactly the frames
+    asked for through srmig's End.S and the kernel's forwarding (XDP frames into an XDP and a non-XDP d_in)."""
     monkeypatch.setattr(local, "live_frames", lambda: (False, REFUSED))
     with local.LocalBench(flows=4, generator="live") as b:
-        assert (b.generator, b.live_frames, b.live) == ("trafgen", REFUSED, None)
+        assert (b.generator, b.live_frames) == ("clone", REFUSED) and isinstance(b.fast, local.CloneGenerator)
         assert any(REFUSED in note for note in b.notes)
+        _fast_delivers_exactly(b, ("end_s_forward", "forward_plain"))
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_trafgen_on_request_delivers_exactly_n():
+    with local.LocalBench(flows=4, generator="trafgen") as b:
+        assert (b.generator, b.fast) == ("trafgen", None)
         _trafgen_delivers_exactly(b)
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("rate, rounds", [(None, 7 / 12), (10_000, 2)], ids=["unpaced", "paced"])
+def test_the_clone_generator_sends_its_sequence_in_groups(rate, rounds):
+    """bench/xdp_clone_gen.c through a real veth, every frame read back by a packet socket: exactly n, each
+    a template of the IMIX sequence, CLONE_GROUP_MAX of each in a row in the sequence's order (paced too,
+    where seeds pass without sending), the last frames in smaller groups, the flow number constant in a
+    group and counting up group by group; the loop is empty afterwards (every seed retired, or send()
+    raises). Unpaced, n stays below a veth ring (256): the receiver cannot fall behind and drop."""
+    from srmig.testbed.netns import Topology
+
+    group = local.CLONE_GROUP_MAX
+    mix = local.frames("end_s_forward", "imix")
+    full = round(rounds * len(mix)) * group  # whole groups (unpaced: 7 of the 12 seeds; paced: two rounds)
+    n = full + group // 2 + 3  # then 19 frames: groups of 16, 2 and 1
+    with Topology(tag=f"{os.getpid()}-cg") as t:
+        t.add_host("a")
+        t.add_host("b")
+        t.link("a", "g0", "b", "x0")
+        t.run("b", "ethtool", "-K", "x0", "gro", "on")  # NAPI on x0: veth takes XDP frames only then
+        with t.inside("b"):
+            rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+        try:
+            rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)  # every frame fits: none dropped here
+            rx.bind(("x0", 0))
+            rx.settimeout(1.0)
+            gen = local.CloneGenerator(t, "a", "g0", cpu=None)
+            try:
+                gen.load(mix, flows=3)
+                assert gen.send(n, rate) == n and gen.generated() == n
+                got = []
+                with contextlib.suppress(TimeoutError):
+                    while len(got) < n + 1:  # one more would be one too many
+                        f = rx.recv(2048)
+                        if f[6:12] == mix[0][6:12]:  # ours, not the namespace's own ND and MLD
+                            got.append(f)
+            finally:
+                gen.close()
+        finally:
+            rx.close()
+    assert len(got) == n
+    at = local.inner_offset(mix[0]) + 8 + 14
+    for i, f in enumerate(got):
+        # Groups of 32 for two rounds; then the last 19 frames as groups of 16, 2 and 1 (the fan maps).
+        g = i // group if i < full else full // group + (0 if i < n - 3 else 1 if i < n - 1 else 2)
+        want = bytearray(mix[g % len(mix)])
+        want[at:at + 2] = (g % 3).to_bytes(2, "big")
+        assert f == bytes(want), (i, g)
 
 
 @pytest.mark.bpf
