@@ -445,7 +445,7 @@ def run(interface: str | None = None) -> dict:
             "xdp_mode": "native" if found["xdp_native"][0] else "generic",
             "ingress_encap": "bpf",
             "transit_end": "xdp",
-            "bench_generator": "live" if found["prog_run_live_frames"][0] else "trafgen",
+            "bench_generator": "live" if found["prog_run_live_frames"][0] else "clone",
             "tap_drain": found["pidfd_getfd"][0],
         },
         "checks": checks,
