@@ -203,14 +203,15 @@ class HostRole:
         return self.domains.get(name)
 
     def takes_part(self, vm: str) -> bool:
-        """A migration of the VM still needs this host: the destination's part ends at the cut-over (the
-        grace period is the source's, whose GRACE_OVER only the source hears). Until then no swallow baseline
-        is taken: without this, a VM that arrived here never had one, and lost the frame its QEMU swallows
-        when it migrated on (measured: 1 probe in every migration back)."""
+        """A migration of the VM still needs this host: the destination's part ends once the VM runs here
+        (the cut-over and the grace period are the source's, whose GRACE_OVER only the source hears). Until
+        then no swallow baseline is taken: without this, a VM that arrived here never had one, and lost the
+        frame its QEMU swallows when it migrated on (measured: 1 probe in every migration back; and after a
+        restart of this agent, whose replay may not reach the cut-over, in the next migration back)."""
         m = self.machine.migrations.get(vm)
         if m is None or m.done:
             return False
-        return not (m.dst.name == self.name and m.phase is Phase.CUT_OVER)
+        return not (m.dst.name == self.name and m.phase in (Phase.RESUMED, Phase.CUT_OVER))
 
     # --- a VM's addresses ----------------------------------------------------------------------------
 
