@@ -30,6 +30,7 @@ def test_libvirt_migration_driven_by_agents():
     assert c["ingress"]["encap"] == "bpf" and enc["done"] >= 6000, enc
     assert all(n == 0 for k, n in enc.items() if k.startswith("drop")), enc
     assert 'srmig_encap_packets_total{outcome="done"}' in res.metrics["C"]
+    assert 'srmig_encap_family_packets_total{family="ipv6",outcome="encapsulated"}' in res.metrics["C"]
     vm_d = {v["vm"]: v for v in dst["vms"]}[libvirt_demo.VM_ADDR]
     # Reported (the hold at D is its tap queue); it also counts what the host sent the tap before QEMU had it.
     assert vm_d["state"] == "running" and isinstance(vm_d["tap_dropped"], int)
@@ -42,6 +43,9 @@ def test_libvirt_migration_driven_by_agents():
     count = [line for line in prom.splitlines() if line.startswith("srmig_event_to_map_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1
     assert 'srmig_phase_seconds_count{phase="stop-and-copy"}' in prom
+    delivered = [line for line in res.metrics["D"].splitlines()
+                 if line.startswith('srmig_inner_packets_total{family="ipv6",verdict="deliver"}')]
+    assert delivered and float(delivered[0].split()[-1]) > 0, "D delivered the VM's IPv6 packets"
 
 
 @pytest.mark.libvirt

@@ -44,6 +44,12 @@ class _Dataplane:
             for k, n in counts.items():
                 g.add_metric([k], n)
             yield g
+            f = CounterMetricFamily("srmig_inner_packets", "Packets whose inner packet a per-VM behaviour read, by "
+                                    "inner family and verdict", labels=["family", "verdict"])
+            for family, verdicts in st["inner"].items():
+                for k, n in verdicts.items():
+                    f.add_metric([family, k], n)
+            yield f
 
 
 class _Encap:
@@ -69,6 +75,12 @@ class _Encap:
                 v.add_metric([vm, "encapsulated"], stats["packets"])
                 v.add_metric([vm, "dropped"], stats["dropped"])
             yield v
+            f = CounterMetricFamily("srmig_encap_family_packets", "Packets encapsulated or dropped, by the VM "
+                                    "address's family", labels=["family", "outcome"])
+            for family, stats in st["families"].items():
+                f.add_metric([f"ipv{family}", "encapsulated"], stats["packets"])
+                f.add_metric([f"ipv{family}", "dropped"], stats["dropped"])
+            yield f
 
 
 class _Rejected:
