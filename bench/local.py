@@ -324,6 +324,19 @@ def pick_generator(requested: str) -> tuple[str, str]:
     return name, why
 
 
+def once_sending(gen, during: Callable[[], None]) -> Callable[[], None]:
+    """A generator's flat_out() watch: `during()` once `gen` made its first frame; nothing if it made none
+    within START_TIMEOUT_S (nothing measured: the caller finds no window)."""
+    def watch():
+        give_up = time.monotonic() + START_TIMEOUT_S
+        while gen.generated() == 0:
+            if time.monotonic() > give_up:
+                return
+            time.sleep(0.001)
+        during()
+    return watch
+
+
 class LiveGenerator:
     """Frames out of one veth with BPF_PROG_RUN live frames (bench/xdp_live_gen.c, XDP_TX). `load(frames)`
     then `send(n, rate)`; the generator counts every frame it made (`generated()`)."""
@@ -463,15 +476,7 @@ class LiveGenerator:
 
     def flat_out(self, during: Callable[[], None]) -> int:
         """Frames as fast as the CPU goes while `during()` runs (in a helper thread; it measures)."""
-        def watch():
-            give_up = time.monotonic() + START_TIMEOUT_S
-            while self.generated() == 0:
-                if time.monotonic() > give_up:
-                    return  # nothing measured: the caller finds no window
-                time.sleep(0.001)
-            during()
-
-        return self._go(2**63, None, None, watch)
+        return self._go(2**63, None, None, once_sending(self, during))
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -626,15 +631,7 @@ class CloneGenerator:
 
     def flat_out(self, during: Callable[[], None]) -> int:
         """Frames as fast as the CPU goes while `during()` runs (it measures); at most CLONE_FLAT_OUT_S."""
-        def watch():
-            give_up = time.monotonic() + START_TIMEOUT_S
-            while self.generated() == 0:
-                if time.monotonic() > give_up:
-                    return  # nothing measured: the caller finds no window
-                time.sleep(0.001)
-            during()
-
-        return self._run(2**62, None, time.monotonic() + CLONE_FLAT_OUT_S, watch)
+        return self._run(2**62, None, time.monotonic() + CLONE_FLAT_OUT_S, once_sending(self, during))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
