@@ -336,25 +336,25 @@ def _ingress_send(topo, h_mac: str, segments: list[str], stream: list[tuple[str,
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cpus)})
     try:
-        with topo.inside("I"):
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        with s:
-            s.bind(("i0", 0))
-            for f in frames:
-                s.send(f)
+        _send_raw(topo, "I", "i0", frames)
     finally:
         os.sched_setaffinity(0, cpus)
     time.sleep(0.1)
 
 
-def _into_tap(topo, frames: list[bytes]) -> None:
-    """H's own frames into the tap's queue (what its stack sends the VM: ARP, ND...)."""
-    with topo.inside("S"):
+def _send_raw(topo, ns: str, ifname: str, frames: list[bytes]) -> None:
+    """`frames` out of `ifname` in namespace `ns`, as they are, in order (a packet socket)."""
+    with topo.inside(ns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     with s:
-        s.bind(("vmtap", 0))
+        s.bind((ifname, 0))
         for f in frames:
             s.send(f)
+
+
+def _into_tap(topo, frames: list[bytes]) -> None:
+    """H's own frames into the tap's queue (what its stack sends the VM: ARP, ND...)."""
+    _send_raw(topo, "S", "vmtap", frames)
 
 
 @pytest.fixture
