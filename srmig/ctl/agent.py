@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from pathlib import Path
 
 from srmig.ctl import fdstore, reconcile, work
 from srmig.ctl.config import Config
@@ -94,7 +93,7 @@ class Agent:
     def _fd_store(self) -> fdstore.FdStore:
         """Where the taps' kept fds outlive us: systemd's store, else a keeper next to the hook socket,
         started now (not on the hook's path) and asked what it still holds of a previous life."""
-        store = fdstore.for_agent(str(Path(self.cfg.hook.socket).parent / "fdkeeper.sock"))
+        store = fdstore.for_agent(fdstore.keeper_socket(self.cfg.hook.socket))
         if isinstance(store, fdstore.KeeperStore):
             try:
                 if held := store.names():

@@ -39,6 +39,11 @@ MAX_FDS = 64             # fds in one message (a VM's tap has one per queue)
 SD_LISTEN_FDS_START = 3
 
 
+def keeper_socket(hook_socket: str) -> str:
+    """The keeper's socket of an agent whose hook socket is `hook_socket`: next to it, root-only like it."""
+    return str(Path(hook_socket).parent / Path(KEEPER_SOCKET).name)
+
+
 def tap_name(host: str, vm: str, migration: str) -> str:
     """The host too: two agents on one machine (the testbed) may share a keeper. systemd's LISTEN_FDNAMES
     separates names with ':', which sd_notify(3) therefore forbids in them."""

@@ -173,10 +173,10 @@ class Agents:
                 p.wait(5)
 
 
-def end_fd_keeper(path: Path) -> None:
+def end_fd_keeper(path: str) -> None:
     """The fd keeper the agents started on `path` (it would idle for a minute, holding the run's taps)."""
     with contextlib.suppress(OSError):
-        store = fdstore.KeeperStore(str(path), start=False)
+        store = fdstore.KeeperStore(path, start=False)
         pid = store.keeper_pid()
         store.close()
         os.kill(pid, signal.SIGKILL)
@@ -202,7 +202,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         if own:
             stack.callback(shutil.rmtree, work, True)
         stack.callback(shutil.rmtree, sock_dir, True)
-        stack.callback(end_fd_keeper, sock_dir / "fdkeeper.sock")  # the agents' (after they stop)
+        stack.callback(end_fd_keeper, fdstore.keeper_socket(sockets["S"]))  # the agents' (after they stop)
         say("building the namespace testbed")
         tb = stack.enter_context(Testbed(xdp_mode))
         db_env = {"SRMIG_DB": db, "SRMIG_DB_PATH": work / "state.db"}
@@ -433,6 +433,15 @@ def exit_status(d: dict) -> int:
     return 0
 
 
+def write_json(d: dict, json_path: str | None, out) -> None:
+    """`--json`: `d` on stdout for '-' (the lines then went to stderr), else into the file, said on `out`."""
+    if json_path == "-":
+        print(json.dumps(d, indent=2))
+    elif json_path:
+        Path(json_path).write_text(json.dumps(d, indent=2))
+        print(f"wrote {json_path}", file=out)
+
+
 def main(rate: int, count: int | None, db: str | None, json_path: str | None, xdp_mode: str = "generic",
          fault: str | None = None, attempts: int = 3) -> int:
     """`srmig demo --libvirt [--fault NAME[@PHASE]]`: one run, the usual lines, JSON if asked (`-`: on stdout,
@@ -472,11 +481,7 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
     if res.error:
         print(f"  migration error: {res.error}", file=out)
     print(f"({time.monotonic() - t0:.0f} s)", file=out)
-    if json_path == "-":
-        print(json.dumps(d, indent=2))
-    elif json_path:
-        Path(json_path).write_text(json.dumps(d, indent=2))
-        print(f"wrote {json_path}", file=out)
+    write_json(d, json_path, out)
     status = exit_status(d)
     if status:
         print(res.diagnosis_text, file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from srmig.ctl import fdstore
 from srmig.testbed import faults, libvirt_demo
 
 FD_SLACK = 4          # fds an agent may gain between the first migration and the last (a reconnect's socket)
@@ -55,11 +56,8 @@ def resources(env) -> dict:
                        if line.startswith("VmRSS:"))
             out["agents"][role] = {"pid": pid, "fds": len(os.listdir(f"/proc/{pid}/fd")), "rss_kb": rss}
     out["pinned"] = sum(len(files) for d in _pin_dirs(tb) for _root, _dirs, files in os.walk(d))
-    keeper = Path(agents.sockets["S"]).parent / "fdkeeper.sock"
-    from srmig.ctl import fdstore  # noqa: PLC0415
-
     try:
-        store = fdstore.KeeperStore(str(keeper), start=False)
+        store = fdstore.KeeperStore(fdstore.keeper_socket(agents.sockets["S"]), start=False)
         out["fd_keeper_holds"] = sum(store.names().values())
         store.close()
     except OSError:
@@ -177,7 +175,6 @@ def main(n: int, rate: int, db: str | None, json_path: str | None, xdp_mode: str
          seed: int | None = None, faulted: list[str] | None = None) -> int:
     """`srmig demo --libvirt --soak N`: a line per migration as it ends, the totals and the resources before
     and after; JSON if asked ('-': on stdout, the lines then on stderr); exit_status()."""
-    import json  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     from srmig.testbed.demo import Progress  # noqa: PLC0415
@@ -205,9 +202,5 @@ def main(n: int, rate: int, db: str | None, json_path: str | None, xdp_mode: str
         print(f"  LEAK: {line}", file=out)
     if rep["error"]:
         print(f"  stopped: {rep['error']}", file=out)
-    if json_path == "-":
-        print(json.dumps(rep, indent=2))
-    elif json_path:
-        Path(json_path).write_text(json.dumps(rep, indent=2))
-        print(f"wrote {json_path}", file=out)
+    libvirt_demo.write_json(rep, json_path, out)
     return exit_status(rep)
