@@ -144,11 +144,9 @@ def cmd_stats(args) -> int:
     if args.json:
         _emit(args, stats)
         return 0
-    print("verdicts: " + "  ".join(f"{k}={v}" for k, v in stats["verdicts"].items()))
-    drops = {k: v for k, v in stats["drops"].items() if v}
-    print("drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none"))
-    for family, counts in stats.get("inner", {}).items():  # per inner family, where a behaviour read it
-        print(f"{family}:     " + ("  ".join(f"{k}={v}" for k, v in counts.items() if v) or "none"))
+    from srmig.ctl.status import dataplane_lines
+
+    print("\n".join(dataplane_lines(stats)))
     rows = [{"sid": s["sid"], "behaviour": s["behaviour"], **s["stats"]} for s in stats["sids"]]
     _print_table(rows, ["sid", "behaviour", "packets", "bytes", "delivered", "forwarded", "held", "dropped"])
     return 0

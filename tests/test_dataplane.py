@@ -619,3 +619,27 @@ def test_ipv4_vm_addresses(lab):
         assert dp.del_vm(vm) is True and dp.get_vm(vm) is None
     finally:
         dp.del_vm(vm)
+
+
+def test_counters_per_family_as_printed(lab):
+    """`srmig stats` and `srmig status` print the verdicts per inner family: a delivered IPv4 packet moves the
+    ipv4 line's count, an IPv6 one the ipv6 line's."""
+    from srmig.ctl.status import dataplane_lines
+
+    def printed() -> dict[str, dict[str, int]]:
+        out = {}
+        for line in dataplane_lines(lab.dp.stats()):
+            name, _, rest = line.partition(":")
+            out[name] = dict((k, int(v)) for k, v in (w.split("=") for w in rest.split() if "=" in w))
+        return out
+
+    for family in ("ipv4", "ipv6"):
+        case = next(c for c in ALL_CASES if c.verdict == "deliver" and not c.domain
+                    and c.desc.startswith("[IPv4]") == (family == "ipv4"))
+        before = printed()
+        assert lab.run(case.packet()).retval == case.action
+        after = printed()
+        assert after[family].get("deliver", 0) == before[family].get("deliver", 0) + 1, (case.desc, after)
+        other = "ipv6" if family == "ipv4" else "ipv4"
+        assert after[other] == before[other]
+        assert after["verdicts"]["deliver"] == before["verdicts"]["deliver"] + 1

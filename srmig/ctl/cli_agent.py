@@ -99,6 +99,9 @@ def cmd_status(args) -> int:
               f"{ing['errors']} errors"
               + (f" (last: {ing['last_error']})" if ing.get("last_error") else "")
               + (f"; H.Encaps ({ing.get('encap')}): {c.get('done', 0)} encapsulated, {drops} dropped" if c else ""))
+        for family, n in (ing.get("families") or {}).items():  # summed over the VMs' addresses of that family
+            if n["packets"] or n["dropped"]:
+                print(f"    IPv{family}: {n['packets']} packets encapsulated, {n['dropped']} dropped")
     if st.get("event_to_map_ms"):
         e = st["event_to_map_ms"]
         print(f"  event -> map: p50 {e['p50']:.3f} ms, p99 {e['p99']:.3f} ms over {e['n']}")
@@ -123,9 +126,9 @@ def cmd_status(args) -> int:
                   + (f"  (also {', '.join(others)})" if others else ""))
     dp = st.get("dataplane")
     if dp:
-        drops = {k: v for k, v in dp["drops"].items() if v}
-        print("  verdicts: " + "  ".join(f"{k}={v}" for k, v in dp["verdicts"].items()))
-        print("  drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none"))
+        from srmig.ctl.status import dataplane_lines  # noqa: PLC0415
+
+        print("\n".join("  " + line for line in dataplane_lines(dp)))
     return 0
 
 

@@ -173,11 +173,13 @@ class IngressRole:
     def status(self) -> dict:
         # The counters outside the lock: reading the maps must not hold up applying a version.
         counters = self.encap.outcomes() if self.encap is not None else {}
+        families = self.encap.stats()["families"] if self.encap is not None else {}
         with self._lock:
             return {"name": self.cfg.name, "encap": self.cfg.encap, "routes": len(self.applied),
                     "addresses": len(self.owner),  # the VMs' addresses programmed (routes: the VMs)
                     "errors": self.errors, "last_error": self.last_error,
-                    "applied": dict(sorted(self.applied.items())), "counters": counters}
+                    "applied": dict(sorted(self.applied.items())), "counters": counters,
+                    "families": families}
 
     def close(self) -> None:
         """The program, its maps and the routes stay: traffic keeps its lists while no agent runs."""

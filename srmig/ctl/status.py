@@ -58,6 +58,17 @@ def agent_status(agent) -> dict:
     return out
 
 
+def dataplane_lines(stats: dict) -> list[str]:
+    """The dataplane's counters as `srmig stats` and `srmig status` print them: verdicts, drops, and the
+    verdicts per inner family (IPv6, IPv4) of the packets a per-VM behaviour read."""
+    drops = {k: v for k, v in stats["drops"].items() if v}
+    lines = ["verdicts: " + "  ".join(f"{k}={v}" for k, v in stats["verdicts"].items()),
+             "drops:    " + ("  ".join(f"{k}={v}" for k, v in drops.items()) or "none")]
+    for family, counts in stats.get("inner", {}).items():
+        lines.append(f"{family + ':':<10}" + ("  ".join(f"{k}={v}" for k, v in counts.items() if v) or "none"))
+    return lines
+
+
 def _address_order(a: str):
     try:
         ip = ipaddress.ip_address(a)
