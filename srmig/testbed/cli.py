@@ -147,7 +147,8 @@ def register(sub) -> None:
                          "the same migration (default: both; one table row per strategy and family); --libvirt "
                          "too, not --fault, --fault-matrix or --soak (IPv6 alone)")
     sp.add_argument("--duration", type=float,
-                    help="seconds of probing per run (default: 3; with --fault, until the fault is over, 30 at most)")
+                    help="seconds of probing per run (default: 3; 5 with --libvirt; with --fault, until the fault "
+                         "is over, 30 at most)")
     sp.add_argument("--count", type=int, help="probes per run and family (default: rate x duration)")
     sp.add_argument("--json", metavar="FILE", help="also write the results as JSON (--libvirt: '-' for stdout)")
     sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
