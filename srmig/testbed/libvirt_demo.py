@@ -68,6 +68,7 @@ class Result:
     fault_info: dict = field(default_factory=dict)  # srmig.testbed.faults: fault, phase, fault_landed, ...
     diagnosis_text: str = ""                     # diagnosis() at the end of run()
     notes: dict = field(default_factory=dict)    # family -> why its numbers mean less (srmig.testbed.demo)
+    downtime_ms: float | None = None             # libvirt's (the destination's completed job), None: unknown
 
     @property
     def report(self) -> probe_mod.ProbeReport:
@@ -76,7 +77,8 @@ class Result:
 
     def as_run(self) -> demo.Run:
         """The run as `srmig demo` has one (its per-family numbers and table)."""
-        return demo.Run("srmig", self.reports, None, self.migration_s * 1000, self.guest, notes=self.notes)
+        return demo.Run("srmig", self.reports, self.downtime_ms, self.migration_s * 1000, self.guest,
+                        notes=self.notes)
 
     def unanswered(self, family: str | None = None) -> int:
         """Lost probes of `family` (default: the one `report` is) the guest received and left unanswered
@@ -95,7 +97,8 @@ class Result:
         fams = {f: self.family_dict(f) for f in self.reports}
         total = demo.across_families(fams)
         return {**total, "lost_net": total["lost"] - total["guest_unanswered"],
-                "migration_s": round(self.migration_s, 3), "db": self.db, "error": self.error,
+                "migration_s": round(self.migration_s, 3), "downtime_ms": self.downtime_ms, "db": self.db,
+                "error": self.error,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
                                     if v.get("event_to_map_ms")},
                 "marks_ms": {k: round(v, 3) for k, v in self.report.marks.items()}, "guest": self.guest,
@@ -385,6 +388,7 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
         res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
         res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D", "C")}
         res.domains = _domain_states(ds)
+        res.downtime_ms = _downtime_ms(ds[dst]) if error is None else None
         after_counters = _guest_counters(ds, res.domains)
         res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
         if not after_counters:
@@ -425,6 +429,21 @@ def _domain_states(ds) -> dict[str, tuple | None]:
             finally:
                 conn.close()
     return out
+
+
+def _downtime_ms(daemon: lv.Libvirtd) -> float | None:
+    """The downtime libvirt measured, from the statistics of the completed migration job that the source
+    handed the destination `daemon` (`virsh domjobinfo --completed`); None if it cannot say."""
+    import libvirt  # noqa: PLC0415
+
+    with contextlib.suppress(Exception):
+        conn = daemon.connect()
+        try:
+            stats = conn.lookupByName(DOMAIN).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            return float(stats["downtime"]) if "downtime" in stats else None
+        finally:
+            conn.close()
+    return None
 
 
 def _guest_counters(ds, states: dict[str, tuple | None]) -> dict[str, int]:
