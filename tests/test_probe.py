@@ -396,6 +396,30 @@ def test_demo_table_one_row_per_strategy_and_family():
     assert run.to_dict()["families"]["4"]["note"] == "the strategy left IPv4 undone: why"
 
 
+def test_libvirt_demo_json_has_the_families_and_lost_net_per_family():
+    """`srmig demo --libvirt`'s JSON: today's keys over the families (lost_net too: lost but for what the guest
+    left unanswered), `families` as `srmig demo`'s with each family's lost_net; its exit status fails on a loss
+    in either family; its table has a row per family."""
+    from srmig.testbed import demo, libvirt_demo
+
+    run = _demo_run()
+    res = libvirt_demo.Result(run.reports, 1.5, "embedded", guest=run.guest, downtime_ms=42.0)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert (d["sent"], d["lost"], d["guest_unanswered"], d["lost_net"]) == (200, 10, 3, 7)
+    assert (d["migration_s"], d["downtime_ms"]) == (1.5, 42.0)
+    assert (d["families"]["6"]["lost_net"], d["families"]["4"]["lost_net"]) == (0, 7)
+    assert d["families"]["4"]["dst"] == run.reports["4"].dst and d["rtt_max_ms"] == pytest.approx(30.0)
+    assert res.report is run.reports["6"] and res.unanswered("4") == 3
+    assert libvirt_demo.exit_status({**d, "vm_on": "D"}) == 1
+    lines = demo.table([res.as_run()], 1000, "libvirt, {rate} probes/s per family ({what})").splitlines()
+    assert lines[0] == "libvirt, 1000 probes/s per family (ICMPv6 echo and ICMP echo)"
+    assert [ln.split()[:4] for ln in lines[2:4]] == [["srmig", "IPv6", "100", "0"], ["srmig", "IPv4", "100", "10"]]
+    assert [ln.split()[-1] for ln in lines[2:4]] == ["42", "42"]   # libvirt's downtime, the table's last column
+    v6_only = libvirt_demo.Result({"6": run.reports["6"]}, 1.5, "embedded", guest=run.guest).to_dict()
+    assert (v6_only["sent"], v6_only["lost_net"], list(v6_only["families"])) == (100, 0, ["6"])
+    assert libvirt_demo.exit_status({**v6_only, "vm_on": "D"}) == 0
+
+
 COVERAGE_ROWS = [
     # probes 0..99 ms, the migration completes at 80 ms: covered
     ("covered", 100, [("migrate", 30), ("complete", 80)], None),

@@ -8,6 +8,7 @@ import sys
 
 
 GUEST_PROBES_PER_S = 10000  # the demo's default probe rate at the guest, shared by the families probed
+FAMILIES = {"4": ("4",), "6": ("6",), "both": ("6", "4")}  # --family
 
 
 def _usage(msg: str) -> int:
@@ -29,16 +30,16 @@ def cmd_demo(args) -> int:
         return _usage("--seed: only with --soak N")
     if args.fault and args.fault_matrix:
         return _usage("--fault runs one cell, --fault-matrix all of them: one or the other")
+    families = FAMILIES[args.family or "both"]
     if args.fault or args.fault_matrix or args.libvirt or args.soak is not None:
-        if args.family:
-            return _usage("--family: the namespace demo only (not with --libvirt, --fault, --fault-matrix, --soak)")
-        return _libvirt(args)
+        if args.family and (args.fault or args.fault_matrix or args.soak is not None):
+            return _usage("--family: not with --fault, --fault-matrix or --soak (they probe IPv6 alone)")
+        return _libvirt(args, families)
     from srmig.testbed import demo
 
     names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
     if args.no_drain and "srmig-no-drain" not in names:
         names.append("srmig-no-drain")
-    families = {"4": ("4",), "6": ("6",), "both": ("6", "4")}[args.family or "both"]
     # 10,000 probes/s at the guest in all: this TCG guest on 2 cores queues beyond that (at 10,000 per family
     # its steady-state round trip was 87 ms and every strategy, srmig too, lost thousands in its tap queue).
     rate = args.rate or GUEST_PROBES_PER_S // len(families)
@@ -47,7 +48,7 @@ def cmd_demo(args) -> int:
                      event_delay_ms=args.event_delay_ms, families=families)
 
 
-def _libvirt(args) -> int:
+def _libvirt(args, families: tuple[str, ...]) -> int:
     from srmig.testbed import faults, libvirt_demo
 
     rate = args.rate or libvirt_demo.DEFAULT_RATE
@@ -100,7 +101,7 @@ def _libvirt(args) -> int:
     if args.attempts < 1:
         return _usage("--attempts: at least 1")
     return libvirt_demo.main(rate, count, args.db, args.json, xdp_mode=args.mode, fault=args.fault,
-                             attempts=args.attempts)
+                             attempts=args.attempts, families=families)
 
 
 EPILOG_FAULTS = """\
@@ -139,13 +140,15 @@ def register(sub) -> None:
     sp.add_argument("--strategy", action="append", default=[], metavar="NAME[,NAME]",
                     help="run only these (repeatable or comma-separated; default: all four)")
     sp.add_argument("--rate", type=int, help="probes per second, per family (default: 10000 shared by the families "
-                                             "probed: 5000 each with both; 2000 with --libvirt, where the guest "
-                                             "runs under libvirt's QEMU settings)")
+                                             "probed: 5000 each with both; 2000 per family with --libvirt, where "
+                                             "the guest runs under libvirt's QEMU settings)")
     sp.add_argument("--family", choices=["4", "6", "both"],
                     help="probe the dual-stack guest over IPv4 (ICMP echo), IPv6 (ICMPv6 echo) or both through "
-                         "the same migration (default: both; one table row per strategy and family)")
+                         "the same migration (default: both; one table row per strategy and family); --libvirt "
+                         "too, not --fault, --fault-matrix or --soak (IPv6 alone)")
     sp.add_argument("--duration", type=float,
-                    help="seconds of probing per run (default: 3; with --fault, until the fault is over, 30 at most)")
+                    help="seconds of probing per run (default: 3; 5 with --libvirt; with --fault, until the fault "
+                         "is over, 30 at most)")
     sp.add_argument("--count", type=int, help="probes per run and family (default: rate x duration)")
     sp.add_argument("--json", metavar="FILE", help="also write the results as JSON (--libvirt: '-' for stdout)")
     sp.add_argument("--plot", metavar="PNG", default="srmig-demo.png",
@@ -157,7 +160,7 @@ def register(sub) -> None:
                     help="react to every QEMU event MS later, as a slow agent would (default: 0)")
     sp.add_argument("--libvirt", action="store_true",
                     help="instead: two libvirtd daemons and the srmig agents (hook, events, state database) "
-                         "migrate the guest with libvirt; prints lost/duplicated/reordered")
+                         "migrate the guest with libvirt; prints lost/duplicated/reordered per family")
     sp.add_argument("--db", choices=["embedded", "etcd"],
                     help="--libvirt: the agents' VM state database (default: embedded; etcd for a fault that "
                          "needs it)")

@@ -68,47 +68,52 @@ class Run:
         return guest_mod.unanswered(self.guest, self.reports[family].lost, family)
 
     def family_dict(self, family: str) -> dict:
-        """One family's numbers: today's keys for that family, and its round trips (ms): the steady state's
-        median, the migration window's 99th percentile and maximum (None: no probe answered there)."""
-        r = self.reports[family]
-        requests, replies = guest_mod.ECHO_COUNTERS[family]
-        out = {"dst": r.dst, "sent": r.sent, "lost": r.lost, "guest_unanswered": self.unanswered(family),
-               "duplicated": r.duplicated, "reordered": r.reordered, "blackout_ms": round(r.blackout_ms, 3),
-               "rtt_p50_ms": _ms(r.rtt_steady_ms.get("p50")), "rtt_p99_ms": _ms(r.rtt_window_ms.get("p99")),
-               "rtt_max_ms": _ms(r.rtt_window_ms.get("max")), "rtt_window_probes": r.rtt_window_probes,
-               "guest_echo_requests": self.guest.get(requests), "guest_echo_replies": self.guest.get(replies),
-               "guest_out_discards": self.guest.get(guest_mod.OUT_DISCARDS[family]),
-               "probe_socket_drops": r.rx_socket_drops, "send_errors": r.send_errors}
-        if family in self.notes:
-            out["note"] = self.notes[family]
-        return out
+        """One family's numbers (family_dict())."""
+        return family_dict(self.reports[family], self.guest, family, self.notes.get(family))
 
     def to_dict(self) -> dict:
-        """Today's keys, over every family probed (counts summed; blackout_ms and the round trips: the worst
-        family's), and `families`: {family: family_dict(family)}."""
+        """Today's keys, over every family probed (across_families()), and `families`: {family:
+        family_dict(family)}."""
         fams = {f: self.family_dict(f) for f in self.reports}
-
-        def total(key):
-            vals = [d[key] for d in fams.values() if d[key] is not None]
-            return sum(vals) if vals else None
-
-        def worst(key):
-            vals = [d[key] for d in fams.values() if d[key] is not None]
-            return max(vals) if vals else None
-
-        out = {k: total(k) for k in ("sent", "lost", "guest_unanswered", "duplicated", "reordered")}
-        out.update({"blackout_ms": worst("blackout_ms"), "downtime_ms": self.downtime_ms,
-                    "migration_ms": self.total_ms, "guest_echo_requests": total("guest_echo_requests"),
-                    "guest_echo_replies": total("guest_echo_replies"),
-                    "guest_out_discards": total("guest_out_discards"),
-                    "probe_socket_drops": total("probe_socket_drops"),
-                    "rtt_p50_ms": worst("rtt_p50_ms"), "rtt_p99_ms": worst("rtt_p99_ms"),
-                    "rtt_max_ms": worst("rtt_max_ms"),
-                    "marks_ms": {k: round(v, 3) for k, v in self.report.marks.items()},
-                    "families": fams})
+        out = across_families(fams)
+        out.update({"downtime_ms": self.downtime_ms, "migration_ms": self.total_ms,
+                    "marks_ms": {k: round(v, 3) for k, v in self.report.marks.items()}, "families": fams})
         if self.drain:
             out["drain"] = self.drain
         return out
+
+
+def family_dict(r: probe_mod.ProbeReport, guest: dict, family: str, note: str | None = None) -> dict:
+    """One family's numbers: today's keys for that family, and its round trips (ms): the steady state's
+    median, the migration window's 99th percentile and maximum (None: no probe answered there). `guest`: the
+    guest's counters over the run; `note`: why the numbers mean less than they say."""
+    requests, replies = guest_mod.ECHO_COUNTERS[family]
+    out = {"dst": r.dst, "sent": r.sent, "lost": r.lost,
+           "guest_unanswered": guest_mod.unanswered(guest, r.lost, family),
+           "duplicated": r.duplicated, "reordered": r.reordered, "blackout_ms": round(r.blackout_ms, 3),
+           "rtt_p50_ms": _ms(r.rtt_steady_ms.get("p50")), "rtt_p99_ms": _ms(r.rtt_window_ms.get("p99")),
+           "rtt_max_ms": _ms(r.rtt_window_ms.get("max")), "rtt_window_probes": r.rtt_window_probes,
+           "guest_echo_requests": guest.get(requests), "guest_echo_replies": guest.get(replies),
+           "guest_out_discards": guest.get(guest_mod.OUT_DISCARDS[family]),
+           "probe_socket_drops": r.rx_socket_drops, "send_errors": r.send_errors}
+    if note:
+        out["note"] = note
+    return out
+
+
+SUMMED = ("sent", "lost", "guest_unanswered", "duplicated", "reordered", "guest_echo_requests",
+          "guest_echo_replies", "guest_out_discards", "probe_socket_drops")
+WORST = ("blackout_ms", "rtt_p50_ms", "rtt_p99_ms", "rtt_max_ms")
+
+
+def across_families(fams: dict[str, dict]) -> dict:
+    """Today's keys over the families' family_dict()s: counts summed, blackout_ms and the round trips the
+    worst family's (None where no family has a value)."""
+    def over(key, fn):
+        vals = [d[key] for d in fams.values() if d[key] is not None]
+        return fn(vals) if vals else None
+
+    return {**{k: over(k, sum) for k in SUMMED}, **{k: over(k, max) for k in WORST}}
 
 
 class Progress:
@@ -151,16 +156,17 @@ def coverage_note(rep: probe_mod.ProbeReport) -> str | None:
     return None
 
 
-def ready_check(tb: Testbed, families: tuple[str, ...], console=lambda: "") -> dict[str, str]:
-    """Probe the guest briefly over each family before measuring anything. IPv6 must answer (RuntimeError);
-    an IPv4 that does not is a note (family -> why), not a failure: the run goes on and its table says so."""
+def ready_check(tb: Testbed, families: tuple[str, ...], host: str = "S", console=lambda: "") -> dict[str, str]:
+    """Probe the guest (on `host`) briefly over each family before measuring anything. IPv6 must answer
+    (RuntimeError, with the tail of `console()`); an IPv4 that does not is a note (family -> why), not a
+    failure: the run goes on and its table says so."""
     reports = probe_mod.run_probes([VM_ADDRS[f] for f in families], 50, 20, timeout_s=2, netns=tb.ns("C"))
     notes = {}
     for family, rep in reports.items():
         if rep.received:
             continue
         if family == "6":
-            raise RuntimeError(f"the guest on S does not answer over IPv6: {console()[-500:]}")
+            raise RuntimeError(f"the guest on {host} does not answer over IPv6: {console()[-500:]}")
         notes[family] = (f"the guest did not answer over {FAMILY_NAMES[family]} before the migration "
                          f"(0 of {rep.sent} echo requests, {rep.send_errors} not sent)")
     return notes
@@ -177,7 +183,7 @@ def two_hosts(strategy: Strategy, xdp_mode: str, say=lambda m: None, families: t
             tb.attach_vm_link("S", TAP, GUEST_MAC)
             src.wait_ready(60)
             strategy.steady(tb)
-            notes = ready_check(tb, tuple(dict.fromkeys(("6", *families))), src.console)
+            notes = ready_check(tb, tuple(dict.fromkeys(("6", *families))), console=src.console)
             notes = {f: n for f, n in notes.items() if f in families}
             guest_before = src.guest_stats(timeout=10)
             strategy.prepare(tb, src)
@@ -305,8 +311,15 @@ def _cell(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
-def table(runs: list[Run], rate: int) -> str:
-    """One row per strategy and family probed; notes (a family the ingress did not steer, ...) under it."""
+TABLE_LEGEND = ("blackout = longest run of lost probes; guest_unanswered = of the lost, requests the guest's own "
+                "counters say it received but did not answer; rtt_p50_ms = steady state before the migration, "
+                "rtt_p99_ms / rtt_max_ms = probes sent from its beginning to its completion")
+TABLE_TITLE = "live migration of a QEMU guest, {rate} probes/s per family ({what}), one run per strategy"
+
+
+def table(runs: list[Run], rate: int, title: str = TABLE_TITLE) -> str:
+    """One row per strategy and family probed; notes (a family the ingress did not steer, ...) under it.
+    `title`: the first line, its {rate} and {what} (the echo requests probed) filled in."""
     rows, notes = [], []
     for r in runs:
         for family in r.reports:
@@ -319,7 +332,7 @@ def table(runs: list[Run], rate: int) -> str:
     widths = [max(len(c), *(len(str(row[i])) for row in rows)) for i, c in enumerate(TABLE_COLS)]
     fams = sorted({f for r in runs for f in r.reports}, reverse=True)
     what = " and ".join({"6": "ICMPv6 echo", "4": "ICMP echo"}[f] for f in fams)
-    lines = [f"live migration of a QEMU guest, {rate} probes/s per family ({what}), one run per strategy",
+    lines = [title.format(rate=rate, what=what),
              "  ".join(c.ljust(w) for c, w in zip(TABLE_COLS, widths)).rstrip()]
     lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     if notes:
@@ -362,10 +375,7 @@ def main(strategies: list[str], rate: int, count: int, json_path: str | None, pl
                             event_delay_s=event_delay_ms / 1000, families=families))
     say.done()
     print(table(runs, rate))
-    print(f"({time.monotonic() - t0:.0f} s; blackout = longest run of lost probes; downtime as reported by QEMU; "
-          "guest_unanswered = of the lost, requests the guest's own counters say it received but did not answer; "
-          "rtt_p50_ms = steady state before the migration, rtt_p99_ms / rtt_max_ms = probes sent from its "
-          "beginning to its completion)")
+    print(f"({time.monotonic() - t0:.0f} s; downtime as reported by QEMU; {TABLE_LEGEND})")
     doc = {"strategies": {r.strategy: r.to_dict() for r in runs}, "rate_pps": rate, "count": count,
            "families": list(families), "event_delay_ms": event_delay_ms}
     if json_path:

@@ -6,6 +6,11 @@ hook, and three `srmig agent` processes configured by the same provisioning scri
 database (embedded, or etcd). The guest is defined on S with srmig metadata; while C probes it, libvirt
 live-migrates it to D (peer-to-peer, what `virsh migrate --live --p2p` does). Nothing but libvirt's events
 and hook drive srmig here.
+
+The guest is dual-stack when IPv4 is probed (`families`, as in `srmig demo`): its metadata lists both of its
+addresses (the IPv6 one first: the VM's id), host.sh gives each host's tap the IPv4 anycast gateway too, and the
+probe sends ICMPv6 and ICMP echo through the same migration, counted per family (srmig.testbed.demo's
+family_dict and table). The fault cells and the soak probe IPv6 alone, on an IPv6-only guest, as before.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ from srmig.ctl import fdstore
 from srmig.ctl import hook as hook_mod
 from srmig.ctl.agent import metadata_xml
 from srmig.ctl.hooksrv import request
-from srmig.testbed import guest as guest_mod
+from srmig.testbed import demo
 from srmig.testbed import libvirtd as lv
 from srmig.testbed import probe as probe_mod
 from srmig.testbed.qemu import GUEST_MAC
-from srmig.testbed.testbed import MGMT, T_END, VM_ADDR, Testbed
+from srmig.testbed.testbed import MGMT, T_END, VM_ADDR, VM_ADDR4, VM_ADDRS, VM_PREFIXLEN4, Testbed
 
 PROVISION = Path(__file__).resolve().parents[2] / "vagrant" / "provision"
 DOMAIN = "srmig-vm"
-DEFAULT_RATE = 2000  # measured: under libvirt's QEMU the TCG guest falls behind at 10 kpps on 2 busy cores
+# probes/s per family; measured: under libvirt's QEMU the TCG guest falls behind at 10 kpps on 2 busy cores
+DEFAULT_RATE = 2000
+# Probing long enough to outlast the migration: a dual-stack run's took 3.1 s on a busy 2-core machine (its
+# probes, over 3 s, stopped before libvirt's migration call returned: the cut-over is then not measured).
+DEFAULT_DURATION_S = 5
+DEFAULT_FAMILIES = demo.DEFAULT_FAMILIES  # `srmig demo --libvirt`: both; run() and migrate(): IPv6 alone
 HOSTS = {"S": {"fabric": "s0", "locator": "fc00:0:1::/48", "address": "2001:db8:a::2"},
          "D": {"fabric": "d0", "locator": "fc00:0:2::/48", "address": "2001:db8:b::2"}}
 METRICS = "127.0.0.1:9477"   # Prometheus, inside each host's namespace
@@ -44,7 +54,7 @@ GRACE_S = 1.0   # the source's grace period (agent config grace_s): it forwards 
 
 @dataclass
 class Result:
-    report: probe_mod.ProbeReport
+    reports: dict[str, probe_mod.ProbeReport]  # per family probed ("6", "4"), in the order probed
     migration_s: float
     db: str
     agents: dict = field(default_factory=dict)   # role -> final status
@@ -57,24 +67,45 @@ class Result:
     guest_tail: str = ""                         # when the guest did not answer: its console's and QEMU's tails
     fault_info: dict = field(default_factory=dict)  # srmig.testbed.faults: fault, phase, fault_landed, ...
     diagnosis_text: str = ""                     # diagnosis() at the end of run()
+    notes: dict = field(default_factory=dict)    # family -> why its numbers mean less (srmig.testbed.demo)
+    downtime_ms: float | None = None             # libvirt's (the destination's completed job), None: unknown
 
-    def unanswered(self) -> int:
-        """Lost probes the guest received and left unanswered (srmig.testbed.guest.unanswered)."""
-        return guest_mod.unanswered(self.guest, self.report.lost)
+    @property
+    def report(self) -> probe_mod.ProbeReport:
+        """The IPv6 report (the first family's without IPv6)."""
+        return self.as_run().report
+
+    def as_run(self) -> demo.Run:
+        """The run as `srmig demo` has one (its per-family numbers and table)."""
+        return demo.Run("srmig", self.reports, self.downtime_ms, self.migration_s * 1000, self.guest,
+                        notes=self.notes)
+
+    def unanswered(self, family: str | None = None) -> int:
+        """Lost probes of `family` (default: the one `report` is) the guest received and left unanswered
+        (srmig.testbed.guest.unanswered)."""
+        return self.as_run().unanswered(family)
+
+    def family_dict(self, family: str) -> dict:
+        """One family's numbers (srmig.testbed.demo.family_dict) and its lost_net: lost but for what the
+        guest itself left unanswered (unanswered())."""
+        d = self.as_run().family_dict(family)
+        return {**d, "lost_net": d["lost"] - d["guest_unanswered"]}
 
     def to_dict(self) -> dict:
-        r = self.report
-        return {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
-                # lost_net: lost but for what the guest itself left unanswered (see unanswered())
-                "lost_net": r.lost - self.unanswered(), "guest_unanswered": self.unanswered(),
-                "blackout_ms": round(r.blackout_ms, 3), "migration_s": round(self.migration_s, 3),
-                "db": self.db, "error": self.error,
+        """Today's keys over every family probed (srmig.testbed.demo.across_families: counts summed, blackout
+        and round trips the worst family's), and `families`: {family: family_dict(family)}."""
+        fams = {f: self.family_dict(f) for f in self.reports}
+        total = demo.across_families(fams)
+        return {**total, "lost_net": total["lost"] - total["guest_unanswered"],
+                "migration_s": round(self.migration_s, 3), "downtime_ms": self.downtime_ms, "db": self.db,
+                "error": self.error,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
                                     if v.get("event_to_map_ms")},
-                "marks_ms": {k: round(v, 3) for k, v in r.marks.items()}, "guest": self.guest,
+                "marks_ms": {k: round(v, 3) for k, v in self.report.marks.items()}, "guest": self.guest,
                 "vm_on": self.vm_on(),
                 "domains": {role: None if st is None else STATE_NAMES.get(st[0], str(st[0]))
                             for role, st in self.domains.items()},
+                "families": fams,
                 # a fault run (srmig.testbed.faults.run_cell) sets these, and says how it landed
                 "fault": None, "phase": None, "fault_landed": None, **self.fault_info}
 
@@ -88,18 +119,20 @@ class Result:
         """What a failed assertion needs to say where packets went: the runs of lost probes (first sequence
         number, length, send time in ms), the marks and faults on the same clock, the guest's counters, and
         the agents' log lines above DEBUG (on the wall clock: `t0` is the first probe's send, on it)."""
-        r = self.report
-        runs: list[list[int]] = []
-        for q in r.lost_seqs:
-            if runs and q == runs[-1][0] + runs[-1][1]:
-                runs[-1][1] += 1
-            else:
-                runs.append([q, 1])
         wall_t0 = time.strftime("%H:%M:%S", time.localtime(self.wall_t0)) + f".{int(self.wall_t0 % 1 * 1000):03d}"
-        lines = [f"[libvirt run] t0 {wall_t0} lost {r.lost} dup {r.duplicated} reordered {r.reordered}; lost runs "
-                 f"(seq, n, ms): {[(q, n, round(q * r.interval_ms, 1)) for q, n in runs]}",
-                 f"[libvirt run] marks {self.to_dict()['marks_ms']} faults {self.faults} guest {self.guest} "
-                 f"domains {self.domains}"]
+        lines = [f"[libvirt run] t0 {wall_t0}"]
+        for family, r in self.reports.items():
+            runs: list[list[int]] = []
+            for q in r.lost_seqs:
+                if runs and q == runs[-1][0] + runs[-1][1]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([q, 1])
+            lines.append(f"[libvirt run] {demo.FAMILY_NAMES[family]} lost {r.lost} dup {r.duplicated} reordered "
+                         f"{r.reordered}; lost runs (seq, n, ms): "
+                         f"{[(q, n, round(q * r.interval_ms, 1)) for q, n in runs]}")
+        lines.append(f"[libvirt run] marks {self.to_dict()['marks_ms']} faults {self.faults} guest {self.guest} "
+                     f"domains {self.domains} notes {self.notes}")
         if self.guest_tail:
             lines += [f"[guest] {ln}" for ln in self.guest_tail.splitlines()]
         for role, text in logs.items():
@@ -191,8 +224,12 @@ def provision(script: str, ns: str, env: dict) -> None:
 
 
 @contextlib.contextmanager
-def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None):
-    """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work)."""
+def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None,
+          families: tuple[str, ...] = ("6",)):
+    """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work).
+    With "4" in `families` the guest is dual-stack: its IPv4 address in its metadata (after the IPv6 one, the
+    VM's id), on its kernel command line and on each host's tap (host.sh)."""
+    addr4 = VM_ADDR4 if "4" in families else None
     own = work is None and not os.environ.get("SRMIG_DEMO_KEEP_WORK")
     work = work or Path(tempfile.mkdtemp(prefix="srmig-libvirt-demo-"))
     sock_dir = Path("/run/srmig") / f"demo-{os.getpid()}"
@@ -233,7 +270,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
                 "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
                 "SRMIG_GRACE_S": str(GRACE_S), "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
-                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
+                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_ADDR4": addr4 or "", "SRMIG_VM_MAC": GUEST_MAC})
         provision("ingress.sh", tb.ns("C"), {
             **db_env, **tls_env["C"], "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
             "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": METRICS, "SRMIG_CONFIG": work / "C.toml"})
@@ -249,7 +286,9 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
         say("booting the guest on S")
         conn = ds["S"].connect()
         stack.callback(conn.close)
-        conn.createXML(lv.domain_xml(DOMAIN, metadata=metadata_xml(VM_ADDR)), 0)
+        addresses = (VM_ADDR, addr4) if addr4 else (VM_ADDR,)
+        conn.createXML(lv.domain_xml(DOMAIN, metadata=metadata_xml(*addresses),
+                                     addr4=addr4 and f"{addr4}/{VM_PREFIXLEN4}"), 0)
         for role in ("S", "D"):
             stack.callback(_destroy, ds[role], DOMAIN)
         lv.wait_console(ds["S"], DOMAIN, "SRMIG-GUEST-READY", 60)
@@ -270,32 +309,38 @@ def _destroy(daemon: lv.Libvirtd, name: str) -> None:
 
 def run(rate: int = 2000, count: int | None = None, db: str = "embedded", xdp_mode: str = "generic",
         say=lambda m: None, warmup_s: float = 0.8, before=None, during=None, after=None, stop=None,
-        show=print) -> Result:
-    """One live migration under probe traffic. `before(tb, daemons, agents)` runs once the guest answers on
-    S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons, agents, dom)`
+        show=print, families: tuple[str, ...] = ("6",)) -> Result:
+    """One live migration under probe traffic, `rate` probes/s and `count` probes per family in `families`
+    ("6", "4"; with "4" the guest is dual-stack, see setup()). `before(tb, daemons, agents)` runs once the
+    guest answers on S, before the probe starts (fault injection: restart an agent, ...); `during(tb, daemons,
+    agents, dom)`
     in a thread once the migration has started (e.g. kill_dest_at_pause), joined once the probe is over;
     `after(tb, daemons, agents)` then, before the agents' final status is taken (e.g. wait for a recovery).
     `stop` (a threading.Event, e.g. set by `during`): the probe ends once it is set and the migration is
     over, `count` probes at most: it outlasts what the run waits for, however long the migration took.
     `show`: what receives the run's diagnosis (Result.diagnosis: where lost probes went), None for nobody;
     res.diagnosis_text keeps it."""
-    count = count or rate * 3
-    with setup(db, xdp_mode, say) as env:
-        return migrate(env, "S", "D", rate, count, db, say, warmup_s, before, during, after, stop, show)
+    count = count or rate * DEFAULT_DURATION_S
+    with setup(db, xdp_mode, say, families=families) as env:
+        return migrate(env, "S", "D", rate, count, db, say, warmup_s, before, during, after, stop, show,
+                       families=families)
 
 
 def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda m: None, warmup_s: float = 0.8,
-            before=None, during=None, after=None, stop=None, show=print) -> Result:
-    """One live migration of the guest from `src` to `dst` ("S" or "D") on a testbed setup() made, under
-    probe traffic; run()'s hooks and Result."""
+            before=None, during=None, after=None, stop=None, show=print,
+            families: tuple[str, ...] = ("6",)) -> Result:
+    """One live migration of the guest from `src` to `dst` ("S" or "D") on a testbed setup() made (with "4"
+    in its `families` if they have it), under probe traffic; run()'s hooks and Result."""
     tb, ds, agents, _work = env
     if before is not None:
         before(tb, ds, agents)
-    ready = probe_mod.run_probe(VM_ADDR, 50, 20, timeout_s=2, netns=tb.ns("C"))
-    if ready.received == 0:
-        raise RuntimeError(f"the guest on {src} does not answer through the ingress")
+    # IPv6 must answer; an IPv4 that does not is a note (srmig.testbed.demo.ready_check), as in `srmig demo`
+    notes = demo.ready_check(tb, tuple(dict.fromkeys(("6", *families))), src,
+                             lambda: lv.tail(ds[src].host_path(lv.console_path(DOMAIN))))
+    notes = {f: n for f, n in notes.items() if f in families}
     guest_before = _guest_counters(ds, _domain_states(ds))
-    p = probe_mod.Probe(VM_ADDR, rate, count, timeout_s=2.0, netns=tb.ns("C")).start()
+    p = probe_mod.Probe([VM_ADDRS[f] for f in families], rate, count, timeout_s=2.0, netns=tb.ns("C"),
+                        rtt_window=demo.RTT_WINDOW).start()
     conn = ds[src].connect()
     try:
         time.sleep(warmup_s)
@@ -320,7 +365,7 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
             while not stop.wait(0.05) and not p.done():
                 pass
             p.stop()
-        report = p.wait(timeout=60)
+        p.wait(timeout=60)
     except BaseException:
         p.stop()
         raise
@@ -328,7 +373,10 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
         conn.close()
     if fault is not None:
         fault.join(30)  # the fault injected and undone (etcd back, agent restarted) before the status
-    res = Result(report, migration_s, db, error=error)
+    for family, rep in p.reports.items():
+        if (note := demo.coverage_note(rep)) is not None:
+            notes[family] = note + (f"; {notes[family]}" if family in notes else "")
+    res = Result(dict(p.reports), migration_s, db, error=error, notes=notes)
     try:
         if after is not None:
             after(tb, ds, agents)
@@ -340,6 +388,7 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
         res.agents = {r: agents.wait(r, lambda st: True, 10, "a status") for r in ("S", "D", "C")}
         res.metrics = {r: scrape(tb.ns(r)) for r in ("S", "D", "C")}
         res.domains = _domain_states(ds)
+        res.downtime_ms = _downtime_ms(ds[dst]) if error is None else None
         after_counters = _guest_counters(ds, res.domains)
         res.guest = {k: after_counters[k] - guest_before.get(k, 0) for k in after_counters}
         if not after_counters:
@@ -348,7 +397,7 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
                     ("console", lv.tail(ds[role].host_path(lv.console_path(DOMAIN)))),
                     ("qemu log", ds[role].qemu_log(DOMAIN))))
     finally:  # shown if a test fails, `after` included
-        t0 = report.t0 or time.monotonic()
+        t0 = res.report.t0 or time.monotonic()
         res.wall_t0 = time.time() - (time.monotonic() - t0)
         res.faults = {f"{name}.{k}": round((v - t0) * 1000, 1) for name in FAULT_NOTES
                       for k, v in getattr(tb, name, {}).items() if isinstance(v, float)}
@@ -361,8 +410,9 @@ def migrate(env, src: str, dst: str, rate: int, count: int, db: str, say=lambda 
 STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed",
                7: "pmsuspended"}   # libvirt's virDomainState
 GUEST_COUNTERS = ("Icmp6InEchos", "Icmp6OutEchoReplies", "Icmp6OutErrors", "Icmp6OutMsgs", "Ip6InDiscards",
-                  "Ip6OutDiscards", "Ip6OutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped", "eth0_rx_packets",
-                  "eth0_tx_packets")
+                  "Ip6OutDiscards", "Ip6OutNoRoutes", "IcmpInEchos", "IcmpOutEchoReps", "IcmpOutErrors",
+                  "IpInDiscards", "IpOutDiscards", "IpOutNoRoutes", "eth0_rx_dropped", "eth0_tx_dropped",
+                  "eth0_rx_packets", "eth0_tx_packets")
 # What the `during` hooks leave on the testbed.
 FAULT_NOTES = ("libvirtd_fault", "agent_fault", "agent_stall", "dest_killed", "etcd_fault", "fault")
 
@@ -379,6 +429,21 @@ def _domain_states(ds) -> dict[str, tuple | None]:
             finally:
                 conn.close()
     return out
+
+
+def _downtime_ms(daemon: lv.Libvirtd) -> float | None:
+    """The downtime libvirt measured, from the statistics of the completed migration job that the source
+    handed the destination `daemon` (`virsh domjobinfo --completed`); None if it cannot say."""
+    import libvirt  # noqa: PLC0415
+
+    with contextlib.suppress(Exception):
+        conn = daemon.connect()
+        try:
+            stats = conn.lookupByName(DOMAIN).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            return float(stats["downtime"]) if "downtime" in stats else None
+        finally:
+            conn.close()
+    return None
 
 
 def _guest_counters(ds, states: dict[str, tuple | None]) -> dict[str, int]:
@@ -443,14 +508,13 @@ def write_json(d: dict, json_path: str | None, out) -> None:
 
 
 def main(rate: int, count: int | None, db: str | None, json_path: str | None, xdp_mode: str = "generic",
-         fault: str | None = None, attempts: int = 3) -> int:
-    """`srmig demo --libvirt [--fault NAME[@PHASE]]`: one run, the usual lines, JSON if asked (`-`: on stdout,
-    the lines then on stderr), the exit status of exit_status(); the diagnosis on stderr when it fails."""
-    from srmig.testbed.demo import Progress  # noqa: PLC0415
-
+         fault: str | None = None, attempts: int = 3, families: tuple[str, ...] = DEFAULT_FAMILIES) -> int:
+    """`srmig demo --libvirt [--fault NAME[@PHASE]]`: one run, a row per family probed (srmig.testbed.demo's
+    table; a fault cell probes IPv6 alone), JSON if asked (`-`: on stdout, the lines then on stderr), the exit
+    status of exit_status(); the diagnosis on stderr when it fails."""
     quiet_libvirt()
     out = sys.stderr if json_path == "-" else sys.stdout
-    say = Progress(True)
+    say = demo.Progress(True)
     t0 = time.monotonic()
     if fault:
         from srmig.testbed import faults  # noqa: PLC0415
@@ -462,25 +526,26 @@ def main(rate: int, count: int | None, db: str | None, json_path: str | None, xd
 
         res = faults.run_cell(f, phase, rate, db, xdp_mode, attempts, count, say=say, show=None, note=note)
     else:
-        res = run(rate, count or rate * 3, db or "embedded", xdp_mode, say=say, show=None)
+        res = run(rate, count or rate * DEFAULT_DURATION_S, db or "embedded", xdp_mode, say=say, show=None,
+                  families=families)
     say.done()
     d = res.to_dict()
-    print(f"libvirt live migration driven by the srmig agents ({res.db} state database), {rate} probes/s", file=out)
+    title = (f"libvirt live migration driven by the srmig agents ({res.db} state database), {{rate}} probes/s "
+             "per family ({what})")
+    print(demo.table([res.as_run()], rate, title), file=out)
     if fault:
         how = "landed" if d["fault_landed"] else f"MISSED its phase ({d['fault_missed_why']})"
         injected = d["fault_ms"].get("fault.injected")
         at = f" at {injected:.0f} ms" if injected is not None else ""
         print(f"  fault {d['fault']}@{d['phase']}{at}: {how}, run {d['fault_attempts']} of {attempts} at most; "
               f"the VM ends on {VM_ON.get(d['vm_on'], d['vm_on'])}", file=out)
-    net = f" ({d['lost_net']} but what the guest left unanswered)" if d["lost_net"] != d["lost"] else ""
-    print(f"  sent {d['sent']}  lost {d['lost']}{net}  duplicated {d['duplicated']}  reordered {d['reordered']}  "
-          f"blackout {d['blackout_ms']:.1f} ms  migration {d['migration_s']:.2f} s", file=out)
+    print(f"  migration {d['migration_s']:.2f} s", file=out)
     for role, e in d["event_to_map_ms"].items():
         print(f"  {role}: libvirt event -> map update p50 {e['p50']:.3f} ms, max {e['max']:.3f} ms ({e['n']})",
               file=out)
     if res.error:
         print(f"  migration error: {res.error}", file=out)
-    print(f"({time.monotonic() - t0:.0f} s)", file=out)
+    print(f"({time.monotonic() - t0:.0f} s; {demo.TABLE_LEGEND})", file=out)
     write_json(d, json_path, out)
     status = exit_status(d)
     if status:

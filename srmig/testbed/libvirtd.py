@@ -65,7 +65,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from srmig.testbed import guest as guest_mod
-from srmig.testbed.qemu import GATEWAY_LL, GUEST_MAC, control_command, parse_stats
+from srmig.testbed.qemu import GATEWAY_LL, GATEWAY_V4, GUEST_MAC, control_command, parse_stats
 
 LIBVIRTD = "libvirtd"
 QEMU_BIN = "/usr/bin/qemu-system-x86_64"
@@ -457,13 +457,16 @@ def ctl_path(domain: str) -> str:
 
 def domain_xml(name: str = "srmig-vm", tap: str = TAP, mac: str = GUEST_MAC, addr: str | None = GUEST_ADDR,
                gateway: str = GATEWAY_LL, memory_mib: int = 256, stats_interval: int = 0,
-               image: guest_mod.GuestImage | None = None, ctl: bool = True, metadata: str = "") -> str:
+               image: guest_mod.GuestImage | None = None, ctl: bool = True, metadata: str = "",
+               addr4: str | None = None, gateway4: str = GATEWAY_V4) -> str:
     """The test guest (srmig.testbed.guest) as a libvirt domain: TCG, 1 vCPU, `memory_mib`, direct kernel
     boot, virtio-net on the pre-created tap `tap` (managed='no': libvirt neither creates nor configures it;
     driver qemu: no vhost), console (ttyS0) to a file, control channel (ttyS1) on a unix socket, no other
-    devices. The paths are the daemon's (per-daemon state dirs), so the same XML works on both ends."""
+    devices. The paths are the daemon's (per-daemon state dirs), so the same XML works on both ends.
+    `addr4` ("198.51.100.10/24") makes the guest dual-stack, its IPv4 default gateway `gateway4`."""
     img = image or guest_mod.image()
-    cmdline = guest_mod.kernel_cmdline(addr, gateway, stats_interval)
+    cmdline = guest_mod.kernel_cmdline(addr, gateway, stats_interval, addr4=addr4,
+                                       gw4=gateway4 if addr4 else None)
     ctl_xml = (f"""
     <serial type='unix'><source mode='bind' path={quoteattr(ctl_path(name))}/><target port='1'/></serial>"""
                if ctl else "")
@@ -521,7 +524,8 @@ def guest_ping(daemon: Libvirtd, domain: str, timeout: float = 10) -> float:
 
 
 def guest_stats(daemon: Libvirtd, domain: str, timeout: float = 5) -> dict[str, int]:
-    """The guest's own counters (/proc/net/snmp6 keys, eth0_<counter>), through its control channel."""
+    """The guest's own counters (/proc/net/snmp6 keys, /proc/net/snmp's as nstat names them, eth0_<counter>),
+    through its control channel."""
     return parse_stats(control_command(daemon.host_path(ctl_path(domain)), "stats", timeout,
                                        name=f"{domain} on {daemon.name}"))
 

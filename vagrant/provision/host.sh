@@ -26,6 +26,8 @@
 #   SRMIG_CONFIG      where to write the config [/etc/srmig/agent.toml]
 #   SRMIG_TAP         the VM's tap (libvirt <target dev=... managed='no'/>) [vmtap]
 #   SRMIG_VM_ADDR     the VM's IPv6 address [2001:db8:100::10]
+#   SRMIG_VM_ADDR4    the VM's IPv4 address, for a dual-stack VM [none: IPv6 only]
+#   SRMIG_GW4         the VM's IPv4 anycast gateway, the same on every host [198.51.100.1]
 #   SRMIG_VM_MAC      the VM's MAC [02:00:00:00:10:10]
 #   SRMIG_GW_MAC      the anycast gateway MAC, the same on every host [02:00:5e:00:00:01]
 set -eu
@@ -35,6 +37,8 @@ NAME=${SRMIG_NAME:-$(hostname)}
 CONFIG=${SRMIG_CONFIG:-/etc/srmig/agent.toml}
 TAP=${SRMIG_TAP:-vmtap}
 VM_ADDR=${SRMIG_VM_ADDR:-2001:db8:100::10}
+VM_ADDR4=${SRMIG_VM_ADDR4:-}
+GW4=${SRMIG_GW4:-198.51.100.1}
 VM_MAC=${SRMIG_VM_MAC:-02:00:00:00:10:10}
 GW_MAC=${SRMIG_GW_MAC:-02:00:5e:00:00:01}
 
@@ -92,4 +96,13 @@ ip link set "$TAP" up
 ip -6 addr replace fe80::1/64 dev "$TAP" nodad
 ip -6 route replace "$VM_ADDR/128" dev "$TAP"
 ip -6 neigh replace "$VM_ADDR" lladdr "$VM_MAC" dev "$TAP" nud permanent
-echo "srmig host $NAME: $CONFIG written, tap $TAP ready for $VM_ADDR"
+# A dual-stack VM: the IPv4 anycast gateway as a /32 on the tap (no connected route: the VM's subnet is not
+# this host's), so the kernel answers the VM's ARP for it with the gateway MAC on every host and a moved VM's
+# ARP entry stays right; a /32 route and a permanent neighbour entry for the VM, as for IPv6. srmig delivers
+# IPv4 by a FIB lookup (bpf_fib_lookup), which needs net.ipv4.ip_forward on: the host's, not set here.
+if [ -n "$VM_ADDR4" ]; then
+    ip -4 addr replace "$GW4/32" dev "$TAP"
+    ip -4 route replace "$VM_ADDR4/32" dev "$TAP"
+    ip -4 neigh replace "$VM_ADDR4" lladdr "$VM_MAC" dev "$TAP" nud permanent
+fi
+echo "srmig host $NAME: $CONFIG written, tap $TAP ready for $VM_ADDR${VM_ADDR4:+ and $VM_ADDR4}"
