@@ -128,7 +128,8 @@ def test_cffi_layout_matches_bcc_encap_maps(tmp_path):
         _check_defines(b)
         for name, (key, leaf) in {"encap_table": ("struct srmig_encap_key", "struct srmig_encap_value"),
                                   "encap_vm_stats": ("struct srmig_encap_key", "struct srmig_encap_vm_stats"),
-                                  "encap_stats": ("uint32_t", "uint64_t")}.items():
+                                  "encap_stats": ("uint32_t", "uint64_t"),
+                                  "encap_prefixes": ("struct srmig_vm_prefix_key", "struct srmig_encap_key")}.items():
             table = b[name.encode()]
             assert ctypes.sizeof(table.Key) == abi.ffi.sizeof(key), name
             assert ctypes.sizeof(getattr(table, "sLeaf", table.Leaf)) == abi.ffi.sizeof(leaf), name

@@ -235,7 +235,7 @@ def unload(ifname: str) -> dict:
 
 # -- the ingress's H.Encaps: tc clsact egress ----------------------------------------------------------------
 
-ENCAP_MAPS = ("encap_table", "encap_vm_stats", "encap_stats")
+ENCAP_MAPS = ("encap_table", "encap_vm_stats", "encap_stats", "encap_prefixes")
 CLSACT_EGRESS = "ffff:fff3"  # the clsact qdisc's egress hook (TC_H_MIN_EGRESS under TC_H_CLSACT)
 ENCAP_PRIO = 0x5e6   # our filter's priority and handle on clsact egress, so we find and remove just ours
 ENCAP_HANDLE = 0x5e6

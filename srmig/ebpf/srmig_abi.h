@@ -178,9 +178,10 @@ struct srmig_encap_key {
 	__u8 addr[16];
 };
 
-/* encap_prefixes: LPM trie (struct srmig_vm_prefix_key, the same spelling) to the VM's id, an encap_table
- * key, consulted when encap_table has no entry for the destination: a VM's segment list serves every address
- * of the prefixes it routes. */
+/* encap_prefixes: LPM trie (struct srmig_vm_prefix_key, the same spelling) to an encap_table key, consulted when
+ * encap_table has no entry for the destination: the prefix's own entry, under its network address (an entry of
+ * the prefix's family: its SRH's next header must fit the packets; its counters in encap_vm_stats there too).
+ * So a VM's segment list serves every address of the prefixes it routes. */
 
 /* Userspace builds the headers once per segment list, so one map write switches a VM's list atomically and
  * the program only copies bytes. */
