@@ -8,7 +8,7 @@ import collections
 import time
 
 from srmig.bpf.abi import VmState
-from srmig.ctl import work
+from srmig.ctl import records, work
 from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
@@ -35,7 +35,7 @@ def reconcile(host, conn) -> dict:
     # the one that had it), then in libvirt's order; the other hosts' records, read once for all.
     known = [r for r in read if r[1] is not None and r[0] in host.domains]
     new = [r for r in read if r[1] is not None and r[0] not in host.domains]
-    claimed, by_records = {}, host.record_owners()
+    claimed, by_records = records.Owners(), host.record_owners()
     admitted: dict = {}
     seen = {}
     for name, d, state, reason in known + new:
