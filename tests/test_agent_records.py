@@ -75,7 +75,6 @@ METADATA_GOOD = [
     (["2001:DB8::1/128", "192.0.2.1/32"], ("2001:db8::1", "192.0.2.1")),   # a host prefix is the address
     # prefixes the VM routes, after its id: canonical spelling, both families
     (["2001:db8::1", "10.1.0.0/24", "2001:DB8:99:0::/64"], ("2001:db8::1", "10.1.0.0/24", "2001:db8:99::/64")),
-    (["10.0.0.10", "10.0.0.0/24"], ("10.0.0.10", "10.0.0.0/24")),  # its own subnet too (one VM: no overlap)
 ]
 
 METADATA_BAD = [
@@ -84,6 +83,8 @@ METADATA_BAD = [
     (["10.0.0.1", "::ffff:10.0.0.1"], "10.0.0.1 listed twice"),
     (["2001:db8:5::/64"], "is a prefix: the first address is the VM's id"),
     (["2001:db8::1", "10.1.0.0/24", "10.1.0.0/24"], "10.1.0.0/24 listed twice"),
+    (["10.0.0.10", "10.0.0.0/24"], "10.0.0.10 and 10.0.0.0/24 overlap"),  # one entry per address, its own too
+    (["2001:db8::1", "10.0.0.0/16", "10.0.0.0/24"], "10.0.0.0/24 and 10.0.0.0/16 overlap"),
     (["2001:db8::1", "fe80::/64"], "reaches fe80::/10, where no VM's address can be"),
     (["2001:db8::1", "::/64"], "reaches ::/128"),
     (["2001:db8::1", "::ffff:0:0/104"], "reaches ::ffff:0:0/96"),
@@ -162,6 +163,7 @@ RECORD_BAD = [
     (["10.0.0.0/24", VM], "addresses[0]: '10.0.0.0/24' is not an IPv6 or IPv4 address"),  # the id: an address
     ([VM, "ff02::1"], "cannot be a VM's"),
     ([VM, "ff02::/16"], "reaches ff00::/8"),
+    ([VM, "2001:db8::/64"], "2001:db8::10 and 2001:db8::/64 overlap"),
 ]
 
 

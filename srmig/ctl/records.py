@@ -266,6 +266,16 @@ def taken(vm: str, addresses: tuple[str, ...], owners) -> str | None:
     return None
 
 
+def _disjoint(out, what: str) -> None:
+    """No two of one VM's addresses and prefixes overlap: each of its addresses has one entry (the ingress keys a
+    prefix's entry by its network address, and deleting one must not take another's)."""
+    prefixes = [a for a in out if "/" in a]
+    for i, p in enumerate(prefixes):
+        for a in out:
+            if a != p and overlaps(a, p) and (a not in prefixes or prefixes.index(a) > i):
+                raise Rejected(f"{what}: {a} and {p} overlap (list the prefix alone, or the addresses)")
+
+
 def vm_addresses(v, what: str, first: str | None = None) -> tuple[str, ...]:
     """A VM's addresses: 1..MAX_ADDRESSES VM addresses (vm_address) or prefixes it routes (vm_prefix), no two the
     same, the first an address (the VM's id: `first` when given)."""
@@ -278,6 +288,7 @@ def vm_addresses(v, what: str, first: str | None = None) -> tuple[str, ...]:
         raise Rejected(f"{what}: {dup} listed twice")
     if first is not None and out[0] != first:
         raise Rejected(f"{what}: the first address must be the VM's {first}, got {out[0]}")
+    _disjoint(out, what)
     return out
 
 
@@ -481,4 +492,5 @@ def metadata_addresses(texts: list[str]) -> tuple[str, ...]:
         if a in out:
             raise Rejected(f"srmig metadata: {a} listed twice")
         out.append(a)
+    _disjoint(out, "srmig metadata")
     return tuple(out)
