@@ -468,6 +468,26 @@ def test_ping_through_the_encap(path, vm):
     assert encap.stats()["families"]["6" if vm == VM else "4"]["packets"] >= 5 + 3 * 2
 
 
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("prefix, inside", [("2001:db8:99::/64", "2001:db8:99::7"), ("10.99.0.0/24", "10.99.0.7")],
+                         ids=["ipv6", "ipv4"])
+def test_ping_a_vms_prefix_through_the_encap(path, prefix, inside):
+    """A subnet the VM routes (here an address of it on the VM's lo): I steers the prefix (encap_prefixes, a
+    route to the prefix), D finds the VM through vm_prefixes and delivers to it; the replies come back."""
+    topo, encap, d_dp = path
+    with topo.ipr("VM") as ipr:
+        ipr.addr("add", index=netlink.ifindex("lo", ipr), address=inside, prefixlen=32 if "." in inside else 128)
+    topo.route("D", prefix, gateway=VM4 if "." in inside else VM, oif="d_vm")  # routed via the VM
+    d_dp.set_vm_prefix(prefix, VM)
+    steer(topo, "I", encap, prefix, [D_DX6], D_LINK, "i0")
+    before = _delivered(d_dp)
+    assert ping(topo, vm=inside) == 5
+    assert encap.stats()["vms"][prefix]["packets"] >= 5 and _delivered(d_dp) - before >= 5
+    with topo.ipr("I") as ipr:
+        assert netlink.del_route(prefix, ipr)  # the route steering it was the prefix itself
+
+
 def tcp_bulk(topo, nbytes: int, timeout_s: float = 30.0, vm: str = VM) -> tuple[int, str, float]:
     """Send `nbytes` from I to a TCP server on `vm` in the VM namespace; returns (bytes received, their sha256,
     seconds). Bounded in bytes and time; both sockets are closed whatever happens."""
