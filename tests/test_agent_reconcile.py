@@ -418,10 +418,18 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
 def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, capsys):
     """A domain listing prefixes after its address: its address's entry and each prefix (pointing at the id)
     are written together, the record lists them all, status shows them in the VM's row; a second domain whose
-    prefix overlaps the first's is one rejection and leaves the first's entries as they were."""
+    prefix overlaps the first's is one rejection and leaves the first's entries as they were. Reconciliation
+    removes a gone VM's prefixes with its entry, and a prefix whose VM has no entry."""
     vm_p, vm_q = "2001:db8:100::d", "2001:db8:100::e"
     prefixes = ("10.7.0.0/24", "2001:db8:707::/64")
     define(conn, "srmig-rec-p", vm_p, *prefixes)
+    gone = "2001:db8:100::77"  # a VM no longer here: its entry and prefix, and a prefix of no VM's at all
+    maps.set_vm(gone, VmState.RUNNING)
+    maps.set_vm_prefix("10.8.0.0/24", gone)
+    away = "2001:db8:100::79"  # a VM moved away, forwarding stragglers: its prefix waits with it
+    maps.set_vm(away, VmState.AWAY, next_sid=D.dx6)
+    maps.set_vm_prefix("10.8.2.0/24", away)
+    maps.set_vm_prefix("10.8.1.0/24", "2001:db8:100::78")
     a = make_agent(lab, tmp_path, libvirt.open)
     ups = applied(a, work.LibvirtUp)
     lifecycle = applied(a, work.Lifecycle)
@@ -435,7 +443,12 @@ def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, c
                 break
         a.dbl.write(lambda: None).result(10)
         assert {e.vm: (e.state, e.of) for e in maps.list_vms()} == {
-            vm_p: (VmState.RUNNING, None), **{p: (VmState.RUNNING, vm_p) for p in prefixes}}
+            vm_p: (VmState.RUNNING, None), **{p: (VmState.RUNNING, vm_p) for p in prefixes},
+            away: (VmState.AWAY, None), "10.8.2.0/24": (VmState.AWAY, away)}
+        assert maps.list_vm_prefixes() == [("10.7.0.0/24", vm_p), ("10.8.2.0/24", away),
+                                           ("2001:db8:707::/64", vm_p)], "reconciliation removed the others"
+        on_worker(a, reconcile.forget, a.host, work.Forget(away))  # its grace period over
+        assert maps.get_vm(away) is None and ("10.8.2.0/24", away) not in maps.list_vm_prefixes()
         assert db.vm(vm_p).addresses == (vm_p, *prefixes) and db.vm(vm_q) is None
         assert records.REJECTED.counts()["domain_xml"] == before + 1
         st = on_worker(a, status.agent_status, a)

@@ -475,9 +475,11 @@ class VmAddressSet:
         return None if owner is None else _vm_str(bytes(ffi.buffer(owner.addr, 16)))
 
     def del_vm(self, vm: str) -> bool:
-        """The prefixes first (they would point at nothing), then the addresses; whether the id had one."""
+        """The prefixes first (they would point at nothing), then the addresses; whether the id had one. The
+        prefixes are those listed and any other pointing at the VM (a VM gone from here whose list is not
+        known any more: its grace period's end)."""
         addresses = self._all(vm)
-        for p in addresses:
-            if is_prefix(p):
-                self.dp.del_vm_prefix(p)
+        listed = {p for p in addresses if is_prefix(p)}
+        for p in sorted(listed | {p for p, owner in self.dp.list_vm_prefixes() if owner == vm}):
+            self.dp.del_vm_prefix(p)
         return [self.dp.del_vm(a) for a in addresses if not is_prefix(a)][0]
