@@ -3,9 +3,9 @@
 Written from the "Endpoint behaviours" table of docs/design.md, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
 RFC 8986 (End 4.1, End.DX6 4.5, End.DX4 4.6: an inner IPv4 packet is handled as an inner IPv6 one), RFC 791
 and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
-VM states, the prefixes VMs route, routes, neighbours and the SR domain. It parses with `struct` only. Where the specs leave freedom
-(order of checks, which reason a packet is counted under), it follows the C program's documented choice; each
-such place says "C's choice".
+VM states, the prefixes VMs route, routes, neighbours and the SR domain. It parses with `struct` only. Where
+the specs leave freedom (order of checks, which reason a packet is counted under), it follows the C program's
+documented choice; each such place says "C's choice".
 
     model(packet, cfg) -> Result(action, output, verdict, reason)
     model_ex(packet, cfg) -> (Result, hold_record_or_None)
