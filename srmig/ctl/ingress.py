@@ -15,7 +15,8 @@ Both are idempotent (set replaces; deleting an absent entry is success). With Bp
 (`route_vm`: a /128, or for an IPv4 address a /32 via the same IPv6 next hop, RFC 5549 style; a prefix's own)
 only steers the packet out of the interface the program runs on, at the next hop towards the SIDs; its MTU
 leaves room for the longest list the program can add, so the MTU never changes in the middle of a migration
-and the kernel, not the program, tells senders the path MTU (ICMPv6 Packet Too Big or ICMP Fragmentation Needed, TCP MSS).
+and the kernel, not the program, tells senders the path MTU (ICMPv6 Packet Too Big or ICMP Fragmentation
+Needed, TCP MSS).
 """
 
 from __future__ import annotations
