@@ -9,6 +9,8 @@ interleave the branches so that machine noise hits all of them alike. Then the V
 
 Targets (DESIGN/issue 2): End.S deliver and forward cost <= stub + 35 ns; same cost at 10^6 VMs as at 10.
 Inner IPv4 (issue 17) has its rows next to the IPv6 ones (`_v4`, `end_dx4_deliver`), reported, not targeted.
+So do VM prefixes (`_prefix`): `end_s_forward_prefix_cold` minus `end_s_forward_cold` is what an address found
+through vm_prefixes costs over an exact one when the program's copy cannot answer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def branch_packets() -> dict[str, bytes]:
         "end_s_forward": forward,
         "end_s_forward_v4": bytes(h_encaps(s_path, inner4(v4[L.VM_AWAY]), dst_mac=L.FAB_MAC)),
         "end_s_forward_cold": forward,  # the same packet, timed with the program's copies outdated (COLD)
+        # To an address inside the VM's prefix (vm_prefixes): warm, the copy answers as for an exact address;
+        # cold, the exact lookup misses and the trie walk and the id's lookup follow (the miss path's price).
+        "end_s_forward_prefix": bytes(h_encaps(s_path, inner(L.IN_PREFIX[L.VM_AWAY][0]), dst_mac=L.FAB_MAC)),
+        "end_s_forward_prefix_cold": bytes(h_encaps(s_path, inner(L.IN_PREFIX[L.VM_AWAY][0]),
+                                                    dst_mac=L.FAB_MAC)),
+        "end_s_forward_prefix_v4_cold": bytes(h_encaps(s_path, inner4(L.IN_PREFIX[L.VM_AWAY][1]),
+                                                       dst_mac=L.FAB_MAC)),
         "end_sbuf_hold": bytes(h_encaps([L.D_SBUF, L.SID_SBUF], inner(L.VM_INCOMING), sl=0, dst_mac=L.FAB_MAC)),
         "end_dx6_deliver": bytes(h_encaps([L.SID_DX6], inner(L.VM_RUNNING), dst_mac=L.FAB_MAC)),
         # End.DX6-map delivering an inner IPv4 packet: End.DX4's work (RFC 8986 4.6) at the same SID.
@@ -51,9 +60,11 @@ def branch_packets() -> dict[str, bytes]:
 
 # Timed after a table write every time: the program's copies of the SID and VM entries are outdated, so both
 # lookups go to the hash maps (the cost after every migration step, or with more VMs in play than it copies).
-COLD = {"end_s_forward_cold"}
+COLD = {"end_s_forward_cold", "end_s_forward_prefix_cold", "end_s_forward_prefix_v4_cold"}
 EXPECTED = {"end_s_deliver": "XDP_REDIRECT", "end_s_deliver_v4": "XDP_REDIRECT", "end_s_forward": "XDP_REDIRECT",
             "end_s_forward_v4": "XDP_REDIRECT", "end_s_forward_cold": "XDP_REDIRECT",
+            "end_s_forward_prefix": "XDP_REDIRECT", "end_s_forward_prefix_cold": "XDP_REDIRECT",
+            "end_s_forward_prefix_v4_cold": "XDP_REDIRECT",
             "end_sbuf_hold": "XDP_REDIRECT",
             "end_dx6_deliver": "XDP_REDIRECT", "end_dx4_deliver": "XDP_REDIRECT", "drop_malformed": "XDP_DROP"}
 
@@ -137,9 +148,9 @@ def run(vms: int = 1_000_000, runs: int = 3000, progress: bool = True) -> dict:
 def print_table(result: dict) -> None:
     few = result["at_few_vms"]
     print(f"XDP_PASS stub: {result['stub_ns']:.0f} ns/packet  (with {few['vms_in_map']} VMs: {few['stub_ns']:.0f})")
-    print(f"{'branch':<20}{'ns/pkt':>8}{'extra':>8}{'@' + str(few['vms_in_map']) + ' VMs':>12}{'scale':>8}")
+    print(f"{'branch':<30}{'ns/pkt':>8}{'extra':>8}{'@' + str(few['vms_in_map']) + ' VMs':>12}{'scale':>8}")
     for name, ns in result["branches"].items():
-        print(f"{name:<20}{ns:>8.0f}{result['extra_over_stub_ns'][name]:>8.0f}"
+        print(f"{name:<30}{ns:>8.0f}{result['extra_over_stub_ns'][name]:>8.0f}"
               f"{few['branches'][name]:>12.0f}{result['ratios']['scale_vs_few_vms'][name]:>8.2f}")
     t = result["targets"]
     print(f"VMs in map: {result['vms_in_map']:,}")

@@ -99,13 +99,20 @@ def cmd_sid(args) -> int:
 
 
 def cmd_vm(args) -> int:
-    columns = ["vm", "state", "next_sid", "hold_ring", "shadow"]
-    # A VM is a set of addresses: ADDR[,ADDR...] sets (or deletes) the entry of each, in that order.
+    from srmig.ctl.maps import is_prefix
+
+    columns = ["vm", "state", "next_sid", "hold_ring", "shadow", "of"]
+    # A VM is a set of addresses: ADDR[,ADDR...] sets (or deletes) the entry of each, in that order; a prefix
+    # (ADDRESS/LENGTH) among them is pointed at the first, an address: the VM's id, whose entry it takes.
     addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
+            if is_prefix(addresses[0]) and len(addresses) > 1:
+                raise ValueError(f"{addresses[0]} is a prefix: list the VM's address first, then its prefixes")
             entries = [dp.set_vm(a, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring,
-                                 shadow=args.shadow).to_dict() for a in addresses]
+                                 shadow=args.shadow).to_dict() for a in addresses if not is_prefix(a)]
+            for p in (a for a in addresses if is_prefix(a)):
+                entries.append(dp.get_vm(dp.set_vm_prefix(p, addresses[0])).to_dict())
             if len(entries) == 1:  # one address: one entry, as before
                 _emit(args, entries[0])
             else:
@@ -259,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = table_command("vm", "set, delete or list VM migration states", cmd_vm,
                        "the VM's address, IPv6 or IPv4 (the inner destination), or its addresses "
-                       "separated by commas (each entry written)",
+                       "separated by commas (each entry written), the VM's first, then any prefixes it routes "
+                       "(ADDRESS/LENGTH: its packets take the first address's entry)",
                        [("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")])
     a = vm["set"]
     a.add_argument("state", help="running, hold, away or incoming")

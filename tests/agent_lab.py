@@ -93,6 +93,8 @@ def maps(lab):
     def clean():
         for e in lab.dp.list_vms():
             lab.dp.del_vm(e.vm)
+        for prefix, _ in lab.dp.list_vm_prefixes():  # the lab's, of VMs with no entry among them
+            lab.dp.del_vm_prefix(prefix)
         with hold_ring_reader(lab.dp) as ring:
             read_hold_packets(ring)
     clean()

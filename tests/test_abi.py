@@ -60,7 +60,7 @@ def _check_defines(b) -> None:
 def test_abi_header_has_structs():
     assert {"srmig_sid_key", "srmig_sid_value", "srmig_vm_key", "srmig_vm_value", "srmig_sid_stats",
             "srmig_hold_record", "srmig_domain_key", "srmig_encap_key", "srmig_encap_value",
-            "srmig_encap_vm_stats"} <= set(STRUCTS)
+            "srmig_encap_vm_stats", "srmig_vm_prefix_key"} <= set(STRUCTS)
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (Debian gcc)")
@@ -102,7 +102,8 @@ def test_cffi_layout_matches_bcc_maps(tmp_path):
         pairs = {"sid_table": ("struct srmig_sid_key", "struct srmig_sid_value"),
                  "vm_table": ("struct srmig_vm_key", "struct srmig_vm_value"),
                  "sid_stats": ("uint32_t", "struct srmig_sid_stats"),
-                 "sr_domain": ("struct srmig_domain_key", "uint32_t")}
+                 "sr_domain": ("struct srmig_domain_key", "uint32_t"),
+                 "vm_prefixes": ("struct srmig_vm_prefix_key", "struct srmig_vm_key")}
         for name, (key, leaf) in pairs.items():
             table = b[name.encode()]
             assert ctypes.sizeof(table.Key) == abi.ffi.sizeof(key), name
@@ -127,7 +128,8 @@ def test_cffi_layout_matches_bcc_encap_maps(tmp_path):
         _check_defines(b)
         for name, (key, leaf) in {"encap_table": ("struct srmig_encap_key", "struct srmig_encap_value"),
                                   "encap_vm_stats": ("struct srmig_encap_key", "struct srmig_encap_vm_stats"),
-                                  "encap_stats": ("uint32_t", "uint64_t")}.items():
+                                  "encap_stats": ("uint32_t", "uint64_t"),
+                                  "encap_prefixes": ("struct srmig_vm_prefix_key", "struct srmig_encap_key")}.items():
             table = b[name.encode()]
             assert ctypes.sizeof(table.Key) == abi.ffi.sizeof(key), name
             assert ctypes.sizeof(getattr(table, "sLeaf", table.Leaf)) == abi.ffi.sizeof(leaf), name

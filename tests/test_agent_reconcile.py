@@ -371,7 +371,8 @@ def test_destination_provisions_every_address(lab, maps, db, tmp_path):
 
 
 def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, tmp_path, capsys):
-    """A domain listing a prefix, or an address another VM has (a domain here, another host's record), is
+    """A domain listing a prefix that holds another VM's address, or an address another VM has (a domain here,
+    another host's record), is
     one rejection and a status entry, and srmig leaves it alone (no entry for any of its addresses); the
     agent carries on. Once the domain that had the address is gone, the next reconciliation manages the one
     that wanted it, and removes the gone one's entries."""
@@ -381,7 +382,7 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
                               "addresses": [vm_w, taken]})
     dom_a = define(conn, "srmig-rec-a", vm_a, shared)
     define(conn, "srmig-rec-c", vm_c, taken)
-    define(conn, "srmig-rec-e", vm_e, "10.1.0.0/24")
+    define(conn, "srmig-rec-e", vm_e, "2001:db8:300::/64")  # a prefix holding vm_w's address
     a = make_agent(lab, tmp_path, libvirt.open)
     ups = applied(a, work.LibvirtUp)
     lifecycle = applied(a, work.Lifecycle)
@@ -400,7 +401,7 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
         assert set(why) == {"srmig-rec-b", "srmig-rec-c", "srmig-rec-e"}
         assert f"address {shared} is already VM {vm_a}'s (domain 'srmig-rec-a')" in why["srmig-rec-b"]
         assert f"address {taken} is already VM {vm_w}'s (vms/{vm_w})" in why["srmig-rec-c"]
-        assert "'10.1.0.0/24' is a prefix" in why["srmig-rec-e"]
+        assert f"2001:db8:300::/64 overlaps {taken}, VM {vm_w}'s (vms/{vm_w})" in why["srmig-rec-e"]
         assert db.vm(vm_b) is None and db.vm(vm_c) is None and db.vm(vm_e) is None
         shown = srmig_status(a, capsys)
         assert f"  not managed: domain srmig-rec-b: domain 'srmig-rec-b': address {shared} is already" in shown
@@ -412,6 +413,49 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
         assert db.vm(vm_b).addresses == (vm_b, shared)
         assert set(on_worker(a, status.agent_status, a)["rejected_domains"]) == {"srmig-rec-c", "srmig-rec-e"}
         assert out["vms"] == 1
+
+
+def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, capsys):
+    """A domain listing prefixes after its address: its address's entry and each prefix (pointing at the id)
+    are written together, the record lists them all, status shows them in the VM's row; a second domain whose
+    prefix overlaps the first's is one rejection and leaves the first's entries as they were. Reconciliation
+    removes a gone VM's prefixes with its entry, and a prefix whose VM has no entry."""
+    vm_p, vm_q = "2001:db8:100::d", "2001:db8:100::e"
+    prefixes = ("10.7.0.0/24", "2001:db8:707::/64")
+    define(conn, "srmig-rec-p", vm_p, *prefixes)
+    gone = "2001:db8:100::77"  # a VM no longer here: its entry and prefix, and a prefix of no VM's at all
+    maps.set_vm(gone, VmState.RUNNING)
+    maps.set_vm_prefix("10.8.0.0/24", gone)
+    away = "2001:db8:100::79"  # a VM moved away, forwarding stragglers: its prefix waits with it
+    maps.set_vm(away, VmState.AWAY, next_sid=D.dx6)
+    maps.set_vm_prefix("10.8.2.0/24", away)
+    maps.set_vm_prefix("10.8.1.0/24", "2001:db8:100::78")
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    lifecycle = applied(a, work.Lifecycle)
+    before = records.REJECTED.counts()["domain_xml"]
+    with running(a, lab):
+        ups.get(timeout=10)
+        conn.createXML(domain_xml("srmig-rec-q", vm_q, "10.7.0.128/25"), 0)  # after p: p has its prefix
+        for _ in range(20):
+            item, _, _ = lifecycle.get(timeout=10)
+            if (item.domain, item.type) == ("srmig-rec-q", "STARTED"):
+                break
+        a.dbl.write(lambda: None).result(10)
+        assert {e.vm: (e.state, e.of) for e in maps.list_vms()} == {
+            vm_p: (VmState.RUNNING, None), **{p: (VmState.RUNNING, vm_p) for p in prefixes},
+            away: (VmState.AWAY, None), "10.8.2.0/24": (VmState.AWAY, away)}
+        assert maps.list_vm_prefixes() == [("10.7.0.0/24", vm_p), ("10.8.2.0/24", away),
+                                           ("2001:db8:707::/64", vm_p)], "reconciliation removed the others"
+        on_worker(a, reconcile.forget, a.host, work.Forget(away))  # its grace period over
+        assert maps.get_vm(away) is None and ("10.8.2.0/24", away) not in maps.list_vm_prefixes()
+        assert db.vm(vm_p).addresses == (vm_p, *prefixes) and db.vm(vm_q) is None
+        assert records.REJECTED.counts()["domain_xml"] == before + 1
+        st = on_worker(a, status.agent_status, a)
+        assert "10.7.0.128/25 overlaps 10.7.0.0/24, VM 2001:db8:100::d's" in st["rejected_domains"]["srmig-rec-q"]
+        row = next(r for r in st["vms"] if r["vm"] == vm_p)
+        assert row["addresses"] == [vm_p, *prefixes] and row["state"] == "running" and not row["states_differ"]
+        assert [r["vm"] for r in st["vms"]] == [vm_p]  # one row for the VM, its prefixes in it
 
 
 def test_cli_vm_sets_each_address(lab, maps, capsys):
@@ -432,3 +476,16 @@ def test_cli_vm_sets_each_address(lab, maps, capsys):
     assert srmig("set", VM, "running")["state"] == "running"  # one address: one entry, as before
     assert srmig("del", ",".join(DUAL)) == [{"vm": x, "deleted": True} for x in DUAL]
     assert maps.list_vms() == []
+    # A VM that routes prefixes: each points at the first address, and shows its entry
+    out = srmig("set", f"{VM},10.9.0.0/24,2001:db8:909::/64", "hold", "--next-sid", D.dx6)
+    assert [(e["vm"], e["state"], e.get("of")) for e in out] == [
+        (VM, "hold", None), ("10.9.0.0/24", "hold", VM), ("2001:db8:909::/64", "hold", VM)]
+    assert maps.list_vm_prefixes() == [("10.9.0.0/24", VM), ("2001:db8:909::/64", VM)]
+    assert {e["vm"]: e["state"] for e in srmig("list")} == {VM: "hold", "10.9.0.0/24": "hold",
+                                                           "2001:db8:909::/64": "hold"}
+    assert main(["--netns", ns, "vm", "set", "10.9.0.0/24,2001:db8:1::1", "running"]) == 1
+    assert "is a prefix: list the VM's address first" in capsys.readouterr().err
+    assert srmig("del", f"10.9.0.0/24,2001:db8:909::/64,{VM}") == [
+        {"vm": "10.9.0.0/24", "deleted": True}, {"vm": "2001:db8:909::/64", "deleted": True},
+        {"vm": VM, "deleted": True}]
+    assert maps.list_vms() == [] and maps.list_vm_prefixes() == []

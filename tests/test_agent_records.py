@@ -73,14 +73,23 @@ METADATA_GOOD = [
     (["10.0.0.10", "2001:db8:100::10"], ("10.0.0.10", "2001:db8:100::10")),  # an IPv4 id
     ([" 10.0.0.10/24 ", "", "::ffff:10.0.0.11"], ("10.0.0.10", "10.0.0.11")),  # IPv4-mapped: the IPv4 address
     (["2001:DB8::1/128", "192.0.2.1/32"], ("2001:db8::1", "192.0.2.1")),   # a host prefix is the address
+    # prefixes the VM routes, after its id: canonical spelling, both families
+    (["2001:db8::1", "10.1.0.0/24", "2001:DB8:99:0::/64"], ("2001:db8::1", "10.1.0.0/24", "2001:db8:99::/64")),
 ]
 
 METADATA_BAD = [
     # texts -> what the one line says
     (["2001:db8::1", "2001:db8:0::1"], "2001:db8::1 listed twice"),
     (["10.0.0.1", "::ffff:10.0.0.1"], "10.0.0.1 listed twice"),
-    (["2001:db8::1", "10.1.0.0/24"], "is a prefix"),
-    (["2001:db8:5::/64"], "is a prefix"),
+    (["2001:db8:5::/64"], "is a prefix: the first address is the VM's id"),
+    (["2001:db8::1", "10.1.0.0/24", "10.1.0.0/24"], "10.1.0.0/24 listed twice"),
+    (["10.0.0.10", "10.0.0.0/24"], "10.0.0.10 and 10.0.0.0/24 overlap"),  # one entry per address, its own too
+    (["2001:db8::1", "10.0.0.0/16", "10.0.0.0/24"], "10.0.0.0/24 and 10.0.0.0/16 overlap"),
+    (["2001:db8::1", "fe80::/64"], "reaches fe80::/10, where no VM's address can be"),
+    (["2001:db8::1", "::/64"], "reaches ::/128"),
+    (["2001:db8::1", "::ffff:0:0/104"], "reaches ::ffff:0:0/96"),
+    (["2001:db8::1", "224.0.0.0/8"], "reaches 224.0.0.0/4"),
+    (["2001:db8::1", "0.0.0.0/0"], "reaches 0.0.0.0/32"),
     (["2001:db8::1", "10.0.0.256"], "is not an IPv6 or IPv4 address"),
     (["2001:db8::1", "nope"], "is not an IPv6 or IPv4 address"),
     (["2001:db8::1/129"], "expected ADDRESS or ADDRESS/LENGTH"),
@@ -135,6 +144,7 @@ RECORD_GOOD = [
     ([VM, "10.0.0.10", "2001:db8::11"], (VM, "10.0.0.10", "2001:db8::11")),
     ([VM, "::ffff:10.0.0.10"], (VM, "10.0.0.10")),
     (["2001:DB8::10", "2001:db8:0::11"], (VM, "2001:db8::11")),
+    ([VM, "10.1.0.0/24", "2001:DB8:99::/64"], (VM, "10.1.0.0/24", "2001:db8:99::/64")),
 ]
 
 RECORD_BAD = [
@@ -148,8 +158,12 @@ RECORD_BAD = [
     ([VM, "nope"], "addresses[1]: 'nope' is not an IPv6 or IPv4 address"),
     ([VM, 7], "addresses[1]: expected an IPv6 or IPv4 address"),
     ([VM, None], "addresses[1]: expected an IPv6 or IPv4 address"),
-    ([VM, "10.0.0.0/24"], "is not an IPv6 or IPv4 address"),
+    ([VM, "10.0.0.1/24"], "is not a prefix (ADDRESS/LENGTH, no host bits set)"),
+    ([VM, "10.0.0.1/32"], "is one address: list it as 10.0.0.1"),
+    (["10.0.0.0/24", VM], "addresses[0]: '10.0.0.0/24' is not an IPv6 or IPv4 address"),  # the id: an address
     ([VM, "ff02::1"], "cannot be a VM's"),
+    ([VM, "ff02::/16"], "reaches ff00::/8"),
+    ([VM, "2001:db8::/64"], "2001:db8::10 and 2001:db8::/64 overlap"),
 ]
 
 
@@ -210,3 +224,38 @@ def test_publish_carries_the_addresses(vmdb):
     assert records.REJECTED.counts()["vm_record"] == before + 1
     # written over with a later version than its own (as for any malformed record)
     assert vmdb.publish("2001:db8::30", "S", ["fc00::1"], "steady") == 2
+
+
+OWNED = {"2001:db8::20": ("2001:db8::20", "domain 'b'"), "10.2.0.0/16": ("2001:db8::20", "domain 'b'"),
+         "2001:db8:77::/48": ("2001:db8::30", "vms/2001:db8::30"), "10.0.0.7": ("2001:db8::30", "vms/2001:db8::30")}
+
+
+@pytest.mark.parametrize("addresses, why", [
+    ((VM, "10.1.0.0/24", "2001:db8:99::/64"), None),
+    ((VM, "2001:db8::20"), "address 2001:db8::20 is already VM 2001:db8::20's (domain 'b')"),
+    ((VM, "10.2.3.4"), "10.2.3.4 overlaps 10.2.0.0/16, VM 2001:db8::20's (domain 'b')"),
+    ((VM, "10.2.3.0/24"), "10.2.3.0/24 overlaps 10.2.0.0/16, VM 2001:db8::20's"),
+    ((VM, "10.0.0.0/8"), "10.0.0.0/8 overlaps"),  # holds another VM's prefix (and address)
+    ((VM, "10.0.0.0/24"), "10.0.0.0/24 overlaps 10.0.0.7, VM 2001:db8::30's (vms/2001:db8::30)"),
+    ((VM, "2001:db8:77:1::/64"), "2001:db8:77:1::/64 overlaps 2001:db8:77::/48, VM 2001:db8::30's"),
+    (("2001:db8:77::5",), "2001:db8:77::5 overlaps 2001:db8:77::/48"),  # its id inside another's prefix
+    ((VM, "2001:db8:78::/48", "10.3.0.0/16"), None),  # next to theirs, not overlapping
+])
+def test_prefix_overlap_is_taken(addresses, why):
+    """An address or prefix that shares an address with another VM's is taken, whichever is the prefix; the
+    other family's space never overlaps; the checked VM's own entries never count against it."""
+    from collections import ChainMap
+
+    from srmig.ctl import records
+
+    owners = records.Owners()
+    for a, owner in OWNED.items():
+        owners.setdefault(a, owner)
+    assert set(owners.prefixes) == {"10.2.0.0/16", "2001:db8:77::/48"}
+    got = records.taken(VM if addresses[0] == VM else addresses[0], addresses, owners)
+    assert (got is None) == (why is None) and (why is None or why in got), got
+    # the same through a ChainMap (the agent's: this host's domains, then the records), and a plain dict
+    assert records.taken(addresses[0], addresses, ChainMap(records.Owners(), owners)) == got
+    assert records.taken(addresses[0], addresses, dict(OWNED)) == got
+    # its own prefixes do not count against it
+    assert records.taken("2001:db8::20", ("2001:db8::20", "10.2.0.0/16", "10.2.5.0/24"), owners) is None

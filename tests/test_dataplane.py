@@ -193,11 +193,12 @@ CASES = [
 ]
 
 
-def v4_twin(b: bytes, ether: bool = True) -> bytes | None:
+def v4_twin(b: bytes, ether: bool = True, v4_of: dict[str, str] = L.V4_OF) -> bytes | None:
     """The same frame (or hold-ring record, from the IPv6 header on: ether=False) with its inner IPv6 packet to a
-    lab VM replaced by the IPv4 packet to the VM's IPv4 address (same payload, TTL = hop limit); None when it
-    has no such inner packet. Everything around it is kept as it was, lengths and next headers updated."""
-    v4_of = {str(ipaddress.IPv6Address(k)): v for k, v in L.V4_OF.items()}
+    lab VM replaced by the IPv4 packet to the VM's IPv4 address (`v4_of`; same payload, TTL = hop limit); None
+    when it has no such inner packet. Everything around it is kept as it was, lengths and next headers
+    updated."""
+    v4_of = {str(ipaddress.IPv6Address(k)): v for k, v in v4_of.items()}
     pkt = Ether(b) if ether else IPv6(b)
     layer = pkt
     while layer and not (isinstance(layer, IPv6) and layer.dst in v4_of and UDP in layer):
@@ -230,6 +231,57 @@ def _v4_cases(cases: list[Case]) -> list[Case]:
             ring=c.ring and (lambda c=c: v4_twin(c.ring(), ether=False)), domain=c.domain))
     return out
 
+
+def prefix_twin(b: bytes, ether: bool = True) -> bytes | None:
+    """The same frame (or hold-ring record) with its inner IPv6 packet to a lab VM sent to an address inside the
+    VM's IPv6 prefix instead (L.IN_PREFIX); None when it has no such inner packet or the VM routes no prefix."""
+    to = {str(ipaddress.IPv6Address(k)): v[0] for k, v in L.IN_PREFIX.items()}
+    pkt = Ether(b) if ether else IPv6(b)
+    layer = pkt
+    while layer and not (isinstance(layer, IPv6) and layer.dst in to and UDP in layer):
+        layer = layer.payload
+    if not layer:
+        return None
+    layer.dst = to[layer.dst]
+    del layer[UDP].chksum  # the pseudo-header changed
+    return bytes(pkt)
+
+
+# The VM-lookup rows (a verdict, or the VM's state refusing the behaviour) sent to an address inside one of the
+# VM's prefixes, IPv6 and IPv4: vm_table misses, vm_prefixes names the VM, and its entry decides as for its
+# own address. The IPv4 prefixes belong to the same VMs (IPv6 ids): one entry moves both families.
+def _prefix_cases(cases: list[Case]) -> list[Case]:
+    v4_in_prefix = {vm: v4 for vm, (_, v4) in L.IN_PREFIX.items()}
+    out = []
+    for c in cases:
+        if not (c.verdict in ("deliver", "forward", "hold") or c.reason == "vm_state") or \
+                prefix_twin(c.packet()) is None:
+            continue
+        out.append(Case(
+            "[prefix] " + c.desc, lambda c=c: prefix_twin(c.packet()), c.action, c.verdict, c.reason,
+            expect=c.expect and (lambda c=c: prefix_twin(c.expect())),
+            ring=c.ring and (lambda c=c: prefix_twin(c.ring(), ether=False)), domain=c.domain))
+        out.append(Case(
+            "[IPv4] [prefix] " + c.desc, lambda c=c: v4_twin(c.packet(), v4_of=v4_in_prefix), c.action,
+            c.verdict, c.reason, expect=c.expect and (lambda c=c: v4_twin(c.expect(), v4_of=v4_in_prefix)),
+            ring=c.ring and (lambda c=c: v4_twin(c.ring(), ether=False, v4_of=v4_in_prefix)), domain=c.domain))
+    return out
+
+
+PREFIX_CASES = [
+    Case("[prefix] outside every prefix, next to one: no VM", encaps([L.SID_DX6], "2001:db8:110:1::5"), XDP_DROP,
+         "drop", "unknown_vm"),
+    Case("[IPv4] [prefix] outside every prefix, next to one: no VM", lambda: encaps4([L.SID_DX6], "10.10.11.5")(),
+         XDP_DROP, "drop", "unknown_vm"),
+    Case("[prefix] a prefix of a VM with no entry: no VM", encaps([L.SID_DX6], L.IN_PREFIX[L.VM_UNKNOWN][0]),
+         XDP_DROP, "drop", "unknown_vm"),
+    Case("[IPv4] [prefix] a prefix of a VM with no entry: no VM",
+         lambda: encaps4([L.SID_DX6], L.IN_PREFIX[L.VM_UNKNOWN][1])(), XDP_DROP, "drop", "unknown_vm"),
+    Case("[prefix] the prefix's network address: the VM's too", encaps([L.SID_DX6], "2001:db8:110::"),
+         XDP_REDIRECT, "deliver", expect=delivered("2001:db8:110::")),
+    Case("[prefix] an IPv6 packet to an IPv4 prefix's mapped address: no VM", encaps([L.SID_DX6],
+         "::ffff:10.10.10.5"), XDP_DROP, "drop", "unknown_vm"),
+]
 
 V4_INNER_OFF = SRH_OFF + 8 + 16  # the inner header behind a one-segment SRH
 
@@ -273,7 +325,8 @@ IPV4_CASES = [
 ]
 
 V4_CASES = _v4_cases(CASES)
-ALL_CASES = CASES + V4_CASES + IPV4_CASES
+PREFIX_CASES += _prefix_cases(CASES)
+ALL_CASES = CASES + V4_CASES + IPV4_CASES + PREFIX_CASES
 
 
 @contextlib.contextmanager
@@ -296,12 +349,17 @@ def lab():
 
 def test_every_ipv6_behaviour_row_has_an_ipv4_twin():
     """The generator keeps up with the table: every row that reaches a VM (or End) with an inner IPv6 packet
-    to a lab VM is generated for IPv4 too."""
+    to a lab VM is generated for IPv4 too, and, when the VM routes prefixes, for an address inside each."""
     twins = {c.desc.removeprefix("[IPv4] ") for c in V4_CASES}
     for c in CASES:
         if c.verdict in ("deliver", "forward", "hold") and "IPv4" not in c.desc:
             assert c.desc in twins, c.desc
     assert len(V4_CASES) >= 40
+    prefixed = {c.desc.removeprefix("[IPv4] ").removeprefix("[prefix] ") for c in PREFIX_CASES}
+    for c in CASES:
+        if c.verdict in ("deliver", "forward", "hold") and prefix_twin(c.packet()) is not None:
+            assert c.desc in prefixed, c.desc
+    assert sum(c.desc.startswith("[IPv4] [prefix]") for c in PREFIX_CASES) >= 15
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.desc for c in ALL_CASES])
@@ -643,3 +701,73 @@ def test_counters_per_family_as_printed(lab):
         other = "ipv6" if family == "ipv4" else "ipv4"
         assert after[other] == before[other]
         assert after["verdicts"]["deliver"] == before["verdicts"]["deliver"] + 1
+
+
+def test_prefix_follows_its_vm(lab):
+    """A prefix's addresses take the entry of the VM it points at, whatever that entry says next (one write of
+    the id moves them); the prefix's own writes are seen by the next packet (a copy of "no such VM" made
+    before the prefix existed goes); an exact entry inside a prefix wins over it; hold-ring records of a
+    prefix's packets name the VM by its id. VmAddressSet writes and deletes the prefixes a VM lists."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import hold_ring_reader, read_hold_packets
+    from srmig.ctl.maps import VmAddressSet
+
+    vm, p6, p4 = "2001:db8:100::79", "2001:db8:179::/64", "10.10.79.0/24"
+    to6 = encaps(S_PATH, "2001:db8:179::9")()
+    to4 = encaps4(S_PATH, "10.10.79.9")()
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # per-CPU copies: every run on the same CPU
+    dp = lab.dp
+    try:
+        with hold_ring_reader(dp) as ring:
+            read_hold_packets(ring)
+            dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+            assert _verdict(lab, to6) == "unknown_vm" and _verdict(lab, to4) == "unknown_vm"
+            assert dp.set_vm_prefix("2001:db8:179:0::/64", vm) == p6 and dp.set_vm_prefix(p4, vm) == p4
+            assert _verdict(lab, to6) == "forward" and _verdict(lab, to4) == "forward"
+            dp.set_vm(vm, VmState.HOLD, next_sid=L.D_DX6)
+            assert _verdict(lab, to6) == "hold" and _verdict(lab, to4) == "hold"
+            got = dp.get_vm(p4)
+            assert got.vm == p4 and got.of == vm and got.state is VmState.HOLD
+            assert {(e.vm, e.of) for e in dp.list_vms() if e.of} >= {(p6, vm), (p4, vm)}
+            dp.set_vm("2001:db8:179::9", VmState.AWAY, next_sid=L.D_DX6)  # exact first
+            assert _verdict(lab, to6) == "forward" and _verdict(lab, to4) == "hold"
+            dp.del_vm("2001:db8:179::9")
+            assert dp.del_vm(p6) is True and dp.del_vm_prefix(p4) is True and dp.del_vm(p6) is False
+            assert _verdict(lab, to6) == "unknown_vm" and _verdict(lab, to4) == "unknown_vm"
+            with pytest.raises(ValueError, match="is a prefix"):
+                dp.set_vm(p6, VmState.RUNNING)
+            with pytest.raises(ValueError, match="host bits"):
+                dp.set_vm_prefix("10.10.79.1/24", vm)
+            both = VmAddressSet(dp, lambda v: (vm, p6, p4))
+            both.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+            assert set(dp.list_vm_prefixes()) >= {(p6, vm), (p4, vm)}
+            assert _verdict(lab, to6) == "forward" and _verdict(lab, to4) == "forward"
+            both.del_vm(vm)
+            assert p6 not in dict(dp.list_vm_prefixes()) and p4 not in dict(dp.list_vm_prefixes())
+            assert _verdict(lab, to6) == "unknown_vm" and _verdict(lab, to4) == "unknown_vm"
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for p in (p6, p4):
+            dp.del_vm_prefix(p)
+        for a in (vm, "2001:db8:179::9"):
+            dp.del_vm(a)
+        with dp.hold_ring(lambda r: None) as ring:
+            ring.poll(0)
+
+
+@pytest.mark.parametrize("family", [6, 4])
+def test_hold_ring_names_a_prefix_packet_by_its_vm(lab, family):
+    """A packet to an address of a VM's prefix, parked in the hold ring, is named by the VM's id: the vm_table
+    key whose entry applied, the one the drain knows the VM by."""
+    i = 0 if family == 6 else 1
+    addr = L.IN_PREFIX[L.VM_HOLD][i]
+    build = inner if family == 6 else inner4
+    records = []
+    with lab.dp.hold_ring(records.append) as ring:
+        ring.poll(0)
+        records.clear()
+        assert lab.run(bytes(h_encaps(S_PATH, build(addr), dst_mac=L.FAB_MAC))).action == "XDP_DROP"
+        ring.poll(0)
+    assert [r.vm for r in records] == [L.VM_HOLD]
+    assert (IPv6(records[0].packet)[IPv6].payload.payload[IP if family == 4 else IPv6].dst == addr)

@@ -163,6 +163,15 @@ def test_decapsulate_returns_the_inner_packet_of_either_family(name, packet, inn
     ("ipv4, addresses unknown", frame(0x0800, V4), None, True),
     ("nd, addresses unknown", frame(0x86DD, ND_NS), None, False),
     ("arp, addresses unknown", frame(0x0806, ARP_REQ), None, False),
+    # a VM that routes prefixes: any address inside is the VM's, next to them not
+    ("ipv6 inside a prefix", frame(0x86DD, bytes(IPv6(dst="2001:db8:99::7") / UDP())), [VM, "2001:db8:99::/64"],
+     True),
+    ("ipv6 next to a prefix", frame(0x86DD, bytes(IPv6(dst="2001:db8:99:1::7") / UDP())),
+     [VM, "2001:db8:99::/64"], False),
+    ("ipv4 inside a prefix", frame(0x0800, bytes(IP(dst="10.99.0.7") / UDP())), [VM, "10.99.0.0/24"], True),
+    ("ipv4 next to a prefix", frame(0x0800, bytes(IP(dst="10.99.1.7") / UDP())), [VM, "10.99.0.0/24"], False),
+    ("ipv6 to an ipv4 prefix's mapped address", frame(0x86DD, bytes(IPv6(dst="::ffff:10.99.0.7") / UDP())),
+     [VM, "10.99.0.0/24"], False),
 ])
 def test_the_vms_frames_are_ip_to_one_of_its_addresses(name, frame_, addresses, carried):
     vm = encap.VmPackets(addresses)
@@ -176,7 +185,10 @@ def test_vm_keys_are_the_programs():
     assert vm.keys == {ipaddress.IPv6Address(VM).packed: VM,
                        ipaddress.IPv6Address("::ffff:" + VM4).packed: VM4}
     with pytest.raises(ValueError):
-        encap.VmPackets(["198.51.100.0/24"])
+        encap.VmPackets(["198.51.100.1/24"])  # host bits set: neither an address nor a prefix
+    vm = encap.VmPackets([VM, "198.51.100.0/24", VM4])  # a prefix has no entry of its own: not a key
+    assert (vm.addresses, vm.prefixes) == ([VM, VM4], ["198.51.100.0/24"])
+    assert set(vm.keys.values()) == {VM, VM4}
 
 
 @pytest.mark.netns
@@ -441,6 +453,49 @@ def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
     assert (rep.from_tap, rep.from_tap_ipv4, rep.from_ring) == (64, 32, 40)
     assert rep.not_vm >= len(JUNK) and rep.send_dropped == 0 and rep.timings["ring_after_flip"] == 0
     assert _entries(dp) == [(VmState.AWAY, D_DX6, False, False)] * 2
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_drain_carries_a_vms_prefixes_in_the_same_stream(srv6_host, at_d):
+    """A VM that routes a prefix of each family (vm_prefixes, pointing at its id): the drain carries what its
+    tap held for addresses inside them and what the program parked for them, in order with the VM's own
+    addresses' packets, each with its family's next header; the prefixes follow the id's entry (AWAY after
+    the flip) without a write of their own."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+
+    topo, dp, holder = srv6_host
+    p6, p4, in6, in4 = "2001:db8:1ff::/64", "10.99.0.0/24", "2001:db8:1ff::7", "10.99.0.7"
+    with topo.ipr("S") as ipr:  # routed via the VM, as an operator's subnet behind it
+        idx = ipr.link_lookup(ifname="vmtap")[0]
+        ipr.route("replace", dst=p6, gateway=VM, oif=idx, flags=4, family=10)  # RTNH_F_ONLINK
+        ipr.route("replace", dst=p4, gateway=VM4, oif=idx, flags=4, family=2)
+        ipr.neigh("replace", dst=VM, lladdr=VM_MAC, ifindex=idx, state=0x80, family=10)
+    h_mac, path = topo.mac("S", "h_in"), [H_END_S, D_SBUF]
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.RUNNING)
+    dp.set_vm_prefix(p6, VM)
+    dp.set_vm_prefix(p4, VM)
+    queued = _stream("A", "64" * 8, vm6=in6, vm4=in4) + _stream("E", "46" * 4)
+    parked, after = _stream("B", "6446" * 3, vm6=in6, vm4=in4), _stream("C", "46" * 3, vm6=in6, vm4=in4)
+    _ingress_send(topo, h_mac, path, queued)  # End.S, running: delivered into the paused tap
+    for a in (VM, VM4):
+        dp.set_vm(a, VmState.HOLD, next_sid=D_DX6)
+    _ingress_send(topo, h_mac, path, parked)
+    with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
+        rep = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4, p6, p4]).run(queue)
+    _ingress_send(topo, h_mac, path, after)
+
+    want = queued + parked + after
+    got = _arrived(at_d, len(want))
+    assert [g[0] for g in got] == [m for m, _, _ in want], "once each, in order, nothing else"
+    for (mark, fam, inner), (_, src, dst, sl, nh, got_inner) in zip(want, got):
+        assert (src, dst, sl) == (H_ADDR if mark[0] in "AE" else OUTER_SRC, D_SBUF, 0), mark
+        assert (nh, got_inner) == (41 if fam == 6 else 4, inner), mark
+    assert (rep.from_tap, rep.from_ring) == (len(queued), len(parked))
+    assert _entries(dp) == [(VmState.AWAY, D_DX6, False, False)] * 2
+    assert dp.get_vm(p6).state is VmState.AWAY and dp.get_vm(p4).of == VM
 
 
 @pytest.mark.bpf

@@ -303,6 +303,54 @@ def test_a_vms_addresses_switch_together(encap_prog, first, then):
 
 @pytest.mark.bpf
 @pytest.mark.netns
+def test_a_vms_prefixes_take_its_list(encap_prog):
+    """A VM that routes subnets (encap_prefixes): a packet to any address of its IPv6 or IPv4 prefix takes the
+    VM's list with its own family's next header, switches with the VM's addresses in one set_many, is counted
+    under the prefix; an address next to the prefix is not steered; an exact entry inside a prefix wins (the
+    exact lookup comes first); cleared, the prefix's packets pass untouched."""
+    encap, fd = encap_prog
+    p6, p4 = "2001:db8:99::/64", "10.99.0.0/24"
+    frames = {p6: ETH + _ipv6("2001:db8:c::1", "2001:db8:99::7", _echo()),
+              p4: ETH4 + _ipv4("192.0.2.1", "10.99.0.7", _echo())}
+    outside = [ETH + _ipv6("2001:db8:c::1", "2001:db8:99:1::7", _echo()), ETH4 + _ipv4("192.0.2.1", "10.99.1.7",
+                                                                                     _echo())]
+
+    def carried() -> dict[str, tuple[bytes, bytes]]:
+        out = {}
+        for vm, frame in frames.items():
+            data = libbpf.prog_test_run(fd, frame).data
+            srh_len = 8 * (data[55] + 1)
+            assert data[54 + srh_len:] == frame[14:], "the inner packet untouched"
+            out[vm] = (data[38:54], data[54:54 + srh_len])
+        return out
+
+    try:
+        encap.set_many([VM, "2001:DB8:99:0::/64", p4], LISTS[0])
+        assert carried() == {p6: (_a(LISTS[0][0]), ingress.build_srh(LISTS[0])),
+                             p4: (_a(LISTS[0][0]), ingress.build_srh(LISTS[0], next_header=4))}
+        encap.set_many([VM, p6, p4], LISTS[1])
+        assert carried() == {p6: (_a(LISTS[1][0]), ingress.build_srh(LISTS[1])),
+                             p4: (_a(LISTS[1][0]), ingress.build_srh(LISTS[1], next_header=4))}
+        for pkt in outside:
+            assert libbpf.prog_test_run(fd, pkt).data == pkt
+        entries = {e.vm: e for e in encap.entries()}
+        assert list(entries) == [p4, p6, VM]  # by address: 2001:db8:99:: before 2001:db8:100::
+        assert {vm: (e.segments, e.stats["packets"]) for vm, e in entries.items()} == {
+            VM: (LISTS[1], 0), p6: (LISTS[1], 2), p4: (LISTS[1], 2)}
+        encap.set("2001:db8:99::7", LISTS[2])  # another entry inside the prefix: exact first
+        assert libbpf.prog_test_run(fd, frames[p6]).data[38:54] == _a(LISTS[2][0])
+        encap.clear("2001:db8:99::7")
+        with pytest.raises(ValueError, match="host bits"):
+            encap.set("10.99.0.1/24", LISTS[0])
+    finally:
+        assert encap.clear_many([VM, p6, p4]) == {VM: True, p6: True, p4: True}
+    for pkt in frames.values():
+        assert libbpf.prog_test_run(fd, pkt).data == pkt
+    assert encap.entries() == [] and list(encap.prefixes.keys()) == []
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
 def test_a_bad_address_writes_nothing(encap_prog):
     """set_many checks every address first: one bad address leaves the others as they were."""
     encap, fd = encap_prog
@@ -418,6 +466,26 @@ def test_ping_through_the_encap(path, vm):
     assert ping(topo, count=3, size=1400, vm=vm) == 3
     assert encap.stats()["counters"]["drop_too_big"] == 0
     assert encap.stats()["families"]["6" if vm == VM else "4"]["packets"] >= 5 + 3 * 2
+
+
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.parametrize("prefix, inside", [("2001:db8:99::/64", "2001:db8:99::7"), ("10.99.0.0/24", "10.99.0.7")],
+                         ids=["ipv6", "ipv4"])
+def test_ping_a_vms_prefix_through_the_encap(path, prefix, inside):
+    """A subnet the VM routes (here an address of it on the VM's lo): I steers the prefix (encap_prefixes, a
+    route to the prefix), D finds the VM through vm_prefixes and delivers to it; the replies come back."""
+    topo, encap, d_dp = path
+    with topo.ipr("VM") as ipr:
+        ipr.addr("add", index=netlink.ifindex("lo", ipr), address=inside, prefixlen=32 if "." in inside else 128)
+    topo.route("D", prefix, gateway=VM4 if "." in inside else VM, oif="d_vm")  # routed via the VM
+    d_dp.set_vm_prefix(prefix, VM)
+    steer(topo, "I", encap, prefix, [D_DX6], D_LINK, "i0")
+    before = _delivered(d_dp)
+    assert ping(topo, vm=inside) == 5
+    assert encap.stats()["vms"][prefix]["packets"] >= 5 and _delivered(d_dp) - before >= 5
+    with topo.ipr("I") as ipr:
+        assert netlink.del_route(prefix, ipr)  # the route steering it was the prefix itself
 
 
 def tcp_bulk(topo, nbytes: int, timeout_s: float = 30.0, vm: str = VM) -> tuple[int, str, float]:

@@ -1,6 +1,7 @@
 """Differential fuzzing: the real XDP program (BPF_PROG_TEST_RUN in srmig/testbed/lab.py's namespace) against
 the pure-Python reference model (srmig/testbed/refmodel.py), over mutations of tests/test_dataplane.py's
-CASES (their IPv4 twins included) and random IPv6/SRH packets around inner IPv6 or IPv4 packets.
+CASES (their IPv4 and prefix twins included) and random IPv6/SRH packets around inner IPv6 or IPv4 packets, to
+the VMs' addresses and to addresses inside (and next to) the prefixes they route.
 
 Every other batch runs with an SR domain configured (RFC 8754 5.1), in the program and in the model alike.
 Per packet: XDP action, and the output frame unless dropped. Per batch of K packets: drop-reason and verdict
@@ -45,6 +46,11 @@ VMS = [A(v) for v in (L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_IN
 VMS4 = [ipaddress.IPv4Address(L.V4_OF[v]).packed for v in (
     L.VM_RUNNING, L.VM_AWAY, L.VM_HOLD, L.VM_INCOMING, L.VM_INCOMING_RING, L.VM_PARKED, L.VM_NO_NEIGH,
     L.VM_UNREACHABLE, L.VM_UNKNOWN)] + [bytes((192, 0, 2, 1)), bytes((127, 0, 0, 1))]
+# Addresses inside the VMs' prefixes (vm_prefixes), their network addresses, and addresses next to them.
+VMS += [A(p6) for p6, _ in L.IN_PREFIX.values()] + [A("2001:db8:110::"), A("2001:db8:110:1::5"),
+                                                      A("2001:db8:130:ffff:ffff:ffff:ffff:ffff")]
+VMS4 += [ipaddress.IPv4Address(p4).packed for _, p4 in L.IN_PREFIX.values()] + [
+    bytes((10, 10, 10, 0)), bytes((10, 10, 10, 255)), bytes((10, 10, 11, 5))]
 OTHERS = [A(x) for x in (L.D_SBUF, L.D_DX6, L.T_END, L.NOT_OURS, L.FAB_PEER, "2001:db8:f::1", "2001:db8:f::9",
                          "ff02::1", "fd00::1", "2001:db8:9::1")]
 POOL = SIDS + VMS + OTHERS

@@ -825,9 +825,23 @@ def test_vm_addresses_at_the_ingress(ingress_ns, writer, tmp_path, caplog):
         put(v2, 2, seg1, [v2])
         sync(4)
         assert encap(role) == {v1: seg2, a2: seg2, v2: seg1, shared: seg2}, "v2 no longer had it"
-        writer.kv.delete(f"vms/{v1}")
+        p4, p6 = "10.42.0.0/24", "2001:db8:4242::/64"  # prefixes v1 routes: an entry and a route each
+        put(v1, 4, seg1, [v1, a2, shared, p4, p6])
         sync(5)
-        assert encap(role) == {v2: seg1}
+        assert encap(role) == {v1: seg1, a2: seg1, v2: seg1, shared: seg1, p4: seg1, p6: seg1}
+
+        def routed(prefix: str) -> bool:
+            family = "-6" if ":" in prefix else "-4"
+            return bool(ingress_ns.run("ing", "ip", family, "route", "show", prefix).stdout.strip())
+
+        assert routed(p4) and routed(p6)  # steered to the encap interface: the prefix's own route
+        put(v1, 5, seg1, [v1, a2, shared, p6])  # p4 let go in one version
+        sync(6)
+        assert encap(role) == {v1: seg1, a2: seg1, v2: seg1, shared: seg1, p6: seg1}
+        assert not routed(p4) and routed(p6)
+        writer.kv.delete(f"vms/{v1}")
+        sync(7)
+        assert encap(role) == {v2: seg1} and list(role.encap.prefixes.keys()) == [] and not routed(p6)
         st = role.status()
         assert (st["routes"], st["addresses"], st["errors"]) == (2, 2, 0), role.last_error  # v2's, the sentinel
     assert counts() == at_start

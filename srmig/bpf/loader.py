@@ -28,7 +28,7 @@ MERGED_HEADERS = Path(os.environ.get("SRMIG_STATE", "/var/lib/srmig")) / "kernel
 
 PROG = "prog"
 MAPS = ("sid_table", "vm_table", "sid_stats", "drop_stats", "verdict_stats", "meta", "hold_ring", "shadow_ring",
-        "sr_domain", "inner_stats")
+        "sr_domain", "inner_stats", "vm_prefixes")
 
 # linux/if_link.h XDP_FLAGS_*
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1
@@ -49,13 +49,15 @@ class Limits:
     max_vms: int = 65536
     hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~8000 held packets); a power of two
     max_domain_prefixes: int = 256  # SR domain source prefixes (RFC 8754 5.1)
+    max_vm_prefixes: int = 16384  # prefixes VMs route (vm_prefixes, encap_prefixes)
 
     def cflags(self) -> list[str]:
         if self.hold_ring_pages & (self.hold_ring_pages - 1):
             raise LoaderError(f"hold ring pages must be a power of two, got {self.hold_ring_pages}")
         return [f"-DSRMIG_MAX_SIDS={self.max_sids}", f"-DSRMIG_MAX_VMS={self.max_vms}",
                 f"-DSRMIG_HOLD_RING_PAGES={self.hold_ring_pages}",
-                f"-DSRMIG_MAX_DOMAIN_PREFIXES={self.max_domain_prefixes}"]
+                f"-DSRMIG_MAX_DOMAIN_PREFIXES={self.max_domain_prefixes}",
+                f"-DSRMIG_MAX_VM_PREFIXES={self.max_vm_prefixes}"]
 
 
 SO_NETNS_COOKIE = 71  # linux/socket.h, kernel >= 5.14
@@ -233,7 +235,7 @@ def unload(ifname: str) -> dict:
 
 # -- the ingress's H.Encaps: tc clsact egress ----------------------------------------------------------------
 
-ENCAP_MAPS = ("encap_table", "encap_vm_stats", "encap_stats")
+ENCAP_MAPS = ("encap_table", "encap_vm_stats", "encap_stats", "encap_prefixes")
 CLSACT_EGRESS = "ffff:fff3"  # the clsact qdisc's egress hook (TC_H_MIN_EGRESS under TC_H_CLSACT)
 ENCAP_PRIO = 0x5e6   # our filter's priority and handle on clsact egress, so we find and remove just ours
 ENCAP_HANDLE = 0x5e6

@@ -115,7 +115,8 @@ def cmd_status(args) -> int:
                   f"{mig}")
             differ = v.get("states_differ") or {}
             for a in v.get("addresses", [v["vm"]])[1:]:  # the VM's other addresses, under its id
-                print(f"    + {a}" + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
+                print(f"    + {a}" + ("  (a prefix it routes)" if "/" in a else "")
+                      + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
     for name, why in (st.get("rejected_domains") or {}).items():
         print(f"  not managed: domain {name}: {why}")
     if st.get("locations"):

@@ -83,17 +83,26 @@ def vm_key(address: str) -> bytes:
 
 class VmPackets:
     """Which packets are a VM's: IPv6 or IPv4 packets to one of its `addresses` (any number, both
-    families), ND aside (each host answers its own). None: every IPv6 or IPv4 packet but ND (a caller that
-    does not know the VM's addresses)."""
+    families) or to any address of a prefix it routes (ADDRESS/LENGTH among them), ND aside (each host answers
+    its own). None: every IPv6 or IPv4 packet but ND (a caller that does not know the VM's addresses).
+    `addresses` keeps the addresses alone (each an entry of the program's, which the callers write), `prefixes`
+    the prefixes (their packets take the id's entry: nothing to write for them)."""
 
     def __init__(self, addresses: Iterable[str] | None):
         self.addresses: list[str] | None = None
+        self.prefixes: list[str] = []
         self._to: dict[int, set[bytes]] = {6: set(), 4: set()}
+        self._nets: dict[int, list[tuple[int, int]]] = {6: [], 4: []}  # (network, mask) as integers
         if addresses is not None:
-            parsed = list(dict.fromkeys(ipaddress.ip_address(a) for a in addresses))
+            addresses = list(addresses)
+            nets = list(dict.fromkeys(ipaddress.ip_network(a) for a in addresses if "/" in a))
+            parsed = list(dict.fromkeys(ipaddress.ip_address(a) for a in addresses if "/" not in a))
             self.addresses = [str(a) for a in parsed]
+            self.prefixes = [str(n) for n in nets]
             for a in parsed:
                 self._to[a.version].add(a.packed)
+            for n in nets:
+                self._nets[n.version].append((int(n.network_address), int(n.netmask)))
         self.keys: dict[bytes, str] = {vm_key(a): a for a in self.addresses or ()}  # vm_table key -> address
 
     def packet(self, frame: bytes) -> bytes | None:
@@ -117,4 +126,7 @@ class VmPackets:
             da = packet[24:40]
         else:
             da = packet[16:20]
-        return self.addresses is None or da in self._to[v]
+        if self.addresses is None or da in self._to[v]:
+            return True
+        n = int.from_bytes(da, "big")
+        return any(n & mask == net for net, mask in self._nets[v])

@@ -243,7 +243,7 @@ class HostRole:
     @staticmethod
     def domain_owners(domains) -> dict[str, tuple[str, str]]:
         """address -> (the VM claiming it, where) of `domains` (Domain objects)."""
-        out: dict[str, tuple[str, str]] = {}
+        out = records.Owners()
         for d in domains:
             for a in d.addresses:
                 out.setdefault(a, (d.vm, f"domain {d.name!r}"))
@@ -255,7 +255,7 @@ class HostRole:
         what runs here, and a record left by a VM gone from here must not keep its addresses from a new one.
         Read leniently: a record malformed otherwise still claims its addresses (and is rejected where it
         is used)."""
-        out: dict[str, tuple[str, str]] = {}
+        out = records.Owners()
         if self.db is None:
             return out
         if entries is None:
@@ -289,17 +289,17 @@ class HostRole:
         where)). A domain that claims one is rejected whole (one line, counted as domain_xml, a status
         entry): moving the VM without that address would lose its traffic silently, moving it would take the
         other VM's. Its addresses are learnt when admitted, and a map entry of an address it no longer lists
-        is removed (no migration in flight: one in flight keeps what it moves)."""
+        is removed (no migration in flight: one in flight keeps what it moves). A prefix is taken where it
+        overlaps another VM's address or prefix."""
         if owners is None:  # the other domains here first, then the other hosts' records
             owners = collections.ChainMap(self.domain_owners(v for k, v in self.domains.items() if k != d.name),
                                           self.record_owners() if self._new_addresses(d) else {})
-        for a in d.addresses:
-            vm, where = owners.get(a, (d.vm, ""))
-            if vm != d.vm:
-                why = f"domain {records.show(d.name)}: address {a} is already VM {vm}'s ({where})"
-                records.reject("domain_xml", f"domain {d.name}", why)
-                self.domain_rejected(d.name, why)
-                return False
+        why = records.taken(d.vm, d.addresses, owners)
+        if why is not None:
+            why = f"domain {records.show(d.name)}: {why}"
+            records.reject("domain_xml", f"domain {d.name}", why)
+            self.domain_rejected(d.name, why)
+            return False
         self.rejected_domains.pop(d.name, None)
         old = self.vm_addresses.get(d.vm, ())
         self.set_addresses(d.vm, d.addresses)

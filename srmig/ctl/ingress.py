@@ -1,7 +1,8 @@
 """The ingress's dataplane: H.Encaps (RFC 8986 5.1) towards each VM along its segment list.
 
-A VM address is IPv6 or IPv4 (H.Encaps of an IPv4 packet: the SRH's next header is 4); a VM with several
-addresses takes one list for all of them (`set_many`).
+A VM address is IPv6 or IPv4 (H.Encaps of an IPv4 packet: the SRH's next header is 4), or a prefix the VM
+routes (BpfEncap: an entry under the prefix's network address and the prefix in encap_prefixes; the kernel: a
+route to the prefix); a VM with several addresses takes one list for all of them (`set_many`).
 
 Two implementations with one interface (`set`, `set_many`, `clear`, `clear_many`, `stats`; BpfEncap also
 `entries`):
@@ -11,10 +12,11 @@ Two implementations with one interface (`set`, `set_many`, `clear`, `clear_many`
 - KernelEncap: the kernel's `encap seg6 mode encap` routes (srmig.netlink), where the kernel has SRv6 lwtunnels.
 
 Both are idempotent (set replaces; deleting an absent entry is success). With BpfEncap the route to the VM
-(`route_vm`: a /128, or for an IPv4 address a /32 via the same IPv6 next hop, RFC 5549 style) only steers the
-packet out of the interface the program runs on, at the next hop towards the SIDs; its MTU leaves room for the
-longest list the program can add, so the MTU never changes in the middle of a migration and the kernel, not
-the program, tells senders the path MTU (ICMPv6 Packet Too Big or ICMP Fragmentation Needed, TCP MSS).
+(`route_vm`: a /128, or for an IPv4 address a /32 via the same IPv6 next hop, RFC 5549 style; a prefix's own)
+only steers the packet out of the interface the program runs on, at the next hop towards the SIDs; its MTU
+leaves room for the longest list the program can add, so the MTU never changes in the middle of a migration
+and the kernel, not the program, tells senders the path MTU (ICMPv6 Packet Too Big or ICMP Fragmentation
+Needed, TCP MSS).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srmig import netlink
-from srmig.ctl.maps import _addr, _str, _vm_addr, _vm_sort, _vm_str
+from srmig.ctl.maps import _addr, _str, _vm_addr, _vm_prefix, _vm_prefix_str, _vm_sort, _vm_str, is_prefix
 from srmig.bpf import abi, libbpf, loader
 
 ffi = libbpf.ffi
@@ -45,16 +47,19 @@ SRH_NEXT_IPV6, SRH_NEXT_IPV4, SRH_TYPE = 41, 4, 4
 
 
 def vm_address(vm: str) -> str:
-    """`vm` checked and normalised: an IPv6 or IPv4 address, as srmig prints it."""
-    return _vm_str(_vm_addr(vm))
+    """`vm` checked and normalised: an IPv6 or IPv4 address, or a prefix a VM routes (ADDRESS/LENGTH, no host
+    bits), as srmig prints it."""
+    return _vm_prefix_str(*_vm_prefix(vm)) if is_prefix(vm) else _vm_str(_vm_addr(vm))
 
 
 def is_ipv4(vm: str) -> bool:
-    return ipaddress.ip_address(vm).version == 4
+    return ipaddress.ip_network(vm).version == 4
 
 
 def vm_prefix(vm: str) -> str:
-    """The host route's destination for a VM address: a.b.c.d/32 or x::y/128."""
+    """The route's destination for a VM address: a.b.c.d/32 or x::y/128; a prefix the VM routes as it is."""
+    if is_prefix(vm):
+        return vm
     return f"{vm}/32" if is_ipv4(vm) else f"{vm}/128"
 
 
@@ -148,12 +153,24 @@ class BpfEncap(libbpf.PinnedMaps):
         self.vm_stats = self._map("encap_vm_stats", "struct srmig_encap_key", "struct srmig_encap_vm_stats",
                                   percpu=True)
         self.counters = self._map("encap_stats", "uint32_t", "uint64_t", percpu=True)
+        # A program loaded before VM prefixes has no such pin: it steers addresses only (set_many says so).
+        self.prefixes = (self._map("encap_prefixes", "struct srmig_vm_prefix_key", "struct srmig_encap_key")
+                         if (self.pin_dir / "encap_prefixes").exists() else None)
 
     @staticmethod
     def _key(vm: str):
-        """The encap_table key (srmig_abi.h): an IPv6 address as it is, IPv4 as ::ffff:a.b.c.d."""
+        """The encap_table key (srmig_abi.h): an IPv6 address as it is, IPv4 as ::ffff:a.b.c.d; a prefix's entry
+        under its network address (the program finds it through encap_prefixes)."""
         key = ffi.new("struct srmig_encap_key *")
-        ffi.memmove(key.addr, _vm_addr(vm), 16)
+        ffi.memmove(key.addr, _vm_prefix(vm)[0] if is_prefix(vm) else _vm_addr(vm), 16)
+        return key
+
+    @staticmethod
+    def _prefix_key(prefix: str):
+        addr, prefixlen = _vm_prefix(prefix)
+        key = ffi.new("struct srmig_vm_prefix_key *")
+        key.prefixlen = prefixlen
+        ffi.memmove(key.addr, addr, 16)
         return key
 
     def set(self, vm: str, segments: list[str], source: str | None = None, reduced: bool = False) -> None:
@@ -170,6 +187,9 @@ class BpfEncap(libbpf.PinnedMaps):
         old list and the new one both reach the VM), so two addresses of one ingress may too."""
         addresses = check_addresses(addresses)
         segments = check_segments(segments)
+        if self.prefixes is None and any(is_prefix(a) for a in addresses):
+            raise ValueError("the loaded H.Encaps program predates VM prefixes: `srmig ingress unload`, then load "
+                             "it again")
         src = source or self.source or source_towards(segments[0])
         values = {}
         for family, next_header in ((6, SRH_NEXT_IPV6), (4, SRH_NEXT_IPV4)):
@@ -191,9 +211,13 @@ class BpfEncap(libbpf.PinnedMaps):
                 if e.errno != errno.EEXIST:
                     raise
             self.table.update(key, values[4 if is_ipv4(vm) else 6])
+            if is_prefix(vm):  # after its entry: the trie never points at nothing it has not had
+                self.prefixes.update(self._prefix_key(vm), key)
 
     def clear(self, vm: str) -> bool:
         key = self._key(vm)
+        if is_prefix(vm) and self.prefixes is not None:
+            self.prefixes.delete(self._prefix_key(vm))  # before its entry, as set_many in reverse
         found = self.table.delete(key)
         self.vm_stats.delete(key)
         return found
@@ -207,10 +231,15 @@ class BpfEncap(libbpf.PinnedMaps):
         return {f: sum(getattr(v, f) for v in per_cpu) for f in ("packets", "bytes", "dropped")}
 
     def entries(self) -> list[EncapEntry]:
+        """Every entry, a prefix's named by the prefix."""
+        prefix_of = {}
+        for k, v in (self.prefixes.items() if self.prefixes is not None else ()):
+            prefix_of[bytes(ffi.buffer(v.addr, 16))] = _vm_prefix_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen)
         out = []
         for key, v in self.table.items():
             segments, reduced = parse_srh(bytes(ffi.buffer(v.srh, v.srh_len)), _str(v.first_sid))
-            vm = _vm_str(bytes(ffi.buffer(key.addr, 16)))
+            raw = bytes(ffi.buffer(key.addr, 16))
+            vm = prefix_of.get(raw) or _vm_str(raw)
             out.append(EncapEntry(vm, segments, _str(v.src), reduced, v.hop_limit, self._vm_stats(key)))
         return sorted(out, key=lambda e: _vm_sort(e.vm))
 

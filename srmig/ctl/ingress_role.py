@@ -74,7 +74,7 @@ class IngressRole:
             return
         for e in self.encap.entries():
             try:
-                a = records.vm_address(e.vm, "an encap entry")
+                a = records.vm_address_or_prefix(e.vm, "an encap entry")
             except Rejected:
                 a = e.vm
             if a not in addresses:

@@ -48,6 +48,33 @@ def _vm_addr(text: str | bytes) -> bytes:
     return a.packed if a.version == 6 else bytes(10) + b"\xff\xff" + a.packed
 
 
+def is_prefix(vm: str) -> bool:
+    """Whether a VM address spelling is a prefix (ADDRESS/LENGTH): a subnet the VM routes."""
+    return isinstance(vm, str) and "/" in vm
+
+
+def _vm_prefix(text: str) -> tuple[bytes, int]:
+    """A VM prefix as the vm_prefixes / encap_prefixes key (srmig_abi.h): (the network address as vm_table
+    spells it, its length), an IPv4 prefix a.b.c.d/n as ::ffff:a.b.c.d/(96 + n). Host bits set is an error,
+    as for the SR domain: a typo must not silently widen or move what a VM receives."""
+    try:
+        net = ipaddress.ip_network(str(text).strip())
+    except ValueError:
+        raise ValueError(f"VM prefix: {text!r} is not an IPv6 or IPv4 prefix (ADDRESS/LENGTH, no host bits "
+                         f"set)") from None
+    if net.version == 4:
+        return bytes(10) + b"\xff\xff" + net.network_address.packed, 96 + net.prefixlen
+    return net.network_address.packed, net.prefixlen
+
+
+def _vm_prefix_str(addr: bytes, prefixlen: int) -> str:
+    """A vm_prefixes key as the prefix: IPv4 ones (IPv4-mapped, /96 and longer) as IPv4."""
+    a = ipaddress.IPv6Address(bytes(addr))
+    if a.ipv4_mapped is not None and prefixlen >= 96:
+        return f"{a.ipv4_mapped}/{prefixlen - 96}"
+    return f"{a}/{prefixlen}"
+
+
 def _vm_str(key: bytes) -> str:
     """A vm_table key as the VM's address: IPv4 VMs (IPv4-mapped keys) as IPv4."""
     a = ipaddress.IPv6Address(bytes(key))
@@ -55,8 +82,10 @@ def _vm_str(key: bytes) -> str:
 
 
 def _vm_sort(vm: str):
-    a = ipaddress.ip_address(vm)
-    return a.version, a
+    """Addresses and prefixes of both families in one order: IPv4 first, each family by address, a prefix
+    after the address it starts at."""
+    n = ipaddress.ip_network(vm)
+    return n.version, n.network_address, n.prefixlen
 
 
 @dataclass
@@ -79,10 +108,14 @@ class VmEntry:
     shadow: bool = False
     ring_first: bool = False  # behind the hold ring (the drain's flip, an abort's unpark: SRMIG_VM_F_RING_FIRST)
     park: bool = False        # RUNNING, parking in the hold ring (an abort: SRMIG_VM_F_PARK)
+    of: str | None = None     # a prefix's entry (vm_prefixes): the VM's id, whose vm_table entry it shows
 
     def to_dict(self) -> dict:
-        return {"vm": self.vm, "state": self.state.name.lower(), "next_sid": self.next_sid,
-                "hold_ring": self.hold_ring, "shadow": self.shadow}
+        out = {"vm": self.vm, "state": self.state.name.lower(), "next_sid": self.next_sid,
+               "hold_ring": self.hold_ring, "shadow": self.shadow}
+        if self.of is not None:
+            out["of"] = self.of
+        return out
 
 
 @dataclass
@@ -119,6 +152,7 @@ class Dataplane(libbpf.PinnedMaps):
         # After the version check: an older program has no such pin.
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
         self.inner_stats = self._map("inner_stats", "uint32_t", "uint64_t", percpu=True)
+        self.vm_prefixes = self._map("vm_prefixes", "struct srmig_vm_prefix_key", "struct srmig_vm_key")
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
@@ -200,6 +234,9 @@ class Dataplane(libbpf.PinnedMaps):
     def set_vm(self, vm: str, state: VmState | str, next_sid: str | None = None,
                hold_ring: bool = False, shadow: bool = False, ring_first: bool = False,
                park: bool = False) -> VmEntry:
+        if is_prefix(vm):
+            raise ValueError(f"{vm} is a prefix: its packets take the state of the VM it belongs to "
+                             f"(set_vm_prefix(prefix, VM), then set the VM's address)")
         st = state if isinstance(state, VmState) else abi.parse_state(state)
         if st == VmState.AWAY and next_sid is None:
             # End.S finds the next SID in the SRH; End.DX6-map needs it recorded to forward stragglers.
@@ -218,25 +255,82 @@ class Dataplane(libbpf.PinnedMaps):
                        park)
 
     def get_vm(self, vm: str) -> VmEntry | None:
+        """The entry of an address, or of a prefix (the entry of the VM it belongs to, `of` naming it)."""
+        if is_prefix(vm):
+            owner = self.vm_prefixes.lookup(self._vm_prefix_key(vm))
+            if owner is None:
+                return None
+            id_key = bytes(ffi.buffer(owner.addr, 16))
+            v = self.vms.lookup(self._vm_key(id_key))
+            return None if v is None else self._vm_entry(id_key, v, prefix=self._prefix_str(vm))
         v = self.vms.lookup(self._vm_key(vm))
         return None if v is None else self._vm_entry(_vm_addr(vm), v)
 
     @staticmethod
-    def _vm_entry(addr: bytes, v) -> VmEntry:
+    def _vm_entry(addr: bytes, v, prefix: str | None = None) -> VmEntry:
         nxt = bytes(ffi.buffer(v.next_sid, 16))
-        return VmEntry(_vm_str(addr), VmState(v.state),
+        return VmEntry(prefix or _vm_str(addr), VmState(v.state),
                        str(ipaddress.IPv6Address(nxt)) if any(nxt) else None,
                        bool(v.flags & abi.VM_F_HOLD_RING), bool(v.flags & abi.VM_F_SHADOW),
-                       bool(v.flags & abi.VM_F_RING_FIRST), bool(v.flags & abi.VM_F_PARK))
+                       bool(v.flags & abi.VM_F_RING_FIRST), bool(v.flags & abi.VM_F_PARK),
+                       of=_vm_str(addr) if prefix else None)
 
     def del_vm(self, vm: str) -> bool:
+        """Delete an address's entry, or a prefix's (del_vm_prefix)."""
+        if is_prefix(vm):
+            return self.del_vm_prefix(vm)
         gone = self.vms.delete(self._vm_key(vm))
         self._tables_changed()
         return gone
 
     def list_vms(self) -> list[VmEntry]:
+        """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none)."""
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
+        for prefix, vm in self.list_vm_prefixes():
+            v = self.vms.lookup(self._vm_key(vm))
+            if v is not None:
+                out.append(self._vm_entry(_vm_addr(vm), v, prefix=prefix))
         return sorted(out, key=lambda e: _vm_sort(e.vm))
+
+    # VM prefixes (vm_prefixes: a VM that routes a subnet) ---------------------------------------------------
+
+    def _vm_prefix_key(self, prefix: str):
+        addr, prefixlen = _vm_prefix(prefix)
+        key = ffi.new("struct srmig_vm_prefix_key *")
+        key.prefixlen = prefixlen
+        ffi.memmove(key.addr, addr, 16)
+        return key
+
+    @staticmethod
+    def _prefix_str(prefix: str) -> str:
+        return _vm_prefix_str(*_vm_prefix(prefix))
+
+    def set_vm_prefix(self, prefix: str, vm: str) -> str:
+        """Packets to any address of `prefix` that vm_table does not have take `vm`'s entry (`vm`: the VM's id,
+        an address). Returns the prefix as srmig spells it. Idempotent; the caller keeps prefixes of
+        different VMs apart (srmig.ctl.records.overlaps): the longest match would otherwise decide."""
+        if is_prefix(vm):
+            raise ValueError(f"a prefix's VM is named by an address, not the prefix {vm}")
+        try:
+            self.vm_prefixes.update(self._vm_prefix_key(prefix), self._vm_key(vm))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.E2BIG):
+                raise
+            raise ValueError(f"VM prefixes full ({libbpf.map_info(self.vm_prefixes.fd).max_entries}): cannot "
+                             f"add {prefix}") from None
+        self._tables_changed()  # a copy of "no such VM" for an address of the prefix must go
+        return self._prefix_str(prefix)
+
+    def del_vm_prefix(self, prefix: str) -> bool:
+        gone = self.vm_prefixes.delete(self._vm_prefix_key(prefix))
+        self._tables_changed()
+        return gone
+
+    def list_vm_prefixes(self) -> list[tuple[str, str]]:
+        """[(prefix, its VM's id)], in address order."""
+        out = [(_vm_prefix_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen),
+                _vm_str(bytes(ffi.buffer(v.addr, 16)))) for k, v in self.vm_prefixes.items()]
+        return sorted(out, key=lambda pv: _vm_sort(pv[0]))
 
     def set_vms_bulk(self, entries: list[tuple[bytes, VmState]]) -> None:
         """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
@@ -344,7 +438,8 @@ class Dataplane(libbpf.PinnedMaps):
 
 class VmAddressSet:
     """A Dataplane whose VM writes apply to all of a VM's addresses: set_vm(vm, ...) and del_vm(vm) write the
-    entry of every address `addresses(vm)` lists (the VM's id, its first address, included), so whatever
+    entry of every address `addresses(vm)` lists (the VM's id, its first address, included), and point every
+    prefix it lists at the id in vm_prefixes (or delete it), so whatever
     moves a VM through its migration's states by its id (the executor, the agent's steady state and
     reconciliation) moves all of its addresses in the same step, in the same order. Reads and everything
     else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
@@ -360,14 +455,31 @@ class VmAddressSet:
         """The id first, then the VM's other addresses (the VM map's key spelling decides what is the same)."""
         out, keys = [vm], {_vm_addr(vm)}
         for a in self.addresses(vm):
-            if (k := _vm_addr(a)) not in keys:
+            if (k := _vm_prefix(a) if is_prefix(a) else _vm_addr(a)) not in keys:
                 keys.add(k)
                 out.append(a)
         return out
 
     def set_vm(self, vm: str, state: VmState | str, **kw) -> VmEntry:
-        entries = [self.dp.set_vm(a, state, **kw) for a in self._all(vm)]
+        """Every address's entry, then each prefix pointed at the id (idempotent: a prefix listed since the
+        last write is written now; its packets follow the id's entry from then on)."""
+        addresses = self._all(vm)
+        entries = [self.dp.set_vm(a, state, **kw) for a in addresses if not is_prefix(a)]
+        for p in addresses:
+            if is_prefix(p) and self._owner(p) != vm:
+                self.dp.set_vm_prefix(p, vm)
         return entries[0]
 
+    def _owner(self, prefix: str) -> str | None:
+        owner = self.dp.vm_prefixes.lookup(self.dp._vm_prefix_key(prefix))
+        return None if owner is None else _vm_str(bytes(ffi.buffer(owner.addr, 16)))
+
     def del_vm(self, vm: str) -> bool:
-        return [self.dp.del_vm(a) for a in self._all(vm)][0]
+        """The prefixes first (they would point at nothing), then the addresses; whether the id had one. The
+        prefixes are those listed and any other pointing at the VM (a VM gone from here whose list is not
+        known any more: its grace period's end)."""
+        addresses = self._all(vm)
+        listed = {p for p in addresses if is_prefix(p)}
+        for p in sorted(listed | {p for p, owner in self.dp.list_vm_prefixes() if owner == vm}):
+            self.dp.del_vm_prefix(p)
+        return [self.dp.del_vm(a) for a in addresses if not is_prefix(a)][0]

@@ -8,7 +8,7 @@ import collections
 import time
 
 from srmig.bpf.abi import VmState
-from srmig.ctl import work
+from srmig.ctl import records, work
 from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
@@ -35,7 +35,7 @@ def reconcile(host, conn) -> dict:
     # the one that had it), then in libvirt's order; the other hosts' records, read once for all.
     known = [r for r in read if r[1] is not None and r[0] in host.domains]
     new = [r for r in read if r[1] is not None and r[0] not in host.domains]
-    claimed, by_records = {}, host.record_owners()
+    claimed, by_records = records.Owners(), host.record_owners()
     admitted: dict = {}
     seen = {}
     for name, d, state, reason in known + new:
@@ -127,7 +127,7 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                  for a in host.addresses_of(vm)}
         unexplained: dict[str, list] = {}
         for e in entries.values():
-            vm = vm_of.get(e.vm, e.vm)
+            vm = vm_of.get(e.vm, e.of or e.vm)  # (a prefix's entry: the VM it points at)
             if vm in seen or host.role_of(vm):
                 continue
             unexplained.setdefault(vm, []).append(e)
@@ -139,6 +139,12 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
             else:
                 for e in es:
                     host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
+                fixed += 1
+        # Prefixes pointing at a VM with no entry (list_vms() does not show them: their packets find no VM)
+        # and no VM here lists: left by an agent stopped between a VM's prefixes and its id; a trie slot each.
+        for prefix, vm in host.dp.list_vm_prefixes():
+            if prefix not in vm_of and vm not in entries:
+                host.dp.dp.del_vm_prefix(prefix)
                 fixed += 1
         # The addresses of VMs that are here, migrating, or still forwarding stragglers: the others are
         # forgotten with their entries.

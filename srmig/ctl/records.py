@@ -178,17 +178,117 @@ def _vm_ip(text: str) -> tuple[str, bool] | None:
     return str(a), usable
 
 
+# Where no VM's prefix may reach: the addresses vm_address() refuses, and the IPv4-mapped block (the VM map's
+# IPv4 keys: an IPv4 prefix is spelled as IPv4, and no IPv6 prefix may cover one, srmig_abi.h).
+_NOT_VMS = tuple(ipaddress.ip_network(n) for n in (
+    "::/128", "::1/128", "fe80::/10", "ff00::/8", "::ffff:0:0/96",
+    "0.0.0.0/32", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32"))
+
+
+def vm_prefix(v, what: str) -> str:
+    """A prefix a VM routes (a subnet behind it), in its canonical spelling (2001:db8:5::/64, 10.1.0.0/24): no
+    host bits set, more than one address (a /128 or /32 is an address: list it as one), not reaching an
+    address no VM can have (vm_address) nor, for IPv6, the IPv4-mapped ::ffff:0:0/96."""
+    if not isinstance(v, str) or len(v) > 64 or "%" in v or "/" not in v:
+        raise Rejected(f"{what}: expected an IPv6 or IPv4 prefix (ADDRESS/LENGTH), got {show(v)}")
+    try:
+        net = _net(v)
+    except ValueError:
+        raise Rejected(f"{what}: {show(v)} is not a prefix (ADDRESS/LENGTH, no host bits set)") from None
+    if net.num_addresses == 1:
+        raise Rejected(f"{what}: {net} is one address: list it as {net.network_address}")
+    bad = next((n for n in _NOT_VMS if n.version == net.version and net.overlaps(n)), None)
+    if bad is not None:
+        raise Rejected(f"{what}: {net} reaches {bad}, where no VM's address can be")
+    return str(net)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+def vm_address_or_prefix(v, what: str) -> str:
+    """vm_prefix() for ADDRESS/LENGTH, else vm_address()."""
+    return vm_prefix(v, what) if isinstance(v, str) and "/" in v else vm_address(v, what)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether two of a VM's addresses or prefixes (canonical spellings) share an address: the VM map could not
+    tell their VMs apart (an address inside another VM's prefix would be the exact entry's, the rest the
+    prefix's: a VM moved without part of its traffic)."""
+    if a == b:
+        return True
+    if "/" not in a and "/" not in b:
+        return False
+    x, y = _net(a), _net(b)
+    return x.version == y.version and x.overlaps(y)
+
+
+class Owners(dict):
+    """address or prefix -> (the VM claiming it, where), filled by setdefault(), with its prefixes also apart
+    (`prefixes`): checking a VM's addresses against another VM's prefixes (taken()) then reads those few, not
+    every address of every VM (reconciling 10^5 VMs checks each against all the others)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prefixes: dict[str, tuple[str, str]] = {}
+
+    def setdefault(self, key, default=None):
+        if "/" in key and key not in self:
+            self.prefixes[key] = default
+        return super().setdefault(key, default)
+
+
+def taken(vm: str, addresses: tuple[str, ...], owners) -> str | None:
+    """Why VM `vm` cannot have `addresses`, None when it can: one is another VM's in `owners` (address ->
+    (VM, where): a dict, an Owners, or a ChainMap of them, the first map's claim winning), overlaps one of
+    another VM's prefixes, or is a prefix holding another VM's address or prefix (overlaps())."""
+    for a in addresses:
+        other_vm, where = owners.get(a, (vm, ""))
+        if other_vm != vm:
+            return f"address {a} is already VM {other_vm}'s ({where})"
+    mine_prefixes = [a for a in addresses if "/" in a]
+    maps = owners.maps if hasattr(owners, "maps") else [owners]
+    for m in maps:  # other VMs' prefixes against all of ours
+        for other in (m.prefixes if isinstance(m, Owners) else [k for k in m if "/" in k]):
+            other_vm, where = owners[other]
+            if other_vm != vm:
+                for a in addresses:
+                    if overlaps(a, other):
+                        return f"{a} overlaps {other}, VM {other_vm}'s ({where})"
+    if mine_prefixes:  # our prefixes against every address of the others (a VM that routes one is rare)
+        for other, (other_vm, where) in owners.items():
+            if other_vm != vm and "/" not in other:
+                for a in mine_prefixes:
+                    if overlaps(a, other):
+                        return f"{a} overlaps {other}, VM {other_vm}'s ({where})"
+    return None
+
+
+def _disjoint(out, what: str) -> None:
+    """No two of one VM's addresses and prefixes overlap: each of its addresses has one entry (the ingress keys a
+    prefix's entry by its network address, and deleting one must not take another's)."""
+    prefixes = [a for a in out if "/" in a]
+    for i, p in enumerate(prefixes):
+        for a in out:
+            if a != p and overlaps(a, p) and (a not in prefixes or prefixes.index(a) > i):
+                raise Rejected(f"{what}: {a} and {p} overlap (list the prefix alone, or the addresses)")
+
+
 def vm_addresses(v, what: str, first: str | None = None) -> tuple[str, ...]:
-    """A VM's addresses: 1..MAX_ADDRESSES VM addresses (vm_address), no two the same, the first `first` (the
-    VM's id) when given."""
+    """A VM's addresses: 1..MAX_ADDRESSES VM addresses (vm_address) or prefixes it routes (vm_prefix), no two the
+    same, the first an address (the VM's id: `first` when given)."""
     if not isinstance(v, list) or not 1 <= len(v) <= MAX_ADDRESSES:
         raise Rejected(f"{what}: expected a list of 1..{MAX_ADDRESSES} VM addresses, got {show(v)}")
-    out = tuple(vm_address(x, f"{what}[{i}]") for i, x in enumerate(v))
+    out = tuple(vm_address(x, f"{what}[{i}]") if i == 0 else vm_address_or_prefix(x, f"{what}[{i}]")
+                for i, x in enumerate(v))
     if len(set(out)) != len(out):
         dup = next(a for i, a in enumerate(out) if a in out[:i])
         raise Rejected(f"{what}: {dup} listed twice")
     if first is not None and out[0] != first:
         raise Rejected(f"{what}: the first address must be the VM's {first}, got {out[0]}")
+    _disjoint(out, what)
     return out
 
 
@@ -236,7 +336,7 @@ def lenient_addresses(key: str, value) -> tuple[str, ...]:
     raw = value.get("addresses") if isinstance(value, dict) else None
     for a in [key[len("vms/"):], *(raw[:MAX_ADDRESSES] if isinstance(raw, list) else [])]:
         try:
-            a = vm_address(a, "address")
+            a = vm_address_or_prefix(a, "address")
         except Rejected:
             continue
         if a not in out:
@@ -361,10 +461,10 @@ def domain(xml) -> tuple[str, str, str | None, tuple[str, ...]] | None:
 def metadata_addresses(texts: list[str]) -> tuple[str, ...]:
     """The VM's addresses from its <srmig:address> elements, in their order (the first is the VM's id):
     each an IPv6 or IPv4 address (vm_address), optionally with the length of its interface's prefix
-    (2001:db8::10/64, 10.0.0.5/24: the address, as before). A prefix (no host bits: 10.1.0.0/24,
-    2001:db8:5::/64) is what a VM routing a subnet would list; the VM map finds a VM by its exact address,
-    so srmig cannot move a prefix yet and says so rather than move part of the VM. Empty elements are
-    ignored; none of the others may be malformed or listed twice."""
+    (2001:db8::10/64, 10.0.0.5/24: the address, as before), or a prefix the VM routes (no host bits:
+    10.1.0.0/24, 2001:db8:5::/64; vm_prefix), whose every address moves with the VM. The first must be an
+    address: the VM's id, which the VM map and the database key it by. Empty elements are ignored; none of
+    the others may be malformed or listed twice."""
     texts = [t for t in texts if t]
     if len(texts) > MAX_ADDRESSES:
         raise Rejected(f"srmig metadata: {len(texts)} addresses, more than the {MAX_ADDRESSES} a VM may have")
@@ -380,10 +480,17 @@ def metadata_addresses(texts: list[str]) -> tuple[str, ...]:
             except ValueError:
                 raise Rejected(f"{what}: expected ADDRESS or ADDRESS/LENGTH") from None
             if iface.ip == iface.network.network_address and iface.network.num_addresses > 1:
-                raise Rejected(f"{what} is a prefix: srmig moves a VM's exact addresses only (the VM map has "
-                               f"no prefix lookup); list the addresses the VM uses")
+                if not out:
+                    raise Rejected(f"{what} is a prefix: the first address is the VM's id, an address of its "
+                                   f"own; list that first, then the prefixes it routes")
+                p = vm_prefix(text, "srmig metadata's prefix")
+                if p in out:
+                    raise Rejected(f"srmig metadata: {p} listed twice")
+                out.append(p)
+                continue
         a = vm_address(addr, "srmig metadata's address")
         if a in out:
             raise Rejected(f"srmig metadata: {a} listed twice")
         out.append(a)
+    _disjoint(out, "srmig metadata")
     return tuple(out)

@@ -25,7 +25,8 @@ def agent_status(agent) -> dict:
         # One row per VM (its id), not per map entry: a VM's other addresses are listed in its row.
         known = {vm: host.vm_addresses.get(vm, (vm,)) for vm in [*host.vm_addresses, *host.machine.migrations]}
         of = {a: vm for vm, addrs in known.items() for a in addrs}
-        rows = {of.get(a, a) for a in entries} | set(host.machine.migrations)
+        # (a prefix's entry names its VM: `of`)
+        rows = {of.get(a, e.of or a) for a, e in entries.items()} | set(host.machine.migrations)
         for vm in sorted(rows, key=_address_order):
             m = host.machine.migrations.get(vm)
             e = entries.get(vm)

@@ -8,9 +8,11 @@ Keys (under the backend's prefix, e.g. /srmig/):
     migrations/<vm>/<host>    {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
     acks/<vm>/<ingress>       {"version"}
 
-<vm> is the VM's id, its first address (IPv6 or IPv4); `addresses` lists all of them, the id first: the
-ingresses encapsulate towards each, the hosts' maps hold an entry for each (a record without it, written by an
-agent that knew one address per VM, means [vm]). Agents of that kind ignore the field: the format stays 1.
+<vm> is the VM's id, its first address (IPv6 or IPv4); `addresses` lists all of them, the id first, and the
+prefixes the VM routes (10.1.0.0/24, 2001:db8:99::/64): the ingresses encapsulate towards each, the hosts' maps
+hold an entry for each address and point each prefix at the id (a record without it, written by an agent that
+knew one address per VM, means [vm]; an older agent reading a record with a prefix rejects it, counted).
+Agents of that kind ignore the field: the format stays 1.
 
 `vms/` is what ingresses program; `version` grows by one per change over the VM's life (compare-and-swap),
 so an ingress applies a record only when it is newer than what it has. `migration`/`step` identify the

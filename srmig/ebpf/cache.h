@@ -42,6 +42,7 @@ struct table_copy {
 		struct srmig_sid_value sid;
 		struct srmig_vm_value vm;
 	};
+	__u8 vm_id[16]; /* vm_copies: the vm_table key of that entry (the VM's id for an address of its prefix) */
 };
 #define COPY_EMPTY 0
 #define COPY_ABSENT 1

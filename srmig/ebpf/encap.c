@@ -13,8 +13,9 @@
  * After H.Encaps the packet is sent towards its new destination, the first SID (route_outer(): a FIB lookup,
  * as the kernel's seg6 encap does with its dst), not to the next hop the kernel chose for the VM's address.
  *
- * parse (inner_ipv6() / inner_ipv4()) -> encap_table lookup -> h_encaps() -> route_outer() -> one exit that
- * counts. Map sizes come from userspace (SRMIG_MAX_VMS).
+ * parse (inner_ipv6() / inner_ipv4()) -> encap_table lookup (else encap_prefixes, then encap_table) ->
+ * h_encaps() -> route_outer() -> one exit that counts. Map sizes come from userspace (SRMIG_MAX_VMS,
+ * SRMIG_MAX_VM_PREFIXES).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -29,6 +30,9 @@
 #ifndef SRMIG_MAX_VMS
 #define SRMIG_MAX_VMS 65536
 #endif
+#ifndef SRMIG_MAX_VM_PREFIXES
+#define SRMIG_MAX_VM_PREFIXES 16384
+#endif
 #define BPF_F_NO_PREALLOC_ 1
 #define ETH_P_IPV6_BE 0xDD86 /* htons(ETH_P_IPV6) */
 #define ETH_P_IP_BE 0x0008   /* htons(ETH_P_IP) */
@@ -42,6 +46,10 @@ BPF_F_TABLE("hash", struct srmig_encap_key, struct srmig_encap_value, encap_tabl
 BPF_F_TABLE("percpu_hash", struct srmig_encap_key, struct srmig_encap_vm_stats, encap_vm_stats, SRMIG_MAX_VMS,
 	    BPF_F_NO_PREALLOC_);
 BPF_PERCPU_ARRAY(encap_stats, __u64, SRMIG_ENCAP_MAX);
+/* The prefixes VMs route (srmig_abi.h), to the encap_table key of the prefix's own entry (its network address:
+ * an entry of the prefix's family, whose SRH next header fits its packets); only walked when encap_table
+ * misses. */
+BPF_LPM_TRIE(encap_prefixes, struct srmig_vm_prefix_key, struct srmig_encap_key, SRMIG_MAX_VM_PREFIXES);
 
 _Static_assert(SRMIG_ENCAP_SRH_MAX == 8 + 16 * SRMIG_ENCAP_MAX_SEGS, "SRH room for the longest list");
 _Static_assert(sizeof(((struct srmig_encap_value *)0)->srh) == SRMIG_ENCAP_SRH_MAX, "srh[] holds the longest SRH");
@@ -253,8 +261,20 @@ int srmig_encap(struct __sk_buff *skb)
 		goto out; /* ARP, VLAN...: not ours */
 	}
 	e = encap_table.lookup(&key);
-	if (!e)
-		goto out; /* not to a VM we steer (or already encapsulated: its DA is a SID) */
+	if (!e) {
+		/* Not one of the addresses: one of the prefixes, whose entry then stands for the key. */
+		struct srmig_vm_prefix_key pk = { .prefixlen = 128 };
+		struct srmig_encap_key *owner;
+
+		__builtin_memcpy(pk.addr, key.addr, 16);
+		owner = encap_prefixes.lookup(&pk);
+		if (!owner)
+			goto out; /* not to a VM we steer (or already encapsulated: its DA is a SID) */
+		key = *owner;
+		e = encap_table.lookup(&key);
+		if (!e)
+			goto out; /* the prefix being written or removed: as without it */
+	}
 	vs = encap_vm_stats.lookup(&key);
 	counter = in.well_formed ? h_encaps(skb, &in, e) : SRMIG_ENCAP_DROP_MALFORMED;
 	if (counter == SRMIG_ENCAP_DONE) {

@@ -2,7 +2,8 @@
  *
  * parse -> SID lookup -> dispatch on behaviour (and on the VM's migration state) -> one exit that counts.
  * Behaviours and states: see docs/design.md ("Endpoint behaviours") and srmig_abi.h. Map sizes come from
- * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_HOLD_RING_PAGES, SRMIG_MAX_DOMAIN_PREFIXES).
+ * userspace as -D defines (SRMIG_MAX_SIDS, SRMIG_MAX_VMS, SRMIG_MAX_VM_PREFIXES, SRMIG_HOLD_RING_PAGES,
+ * SRMIG_MAX_DOMAIN_PREFIXES).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -29,6 +30,9 @@
 #ifndef SRMIG_SHADOW_RING_PAGES
 #define SRMIG_SHADOW_RING_PAGES 256 /* 1 MiB: the last ~500 packets delivered to migrating VMs */
 #endif
+#ifndef SRMIG_MAX_VM_PREFIXES
+#define SRMIG_MAX_VM_PREFIXES 16384
+#endif
 #ifndef SRMIG_MAX_DOMAIN_PREFIXES
 #define SRMIG_MAX_DOMAIN_PREFIXES 256
 #endif
@@ -37,6 +41,8 @@
 BPF_HASH(sid_table, struct srmig_sid_key, struct srmig_sid_value, SRMIG_MAX_SIDS);
 /* Not preallocated: memory follows the VMs actually present, and 10^6 VMs stay possible. */
 BPF_F_TABLE("hash", struct srmig_vm_key, struct srmig_vm_value, vm_table, SRMIG_MAX_VMS, BPF_F_NO_PREALLOC_);
+/* The prefixes VMs route, to the VM's id (srmig_abi.h); only walked when vm_table misses. */
+BPF_LPM_TRIE(vm_prefixes, struct srmig_vm_prefix_key, struct srmig_vm_key, SRMIG_MAX_VM_PREFIXES);
 BPF_PERCPU_ARRAY(sid_stats, struct srmig_sid_stats, SRMIG_MAX_SIDS);
 BPF_PERCPU_ARRAY(drop_stats, __u64, SRMIG_DROP_MAX);
 BPF_PERCPU_ARRAY(verdict_stats, __u64, SRMIG_VERDICT_MAX);
@@ -451,23 +457,49 @@ static __always_inline struct srmig_sid_value *sid_lookup(const struct in6_addr 
 	return c->found == COPY_PRESENT ? &c->sid : NULL;
 }
 
-/* The VM table's entry for `vm`, the same way. NULL: not a VM we know. */
+/* vm_table had no entry for `vm`: the VM whose prefix holds it (vm_prefixes), by that VM's id, written to
+ * `id`. NULL: no prefix holds it, or its VM has no entry (being written or deleted: unknown, as without it). */
+static __always_inline struct srmig_vm_value *vm_by_prefix(const struct srmig_vm_key *vm, struct srmig_vm_key *id)
+{
+	struct srmig_vm_prefix_key key = { .prefixlen = 128 };
+	struct srmig_vm_key *owner;
+
+	__builtin_memcpy(key.addr, vm->addr, 16);
+	owner = vm_prefixes.lookup(&key);
+	if (!owner)
+		return NULL;
+	*id = *owner;
+	return vm_table.lookup(id);
+}
+
+/* The VM table's entry for `vm`, the same way: the exact entry first (every address a VM lists), then the
+ * prefixes (vm_by_prefix); the copy remembers either answer for the packet's address, so a prefix's address
+ * pays the trie walk once per generation and CPU, like an exact miss. `vm` becomes the key whose entry applies
+ * (the VM's id for a prefix's address): the hold and shadow rings name the VM by it. NULL: not a VM we know. */
 static __always_inline struct srmig_vm_value *vm_lookup(struct srmig_vm_key *vm, __u32 generation)
 {
 	__u32 set = set_of(vm->addr, SRMIG_VM_COPIES), other = set + 1;
 	struct table_copy *w0 = vm_copies.lookup(&set), *w1 = vm_copies.lookup(&other), *c;
 	struct srmig_vm_value *entry;
+	struct srmig_vm_key id = *vm;
 
 	if (!w0 || !w1)
 		return NULL; /* never: both indexes are in range */
 	c = copy_find(w0, w1, vm->addr, generation);
 	if (!c) {
 		entry = vm_table.lookup(vm);
+		if (!entry)
+			entry = vm_by_prefix(vm, &id);
 		c = copy_fill(w0, w1, vm->addr, generation, entry != NULL);
-		if (entry)
+		if (entry) {
 			c->vm = *entry;
+			__builtin_memcpy(c->vm_id, id.addr, 16);
+		}
 	}
-	return c->found == COPY_PRESENT ? &c->vm : NULL;
+	if (c->found != COPY_PRESENT)
+		return NULL;
+	__builtin_memcpy(vm->addr, c->vm_id, 16);
+	return &c->vm;
 }
 
 /* RFC 8754 5.1: an SR domain's nodes drop packets addressed to their SIDs that come from outside it. Off

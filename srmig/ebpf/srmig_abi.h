@@ -9,13 +9,14 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 8 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+#define SRMIG_ABI_VERSION 9 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
                              * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
                              * 6: SRMIG_META_TABLE_GENERATION (lookup caches);
                              * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats);
                              * 8: inner IPv4 (vm_table keys IPv4-mapped, SRMIG_DROP_INNER_MALFORMED,
-                             *    inner_stats) */
+                             *    inner_stats);
+                             * 9: VM prefixes (vm_prefixes, encap_prefixes: LPM tries to a VM's id) */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -106,6 +107,16 @@ struct srmig_vm_key {
 	__u8 addr[16];
 };
 
+/* vm_prefixes: LPM trie of the prefixes VMs route (a VM that routes a subnet), consulted when vm_table has no
+ * entry for the inner destination: the longest prefix holding it gives the VM's id, an address of the VM that
+ * vm_table has, and that entry applies (state, flags, next SID: one entry moves all of the VM's addresses and
+ * prefixes). Addresses as in vm_table: an IPv4 prefix a.b.c.d/len is ::ffff:a.b.c.d/(96 + len). Userspace
+ * keeps prefixes of different VMs from overlapping, so the longest match is the only one. */
+struct srmig_vm_prefix_key {
+	__u32 prefixlen; /* LPM trie key layout: prefix length in bits first */
+	__u8 addr[16];   /* network byte order, host bits zero */
+};
+
 struct srmig_vm_value {
 	__u32 state;        /* enum srmig_vm_state */
 	__u32 flags;        /* SRMIG_VM_F_* */
@@ -147,7 +158,8 @@ struct srmig_sid_stats {
  * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped). */
 struct srmig_hold_record {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
-	__u8 vm[16];        /* the VM it is for */
+	__u8 vm[16];        /* the VM it is for: the vm_table key whose entry applied (a VM's id when the
+			     * packet's inner destination matched one of its prefixes in vm_prefixes) */
 	__u32 len;          /* bytes of packet that follow (<= SRMIG_HOLD_SNAPLEN) */
 	__u32 orig_len;     /* the packet's full length; > len means truncated (counted as HOLD_FULL) */
 };
@@ -165,6 +177,11 @@ struct srmig_hold_record {
 struct srmig_encap_key {
 	__u8 addr[16];
 };
+
+/* encap_prefixes: LPM trie (struct srmig_vm_prefix_key, the same spelling) to an encap_table key, consulted when
+ * encap_table has no entry for the destination: the prefix's own entry, under its network address (an entry of
+ * the prefix's family: its SRH's next header must fit the packets; its counters in encap_vm_stats there too).
+ * So a VM's segment list serves every address of the prefixes it routes. */
 
 /* Userspace builds the headers once per segment list, so one map write switches a VM's list atomically and
  * the program only copies bytes. */

@@ -59,9 +59,23 @@ V4_OF = {
     VM_UNREACHABLE: "198.51.100.60",
     VM_UNKNOWN: "198.51.100.99",
 }
+# Prefixes the VMs route (a VM that routes a subnet: vm_prefixes), one of each family per VM in a state, and an
+# address inside each: the prefix rows of tests/test_dataplane.py are the VM's rows sent to that address.
+# VM_UNKNOWN's prefixes point at it, a VM with no entry. Routed in the lab via the VM's address (its neighbour).
+PREFIX_OF = {
+    VM_RUNNING: ("2001:db8:110::/64", "10.10.10.0/24"),
+    VM_AWAY: ("2001:db8:120::/64", "10.10.20.0/24"),
+    VM_HOLD: ("2001:db8:130::/64", "10.10.30.0/24"),
+    VM_INCOMING: ("2001:db8:140::/64", "10.10.40.0/24"),
+    VM_INCOMING_RING: ("2001:db8:141::/64", "10.10.41.0/24"),
+    VM_PARKED: ("2001:db8:142::/64", "10.10.42.0/24"),
+    VM_UNKNOWN: ("2001:db8:199::/64", "10.10.99.0/24"),
+}
+IN_PREFIX = {vm: (p6.replace("::/64", "::5"), p4.replace(".0/24", ".5")) for vm, (p6, p4) in PREFIX_OF.items()}
 V4_SRC = "192.0.2.1"  # the inner source of IPv4 test packets (IPv6: 2001:db8:9::1)
 
 RTN_UNREACHABLE = 7
+RTNH_F_ONLINK = 4
 
 
 class NamespaceLab:
@@ -121,6 +135,10 @@ class TestRunLab(NamespaceLab):
         for vm in (VM_RUNNING, VM_AWAY, VM_HOLD, VM_INCOMING, VM_INCOMING_RING, VM_PARKED):
             t.neigh("lab", "vm0", vm, VM_MAC)
             t.neigh("lab", "vm0", V4_OF[vm], VM_MAC)
+        for vm, (p6, p4) in PREFIX_OF.items():
+            if vm != VM_UNKNOWN:
+                t.route("lab", p6, gateway=vm, oif="vm0", flags=RTNH_F_ONLINK)  # vm0 has no address
+                t.route("lab", p4, gateway=V4_OF[vm], oif="vm0", flags=RTNH_F_ONLINK)
         with t.ipr("lab") as ipr:
             ipr.route("replace", dst=VM_UNREACHABLE + "/128", family=10, type=RTN_UNREACHABLE)
             ipr.route("replace", dst=V4_OF[VM_UNREACHABLE] + "/32", family=2, type=RTN_UNREACHABLE)
@@ -152,6 +170,9 @@ class TestRunLab(NamespaceLab):
             dp.set_vm(vm, VmState.RUNNING, park=True)
         for vm in (VM_NO_NEIGH, V4_OF[VM_NO_NEIGH], VM_UNREACHABLE, V4_OF[VM_UNREACHABLE]):
             dp.set_vm(vm, VmState.RUNNING)
+        for vm, prefixes in PREFIX_OF.items():
+            for p in prefixes:
+                dp.set_vm_prefix(p, vm)
 
     def run(self, packet: bytes, repeat: int = 1) -> libbpf.TestRun:
         """One BPF_PROG_TEST_RUN in the lab's namespace (its FIB), as if received on fab0."""

@@ -3,9 +3,9 @@
 Written from the "Endpoint behaviours" table of docs/design.md, RFC 8754 (SRH, 4.3.1.1 checks, 5.1 SR domain),
 RFC 8986 (End 4.1, End.DX6 4.5, End.DX4 4.6: an inner IPv4 packet is handled as an inner IPv6 one), RFC 791
 and RFC 8200, over a data description of the lab (srmig/testbed/lab.py): SIDs,
-VM states, routes, neighbours and the SR domain. It parses with `struct` only. Where the specs leave freedom
-(order of checks, which reason a packet is counted under), it follows the C program's documented choice; each
-such place says "C's choice".
+VM states, the prefixes VMs route, routes, neighbours and the SR domain. It parses with `struct` only. Where
+the specs leave freedom (order of checks, which reason a packet is counted under), it follows the C program's
+documented choice; each such place says "C's choice".
 
     model(packet, cfg) -> Result(action, output, verdict, reason)
     model_ex(packet, cfg) -> (Result, hold_record_or_None)
@@ -61,6 +61,17 @@ class LabConfig:
     vms: dict[bytes, Vm]  # keyed as vm_table is: 16 bytes, IPv4 VMs IPv4-mapped
     routes: list[Route] = field(default_factory=list)
     domain: list[ipaddress.IPv6Network] = field(default_factory=list)  # SR domain prefixes; empty: no check
+    # vm_prefixes: prefixes VMs route, keyed as vm_table is (IPv4 ones IPv4-mapped, /96 + length), to the VM's
+    # id, a vms key. No two overlap (userspace keeps them apart): the longest match is the only one.
+    prefixes: list[tuple[ipaddress.IPv6Network, bytes]] = field(default_factory=list)
+
+    def vm(self, key: bytes) -> Vm | None:
+        """vm_table's entry for `key`, else that of the VM whose prefix holds it (srmig_abi.h)."""
+        if key in self.vms:
+            return self.vms[key]
+        a = ipaddress.IPv6Address(key)
+        best = max((p for p in self.prefixes if a in p[0]), key=lambda p: p[0].prefixlen, default=None)
+        return None if best is None else self.vms.get(best[1])
 
     def in_domain(self, src: bytes) -> bool:
         a = ipaddress.IPv6Address(src)
@@ -127,6 +138,10 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
         routes.append(Route(ipaddress.ip_network(v), "no_neigh", dev="vm0"))
     for v in (L.VM_UNREACHABLE, L.V4_OF[L.VM_UNREACHABLE]):
         routes.append(Route(ipaddress.ip_network(v), "unreachable", dev="lo"))
+    for v, (p6, p4) in L.PREFIX_OF.items():  # routed via the VM (lab.py): its neighbour's MAC
+        if v != L.VM_UNKNOWN:
+            routes.append(Route(net(p6), "neigh", *vm, dev="vm0"))
+            routes.append(Route(ipaddress.IPv4Network(p4), "neigh", *vm, dev="vm0"))
     # IPv4 has no other route in the lab: any other destination is not forwarded (NOT_FWDED, to the kernel).
     vms = {
         L.VM_RUNNING: Vm(RUNNING),
@@ -144,7 +159,16 @@ def lab_config(domain: list[str] = ()) -> LabConfig:
         vms={_vm_key(a): v for vm, v in vms.items() for a in (vm, L.V4_OF[vm])},
         routes=routes,
         domain=[ipaddress.IPv6Network(p) for p in domain],
+        prefixes=[(_prefix_key(p), _vm_key(v)) for v, ps in L.PREFIX_OF.items() for p in ps],
     )
+
+
+def _prefix_key(text: str) -> ipaddress.IPv6Network:
+    """A VM prefix as vm_prefixes keys it: IPv4 a.b.c.d/n as ::ffff:a.b.c.d/(96 + n)."""
+    n = ipaddress.ip_network(text)
+    if n.version == 6:
+        return n
+    return ipaddress.IPv6Network((_v4key(n.network_address.packed), 96 + n.prefixlen))
 
 
 class _Drop(Exception):
@@ -290,7 +314,7 @@ def _ours(f: bytearray, beh: str, cfg: LabConfig):
         ethertype = ETH_P_IP
     else:
         raise _Drop("inner_not_ipv6")  # neither IPv6 nor IPv4 (the reason keeps its old name)
-    vm = cfg.vms.get(vm_addr)
+    vm = cfg.vm(vm_addr)
     if vm is None:
         raise _Drop("unknown_vm")
 
