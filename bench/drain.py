@@ -57,7 +57,8 @@ from srmig.bpf import loader
 from srmig.bpf.abi import Behaviour, VmState
 from srmig.ctl import config
 from srmig.ctl.drain import RING_FIRST_MAX_S, SourceDrain
-from srmig.ctl.tap import IFF_VNET_HDR, TapKeeper
+from srmig.ctl import tapread
+from srmig.ctl.tap import IFF_VNET_HDR, TapKeeper, read_queued_each, vnet_hdr_len
 from srmig.testbed import qemu
 from srmig.testbed.lab import NamespaceLab, xdp_on
 from srmig.testbed.netns import inside
@@ -251,6 +252,44 @@ class DrainLab(NamespaceLab):
 
     # runs -----------------------------------------------------------------------------------------------
 
+    def tap_read_cost(self, frames: int = 6000, rounds: int = 5) -> dict:
+        """What reading the unread tap costs per frame, in turn: srmig.ctl.tap.read_queued_each (one os.read()
+        a frame, the drain's read until issue 20) and the bulk reader (srmig.ctl.tapread, a read loop in C)
+        that read_queued() uses now. `frames` queued by End.S each round (what the generator's veth lets
+        through); microseconds per frame, best and median of `rounds`."""
+        bulk = tapread.reader()
+        methods = {"per_frame": lambda fd, skip: read_queued_each(fd, skip)}
+        if bulk is not None:
+            methods["bulk"] = lambda fd, skip: tapread.read_frames(bulk, fd, skip, 1 << 30)
+        per: dict = {m: [] for m in methods}
+        self.dp.set_vm(VM, VmState.RUNNING)
+        cpus = os.sched_getaffinity(0)
+        if self.napi_pinned:
+            os.sched_setaffinity(0, {1})
+        try:
+            for _ in range(rounds):
+                for name, read in methods.items():
+                    self.read_tap()
+                    self.gen.send(frames, 200_000)
+                    time.sleep(0.02)
+                    fd = os.dup(self.tap_fd)
+                    try:
+                        skip = vnet_hdr_len(fd)
+                        t0 = time.perf_counter()
+                        got = read(fd, skip)
+                        dt = time.perf_counter() - t0
+                    finally:
+                        os.close(fd)
+                    if got:
+                        per[name].append(dt * 1e6 / len(got))
+        finally:
+            os.sched_setaffinity(0, cpus)
+        out = {name: {"best_us": round(min(v), 3), "median_us": round(sorted(v)[len(v) // 2], 3), "rounds": len(v)}
+               for name, v in per.items() if v}
+        if "bulk" not in out:
+            out["bulk"] = None  # not built here (no C compiler): the drain reads frame by frame
+        return out
+
     def forwarding_rate(self, window_s: float = 0.3) -> dict:
         """End.S's forwarding rate (VM AWAY) into D's End.SBUF and the sink: the generator flat out."""
         self.dp.set_vm(VM, VmState.AWAY, next_sid=D_DX6)
@@ -348,6 +387,9 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
     with DrainLab(mode) as lab:
         out: dict = {"tap_queue": lab.tap_queue, "ring_first_max_ms": RING_FIRST_MAX_S * 1000,
                      "generator": "clone (numbered clones: bench/xdp_clone_gen.c xdp_clone_stamp)"}
+        out["tap_read"] = tr = lab.tap_read_cost()
+        say("drain: reading the unread tap, us a frame (best): " + ", ".join(
+            f"{k} {v['best_us']:.2f}" for k, v in tr.items() if v))
         end_s = lab.forwarding_rate() if with_end_s_rate else None
         out["end_s"] = end_s
         if end_s:
@@ -383,7 +425,9 @@ def print_table(res: dict) -> None:
         print(f"{r['load']:<12}{(r['arrival_pps'] or 0) / 1e3:>13.0f}{(r['drain_pps'] or 0) / 1e3:>11.1f}"
               f"{r['drain_ms']:>9.0f}  {str(r['converged']):<9}{r['lost']:>9}{r['duplicated']:>6}{r['reordered']:>7}"
               f"  {', '.join(f'{k} {v}' for k, v in r['losses'].items()) or '-'}")
-    print(f"  drain / End.S = {_fmt(res['ratio_drain_vs_end_s'])}")
+    print(f"  drain / End.S = {_fmt(res['ratio_drain_vs_end_s'])}; reading the unread tap, us a frame (best, "
+          f"median): " + ", ".join(f"{k} {v['best_us']:.2f}, {v['median_us']:.2f}"
+                                   for k, v in res.get("tap_read", {}).items() if v))
 
 
 def _fmt(v) -> str:
