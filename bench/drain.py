@@ -315,6 +315,7 @@ class DrainLab(NamespaceLab):
         counts every packet (lost, duplicated, reordered). Every send carries the packet through D's End.SBUF
         and the sink too (a veth: the receiver runs inside the send, on this core). Packets/s, best and
         median of `rounds`; the frames or packets are built before the clock starts."""
+        from bench.afxdp_tx import AfXdpTxSender  # noqa: PLC0415
         from bench.tx_ring import TxRingSender  # noqa: PLC0415
         from srmig.ctl.encap import encapsulate_packet  # noqa: PLC0415
         from srmig.ctl.senders import PacketSender, RawSender  # noqa: PLC0415
@@ -335,6 +336,7 @@ class DrainLab(NamespaceLab):
             "raw_sendmmsg": (RawSender, lambda snd: snd.send_many(pkts)),  # the drain's today
             "packet_sendmmsg": (lambda: PacketSender("s_fab"), lambda snd: snd.send_many(frames)),
             "packet_tx_ring": (lambda: TxRingSender("s_fab", slots=4096), lambda snd: snd.send_many(frames)),
+            "afxdp_copy_tx": (lambda: AfXdpTxSender("s_fab"), lambda snd: snd.send_many(frames)),
         }
         live_ok, live_why = local.live_frames()
         inject = self._injector(frames) if live_ok and packets <= INJECT_SLOTS else None
