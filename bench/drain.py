@@ -65,9 +65,8 @@ from bench.local import BENCH_DIR, GEN_CPU, BenchError, CloneGenerator
 from srmig import netlink
 from srmig.bpf import loader
 from srmig.bpf.abi import Behaviour, VmState
-from srmig.ctl import config
+from srmig.ctl import config, tapread
 from srmig.ctl.drain import RING_FIRST_MAX_S, SourceDrain
-from srmig.ctl import tapread
 from srmig.ctl.tap import IFF_VNET_HDR, TapKeeper, read_queued_each, vnet_hdr_len
 from srmig.testbed import qemu
 from srmig.testbed.lab import NamespaceLab, xdp_on

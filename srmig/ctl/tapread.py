@@ -4,8 +4,9 @@ A tap hands out one frame per read(2), and no call of the kernel's returns sever
 ptr_ring reads are the kernel's own). What can go is Python's share per frame: os.read() allocates a
 64 KiB bytes object and shrinks it, and the loop around it costs as much again. read_frames() below loops
 in C, reading each frame into one large buffer behind the one before; Python then only cuts the frames
-out. Measured on the drain benchmark's tap (docs/benchmarks.md, "The drain"): 0.9 us a frame for the
-read(2) calls alone, 1.2 us with the cut, against 2.0 us for the os.read() loop (best of 7).
+out. Measured on the drain benchmark's tap (docs/benchmarks.md, "Reading the paused QEMU's tap"): 1.1-1.7
+us a frame, against 1.9-4.2 us for the os.read() loop (best of 5, three runs); the read(2) calls alone
+took 0.9 us.
 
 The C is built with cffi (the project's one FFI) in API mode, once per host, into a private cache
 (`~/.cache/srmig`, or $SRMIG_CACHE_DIR), when a tap is first kept (TapKeeper: at provisioning, long before a
