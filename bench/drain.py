@@ -33,10 +33,7 @@ twice in turn: the tap read in bulk (srmig.ctl.tapread, the product's) and one o
 Also measured in the same lab, no load running:
 - tap_read: microseconds per frame to read the unread tap, bulk and per frame (issue 20 part 2).
 - send_paths: packets/s one thread sends the drain's packets to D's End.SBUF, each way the kernel offers
-  here: raw socket sendto and sendmmsg (the drain's RawSender), AF_PACKET sendmmsg and PACKET_TX_RING on
-  S's fabric veth, and BPF_PROG_RUN live frames (bench/xdp_drain_inject.c: XDP_TX of frames userspace
-  wrote into an mmap'd array) where the kernel allows them; every packet counted at the sink (issue 20
-  part 1, measured only).
+  here (bench/drain_send.py: issue 20 part 1, measured only); every packet counted at the sink.
 
 The clone generator runs on every kernel (live frames are refused on some); its rate into this topology is
 reported with every load. Two shared cores: the generator's loop on one (a paced loop spins: it keeps that
@@ -47,7 +44,6 @@ D's End.SBUF and the sink inside the send). Numbers vary run to run.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -60,7 +56,6 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from bench import local
 from bench.local import BENCH_DIR, GEN_CPU, BenchError, CloneGenerator
 from srmig import netlink
 from srmig.bpf import loader
@@ -92,7 +87,6 @@ PAUSE_S = 0.02               # load into the unread tap before the drain starts 
 TAIL_S = 0.1                 # load after the drain returns (End.S forwards directly)
 SETTLE_S = 0.1               # for the last frames to reach the sink
 LOG_ENTRIES = 1 << 22        # xdp_seq_sink.c's SEQ_LOG_ENTRIES
-INJECT_SLOTS = 65536         # xdp_drain_inject.c's INJECT_SLOTS
 
 
 def seq_frame(dst_mac: str) -> bytes:
@@ -308,116 +302,6 @@ class DrainLab(NamespaceLab):
             out["bulk"] = None  # not built here (no C compiler): the drain reads frame by frame
         return out
 
-    def send_cost(self, packets: int = 20000, rounds: int = 3) -> dict:
-        """Issue 20 part 1, measured: how fast the kernel lets one thread send what the drain sends (the VM's
-        packets, H.Encaps'd to D's End.SBUF, numbered), each way it offers here, no load running; the sink
-        counts every packet (lost, duplicated, reordered). Every send carries the packet through D's End.SBUF
-        and the sink too (a veth: the receiver runs inside the send, on this core). Packets/s, best and
-        median of `rounds`; the frames or packets are built before the clock starts."""
-        from bench.afxdp_tx import AfXdpTxSender  # noqa: PLC0415
-        from bench.tx_ring import TxRingSender  # noqa: PLC0415
-        from srmig.ctl.encap import encapsulate_packet  # noqa: PLC0415
-        from srmig.ctl.senders import PacketSender, RawSender  # noqa: PLC0415
-
-        inner = bytes(IPv6(src="2001:db8:9::1", dst=VM) / UDP(sport=4000, dport=SEQ_PORT) / Raw(bytes(INNER_LEN - 48)))
-        pkts = [encapsulate_packet(inner[:48] + i.to_bytes(8, "big") + inner[56:], S_ADDR, [D_SBUF])
-                for i in range(packets)]
-        eth = bytes.fromhex(self.topo.mac("D", "d_fab").replace(":", "") +
-                            self.topo.mac("S", "s_fab").replace(":", "")) + b"\x86\xdd"
-        frames = [eth + p for p in pkts]
-
-        def raw_sendto(snd):
-            for p in pkts:
-                snd.send(p)
-
-        methods = {  # name: (make sender, send, what it is)
-            "raw_sendto": (RawSender, raw_sendto),
-            "raw_sendmmsg": (RawSender, lambda snd: snd.send_many(pkts)),  # the drain's today
-            "packet_sendmmsg": (lambda: PacketSender("s_fab"), lambda snd: snd.send_many(frames)),
-            "packet_tx_ring": (lambda: TxRingSender("s_fab", slots=4096), lambda snd: snd.send_many(frames)),
-            "afxdp_copy_tx": (lambda: AfXdpTxSender("s_fab"), lambda snd: snd.send_many(frames)),
-        }
-        live_ok, live_why = local.live_frames()
-        inject = self._injector(frames) if live_ok and packets <= INJECT_SLOTS else None
-        if inject:
-            methods["live_frames_inject"] = (lambda: None, inject)
-        per: dict = {m: [] for m in methods}
-        checks: dict = {}
-        cpus = os.sched_getaffinity(0)
-        if self.napi_pinned:
-            os.sched_setaffinity(0, {1})
-        try:
-            for _ in range(rounds):
-                for name, (make, send) in methods.items():
-                    with self.topo.inside("S"):
-                        snd = make()
-                    try:
-                        self.reset_sink()
-                        t0 = time.perf_counter()
-                        send(snd)
-                        dt = time.perf_counter() - t0
-                    finally:
-                        if snd is not None:
-                            snd.close()
-                    time.sleep(0.05)
-                    acc = account(self.sink_log(), packets, 0)
-                    per[name].append(packets / dt)
-                    bad = {k: acc[k] for k in ("lost", "duplicated", "reordered") if acc[k]}
-                    checks[name] = {**checks.get(name, {}), **{k: checks.get(name, {}).get(k, 0) + v
-                                                              for k, v in bad.items()}}
-        finally:
-            os.sched_setaffinity(0, cpus)
-        return {
-            "packets": packets, "frame_bytes": len(frames[0]),
-            "methods": {name: {"best_pps": round(max(v), 1), "median_pps": round(sorted(v)[len(v) // 2], 1),
-                               "errors": checks.get(name) or None} for name, v in per.items()},
-            "live_frames": live_why,
-            "method": "raw_*: IPv6 raw socket (the kernel routes each packet: the drain's RawSender), one sendto "
-                      "each or sendmmsg batches of 1024; packet_sendmmsg: AF_PACKET on S's fabric veth, the "
-                      "next hop's MAC known, sendmmsg (PacketSender); packet_tx_ring: AF_PACKET PACKET_TX_RING "
-                      "(bench/tx_ring.py), one send() per ring fill; live_frames_inject (where the kernel runs BPF_PROG_RUN "
-                      "with live frames): the frames written into an mmap'd BPF array, then one BPF_PROG_RUN of "
-                      "bench/xdp_drain_inject.c, XDP_TX out of S's fabric veth (no skb on S), the write timed "
-                      "with it (load_s: the write alone, best round; run_pps: the BPF_PROG_RUN alone). All one thread, "
-                      "on S's core.",
-            "live_frames_inject_load_s": round(min(self._inject_load), 6) if inject and self._inject_load else None,
-            "live_frames_inject_run_pps": round(max(self._inject_run), 1) if inject and self._inject_run else None,
-        }
-
-    def _injector(self, frames: list[bytes]):
-        """live_frames_inject's send: the frames into xdp_drain_inject.c's slots (mmap), then one live-frames
-        BPF_PROG_RUN that sends each with XDP_TX out of s_fab, in order."""
-        from srmig.bpf import libbpf  # noqa: PLC0415
-
-        if getattr(self, "_inject_bpf", None) is None:
-            self._inject_bpf, self._inject_fd = loader.compile_program(BENCH_DIR / "xdp_drain_inject.c",
-                                                                       "xdp_drain_inject")
-            self._stack.callback(self._inject_bpf.cleanup)
-            slots = self._inject_bpf[b"slots"]
-            self._slot_bytes = (ctypes.sizeof(slots.Leaf) + 7) // 8 * 8  # an array's values lie 8-aligned
-            self._slots = mmap.mmap(slots.map_fd, INJECT_SLOTS * self._slot_bytes, mmap.MAP_SHARED,
-                                    mmap.PROT_READ | mmap.PROT_WRITE)
-            self._stack.callback(self._slots.close)
-        self._inject_load: list[float] = []
-        self._inject_run: list[float] = []
-        pad = self._slot_bytes - 4
-        longest = max(frames, key=len)
-        ifindex = self.topo.ifindex("S", "s_fab")
-
-        def send(_):
-            t0 = time.perf_counter()
-            blob = b"".join(struct.pack("<I", len(f)) + f.ljust(pad, b"\0") for f in frames)
-            self._slots[:len(blob)] = blob
-            nxt = self._inject_bpf[b"inject_next"]
-            nxt[nxt.Key(0)] = nxt.Leaf(0)
-            self._inject_load.append(time.perf_counter() - t0)
-            t1 = time.perf_counter()
-            with self.topo.inside("S"):
-                libbpf.prog_test_run_live(self._inject_fd, longest, len(frames), ifindex)
-            self._inject_run.append(len(frames) / (time.perf_counter() - t1))
-
-        return send
-
     def forwarding_rate(self, window_s: float = 0.3) -> dict:
         """End.S's forwarding rate (VM AWAY) into D's End.SBUF and the sink: the generator flat out."""
         self.dp.set_vm(VM, VmState.AWAY, next_sid=D_DX6)
@@ -516,11 +400,13 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
     """The drain at each offered load (pps), and at End.S's forwarding rate measured first in the same run
     when `with_end_s_rate`, once per way of reading the tap in `tap_reads` (the product's bulk read, and
     the per-frame read it replaced); JSON-ready. ratio_drain_vs_end_s: the bulk runs'."""
+    from bench import drain_send  # noqa: PLC0415 (it builds on this module)
+
     say = progress or (lambda m: None)
     with DrainLab(mode) as lab:
         out: dict = {"tap_queue": lab.tap_queue, "ring_first_max_ms": RING_FIRST_MAX_S * 1000,
                      "generator": "clone (numbered clones: bench/xdp_clone_gen.c xdp_clone_stamp)"}
-        out["send_paths"] = sp = lab.send_cost()
+        out["send_paths"] = sp = drain_send.send_cost(lab)
         say("drain: sending the drain's packets, kpps (best): " + ", ".join(
             f"{k} {v['best_pps'] / 1e3:.0f}" for k, v in sp["methods"].items()))
         out["tap_read"] = tr = lab.tap_read_cost()
