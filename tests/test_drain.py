@@ -79,6 +79,38 @@ def test_paused_owner_tap_queue_is_recovered_in_order(topology, paused_tap):
     assert payloads == [f"probe-{i}".encode() for i in range(200)]
 
 
+@pytest.mark.netns
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "frame_by_frame"])
+def test_tap_queue_read_in_bulk_is_the_queue_in_order(topology, paused_tap, bulk):
+    """The bulk reader (srmig.ctl.tapread, a read loop in C) and the os.read() loop return the same: every
+    frame, whole, in the queue's order, without the vnet header; `limit` frames and the rest on the next
+    read. 300 frames of growing size take the bulk reader five calls (64 reads of room each)."""
+    from srmig.ctl import tapread
+
+    with topology.inside("S"):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with s:
+        for i in range(300):
+            s.sendto(f"probe-{i}.".encode().ljust(10 + 4 * i, b"x"), (VM, 5000))
+    time.sleep(0.1)
+    fd = tap.take_fd(paused_tap.pid, tap.tap_fds_of(paused_tap.pid, "vmtap")[0])
+    try:
+        skip = tap.vnet_hdr_len(fd)
+        if bulk:
+            if (mod := tapread.reader()) is None:
+                pytest.skip("no C compiler: the bulk reader cannot be built here")
+            first, rest = tapread.read_frames(mod, fd, skip, 250), tapread.read_frames(mod, fd, skip, 10**6)
+        else:
+            first, rest = tap.read_queued_each(fd, skip, 250), tap.read_queued_each(fd, skip)
+        assert tap.read_queued_each(fd, skip) == []
+    finally:
+        os.close(fd)
+    assert len(first) == 250
+    udp = [IPv6(f[14:]) for f in first + rest if f[12:14] == b"\x86\xdd"]
+    payloads = [bytes(p[UDP].payload) for p in udp if p.haslayer(UDP)]
+    assert payloads == [f"probe-{i}.".encode().ljust(10 + 4 * i, b"x") for i in range(300)]
+
+
 # --- H.Encaps and which frames are the VM's: pure logic, both families (srmig.ctl.encap) ------------------
 
 VM4 = "198.51.100.10"      # the VM's IPv4 address (dual-stack: VM and VM4)

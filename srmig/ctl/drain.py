@@ -233,8 +233,9 @@ class DrainReport:
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
     # before_flip_ms: HOLD until the flip to AWAY behind the ring; behind_ring_ms: from the flip until the
-    # ring was sent empty; ring_after_flip: packets found in the ring once the program forwards directly
-    # again, the only ones that can arrive behind newer packets (expected 0).
+    # ring was sent empty; ring_emptied: whether it was (False: RING_FIRST_MAX_S ran out first);
+    # ring_after_flip: packets found in the ring once the program forwards directly again, the only ones
+    # that can arrive behind newer packets (expected 0).
     timings: dict = field(default_factory=dict)
 
 
@@ -334,6 +335,9 @@ class SourceDrain:
                 # kernel as they go (the log), so that an agent killed before the commit does not send them
                 # twice.
                 self._ring_send(sender, rep, ring, log, rounds=1)
+            # False: the ring filled faster than we sent it and RING_FIRST_MAX_S ran out (what is still in
+            # it may now be overtaken).
+            rep.timings["ring_emptied"] = ring.empty()
             self._set(VmState.AWAY)
             rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
             before = rep.from_ring
