@@ -47,7 +47,7 @@ class Limits:
 
     max_sids: int = 256
     max_vms: int = 65536
-    hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~8000 held packets); a power of two
+    hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~90,000 held 144-byte packets); a power of two
     max_domain_prefixes: int = 256  # SR domain source prefixes (RFC 8754 5.1)
     max_vm_prefixes: int = 16384  # prefixes VMs route (vm_prefixes, encap_prefixes)
 

@@ -155,7 +155,10 @@ struct srmig_sid_stats {
 /* A record in the hold ring (BPF ring buffer): this header, then `len` bytes of the packet starting at
  * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is.
  * The shadow ring uses the same record; its packet is the inner one, as delivered to the VM (an IPv6 or an
- * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped). */
+ * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped).
+ * A record is this header and `len` bytes, no more (earlier programs reserved SRMIG_HOLD_SNAPLEN bytes
+ * whatever `len`): a consumer steps by the ring's own record length (libbpf's and srmig's do) and reads
+ * `len` bytes, which holds for both, so the ABI version stays. */
 struct srmig_hold_record {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
 	__u8 vm[16];        /* the VM it is for: the vm_table key whose entry applied (a VM's id when the
