@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from srmig.ctl.encap import ETH_P_IP, ETH_P_IPV6, VmPackets, decapsulate, encapsulate_packet, family
-from srmig.ctl.senders import PacketSender, RawSender, SentLog
+from srmig.ctl.senders import FabricSender, PacketSender, RawSender, SentLog
 from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
 from srmig.bpf import libbpf
@@ -93,19 +93,27 @@ def skip_sent(ring: libbpf.RingReader, log: SentLog) -> int:
     return n
 
 
-def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
-    """Send `parts`, one (sender, packet) per record read and not committed, in ring order; `at`: the ring
-    position of each record and the one past the last. One send_many per run of records with the same
-    sender, so what has been sent is always a prefix of the ring, which `log` can say; the order in which
-    each destination receives its packets is the ring's. Returns how many the kernel accepted."""
+def send_runs(log: SentLog, at: list[int], runs: list[tuple]) -> int:
+    """Send `runs`, (sender, packets) one after the other, one packet per record read and not committed, in
+    ring order; `at`: the ring position of each record and the one past the last. One send_many per run, so
+    what has been sent is always a prefix of the ring, which `log` can say; the order in which each
+    destination receives its packets is the ring's. Returns how many the kernel accepted."""
     sent, i = 0, 0
-    while i < len(parts):
-        sender, j = parts[i][0], i + 1
-        while j < len(parts) and parts[j][0] is sender:
-            j += 1
-        sent += sender.send_many([p for _, p in parts[i:j]], log=log, at=at[i:j])
-        i = j
+    for sender, packets in runs:
+        sent += sender.send_many(packets, log=log, at=at[i:i + len(packets)])
+        i += len(packets)
     return sent
+
+
+def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
+    """send_runs of `parts`, one (sender, packet) per record: each run of records with the same sender."""
+    runs: list[tuple] = []
+    for sender, packet in parts:
+        if runs and runs[-1][0] is sender:
+            runs[-1][1].append(packet)
+        else:
+            runs.append((sender, [packet]))
+    return send_runs(log, at, runs)
 
 
 def _macs_to(addresses: list[str], tap: str) -> dict[str, bytes]:
@@ -272,14 +280,16 @@ class SourceDrain:
         pause; `stopped_at_ns` (time.monotonic_ns of QEMU's STOP) helps bound how old that frame can be
         (ShadowLog.swallowed_frames)."""
         rep = DrainReport()
-        sender = RawSender()
         t0 = time.monotonic()
+        sender = FabricSender()
         ring = hold_ring_reader(self.dp)
         try:
             self._set(VmState.HOLD)
+            t_hold = time.monotonic()
             if check is not None:
                 rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
             frames = queue.frames()
+            t_read = time.monotonic()
             queued = [p for p in map(self.own.packet, frames) if p is not None]  # the VM's, either family
             rep.not_vm = len(frames) - len(queued)
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
@@ -297,8 +307,15 @@ class SourceDrain:
                 older.append(encapsulate_packet(packet, self.src, self.segments))
                 rep.from_tap_ipv4 += packet[0] >> 4 == 4
             rep.from_tap = len(queued)
+            t_encap = time.monotonic()
             sender.send_many(older)
-            rep.hold_ms = rep.timings["before_flip_ms"] = round((time.monotonic() - t0) * 1000, 3)
+            t_sent = time.monotonic()
+            rep.hold_ms = rep.timings["before_flip_ms"] = round((t_sent - t0) * 1000, 3)
+            # Where that time went: setting up (the senders, the ring's mapping) and HOLD; reading the tap
+            # (and the swallow count); picking the VM's frames and H.Encaps; sending them.
+            for name, a, b in (("setup_hold", t0, t_hold), ("tap_read", t_hold, t_read),
+                               ("tap_encap", t_read, t_encap), ("tap_send", t_encap, t_sent)):
+                rep.timings[name + "_ms"] = round((b - a) * 1000, 3)
             self.away_behind_ring(sender, rep, ring, settle_s)
         finally:
             ring.close()
@@ -309,7 +326,7 @@ class SourceDrain:
     def ring_only(self) -> DrainReport:
         """Steps 3-4 alone: what an agent restarted after a drain it was killed in does (QEMU gone with its
         tap queue; the hold ring is the program's and outlives the agent: what it parked goes first)."""
-        rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
+        rep, sender, ring = DrainReport(), FabricSender(), hold_ring_reader(self.dp)
         try:
             self.away_behind_ring(sender, rep, ring)
         finally:
@@ -318,7 +335,7 @@ class SourceDrain:
             rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
 
-    def away_behind_ring(self, sender: RawSender, rep: DrainReport, ring: libbpf.RingReader,
+    def away_behind_ring(self, sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader,
                          settle_s: float = 0.002) -> None:
         """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
         it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
@@ -356,7 +373,7 @@ class SourceDrain:
             self.dp.set_vm(addr, state, next_sid=self.next_sid, ring_first=ring_first)
 
     @staticmethod
-    def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+    def _ring_send(sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
                    rounds: int = 1000) -> None:
         """Send what the ring holds, each batch consumed once sent, and what it received meanwhile, until a
         read finds it empty (or `rounds` reads)."""
@@ -365,6 +382,6 @@ class SourceDrain:
             packets = read_hold_packets(ring, commit=False, ends=at)
             if not packets:
                 return
-            send_in_ring_order(log, at, [(sender, p) for p in packets])
+            send_runs(log, at, sender.runs(packets))
             ring.commit()  # consumed once sent (behind the ring: only now may newer packets go directly)
             rep.from_ring += len(packets)
