@@ -12,7 +12,6 @@ tap's order whatever their family, so they reach the VM after it resumes, ahead 
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: lis
 
 
 _HOLD_HEAD = libbpf.ffi.sizeof("struct srmig_hold_record")
-_HOLD_LEN = libbpf.ffi.offsetof("struct srmig_hold_record", "len")
 _HOLD_VM = libbpf.ffi.offsetof("struct srmig_hold_record", "vm")
 
 
@@ -73,9 +71,9 @@ def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: boo
                       ends: list[int] | None = None) -> list[bytes]:
     """The packets parked in the hold ring, oldest first, consumed (with `commit=False`, once
     `ring.commit()` is called): each record's packet only, cut out of the ring without a callback per record
-    (about 7x the rate of Dataplane.hold_ring's consumer). `ends`: RingReader.read's."""
-    return ring.read(limit, start=_HOLD_HEAD, commit=commit, ends=ends,
-                     length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
+    (about 7x the rate of Dataplane.hold_ring's consumer). `ends`: RingReader.read's. A record is its header
+    and the packet, no more (srmig_abi.h), so the packet is the rest of the record: no length to read."""
+    return ring.read(limit, start=_HOLD_HEAD, commit=commit, ends=ends)
 
 
 def sent_log(ring: libbpf.RingReader) -> SentLog:
@@ -184,9 +182,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
         """Read what the ring holds, send it, then consume it; returns how many records were read."""
         nonlocal given, raw4
         at = [ring.position]  # then the end of each record read
-        records = ring.read(start=_HOLD_VM, commit=False, ends=at,
-                            length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
-                                "<I", data, off + _HOLD_LEN)[0])
+        records = ring.read(start=_HOLD_VM, commit=False, ends=at)  # vm, len, orig_len, the packet
         parts = []
         for rec in records:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
@@ -281,11 +277,14 @@ class SourceDrain:
         (ShadowLog.swallowed_frames)."""
         rep = DrainReport()
         t0 = time.monotonic()
-        sender = FabricSender()
-        ring = hold_ring_reader(self.dp)
+        sender = ring = None
         try:
+            # HOLD first: until it is written the VM's packets still go to its tap queue, which may be full
+            # by now (the agent hears of the pause late); the sockets and the ring's mapping can wait.
             self._set(VmState.HOLD)
             t_hold = time.monotonic()
+            sender, ring = FabricSender(), hold_ring_reader(self.dp)
+            t_setup = time.monotonic()
             if check is not None:
                 rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
             frames = queue.frames()
@@ -311,16 +310,18 @@ class SourceDrain:
             sender.send_many(older)
             t_sent = time.monotonic()
             rep.hold_ms = rep.timings["before_flip_ms"] = round((t_sent - t0) * 1000, 3)
-            # Where that time went: setting up (the senders, the ring's mapping) and HOLD; reading the tap
-            # (and the swallow count); picking the VM's frames and H.Encaps; sending them.
-            for name, a, b in (("setup_hold", t0, t_hold), ("tap_read", t_hold, t_read),
+            # Where that time went: HOLD; opening the senders and mapping the ring; reading the tap (and the
+            # swallow count); picking the VM's frames and H.Encaps; sending them (and finding the next hop).
+            for name, a, b in (("hold", t0, t_hold), ("setup", t_hold, t_setup), ("tap_read", t_setup, t_read),
                                ("tap_encap", t_read, t_encap), ("tap_send", t_encap, t_sent)):
                 rep.timings[name + "_ms"] = round((b - a) * 1000, 3)
             self.away_behind_ring(sender, rep, ring, settle_s)
         finally:
-            ring.close()
-            sender.close()
-            rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
+            if ring is not None:
+                ring.close()
+            if sender is not None:
+                sender.close()
+                rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
 
     def ring_only(self) -> DrainReport:
