@@ -132,12 +132,14 @@ class _PerFrameKeeper(TapKeeper):
 
 class DrainLab(NamespaceLab):
     """The gen -> S -> D -> sink topology above, with the clone generator stamping numbers; always cleaned
-    up. `tap_queue`: the tap's queue length (the agent's migration-window default)."""
+    up. `tap_queue`: the tap's queue length (the agent's migration-window default); `hold_ring_pages`: S's
+    hold ring (the agent's default)."""
 
-    def __init__(self, mode: str = "native", tap_queue: int | None = None):
+    def __init__(self, mode: str = "native", tap_queue: int | None = None, hold_ring_pages: int | None = None):
         super().__init__(f"{os.getpid()}-dr")
         self.mode = mode
         self.tap_queue = tap_queue or config.HostConfig.tap_queue
+        self.hold_ring_pages = hold_ring_pages or config.HostConfig.hold_ring_pages
         self.tap_fd = -1
         self.notes: list[str] = []
 
@@ -181,7 +183,8 @@ class DrainLab(NamespaceLab):
         self.dp_d.add_sid(D_SBUF, Behaviour.END_SBUF)
         self.dp_d.add_sid(D_DX6, Behaviour.END_DX6_MAP)
         self.dp_d.set_vm(VM, VmState.RUNNING)
-        self.dp = self._stack.enter_context(xdp_on(t, "S", "d_in", self.mode))
+        self.dp = self._stack.enter_context(xdp_on(t, "S", "d_in", self.mode,
+                                                   loader.Limits(hold_ring_pages=self.hold_ring_pages)))
         self.dp.add_sid(SID_S, Behaviour.END_S)
         self.dp.set_vm(VM, VmState.RUNNING)
         self.gen = CloneGenerator(t, "gen", "g0", GEN_CPU if self.napi_pinned else None)

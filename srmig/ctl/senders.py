@@ -10,6 +10,7 @@ import ipaddress
 import operator
 import socket
 import struct
+import threading
 import time
 from array import array
 from itertools import accumulate
@@ -400,6 +401,13 @@ class FabricSender:
         return out
 
     def close(self) -> None:
-        self._ipr.close()
+        """Closed in the background: an AF_PACKET socket's release waits for an RCU grace period
+        (synchronize_net), and pyroute2's close joins its thread: 50-430 ms measured on a loaded core, after
+        the drain's work and before it could return. Nothing needs to wait for it."""
         self.raw.close()
-        self._sock.close()
+
+        def release(sock=self._sock, ipr=self._ipr):
+            sock.close()
+            ipr.close()
+
+        threading.Thread(target=release, name="fabric-sender-close", daemon=True).start()
