@@ -23,7 +23,8 @@ End.SBUF logs the number of every frame in arrival order (an mmap'd BPF array); 
 - arrival_pps: frames entering S per second while the drain ran (the offered load as achieved: the
   generator may not reach what was asked, and shares two cores with everything else); drain_pps: the
   packets the drain sent (tap queue and ring) per second of SourceDrain.run(); drain_ms: that time;
-  converged: the ring was sent empty within RING_FIRST_MAX_S and the VM went AWAY.
+  converged: the ring was sent empty within RING_FIRST_MAX_S (RING_FIRST_GAINING_MAX_S while the drain
+  gains on it) and the VM went AWAY.
 
 Offered loads: 0.5, 1 and 2 Mpps and End.S's forwarding rate measured first in the same run (the
 generator flat out, the VM AWAY, counted at the same sink: End.S then End.SBUF, the path the VM's
@@ -61,7 +62,7 @@ from srmig import netlink
 from srmig.bpf import loader
 from srmig.bpf.abi import Behaviour, VmState
 from srmig.ctl import config, tapread
-from srmig.ctl.drain import RING_FIRST_MAX_S, SourceDrain
+from srmig.ctl.drain import RING_FIRST_GAINING_MAX_S, RING_FIRST_MAX_S, SourceDrain
 from srmig.ctl.tap import IFF_VNET_HDR, TapKeeper, read_queued_each, vnet_hdr_len
 from srmig.testbed import qemu
 from srmig.testbed.lab import NamespaceLab, xdp_on
@@ -355,7 +356,7 @@ class DrainLab(NamespaceLab):
             time.sleep(tail_s)
             w["end"], w["g_end"] = time.monotonic(), self.gen.generated()
 
-        total_s = pause_s + tail_s + 2 * RING_FIRST_MAX_S + 1.0
+        total_s = pause_s + tail_s + 2 * RING_FIRST_GAINING_MAX_S + 1.0
         cpus = os.sched_getaffinity(0)
         if self.napi_pinned:
             # Away from the generator's CPU, which its loop keeps busy (a NIC would not): the drain shares
@@ -408,6 +409,8 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
     say = progress or (lambda m: None)
     with DrainLab(mode) as lab:
         out: dict = {"tap_queue": lab.tap_queue, "ring_first_max_ms": RING_FIRST_MAX_S * 1000,
+                     "ring_first_gaining_max_ms": RING_FIRST_GAINING_MAX_S * 1000,
+                     "hold_ring_bytes": lab.hold_ring_pages * mmap.PAGESIZE,
                      "generator": "clone (numbered clones: bench/xdp_clone_gen.c xdp_clone_stamp)"}
         out["send_paths"] = sp = drain_send.send_cost(lab)
         say("drain: sending the drain's packets, kpps (best): " + ", ".join(

@@ -30,6 +30,8 @@ UNPARK_MAX_S = 1.0               # an abort: the longest the program parks behin
                                  # gives the VM what it parked (a starved agent: reordered past this, not lost)
 RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring after the flip (a ring that
                                  # fills faster than we send never empties: then forward, and count)
+RING_FIRST_GAINING_MAX_S = 1.0   # ... while each read of the ring finds fewer records than the one before (the
+                                 # drain gains on it: it empties soon, and nothing need be overtaken)
 
 
 def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = (),
@@ -236,8 +238,9 @@ class DrainReport:
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
-    # before_flip_ms: HOLD until the flip to AWAY behind the ring; behind_ring_ms: from the flip until the
-    # ring was sent empty; ring_emptied: whether it was (False: RING_FIRST_MAX_S ran out first);
+    # before_flip_ms: HOLD until the flip to AWAY behind the ring (and its parts: hold_ms, setup_ms,
+    # tap_read_ms, tap_encap_ms, tap_send_ms); behind_ring_ms: from the flip until the ring was sent empty;
+    # ring_emptied: whether it was (False: RING_FIRST_MAX_S, or RING_FIRST_GAINING_MAX_S, ran out first);
     # ring_after_flip: packets found in the ring once the program forwards directly again, the only ones
     # that can arrive behind newer packets (expected 0).
     timings: dict = field(default_factory=dict)
@@ -347,14 +350,21 @@ class SourceDrain:
             rep.ring_sent_before = skip_sent(ring, log)
             self._set(VmState.AWAY, ring_first=True)
             t_flip = time.monotonic()
-            deadline = t_flip + RING_FIRST_MAX_S
+            deadline, last = t_flip + RING_FIRST_MAX_S, None
             while not ring.empty() and time.monotonic() < deadline:
                 # Sent before consumed, so that newer packets keep parking behind them; written down by the
                 # kernel as they go (the log), so that an agent killed before the commit does not send them
                 # twice.
-                self._ring_send(sender, rep, ring, log, rounds=1)
-            # False: the ring filled faster than we sent it and RING_FIRST_MAX_S ran out (what is still in
-            # it may now be overtaken).
+                n = self._ring_send(sender, rep, ring, log, rounds=1)
+                # Each read takes all the ring holds: what parked while the last batch went out. Fewer than
+                # last time, the drain outruns the load and the ring empties soon; waiting for it beats
+                # letting newer packets overtake what it still holds. Not fewer: the ring fills as fast as
+                # we send, and RING_FIRST_MAX_S holds.
+                gaining = last is not None and n < last
+                deadline = t_flip + (RING_FIRST_GAINING_MAX_S if gaining else RING_FIRST_MAX_S)
+                last = n
+            # False: the ring filled faster than we sent it and the time ran out (what is still in it may
+            # now be overtaken).
             rep.timings["ring_emptied"] = ring.empty()
             self._set(VmState.AWAY)
             rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
@@ -375,14 +385,16 @@ class SourceDrain:
 
     @staticmethod
     def _ring_send(sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
-                   rounds: int = 1000) -> None:
+                   rounds: int = 1000) -> int:
         """Send what the ring holds, each batch consumed once sent, and what it received meanwhile, until a
-        read finds it empty (or `rounds` reads)."""
+        read finds it empty (or `rounds` reads); returns how many records the last read found."""
+        packets: list[bytes] = []
         for _ in range(rounds):
             at = [ring.position]  # then the end of each record read
             packets = read_hold_packets(ring, commit=False, ends=at)
             if not packets:
-                return
+                return 0
             send_runs(log, at, sender.runs(packets))
             ring.commit()  # consumed once sent (behind the ring: only now may newer packets go directly)
             rep.from_ring += len(packets)
+        return len(packets)
