@@ -322,7 +322,7 @@ _DA = operator.itemgetter(slice(24, 40))  # an IPv6 packet's destination address
 class FabricSender:
     """The drain's sender: SRv6 packets out of the link the kernel routes each one's DA through, as Ethernet
     frames to the next hop's MAC (the neighbour table's), over AF_PACKET: per packet no route lookup and no
-    IPv6 output path, about 1.5-2x RawSender's rate on one core (docs/drain.md). The packets are complete
+    IPv6 output path, 1.1-1.6x RawSender's rate on one core (docs/drain.md). The packets are complete
     and already addressed (H.Encaps'd by the agent, or advanced by the program). The link's qdisc and tc
     egress still apply, as they did to RawSender's packets: a full qdisc blocks the send (the sent log's
     kill-while-blocked guarantee rests on it), the fabric's shaping holds. `qdisc_bypass`
