@@ -264,7 +264,7 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
         assert (again["vms"], again["fixed"]) == (1, 0)
         assert generation(maps) == gen and db.vm(VM).version == rec.version
         st = on_worker(a, status.agent_status, a)
-        assert [(v["vm"], v["addresses"], v["state"], v["states_differ"]) for v in st["vms"]] == \
+        assert [(v["vm"], v["addresses"], v["state"], v["detached"]) for v in st["vms"]] == \
             [(VM, list(DUAL), "running", None)]
         assert st["locations"][0]["addresses"] == list(DUAL)
         shown = srmig_status(a, capsys)
@@ -454,7 +454,7 @@ def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, c
         st = on_worker(a, status.agent_status, a)
         assert "10.7.0.128/25 overlaps 10.7.0.0/24, VM 2001:db8:100::d's" in st["rejected_domains"]["srmig-rec-q"]
         row = next(r for r in st["vms"] if r["vm"] == vm_p)
-        assert row["addresses"] == [vm_p, *prefixes] and row["state"] == "running" and not row["states_differ"]
+        assert row["addresses"] == [vm_p, *prefixes] and row["state"] == "running" and not row["detached"]
         assert [r["vm"] for r in st["vms"]] == [vm_p]  # one row for the VM, its prefixes in it
 
 

@@ -75,6 +75,18 @@ def _vm_prefix_str(addr: bytes, prefixlen: int) -> str:
     return f"{a}/{prefixlen}"
 
 
+def _pointer_str(addr: bytes, prefixlen: int) -> str:
+    """A vm_prefixes key as srmig lists it: a full-length one (/128, an IPv4 address's /96 + 32) is one of a
+    VM's addresses pointed at its id, spelled as the address; a shorter one is a prefix."""
+    return _vm_str(addr) if prefixlen == 128 else _vm_prefix_str(addr, prefixlen)
+
+
+def vm_spelling(vm: str) -> str:
+    """An address or prefix as the VM map's listings spell it (list_vms, list_vm_prefixes): a full-length
+    prefix (x/128, a.b.c.d/32) is the address."""
+    return _pointer_str(*_vm_prefix(vm)) if is_prefix(vm) else _vm_str(_vm_addr(vm))
+
+
 def _vm_str(key: bytes) -> str:
     """A vm_table key as the VM's address: IPv4 VMs (IPv4-mapped keys) as IPv4."""
     a = ipaddress.IPv6Address(bytes(key))
@@ -255,16 +267,24 @@ class Dataplane(libbpf.PinnedMaps):
                        park)
 
     def get_vm(self, vm: str) -> VmEntry | None:
-        """The entry of an address, or of a prefix (the entry of the VM it belongs to, `of` naming it)."""
+        """The entry that applies to an address: its own, else (one of a VM's other addresses, pointed at the
+        VM's id in vm_prefixes; an address of a prefix) the entry of the VM's id, `of` naming the id. For a
+        prefix: the entry of the VM it belongs to, `of` naming it."""
         if is_prefix(vm):
-            owner = self.vm_prefixes.lookup(self._vm_prefix_key(vm))
-            if owner is None:
-                return None
-            id_key = bytes(ffi.buffer(owner.addr, 16))
-            v = self.vms.lookup(self._vm_key(id_key))
-            return None if v is None else self._vm_entry(id_key, v, prefix=self._prefix_str(vm))
+            return self._via_pointer(vm, self._prefix_str(vm))
         v = self.vms.lookup(self._vm_key(vm))
-        return None if v is None else self._vm_entry(_vm_addr(vm), v)
+        if v is None:
+            return self._via_pointer(vm, _vm_str(_vm_addr(vm)))
+        return self._vm_entry(_vm_addr(vm), v)
+
+    def _via_pointer(self, vm: str, spelling: str) -> VmEntry | None:
+        """The id's entry for `vm` by vm_prefixes (the longest match, as the program takes it)."""
+        owner = self.vm_prefixes.lookup(self._vm_prefix_key(vm))
+        if owner is None:
+            return None
+        id_key = bytes(ffi.buffer(owner.addr, 16))
+        v = self.vms.lookup(self._vm_key(id_key))
+        return None if v is None else self._vm_entry(id_key, v, prefix=spelling)
 
     @staticmethod
     def _vm_entry(addr: bytes, v, prefix: str | None = None) -> VmEntry:
@@ -276,15 +296,18 @@ class Dataplane(libbpf.PinnedMaps):
                        of=_vm_str(addr) if prefix else None)
 
     def del_vm(self, vm: str) -> bool:
-        """Delete an address's entry, or a prefix's (del_vm_prefix)."""
+        """Delete an address's entry, its own and its pointer at a VM's id (whichever it has), or a prefix's
+        (del_vm_prefix)."""
         if is_prefix(vm):
             return self.del_vm_prefix(vm)
         gone = self.vms.delete(self._vm_key(vm))
+        gone = self.vm_prefixes.delete(self._vm_prefix_key(vm)) or gone  # (a full-length key: exact, not LPM)
         self._tables_changed()
         return gone
 
     def list_vms(self) -> list[VmEntry]:
-        """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none)."""
+        """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none). A
+        VM's address pointed at its id is listed as an address, with the id's entry and `of` naming the id."""
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
         for prefix, vm in self.list_vm_prefixes():
             v = self.vms.lookup(self._vm_key(vm))
@@ -307,8 +330,10 @@ class Dataplane(libbpf.PinnedMaps):
 
     def set_vm_prefix(self, prefix: str, vm: str) -> str:
         """Packets to any address of `prefix` that vm_table does not have take `vm`'s entry (`vm`: the VM's id,
-        an address). Returns the prefix as srmig spells it. Idempotent; the caller keeps prefixes of
-        different VMs apart (srmig.ctl.records.overlaps): the longest match would otherwise decide."""
+        an address). `prefix` may be an address (a full-length prefix): one of the VM's other addresses, which
+        then has no entry of its own (VmAddressSet). Returns the prefix as srmig spells it. Idempotent; the
+        caller keeps prefixes of different VMs apart (srmig.ctl.records.overlaps): the longest match would
+        otherwise decide."""
         if is_prefix(vm):
             raise ValueError(f"a prefix's VM is named by an address, not the prefix {vm}")
         try:
@@ -327,8 +352,8 @@ class Dataplane(libbpf.PinnedMaps):
         return gone
 
     def list_vm_prefixes(self) -> list[tuple[str, str]]:
-        """[(prefix, its VM's id)], in address order."""
-        out = [(_vm_prefix_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen),
+        """[(prefix, its VM's id)], in address order; a VM's address pointed at its id spelled as the address."""
+        out = [(_pointer_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen),
                 _vm_str(bytes(ffi.buffer(v.addr, 16)))) for k, v in self.vm_prefixes.items()]
         return sorted(out, key=lambda pv: _vm_sort(pv[0]))
 
@@ -437,12 +462,15 @@ class Dataplane(libbpf.PinnedMaps):
 
 
 class VmAddressSet:
-    """A Dataplane whose VM writes apply to all of a VM's addresses: set_vm(vm, ...) and del_vm(vm) write the
-    entry of every address `addresses(vm)` lists (the VM's id, its first address, included), and point every
-    prefix it lists at the id in vm_prefixes (or delete it), so whatever
-    moves a VM through its migration's states by its id (the executor, the agent's steady state and
-    reconciliation) moves all of its addresses in the same step, in the same order. Reads and everything
-    else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
+    """A Dataplane whose VM writes apply to all of a VM's addresses at once: only the VM's id (its first
+    address) has a vm_table entry; every other address `addresses(vm)` lists (a full-length key: IPv6 /128,
+    IPv4 ::ffff:a.b.c.d/128) and every prefix points at the id in vm_prefixes, whose fallback the program takes
+    when the exact lookup misses. So set_vm(vm, ...) is one write of the id's entry, and every address and
+    prefix of the VM takes the new entry with the same packet: none is ever seen in a state the others have
+    left (as with a write per address, one after the other). Whatever moves a VM through its migration's
+    states by its id (the executor, the drain and the unpark, the agent's steady state and reconciliation)
+    does so. Reads and everything else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() lists
+    every address with the id's entry (`of` naming the id)."""
 
     def __init__(self, dp: Dataplane, addresses: Callable[[str], tuple[str, ...]]):
         self.dp = dp
@@ -461,25 +489,34 @@ class VmAddressSet:
         return out
 
     def set_vm(self, vm: str, state: VmState | str, **kw) -> VmEntry:
-        """Every address's entry, then each prefix pointed at the id (idempotent: a prefix listed since the
-        last write is written now; its packets follow the id's entry from then on)."""
-        addresses = self._all(vm)
-        entries = [self.dp.set_vm(a, state, **kw) for a in addresses if not is_prefix(a)]
-        for p in addresses:
-            if is_prefix(p) and self._owner(p) != vm:
-                self.dp.set_vm_prefix(p, vm)
-        return entries[0]
+        """The id's entry: one write (then the table generation's bump) that moves every address and prefix of
+        the VM. Before it, what is not so yet is made so, in an order no packet can tell: each other address
+        and prefix not pointing at the id is pointed at it, then an entry of its own an address still has (an
+        older srmig wrote one per address; `srmig vm set` on that address) is deleted, which hands its packets
+        to the id's entry (the same, until this write). Idempotent: in the steady state one lookup and one
+        delete (of nothing) per other address, and the write."""
+        me = _vm_str(_vm_addr(vm))
+        for a in self._all(vm)[1:]:
+            if self._owner(a) != me:
+                self.dp.set_vm_prefix(a, vm)
+            if not is_prefix(a):
+                self.dp.vms.delete(self.dp._vm_key(a))  # (the id's write below bumps the generation)
+        return self.dp.set_vm(vm, state, **kw)
 
     def _owner(self, prefix: str) -> str | None:
+        """The id `prefix` (or an address) points at: the longest match, as the program finds it (an address
+        inside the VM's own prefix already takes the id's entry)."""
         owner = self.dp.vm_prefixes.lookup(self.dp._vm_prefix_key(prefix))
         return None if owner is None else _vm_str(bytes(ffi.buffer(owner.addr, 16)))
 
     def del_vm(self, vm: str) -> bool:
-        """The prefixes first (they would point at nothing), then the addresses; whether the id had one. The
-        prefixes are those listed and any other pointing at the VM (a VM gone from here whose list is not
-        known any more: its grace period's end)."""
-        addresses = self._all(vm)
-        listed = {p for p in addresses if is_prefix(p)}
-        for p in sorted(listed | {p for p, owner in self.dp.list_vm_prefixes() if owner == vm}):
-            self.dp.del_vm_prefix(p)
-        return [self.dp.del_vm(a) for a in addresses if not is_prefix(a)][0]
+        """The id's entry first: from that one write on, no address or prefix of the VM finds it (a pointer at
+        an id with no entry finds no VM). Then the pointers, those listed and any other at the VM (a VM gone
+        from here whose list is not known any more: its grace period's end), and any entry of its own an
+        address kept. Returns whether the id had an entry."""
+        gone = self.dp.del_vm(vm)
+        me = _vm_str(_vm_addr(vm))
+        others = {vm_spelling(a) for a in self._all(vm)[1:]}
+        for p in sorted(others | {p for p, owner in self.dp.list_vm_prefixes() if owner == me}, key=_vm_sort):
+            self.dp.del_vm(p)
+        return gone
