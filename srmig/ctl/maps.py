@@ -7,10 +7,12 @@ whoever loaded it. Every operation is idempotent (set replaces, delete of an abs
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,6 +139,10 @@ class HoldRecord:
     packet: bytes  # from the IPv6 header on, already advanced towards the next SID
 
 
+class _Writes(threading.local):
+    depth = 0  # the _writing() calls this thread is in
+
+
 class NotLoaded(loader.LoaderError):
     pass
 
@@ -165,34 +171,68 @@ class Dataplane(libbpf.PinnedMaps):
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
         self.inner_stats = self._map("inner_stats", "uint32_t", "uint64_t", percpu=True)
         self.vm_prefixes = self._map("vm_prefixes", "struct srmig_vm_prefix_key", "struct srmig_vm_key")
+        self._writes = _Writes()
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
         return libbpf.obj_get(str(self.pin_dir / loader.PROG))
 
-    def _bump(self, slot: int) -> int:
-        """meta[slot] += 1, returning the new value. Under an exclusive flock of the pin directory (the lock
-        goes with an open file description: every call opens its own), so that two writers, threads or
-        processes, cannot both write the same value: the program trusts a copy made at a generation only
-        while that generation stands, so a value written twice could revive an outdated copy."""
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock of the pin directory (the lock goes with an open file description: every call
+        opens its own), so that two writers, threads or processes, cannot both write the same generation:
+        the program trusts a copy made at a generation only while that generation stands, so a value written
+        twice could revive an outdated copy."""
         lock = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            key = ffi.new("uint32_t *", slot)
-            gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
-            self.meta.update(key, ffi.new("uint32_t *", gen))
-            return gen
+            yield
         finally:
             os.close(lock)
+
+    def _bump(self, slot: int, odd: bool | None = None) -> int:
+        """meta[slot] to its next value (odd=True: the next odd one, False: the next even one), returning it.
+        Under the lock (_locked) unless the caller holds it."""
+        with contextlib.nullcontext() if self._writes.depth else self._locked():
+            key = ffi.new("uint32_t *", slot)
+            gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
+            if odd is not None and gen % 2 != odd:
+                gen = (gen + 1) & 0xFFFFFFFF  # (2^32 is even: the wrap keeps the parity)
+            self.meta.update(key, ffi.new("uint32_t *", gen))
+            return gen
 
     def flush_nexthops(self) -> int:
         """Expire every cached next hop now (after a route or neighbour change); returns the generation."""
         return self._bump(abi.META_NH_GENERATION)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Around every write to sid_table, vm_table or vm_prefixes (and several of them: nested, the outer
+        one counts): the table generation odd before, the next even one after, under the lock throughout.
+        While it is odd the program reads the tables and neither uses nor makes a per-CPU copy (cache.h), so
+        no packet sees a copy older than the tables once a write has begun, and the copies it makes after
+        are of the tables written."""
+        w = self._writes
+        if w.depth:
+            w.depth += 1
+            try:
+                yield
+            finally:
+                w.depth -= 1
+            return
+        with self._locked():
+            w.depth = 1
+            try:
+                self._bump(abi.META_TABLE_GENERATION, odd=True)
+                yield
+            finally:
+                self._bump(abi.META_TABLE_GENERATION, odd=False)
+                w.depth = 0
+
     def _tables_changed(self) -> None:
-        """After every write to sid_table or vm_table: the program's per-CPU copies of their entries are
-        stale from now on (see struct table_copy in srmig.c)."""
-        self._bump(abi.META_TABLE_GENERATION)
+        """After a write made outside _writing() (a test behind the Dataplane's back, a benchmark's cold
+        run): the program's per-CPU copies are stale from now on (the next even generation)."""
+        self._bump(abi.META_TABLE_GENERATION, odd=False)
 
     # SIDs -----------------------------------------------------------------------------------------------
 
@@ -217,14 +257,13 @@ class Dataplane(libbpf.PinnedMaps):
             # A reused slot starts from zero.
             self.sid_stats.update(ffi.new("uint32_t *", slot), ffi.new("struct srmig_sid_stats *"))
         value = ffi.new("struct srmig_sid_value *", {"behaviour": int(beh), "stats_slot": slot})
-        self.sids.update(key, value)
-        self._tables_changed()
+        with self._writing():
+            self.sids.update(key, value)
         return SidEntry(str(ipaddress.IPv6Address(_addr(sid, "SID"))), beh, slot, self._sid_counters(slot))
 
     def del_sid(self, sid: str) -> bool:
-        gone = self.sids.delete(self._sid_key(sid))
-        self._tables_changed()
-        return gone
+        with self._writing():
+            return self.sids.delete(self._sid_key(sid))
 
     def _sid_counters(self, slot: int) -> dict[str, int]:
         per_cpu = self.sid_stats.lookup(ffi.new("uint32_t *", slot)) or []
@@ -260,8 +299,8 @@ class Dataplane(libbpf.PinnedMaps):
                        | (abi.VM_F_RING_FIRST if ring_first else 0) | (abi.VM_F_PARK if park else 0))
         if next_sid:
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
-        self.vms.update(self._vm_key(vm), value)
-        self._tables_changed()
+        with self._writing():
+            self.vms.update(self._vm_key(vm), value)
         return VmEntry(_vm_str(_vm_addr(vm)), st,
                        str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first,
                        park)
@@ -300,10 +339,9 @@ class Dataplane(libbpf.PinnedMaps):
         (del_vm_prefix)."""
         if is_prefix(vm):
             return self.del_vm_prefix(vm)
-        gone = self.vms.delete(self._vm_key(vm))
-        gone = self.vm_prefixes.delete(self._vm_prefix_key(vm)) or gone  # (a full-length key: exact, not LPM)
-        self._tables_changed()
-        return gone
+        with self._writing():
+            gone = self.vms.delete(self._vm_key(vm))
+            return self.vm_prefixes.delete(self._vm_prefix_key(vm)) or gone  # (a full-length key: exact)
 
     def list_vms(self) -> list[VmEntry]:
         """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none). A
@@ -337,19 +375,18 @@ class Dataplane(libbpf.PinnedMaps):
         if is_prefix(vm):
             raise ValueError(f"a prefix's VM is named by an address, not the prefix {vm}")
         try:
-            self.vm_prefixes.update(self._vm_prefix_key(prefix), self._vm_key(vm))
+            with self._writing():  # (a copy of "no such VM" for an address of the prefix must go)
+                self.vm_prefixes.update(self._vm_prefix_key(prefix), self._vm_key(vm))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.E2BIG):
                 raise
             raise ValueError(f"VM prefixes full ({libbpf.map_info(self.vm_prefixes.fd).max_entries}): cannot "
                              f"add {prefix}") from None
-        self._tables_changed()  # a copy of "no such VM" for an address of the prefix must go
         return self._prefix_str(prefix)
 
     def del_vm_prefix(self, prefix: str) -> bool:
-        gone = self.vm_prefixes.delete(self._vm_prefix_key(prefix))
-        self._tables_changed()
-        return gone
+        with self._writing():
+            return self.vm_prefixes.delete(self._vm_prefix_key(prefix))
 
     def list_vm_prefixes(self) -> list[tuple[str, str]]:
         """[(prefix, its VM's id)], in address order; a VM's address pointed at its id spelled as the address."""
@@ -361,11 +398,11 @@ class Dataplane(libbpf.PinnedMaps):
         """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
         key = ffi.new("struct srmig_vm_key *")
         value = ffi.new("struct srmig_vm_value *")
-        for addr, state in entries:
-            ffi.memmove(key.addr, _vm_addr(addr), 16)
-            value.state = int(state)
-            self.vms.update(key, value)
-        self._tables_changed()
+        with self._writing():
+            for addr, state in entries:
+                ffi.memmove(key.addr, _vm_addr(addr), 16)
+                value.state = int(state)
+                self.vms.update(key, value)
 
     # SR domain (RFC 8754 5.1) ---------------------------------------------------------------------------
 
@@ -496,12 +533,13 @@ class VmAddressSet:
         to the id's entry (the same, until this write). Idempotent: in the steady state one lookup and one
         delete (of nothing) per other address, and the write."""
         me = _vm_str(_vm_addr(vm))
-        for a in self._all(vm)[1:]:
-            if self._owner(a) != me:
-                self.dp.set_vm_prefix(a, vm)
-            if not is_prefix(a):
-                self.dp.vms.delete(self.dp._vm_key(a))  # (the id's write below bumps the generation)
-        return self.dp.set_vm(vm, state, **kw)
+        with self.dp._writing():  # (one bracket: no copy is made until the id's write is done)
+            for a in self._all(vm)[1:]:
+                if self._owner(a) != me:
+                    self.dp.set_vm_prefix(a, vm)
+                if not is_prefix(a):
+                    self.dp.vms.delete(self.dp._vm_key(a))
+            return self.dp.set_vm(vm, state, **kw)
 
     def _owner(self, prefix: str) -> str | None:
         """The id `prefix` (or an address) points at: the longest match, as the program finds it (an address
