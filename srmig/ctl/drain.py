@@ -200,7 +200,10 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
             key = rec[:16]
             inner = decapsulate(packet) if key in own.keys else None
-            mac = eth.get(_dst_key(inner), eth.get(key)) if inner is not None else None
+            mac = None
+            if inner is not None:  # to one of its addresses: that address's neighbour, else (a prefix's) the id's
+                dst = _dst_key(inner)
+                mac = eth.get(dst) if dst in own.keys else eth.get(key)
             if inner is None:
                 parts.append((raw, packet))
             elif mac is not None:
