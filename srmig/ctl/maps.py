@@ -345,11 +345,13 @@ class Dataplane(libbpf.PinnedMaps):
 
     def list_vms(self) -> list[VmEntry]:
         """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none). A
-        VM's address pointed at its id is listed as an address, with the id's entry and `of` naming the id."""
+        VM's address pointed at its id is listed as an address, with the id's entry and `of` naming the id,
+        unless it has an entry of its own too (which the program takes: that one is listed)."""
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
+        own = {e.vm for e in out}
         for prefix, vm in self.list_vm_prefixes():
             v = self.vms.lookup(self._vm_key(vm))
-            if v is not None:
+            if v is not None and prefix not in own:
                 out.append(self._vm_entry(_vm_addr(vm), v, prefix=prefix))
         return sorted(out, key=lambda e: _vm_sort(e.vm))
 
