@@ -113,10 +113,10 @@ def cmd_status(args) -> int:
             drops = "-" if v.get("tap_dropped") is None else str(v["tap_dropped"])
             print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {drops:<10} "
                   f"{mig}")
-            differ = v.get("states_differ") or {}
+            detached = v.get("detached") or ()
             for a in v.get("addresses", [v["vm"]])[1:]:  # the VM's other addresses, under its id
                 print(f"    + {a}" + ("  (a prefix it routes)" if "/" in a else "")
-                      + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
+                      + ("  (map: not following the id)" if a in detached else ""))
     for name, why in (st.get("rejected_domains") or {}).items():
         print(f"  not managed: domain {name}: {why}")
     if st.get("locations"):

@@ -92,13 +92,14 @@ class VmLocal:
 class Executor:
     def __init__(self, owner: Owner):
         self.owner = owner
-        # Every map write for a VM writes all its addresses: one step (the drain and the unpark are given them).
+        # Every map write for a VM is one write of its id's entry, which all its addresses and prefixes follow
+        # (the drain and the unpark are given them: they take the VM's frames to any, and write the same way).
         self.dp = VmAddressSet(owner.dp, owner.addresses)
         self.vms: dict[str, VmLocal] = {}
 
     def _addresses(self, vm: str) -> list[str]:
         """The VM's addresses for the drain and the unpark: they take the VM's frames to any of them, and
-        write each one's entry themselves (given the maps, not the VmAddressSet: once each)."""
+        write the id's entry the VmAddressSet's way (srmig.ctl.drain.one_step)."""
         return list(self.owner.addresses(vm))
 
     def vm(self, vm: str) -> VmLocal:

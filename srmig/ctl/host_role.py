@@ -36,6 +36,7 @@ from srmig.ctl.fdstore import FdStore, NoStore
 from srmig.ctl.libvirt_events import translate
 from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
+from srmig.ctl.maps import vm_spelling
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
 
@@ -374,7 +375,8 @@ class HostRole:
     _UNKNOWN = object()
 
     def vm_running_here(self, d: Domain, entries=_UNKNOWN, rec=_UNKNOWN) -> bool:
-        """A VM runs here outside any migration: deliver it (each of its addresses) and tell the ingresses.
+        """A VM runs here outside any migration: deliver it (its id's entry, every other address and prefix
+        pointed at it) and tell the ingresses.
         `entries`/`rec`: the map's entries by address and its database record when the caller already has
         them (reconciliation of many VMs). Returns whether anything had to change."""
         if self.dp is None:
@@ -383,7 +385,7 @@ class HostRole:
             self.set_addresses(d.vm, d.addresses)
         changed = False
         for a in d.addresses:
-            cur = self.dp.get_vm(a) if entries is self._UNKNOWN else entries.get(a)
+            cur = self.dp.get_vm(a) if entries is self._UNKNOWN else entries.get(vm_spelling(a))
             if cur is None or cur.state is not VmState.RUNNING or cur.shadow:
                 self.dp.set_vm(d.vm, VmState.RUNNING)  # all its addresses (VmAddressSet)
                 self._mark_map_write()

@@ -8,7 +8,7 @@ import collections
 import time
 
 from srmig.bpf.abi import VmState
-from srmig.ctl import records, work
+from srmig.ctl import maps, records, work
 from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
@@ -121,9 +121,10 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
     # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
     # stragglers: give them a fresh grace period. An entry is a VM's address: its id's, or one of the
-    # other addresses of a VM known here (its domain's, or its migration's record).
+    # other addresses of a VM known here (its domain's, or its migration's record), which points at the id
+    # (`of`, VmAddressSet); spelled as the map lists them.
     if host.dp is not None:
-        vm_of = {a: vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
+        vm_of = {maps.vm_spelling(a): vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
                  for a in host.addresses_of(vm)}
         unexplained: dict[str, list] = {}
         for e in entries.values():
@@ -137,11 +138,14 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                 host.later(host.cfg.host.grace_s, work.Forget(vm))
                 away.add(vm)
             else:
-                for e in es:
-                    host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
+                # The entries found, one by one (the maps themselves), the id's first: its write alone takes
+                # every address pointing at it out of the dataplane, the pointers then go.
+                for e in sorted(es, key=lambda e: e.of is not None):
+                    host.dp.dp.del_vm(e.vm)
                 fixed += 1
-        # Prefixes pointing at a VM with no entry (list_vms() does not show them: their packets find no VM)
-        # and no VM here lists: left by an agent stopped between a VM's prefixes and its id; a trie slot each.
+        # Prefixes and addresses pointing at a VM with no entry (list_vms() does not show them: their packets
+        # find no VM) and no VM here lists: left by an agent stopped between a VM's id and its pointers (they
+        # are deleted after it, VmAddressSet.del_vm); a trie slot each.
         for prefix, vm in host.dp.list_vm_prefixes():
             if prefix not in vm_of and vm not in entries:
                 host.dp.dp.del_vm_prefix(prefix)
