@@ -38,9 +38,12 @@ from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
+from srmig.ctl.swallow import SwallowCheck
+from srmig.ctl.tap import tap_tx_packets
 
 log = logging.getLogger("srmig.agent")
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
+RX_USED_WAIT_S = 0.3    # the longest the destination's cut-over for a silent source waits for QMP's answer
 
 
 @dataclass
@@ -352,6 +355,10 @@ class HostRole:
             return
         if role == "D" and typ == "STARTED":
             self.executor.keep_tap(d.vm)
+            loc = self.executor.vm(d.vm)
+            if loc.tx_at_start is None and d.tap:  # the incoming QEMU reads nothing from it until it resumes
+                with contextlib.suppress(Exception):
+                    loc.tx_at_start = tap_tx_packets(d.tap)
         ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
         if ev is not None:
             self.local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
@@ -407,7 +414,8 @@ class HostRole:
                 "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
                 "events": [ev.value for ev, _ in m.history if ev in t.seen],
                 "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])],
-                "returned": loc.returned if loc else None}
+                "returned": loc.returned if loc else None,
+                "swallow_base": loc.swallow_base if loc else None, "rx_used": loc.rx_used if loc else None}
 
     def local_event(self, vm: str, ev: Ev, t_ns: int, what: str) -> None:
         """`what` this host saw (a libvirt event, a reconciliation finding) that means `ev`."""
@@ -445,10 +453,31 @@ class HostRole:
             return  # the source reported its pause: it is alive, STOPPED will cut over
         log.warning("%s: source %s silent since the pause; cutting the ingresses over to %s", vm, m.src.name,
                     self.name)
+        self._note_rx_used(vm)
         step = m.version + 1  # the step the cut-over will have: written once, whoever gets there first
         addrs = self.vm_addresses.get(vm)
         self.dbl.write(lambda: self.db.publish(vm, self.name, [m.dst.dx6], Phase.CUT_OVER.value, mid, step,
                                                addresses=addrs))
+
+    def _note_rx_used(self, vm: str) -> None:
+        """Write in our record the RX used index our QEMU resumed with: the source's at its pause (the device's
+        state migrated). The source's agent, restarted after the pause, counts with it the frames its QEMU
+        swallowed (swallow.RecordedCheck). Asked before the cut-over: until then our tap is quiet, so the
+        tap's count and QMP's answer make a consistent pair; bounded, the cut-over waits no longer."""
+        loc = self._local(vm)
+        if loc is None or loc.tx_at_start is None or not loc.tap or not loc.domain or self.libvirt is None:
+            return
+        check, out = SwallowCheck(loc.tap, self.libvirt.rx_used(loc.domain)), []
+        asker = threading.Thread(target=lambda: out.append(check.difference(tries=20)), daemon=True,
+                                 name="rx-used")
+        asker.start()
+        asker.join(RX_USED_WAIT_S)
+        if not out or out[0] is None:
+            log.warning("%s: RX used index at the resume unknown: the source cannot count what its QEMU "
+                        "swallowed", vm)
+            return
+        loc.rx_used = (loc.tx_at_start - out[0]) & 0xFFFF  # used - (tx - tx_at_start)
+        self._put_record(vm)
 
     def on_db_migrations(self, item: work.DbMigrations) -> None:
         touched: dict[str, dict] = {}
@@ -475,6 +504,21 @@ class HostRole:
             if self.track(vm).migration != mid:
                 if not self._start_migration(vm, rec, f"migrations/{vm}/{host}"):
                     continue
+                loc = self._local(vm)
+                if not replay and rec["src"] == self.name and loc is not None and loc.check is not None:
+                    # The baseline outlives us in our record: killed at the pause, the agent after us counts
+                    # with it (swallow.RecordedCheck).
+                    loc.swallow_base = loc.check.base
+                    self._put_record(vm)
+            loc = self._local(vm)
+            if loc is not None and host == self.name and replay and rec.get("swallow_base") is not None:
+                loc.swallow_base = rec["swallow_base"]  # (the agent before us took it)
+            if loc is not None and host != self.name and rec.get("rx_used") is not None:
+                loc.peer_rx_used = rec["rx_used"]
+            if loc is not None and host == self.name and replay:  # our drain may need the peer's, fed later
+                peer = recs.get(rec["dst"] if rec["src"] == self.name else rec["src"])
+                if peer is not None and peer.get("id") == mid and peer.get("rx_used") is not None:
+                    loc.peer_rx_used = peer["rx_used"]
             if host == self.name and not replay:
                 continue
             t = self.track(vm)
@@ -529,6 +573,8 @@ class HostRole:
         t = self.track(vm)
         t.migration, t.seen = rec["id"], set()
         loc = self._local(vm)
+        if loc is not None:  # an earlier migration's counts say nothing of this one
+            loc.swallow_base = loc.peer_rx_used = loc.rx_used = loc.tx_at_start = None
         if rec.get("domain") and loc is not None:
             loc.domain = rec["domain"]
             d = self.domains.get(rec["domain"])
