@@ -91,6 +91,7 @@ class VmLocal:
     swallow_base: int | None = None  # source: the baseline, as written in its migration record
     peer_rx_used: int | None = None  # source: the RX used index D's QEMU resumed with (D's record)
     tx_at_start: int | None = None   # destination: its tap's tx_packets when its incoming QEMU started
+    delivered_at_start: int | None = None  # destination: what its program had delivered to taps by then
     rx_used: int | None = None       # destination: the RX used index its QEMU resumed with
 
 
@@ -296,6 +297,9 @@ class Executor:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
                                              stopped_at_ns=heard if qemu is None else qemu)
             self._forget_stored(loc)  # drained: a restart need not do it again
+            if isinstance(counted, RecordedCheck):
+                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d", m.vm,
+                          counted.tx, counted.used, counted.base)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
                      rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else counted is not None,

@@ -38,6 +38,7 @@ class SwallowCheck:
         self.tap = tap
         self.rx_used = rx_used
         self.base: int | None = None
+        self.tx: int | None = None  # the tap's tx_packets of the last consistent pair
 
     def difference(self, tries: int = 200) -> int | None:
         """(tx_packets - RX used index) & 0xFFFF, taken as a consistent pair; None if none was."""
@@ -48,6 +49,7 @@ class SwallowCheck:
             before = tap_tx_packets(self.tap)
             used = self.rx_used()
             if tap_tx_packets(self.tap) == before:  # nothing was read meanwhile: a consistent pair
+                self.tx = before
                 return (before - used) & 0xFFFF
             time.sleep(0.0005)
         return None
@@ -74,9 +76,11 @@ class RecordedCheck:
 
     def __init__(self, tap: str, base: int, used: int):
         self.tap, self.base, self.used = tap, base, used
+        self.tx: int | None = None  # the tap's tx_packets at the count
 
     def swallowed(self) -> int | None:
-        return (((tap_tx_packets(self.tap) - self.used) & 0xFFFF) - self.base) & 0xFFFF
+        self.tx = tap_tx_packets(self.tap)
+        return (((self.tx - self.used) & 0xFFFF) - self.base) & 0xFFFF
 
 
 class ShadowLog:
@@ -89,9 +93,10 @@ class ShadowLog:
     consumed, until close(). The ring is pinned, so when the agent is killed at the pause the frames QEMU
     swallowed are still there for the restarted agent's log (their count: SwallowCheck.recorded)."""
 
-    LAG_NS = 100_000_000  # 2 x SWALLOW_WINDOW_NS: a swallowed frame is older than the pause by less
-    LAG_MAX = 128         # records (2096 bytes each: 1/4 of the 1 MiB ring; the rest for the frames a dead
-                          # agent's tap queue collects meanwhile, ~300 at 2000/s)
+    LAG_NS = 300_000_000  # the kill may land when the pause is heard, up to ~190 ms after QEMU stopped
+                          # (a starved agent), plus SWALLOW_WINDOW_NS: measured, 100 ms lost the frame once
+    LAG_MAX = 512         # records (2096 bytes each: 1/4 of the 4 MiB ring, the rest for what arrives while
+                          # no agent reads)
 
     def __init__(self, dataplane, keep: int = 4096):
         self.records: deque = deque(maxlen=keep)

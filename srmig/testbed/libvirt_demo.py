@@ -65,6 +65,7 @@ class Result:
     def to_dict(self) -> dict:
         r = self.report
         return {"sent": r.sent, "lost": r.lost, "duplicated": r.duplicated, "reordered": r.reordered,
+                "lost_seqs": r.lost_seqs, "duplicated_seqs": r.duplicated_seqs,  # the first 20 (a diagnosis)
                 # lost_net: lost but for what the guest itself left unanswered (see unanswered())
                 "lost_net": r.lost - self.unanswered(), "guest_unanswered": self.unanswered(),
                 "blackout_ms": round(r.blackout_ms, 3), "migration_s": round(self.migration_s, 3),
