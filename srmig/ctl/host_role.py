@@ -57,6 +57,7 @@ class Track:
     pending: list = field(default_factory=list)   # local events seen before the migration record
     deferred: list = field(default_factory=list)  # actions waiting for the other end (abort on D)
     phase: tuple[str, float] | None = None        # the phase and since when (metrics)
+    source_failed: bool = False  # the source's record says the migration failed (its copy runs again)
 
 
 class HostRole:
@@ -84,6 +85,7 @@ class HostRole:
         self._last_event_ns = 0                      # the event the next map write answers (0: none)
         self.latencies_ms: list[float] = []          # event -> first map write, last 1000
         self._hosts: dict[str, tuple] = {}            # host records (they change only with a host's config)
+        self.fenced: dict[str, dict] = {}             # vm -> the copy we paused, and why (fence(); status)
 
     @property
     def dp(self):
@@ -351,7 +353,8 @@ class HostRole:
             if (typ, detail) in (("SUSPENDED", "MIGRATED"), ("SUSPENDED", "POSTCOPY"), ("STOPPED", "MIGRATED")):
                 self.track(d.vm).pending.append((typ, detail, t_ns))
             elif typ in ("STARTED", "RESUMED") and detail not in ("MIGRATED", "POSTCOPY"):
-                self.vm_running_here(d)
+                if not self.fence(d.vm):
+                    self.vm_running_here(d)
             self._forget_stopped(item)
             return
         if role == "D" and typ == "STARTED":
@@ -562,6 +565,8 @@ class HostRole:
                 loc.peer_resent = [bytes.fromhex(h) for h in rec["resent"]]
             if host != self.name and "failed" in rec["events"] and rec["src"] == host:
                 self._maybe_return(vm, source_failed=True)
+                self.track(vm).source_failed = True
+                self.fence(vm)
             if host != self.name and rec.get("returned") is not None and rec["dst"] == host and self.executor:
                 self.executor.unpark(m, mid, rec["returned"])
         # Events seen here before the record existed (the source's pause can beat the watch).
@@ -571,6 +576,43 @@ class HostRole:
                 if ev:
                     self.local_event(vm, ev, t_ns, f"{typ}/{detail}")
         self.track(vm).pending = []
+
+    def fence(self, vm: str, running: bool | None = None) -> bool:
+        """The migration of `vm` to us was aborted, per the source's record (libvirt resumed the source's
+        copy: its record says "failed"), yet our copy runs (it resumed here first; libvirt lost track of it
+        when our libvirtd restarted). Two copies of one VM answer the same packets and write the same disks:
+        pause ours. Paused, not destroyed: the operator decides which copy lives, and ours may hold what the
+        guest did after it resumed here; destroyed, it would be gone, also if the source's copy failed
+        later. Once per migration (a copy the operator resumes stays running). `running`: the domain's state
+        if the caller read it (reconciliation). Returns whether the VM is fenced here (it must not be
+        published as running here)."""
+        m, t, loc = self.machine.migrations.get(vm), self.track(vm), self._local(vm)
+        if m is None or m.dst.name != self.name or m.phase is not Phase.ABORT or not t.source_failed \
+                or loc is None or not loc.domain:
+            return False
+        done = self.fenced.get(vm)
+        if done is not None and done["migration"] == t.migration:
+            return done["paused"]
+        if running is None:
+            running = self.libvirt.running(loc.domain) if self.libvirt else None
+        if not running:
+            return False  # not running (libvirt ended it), or cannot tell yet: reconciliation asks again
+        entry = {"domain": loc.domain, "migration": t.migration, "source": m.src.name, "paused": False,
+                 "at": time.time(), "error": None}
+        try:
+            self.libvirt.suspend(loc.domain)
+            entry["paused"] = True
+        except Exception as e:  # noqa: BLE001 - libvirt refused or went: said, and asked again at reconnect
+            entry["error"] = records.line(str(e), 200)
+            log.error("%s: split brain: domain %s runs here and on %s (migration %s aborted); pausing it "
+                      "failed: %s", vm, loc.domain, m.src.name, t.migration, entry["error"])
+            return True
+        self.fenced[vm] = entry
+        if self.metrics:
+            self.metrics.fenced.inc()
+        log.warning("%s: fenced: paused domain %s here, the migration %s was aborted and %s runs the VM",
+                    vm, loc.domain, t.migration, m.src.name)
+        return True
 
     def _start_migration(self, vm: str, rec: dict, where: str) -> bool:
         src, dst = self._host(rec["src"]), self._host(rec["dst"])
@@ -585,7 +627,7 @@ class HostRole:
         self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
         self._learn_from_record(vm)
         t = self.track(vm)
-        t.migration, t.seen = rec["id"], set()
+        t.migration, t.seen, t.source_failed = rec["id"], set(), False
         loc = self._local(vm)
         if loc is not None:  # an earlier migration's counts say nothing of this one
             loc.swallow_base = loc.peer_rx_used = loc.rx_used = loc.tx_at_start = loc.delivered_at_start = None

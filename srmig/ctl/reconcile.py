@@ -106,7 +106,8 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
         if role is None and state == running:
-            fixed += host.vm_running_here(d, entries, records.get(vm))
+            if not host.fence(vm, running=True):  # (a split brain's copy is paused, not published)
+                fixed += host.vm_running_here(d, entries, records.get(vm))
         elif role == "D" and state == running:
             host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
         elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
