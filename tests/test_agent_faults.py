@@ -218,9 +218,17 @@ def test_source_agent_killed_at_the_pause():
     migration began are also in the fd keeper (srmig.ctl.fdstore), so the paused QEMU's queue outlives the
     agent and, once the migration completes, QEMU itself. The destination, not hearing of the pause, cuts
     the ingresses over itself when the VM resumes; the restarted agent then drains what waited in the tap
-    to D: late (reordered, at most as many as drained), not lost. Only the frame QEMU may swallow at the
-    stop can go: its count needs the baseline and the QEMU that died with the migration (<= 2).
-    Measured before the keeper (10 runs): 0-303 lost, everything from the pause to D's cut-over."""
+    to D: late (reordered, at most as many as drained), not lost.
+
+    The frames QEMU swallowed at the stop are re-sent too: the restarted agent counts them with the baseline
+    the agent before it wrote in the source's record, the RX used index D's QEMU resumed with (D's record)
+    and the tap's tx_packets (the tap lives while the keeper holds its fds), and finds them in the shadow
+    ring, which the agent consumes 300 ms late so that a kill leaves them there ("baseline recorded" in the
+    drain's line). Measured (13 runs after D's count left out what its own stack put in the tap): 0
+    duplicated; lost 0 in 12, 1 in one (a count 1 short: a frame one of the two hosts' stacks put in a tap
+    that the guest took or filtered, unseen by the arithmetic). Under a second libvirt run at the same time
+    the kill landed late and the shadow ring no longer held the first queued frame: nothing re-sent.
+    Before (9 runs): 1-2 lost in every run; before the keeper (10 runs): 0-303 lost."""
     import re
 
     from srmig.testbed import libvirt_demo
@@ -229,7 +237,8 @@ def test_source_agent_killed_at_the_pause():
     d = res.to_dict()
     drained = [int(n) for n in re.findall(r"drained (\d+) from the tap", res.source_log)]
     assert drained, res.source_log[-3000:]
-    assert d["duplicated"] == 0 and d["lost_net"] <= 2, (d, res.report.lost_seqs)
+    assert "baseline recorded" in res.source_log, res.source_log[-3000:]  # the count survived the agent
+    assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)
     assert d["reordered"] <= sum(drained), (d, drained)
     print(f"[source agent killed at the pause] lost_net {d['lost_net']} reordered {d['reordered']} drained "
           f"{drained} migration {d['migration_s']} s")
@@ -443,3 +452,32 @@ def test_source_libvirtd_restarted_during_migration(phase):
     assert seen["domains"] == {"S": {}, "D": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}}, seen["domains"]
     assert d["duplicated"] == 0 and d["lost_net"] <= 2000 * 0.02, (d, res.report.lost_seqs)
     converged(res)
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("phase", ["stop-and-copy", "after-resume"])
+def test_destination_libvirtd_restarted_fences_the_destination_copy(phase):
+    """The destination's libvirtd restarted (SIGTERM, started again at once) between the pause and the
+    cut-over: the source's libvirt fails the migration and resumes its copy, while the destination's QEMU,
+    already resumed, keeps running: one VM twice (a split brain). The destination's agent sees the source's
+    record say "failed" and, once its libvirtd answers again, pauses its own copy (fencing, HostRole.fence):
+    one line, srmig_fenced_total, `fenced` in its status. The VM ends running on S alone.
+
+    Measured before the fence (2 runs per phase): the VM running on both, 2-3 and 2-12 duplicated. With it
+    (see docs/faults.md): at most 1 duplicated, the swallowed frame the source's drain re-sent to D, which
+    D's guest answered before the abort and the source's QEMU delivers again when it resumes."""
+    import libvirt
+
+    from srmig.testbed import faults, libvirt_demo
+
+    fault, ph = faults.parse(f"dest-libvirtd-restart@{phase}")
+    res = faults.run_cell(fault, ph, rate=2000)
+    d = {**res.to_dict(), **res.fault_info}
+    assert d["fault_landed"], d
+    assert d["lost_net"] == 0 and d["duplicated"] <= 1, (d, res.report.duplicated_seqs)
+    assert d["vm_on"] == "S", d  # on one host only
+    assert res.domains["D"][0] == libvirt.VIR_DOMAIN_PAUSED, res.domains
+    fenced = res.agents["D"]["fenced"]
+    assert list(fenced) == [libvirt_demo.VM_ADDR] and fenced[libvirt_demo.VM_ADDR]["paused"], fenced
+    assert fenced[libvirt_demo.VM_ADDR]["source"] == "S", fenced
+    assert "srmig_fenced_total 1.0" in res.metrics["D"], res.metrics["D"][-2000:]
