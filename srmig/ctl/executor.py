@@ -324,6 +324,22 @@ class Executor:
         log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
         self.owner.on_returned(m.vm)  # the source delivers what it parked once those are in
 
+    def return_fenced(self, m: Migration, vm: str) -> int:
+        """Our copy of `vm` was just paused (HostRole.fence): what its tap still holds, never read by it, goes
+        to the source, which runs the VM (late, so reordered; nothing it has seen). What the copy had already
+        taken into its RX ring stays with it. Returns how many."""
+        loc = self.vms.get(vm)
+        pid = self.owner.qemu_pid(loc) if loc and loc.tap else None
+        if pid is None:
+            return 0
+        with self.owner.enter():
+            try:
+                with TapKeeper(pid, loc.tap) as queue:
+                    return return_held(queue, self.owner.address, [m.src.sbuf])
+            except OSError as e:
+                log.warning("%s: what the fenced copy's tap holds not returned: %s", vm, e)
+                return 0
+
     def unpark(self, m: Migration, mid: str, returned: int | None) -> None:
         """Abort on the source: D's held packets are back (`returned` of them, to our End.SBUF; None: D
         never said, given up after RETURN_WAIT_S): deliver what we parked meanwhile, in order."""

@@ -589,6 +589,9 @@ class HostRole:
         m, t, loc = self.machine.migrations.get(vm), self.track(vm), self._local(vm)
         if m is None or m.dst.name != self.name or m.phase is not Phase.ABORT or not t.source_failed \
                 or loc is None or not loc.domain:
+            if m is not None and m.dst.name == self.name:
+                log.debug("%s: not fenced (phase %s, source failed %s, domain %s)", vm, m.phase.value,
+                          t.source_failed, loc.domain if loc else None)
             return False
         done = self.fenced.get(vm)
         if done is not None and done["migration"] == t.migration:
@@ -596,6 +599,8 @@ class HostRole:
         if running is None:
             running = self.libvirt.running(loc.domain) if self.libvirt else None
         if not running:
+            log.debug("%s: not fenced: domain %s %s", vm, loc.domain, "not running" if running is False else
+                      "state unknown (libvirt down)")
             return False  # not running (libvirt ended it), or cannot tell yet: reconciliation asks again
         entry = {"domain": loc.domain, "migration": t.migration, "source": m.src.name, "paused": False,
                  "at": time.time(), "error": None}
@@ -610,8 +615,10 @@ class HostRole:
         self.fenced[vm] = entry
         if self.metrics:
             self.metrics.fenced.inc()
-        log.warning("%s: fenced: paused domain %s here, the migration %s was aborted and %s runs the VM",
-                    vm, loc.domain, t.migration, m.src.name)
+        entry["returned"] = self.executor.return_fenced(m, vm) if self.executor else 0
+        log.warning("%s: fenced: paused domain %s here, the migration %s was aborted and %s runs the VM (%d "
+                    "packets its tap still held returned to %s)", vm, loc.domain, t.migration, m.src.name,
+                    entry["returned"], m.src.name)
         return True
 
     def _start_migration(self, vm: str, rec: dict, where: str) -> bool:

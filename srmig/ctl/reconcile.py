@@ -5,6 +5,7 @@ gone, map entries nothing explains). On the agent's worker, for its host host.""
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 from srmig.bpf.abi import VmState
@@ -13,6 +14,7 @@ from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
 
+log = logging.getLogger("srmig.agent")
 RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
 
 
@@ -105,6 +107,7 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     records = {r.vm: r for r in host.db.vms()[0]} if host.db is not None else {}
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
+        log.debug("%s: reconcile: domain %s state %s/%s, role %s", vm, d.name, state, reason, role)
         if role is None and state == running:
             if not host.fence(vm, running=True):  # (a split brain's copy is paused, not published)
                 fixed += host.vm_running_here(d, entries, records.get(vm))
