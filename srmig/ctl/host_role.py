@@ -44,6 +44,8 @@ from srmig.ctl.tap import tap_tx_packets
 
 log = logging.getLogger("srmig.agent")
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
+FENCE_POLL_S = 0.5      # a copy to fence, not running yet (or libvirt down): looked at again this often
+FENCE_WATCH_S = 30.0    # and for this long after the source's record said the migration failed
 RX_USED_WAIT_S = 0.3    # the longest the destination's cut-over for a silent source waits for QMP's answer
 
 
@@ -58,6 +60,8 @@ class Track:
     deferred: list = field(default_factory=list)  # actions waiting for the other end (abort on D)
     phase: tuple[str, float] | None = None        # the phase and since when (metrics)
     source_failed: bool = False  # the source's record says the migration failed (its copy runs again)
+    fence_until: float | None = None  # until when a copy not (yet) running here is looked at again (fence)
+    fence_polling: bool = False       # a look again is scheduled
 
 
 class HostRole:
@@ -589,7 +593,7 @@ class HostRole:
         m, t, loc = self.machine.migrations.get(vm), self.track(vm), self._local(vm)
         if m is None or m.dst.name != self.name or m.phase is not Phase.ABORT or not t.source_failed \
                 or loc is None or not loc.domain:
-            if m is not None and m.dst.name == self.name:
+            if m is not None and m.dst.name == self.name and t.source_failed:
                 log.debug("%s: not fenced (phase %s, source failed %s, domain %s)", vm, m.phase.value,
                           t.source_failed, loc.domain if loc else None)
             return False
@@ -599,9 +603,13 @@ class HostRole:
         if running is None:
             running = self.libvirt.running(loc.domain) if self.libvirt else None
         if not running:
-            log.debug("%s: not fenced: domain %s %s", vm, loc.domain, "not running" if running is False else
-                      "state unknown (libvirt down)")
-            return False  # not running (libvirt ended it), or cannot tell yet: reconciliation asks again
+            # libvirt down (reconciliation asks again), or a restarted libvirtd that recovers our incoming
+            # copy may say paused and later let it run without an event: look again, for a while.
+            if t.fence_until is None:
+                log.debug("%s: not fenced yet: domain %s %s", vm, loc.domain, "not running" if running is False
+                          else "state unknown")
+            self._fence_later(vm, t)
+            return False
         entry = {"domain": loc.domain, "migration": t.migration, "source": m.src.name, "paused": False,
                  "at": time.time(), "error": None}
         try:
@@ -611,6 +619,7 @@ class HostRole:
             entry["error"] = records.line(str(e), 200)
             log.error("%s: split brain: domain %s runs here and on %s (migration %s aborted); pausing it "
                       "failed: %s", vm, loc.domain, m.src.name, t.migration, entry["error"])
+            self._fence_later(vm, t)
             return True
         self.fenced[vm] = entry
         if self.metrics:
@@ -620,6 +629,19 @@ class HostRole:
                     "packets its tap still held returned to %s)", vm, loc.domain, t.migration, m.src.name,
                     entry["returned"], m.src.name)
         return True
+
+    def _fence_later(self, vm: str, t: Track) -> None:
+        if t.fence_until is None:
+            t.fence_until = time.monotonic() + FENCE_WATCH_S
+        if not t.fence_polling and time.monotonic() < t.fence_until:
+            t.fence_polling = True
+            self.later(FENCE_POLL_S, work.Call(self._fence_again, (vm, t.migration)))
+
+    def _fence_again(self, vm: str, mid: str) -> None:
+        t = self.track(vm)
+        t.fence_polling = False
+        if t.migration == mid:
+            self.fence(vm)
 
     def _start_migration(self, vm: str, rec: dict, where: str) -> bool:
         src, dst = self._host(rec["src"]), self._host(rec["dst"])
@@ -634,7 +656,7 @@ class HostRole:
         self.machine.start(vm, src[0], dst[0], tuple(rec.get("transit", ())))
         self._learn_from_record(vm)
         t = self.track(vm)
-        t.migration, t.seen, t.source_failed = rec["id"], set(), False
+        t.migration, t.seen, t.source_failed, t.fence_until = rec["id"], set(), False, None
         loc = self._local(vm)
         if loc is not None:  # an earlier migration's counts say nothing of this one
             loc.swallow_base = loc.peer_rx_used = loc.rx_used = loc.tx_at_start = loc.delivered_at_start = None
