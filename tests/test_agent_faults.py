@@ -489,6 +489,6 @@ def test_destination_libvirtd_restarted_fences_the_destination_copy(phase):
         (d, res.report.duplicated_seqs)  # (the first LOST_SEQS_KEPT of them)
     assert res.domains["D"][0] == libvirt.VIR_DOMAIN_PAUSED, res.domains
     fenced = res.agents["D"]["fenced"]
-    assert list(fenced) == [libvirt_demo.VM_ADDR] and fenced[libvirt_demo.VM_ADDR]["paused"], fenced
-    assert fenced[libvirt_demo.VM_ADDR]["source"] == "S", fenced
-    assert "srmig_fenced_total 1.0" in res.metrics["D"], res.metrics["D"][-2000:]
+    assert list(fenced) == [libvirt_demo.VM_ADDR] and fenced[libvirt_demo.VM_ADDR]["done"], fenced
+    assert (fenced[libvirt_demo.VM_ADDR]["source"], fenced[libvirt_demo.VM_ADDR]["action"]) == ("S", "pause")
+    assert 'srmig_fenced_total{action="pause"} 1.0' in res.metrics["D"], res.metrics["D"][-2000:]

@@ -219,32 +219,44 @@ def test_source_paused_by_its_migration_is_rechecked_until_it_runs(lab, maps, co
         assert (rec.host, rec.segments, rec.phase) == ("S", (L.SID_DX6,), "abort")
 
 
-def test_destination_copy_running_after_the_source_failed_is_fenced(lab, maps, conn, db, tmp_path, capsys):
+@pytest.mark.parametrize("action", ["pause", "destroy"])
+def test_destination_copy_running_after_the_source_failed_is_fenced(lab, maps, conn, db, tmp_path, action):
     """A split brain: the VM migrated from D to here and resumed here, then the source's record says the
     migration failed (libvirt resumed D's copy: its libvirtd lost track of ours when ours restarted). Our
-    copy, still running, is paused once our libvirt answers (reconciliation), not published as running here;
-    the status and the metric say so. Once per migration: a copy the operator resumes stays running."""
+    copy, still running, is paused (host.fence's default) or destroyed once our libvirt answers
+    (reconciliation), not published as running here; the status says so. Once per migration: a paused copy
+    the operator resumes stays running."""
     name = "srmig-rec-fenced"
     db.put_migration(VM, "D", record(VM, "D", "S", name, ["begin", "suspended", "failed"]))  # the source's
     db.put_migration(VM, "S", record(VM, "D", "S", name, ["begin", "resumed"]))              # ours
     dom = define(conn, name, VM)
-    a = make_agent(lab, tmp_path, libvirt.open)
+    cfg = CFG if action == "pause" else CFG.replace("grace_s = 0.1\n", 'grace_s = 0.1\nfence = "destroy"\n')
+    a = agent_lab.make_agent(lab, tmp_path, libvirt.open, cfg, "test_agent_reconcile")
+    assert a.cfg.host.fence == action
     ups = applied(a, work.LibvirtUp)
-    with running(a, lab):
-        ups.get(timeout=10)
-        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
-        m = a.host.machine.migrations[VM]
-        assert (m.phase, m.done) == (Phase.ABORT, True)
-        f = a.host.fenced[VM]
-        assert (f["domain"], f["migration"], f["source"], f["paused"]) == (name, MID, "D", True)
-        a.dbl.write(lambda: None).result(10)
-        assert db.vm(VM).host == "D", "the VM lives on the source: not published here"
-        assert maps.get_vm(VM) is None or maps.get_vm(VM).state is not VmState.RUNNING
-        st = on_worker(a, status.agent_status, a)
-        assert list(st["fenced"]) == [VM] and st["fenced"][VM]["paused"]
-        dom.resume()  # the operator's choice: this copy lives
-        on_worker(a, reconcile.reconcile, a.host, conn)
-        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "fenced once per migration"
+    try:
+        with running(a, lab):
+            ups.get(timeout=10)
+            want = libvirt.VIR_DOMAIN_PAUSED if action == "pause" else libvirt.VIR_DOMAIN_SHUTOFF
+            assert dom.state()[0] == want
+            m = a.host.machine.migrations[VM]
+            assert (m.phase, m.done) == (Phase.ABORT, True)
+            f = a.host.fenced[VM]
+            assert (f["domain"], f["migration"], f["source"], f["action"], f["done"]) == (name, MID, "D", action,
+                                                                                         True)
+            a.dbl.write(lambda: None).result(10)
+            assert db.vm(VM).host == "D", "the VM lives on the source: not published here"
+            assert maps.get_vm(VM) is None or maps.get_vm(VM).state is not VmState.RUNNING
+            st = on_worker(a, status.agent_status, a)
+            assert list(st["fenced"]) == [VM] and st["fenced"][VM]["done"]
+            if action == "pause":
+                dom.resume()  # the operator's choice: this copy lives
+                on_worker(a, reconcile.reconcile, a.host, conn)
+                assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "fenced once per migration"
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
 
 
 # --- a VM is a set of addresses: dual-stack VMs ------------------------------------------------------------

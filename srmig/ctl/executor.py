@@ -324,18 +324,28 @@ class Executor:
         log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
         self.owner.on_returned(m.vm)  # the source delivers what it parked once those are in
 
-    def return_fenced(self, m: Migration, vm: str) -> int:
-        """Our copy of `vm` was just paused (HostRole.fence): what its tap still holds, never read by it, goes
-        to the source, which runs the VM (late, so reordered; nothing it has seen). What the copy had already
-        taken into its RX ring stays with it. Returns how many."""
+    def fenced_tap(self, vm: str) -> TapKeeper | None:
+        """The tap fds of our copy of `vm`, taken before it is fenced (a destroyed QEMU takes its tap queue
+        with it unless we hold them); None if there is no QEMU or tap."""
         loc = self.vms.get(vm)
         pid = self.owner.qemu_pid(loc) if loc and loc.tap else None
         if pid is None:
+            return None
+        try:
+            return TapKeeper(pid, loc.tap)
+        except OSError as e:
+            log.warning("%s: the tap of the copy to fence not held: %s", vm, e)
+            return None
+
+    def return_fenced(self, m: Migration, vm: str, queue: TapKeeper | None) -> int:
+        """Our copy of `vm` was just fenced (HostRole.fence): what its tap still holds, never read by it, goes
+        to the source, which runs the VM (late, so reordered; nothing it has seen). What the copy had already
+        taken into its RX ring goes with it. Returns how many."""
+        if queue is None:
             return 0
-        with self.owner.enter():
+        with self.owner.enter(), queue:
             try:
-                with TapKeeper(pid, loc.tap) as queue:
-                    return return_held(queue, self.owner.address, [m.src.sbuf])
+                return return_held(queue, self.owner.address, [m.src.sbuf])
             except OSError as e:
                 log.warning("%s: what the fenced copy's tap holds not returned: %s", vm, e)
                 return 0

@@ -585,9 +585,12 @@ class HostRole:
         """The migration of `vm` to us was aborted, per the source's record (libvirt resumed the source's
         copy: its record says "failed"), yet our copy runs (it resumed here first; libvirt lost track of it
         when our libvirtd restarted). Two copies of one VM answer the same packets and write the same disks:
-        pause ours. Paused, not destroyed: the operator decides which copy lives, and ours may hold what the
-        guest did after it resumed here; destroyed, it would be gone, also if the source's copy failed
-        later. Once per migration (a copy the operator resumes stays running). `running`: the domain's state
+        end that: the source's copy is the one libvirt kept, so ours goes (host.fence). By default it is
+        paused, not destroyed: the operator decides which copy lives, and ours may hold what the guest did
+        after it resumed here, which a destroy loses for good, also if the source's copy failed later. But
+        a paused copy keeps the domain's name here, and the next migration to this host fails until the
+        operator ends it: "destroy" does what libvirt does with an incoming migration that failed. Once per
+        migration (a copy the operator resumes stays running). `running`: the domain's state
         if the caller read it (reconciliation). Returns whether the VM is fenced here (it must not be
         published as running here)."""
         m, t, loc = self.machine.migrations.get(vm), self.track(vm), self._local(vm)
@@ -599,7 +602,7 @@ class HostRole:
             return False
         done = self.fenced.get(vm)
         if done is not None and done["migration"] == t.migration:
-            return done["paused"]
+            return True
         if running is None:
             running = self.libvirt.running(loc.domain) if self.libvirt else None
         if not running:
@@ -610,24 +613,28 @@ class HostRole:
                           else "state unknown")
             self._fence_later(vm, t)
             return False
-        entry = {"domain": loc.domain, "migration": t.migration, "source": m.src.name, "paused": False,
-                 "at": time.time(), "error": None}
+        action = self.cfg.host.fence
+        entry = {"domain": loc.domain, "migration": t.migration, "source": m.src.name, "action": action,
+                 "done": False, "at": time.time(), "error": None, "returned": 0}
+        queue = self.executor.fenced_tap(vm) if self.executor else None
         try:
-            self.libvirt.suspend(loc.domain)
-            entry["paused"] = True
-        except Exception as e:  # noqa: BLE001 - libvirt refused or went: said, and asked again at reconnect
+            (self.libvirt.destroy if action == "destroy" else self.libvirt.suspend)(loc.domain)
+            entry["done"] = True
+        except Exception as e:  # noqa: BLE001 - libvirt refused or went: said, and asked again
+            if queue is not None:
+                queue.close()
             entry["error"] = records.line(str(e), 200)
-            log.error("%s: split brain: domain %s runs here and on %s (migration %s aborted); pausing it "
-                      "failed: %s", vm, loc.domain, m.src.name, t.migration, entry["error"])
+            log.error("%s: split brain: domain %s runs here and on %s (migration %s aborted); %s failed: %s",
+                      vm, loc.domain, m.src.name, t.migration, action, entry["error"])
             self._fence_later(vm, t)
             return True
         self.fenced[vm] = entry
         if self.metrics:
-            self.metrics.fenced.inc()
-        entry["returned"] = self.executor.return_fenced(m, vm) if self.executor else 0
-        log.warning("%s: fenced: paused domain %s here, the migration %s was aborted and %s runs the VM (%d "
-                    "packets its tap still held returned to %s)", vm, loc.domain, t.migration, m.src.name,
-                    entry["returned"], m.src.name)
+            self.metrics.fenced.labels(action).inc()
+        entry["returned"] = self.executor.return_fenced(m, vm, queue) if self.executor else 0
+        log.warning("%s: fenced: %s domain %s here, the migration %s was aborted and %s runs the VM (%d "
+                    "packets its tap still held returned to %s)", vm, "destroyed" if action == "destroy" else
+                    "paused", loc.domain, t.migration, m.src.name, entry["returned"], m.src.name)
         return True
 
     def _fence_later(self, vm: str, t: Track) -> None:

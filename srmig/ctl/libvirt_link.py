@@ -194,10 +194,17 @@ class LibvirtLink:
 
     def suspend(self, domain: str) -> None:
         """Pause `domain` (virDomainSuspend); raises if libvirt refuses or is not connected."""
+        self._dom(domain).suspend()
+
+    def destroy(self, domain: str) -> None:
+        """End `domain`'s QEMU (virDomainDestroy); raises if libvirt refuses or is not connected."""
+        self._dom(domain).destroy()
+
+    def _dom(self, domain: str):
         conn = self.conn
         if conn is None:
             raise RuntimeError("libvirt not connected")
-        conn.lookupByName(domain).suspend()
+        return conn.lookupByName(domain)
 
     def rx_used(self, domain: str) -> Callable[[], int]:
         """A counter of the frames `domain`'s QEMU took from its tap into the guest's RX ring (QMP), read

@@ -102,8 +102,8 @@ class Metrics:
         self.phase_seconds = Histogram("srmig_phase_seconds", "Time spent in each migration phase",
                                        ["phase"], registry=self.registry)
         self.fenced = Counter("srmig_fenced", "Domains this host paused because their migration was aborted "
-                              "while they ran here (the source resumed its copy: a split brain)",
-                              registry=self.registry)
+                              "while they ran here (the source resumed its copy: a split brain), by action",
+                              ["action"], registry=self.registry)
         self.registry.register(_Dataplane(agent))
         self.registry.register(_Encap(agent))
         self.registry.register(_Rejected())

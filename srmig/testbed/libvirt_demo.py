@@ -192,8 +192,10 @@ def provision(script: str, ns: str, env: dict) -> None:
 
 
 @contextlib.contextmanager
-def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None):
-    """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work)."""
+def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None,
+          fence: str = "pause"):
+    """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work).
+    `fence`: the host agents' host.fence (what a destination does with its copy of a split brain)."""
     own = work is None and not os.environ.get("SRMIG_DEMO_KEEP_WORK")
     work = work or Path(tempfile.mkdtemp(prefix="srmig-libvirt-demo-"))
     sock_dir = Path("/run/srmig") / f"demo-{os.getpid()}"
@@ -234,7 +236,7 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
                 "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
                 "SRMIG_GRACE_S": str(GRACE_S), "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
-                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC})
+                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_MAC": GUEST_MAC, "SRMIG_FENCE": fence})
         provision("ingress.sh", tb.ns("C"), {
             **db_env, **tls_env["C"], "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
             "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": METRICS, "SRMIG_CONFIG": work / "C.toml"})
