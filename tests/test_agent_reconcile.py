@@ -259,6 +259,29 @@ def test_destination_copy_running_after_the_source_failed_is_fenced(lab, maps, c
         dom.undefine()
 
 
+def test_incoming_domain_gone_in_precopy_fails_the_migration(lab, maps, conn, db, tmp_path):
+    """This host is the destination; its incoming QEMU started (STARTED/MIGRATED), then went in pre-copy
+    without an event (its libvirtd killed: the new one ends the incoming QEMU). The next reconciliation
+    says the migration failed: the window ends here at once (the source runs the VM and sent us nothing, so
+    nothing waits for its word), our record says "failed", the entry goes. Before, the window stayed open
+    and the kept tap fds kept every later QEMU from opening the tap."""
+    db.put_migration(VM, "D", record(VM, "D", "S", "srmig-rec-gone", []))  # the source's record
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        on_worker(a, a.host.local_event, VM, Ev.BEGIN, time.monotonic_ns(), "STARTED/MIGRATED")
+        a.host.track(VM).started = True  # (what on_lifecycle sets for STARTED on the destination)
+        assert maps.get_vm(VM).state is VmState.INCOMING
+        on_worker(a, reconcile.reconcile, a.host, conn)  # the domain is not in libvirt
+        m = a.host.machine.migrations[VM]
+        assert (m.phase, m.done) == (Phase.ABORT, True)
+        assert a.host.track(VM).deferred == []
+        assert maps.get_vm(VM) is None
+        a.dbl.write(lambda: None).result(10)
+        assert db.migrations()[0][VM]["S"]["events"] == ["begin", "failed"]
+
+
 # --- a VM is a set of addresses: dual-stack VMs ------------------------------------------------------------
 
 # A dual-stack VM: its id (the first address), another IPv6 address, an IPv4 one (the VM map keys it as

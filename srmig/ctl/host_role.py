@@ -62,6 +62,7 @@ class Track:
     source_failed: bool = False  # the source's record says the migration failed (its copy runs again)
     fence_until: float | None = None  # until when a copy not (yet) running here is looked at again (fence)
     fence_polling: bool = False       # a look again is scheduled
+    started: bool = False  # destination: libvirt started the incoming QEMU (STARTED/MIGRATED heard)
 
 
 class HostRole:
@@ -362,6 +363,7 @@ class HostRole:
             self._forget_stopped(item)
             return
         if role == "D" and typ == "STARTED":
+            self.track(d.vm).started = True
             self.executor.keep_tap(d.vm)
             loc = self.executor.vm(d.vm)
             if loc.tx_at_start is None and d.tap:  # the incoming QEMU reads nothing from it until it resumes
@@ -436,8 +438,11 @@ class HostRole:
         role = self.role_of(vm)
         if ev is Ev.SUSPENDED and self.executor and vm in self.executor.vms:
             self.executor.vms[vm].stopped_ns = t_ns
+        before = m.phase
         actions = self.machine.handle(vm, ev)
-        if ev is Ev.FAILED and role == "D":
+        # In pre-copy the source runs the VM throughout and has sent us nothing: no need to wait for it
+        # (which it may never say: libvirt tells a source nothing of a pre-copy that failed).
+        if ev is Ev.FAILED and role == "D" and before is not Phase.PROVISION:
             # Abort on the destination: say so at once, but return what D held only once the source runs
             # the VM again (the source writes "failed" after it did), or it would bounce back here.
             t.deferred = actions

@@ -120,6 +120,13 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
         role = host.role_of(vm)
         if role == "S" and vm not in seen:
             host.local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
+        elif role == "D" and vm not in seen and host.track(vm).started and \
+                host.machine.migrations[vm].phase is Phase.PROVISION:
+            # The incoming QEMU went in pre-copy without an event (our libvirtd killed, the new one ended
+            # it): the migration failed. Else our window stays open and our kept tap fds keep the next
+            # QEMU from opening the tap (measured: "Unable to create tap device vmtap: Device or resource
+            # busy" for every later migration here).
+            host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: incoming gone")
         elif source_here(host, vm) and vm in seen and seen[vm][1] == running and \
                 Ev.SUSPENDED in host.track(vm).seen:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
