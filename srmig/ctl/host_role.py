@@ -39,7 +39,7 @@ from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
-from srmig.ctl.swallow import SwallowCheck
+from srmig.ctl.swallow import MAX_SWALLOWED, SwallowCheck
 from srmig.ctl.tap import tap_tx_packets
 
 log = logging.getLogger("srmig.agent")
@@ -474,8 +474,8 @@ class HostRole:
                                                addresses=addrs))
 
     def _delivered(self) -> int:
-        """Packets this host's program delivered to its VMs' taps so far (End.DX6-map and End.SBUF)."""
-        return sid_delivered(self.dp.dp, self.sids.dx6) + sid_delivered(self.dp.dp, self.sids.sbuf)
+        """Packets this host's program delivered to its VMs' taps so far (End.DX6-map, End.SBUF, End.S)."""
+        return sum(sid_delivered(self.dp.dp, sid) for sid in (self.sids.dx6, self.sids.sbuf, self.sids.end_s))
 
     def _note_rx_used(self, vm: str) -> None:
         """Write in our record the RX used index our QEMU resumed with: the source's at its pause (the device's
@@ -499,7 +499,11 @@ class HostRole:
         # filter drops; measured: 1 such frame in 7 of 8 runs), which the program did not deliver.
         tx_read = (check.tx - loc.tx_at_start) & 0xFFFF if check.tx is not None else None
         delivered = self._delivered() - loc.delivered_at_start if loc.delivered_at_start is not None else None
-        not_ours = max(0, tx_read - delivered) if tx_read is not None and delivered is not None else 0
+        not_ours = tx_read - delivered if tx_read is not None and delivered is not None else 0
+        if not 0 <= not_ours <= MAX_SWALLOWED:  # (measured once: 74, a delivery these counters missed)
+            log.debug("%s: %d frames read and not delivered by the program: not a stack's few; RX used "
+                      "index not written", vm, not_ours)
+            return
         loc.rx_used = (loc.tx_at_start - out[0] + not_ours) & 0xFFFF
         log.debug("%s: RX used index at the resume %d (tap tx %d at QEMU's start, tx - used now %d, read since "
                   "%s, delivered by the program %s)", vm, loc.rx_used, loc.tx_at_start, out[0], tx_read, delivered)
