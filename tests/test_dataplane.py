@@ -461,7 +461,7 @@ def test_shadow_log_leaves_recent_records_to_the_agent_after_it(lab):
     assert [r.packet for r in first.records] == want
     first._reader.close()  # killed: nothing more consumed
     second = ShadowLog(lab.dp)
-    second.LAG_MAX = 5
+    second._lag_max = 5
     second.flush()
     assert [r.packet for r in second.records] == want, "the agent before it consumed none of them"
     second._reader.close()

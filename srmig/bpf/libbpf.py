@@ -398,6 +398,11 @@ class RingReader:
             self._cons[0:8] = until.to_bytes(8, "little")
 
     @property
+    def size(self) -> int:
+        """The data area's bytes."""
+        return self._mask + 1
+
+    @property
     def position(self) -> int:
         """The ring position the next read starts at."""
         return struct.unpack_from("<Q", self._cons, 0)[0] if self._ahead is None else self._ahead

@@ -17,6 +17,7 @@ import struct
 from collections import deque
 from typing import Callable
 
+from srmig.bpf import abi
 from srmig.ctl.maps import HoldRecord, _vm_str
 from srmig.ctl.tap import tap_tx_packets
 
@@ -101,6 +102,10 @@ class ShadowLog:
     def __init__(self, dataplane, keep: int = 4096):
         self.records: deque = deque(maxlen=keep)
         self._reader = dataplane.shadow_reader()
+        # A quarter of the ring at most: a ring pinned by an older program (1 MiB, ~500 records) is kept
+        # across an upgrade, and one the lag filled would take no more copies.
+        self._lag_max = self.LAG_MAX if self._reader is None else \
+            min(self.LAG_MAX, self._reader.size // (4 * (_SHADOW_HEAD.size + abi.HOLD_SNAPLEN + 8)))
         self._ends: deque = deque()  # (timestamp_ns, ring position past it) of the records not consumed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-log", daemon=True)
@@ -127,7 +132,7 @@ class ShadowLog:
             return
         until = None
         newest = self._ends[-1][0] if self._ends else 0
-        while self._ends and (len(self._ends) > self.LAG_MAX or newest - self._ends[0][0] > self.LAG_NS):
+        while self._ends and (len(self._ends) > self._lag_max or newest - self._ends[0][0] > self.LAG_NS):
             until = self._ends.popleft()[1]
         if until is not None:
             self._reader.commit(until)
