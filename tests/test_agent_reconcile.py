@@ -219,6 +219,69 @@ def test_source_paused_by_its_migration_is_rechecked_until_it_runs(lab, maps, co
         assert (rec.host, rec.segments, rec.phase) == ("S", (L.SID_DX6,), "abort")
 
 
+@pytest.mark.parametrize("action", ["pause", "destroy"])
+def test_destination_copy_running_after_the_source_failed_is_fenced(lab, maps, conn, db, tmp_path, action):
+    """A split brain: the VM migrated from D to here and resumed here, then the source's record says the
+    migration failed (libvirt resumed D's copy: its libvirtd lost track of ours when ours restarted). Our
+    copy, still running, is paused (host.fence's default) or destroyed once our libvirt answers
+    (reconciliation), not published as running here; the status says so. Once per migration: a paused copy
+    the operator resumes stays running."""
+    name = "srmig-rec-fenced"
+    db.put_migration(VM, "D", record(VM, "D", "S", name, ["begin", "suspended", "failed"]))  # the source's
+    db.put_migration(VM, "S", record(VM, "D", "S", name, ["begin", "resumed"]))              # ours
+    dom = define(conn, name, VM)
+    cfg = CFG if action == "pause" else CFG.replace("grace_s = 0.1\n", 'grace_s = 0.1\nfence = "destroy"\n')
+    a = agent_lab.make_agent(lab, tmp_path, libvirt.open, cfg, "test_agent_reconcile")
+    assert a.cfg.host.fence == action
+    ups = applied(a, work.LibvirtUp)
+    try:
+        with running(a, lab):
+            ups.get(timeout=10)
+            want = libvirt.VIR_DOMAIN_PAUSED if action == "pause" else libvirt.VIR_DOMAIN_SHUTOFF
+            assert dom.state()[0] == want
+            m = a.host.machine.migrations[VM]
+            assert (m.phase, m.done) == (Phase.ABORT, True)
+            f = a.host.fenced[VM]
+            assert (f["domain"], f["migration"], f["source"], f["action"], f["done"]) == (name, MID, "D", action,
+                                                                                         True)
+            a.dbl.write(lambda: None).result(10)
+            assert db.vm(VM).host == "D", "the VM lives on the source: not published here"
+            assert maps.get_vm(VM) is None or maps.get_vm(VM).state is not VmState.RUNNING
+            st = on_worker(a, status.agent_status, a)
+            assert list(st["fenced"]) == [VM] and st["fenced"][VM]["done"]
+            if action == "pause":
+                dom.resume()  # the operator's choice: this copy lives
+                on_worker(a, reconcile.reconcile, a.host, conn)
+                assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "fenced once per migration"
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def test_incoming_domain_gone_in_precopy_fails_the_migration(lab, maps, conn, db, tmp_path):
+    """This host is the destination; its incoming QEMU started (STARTED/MIGRATED), then went in pre-copy
+    without an event (its libvirtd killed: the new one ends the incoming QEMU). The next reconciliation
+    says the migration failed: the window ends here at once (the source runs the VM and sent us nothing, so
+    nothing waits for its word), our record says "failed", the entry goes. Before, the window stayed open
+    and the kept tap fds kept every later QEMU from opening the tap."""
+    db.put_migration(VM, "D", record(VM, "D", "S", "srmig-rec-gone", []))  # the source's record
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        on_worker(a, a.host.local_event, VM, Ev.BEGIN, time.monotonic_ns(), "STARTED/MIGRATED")
+        a.host.track(VM).started = True  # (what on_lifecycle sets for STARTED on the destination)
+        assert maps.get_vm(VM).state is VmState.INCOMING
+        on_worker(a, reconcile.reconcile, a.host, conn)  # the domain is not in libvirt
+        m = a.host.machine.migrations[VM]
+        assert (m.phase, m.done) == (Phase.ABORT, True)
+        assert a.host.track(VM).deferred == []
+        assert maps.get_vm(VM) is None
+        a.dbl.write(lambda: None).result(10)
+        assert db.migrations()[0][VM]["S"]["events"] == ["begin", "failed"]
+
+
 # --- a VM is a set of addresses: dual-stack VMs ------------------------------------------------------------
 
 # A dual-stack VM: its id (the first address), another IPv6 address, an IPv4 one (the VM map keys it as

@@ -495,6 +495,44 @@ def test_shadow_copies_what_is_delivered(lab, family):
     assert all(r.vm == vm for r in records)
 
 
+def test_shadow_log_leaves_recent_records_to_the_agent_after_it(lab):
+    """The agent reads the shadow ring but consumes it late (ShadowLog.LAG_NS, LAG_MAX): killed, it leaves
+    the frames delivered last in the pinned ring, and a log opened by the agent after it reads them again
+    (the frames QEMU swallowed at the pause are among them). close() consumes everything: the next window's
+    log starts empty."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.swallow import ShadowLog
+
+    vm = L.VM_RUNNING
+    ShadowLog(lab.dp).close()  # whatever an earlier test left
+    payloads = [f"shadow-{i}".encode() for i in range(20)]
+    lab.dp.set_vm(vm, VmState.RUNNING, shadow=True)
+    try:
+        for p in payloads:
+            assert lab.run(bytes(h_encaps(S_PATH, inner(vm, payload=p), dst_mac=L.FAB_MAC))).action == "XDP_REDIRECT"
+    finally:
+        lab.dp.set_vm(vm, VmState.RUNNING)
+    want = [bytes(inner(vm, payload=p)) for p in payloads]
+
+    first = ShadowLog(lab.dp)
+    first.flush()
+    assert [r.packet for r in first.records] == want
+    first._reader.close()  # killed: nothing more consumed
+    second = ShadowLog(lab.dp)
+    second._lag_max = 5
+    second.flush()
+    assert [r.packet for r in second.records] == want, "the agent before it consumed none of them"
+    second._reader.close()
+    third = ShadowLog(lab.dp)
+    third.flush()
+    assert [r.packet for r in third.records] == want[-5:], "the second consumed all but its last 5"
+    third.close()
+    fourth = ShadowLog(lab.dp)
+    fourth.flush()
+    assert list(fourth.records) == []
+    fourth.close()
+
+
 def _verdict(lab, packet: bytes) -> str:
     """The verdict (or drop reason) the program counted for this packet."""
     before = lab.dp.stats()

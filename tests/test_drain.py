@@ -253,8 +253,8 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
 class _NoRing:
     """A dataplane whose shadow ring is never polled: the records are put in the log by hand."""
 
-    def shadow_ring(self, on_record):
-        return type("Ring", (), {"poll": lambda self, ms: None, "close": lambda self: None})()
+    def shadow_reader(self):
+        return None
 
 
 def _shadow(times_ms: list[float]) -> tuple[swallow.ShadowLog, list[bytes]]:

@@ -17,6 +17,8 @@
     tap_queue = 10000                       # tap queue length during the migration window
     hold_ring_pages = 4096                  # hold ring, 4 KiB pages (power of two), first load only
     drain = true                            # drain the paused source's tap queue
+    fence = "pause"                         # our copy of a VM whose migration here was aborted, still
+                                            # running (a split brain): pause | destroy
 
     [ingress]                               # the ingress role: H.Encaps towards every VM
     name = "edge1"
@@ -90,6 +92,7 @@ class HostConfig:
     tap_queue: int = 10000
     hold_ring_pages: int = 4096
     drain: bool = True
+    fence: str = "pause"
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,8 @@ def _host(path: str, t) -> HostConfig:
         grace_s=float(s.number("grace_s", 2.0)),
         tap_queue=s.number("tap_queue", 10000, lo=1, integer=True),
         hold_ring_pages=pages,
-        drain=s.bool("drain", True))
+        drain=s.bool("drain", True),
+        fence=s.str("fence", "pause", choices=("pause", "destroy")))
     s.done()
     return cfg
 

@@ -489,6 +489,10 @@ class Dataplane(libbpf.PinnedMaps):
         """A consumer of the shadow ring: copies of what was delivered to VMs flagged `shadow`, in order."""
         return self._ring("shadow_ring", on_record)
 
+    def shadow_reader(self) -> libbpf.RingReader:
+        """A bulk reader of the shadow ring (srmig.ctl.swallow.ShadowLog reads it, consuming late)."""
+        return libbpf.RingReader(libbpf.obj_get(str(self.pin_dir / "shadow_ring")), owns_fd=True)
+
     def _ring(self, name: str, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
         head = ffi.sizeof("struct srmig_hold_record")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from srmig.ctl import records
@@ -101,6 +101,9 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.phase_seconds = Histogram("srmig_phase_seconds", "Time spent in each migration phase",
                                        ["phase"], registry=self.registry)
+        self.fenced = Counter("srmig_fenced", "Domains this host paused because their migration was aborted "
+                              "while they ran here (the source resumed its copy: a split brain), by action",
+                              ["action"], registry=self.registry)
         self.registry.register(_Dataplane(agent))
         self.registry.register(_Encap(agent))
         self.registry.register(_Rejected())

@@ -5,6 +5,7 @@ gone, map entries nothing explains). On the agent's worker, for its host host.""
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 from srmig.bpf.abi import VmState
@@ -13,6 +14,7 @@ from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
 
+log = logging.getLogger("srmig.agent")
 RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
 
 
@@ -105,8 +107,10 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     records = {r.vm: r for r in host.db.vms()[0]} if host.db is not None else {}
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
+        log.debug("%s: reconcile: domain %s state %s/%s, role %s", vm, d.name, state, reason, role)
         if role is None and state == running:
-            fixed += host.vm_running_here(d, entries, records.get(vm))
+            if not host.fence(vm, running=True):  # (a split brain's copy is paused, not published)
+                fixed += host.vm_running_here(d, entries, records.get(vm))
         elif role == "D" and state == running:
             host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
         elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
@@ -116,6 +120,13 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
         role = host.role_of(vm)
         if role == "S" and vm not in seen:
             host.local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
+        elif role == "D" and vm not in seen and host.track(vm).started and \
+                host.machine.migrations[vm].phase is Phase.PROVISION:
+            # The incoming QEMU went in pre-copy without an event (our libvirtd killed, the new one ended
+            # it): the migration failed. Else our window stays open and our kept tap fds keep the next
+            # QEMU from opening the tap (measured: "Unable to create tap device vmtap: Device or resource
+            # busy" for every later migration here).
+            host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: incoming gone")
         elif source_here(host, vm) and vm in seen and seen[vm][1] == running and \
                 Ev.SUSPENDED in host.track(vm).seen:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")

@@ -396,7 +396,13 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
     returned = _get(d, "returned", False)
     if returned is not None and not _is_int(returned, 0):
         raise Rejected(f"returned: expected null or a count, got {show(returned)}")
+    counters = {}
+    for k in ("swallow_base", "rx_used"):  # 16-bit counters (the virtio ring's index arithmetic)
+        v = counters[k] = _get(d, k, False)
+        if v is not None and not (_is_int(v, 0) and v <= 0xFFFF):
+            raise Rejected(f"{k}: expected null or a 16-bit count, got {show(v)}")
     return vm, host, {
+        **counters,
         "id": _name(_get(d, "id"), "id", 64), "vm": vm,
         # The domain's name is also a path: <qemu_run_dir>/<domain>.pid, whose pid the drain takes fds from.
         "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),

@@ -53,6 +53,8 @@ def agent_status(agent) -> dict:
         out["vms"] = vms
         # Domains srmig does not manage because of their srmig metadata, and why (srmig.ctl.records).
         out["rejected_domains"] = dict(sorted(host.rejected_domains.items()))
+        # Copies of a VM this host paused: their migration was aborted while they ran here (a split brain).
+        out["fenced"] = dict(sorted(host.fenced.items()))
         out["dataplane"] = host.dp.stats() if host.dp else None
         lat = sorted(host.latencies_ms)
         out["event_to_map_ms"] = ({"n": len(lat), "p50": lat[len(lat) // 2],

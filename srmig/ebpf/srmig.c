@@ -28,7 +28,8 @@
 #define SRMIG_HOLD_RING_PAGES 4096 /* 16 MiB: ~8000 records of up to 2 KiB */
 #endif
 #ifndef SRMIG_SHADOW_RING_PAGES
-#define SRMIG_SHADOW_RING_PAGES 256 /* 1 MiB: the last ~500 packets delivered to migrating VMs */
+#define SRMIG_SHADOW_RING_PAGES 1024 /* 4 MiB: the last ~2000 packets delivered to migrating VMs (the agent
+                                     * leaves the last 512 in it: srmig.ctl.swallow.ShadowLog) */
 #endif
 #ifndef SRMIG_MAX_VM_PREFIXES
 #define SRMIG_MAX_VM_PREFIXES 16384

@@ -71,6 +71,7 @@ libvirt_uri = "${SRMIG_LIBVIRT_URI:-qemu:///system}"
 qemu_run_dir = "${SRMIG_QEMU_RUN_DIR:-/run/libvirt/qemu}"
 grace_s = ${SRMIG_GRACE_S:-2.0}
 drain = ${SRMIG_DRAIN:-true}
+fence = "${SRMIG_FENCE:-pause}"
 
 [db]
 backend = "${SRMIG_DB:-embedded}"
