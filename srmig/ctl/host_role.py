@@ -1,11 +1,11 @@
 """The agent's host role: a hypervisor's VMs through their migrations. libvirt's events (srmig.ctl.libvirt_link)
-and the other end's records (migrations/<vm>/<host>, srmig.ctl.vmdb) become the state machine's events
+and the other end's records (migrations/<host>/<vm>, srmig.ctl.vmdb) become the state machine's events
 (srmig.ctl.machine); the actions for this host go to the executor (srmig.ctl.executor), Publish and the
 grace period to the database. After a restart or a libvirt reconnect, reconciliation rebuilds the maps
 from the domains' states and the database.
 
 The two ends of a migration run their own state machine over the same events: each end applies the actions
-for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<vm>/<host> only
+for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<host>/<vm> only
 after applying them; the other end feeds those to its machine.
 
 Every method runs on the agent's one worker (srmig.ctl.agent), except where a docstring says otherwise.
@@ -473,7 +473,7 @@ class HostRole:
                 continue
             mid = rec["id"]
             if self.track(vm).migration != mid:
-                if not self._start_migration(vm, rec, f"migrations/{vm}/{host}"):
+                if not self._start_migration(vm, rec, records.migration_key(vm, host)):
                     continue
             if host == self.name and not replay:
                 continue
