@@ -191,6 +191,11 @@ class Watch:
 class Kv:
     """The state database. Thread-safe; watches call back from their own threads."""
 
+    # Requests the database refused as outside the user's roles (etcd with authentication: each logged in one
+    # line when refused), and the last one's message. The embedded backend has no users: always 0.
+    denied = 0
+    last_denied: str | None = None
+
     def get(self, key: str) -> Entry | None:
         raise NotImplementedError
 

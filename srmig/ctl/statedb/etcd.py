@@ -244,6 +244,15 @@ class EtcdKv(Kv):
                 raise
             self.token = r["token"]
 
+    def deny(self, what: str) -> PermissionDenied:
+        """etcd refused `what` as outside our user's roles: one error line, counted (Kv.denied)."""
+        message = f"etcd refused {what} to user {self.auth.user if self.auth else '(none)'!r}: permission denied"
+        with self._lock:
+            self.denied += 1
+            self.last_denied = message
+        log.error("state db: %s", message)
+        return PermissionDenied(message)
+
     def _key_of(self, payload: dict) -> str:
         """The (first) key a request names, relative to the prefix, for a message."""
         for op in [payload, *(o.get("request_put") or o.get("request_range") or {} for o in payload.get("success", ()))]:
@@ -289,8 +298,7 @@ class EtcdKv(Kv):
         if any(m in message for m in TOKEN_ERRORS) and self.auth is not None and path != AUTH_PATH:
             raise _TokenRefused(message)
         if "permission denied" in message:
-            raise PermissionDenied(f"etcd refused {path} {self._key_of(payload)} to user "
-                                   f"{self.auth.user if self.auth else '(none)'!r}: permission denied")
+            raise self.deny(f"{path} {self._key_of(payload)}")
         if "lease not found" in message:
             raise LeaseExpired(f"etcd {self.endpoints[idx]}: lease has expired or was revoked "
                                "(requested lease not found)")
@@ -621,6 +629,8 @@ class _EtcdWatch(Watch):
         if res.get("canceled"):
             if int(res.get("compact_revision", 0)) > 0:
                 raise _Compacted(int(res["compact_revision"]))
+            if "permission denied" in res.get("cancel_reason", ""):
+                raise self._kv.deny(f"watch {self.prefix}")
             raise RuntimeError(f"watch canceled by etcd: {res.get('cancel_reason', 'no reason given')}")
         events = []
         for ev in res.get("events", ()):
