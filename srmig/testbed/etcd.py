@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from srmig.ctl.statedb import Auth, Tls
+from srmig.ctl.statedb import DEFAULT_PREFIX, Auth, Tls
 
 ETCD = "/usr/bin/etcd"
 START_TIMEOUT_S = 15.0
@@ -76,13 +76,14 @@ class _Users:
     def _init_users(self, auth: bool) -> None:
         self.auth_on = auth
         self._passwords: dict[str, str] = {}
+        self._granted: set[tuple] = set()      # (name, parts, prefix) made
 
-    def _admin(self):
+    def _admin(self, prefix: str = DEFAULT_PREFIX):
         """An EtcdKv as root (before authentication is on: as nobody), from where the members are reached."""
         from srmig.ctl.statedb.etcd import EtcdKv  # noqa: PLC0415
 
         root = Auth("root", self._passwords["root"]) if self._auth_enabled else None
-        return EtcdKv(self.endpoints[:1], tls=self.tls("testbed-admin"), auth=root)
+        return EtcdKv(self.endpoints[:1], prefix, tls=self.tls("testbed-admin"), auth=root)
 
     _auth_enabled = False
 
@@ -97,33 +98,36 @@ class _Users:
             init_auth(kv, self._passwords["root"], {})
         self._auth_enabled = True
 
-    def auth(self, name: str = "root", parts: tuple[str, ...] = ("host",)) -> Auth | None:
-        """User `name`'s login (made once, with the roles of `parts`); root: the operator's. None when the
-        authentication is off."""
+    def auth(self, name: str = "root", parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) \
+            -> Auth | None:
+        """User `name`'s login (made once, with the roles of `parts` over the keys under `prefix`); root: the
+        operator's. None when the authentication is off."""
         if not self.auth_on:
             return None
         assert self._auth_enabled, "start() first"
-        if name not in self._passwords:
+        if name != "root" and (name, tuple(parts), prefix) not in self._granted:
             from srmig.ctl.statedb.etcd_auth import add_user  # noqa: PLC0415
 
-            password = secrets.token_urlsafe(16)
-            with self._inside(), self._admin() as kv:
+            password = self._passwords.get(name) or secrets.token_urlsafe(16)
+            with self._inside(), self._admin(prefix) as kv:
                 add_user(kv, name, password, tuple(parts))
             self._passwords[name] = password
+            self._granted.add((name, tuple(parts), prefix))
         return Auth(name, self._passwords[name])
 
-    def password_file(self, name: str, parts: tuple[str, ...] = ("host",)) -> str:
+    def password_file(self, name: str, parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) -> str:
         """User `name`'s password in a file of its own (0600), for an agent's db.password_file."""
         path = self.dir / f"password-{name}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(self.auth(name, parts).password + "\n")
+            f.write(self.auth(name, parts, prefix).password + "\n")
         return str(path)
 
-    def client(self, name: str = "root", parts: tuple[str, ...] = ("host",)) -> dict:
-        """open_db("etcd", **etcd.client(name, parts), prefix=...): the endpoints, `name`'s certificate and
-        login."""
-        return {"endpoints": self.endpoints, "tls": self.tls(name), "auth": self.auth(name, parts)}
+    def client(self, name: str = "root", parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) -> dict:
+        """open_db("etcd", **etcd.client(name, parts, prefix)): the endpoints, `name`'s certificate and login,
+        and the prefix its roles are for."""
+        return {"endpoints": self.endpoints, "tls": self.tls(name), "auth": self.auth(name, parts, prefix),
+                "prefix": prefix}
 
 
 class EtcdServer(_Started, _Users):
@@ -265,7 +269,7 @@ class EtcdServer(_Started, _Users):
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
-                self._auth_enabled, self._passwords, self._root_token = False, {}, None
+                self._auth_enabled, self._passwords, self._root_token, self._granted = False, {}, None, set()
                 self.pki = self.peer_pki = None
 
 
@@ -551,7 +555,7 @@ class EtcdCluster(_Started, _Users):
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
-                self._auth_enabled, self._passwords, self._root_token = False, {}, None
+                self._auth_enabled, self._passwords, self._root_token, self._granted = False, {}, None, set()
                 self.pki = self.peer_pki = None
 
     # -- asking the members
