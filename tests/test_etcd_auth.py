@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -230,8 +231,6 @@ CHECKS = [
 
 @pytest.mark.parametrize("name, password_file, says", CHECKS, ids=[c[0] for c in CHECKS])
 def test_agent_check(etcd, tmp_path, name, password_file, says):
-    import re
-
     r = _check(etcd, tmp_path, password_file(etcd, tmp_path))
     if says is None:
         assert r.returncode == 0 and r.stdout.strip().endswith(": ok (ingress)"), r.stdout + r.stderr
@@ -239,6 +238,57 @@ def test_agent_check(etcd, tmp_path, name, password_file, says):
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("srmig: error: ") and re.search(says, lines[0]), r.stderr
+
+
+# --- a real agent ---------------------------------------------------------------------------------------------
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_agent_refused_write_and_bad_password(tmp_path):
+    """An ingress agent named ing2 that logs in as etcd user ing1 (a misconfiguration): its presence and
+    registration (agents/ing2, ingresses/ing2) are outside ing1's roles. etcd refuses them, the agent logs
+    each refusal in one line, counts it (srmig_db_denied_total), `srmig status` shows it, and it keeps
+    running. With a wrong password it keeps running and says in one line that etcd refused the login."""
+    import urllib.request
+
+    from srmig.testbed.netns import Topology
+    from test_etcd_tls import _db_status, _ingress_agent  # tests/ is on sys.path (rootdir conftest)
+
+    with Topology() as topo:
+        topo.add_host("I")
+        with EtcdServer(netns=topo.ns("I")) as etcd:
+            tls = etcd.tls("ing1")
+            section = (f"backend = 'etcd'\nendpoints = {etcd.endpoints!r}\nca_file = '{tls.ca_file}'\n"
+                       f"cert_file = '{tls.cert_file}'\nkey_file = '{tls.key_file}'\nuser = 'ing1'\n"
+                       "password_file = '{pw}'\n")
+            good = etcd.password_file("ing1", ("ingress",))
+            with _ingress_agent(topo, tmp_path, "ing2", section.format(pw=good), metrics="127.0.0.1:19477") \
+                    as (p, sock):
+                db = _db_status(sock, lambda db: db.get("denied"))
+                assert db.get("state") == "connected" and db.get("denied", 0) >= 1, db
+                assert db["last_denied"] == "etcd refused kv/put agents/ing2 to user 'ing1': permission denied", db
+                assert p.poll() is None
+                status = subprocess.run([sys.executable, "-m", "srmig", "status", "--socket", sock],
+                                        capture_output=True, text=True, timeout=30, check=True).stdout
+                assert f"state db: {db['denied']} requests refused by etcd as outside this agent's roles (last: " \
+                       "etcd refused kv/put agents/ing2 to user 'ing1': permission denied)" in status, status
+                with topo.inside("I"):
+                    metrics = urllib.request.urlopen("http://127.0.0.1:19477/metrics", timeout=10).read().decode()
+                assert re.search(r"^srmig_db_denied_total [1-9]", metrics, re.M), metrics
+            out = p.stdout.read()
+            refused = [line for line in out.splitlines() if "permission denied" in line]
+            assert refused and all(line.count("etcd refused") == 1 for line in refused), out
+            assert len(refused) == len([line for line in out.splitlines() if "ERROR" in line and "state db" in line])
+
+            wrong = tmp_path / "wrong"
+            wrong.write_text("not-the-password\n")
+            wrong.chmod(0o600)
+            with _ingress_agent(topo, tmp_path, "ing1", section.format(pw=wrong)) as (p, sock):
+                db = _db_status(sock, lambda db: db.get("state") == "unreachable")
+                assert p.poll() is None, "refused is retried, not a crash loop"
+                assert db.get("state") == "unreachable" and "\n" not in db["error"], db
+                assert db["error"] == ("etcd refused the login of user 'ing1': wrong password or no such user "
+                                       "(db.user, db.password_file)"), db
 
 
 # --- the etcdctl commands for operators -----------------------------------------------------------------------

@@ -128,9 +128,9 @@ def test_peer_port_takes_only_the_peers_ca(etcd):
 # --- a real agent -------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _ingress_agent(topo, tmp_path, name: str, db_section: str):
-    """An ingress agent (`srmig agent` process) on lo of namespace I, its socket in tmp_path; its H.Encaps
-    program's pins are removed at the end."""
+def _ingress_agent(topo, tmp_path, name: str, db_section: str, metrics: str = ""):
+    """An ingress agent (`srmig agent` process) on lo of namespace I, its socket in tmp_path, its metrics on
+    `metrics` (HOST:PORT in I; none by default); its H.Encaps program's pins are removed at the end."""
     import shutil
 
     from srmig.bpf import loader
@@ -139,7 +139,7 @@ def _ingress_agent(topo, tmp_path, name: str, db_section: str):
         pins = loader.encap_pin_dir()
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f"[ingress]\nname = '{name}'\ninterface = 'lo'\ngateway = '::1'\n[db]\n{db_section}\n"
-                   f"[hook]\nsocket = '{tmp_path / name}.sock'\n[metrics]\nlisten = ''\n")
+                   f"[hook]\nsocket = '{tmp_path / name}.sock'\n[metrics]\nlisten = '{metrics}'\n")
     p = subprocess.Popen([sys.executable, "-m", "srmig", "--netns", topo.ns("I"), "agent", "--config", str(cfg)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

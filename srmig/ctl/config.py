@@ -329,9 +329,7 @@ def _db(path: str, t) -> DbConfig:
     if (user is None) != (password_file is None):
         raise ConfigError(path, "db.password_file" if user else "db.user",
                           "db.user and db.password_file together (etcd's user and its password)")
-    if user is not None:
-        if backend != "etcd":
-            raise ConfigError(path, "db.user", "no etcd user with the embedded backend (it has no users)", user)
+    if user is not None and backend == "etcd":     # the embedded backend has no users: ignored, as ca_file
         if not user or "/" in user or not user.isprintable():
             raise ConfigError(path, "db.user", "an etcd user name", user)
         try:
@@ -369,9 +367,6 @@ def _warnings(path: str, host: HostConfig | None, db: DbConfig) -> tuple[str, ..
             if mode & 0o077:
                 out.append(f"{path}: db.key_file: {db.key_file} is mode {mode:04o}, readable by others "
                            f"(chmod 600 {db.key_file})")
-    if db.backend == "etcd" and db.user is None:
-        out.append(f"{path}: db.user: none: etcd's roles cannot keep this agent to its own keys (set db.user and "
-                   "db.password_file; `srmig db roles` prints the etcdctl commands that make them)")
     if host and "::/0" in (str(ipaddress.IPv6Network(p)) for p in host.sr_domain):
         out.append(f'{path}: host.sr_domain: "::/0" accepts packets to our SIDs from every source (list the '
                    "SR domain's prefixes instead)")

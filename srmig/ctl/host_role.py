@@ -38,6 +38,7 @@ from srmig.ctl.libvirt_link import Domain, LibvirtLink
 from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, StartGrace
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
+from srmig.ctl.statedb import PermissionDenied
 
 log = logging.getLogger("srmig.agent")
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
@@ -583,10 +584,17 @@ class HostRole:
         pub = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
         self._observe_phase(m)
         self._put_record(d.vm)
-        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then).
-        self.dbl.write(lambda: fut.set_result({"managed": True, "vm": d.vm, "addresses": list(d.addresses),
-                                               "migration": mid,
-                                               "version": pub.result() if pub else 0}))
+        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then), or
+        # refused: etcd's roles do not let this host write it (no retry would land it)
+        def answer():
+            try:
+                version = pub.result() if pub else 0
+            except PermissionDenied as e:
+                fut.set_exception(e)
+                return
+            fut.set_result({"managed": True, "vm": d.vm, "addresses": list(d.addresses), "migration": mid,
+                            "version": version})
+        self.dbl.write(answer)
 
     def on_grace_over(self, item: work.GraceOver) -> None:
         if self.track(item.vm).migration != item.migration:
