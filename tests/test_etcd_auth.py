@@ -169,16 +169,24 @@ def test_the_host_sees_the_other_ends_record_through_its_watch(dbs):
 
 
 def test_token_renewed_after_etcd_forgets_it(tmp_path):
-    """etcd keeps tokens in memory: after its restart a client logs in again and the write goes through;
-    after its roles change (an older token is refused) too."""
-    with EtcdServer() as etcd, statedb.open_db("etcd", **etcd.client("S", ("host",))) as kv:
+    """etcd keeps tokens in memory: after its restart a client logs in again and the write goes through, and
+    its watch resumes; after its roles change (an older token is refused) too."""
+    with EtcdServer() as etcd, statedb.open_db("etcd", **etcd.client("S", ("host",))) as kv, \
+            statedb.open_db("etcd", **etcd.client("D", ("host",))) as peer:
         db = VmDb(kv)
         db.put_host(S_SIDS, "2001:db8::1", ())
         first = kv.token
+        got, seen = [], threading.Event()
+        w = kv.watch("migrations/", lambda events: (got.extend(events), seen.set()))
         etcd.stop()
         etcd.start()
         db.put_host(S_SIDS, "2001:db8::1", ("fc00:0:9::1",))
         assert kv.token != first
+        # the watch, its stream cut by the restart, comes back with a new token too
+        VmDb(peer).put_migration(VM, "D", migration("S", "D"))
+        assert seen.wait(10), "the watch did not resume"
+        assert [e.key for e in got] == [records.migration_key(VM, "D")]
+        w.cancel()
         second = kv.token
         etcd.auth("S", ("ingress",))       # a role more: etcd's auth revision moves on
         db.put_host(S_SIDS, "2001:db8::1", ())

@@ -556,19 +556,25 @@ class _EtcdWatch(Watch):
     def _run(self) -> None:
         backoff = BACKOFF_MIN_S
         idx = self._kv._current
+        relogged = False            # a login since the last stream etcd accepted: the next refusal waits
         try:
             while not self._cancelled.is_set():
                 endpoint = self._kv.endpoints[idx]
+                denied = False
                 try:
                     if self._stream(idx):
-                        backoff = BACKOFF_MIN_S
+                        backoff, relogged = BACKOFF_MIN_S, False
                     why = "stream ended"
                 except _Compacted as c:
                     self._resync(self._kv, c.revision)
                     continue
+                except PermissionDenied as e:
+                    # outside our roles: said (one line) and counted by deny(); tried again in case they change
+                    why, denied = str(e), True
                 except Exception as e:
                     why = _why(e, self._kv.tls)
-                    if self._kv.auth is not None and any(m in why for m in TOKEN_ERRORS):
+                    if self._kv.auth is not None and any(m in why for m in TOKEN_ERRORS) and not relogged:
+                        relogged = True
                         try:
                             self._kv.login(stale=self._token)
                             continue        # at once, with the new token
@@ -579,8 +585,9 @@ class _EtcdWatch(Watch):
                 # the next endpoint: a member that died takes the watch elsewhere; it resumes there from the
                 # revision after the last one delivered (revisions are the cluster's, the same on every member)
                 idx = (idx + 1) % len(self._kv.endpoints)
-                log.warning("state db watch %r on %s: %s; reconnecting from revision %d in %.2f s to %s",
-                            self.prefix, endpoint, why, self.last_revision + 1, backoff, self._kv.endpoints[idx])
+                (log.debug if denied else log.warning)(
+                    "state db watch %r on %s: %s; reconnecting from revision %d in %.2f s to %s",
+                    self.prefix, endpoint, why, self.last_revision + 1, backoff, self._kv.endpoints[idx])
                 self._cancelled.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
