@@ -226,7 +226,8 @@ def _file(path, text: str, mode: int, uid: int = 0) -> str:
 
 CHECKS = [
     ("good", lambda e, t: e.password_file("hv1", ("ingress",)), None),
-    ("missing", lambda e, t: str(t / "nope"), r"db\.password_file: .*cannot read .*/nope \(No such file or directory\)"),
+    ("missing", lambda e, t: str(t / "nope"),
+     r"db\.password_file: .*cannot read .*/nope \(No such file or directory\)"),
     ("readable by others", lambda e, t: _file(t / "pw", e.auth("hv1", ("ingress",)).password, 0o644),
      r"db\.password_file: .*/pw is mode 0644, readable by others \(chmod 600 .*/pw\)"),
     ("not root's", lambda e, t: _file(t / "pw", e.auth("hv1", ("ingress",)).password, 0o600, uid=65534),

@@ -542,7 +542,8 @@ def test_database_records(lab, maps, db, tmp_path, caplog, capsys, record_proper
         if k < 45 and applied_recs and live:  # a malformed version of a record already applied
             key = r.choice(sorted(applied_recs))
             host, rec = broken_migration(applied_recs[key], r)
-            return (records.migration_key(applied_recs[key]["vm"], host) if host else key), rec, {"migration_record": 1}
+            key = records.migration_key(applied_recs[key]["vm"], host) if host else key
+            return key, rec, {"migration_record": 1}
         vm = next_vm()
         if k < 50:
             key = r.choice([f"migrations/{vm}", f"migrations/P/{vm}-not-an-address", f"migrations/a b/{vm}",

@@ -255,7 +255,8 @@ class EtcdKv(Kv):
 
     def _key_of(self, payload: dict) -> str:
         """The (first) key a request names, relative to the prefix, for a message."""
-        for op in [payload, *(o.get("request_put") or o.get("request_range") or {} for o in payload.get("success", ()))]:
+        ops = [o.get("request_put") or o.get("request_range") or {} for o in payload.get("success", ())]
+        for op in [payload, *ops]:
             if op.get("key"):
                 key = base64.b64decode(op["key"]).decode(errors="replace")
                 return key[len(self.prefix):] if key.startswith(self.prefix) else key
