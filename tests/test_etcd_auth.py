@@ -289,13 +289,14 @@ def test_agent_refused_write_and_bad_password(tmp_path):
             assert refused and all(line.count("etcd refused") == 1 for line in refused), out
             assert len(refused) == len([line for line in out.splitlines() if "ERROR" in line and "state db" in line])
 
+            # the log says it once per attempt, in one line
             wrong = tmp_path / "wrong"
             wrong.write_text("not-the-password\n")
             wrong.chmod(0o600)
             with _ingress_agent(topo, tmp_path, "ing1", section.format(pw=wrong)) as (p, sock):
-                db = _db_status(sock, lambda db: db.get("state") == "unreachable")
+                db = _db_status(sock, lambda db: db.get("state") == "refused")
                 assert p.poll() is None, "refused is retried, not a crash loop"
-                assert db.get("state") == "unreachable" and "\n" not in db["error"], db
+                assert db.get("state") == "refused" and "\n" not in db["error"], db
                 assert db["error"] == ("etcd refused the login of user 'ing1': wrong password or no such user "
                                        "(db.user, db.password_file)"), db
 

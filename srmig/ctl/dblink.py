@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from srmig.ctl.config import Config, read_password
-from srmig.ctl.statedb import PermissionDenied
+from srmig.ctl.statedb import AuthFailed, PermissionDenied
 from srmig.ctl.vmdb import VmDb
 from srmig.ctl.work import DbUp
 
@@ -68,8 +68,10 @@ class DbLink:
                 kv = self._kv_factory()
                 kv.range("hosts/")  # proves it answers
             except Exception as e:  # noqa: BLE001 - reported in status, retried
-                self.state = {"state": "unreachable", "error": str(e), "retry_in_s": round(delay, 1)}
-                log.warning("state database unreachable (%s); retrying in %.1f s", e, delay)
+                # refused: etcd answers but not to this user and password (retried: the operator may fix it)
+                state = "refused" if isinstance(e, AuthFailed) else "unreachable"
+                self.state = {"state": state, "error": str(e), "retry_in_s": round(delay, 1)}
+                log.warning("state database %s (%s); retrying in %.1f s", state, e, delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
