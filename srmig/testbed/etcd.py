@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import secrets
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -72,11 +72,13 @@ class _Users:
     `_inside()` (the namespace to reach it from)."""
 
     auth_on = True
+    _auth_enabled = False
 
     def _init_users(self, auth: bool) -> None:
         self.auth_on = auth
         self._passwords: dict[str, str] = {}
         self._granted: set[tuple] = set()      # (name, parts, prefix) made
+        self._root_token: str | None = None     # root's token, for what the testbed asks the members itself
 
     def _admin(self, prefix: str = DEFAULT_PREFIX):
         """An EtcdKv as root (before authentication is on: as nobody), from where the members are reached."""
@@ -84,8 +86,6 @@ class _Users:
 
         root = Auth("root", self._passwords["root"]) if self._auth_enabled else None
         return EtcdKv(self.endpoints[:1], prefix, tls=self.tls("testbed-admin"), auth=root)
-
-    _auth_enabled = False
 
     def _enable_auth(self) -> None:
         """After the first start: the root user, srmig's roles as agents are added, authentication on."""
@@ -131,7 +131,7 @@ class _Users:
 
 
 class EtcdServer(_Started, _Users):
-    """`with EtcdServer() as etcd: open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("agent1"))`."""
+    """`with EtcdServer() as etcd: open_db("etcd", **etcd.client("hv1", ("host",)))`."""
 
     def __init__(self, name: str = "srmig-test", binary: str = ETCD, netns: str | None = None,
                  host: str = "127.0.0.1", auth: bool = True):
@@ -345,8 +345,8 @@ class EtcdCluster(_Started, _Users):
     address of its own, linked to `hub` (a namespace of `topo` that routes, e.g. the testbed's transit T):
 
         with EtcdCluster(topo, hub="T") as etcd:
-            open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("hv1"))  # from a namespace that routes
-                                                                            # ROUTE via the hub
+            open_db("etcd", **etcd.client("hv1", ("host",)))    # from a namespace that routes ROUTE
+                                                                # via the hub
             etcd.kill_leader()      # -> the Member killed; etcd.restart(member) brings it back
 
     Member i is namespace E<i> at 2001:db8:e<i>::2/64, its link's hub end 2001:db8:e<i>::1 (all members
@@ -364,7 +364,6 @@ class EtcdCluster(_Started, _Users):
             raise ValueError(f"an EtcdCluster has 1 to 9 members (their addresses are 2001:db8:e1:: to e9::), "
                              f"not {size}")
         self._init_users(auth)
-        self._root_token: str | None = None
         self.topo = topo
         self.hub = hub
         self.size = size
