@@ -53,7 +53,7 @@ MID = "mig-1"
 
 
 def record(vm: str, src: str, dst: str, domain: str, events: list[str]) -> dict:
-    """A migrations/<vm>/<host> record, shaped as HostRole._record writes it."""
+    """A migrations/<host>/<vm> record, shaped as HostRole._record writes it."""
     return {"id": MID, "vm": vm, "domain": domain, "src": src, "dst": dst, "transit": [], "events": events,
             "resent": [], "returned": None}
 

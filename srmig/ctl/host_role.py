@@ -1,11 +1,11 @@
 """The agent's host role: a hypervisor's VMs through their migrations. libvirt's events (srmig.ctl.libvirt_link)
-and the other end's records (migrations/<vm>/<host>, srmig.ctl.vmdb) become the state machine's events
+and the other end's records (migrations/<host>/<vm>, srmig.ctl.vmdb) become the state machine's events
 (srmig.ctl.machine); the actions for this host go to the executor (srmig.ctl.executor), Publish and the
 grace period to the database. After a restart or a libvirt reconnect, reconciliation rebuilds the maps
 from the domains' states and the database.
 
 The two ends of a migration run their own state machine over the same events: each end applies the actions
-for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<vm>/<host> only
+for its own host (plus the idempotent Publish) and writes the events it saw to migrations/<host>/<vm> only
 after applying them; the other end feeds those to its machine.
 
 Every method runs on the agent's one worker (srmig.ctl.agent), except where a docstring says otherwise.
@@ -40,6 +40,7 @@ from srmig.ctl.machine import Drain, Ev, Machine, Migration, Publish, SetVm, Sta
 from srmig.ctl.maps import vm_spelling
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
+from srmig.ctl.statedb import PermissionDenied
 from srmig.ctl.swallow import MAX_SWALLOWED, SwallowCheck
 from srmig.ctl.tap import tap_tx_packets
 
@@ -534,7 +535,7 @@ class HostRole:
                 continue
             mid = rec["id"]
             if self.track(vm).migration != mid:
-                if not self._start_migration(vm, rec, f"migrations/{vm}/{host}"):
+                if not self._start_migration(vm, rec, records.migration_key(vm, host)):
                     continue
                 loc = self._local(vm)
                 if not replay and rec["src"] == self.name and loc is not None and loc.check is not None:
@@ -732,10 +733,17 @@ class HostRole:
         pub = self._execute(m, self.machine.handle(d.vm, Ev.BEGIN))
         self._observe_phase(m)
         self._put_record(d.vm)
-        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then).
-        self.dbl.write(lambda: fut.set_result({"managed": True, "vm": d.vm, "addresses": list(d.addresses),
-                                               "migration": mid,
-                                               "version": pub.result() if pub else 0}))
+        # Answered by the writer once the new segment list is in the database (FIFO: `pub` is done then), or
+        # refused: etcd's roles do not let this host write it (no retry would land it)
+        def answer():
+            try:
+                version = pub.result() if pub else 0
+            except PermissionDenied as e:
+                fut.set_exception(e)
+                return
+            fut.set_result({"managed": True, "vm": d.vm, "addresses": list(d.addresses), "migration": mid,
+                            "version": version})
+        self.dbl.write(answer)
 
     def on_grace_over(self, item: work.GraceOver) -> None:
         if self.track(item.vm).migration != item.migration:

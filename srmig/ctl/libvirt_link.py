@@ -32,7 +32,7 @@ XMLNS = records.XMLNS
 @dataclass
 class Domain:
     """What the agent needs from a libvirt domain's XML. A VM is a set of addresses (docs/design.md, "A VM is
-    a set of addresses"): its id, the key of everything srmig does (map entry, vms/<vm>, migrations/<vm>/),
+    a set of addresses"): its id, the key of everything srmig does (map entry, vms/<vm>, migrations/<host>/<vm>),
     is the first address its metadata lists; `addresses` are all of them, the id first."""
 
     name: str

@@ -94,6 +94,20 @@ class _Rejected:
         yield c
 
 
+class _Denied:
+    """srmig_db_denied_total: requests the state database refused as outside this agent's etcd roles."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        kv = self.agent.dbl.kv
+        c = CounterMetricFamily("srmig_db_denied", "State database requests refused as outside the agent's "
+                                "etcd roles (permission denied)")
+        c.add_metric([], kv.denied if kv is not None else 0)
+        yield c
+
+
 class Metrics:
     def __init__(self, agent, listen: str):
         self.registry = CollectorRegistry()
@@ -107,6 +121,7 @@ class Metrics:
         self.registry.register(_Dataplane(agent))
         self.registry.register(_Encap(agent))
         self.registry.register(_Rejected())
+        self.registry.register(_Denied(agent))
         host, _, port = listen.rpartition(":")
         self.server, self.thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 

@@ -257,10 +257,12 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
             etcd = stack.enter_context(EtcdCluster(tb.topo, hub="T"))
             tb.etcd = etcd  # for fault injection (etcd's leader killed, or the whole cluster down)
             db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)  # every agent is given every member
-            for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent
-                tls = etcd.tls(role)
+            for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent, and
+                tls = etcd.tls(role)  # an etcd user whose roles let it write its own keys only
                 tls_env[role] = {"SRMIG_ETCD_CA": tls.ca_file, "SRMIG_ETCD_CERT": tls.cert_file,
-                                 "SRMIG_ETCD_KEY": tls.key_file}
+                                 "SRMIG_ETCD_KEY": tls.key_file, "SRMIG_ETCD_USER": role,
+                                 "SRMIG_ETCD_PASSWORD_FILE": etcd.password_file(
+                                     role, ("ingress",) if role == "C" else ("host",))}
         hooks = {r: {"qemu.d/srmig": hook_mod.script(sockets[r], 3.0, "proceed")} for r in ("S", "D")}
         say("starting libvirtd in S and D")
         ds = stack.enter_context(lv.daemons(tb.topo, hooks=hooks))
