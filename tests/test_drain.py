@@ -253,8 +253,8 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
 class _NoRing:
     """A dataplane whose shadow ring is never polled: the records are put in the log by hand."""
 
-    def shadow_ring(self, on_record):
-        return type("Ring", (), {"poll": lambda self, ms: None, "close": lambda self: None})()
+    def shadow_reader(self):
+        return None
 
 
 def _shadow(times_ms: list[float]) -> tuple[swallow.ShadowLog, list[bytes]]:
@@ -567,13 +567,13 @@ def test_unpark_gives_the_vm_both_families_in_ring_order(srv6_host, at_d, arp_en
     another VM's held records between them. unpark() puts the VM's into its tap in the ring's order, each
     with its family's Ethernet type, to the VM's MAC, inner packets unchanged; the other VM's go on to D.
     Without an ARP entry for the VM's IPv4 address its packets are handed to the kernel (a raw IPv4 socket),
-    which resolves the VM's MAC first: then each family keeps its own order."""
+    which resolves the VM's MAC first: then each family keeps its own order. Every record of the VM names its
+    id (the IPv4 address points at it): the MACs are those of each packet's own destination."""
     from srmig.bpf.abi import VmState
-    from srmig.ctl.drain import _macs_to, unpark
+    from srmig.ctl.drain import _macs_to, one_step, unpark
 
     topo, dp, holder = srv6_host
-    for a in (VM, VM4):
-        dp.set_vm(a, VmState.RUNNING, park=True)
+    one_step(dp, VM, [VM4]).set_vm(VM, VmState.RUNNING, park=True)  # VM4 points at the id: records name VM
     dp.set_vm(OTHER, VmState.HOLD, next_sid=D_DX6)
     h_mac = topo.mac("S", "h_in")
     parked, others = _stream("P", "46644664" * 5), _stream("O", "66", vm6=OTHER)

@@ -102,6 +102,15 @@ def tap_tx_packets(ifname: str) -> int:
         return netlink.link_stats(netlink.ifindex(ifname, ipr), ipr)["tx_packets"]
 
 
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): the struct ifreq of the tap an fd is attached to
+
+
+def tap_name(fd: int) -> str:
+    """The name of the tap `fd` is attached to (a restarted agent holding the fds may not know it)."""
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    return ifr[:16].split(b"\0", 1)[0].decode()
+
+
 class TapKeeper:
     """A duplicate of a QEMU's tap fds, taken while QEMU lives. The tap queue then survives QEMU's death
     (the kernel purges it only when the last fd closes): what the destination held can be returned to the
