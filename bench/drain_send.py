@@ -6,8 +6,11 @@ them), numbered, so the sink behind End.SBUF counts every one (lost, duplicated,
 carries the packet through D's End.SBUF and the sink: a veth runs its receiver inside the send, on the
 sender's core; across real hosts that part is the receiver's. Methods:
 - raw_sendto, raw_sendmmsg: an IPv6 raw socket, the kernel routing each packet (the drain's RawSender),
-  one sendto() each or sendmmsg(2) batches of 1024 (the drain's now)
-- packet_sendmmsg: AF_PACKET on S's fabric veth, the next hop's MAC known, sendmmsg(2) (PacketSender)
+  one sendto() each or sendmmsg(2) batches of 1024 (the drain's until issue 20 part 1)
+- packet_sendmmsg: AF_PACKET on S's fabric veth, the next hop's MAC known, sendmmsg(2) (PacketSender);
+  packet_bypass_sendmmsg: the same with PACKET_QDISC_BYPASS
+- fabric_sender: the drain's now (srmig.ctl.senders.FabricSender): AF_PACKET out of the link the route to
+  each DA leaves by, to the next hop's MAC from the neighbour table, the Ethernet header added per packet
 - packet_tx_ring: AF_PACKET PACKET_TX_RING (bench/tx_ring.py), one send() per ring fill
 - afxdp_copy_tx: a TX-only AF_XDP socket in copy mode (bench/afxdp_tx.py)
 - live_frames_inject, where the kernel runs BPF_PROG_RUN with live frames: the frames written into an
@@ -35,7 +38,7 @@ from bench.local import BENCH_DIR
 from bench.tx_ring import TxRingSender
 from srmig.bpf import libbpf, loader
 from srmig.ctl.encap import encapsulate_packet
-from srmig.ctl.senders import PacketSender, RawSender
+from srmig.ctl.senders import FabricSender, PacketSender, RawSender
 
 INJECT_SLOTS = 65536         # xdp_drain_inject.c's INJECT_SLOTS
 
@@ -90,8 +93,11 @@ def send_cost(lab: DrainLab, packets: int = 20000, rounds: int = 3) -> dict:
 
     methods = {  # name: (make a sender, in S's namespace; send everything with it)
         "raw_sendto": (RawSender, raw_sendto),
-        "raw_sendmmsg": (RawSender, lambda snd: snd.send_many(pkts)),  # the drain's today
+        "raw_sendmmsg": (RawSender, lambda snd: snd.send_many(pkts)),  # the drain's before issue 20 part 1
         "packet_sendmmsg": (lambda: PacketSender("s_fab"), lambda snd: snd.send_many(frames)),
+        "packet_bypass_sendmmsg": (lambda: PacketSender("s_fab", qdisc_bypass=True),
+                                   lambda snd: snd.send_many(frames)),
+        "fabric_sender": (FabricSender, lambda snd: snd.send_many(pkts)),  # the drain's
         "packet_tx_ring": (lambda: TxRingSender("s_fab", slots=4096), lambda snd: snd.send_many(frames)),
         "afxdp_copy_tx": (lambda: AfXdpTxSender("s_fab"), lambda snd: snd.send_many(frames)),
     }

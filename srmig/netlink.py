@@ -312,3 +312,32 @@ def preferred_source(dst: str, ipr: IPRoute | None = None) -> str | None:
             if src:
                 return src
     return None
+
+
+# NUD states (include/uapi/linux/neighbour.h) whose link-layer address is usable as it is: REACHABLE, STALE,
+# DELAY, PROBE (a stale MAC is still the neighbour's until proven otherwise), PERMANENT, NOARP.
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80 | 0x40
+
+
+def next_hop_mac(dst: str, ipr: IPRoute | None = None) -> tuple[int, str, str] | None:
+    """Where the kernel sends an IPv6 packet to `dst`: (the output link's index, that link's MAC, the next
+    hop's MAC from the neighbour table), the next hop being the route's gateway, or `dst` itself on a link
+    route. None when the route has no output link (unreachable, blackhole, a route of lightweight tunnels)
+    or the neighbour table has no usable MAC for the next hop (not resolved yet: the kernel's own send
+    resolves it)."""
+    with _using(ipr) as h:
+        try:
+            routes = h.route("get", dst=dst, family=socket.AF_INET6)
+        except NetlinkError:
+            return None
+        for r in routes:
+            oif = r.get_attr("RTA_OIF")
+            if not oif or r.get("type", 1) != 1 or r.get_attr("RTA_ENCAP") is not None:  # RTN_UNICAST, no lwt
+                return None
+            hop = r.get_attr("RTA_GATEWAY") or dst
+            for n in h.get_neighbours(family=socket.AF_INET6, ifindex=oif):
+                mac = n.get_attr("NDA_LLADDR")
+                if mac and n["state"] & _NUD_USABLE and n.get_attr("NDA_DST") == hop:
+                    return oif, _link(oif, h).get_attr("IFLA_ADDRESS"), mac
+            return None
+    return None

@@ -14,7 +14,7 @@ from bench import flush as F
 from bench import tx_ring
 from bench.tx_ring import TxRingSender
 from srmig.ctl import senders
-from srmig.ctl.senders import SENDMMSG_BATCH, PacketSender, RawSender
+from srmig.ctl.senders import SENDMMSG_BATCH, FabricSender, PacketSender, RawSender
 
 N = 10_000
 
@@ -54,6 +54,43 @@ def test_routed_send_many_keeps_order_across_batches(lab):
     finally:
         s.close()
     assert _seqs(lab.drain()) == list(range(n))
+
+
+@pytest.mark.netns
+def test_fabric_sender_frames_each_packet_to_its_next_hops_mac_in_order(lab):
+    """FabricSender, the drain's sender: the route to the DA (the VM's /128 out of the tap) and the neighbour
+    table (the VM's MAC) give the frame's link and MACs; AF_PACKET sends it, batch boundaries invisible."""
+    n = 3 * SENDMMSG_BATCH + 17
+    packets = F.held_buffer(n, 128)
+    lab.drain()
+    with lab.topo.inside("H"):
+        s = FabricSender()
+    try:
+        runs = s.runs(packets)
+        assert [(sender is s.raw, chunk) for sender, chunk in runs] == [(False, F.ether(packets))]
+        assert s.send_many(packets) == n and s.dropped == 0 and s.errors == {}
+    finally:
+        s.close()
+    got = lab.drain()
+    assert _seqs(got) == list(range(n))
+    assert {f[:14] for f in got if F.is_probe(f)} == {F.ether([b""])[0]}
+
+
+@pytest.mark.netns
+def test_fabric_sender_leaves_a_next_hop_without_a_mac_to_the_kernel(lab):
+    """A DA with no route, or whose next hop the neighbour table has no MAC for, goes through the RawSender
+    (the kernel routes it and resolves the MAC, or refuses and is counted); the runs keep the packets' order."""
+    vm = F.held_buffer(4, 128)
+    elsewhere = vm[0][:24] + socket.inet_pton(socket.AF_INET6, "2001:db8:dead::1") + vm[0][40:]
+    with lab.topo.inside("H"):
+        s = FabricSender()
+    try:
+        runs = s.runs([vm[0], vm[1], elsewhere, vm[2]])
+        assert [(sender is s.raw, chunk) for sender, chunk in runs] == [
+            (False, F.ether(vm[:2])), (True, [elsewhere]), (False, F.ether(vm[2:3]))]
+        assert runs[0][0] is runs[2][0]
+    finally:
+        s.close()
 
 
 @pytest.mark.netns

@@ -49,6 +49,14 @@ def test_ifindex_and_link_attributes_of_a_veth(pair):
     assert A_ADDR in netlink.addresses(idx, ipr)
     assert netlink.neighbour_mac(B_ADDR, idx, ipr) == topology.mac("B", "b0")  # the static entry link() made
     assert netlink.neighbour_mac("2001:db8:a::99", idx, ipr) is None
+    # The drain's next hop: the route's gateway (or the DA on a link route) and its MAC, read back with ip.
+    a_mac = topology.run("A", "cat", "/sys/class/net/a0/address").stdout.strip()
+    topology.route("A", "fc00:0:2::/48", gateway=B_ADDR)
+    topology.route("A", "fc00:0:3::/48", gateway="2001:db8:a::99")  # a gateway with no neighbour entry
+    assert netlink.next_hop_mac("fc00:0:2::b", ipr) == (idx, a_mac, topology.mac("B", "b0"))
+    assert netlink.next_hop_mac(B_ADDR, ipr) == (idx, a_mac, topology.mac("B", "b0"))
+    assert netlink.next_hop_mac("fc00:0:3::b", ipr) is None
+    assert netlink.next_hop_mac("2001:db8:dead::1", ipr) is None  # no route
     # The kernel's own MLD and router solicitations may be counted meanwhile: ip's reading lies in between.
     before = netlink.link_stats(idx, ipr)["tx_packets"]
     shown = json.loads(topology.run("A", "ip", "-s", "-j", "link", "show", "a0").stdout)[0]

@@ -362,21 +362,24 @@ class RingReader:
         prod = unpack("<Q", data, 0)[0] if until is None else min(until, unpack("<Q", data, 0)[0])
         out: list[bytes] = []
         append = out.append
+        flags = BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT
+        end_at = ends.append if ends is not None else None
         while cons < prod and len(out) < limit:
             off = page + (cons & mask)
             hdr = unpack("<I", data, off)[0]
             if hdr & BPF_RINGBUF_BUSY_BIT:
                 break
-            n = hdr & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT)
-            if not hdr & BPF_RINGBUF_DISCARD_BIT:
-                s = off + BPF_RINGBUF_HDR_SZ
-                if length is None:
-                    append(data[s + start:s + n])
-                else:
-                    append(data[s + start:s + start + min(length(data, s), n - start)])
+            n = hdr & ~flags
             cons += (n + BPF_RINGBUF_HDR_SZ + 7) & ~7
-            if ends is not None and not hdr & BPF_RINGBUF_DISCARD_BIT:
-                ends.append(cons)
+            if hdr & BPF_RINGBUF_DISCARD_BIT:
+                continue
+            s = off + BPF_RINGBUF_HDR_SZ
+            if length is None:  # the whole sample from `start`: the common case, kept to a few operations
+                append(data[s + start:s + n])
+            else:
+                append(data[s + start:s + start + min(length(data, s), n - start)])
+            if end_at is not None:
+                end_at(cons)
             if commit and not len(out) & 255:  # give the producer its space back as we go
                 self._cons[0:8] = cons.to_bytes(8, "little")
         if commit:

@@ -47,7 +47,7 @@ class Limits:
 
     max_sids: int = 256
     max_vms: int = 65536
-    hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~8000 held packets); a power of two
+    hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~90,000 held 144-byte packets); a power of two
     max_domain_prefixes: int = 256  # SR domain source prefixes (RFC 8754 5.1)
     # vm_prefixes (and encap_prefixes): the prefixes VMs route and, in vm_prefixes, every VM address other than
     # its VM's id (pointed at the id: srmig.ctl.maps.VmAddressSet). None: max_vms + 16384, room for one other

@@ -12,13 +12,12 @@ tap's order whatever their family, so they reach the VM after it resumes, ahead 
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from srmig.ctl.encap import ETH_P_IP, ETH_P_IPV6, VmPackets, decapsulate, encapsulate_packet, family
-from srmig.ctl.senders import PacketSender, RawSender, SentLog
+from srmig.ctl.senders import FabricSender, PacketSender, RawSender, SentLog
 from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
 from srmig.bpf import libbpf
@@ -32,6 +31,8 @@ UNPARK_MAX_S = 1.0               # an abort: the longest the program parks behin
                                  # gives the VM what it parked (a starved agent: reordered past this, not lost)
 RING_FIRST_MAX_S = 0.25          # the longest the program parks behind the ring after the flip (a ring that
                                  # fills faster than we send never empties: then forward, and count)
+RING_FIRST_GAINING_MAX_S = 1.0   # ... while each read of the ring finds fewer records than the one before (the
+                                 # drain gains on it: it empties soon, and nothing need be overtaken)
 
 
 def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: list[bytes] = (),
@@ -61,7 +62,6 @@ def return_held(keeper: TapKeeper, src_addr: str, segments: list[str], skip: lis
 
 
 _HOLD_HEAD = libbpf.ffi.sizeof("struct srmig_hold_record")
-_HOLD_LEN = libbpf.ffi.offsetof("struct srmig_hold_record", "len")
 _HOLD_VM = libbpf.ffi.offsetof("struct srmig_hold_record", "vm")
 
 
@@ -74,9 +74,9 @@ def read_hold_packets(ring: libbpf.RingReader, limit: int = 1 << 30, commit: boo
                       ends: list[int] | None = None) -> list[bytes]:
     """The packets parked in the hold ring, oldest first, consumed (with `commit=False`, once
     `ring.commit()` is called): each record's packet only, cut out of the ring without a callback per record
-    (about 7x the rate of Dataplane.hold_ring's consumer). `ends`: RingReader.read's."""
-    return ring.read(limit, start=_HOLD_HEAD, commit=commit, ends=ends,
-                     length=lambda data, off: struct.unpack_from("<I", data, off + _HOLD_LEN)[0])
+    (about 7x the rate of Dataplane.hold_ring's consumer). `ends`: RingReader.read's. A record is its header
+    and the packet, no more (srmig_abi.h), so the packet is the rest of the record: no length to read."""
+    return ring.read(limit, start=_HOLD_HEAD, commit=commit, ends=ends)
 
 
 def sent_log(ring: libbpf.RingReader) -> SentLog:
@@ -94,19 +94,27 @@ def skip_sent(ring: libbpf.RingReader, log: SentLog) -> int:
     return n
 
 
-def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
-    """Send `parts`, one (sender, packet) per record read and not committed, in ring order; `at`: the ring
-    position of each record and the one past the last. One send_many per run of records with the same
-    sender, so what has been sent is always a prefix of the ring, which `log` can say; the order in which
-    each destination receives its packets is the ring's. Returns how many the kernel accepted."""
+def send_runs(log: SentLog, at: list[int], runs: list[tuple]) -> int:
+    """Send `runs`, (sender, packets) one after the other, one packet per record read and not committed, in
+    ring order; `at`: the ring position of each record and the one past the last. One send_many per run, so
+    what has been sent is always a prefix of the ring, which `log` can say; the order in which each
+    destination receives its packets is the ring's. Returns how many the kernel accepted."""
     sent, i = 0, 0
-    while i < len(parts):
-        sender, j = parts[i][0], i + 1
-        while j < len(parts) and parts[j][0] is sender:
-            j += 1
-        sent += sender.send_many([p for _, p in parts[i:j]], log=log, at=at[i:j])
-        i = j
+    for sender, packets in runs:
+        sent += sender.send_many(packets, log=log, at=at[i:i + len(packets)])
+        i += len(packets)
     return sent
+
+
+def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
+    """send_runs of `parts`, one (sender, packet) per record: each run of records with the same sender."""
+    runs: list[tuple] = []
+    for sender, packet in parts:
+        if runs and runs[-1][0] is sender:
+            runs[-1][1].append(packet)
+        else:
+            runs.append((sender, [packet]))
+    return send_runs(log, at, runs)
 
 
 def one_step(dp, vm: str, addresses) -> VmAddressSet:
@@ -192,9 +200,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
         """Read what the ring holds, send it, then consume it; returns how many records were read."""
         nonlocal given, raw4
         at = [ring.position]  # then the end of each record read
-        records = ring.read(start=_HOLD_VM, commit=False, ends=at,
-                            length=lambda data, off: _HOLD_HEAD - _HOLD_VM + struct.unpack_from(
-                                "<I", data, off + _HOLD_LEN)[0])
+        records = ring.read(start=_HOLD_VM, commit=False, ends=at)  # vm, len, orig_len, the packet
         parts = []
         for rec in records:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
@@ -250,8 +256,9 @@ class DrainReport:
     send_dropped: int = 0      # of the packets above, how many the kernel refused to send (by errno below)
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
-    # before_flip_ms: HOLD until the flip to AWAY behind the ring; behind_ring_ms: from the flip until the
-    # ring was sent empty; ring_emptied: whether it was (False: RING_FIRST_MAX_S ran out first);
+    # before_flip_ms: HOLD until the flip to AWAY behind the ring (and its parts: hold_ms, setup_ms,
+    # tap_read_ms, tap_encap_ms, tap_send_ms); behind_ring_ms: from the flip until the ring was sent empty;
+    # ring_emptied: whether it was (False: RING_FIRST_MAX_S, or RING_FIRST_GAINING_MAX_S, ran out first);
     # ring_after_flip: packets found in the ring once the program forwards directly again, the only ones
     # that can arrive behind newer packets (expected 0).
     timings: dict = field(default_factory=dict)
@@ -291,14 +298,19 @@ class SourceDrain:
         pause; `stopped_at_ns` (time.monotonic_ns of QEMU's STOP) helps bound how old that frame can be
         (ShadowLog.swallowed_frames)."""
         rep = DrainReport()
-        sender = RawSender()
         t0 = time.monotonic()
-        ring = hold_ring_reader(self.dp)
+        sender = ring = None
         try:
+            # HOLD first: until it is written the VM's packets still go to its tap queue, which may be full
+            # by now (the agent hears of the pause late); the sockets and the ring's mapping can wait.
             self._set(VmState.HOLD)
+            t_hold = time.monotonic()
+            sender, ring = FabricSender(), hold_ring_reader(self.dp)
+            t_setup = time.monotonic()
             if check is not None:
                 rep.swallowed = check.swallowed()  # before we read: our reads count as tx too
             frames = queue.frames()
+            t_read = time.monotonic()
             queued = [p for p in map(self.own.packet, frames) if p is not None]  # the VM's, either family
             rep.not_vm = len(frames) - len(queued)
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
@@ -316,19 +328,28 @@ class SourceDrain:
                 older.append(encapsulate_packet(packet, self.src, self.segments))
                 rep.from_tap_ipv4 += packet[0] >> 4 == 4
             rep.from_tap = len(queued)
+            t_encap = time.monotonic()
             sender.send_many(older)
-            rep.hold_ms = rep.timings["before_flip_ms"] = round((time.monotonic() - t0) * 1000, 3)
+            t_sent = time.monotonic()
+            rep.hold_ms = rep.timings["before_flip_ms"] = round((t_sent - t0) * 1000, 3)
+            # Where that time went: HOLD; opening the senders and mapping the ring; reading the tap (and the
+            # swallow count); picking the VM's frames and H.Encaps; sending them (and finding the next hop).
+            for name, a, b in (("hold", t0, t_hold), ("setup", t_hold, t_setup), ("tap_read", t_setup, t_read),
+                               ("tap_encap", t_read, t_encap), ("tap_send", t_encap, t_sent)):
+                rep.timings[name + "_ms"] = round((b - a) * 1000, 3)
             self.away_behind_ring(sender, rep, ring, settle_s)
         finally:
-            ring.close()
-            sender.close()
-            rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
+            if ring is not None:
+                ring.close()
+            if sender is not None:
+                sender.close()
+                rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
 
     def ring_only(self) -> DrainReport:
         """Steps 3-4 alone: what an agent restarted after a drain it was killed in does (QEMU gone with its
         tap queue; the hold ring is the program's and outlives the agent: what it parked goes first)."""
-        rep, sender, ring = DrainReport(), RawSender(), hold_ring_reader(self.dp)
+        rep, sender, ring = DrainReport(), FabricSender(), hold_ring_reader(self.dp)
         try:
             self.away_behind_ring(sender, rep, ring)
         finally:
@@ -337,7 +358,7 @@ class SourceDrain:
             rep.send_dropped, rep.send_errors = sender.dropped, dict(sender.errors)
         return rep
 
-    def away_behind_ring(self, sender: RawSender, rep: DrainReport, ring: libbpf.RingReader,
+    def away_behind_ring(self, sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader,
                          settle_s: float = 0.002) -> None:
         """Steps 3-4: AWAY behind the ring, send what it holds batch by batch, each consumed once sent, until
         it is empty; then plain AWAY, and send what a program run parked while the flag was being cleared.
@@ -348,14 +369,21 @@ class SourceDrain:
             rep.ring_sent_before = skip_sent(ring, log)
             self._set(VmState.AWAY, ring_first=True)
             t_flip = time.monotonic()
-            deadline = t_flip + RING_FIRST_MAX_S
+            deadline, last = t_flip + RING_FIRST_MAX_S, None
             while not ring.empty() and time.monotonic() < deadline:
                 # Sent before consumed, so that newer packets keep parking behind them; written down by the
                 # kernel as they go (the log), so that an agent killed before the commit does not send them
                 # twice.
-                self._ring_send(sender, rep, ring, log, rounds=1)
-            # False: the ring filled faster than we sent it and RING_FIRST_MAX_S ran out (what is still in
-            # it may now be overtaken).
+                n = self._ring_send(sender, rep, ring, log, rounds=1)
+                # Each read takes all the ring holds: what parked while the last batch went out. Fewer than
+                # last time, the drain outruns the load and the ring empties soon; waiting for it beats
+                # letting newer packets overtake what it still holds. Not fewer: the ring fills as fast as
+                # we send, and RING_FIRST_MAX_S holds.
+                gaining = last is not None and n < last
+                deadline = t_flip + (RING_FIRST_GAINING_MAX_S if gaining else RING_FIRST_MAX_S)
+                last = n
+            # False: the ring filled faster than we sent it and the time ran out (what is still in it may
+            # now be overtaken).
             rep.timings["ring_emptied"] = ring.empty()
             self._set(VmState.AWAY)
             rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
@@ -373,15 +401,17 @@ class SourceDrain:
         self.dp.set_vm(self.vm, state, next_sid=self.next_sid, ring_first=ring_first)
 
     @staticmethod
-    def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
-                   rounds: int = 1000) -> None:
+    def _ring_send(sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+                   rounds: int = 1000) -> int:
         """Send what the ring holds, each batch consumed once sent, and what it received meanwhile, until a
-        read finds it empty (or `rounds` reads)."""
+        read finds it empty (or `rounds` reads); returns how many records the last read found."""
+        packets: list[bytes] = []
         for _ in range(rounds):
             at = [ring.position]  # then the end of each record read
             packets = read_hold_packets(ring, commit=False, ends=at)
             if not packets:
-                return
-            send_in_ring_order(log, at, [(sender, p) for p in packets])
+                return 0
+            send_runs(log, at, sender.runs(packets))
             ring.commit()  # consumed once sent (behind the ring: only now may newer packets go directly)
             rep.from_ring += len(packets)
+        return len(packets)

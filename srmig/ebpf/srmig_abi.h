@@ -9,14 +9,15 @@
 #define SRMIG_ABI_H
 
 /* BEGIN ABI */
-#define SRMIG_ABI_VERSION 9 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
+#define SRMIG_ABI_VERSION 10 /* 2: shadow ring, SRMIG_VM_F_SHADOW; 3: meta slots, next-hop cache;
                              * 4: SR domain (sr_domain map, SRMIG_META_DOMAIN_PREFIXES, OUTSIDE_DOMAIN);
                              * 5: SRMIG_VM_F_RING_FIRST, SRMIG_VM_F_PARK;
                              * 6: SRMIG_META_TABLE_GENERATION (lookup caches);
                              * 7: the ingress's H.Encaps program (encap_table, encap_stats, encap_vm_stats);
                              * 8: inner IPv4 (vm_table keys IPv4-mapped, SRMIG_DROP_INNER_MALFORMED,
                              *    inner_stats);
-                             * 9: VM prefixes (vm_prefixes, encap_prefixes: LPM tries to a VM's id) */
+                             * 9: VM prefixes (vm_prefixes, encap_prefixes: LPM tries to a VM's id);
+                             * 10: hold and shadow ring records sized to the packet */
 
 /* Slots of the meta array map. */
 enum srmig_meta {
@@ -159,7 +160,9 @@ struct srmig_sid_stats {
 /* A record in the hold ring (BPF ring buffer): this header, then `len` bytes of the packet starting at
  * its IPv6 header, already advanced (DA = next SID), ready to be sent again as is.
  * The shadow ring uses the same record; its packet is the inner one, as delivered to the VM (an IPv6 or an
- * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped). */
+ * IPv4 packet: its first nibble says which). `vm` is the vm_table key (IPv4 VMs IPv4-mapped).
+ * A record is this header and `len` bytes, no more (since ABI 10; before, SRMIG_HOLD_SNAPLEN bytes whatever
+ * `len`): the packet is the rest of the record, which the drain reads without reading `len`. */
 struct srmig_hold_record {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() when held */
 	__u8 vm[16];        /* the VM it is for: the vm_table key whose entry applied (a VM's id when the
