@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from srmig.testbed import guest, qemu
+from srmig.testbed import echo_xdp, guest, qemu
 from srmig.testbed.netns import sysctl
 
 VM = "2001:db8:100::10"
@@ -42,6 +42,8 @@ CMDLINE_ROWS = [
     ("ipv4-no-gateway", dict(addr=None, addr4="198.51.100.10/32"),
      ["srmig.addr4=198.51.100.10/32", "srmig.gw=fe80::1"], ["srmig.addr=", "srmig.gw4="]),
     ("stats", dict(addr="2001:db8:100::10/64", stats=2), ["srmig.stats=2"], ["srmig.addr4="]),
+    ("echo-xdp", dict(addr="2001:db8:100::10/64", echo="xdp"), ["srmig.echo=xdp"], []),
+    ("echo-kernel", dict(addr="2001:db8:100::10/64", echo="kernel"), [], ["srmig.echo="]),
 ]
 
 
@@ -60,13 +62,19 @@ def test_kernel_cmdline_gateway_needs_address():
         guest.kernel_cmdline("2001:db8:100::10/64", gw4="198.51.100.1")
 
 
+def test_kernel_cmdline_echo_mode():
+    with pytest.raises(ValueError):
+        guest.kernel_cmdline("2001:db8:100::10/64", echo="dpdk")
+
+
 def test_init_reads_every_setting():
     """/init reads every srmig.* setting kernel_cmdline writes, and configures IPv4 from them."""
-    for key in ("srmig.addr=", "srmig.gw=", "srmig.addr4=", "srmig.gw4=", "srmig.stats=", "srmig.ctl="):
+    for key in ("srmig.addr=", "srmig.gw=", "srmig.addr4=", "srmig.gw4=", "srmig.stats=", "srmig.ctl=", "srmig.echo="):
         assert f"        {key}*)" in guest.INIT, key
     assert 'ip -4 addr add "$ADDR4" dev eth0' in guest.INIT
     assert "net.ipv4.neigh.eth0.base_reachable_time_ms=3600000" in guest.INIT
     assert "cat /proc/net/snmp6 /proc/net/snmp" in guest.INIT
+    assert f"xdp obj {guest.ECHO_XDP_OBJECT} sec {echo_xdp.SECTION}" in guest.INIT
 
 
 STATS_LINES = """\
@@ -119,6 +127,10 @@ UNANSWERED_ROWS = [
     ("v4-capped", {"IcmpInEchos": 50, "IcmpOutEchoReps": 40}, 4, "4", 4),
     ("v4-unknown", {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "4", 0),
     ("more-replies", {"IcmpInEchos": 5, "IcmpOutEchoReps": 7}, 3, "4", 0),
+    # an XDP responder: the device's frames received and not sent back, both families together, capped by the loss
+    ("xdp", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990, "Icmp6InEchos": 0}, 20, "6", 10),
+    ("xdp-capped", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990}, 4, "4", 4),
+    ("xdp-no-device", {"srmig_echo_xdp": 0, "Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "6", 0),
 ]
 
 
