@@ -42,8 +42,10 @@ def cmd_demo(args) -> int:
     names = [n for item in args.strategy for n in item.split(",") if n] or list(demo.DEFAULT_STRATEGIES)
     if args.no_drain and "srmig-no-drain" not in names:
         names.append("srmig-no-drain")
-    # 10,000 probes/s at the guest in all: this TCG guest on 2 cores queues beyond that (at 10,000 per family
-    # its steady-state round trip was 87 ms and every strategy, srmig too, lost thousands in its tap queue).
+    # 10,000 probes/s at the guest in all. With the kernel answering, this TCG guest on 2 cores queues beyond
+    # that: at 10,000 per family its steady-state round trip was 87 ms, and every strategy, srmig too, lost
+    # thousands in its tap queue. The XDP responder answers 10,000 per family, but on a busy 2-core machine
+    # srmig still lost probes in 1 run of 3 (docs/platform.md), so the default stays shared.
     rate = args.rate or GUEST_PROBES_PER_S // len(families)
     count = args.count or int(rate * (args.duration or 3.0))
     return demo.main(names, rate, count, args.json, args.plot, keep=args.keep, xdp_mode=args.mode,
