@@ -57,6 +57,7 @@ def register(sub) -> None:
                     "the clone generator where the kernel refuses them, and the generator's ceiling is reported "
                     "next to every ratio), a TCP "
                     "bulk transfer with and without the BPF H.Encaps, the hold-ring flush rate, the "
+                    "source drain under a load above its old ceiling (drain), the "
                     "per-packet cost at 10, 10^3 and 10^6 VMs, and the ratios against the targets, as one JSON "
                     "document with --json (progress on stderr). The ratios come from short windows of the "
                     "stubs, End.S and End.DX6 taken in turn (5 rounds per run and size, 3 with --quick), so a "
@@ -65,7 +66,7 @@ def register(sub) -> None:
     sp.add_argument("--quick", action="store_true",
                     help="5 trials per path (0.25 s live, 1 s trafgen), 2 repetitions, smaller scale runs")
     sp.add_argument("--only", action="append", default=[], metavar="PART[,PART]",
-                    help="run only these parts: local, tcp, scale, flush, agent")
+                    help="run only these parts: local, tcp, scale, flush, agent, drain")
     sp.add_argument("--max-rate", type=float, help="highest offered load, pps (default 4e6 live, 1.5e6 trafgen)")
     sp.add_argument("--duration", type=float,
                     help="seconds per trial (live default 0.5, --quick 0.25; trafgen: whole seconds, 2 / 1)")

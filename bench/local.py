@@ -149,6 +149,7 @@ LOOP_IFS = ("lp0", "lp1")    # the clone generator's seed loop, a veth pair in t
 CLONE_GROUP_MAX = 32         # clones per pass of a seed (bench/xdp_clone_gen.c's GROUP_MAX): paced groups too
 CLONE_SEEDS_MAX = 16         # seeds in the loop at once (IMIX: 12)
 CLONE_RETIRE_S = 1.0         # after its deadline, a run's seeds leave the loop within this (a pass takes µs)
+BPF_XDP_DEVMAP = 33           # enum bpf_attach_type: a devmap entry's egress program (the clone generator's stamp)
 CLONE_FLAT_OUT_S = 60.0      # an unpaced window ends by itself after this, whatever userspace does
 
 
@@ -508,6 +509,7 @@ class CloneGenerator:
         self.notes: list[str] = []
         self._seeds: list[bytes] = []
         self.threaded = False
+        self.stamp_fd: int | None = None
         self._tx: socket.socket | None = None
         try:
             # A devmap resolves ifindexes in the namespace of the writer: fill the fans from inside.
@@ -544,6 +546,29 @@ class CloneGenerator:
         self.notes.append(f"clone generator: seed loop {LOOP_IFS[0]} <-> {lp1}, NAPI kthread "
                           f"{','.join(sorted(own))} on CPU {self.cpu}")
 
+    def stamp(self, off: int) -> None:
+        """From now on, every frame leaves with a sequence number (8 bytes, big-endian) at byte `off`,
+        counting from 0 in each run: xdp_clone_stamp as the egress program of the fan maps' `ifname`
+        entries (a devmap program, kernel >= 5.8). A number is spent on a frame a full ring on the way
+        refuses too (counted as tx_dropped on `ifname`)."""
+        if not 0 <= off <= 1023 - 8:
+            raise BenchError("clone generator: a sequence number goes within the frame's first 1 KiB")
+        if self.stamp_fd is None:
+            fn = self.bpf.load_func(b"xdp_clone_stamp", self.bpf.XDP, attach_type=BPF_XDP_DEVMAP)
+            self.stamp_fd = fn.fd
+        st = self.bpf[b"stamp"]
+        st[st.Key(0)] = st.Leaf(0, off, 0)
+        with self.topo.inside(self.role):  # a devmap resolves ifindexes in the writer's namespace
+            for n in self.FANS:
+                fan = self.bpf[f"fan{n}".encode()]
+                for i in range(n):
+                    fan[fan.Key(i)] = fan.Leaf(self.out_ifindex, self.stamp_fd)
+
+    def stamped(self) -> int:
+        """Sequence numbers given out in the current (or last) run: the next one."""
+        st = self.bpf[b"stamp"]
+        return st[st.Key(0)].next
+
     def load(self, frames_: list[bytes], flows: int = 1) -> None:
         """Send `frames_` in this order, over and over (each one `group` times in a row: one seed per
         frame); with flows > 1 the last 2 bytes of the inner IPv6 source count 0..flows-1 per group."""
@@ -579,6 +604,9 @@ class CloneGenerator:
         c[c.Key(0)] = cfg
         st = self.bpf[b"state"]
         st[st.Key(0)] = st.Leaf(0, time.monotonic_ns() * 1000, 0, 0, 0, 0, 0)
+        if self.stamp_fd is not None:
+            sc = self.bpf[b"stamp"]
+            sc[sc.Key(0)] = sc.Leaf(0, sc[sc.Key(0)].off, 0)
 
     def _stop(self) -> None:
         c = self.bpf[b"cfg"]
@@ -621,13 +649,14 @@ class CloneGenerator:
                              f"{st.retired} left it (failed broadcasts: {st.failed})")
         return st.sent
 
-    def send(self, n: int, rate_pps: float | None = None, until: float | None = None) -> int:
+    def send(self, n: int, rate_pps: float | None = None, until: float | None = None,
+             during: Callable[[], None] | None = None) -> int:
         """Send `n` frames, paced at `rate_pps` (None: as fast as the CPU goes), stopping at `until`
         (time.monotonic(); by default twice the time n frames take at rate_pps, or at 100 kpps, plus a
-        second). Returns the frames sent."""
+        second), or as soon as `during()` (run meanwhile, in this thread) returns. Returns the frames sent."""
         if until is None:
             until = time.monotonic() + 2 * n / (rate_pps or 100_000) + 1.0
-        return self._run(n, rate_pps, until)
+        return self._run(n, rate_pps, until, during)
 
     def flat_out(self, during: Callable[[], None]) -> int:
         """Frames as fast as the CPU goes while `during()` runs (it measures); at most CLONE_FLAT_OUT_S."""

@@ -10,7 +10,9 @@ interleave the branches so that machine noise hits all of them alike. Then the V
 Targets (DESIGN/issue 2): End.S deliver and forward cost <= stub + 35 ns; same cost at 10^6 VMs as at 10.
 Inner IPv4 (issue 17) has its rows next to the IPv6 ones (`_v4`, `end_dx4_deliver`), reported, not targeted.
 So do VM prefixes (`_prefix`): `end_s_forward_prefix_cold` minus `end_s_forward_cold` is what an address found
-through vm_prefixes costs over an exact one when the program's copy cannot answer.
+through vm_prefixes costs over an exact one when the program's copy cannot answer. And a VM's other addresses
+(`_other`: one write of its id moves them, srmig.ctl.maps.VmAddressSet), which vm_prefixes points at the id
+with full-length keys: `end_s_forward_other_cold` minus `end_s_forward_cold` is their price on a copy miss.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from srmig.bpf import libbpf, loader
 from srmig.bpf.abi import VmState
+from srmig.ctl.maps import VmAddressSet
 from srmig.testbed import lab as L
 from srmig.testbed.packets import h_encaps, inner, inner4
 
@@ -30,6 +33,10 @@ STUB_C = Path(__file__).resolve().parent / "xdp_stub.c"  # XDP_PASS: the baselin
 
 TARGET_EXTRA_NS = 35
 TARGET_SCALE_RATIO = 1.2
+
+
+# A VM AWAY whose id has the entry and whose other addresses point at it (added to the lab by run()).
+OTHER_VM = ("2001:db8:100::22", "2001:db8:100::23", "198.51.100.23")
 
 
 def branch_packets() -> dict[str, bytes]:
@@ -50,6 +57,11 @@ def branch_packets() -> dict[str, bytes]:
                                                     dst_mac=L.FAB_MAC)),
         "end_s_forward_prefix_v4_cold": bytes(h_encaps(s_path, inner4(L.IN_PREFIX[L.VM_AWAY][1]),
                                                        dst_mac=L.FAB_MAC)),
+        # To a VM's other addresses (IPv6, IPv4), pointed at its id (OTHER_VM): the exact lookup misses, the
+        # trie walk finds the full-length key, then the id's lookup; warm, the copy answers.
+        "end_s_forward_other": bytes(h_encaps(s_path, inner(OTHER_VM[1]), dst_mac=L.FAB_MAC)),
+        "end_s_forward_other_cold": bytes(h_encaps(s_path, inner(OTHER_VM[1]), dst_mac=L.FAB_MAC)),
+        "end_s_forward_other_v4_cold": bytes(h_encaps(s_path, inner4(OTHER_VM[2]), dst_mac=L.FAB_MAC)),
         "end_sbuf_hold": bytes(h_encaps([L.D_SBUF, L.SID_SBUF], inner(L.VM_INCOMING), sl=0, dst_mac=L.FAB_MAC)),
         "end_dx6_deliver": bytes(h_encaps([L.SID_DX6], inner(L.VM_RUNNING), dst_mac=L.FAB_MAC)),
         # End.DX6-map delivering an inner IPv4 packet: End.DX4's work (RFC 8986 4.6) at the same SID.
@@ -60,11 +72,13 @@ def branch_packets() -> dict[str, bytes]:
 
 # Timed after a table write every time: the program's copies of the SID and VM entries are outdated, so both
 # lookups go to the hash maps (the cost after every migration step, or with more VMs in play than it copies).
-COLD = {"end_s_forward_cold", "end_s_forward_prefix_cold", "end_s_forward_prefix_v4_cold"}
+COLD = {"end_s_forward_cold", "end_s_forward_prefix_cold", "end_s_forward_prefix_v4_cold", "end_s_forward_other_cold",
+        "end_s_forward_other_v4_cold"}
 EXPECTED = {"end_s_deliver": "XDP_REDIRECT", "end_s_deliver_v4": "XDP_REDIRECT", "end_s_forward": "XDP_REDIRECT",
             "end_s_forward_v4": "XDP_REDIRECT", "end_s_forward_cold": "XDP_REDIRECT",
             "end_s_forward_prefix": "XDP_REDIRECT", "end_s_forward_prefix_cold": "XDP_REDIRECT",
-            "end_s_forward_prefix_v4_cold": "XDP_REDIRECT",
+            "end_s_forward_prefix_v4_cold": "XDP_REDIRECT", "end_s_forward_other": "XDP_REDIRECT",
+            "end_s_forward_other_cold": "XDP_REDIRECT", "end_s_forward_other_v4_cold": "XDP_REDIRECT",
             "end_sbuf_hold": "XDP_REDIRECT",
             "end_dx6_deliver": "XDP_REDIRECT", "end_dx4_deliver": "XDP_REDIRECT", "drop_malformed": "XDP_DROP"}
 
@@ -102,6 +116,7 @@ def _fill_vms(lab: L.TestRunLab, n: int, progress: bool) -> None:
 def run(vms: int = 1_000_000, runs: int = 3000, progress: bool = True) -> dict:
     limits = loader.Limits(max_vms=max(vms + 64, 1024))
     with L.TestRunLab(limits) as lab:
+        VmAddressSet(lab.dp, lambda _: OTHER_VM).set_vm(OTHER_VM[0], VmState.AWAY, next_sid=L.D_DX6)
         packets = branch_packets()
         for name, pkt in packets.items():
             got = lab.run(pkt).action

@@ -12,6 +12,9 @@
   why a ratio is null or what bounds it; ratio_ceilings: next to every ratio, the generator's ceiling (its
   rate into a plain sink, same run) and the faster side's rate
 - flush: a full held buffer into a VM's tap queue, per sending method, in order (bench/flush.py): "hold_flush"
+- drain: the product's source drain (srmig.ctl.drain.SourceDrain) under 0.5, 1 and 2 Mpps and End.S's forwarding
+  rate, counted by sequence number at a sink behind the destination's End.SBUF (bench/drain.py): "drain", with
+  ratio_drain_vs_end_s in it and in "ratios"
 - agent: libvirt event -> VM-state map latency, reconciliation after a restart with 10^4 VMs (bench/agent.py)
 - scale: per-packet cost at 10, 10^3, 10^6 VMs (bench/scale.py, bench/micro.py's method)
 - ratios: end_s_vs_kernel_dx6, end_s_vs_redirect_stub (local, same run; the median over the repetitions, range in
@@ -28,13 +31,13 @@ import platform
 import sys
 import time
 
-from bench import agent, flush, local, scale, tcp_encap
+from bench import agent, drain, flush, local, scale, tcp_encap
 from srmig import check
 
 TARGET_VS_KERNEL_DX6 = 2.0
 TARGET_VS_REDIRECT_STUB = 0.8
 TARGET_SCALE = 1.2
-PARTS = ("local", "tcp", "scale", "flush", "agent")
+PARTS = ("local", "tcp", "scale", "flush", "agent", "drain")
 HEADLINE_RATIOS = ("end_s_vs_kernel_dx6", "end_s_vs_redirect_stub", "end_s_vs_redirect_stub_mac",
                    "bpf_encap_vs_forward_plain", "bpf_encap_vs_kernel_encap")  # the table says why one is null
 
@@ -91,6 +94,11 @@ def run(quick: bool = False, parts: tuple[str, ...] = PARTS, max_rate: float | N
         if say:
             say("flush: a held buffer into a VM's tap queue, per method")
         out["hold_flush"] = flush.run(packets=10000 if quick else 20000, repeat=2 if quick else 3, progress=say)
+    if "drain" in parts:
+        if say:
+            say("drain: the source drain while End.S traffic goes on, counted at a sink behind End.SBUF")
+        out["drain"] = drain.run(mode=mode, progress=say)
+        ratios["drain_vs_end_s"] = out["drain"]["ratio_drain_vs_end_s"]
     if "agent" in parts:
         if say:
             say("agent: libvirt event -> map latency, reconciliation of 10^4 VMs")
@@ -173,6 +181,8 @@ def print_table(result: dict) -> None:
                  if h.get("per_record") else ""))
     if result.get("hold_flush"):
         flush.print_table(result["hold_flush"])
+    if result.get("drain"):
+        drain.print_table(result["drain"])
     if "scale" in result:
         sc = result["scale"]
         names = list(sc["steps"][0]["branches"])

@@ -111,8 +111,10 @@ def run(n_watchers: int = 1000, changes: int = 20, backend: str = "etcd", embedd
     out: dict = {"changes": changes}
     if backend in ("etcd", "both"):
         with EtcdServer(name="srmig-bench") as server:
-            with statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("writer")) as writer, \
-                    statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("watchers")) as watchers:
+            with statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("writer"),
+                                 auth=server.auth()) as writer, \
+                    statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls("watchers"),
+                                    auth=server.auth()) as watchers:
                 out["etcd"] = _measure(writer, watchers, n_watchers, changes, server.proc.pid)
     if backend in ("embedded", "both") and embedded_watchers:
         with tempfile.TemporaryDirectory(prefix="srmig-bench-") as d:

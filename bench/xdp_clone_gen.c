@@ -67,13 +67,61 @@ struct clone_state {
 
 BPF_ARRAY(cfg, struct clone_cfg, 1);
 BPF_ARRAY(state, struct clone_state, 1);
+/* A devmap entry as the kernel reads it (struct bpf_devmap_val): the interface, and the fd of a program to
+ * run on each frame as it leaves there (BPF_XDP_DEVMAP; 0: none). */
+struct fan_val {
+	u32 ifindex;
+	int prog_fd;
+};
+
 /* fan_N: entries 0..N-1 = g0, entry N = lp0 (userspace fills them; the original frame goes to the last). */
-BPF_DEVMAP(fan1, 2);
-BPF_DEVMAP(fan2, 3);
-BPF_DEVMAP(fan4, 5);
-BPF_DEVMAP(fan8, 9);
-BPF_DEVMAP(fan16, 17);
-BPF_DEVMAP(fan32, 33);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan1, 2);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan2, 3);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan4, 5);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan8, 9);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan16, 17);
+BPF_XDP_REDIRECT_MAP("devmap", struct fan_val, fan32, 33);
+
+/* Sequence numbers (the drain benchmark, bench/drain.py: loss, duplicates and order counted exactly). A
+ * broadcast's clones are copies of one frame, so no number written into the seed can tell them apart:
+ * xdp_clone_stamp runs on each clone as it leaves out of g0 (the devmap entries' egress program) and writes
+ * the next number, big-endian, at `off`. The clones of one CPU's bulk queue leave in the order they are
+ * numbered; the loop runs on one CPU. */
+struct stamp_cfg {
+	u64 next;  /* the number the next frame gets; userspace sets 0 before a run */
+	u32 off;   /* where the 8 bytes go, from the frame's start */
+	u32 pad;
+};
+
+BPF_ARRAY(stamp, struct stamp_cfg, 1);
+
+#define STAMP_OFF_MAX 1023
+
+int xdp_clone_stamp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	u32 zero = 0;
+	struct stamp_cfg *s = stamp.lookup(&zero);
+	u64 seq;
+	u8 *p;
+
+	if (!s)
+		return XDP_DROP;
+	p = data + (s->off & STAMP_OFF_MAX);
+	if (p + 8 > (u8 *)data_end)
+		return XDP_DROP;
+	seq = __sync_fetch_and_add(&s->next, 1);
+	p[0] = seq >> 56;
+	p[1] = seq >> 48;
+	p[2] = seq >> 40;
+	p[3] = seq >> 32;
+	p[4] = seq >> 24;
+	p[5] = seq >> 16;
+	p[6] = seq >> 8;
+	p[7] = seq;
+	return XDP_PASS;
+}
 
 int xdp_clone_gen(struct xdp_md *ctx)
 {

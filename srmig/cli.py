@@ -99,20 +99,20 @@ def cmd_sid(args) -> int:
 
 
 def cmd_vm(args) -> int:
-    from srmig.ctl.maps import is_prefix
+    from srmig.ctl.maps import VmAddressSet, is_prefix
 
     columns = ["vm", "state", "next_sid", "hold_ring", "shadow", "of"]
-    # A VM is a set of addresses: ADDR[,ADDR...] sets (or deletes) the entry of each, in that order; a prefix
-    # (ADDRESS/LENGTH) among them is pointed at the first, an address: the VM's id, whose entry it takes.
+    # A VM is a set of addresses: ADDR[,ADDR...] sets the entry of the first, an address: the VM's id, and
+    # points the others (addresses and prefixes: ADDRESS/LENGTH) at it, whose entry they take, so the one
+    # write moves them all (VmAddressSet); del deletes the entry or pointer of each, in that order.
     addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
             if is_prefix(addresses[0]) and len(addresses) > 1:
                 raise ValueError(f"{addresses[0]} is a prefix: list the VM's address first, then its prefixes")
-            entries = [dp.set_vm(a, args.state, next_sid=args.next_sid, hold_ring=args.hold_ring,
-                                 shadow=args.shadow).to_dict() for a in addresses if not is_prefix(a)]
-            for p in (a for a in addresses if is_prefix(a)):
-                entries.append(dp.get_vm(dp.set_vm_prefix(p, addresses[0])).to_dict())
+            first = VmAddressSet(dp, lambda _: tuple(addresses)).set_vm(
+                addresses[0], args.state, next_sid=args.next_sid, hold_ring=args.hold_ring, shadow=args.shadow)
+            entries = [first.to_dict(), *(dp.get_vm(a).to_dict() for a in addresses[1:])]
             if len(entries) == 1:  # one address: one entry, as before
                 _emit(args, entries[0])
             else:

@@ -79,6 +79,13 @@ BAD = [
     (ETCD + "endpoints = ['https://a:2379']\nca_file = '/dev/null'\n", "db.cert_file",
      "a PEM file, this agent's client certificate"),
     (ETCD + "endpoints = ['https://a:2379']\ninsecure = 'yes'\n", "db.insecure", "true or false"),
+    # etcd's user: with its password file, which must be root's alone (tried on real files in test_etcd_auth)
+    (ETCD + "user = 'hv1'\n", "db.password_file", "db.user and db.password_file together"),
+    (ETCD + "password_file = '/etc/srmig/pw'\n", "db.user", "db.user and db.password_file together"),
+    (ETCD + "user = 'hv1'\npassword_file = '/nonexistent/pw'\n", "db.password_file",
+     "a root-only file holding the etcd user's password: cannot read /nonexistent/pw (No such file"),
+    (ETCD + "user = 'hv1'\npassword_file = '/etc/passwd'\n", "db.password_file", "readable by others"),
+    (ETCD + "user = 'a/b'\npassword_file = '/etc/passwd'\n", "db.user", "an etcd user name"),
     (HOST.replace("'2001:db8::1'", "'nope'"), "host.address", "IPv6 address"),
     ("[host]\nfabric = 'eth1'\nlocator = 'fc00::1::/48'\naddress = '2001:db8::1'\n", "host.locator", "prefix"),
     (HOST + "sids = {dx6 = 'fc00:9::d6'}\n", "host.sids.dx6", "inside host.locator"),

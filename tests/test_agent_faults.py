@@ -218,9 +218,18 @@ def test_source_agent_killed_at_the_pause():
     migration began are also in the fd keeper (srmig.ctl.fdstore), so the paused QEMU's queue outlives the
     agent and, once the migration completes, QEMU itself. The destination, not hearing of the pause, cuts
     the ingresses over itself when the VM resumes; the restarted agent then drains what waited in the tap
-    to D: late (reordered, at most as many as drained), not lost. Only the frame QEMU may swallow at the
-    stop can go: its count needs the baseline and the QEMU that died with the migration (<= 2).
-    Measured before the keeper (10 runs): 0-303 lost, everything from the pause to D's cut-over."""
+    to D: late (reordered, at most as many as drained), not lost.
+
+    The frames QEMU swallowed at the stop are re-sent too: the restarted agent counts them with the baseline
+    the agent before it wrote in the source's record, the RX used index D's QEMU resumed with (D's record)
+    and the tap's tx_packets (the tap lives while the keeper holds its fds), and finds them in the shadow
+    ring, which the agent consumes 300 ms late so that a kill leaves them there ("baseline recorded" in the
+    drain's line). Measured (14 runs after D's count left out what its own stack put in the tap): 0
+    duplicated; lost 0 in 11, 1 in one (a count 1 short: a frame one of the two hosts' stacks put in a tap
+    that the guest took or filtered, unseen by the arithmetic), 119 and 220 in two on a busy machine: QEMU
+    read a run of frames after the stop, more than the drain re-sends (docs/faults.md); this fails then. Under a second libvirt run at the same time
+    the kill landed late and the shadow ring no longer held the first queued frame: nothing re-sent.
+    Before (9 runs): 1-2 lost in every run; before the keeper (10 runs): 0-303 lost."""
     import re
 
     from srmig.testbed import libvirt_demo
@@ -229,8 +238,10 @@ def test_source_agent_killed_at_the_pause():
     d = res.to_dict()
     drained = [int(n) for n in re.findall(r"drained (\d+) from the tap", res.source_log)]
     assert drained, res.source_log[-3000:]
-    assert d["duplicated"] == 0 and d["lost_net"] <= 2, (d, res.report.lost_seqs)
-    assert d["reordered"] <= sum(drained), (d, drained)
+    assert "baseline recorded" in res.source_log, res.source_log[-3000:]  # the count survived the agent
+    assert d["duplicated"] == 0 and d["lost_net"] <= 1, (d, res.report.lost_seqs)
+    resent = [int(n) for n in re.findall(r"(\d+) swallowed re-sent", res.source_log)]
+    assert d["reordered"] <= sum(drained) + sum(resent), (d, drained, resent)  # all of them late
     print(f"[source agent killed at the pause] lost_net {d['lost_net']} reordered {d['reordered']} drained "
           f"{drained} migration {d['migration_s']} s")
     loc = {r["vm"]: r for r in res.agents["C"]["locations"]}[libvirt_demo.VM_ADDR]
@@ -443,3 +454,43 @@ def test_source_libvirtd_restarted_during_migration(phase):
     assert seen["domains"] == {"S": {}, "D": {libvirt_demo.DOMAIN: libvirt.VIR_DOMAIN_RUNNING}}, seen["domains"]
     assert d["duplicated"] == 0 and d["lost_net"] <= 2000 * 0.02, (d, res.report.lost_seqs)
     converged(res)
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("phase", ["stop-and-copy", "after-resume"])
+def test_destination_libvirtd_restarted_fences_the_destination_copy(phase):
+    """The destination's libvirtd restarted (SIGTERM, started again at once) between the pause and the
+    cut-over: the source's libvirt fails the migration and resumes its copy, while the destination's QEMU,
+    already resumed, keeps running: one VM twice (a split brain). The destination's agent sees the source's
+    record say "failed" and, once its libvirtd answers again, pauses its own copy (fencing, HostRole.fence):
+    one line, srmig_fenced_total, `fenced` in its status. The VM ends running on S alone.
+
+    What the fence cannot undo is what both copies did between the destination's resume and the source's:
+    each runs from the same memory, so each answers what waited in the guest's RX ring and sends what
+    waited in its TX queue, and the source's QEMU delivers the frame it swallowed at the stop, which its
+    drain re-sent to D. So every duplicate is of a probe sent before the source resumed. Measured (after
+    resume, 7 runs; libvirtd SIGKILLed instead, 2 runs): the VM on S alone in every run; 0 lost; 1-192
+    duplicated (1 in 6 runs; 87 and 192 with a busy guest's backlog). At stop-and-copy (4 runs) the
+    destination never resumed, its restarted libvirtd ended its QEMU: 0 lost, 0 duplicated, no fence.
+    Before the fence (2 runs per phase): the VM on both hosts to the end, 2-3 and 2-12 duplicated."""
+    import libvirt
+
+    from srmig.testbed import faults, libvirt_demo
+
+    fault, ph = faults.parse(f"dest-libvirtd-restart@{phase}")
+    res = faults.run_cell(fault, ph, rate=2000)
+    d = {**res.to_dict(), **res.fault_info}
+    assert d["fault_landed"], d
+    assert d["lost_net"] == 0, (d, res.report.lost_seqs)
+    assert d["vm_on"] == "S", d  # on one host only
+    if phase == "stop-and-copy" and res.domains["D"] is None:  # D never resumed: no split brain to fence
+        assert d["duplicated"] == 0, d
+        return
+    resumed_ms = d["libvirt_events_ms"]["S RESUMED"]
+    assert all(q * res.report.interval_ms < resumed_ms for q in res.report.duplicated_seqs), \
+        (d, res.report.duplicated_seqs)  # (the first LOST_SEQS_KEPT of them)
+    assert res.domains["D"][0] == libvirt.VIR_DOMAIN_PAUSED, res.domains
+    fenced = res.agents["D"]["fenced"]
+    assert list(fenced) == [libvirt_demo.VM_ADDR] and fenced[libvirt_demo.VM_ADDR]["done"], fenced
+    assert (fenced[libvirt_demo.VM_ADDR]["source"], fenced[libvirt_demo.VM_ADDR]["action"]) == ("S", "pause")
+    assert 'srmig_fenced_total{action="pause"} 1.0' in res.metrics["D"], res.metrics["D"][-2000:]

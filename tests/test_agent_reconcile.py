@@ -53,7 +53,7 @@ MID = "mig-1"
 
 
 def record(vm: str, src: str, dst: str, domain: str, events: list[str]) -> dict:
-    """A migrations/<vm>/<host> record, shaped as HostRole._record writes it."""
+    """A migrations/<host>/<vm> record, shaped as HostRole._record writes it."""
     return {"id": MID, "vm": vm, "domain": domain, "src": src, "dst": dst, "transit": [], "events": events,
             "resent": [], "returned": None}
 
@@ -181,7 +181,7 @@ def test_replay_after_a_restart_applies_only_the_last_map_write(lab, maps, db, t
         ups.get(timeout=10)
         e = maps.get_vm(VM)
         assert (e.state, e.next_sid, e.shadow, e.ring_first) == (VmState.AWAY, D.dx6, False, False)
-        assert generation(maps) == gen + 1, "one map write: neither the provision state nor a drain"
+        assert generation(maps) == gen + 2, "one map write (its two bumps): neither the provision state nor a drain"
         assert a.host.machine.migrations[VM].phase is Phase.RESUMED
         assert a.host.executor.vms[VM].drain is None
 
@@ -219,6 +219,69 @@ def test_source_paused_by_its_migration_is_rechecked_until_it_runs(lab, maps, co
         assert (rec.host, rec.segments, rec.phase) == ("S", (L.SID_DX6,), "abort")
 
 
+@pytest.mark.parametrize("action", ["pause", "destroy"])
+def test_destination_copy_running_after_the_source_failed_is_fenced(lab, maps, conn, db, tmp_path, action):
+    """A split brain: the VM migrated from D to here and resumed here, then the source's record says the
+    migration failed (libvirt resumed D's copy: its libvirtd lost track of ours when ours restarted). Our
+    copy, still running, is paused (host.fence's default) or destroyed once our libvirt answers
+    (reconciliation), not published as running here; the status says so. Once per migration: a paused copy
+    the operator resumes stays running."""
+    name = "srmig-rec-fenced"
+    db.put_migration(VM, "D", record(VM, "D", "S", name, ["begin", "suspended", "failed"]))  # the source's
+    db.put_migration(VM, "S", record(VM, "D", "S", name, ["begin", "resumed"]))              # ours
+    dom = define(conn, name, VM)
+    cfg = CFG if action == "pause" else CFG.replace("grace_s = 0.1\n", 'grace_s = 0.1\nfence = "destroy"\n')
+    a = agent_lab.make_agent(lab, tmp_path, libvirt.open, cfg, "test_agent_reconcile")
+    assert a.cfg.host.fence == action
+    ups = applied(a, work.LibvirtUp)
+    try:
+        with running(a, lab):
+            ups.get(timeout=10)
+            want = libvirt.VIR_DOMAIN_PAUSED if action == "pause" else libvirt.VIR_DOMAIN_SHUTOFF
+            assert dom.state()[0] == want
+            m = a.host.machine.migrations[VM]
+            assert (m.phase, m.done) == (Phase.ABORT, True)
+            f = a.host.fenced[VM]
+            assert (f["domain"], f["migration"], f["source"], f["action"], f["done"]) == (name, MID, "D", action,
+                                                                                         True)
+            a.dbl.write(lambda: None).result(10)
+            assert db.vm(VM).host == "D", "the VM lives on the source: not published here"
+            assert maps.get_vm(VM) is None or maps.get_vm(VM).state is not VmState.RUNNING
+            st = on_worker(a, status.agent_status, a)
+            assert list(st["fenced"]) == [VM] and st["fenced"][VM]["done"]
+            if action == "pause":
+                dom.resume()  # the operator's choice: this copy lives
+                on_worker(a, reconcile.reconcile, a.host, conn)
+                assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, "fenced once per migration"
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+
+
+def test_incoming_domain_gone_in_precopy_fails_the_migration(lab, maps, conn, db, tmp_path):
+    """This host is the destination; its incoming QEMU started (STARTED/MIGRATED), then went in pre-copy
+    without an event (its libvirtd killed: the new one ends the incoming QEMU). The next reconciliation
+    says the migration failed: the window ends here at once (the source runs the VM and sent us nothing, so
+    nothing waits for its word), our record says "failed", the entry goes. Before, the window stayed open
+    and the kept tap fds kept every later QEMU from opening the tap."""
+    db.put_migration(VM, "D", record(VM, "D", "S", "srmig-rec-gone", []))  # the source's record
+    a = make_agent(lab, tmp_path, libvirt.open)
+    ups = applied(a, work.LibvirtUp)
+    with running(a, lab):
+        ups.get(timeout=10)
+        on_worker(a, a.host.local_event, VM, Ev.BEGIN, time.monotonic_ns(), "STARTED/MIGRATED")
+        a.host.track(VM).started = True  # (what on_lifecycle sets for STARTED on the destination)
+        assert maps.get_vm(VM).state is VmState.INCOMING
+        on_worker(a, reconcile.reconcile, a.host, conn)  # the domain is not in libvirt
+        m = a.host.machine.migrations[VM]
+        assert (m.phase, m.done) == (Phase.ABORT, True)
+        assert a.host.track(VM).deferred == []
+        assert maps.get_vm(VM) is None
+        a.dbl.write(lambda: None).result(10)
+        assert db.migrations()[0][VM]["S"]["events"] == ["begin", "failed"]
+
+
 # --- a VM is a set of addresses: dual-stack VMs ------------------------------------------------------------
 
 # A dual-stack VM: its id (the first address), another IPv6 address, an IPv4 one (the VM map keys it as
@@ -245,9 +308,9 @@ def srmig_status(a, capsys) -> str:
 
 
 def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, conn, db, tmp_path, capsys):
-    """A running dual-stack domain: reconciliation delivers each of its addresses here and publishes them all
-    with its segment list; a second reconciliation finds nothing to fix; once the domain is gone, the next
-    one removes every entry it had."""
+    """A running dual-stack domain: reconciliation delivers each of its addresses here (the id's entry, the
+    others pointed at it) and publishes them all with its segment list; a second reconciliation finds nothing
+    to fix; once the domain is gone, the next one removes every entry and pointer it had."""
     dom = define(conn, "srmig-rec-dual", *DUAL)
     a = make_agent(lab, tmp_path, libvirt.open)
     ups = applied(a, work.LibvirtUp)
@@ -264,17 +327,27 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
         assert (again["vms"], again["fixed"]) == (1, 0)
         assert generation(maps) == gen and db.vm(VM).version == rec.version
         st = on_worker(a, status.agent_status, a)
-        assert [(v["vm"], v["addresses"], v["state"], v["states_differ"]) for v in st["vms"]] == \
+        assert [(v["vm"], v["addresses"], v["state"], v["detached"]) for v in st["vms"]] == \
             [(VM, list(DUAL), "running", None)]
         assert st["locations"][0]["addresses"] == list(DUAL)
         shown = srmig_status(a, capsys)
         assert f"\n    + {DUAL[1]}\n    + {DUAL[2]}\n" in shown, shown
         assert f"(also {DUAL[1]}, {DUAL[2]})" in shown, shown
+        # One entry, the id's, the others pointing at it; an address given an entry of its own behind the
+        # agent's back no longer follows the id: status says so, and the next step of the VM repairs it.
+        assert [(p, vm) for p, vm in maps.list_vm_prefixes()] == [(DUAL[2], VM), (DUAL[1], VM)]
+        maps.set_vm(DUAL[1], VmState.HOLD)
+        st = on_worker(a, status.agent_status, a)
+        assert [(v["vm"], v["detached"]) for v in st["vms"]] == [(VM, [DUAL[1]])]
+        assert "+ 2001:db8:200::10  (map: not following the id)" in srmig_status(a, capsys)
+        on_worker(a, a.host.dp.set_vm, VM, VmState.RUNNING)
+        assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.RUNNING, None, False))
+        assert on_worker(a, status.agent_status, a)["vms"][0]["detached"] is None
         dom.destroy()
         dom.undefine()
         out = on_worker(a, reconcile.reconcile, a.host, conn)
         assert (out["vms"], out["fixed"]) == (0, 1)
-        assert maps.list_vms() == []
+        assert maps.list_vms() == [] and maps.list_vm_prefixes() == []
 
 
 def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
@@ -454,12 +527,13 @@ def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, c
         st = on_worker(a, status.agent_status, a)
         assert "10.7.0.128/25 overlaps 10.7.0.0/24, VM 2001:db8:100::d's" in st["rejected_domains"]["srmig-rec-q"]
         row = next(r for r in st["vms"] if r["vm"] == vm_p)
-        assert row["addresses"] == [vm_p, *prefixes] and row["state"] == "running" and not row["states_differ"]
+        assert row["addresses"] == [vm_p, *prefixes] and row["state"] == "running" and not row["detached"]
         assert [r["vm"] for r in st["vms"]] == [vm_p]  # one row for the VM, its prefixes in it
 
 
 def test_cli_vm_sets_each_address(lab, maps, capsys):
-    """`srmig vm set|del ADDR,ADDR...`: each address's entry, in one command; one address as before."""
+    """`srmig vm set|del ADDR,ADDR...`: the first address's entry, the others pointed at it, in one command;
+    one address as before."""
     import json
 
     from srmig.cli import main
@@ -473,6 +547,11 @@ def test_cli_vm_sets_each_address(lab, maps, capsys):
     out = srmig("set", ",".join(DUAL), "away", "--next-sid", D.dx6)
     assert [(e["vm"], e["state"], e["next_sid"]) for e in out] == [(x, "away", D.dx6) for x in DUAL]
     assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.AWAY, D.dx6, False))
+    # Only the first has an entry, the others point at it: setting the first alone moves them all.
+    assert maps.list_vm_prefixes() == sorted([(x, DUAL[0]) for x in DUAL[1:]], key=lambda p: ":" in p[0])
+    assert srmig("set", DUAL[0], "hold", "--next-sid", D.dx6)["state"] == "hold"
+    assert states(maps, DUAL) == dict.fromkeys(DUAL, (VmState.HOLD, D.dx6, False))
+    assert {(e["vm"], e.get("of")) for e in srmig("list")} == {(DUAL[0], None), *((x, DUAL[0]) for x in DUAL[1:])}
     assert srmig("set", VM, "running")["state"] == "running"  # one address: one entry, as before
     assert srmig("del", ",".join(DUAL)) == [{"vm": x, "deleted": True} for x in DUAL]
     assert maps.list_vms() == []

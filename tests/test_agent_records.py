@@ -194,7 +194,7 @@ def test_ipv4_vm_id():
     rec = records.vm_record("vms/10.0.0.10", {"vm": "10.0.0.10", "host": "S", "segments": ["fc00::1"],
                                               "version": 1, "addresses": ["10.0.0.10", "2001:db8::10"]})
     assert rec["addresses"] == ("10.0.0.10", "2001:db8::10")
-    vm, host, _ = records.migration_record("migrations/10.0.0.10/S", {
+    vm, host, _ = records.migration_record("migrations/S/10.0.0.10", {
         "id": "m1", "vm": "10.0.0.10", "src": "S", "dst": "D", "events": ["begin"]})
     assert (vm, host) == ("10.0.0.10", "S")
     with pytest.raises(records.Rejected, match="not the key's"):

@@ -495,6 +495,44 @@ def test_shadow_copies_what_is_delivered(lab, family):
     assert all(r.vm == vm for r in records)
 
 
+def test_shadow_log_leaves_recent_records_to_the_agent_after_it(lab):
+    """The agent reads the shadow ring but consumes it late (ShadowLog.LAG_NS, LAG_MAX): killed, it leaves
+    the frames delivered last in the pinned ring, and a log opened by the agent after it reads them again
+    (the frames QEMU swallowed at the pause are among them). close() consumes everything: the next window's
+    log starts empty."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.swallow import ShadowLog
+
+    vm = L.VM_RUNNING
+    ShadowLog(lab.dp).close()  # whatever an earlier test left
+    payloads = [f"shadow-{i}".encode() for i in range(20)]
+    lab.dp.set_vm(vm, VmState.RUNNING, shadow=True)
+    try:
+        for p in payloads:
+            assert lab.run(bytes(h_encaps(S_PATH, inner(vm, payload=p), dst_mac=L.FAB_MAC))).action == "XDP_REDIRECT"
+    finally:
+        lab.dp.set_vm(vm, VmState.RUNNING)
+    want = [bytes(inner(vm, payload=p)) for p in payloads]
+
+    first = ShadowLog(lab.dp)
+    first.flush()
+    assert [r.packet for r in first.records] == want
+    first._reader.close()  # killed: nothing more consumed
+    second = ShadowLog(lab.dp)
+    second._lag_max = 5
+    second.flush()
+    assert [r.packet for r in second.records] == want, "the agent before it consumed none of them"
+    second._reader.close()
+    third = ShadowLog(lab.dp)
+    third.flush()
+    assert [r.packet for r in third.records] == want[-5:], "the second consumed all but its last 5"
+    third.close()
+    fourth = ShadowLog(lab.dp)
+    fourth.flush()
+    assert list(fourth.records) == []
+    fourth.close()
+
+
 def _verdict(lab, packet: bytes) -> str:
     """The verdict (or drop reason) the program counted for this packet."""
     before = lab.dp.stats()
@@ -553,18 +591,26 @@ def test_table_copies_follow_every_write(lab):
 
 
 def test_generation_bumps_never_collide(lab):
-    """Writers bump the table generation concurrently (threads here; the agent and a CLI call in real life)
-    and no bump is lost: a generation written twice could make an outdated copy current again."""
+    """Writers bump the table generation concurrently (threads here; the agent and a CLI call in real life),
+    alone or around a write (odd, then even), and no bump is lost: a generation written twice could make an
+    outdated copy current again."""
     import threading
 
     from srmig.ctl.maps import Dataplane, ffi
     from srmig.bpf import abi
 
     key = ffi.new("uint32_t *", abi.META_TABLE_GENERATION)
-    start = lab.dp.meta.lookup(key)
     dps = [Dataplane(lab.dp.pin_dir) for _ in range(4)]
     try:
-        threads = [threading.Thread(target=lambda d=d: [d._tables_changed() for _ in range(300)]) for d in dps]
+        def writes(d):
+            for _ in range(150):
+                d._tables_changed()  # the next even generation
+                with d._writing():   # the next odd one, then the next even one
+                    pass
+
+        lab.dp._tables_changed()
+        start = lab.dp.meta.lookup(key)
+        threads = [threading.Thread(target=writes, args=(d,)) for d in dps]
         for t in threads:
             t.start()
         for t in threads:
@@ -572,7 +618,7 @@ def test_generation_bumps_never_collide(lab):
     finally:
         for d in dps:
             d.close()
-    assert lab.dp.meta.lookup(key) == (start + 4 * 300) & 0xFFFFFFFF
+    assert lab.dp.meta.lookup(key) == (start + 4 * 150 * (2 + 2)) & 0xFFFFFFFF
 
 
 def _domain_count(dp) -> int:
@@ -754,6 +800,173 @@ def test_prefix_follows_its_vm(lab):
             dp.del_vm(a)
         with dp.hold_ring(lambda r: None) as ring:
             ring.poll(0)
+
+
+# A dual-stack VM whose id is its first address: two more addresses (one per family) and a prefix. The packets
+# are one to each address and one into the prefix, each through S's End.S.
+ONE_VM = ("2001:db8:100::7a", "2001:db8:17a::5", "10.10.122.5", "10.10.123.0/24")
+ONE_VM_DST = {"id": ("2001:db8:100::7a", 6), "v6": ("2001:db8:17a::5", 6), "v4": ("10.10.122.5", 4),
+              "prefix": ("10.10.123.9", 4)}
+STEP_VERDICT = {"away": "forward", "hold": "hold"}
+
+
+class _Watched:
+    """A map of the Dataplane's whose every update and delete calls `after(key updated or None)` once the
+    kernel has it: the moments between one map write and the next, where an intermediate state would be
+    seen."""
+
+    def __init__(self, m, after: Callable[[], None]):
+        self.m, self.after, self.writes = m, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+    def update(self, key, *a, **kw):
+        out = self.m.update(key, *a, **kw)
+        self.writes += 1
+        self.after(bytes(key.addr))
+        return out
+
+    def delete(self, key, *a, **kw):
+        out = self.m.delete(key, *a, **kw)
+        self.writes += 1
+        self.after(None)
+        return out
+
+
+@contextlib.contextmanager
+def _one_vm(lab):
+    """ONE_VM's packets, on one CPU (the per-CPU copies are this CPU's), its entries removed after."""
+    from srmig.ctl.maps import VmAddressSet
+
+    packets = {k: (encaps if fam == 6 else encaps4)(S_PATH, a)() for k, (a, fam) in ONE_VM_DST.items()}
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield VmAddressSet(lab.dp, lambda vm: ONE_VM), packets
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for a in ONE_VM:
+            lab.dp.del_vm(a)
+        with lab.dp.hold_ring(lambda r: None) as ring:
+            ring.poll(0)
+
+
+@pytest.mark.parametrize("state", ["away", "hold"])
+def test_one_write_moves_every_address(lab, state):
+    """Only the VM's id has a vm_table entry: every other address (IPv6, IPv4) and the prefix point at it, so
+    one write of the id's entry, and no other map write, gives every address of both families the new
+    verdict, with the per-CPU copies of every one warm before it."""
+    from srmig.bpf.abi import VmState
+
+    with _one_vm(lab) as (vms, packets):
+        vms.set_vm(ONE_VM[0], VmState.RUNNING)  # the pointers: written once
+        assert {(e.vm, e.of) for e in lab.dp.list_vms()} >= {(ONE_VM[0], None), *((a, ONE_VM[0]) for a in ONE_VM[1:])}
+        other = "hold" if state == "away" else "away"
+        vms.set_vm(ONE_VM[0], VmState[other.upper()], next_sid=L.D_DX6)
+        assert {k: _verdict(lab, p) for k, p in packets.items()} == dict.fromkeys(packets, STEP_VERDICT[other])
+        vm_writes = lab.dp.vms = _Watched(lab.dp.vms, lambda key: None)
+        trie_writes = lab.dp.vm_prefixes = _Watched(lab.dp.vm_prefixes, lambda key: None)
+        try:
+            vms.set_vm(ONE_VM[0], VmState[state.upper()], next_sid=L.D_DX6)
+        finally:
+            lab.dp.vms, lab.dp.vm_prefixes = vm_writes.m, trie_writes.m
+        # (the deletes of the other addresses' own entries, of nothing, and the id's write)
+        assert (vm_writes.writes, trie_writes.writes) == (1 + 2, 0)
+        assert {k: _verdict(lab, p) for k, p in packets.items()} == dict.fromkeys(packets, STEP_VERDICT[state])
+
+
+@pytest.mark.parametrize("warm", ["none", "half", "all"])
+def test_no_address_is_seen_between_states(lab, warm):
+    """Between any two map writes of a VM's migration steps, every address of the VM gets the same verdict,
+    the old one until the id's entry is written and the new one from the next packet on: after each write
+    (each map update or delete, as the kernel has it) a packet to each address is run, with the per-CPU
+    copies of `warm` of them made before the step. From the layout of an older srmig (an entry per address)
+    on, through a loop of steps back and forth. Fails when the addresses are written one by one (the first
+    written moves alone), when a copy made before the write is used after it, or when a warm copy outlives
+    the write while the others are looked up cold."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.maps import _vm_addr
+
+    seen, mixed = [], []
+    with _one_vm(lab) as (vms, packets):
+        keys = list(packets)
+        warmed = {"none": [], "half": keys[::2], "all": keys}[warm]
+        want = {"now": "away"}
+
+        def look(updated=None):
+            if updated == _vm_addr(ONE_VM[0]):
+                want["now"] = want["next"]
+            got = {k: _verdict(lab, packets[k]) for k in keys}
+            seen.append(got)
+            if got != dict.fromkeys(keys, STEP_VERDICT[want["now"]]):
+                mixed.append((want["now"], got))
+
+        for a in ONE_VM[:3]:  # an entry per address, the prefix pointed at the id: an older srmig's
+            lab.dp.set_vm(a, VmState.AWAY, next_sid=L.D_DX6)
+        lab.dp.set_vm_prefix(ONE_VM[3], ONE_VM[0])
+        real = lab.dp.vms, lab.dp.vm_prefixes
+        try:
+            for step in ["hold", "away"] * 5:
+                lab.dp._tables_changed()  # no copy but those of `warmed`
+                for k in warmed:
+                    _verdict(lab, packets[k])
+                want["next"] = step
+                lab.dp.vms, lab.dp.vm_prefixes = _Watched(real[0], look), _Watched(real[1], look)
+                try:
+                    vms.set_vm(ONE_VM[0], VmState[step.upper()], next_sid=L.D_DX6)
+                finally:
+                    lab.dp.vms, lab.dp.vm_prefixes = real
+                assert want["now"] == step
+                look()
+        finally:
+            lab.dp.vms, lab.dp.vm_prefixes = real
+    assert not mixed, mixed[:3]
+    assert len(seen) > 10 * 2  # (a look after every write, and one after every step)
+
+
+def test_copies_are_not_used_while_a_write_is_in_progress(lab):
+    """Inside the Dataplane's write bracket (the table generation odd) the program reads the tables, not its
+    copies: a write behind the copy's back is seen by the very next packet; after the bracket, copies again
+    (a write behind their back is not seen until the generation moves)."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.maps import ffi
+
+    vm = "2001:db8:100::7b"
+    to_s = encaps(S_PATH, vm)()
+    value = ffi.new("struct srmig_vm_value *", {"state": int(VmState.HOLD)})
+    ffi.memmove(value.next_sid, ipaddress.IPv6Address(L.D_DX6).packed, 16)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        lab.dp.set_vm(vm, VmState.AWAY, next_sid=L.D_DX6)
+        assert _verdict(lab, to_s) == "forward"  # a copy now
+        with lab.dp._writing():
+            assert _generation(lab) % 2 == 1
+            lab.dp.vms.update(lab.dp._vm_key(vm), value)
+            assert _verdict(lab, to_s) == "hold"
+            value.state = int(VmState.AWAY)
+            lab.dp.vms.update(lab.dp._vm_key(vm), value)
+            assert _verdict(lab, to_s) == "forward"
+        assert _generation(lab) % 2 == 0
+        assert _verdict(lab, to_s) == "forward"
+        value.state = int(VmState.HOLD)
+        lab.dp.vms.update(lab.dp._vm_key(vm), value)
+        assert _verdict(lab, to_s) == "forward", "the copy made after the bracket stands"
+        lab.dp._tables_changed()
+        assert _verdict(lab, to_s) == "hold"
+    finally:
+        os.sched_setaffinity(0, cpus)
+        lab.dp.del_vm(vm)
+        with lab.dp.hold_ring(lambda r: None) as ring:
+            ring.poll(0)
+
+
+def _generation(lab) -> int:
+    from srmig.bpf import abi
+    from srmig.ctl.maps import ffi
+
+    return lab.dp.meta.lookup(ffi.new("uint32_t *", abi.META_TABLE_GENERATION))
 
 
 @pytest.mark.parametrize("family", [6, 4])

@@ -51,7 +51,7 @@ def etcd(cluster):
 def _open(c: EtcdCluster, first, prefix: str, endpoints=None) -> statedb.Kv:
     """A client with every endpoint, `first` (a Member) first: the one it talks to until that one fails."""
     order = endpoints or [first.url] + [m.url for m in c.members if m is not first]
-    return statedb.open_db("etcd", endpoints=order, tls=c.tls("client"), prefix=prefix)
+    return statedb.open_db("etcd", endpoints=order, tls=c.tls("client"), auth=c.auth(), prefix=prefix)
 
 
 class Collector:

@@ -44,8 +44,8 @@ def stranger(tmp_path_factory) -> Pki:
 def test_client_with_a_certificate_from_the_ca_works(etcd):
     """Reads, writes and a watch (its own streaming session) over TLS, as two agents would."""
     got = []
-    with statedb.open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("hv1"), prefix="/tls-ok/") as a, \
-            statedb.open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("edge1"), prefix="/tls-ok/") as b:
+    with statedb.open_db("etcd", **etcd.client("hv1", ("host",), "/tls-ok/")) as a, \
+            statedb.open_db("etcd", **etcd.client("edge1", ("ingress",), "/tls-ok/")) as b:
         w = b.watch("vms/", got.extend)
         try:
             rev = a.put("vms/2001:db8::10", {"host": "hv1"})
@@ -90,7 +90,8 @@ def test_refused_in_one_line(etcd, stranger, case):
     assert "\n" not in msg and msg.startswith(f"etcd unreachable: {endpoints[0]}: "), msg
     assert re.search(case.says, msg), msg
     # nothing got in: the member is still healthy, and the refused client wrote nothing
-    with statedb.open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls(), prefix="/tls-refused/") as kv:
+    with statedb.open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls(), auth=etcd.auth(),
+                         prefix="/tls-refused/") as kv:
         assert kv.range("")[0] == []
 
 
@@ -127,9 +128,9 @@ def test_peer_port_takes_only_the_peers_ca(etcd):
 # --- a real agent -------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _ingress_agent(topo, tmp_path, name: str, db_section: str):
-    """An ingress agent (`srmig agent` process) on lo of namespace I, its socket in tmp_path; its H.Encaps
-    program's pins are removed at the end."""
+def _ingress_agent(topo, tmp_path, name: str, db_section: str, metrics: str = ""):
+    """An ingress agent (`srmig agent` process) on lo of namespace I, its socket in tmp_path, its metrics on
+    `metrics` (HOST:PORT in I; none by default); its H.Encaps program's pins are removed at the end."""
     import shutil
 
     from srmig.bpf import loader
@@ -138,7 +139,7 @@ def _ingress_agent(topo, tmp_path, name: str, db_section: str):
         pins = loader.encap_pin_dir()
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f"[ingress]\nname = '{name}'\ninterface = 'lo'\ngateway = '::1'\n[db]\n{db_section}\n"
-                   f"[hook]\nsocket = '{tmp_path / name}.sock'\n[metrics]\nlisten = ''\n")
+                   f"[hook]\nsocket = '{tmp_path / name}.sock'\n[metrics]\nlisten = '{metrics}'\n")
     p = subprocess.Popen([sys.executable, "-m", "srmig", "--netns", topo.ns("I"), "agent", "--config", str(cfg)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -184,7 +185,8 @@ def test_agent_with_and_without_a_valid_certificate(tmp_path, stranger):
         with EtcdServer(netns=topo.ns("I")) as etcd:
             good = etcd.tls("ing1")
             section = (f"backend = 'etcd'\nendpoints = {etcd.endpoints!r}\nca_file = '{good.ca_file}'\n"
-                       f"cert_file = '{{cert}}'\nkey_file = '{{key}}'\n")
+                       f"cert_file = '{{cert}}'\nkey_file = '{{key}}'\nuser = 'ing1'\n"
+                       f"password_file = '{etcd.password_file('ing1', ('ingress',))}'\n")
             with _ingress_agent(topo, tmp_path, "ing1", section.format(cert=good.cert_file, key=good.key_file)) \
                     as (p, sock):
                 db = _db_status(sock, lambda db: db.get("state") == "connected")

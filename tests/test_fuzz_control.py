@@ -441,7 +441,7 @@ def migration(vm: str, src: str, dst: str, r: random.Random) -> dict:
            "src": src, "dst": dst, "transit": sids(r, 0, records.MAX_TRANSIT), "events": ["begin"],
            "resent": [], "returned": None}
     if r.random() < 0.5:
-        rec["format"] = records.FORMAT
+        rec["format"] = r.choice([1, records.MIGRATION_FORMAT])
     return rec
 
 
@@ -474,7 +474,7 @@ def broken_migration(rec: dict, r: random.Random) -> tuple[str | None, dict]:
     elif k == 11:
         rec["domain"] = r.choice([3, "../../../etc/x", "d" * 2000, deep(300)])
     elif k == 12:
-        rec["format"] = r.choice([records.FORMAT + 1, 99, "1", 0, True, None])
+        rec["format"] = r.choice([records.MIGRATION_FORMAT + 1, 99, "1", 0, True, None])
     elif k == 13:
         rec[r.choice(["src", "dst", "id"])] = deep(r.randint(100, 500))
     elif k == 14:
@@ -521,34 +521,36 @@ def test_database_records(lab, maps, db, tmp_path, caplog, capsys, record_proper
         k = r.randrange(100)
         if k < 15:
             vm = next_vm()
-            key, rec = f"migrations/{vm}/P", migration(vm, "H", "P", r)
+            key, rec = records.migration_key(vm, "P"), migration(vm, "H", "P", r)
             expected[vm] = VmState.RUNNING
             applied_recs[key] = rec
             return key, rec, {}
         if k < 25:
             vm = next_vm()
-            key, rec = f"migrations/{vm}/P", migration(vm, "P", "H", r)
+            key, rec = records.migration_key(vm, "P"), migration(vm, "P", "H", r)
             expected[vm] = VmState.INCOMING
             applied_recs[key] = rec
             return key, rec, {}
         if k < 30:
             vm = next_vm()
-            return f"migrations/{vm}/P", migration(vm, "P", "Q", r), {}
+            return records.migration_key(vm, "P"), migration(vm, "P", "Q", r), {}
         if k < 35:  # well-formed, but its peer has no record, or a malformed one
             vm = next_vm()
             peer = r.choice([f"Z{i}", *bad_hosts])
-            return (f"migrations/{vm}/{peer}", migration(vm, "H", peer, r),
+            return (records.migration_key(vm, peer), migration(vm, "H", peer, r),
                     {"migration_record": 1, **({"host_record": 1} if peer in bad_hosts else {})})
         if k < 45 and applied_recs and live:  # a malformed version of a record already applied
             key = r.choice(sorted(applied_recs))
             host, rec = broken_migration(applied_recs[key], r)
-            return (key.rpartition("/")[0] + f"/{host}" if host else key), rec, {"migration_record": 1}
+            key = records.migration_key(applied_recs[key]["vm"], host) if host else key
+            return key, rec, {"migration_record": 1}
         vm = next_vm()
         if k < 50:
-            key = r.choice([f"migrations/{vm}", f"migrations/{vm}-not-an-address/P", f"migrations/{vm}/a b/c"])
+            key = r.choice([f"migrations/{vm}", f"migrations/P/{vm}-not-an-address", f"migrations/a b/{vm}",
+                            f"migrations/P/{vm}/c"])
             return key, migration(vm, "H", "P", r), {"migration_record": 1}
         host, rec = broken_migration(migration(vm, "H", "P", r), r)
-        return f"migrations/{vm}/{host or 'P'}", rec, {"migration_record": 1}
+        return records.migration_key(vm, host or "P"), rec, {"migration_record": 1}
 
     def want(pairs) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -579,7 +581,7 @@ def test_database_records(lab, maps, db, tmp_path, caplog, capsys, record_proper
             for key, value, _ in batch:
                 db.kv.put(key, value)
             sentinel = next_vm()
-            key = f"migrations/{sentinel}/P"
+            key = records.migration_key(sentinel, "P")
             db.kv.put(key, migration(sentinel, "P", "Q", r))  # delivered after every record before it
             for _ in range(len(batch) + 10 * BATCH):
                 item, _, _ = delivered.get(timeout=WAIT_S)

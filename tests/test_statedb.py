@@ -42,13 +42,15 @@ class Store:
     endpoints: list[str] | None
     prefix: str
     tls: statedb.Tls | None = None
+    auth: statedb.Auth | None = None    # etcd's root: these tests are about the store, not the roles
 
     def open(self) -> statedb.Kv:
         return statedb.open_db(self.backend, path=self.path, endpoints=self.endpoints, prefix=self.prefix,
-                               tls=self.tls)
+                               tls=self.tls, auth=self.auth)
 
     def args(self) -> list[str]:
-        where = self.path or json.dumps({"endpoints": self.endpoints, "tls": list(vars(self.tls).values())})
+        where = self.path or json.dumps({"endpoints": self.endpoints, "tls": list(vars(self.tls).values()),
+                                         "auth": [self.auth.user, self.auth.password]})
         return [self.backend, where, self.prefix]
 
 
@@ -57,7 +59,7 @@ def store(request, tmp_path) -> Store:
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"      # tests share the module's etcd: each its own key space
     if request.param == "etcd":
         server = request.getfixturevalue("etcd_server")
-        return Store("etcd", None, server.endpoints, prefix, server.tls())
+        return Store("etcd", None, server.endpoints, prefix, server.tls(), server.auth())
     return Store("embedded", str(tmp_path / "state.db"), None, prefix)
 
 
@@ -175,7 +177,8 @@ from srmig.ctl import statedb
 backend, where, prefix = sys.argv[1:4]
 etcd = json.loads(where) if backend == "etcd" else {}
 kv = statedb.open_db(backend, path=where if backend == "embedded" else None, endpoints=etcd.get("endpoints"),
-                     prefix=prefix, tls=statedb.Tls(*etcd["tls"]) if etcd else None)
+                     prefix=prefix, tls=statedb.Tls(*etcd["tls"]) if etcd else None,
+                     auth=statedb.Auth(*etcd["auth"]) if etcd else None)
 done = threading.Event()
 def on_events(events):
     for e in events:
@@ -305,7 +308,8 @@ def test_etcd_watch_resumes_after_restart(kill):
     backoff = BackoffSeen(0.8)     # 0.05, 0.1, 0.2, 0.4, 0.8 s: ~0.75 s down, then >= 0.64 s more asleep
     logger = logging.getLogger("srmig.ctl.statedb")
     logger.addHandler(backoff)
-    with EtcdServer() as server, statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls()) as kv:
+    with EtcdServer() as server, statedb.open_db("etcd", endpoints=server.endpoints, tls=server.tls(),
+                                                 auth=server.auth()) as kv:
         try:
             seen = Collector()
             w = kv.watch("vms/", seen)
@@ -343,11 +347,11 @@ def test_etcd_dead_endpoint_is_unavailable(etcd_server):
     dead = f"https://127.0.0.1:{_dead_port()}"
     t0 = time.monotonic()
     with pytest.raises(DbUnavailable, match=f"{dead}.*refused"):
-        statedb.open_db("etcd", endpoints=[dead], timeout_s=1.0, tls=etcd_server.tls())
+        statedb.open_db("etcd", endpoints=[dead], timeout_s=1.0, tls=etcd_server.tls(), auth=etcd_server.auth())
     assert time.monotonic() - t0 < 1.5
     # a dead endpoint among live ones is skipped
     with statedb.open_db("etcd", endpoints=[dead, *etcd_server.endpoints], prefix="/t-failover/",
-                         tls=etcd_server.tls()) as kv:
+                         tls=etcd_server.tls(), auth=etcd_server.auth()) as kv:
         assert kv.put("k", {}) > 0
 
 

@@ -386,11 +386,21 @@ class RingReader:
             self._ahead = cons
         return out
 
-    def commit(self) -> None:
-        """Consume what `read(commit=False)` returned."""
-        if self._ahead is not None:
+    def commit(self, until: int | None = None) -> None:
+        """Consume what `read(commit=False)` returned; `until`: only the records before that ring position
+        (one of read()'s `ends`), the rest stay in the ring and the next read still goes on after them."""
+        if self._ahead is None:
+            return
+        if until is None or until >= self._ahead:
             self._cons[0:8] = self._ahead.to_bytes(8, "little")
             self._ahead = None
+        elif until > struct.unpack_from("<Q", self._cons, 0)[0]:
+            self._cons[0:8] = until.to_bytes(8, "little")
+
+    @property
+    def size(self) -> int:
+        """The data area's bytes."""
+        return self._mask + 1
 
     @property
     def position(self) -> int:

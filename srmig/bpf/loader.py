@@ -49,7 +49,10 @@ class Limits:
     max_vms: int = 65536
     hold_ring_pages: int = 4096  # 16 MiB of 4 KiB pages (~8000 held packets); a power of two
     max_domain_prefixes: int = 256  # SR domain source prefixes (RFC 8754 5.1)
-    max_vm_prefixes: int = 16384  # prefixes VMs route (vm_prefixes, encap_prefixes)
+    # vm_prefixes (and encap_prefixes): the prefixes VMs route and, in vm_prefixes, every VM address other than
+    # its VM's id (pointed at the id: srmig.ctl.maps.VmAddressSet). None: max_vms + 16384, room for one other
+    # address per VM besides the prefixes. An LPM trie is never preallocated: memory follows the entries.
+    max_vm_prefixes: int | None = None
 
     def cflags(self) -> list[str]:
         if self.hold_ring_pages & (self.hold_ring_pages - 1):
@@ -57,7 +60,7 @@ class Limits:
         return [f"-DSRMIG_MAX_SIDS={self.max_sids}", f"-DSRMIG_MAX_VMS={self.max_vms}",
                 f"-DSRMIG_HOLD_RING_PAGES={self.hold_ring_pages}",
                 f"-DSRMIG_MAX_DOMAIN_PREFIXES={self.max_domain_prefixes}",
-                f"-DSRMIG_MAX_VM_PREFIXES={self.max_vm_prefixes}"]
+                f"-DSRMIG_MAX_VM_PREFIXES={self.max_vm_prefixes or self.max_vms + 16384}"]
 
 
 SO_NETNS_COOKIE = 71  # linux/socket.h, kernel >= 5.14

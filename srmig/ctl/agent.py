@@ -22,6 +22,7 @@ from srmig.ctl.config import Config
 from srmig.ctl.dblink import DbLink
 from srmig.ctl.host_role import HostRole
 from srmig.ctl.libvirt_link import Domain, metadata_xml
+from srmig.ctl.statedb import PermissionDenied
 from srmig.ctl.status import agent_status
 
 log = logging.getLogger("srmig.agent")
@@ -120,7 +121,10 @@ class Agent:
                     raise TypeError(f"no handler for {type(item).__name__} (roles: {', '.join(self.roles())})")
                 handler(item)
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the agent
-                log.exception("handling %s failed", type(item).__name__)
+                if isinstance(e, PermissionDenied):  # said in one line where etcd refused it, and counted
+                    log.debug("handling %s stopped: %s", type(item).__name__, e)
+                else:
+                    log.exception("handling %s failed", type(item).__name__)
                 fut = getattr(item, "result", None)
                 if fut is not None and not fut.done():
                     fut.set_exception(e)

@@ -44,12 +44,30 @@ def kernel_fit(cfg: config_mod.Config) -> None:
                              f'({reason.removeprefix("absent: ")}): use encap = "bpf" (the default)')
 
 
+def db_login(cfg: config_mod.Config) -> None:
+    """With an etcd user: log in once, to say now (one line) that etcd refuses it. An etcd that does not
+    answer is only a warning: the agent waits for it."""
+    if cfg.db.backend != "etcd" or not cfg.db.user:
+        return
+    from srmig.ctl import statedb  # noqa: PLC0415
+    from srmig.ctl.dblink import open_etcd  # noqa: PLC0415
+
+    try:
+        open_etcd(cfg.db).close()
+    except statedb.AuthFailed as e:
+        raise ValueError(f"{cfg.path}: db.user: {e}") from None
+    except (statedb.DbUnavailable, RuntimeError) as e:
+        print(f"srmig: warning: {cfg.path}: db: cannot check the login of etcd user {cfg.db.user!r}: {e}",
+              file=sys.stderr)
+
+
 def cmd_agent(args) -> int:
     cfg = config_mod.load(args.config)  # every error before anything is installed
     kernel_fit(cfg)
     for warning in cfg.warnings:  # valid but unsafe (plain-HTTP etcd, an open SR domain): said at every start
         print(f"srmig: warning: {warning}", file=sys.stderr)
     if args.check:
+        db_login(cfg)
         print(f"{args.config}: ok ({', '.join(r for r in ('host', 'ingress') if getattr(cfg, r))})")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -87,6 +105,9 @@ def cmd_status(args) -> int:
                                               if db.get("error") else "")
           + (f"; {db['pending_writes']} writes waiting ({db.get('write_error')})"
              if db.get("pending_writes") or db.get("write_error") else ""))
+    if db.get("denied"):
+        print(f"  state db: {db['denied']} requests refused by etcd as outside this agent's roles "
+              f"(last: {db.get('last_denied')})")
     if st.get("libvirt"):
         lv = st["libvirt"]
         print(f"  libvirt:  {lv['state']} {lv['uri']}" + (f" ({lv['error']}; retry in {lv['retry_in_s']} s)"
@@ -113,10 +134,10 @@ def cmd_status(args) -> int:
             drops = "-" if v.get("tap_dropped") is None else str(v["tap_dropped"])
             print(f"  {v['vm']:<28} {v['domain'] or '-':<16} {v['state'] or '-':<9} {v['phase']:<14} {drops:<10} "
                   f"{mig}")
-            differ = v.get("states_differ") or {}
+            detached = v.get("detached") or ()
             for a in v.get("addresses", [v["vm"]])[1:]:  # the VM's other addresses, under its id
                 print(f"    + {a}" + ("  (a prefix it routes)" if "/" in a else "")
-                      + (f"  (map: {differ[a] or 'none'})" if a in differ else ""))
+                      + ("  (map: not following the id)" if a in detached else ""))
     for name, why in (st.get("rejected_domains") or {}).items():
         print(f"  not managed: domain {name}: {why}")
     if st.get("locations"):
@@ -151,6 +172,21 @@ def cmd_install_hook(args) -> int:
     return 0
 
 
+def cmd_db_roles(args) -> int:
+    """The etcdctl commands that make the root user, one user per agent and their roles, and turn etcd's
+    authentication on (srmig.ctl.statedb.etcd_auth)."""
+    from srmig.ctl.statedb.etcd_auth import etcdctl_commands  # noqa: PLC0415
+
+    agents: dict[str, tuple[str, ...]] = {}
+    for part, names in (("host", args.host), ("ingress", args.ingress)):
+        for name in names:
+            agents[name] = (*agents.get(name, ()), part)
+    if not agents:
+        raise ValueError("db-roles: name the agents (--host NAME, --ingress NAME)")
+    print("\n".join(etcdctl_commands(args.prefix, agents)))
+    return 0
+
+
 def add_parsers(sub) -> None:
     sp = sub.add_parser(
         "agent", help="run the agent (hypervisor and/or ingress role) from a TOML config",
@@ -163,6 +199,17 @@ def add_parsers(sub) -> None:
     sp.add_argument("--check", action="store_true", help="only validate the configuration and exit")
     sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sp.set_defaults(func=cmd_agent)
+
+    sp = sub.add_parser(
+        "db-roles", help="print the etcdctl commands that give each agent an etcd user with its own keys",
+        description="etcd's users and roles for srmig: root (the operator), and per agent a user of its name "
+                    "whose roles let it write only its own keys (docs/operations.md, 'Least privilege in "
+                    "etcd'). etcdctl asks for each password; put each agent's in its db.password_file.")
+    sp.add_argument("--host", action="append", default=[], metavar="NAME", help="a host agent ([host] name)")
+    sp.add_argument("--ingress", action="append", default=[], metavar="NAME",
+                    help="an ingress agent ([ingress] name)")
+    sp.add_argument("--prefix", default="/srmig/", help="the database's prefix (db.prefix)")
+    sp.set_defaults(func=cmd_db_roles)
 
     sp = sub.add_parser("status", help="what the local agent knows: VMs, phases, connections, counters",
                         description="Asks the running agent over its unix socket.")

@@ -17,6 +17,8 @@
     tap_queue = 10000                       # tap queue length during the migration window
     hold_ring_pages = 4096                  # hold ring, 4 KiB pages (power of two), first load only
     drain = true                            # drain the paused source's tap queue
+    fence = "pause"                         # our copy of a VM whose migration here was aborted, still
+                                            # running (a split brain): pause | destroy
 
     [ingress]                               # the ingress role: H.Encaps towards every VM
     name = "edge1"
@@ -35,6 +37,9 @@
     ca_file = "/etc/srmig/pki/ca.pem"       # etcd: the CA that signed the members' certificates (verified)
     cert_file = "/etc/srmig/pki/hv1.pem"    # etcd: this agent's client certificate (--client-cert-auth)
     key_file = "/etc/srmig/pki/hv1-key.pem" # etcd: its key, mode 0600
+    user = "hv1"                            # etcd: this agent's etcd user (its roles: what it may write)
+    password_file = "/etc/srmig/etcd-password"  # etcd: that user's password, alone in a file owned by root,
+                                            # mode 0600 or 0400 (never in this file)
     insecure = false                        # true: allow http:// endpoints, no TLS; --check warns
     prefix = "/srmig/"
 
@@ -90,6 +95,7 @@ class HostConfig:
     tap_queue: int = 10000
     hold_ring_pages: int = 4096
     drain: bool = True
+    fence: str = "pause"
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class DbConfig:
     cert_file: str | None = None    # this agent's client certificate and key (etcd's --client-cert-auth)
     key_file: str | None = None
     insecure: bool = False          # http:// endpoints allowed: no TLS, no client authentication
+    user: str | None = None         # etcd's user this agent logs in as (etcd's authentication and roles)
+    password_file: str | None = None    # its password: a root-only file (read_password)
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,8 @@ def _host(path: str, t) -> HostConfig:
         grace_s=float(s.number("grace_s", 2.0)),
         tap_queue=s.number("tap_queue", 10000, lo=1, integer=True),
         hold_ring_pages=pages,
-        drain=s.bool("drain", True))
+        drain=s.bool("drain", True),
+        fence=s.str("fence", "pause", choices=("pause", "destroy")))
     s.done()
     return cfg
 
@@ -283,6 +292,29 @@ def _pem_file(path: str, key: str, v: str | None, what: str) -> str:
     return v
 
 
+def read_password(file: str) -> str:
+    """The password in `file`: its first line. The file must be root's and no one else's to read (0600 or
+    0400): ValueError (one line, the fix) when it is not, missing or empty."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ValueError(f"cannot read {file} ({getattr(e, 'strerror', None) or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{file} is not a regular file")
+        if st.st_uid != 0:
+            raise ValueError(f"{file} is owned by uid {st.st_uid}, not root (chown root {file})")
+        if st.st_mode & 0o077:
+            raise ValueError(f"{file} is mode {stat.S_IMODE(st.st_mode):04o}, readable by "
+                             f"others (chmod 600 {file})")
+        data = f.read(4096)
+    password = data.decode(errors="replace").split("\n", 1)[0].rstrip("\r")
+    if not password:
+        raise ValueError(f"{file} is empty (the etcd user's password on its first line)")
+    return password
+
+
 def _db(path: str, t) -> DbConfig:
     s = _Section(path, "db", t)
     backend = s.str("backend", "embedded", choices=("embedded", "etcd"))
@@ -296,7 +328,19 @@ def _db(path: str, t) -> DbConfig:
         raise ConfigError(path, "db.prefix", "a key prefix starting and ending with '/'", prefix)
     ca, cert, key = s.str("ca_file"), s.str("cert_file"), s.str("key_file")
     insecure = s.bool("insecure", False)
+    user, password_file = s.str("user"), s.str("password_file")
     s.done()
+    if (user is None) != (password_file is None):
+        raise ConfigError(path, "db.password_file" if user else "db.user",
+                          "db.user and db.password_file together (etcd's user and its password)")
+    if user is not None and backend == "etcd":     # the embedded backend has no users: ignored, as ca_file
+        if not user or "/" in user or not user.isprintable():
+            raise ConfigError(path, "db.user", "an etcd user name", user)
+        try:
+            read_password(password_file)
+        except ValueError as e:
+            raise ConfigError(path, "db.password_file", f"a root-only file holding the etcd user's password: {e}") \
+                from None
     if backend == "etcd":
         schemes = {e.split(":", 1)[0] for e in endpoints}
         if len(schemes) > 1:
@@ -311,7 +355,7 @@ def _db(path: str, t) -> DbConfig:
             ca = _pem_file(path, "db.ca_file", ca, "the CA certificate that signed etcd's")
             cert = _pem_file(path, "db.cert_file", cert, "this agent's client certificate")
             key = _pem_file(path, "db.key_file", key, "the key of db.cert_file")
-    return DbConfig(backend, dbpath, tuple(endpoints), prefix, ca, cert, key, insecure)
+    return DbConfig(backend, dbpath, tuple(endpoints), prefix, ca, cert, key, insecure, user, password_file)
 
 
 def _warnings(path: str, host: HostConfig | None, db: DbConfig) -> tuple[str, ...]:

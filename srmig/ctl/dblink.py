@@ -13,13 +13,25 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from srmig.ctl.config import Config
+from srmig.ctl.config import Config, read_password
+from srmig.ctl.statedb import AuthFailed, PermissionDenied
 from srmig.ctl.vmdb import VmDb
 from srmig.ctl.work import DbUp
 
 log = logging.getLogger("srmig.agent")
 LEASE_TTL_S = 10.0
 DB_RETRY_MAX_S = 1.0  # failed writes retried at least this often: a cut-over lands <= 1 s after the database returns
+
+
+def open_etcd(d, timeout_s: float = 2.0):
+    """The etcd state database as `d` (a DbConfig) says: TLS, and its user logged in, the password read from
+    its file now (a changed password is taken at the next connect)."""
+    from srmig.ctl import statedb  # noqa: PLC0415
+
+    tls = statedb.Tls(d.ca_file, d.cert_file, d.key_file) if d.endpoints[0].startswith("https://") else None
+    auth = statedb.Auth(d.user, read_password(d.password_file)) if d.user else None
+    return statedb.open_db("etcd", endpoints=list(d.endpoints), prefix=d.prefix, tls=tls, auth=auth,
+                           timeout_s=timeout_s)
 
 
 class DbLink:
@@ -43,8 +55,7 @@ class DbLink:
         if d.backend == "embedded":
             Path(d.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # root only, as the file
             return statedb.open_db("embedded", path=d.path, prefix=d.prefix)
-        tls = statedb.Tls(d.ca_file, d.cert_file, d.key_file) if d.endpoints[0].startswith("https://") else None
-        return statedb.open_db("etcd", endpoints=list(d.endpoints), prefix=d.prefix, tls=tls)
+        return open_etcd(d)
 
     def start(self) -> None:
         """Connect in the background; the worker gets DbUp once the database answers."""
@@ -57,8 +68,10 @@ class DbLink:
                 kv = self._kv_factory()
                 kv.range("hosts/")  # proves it answers
             except Exception as e:  # noqa: BLE001 - reported in status, retried
-                self.state = {"state": "unreachable", "error": str(e), "retry_in_s": round(delay, 1)}
-                log.warning("state database unreachable (%s); retrying in %.1f s", e, delay)
+                # refused: etcd answers but not to this user and password (retried: the operator may fix it)
+                state = "refused" if isinstance(e, AuthFailed) else "unreachable"
+                self.state = {"state": state, "error": str(e), "retry_in_s": round(delay, 1)}
+                log.warning("state database %s (%s); retrying in %.1f s", state, e, delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -120,6 +133,11 @@ class DbLink:
                 try:
                     fut.set_result(fn())
                     break
+                except PermissionDenied as e:
+                    # outside this agent's etcd roles: no retry lands it (logged and counted by the Kv, shown in
+                    # `srmig status`); the writes behind it go on
+                    fut.set_exception(e)
+                    break
                 except Exception as e:  # noqa: BLE001 - retried until it lands or the agent stops
                     self.write_error = f"{type(e).__name__}: {e}"
                     log.warning("database write failed (%s); retrying in %.1f s", e, delay)
@@ -130,7 +148,9 @@ class DbLink:
             self.write_error = None
 
     def status(self) -> dict:
-        return dict(self.state, pending_writes=self._writes.qsize(), write_error=self.write_error)
+        kv = self.kv
+        return dict(self.state, pending_writes=self._writes.qsize(), write_error=self.write_error,
+                    denied=kv.denied if kv else 0, last_denied=kv.last_denied if kv else None)
 
     def close(self) -> None:
         self._writes.put((None, None))

@@ -23,6 +23,7 @@ from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
 from srmig.bpf import libbpf
 from srmig.bpf.abi import VmState
+from srmig.ctl.maps import VmAddressSet
 
 RETURN_ARRIVAL_S = 0.05         # an abort: how long the source waits for the destination's returned packets
                                  # to arrive (counted at its End.SBUF) while none arrives, before it delivers
@@ -108,6 +109,17 @@ def send_in_ring_order(log: SentLog, at: list[int], parts: list[tuple]) -> int:
     return sent
 
 
+def one_step(dp, vm: str, addresses) -> VmAddressSet:
+    """`dp` (a Dataplane or a VmAddressSet) writing VM `vm` with all its `addresses` in one write of the id's
+    entry (VmAddressSet): the drain's and the unpark's steps move every address at once."""
+    return VmAddressSet(getattr(dp, "dp", dp), lambda _: (vm, *(addresses or ())))
+
+
+def _dst_key(inner: bytes) -> bytes:
+    """IP packet `inner`'s destination as the vm_table key (srmig_abi.h: IPv4 as ::ffff:a.b.c.d)."""
+    return inner[24:40] if family(inner) == 6 else bytes(10) + b"\xff\xff" + inner[16:20]
+
+
 def _macs_to(addresses: list[str], tap: str) -> dict[str, bytes]:
     """The MACs the program's delivery puts on a packet for each of `addresses` on `tap`: to the VM's MAC
     (the tap's neighbour entry for that address, IPv6 or ARP), from the tap's; 12 bytes, the Ethernet type
@@ -152,16 +164,20 @@ def wait_delivered(dp, sid: str, at_least: int, stall_s: float = RETURN_ARRIVAL_
 def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses: list[str] | None = None) -> int:
     """An abort, once the destination has returned the older packets it held: give the VM what the program
     parked meanwhile (SRMIG_VM_F_PARK: whole, as it came in), oldest first, straight into its tap queue;
-    then plain RUNNING. `addresses`: the VM's, of both families (default: `vm` alone); every one of them
-    is one entry of the program's, each parking its family's packets in the same ring, given in the ring's
-    order, each with its family's Ethernet type. While we send, newer packets still park behind them
+    then plain RUNNING. `addresses`: the VM's, of both families (default: `vm` alone): each step is one write
+    of the id's entry, which every address follows (VmAddressSet); their packets park in the same ring, each
+    record naming the id, and are given in the ring's order, each with its family's Ethernet type and the
+    MACs of its own destination address. While we send, newer packets still park behind them
     (SRMIG_VM_F_RING_FIRST: a batch is consumed only once sent), so none overtakes. Records of other VMs
     (already advanced: a drain's) are sent on as they are. Every record goes out in ring order through the
     ring's sent log, so an agent killed in here and restarted sends each exactly once. Returns how many
     records were sent (the kernel accepted), the VM's and others'."""
     own = VmPackets([vm, *(addresses or ())])
+    dp = one_step(dp, vm, addresses)
     macs = _macs_to(own.addresses, tap) if tap else {}
-    eth = {key: macs[addr] for key, addr in own.keys.items() if addr in macs}  # record's vm -> MACs
+    # vm_table key -> MACs, by the inner packet's destination (a record names the id whichever address the
+    # packet is for; an address of a prefix: the id's)
+    eth = {key: macs[addr] for key, addr in own.keys.items() if addr in macs}
     ring = hold_ring_reader(dp)
     log = sent_log(ring)
     # Not TxRingSender (bench/tx_ring.py): its ring's setup (0.1-30 ms, an RCU grace period) comes before the
@@ -184,10 +200,14 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
             packet = rec[_HOLD_HEAD - _HOLD_VM:]
             key = rec[:16]
             inner = decapsulate(packet) if key in own.keys else None
+            mac = None
+            if inner is not None:  # to one of its addresses: that address's neighbour, else (a prefix's) the id's
+                dst = _dst_key(inner)
+                mac = eth.get(dst) if dst in own.keys else eth.get(key)
             if inner is None:
                 parts.append((raw, packet))
-            elif key in eth:
-                parts.append((to_tap, eth[key] + ether_type[family(inner)] + inner))
+            elif mac is not None:
+                parts.append((to_tap, mac + ether_type[family(inner)] + inner))
             else:  # no neighbour entry: the kernel routes it to the tap (and resolves the VM's MAC)
                 if family(inner) == 4 and raw4 is None:
                     raw4 = RawSender(4)
@@ -198,14 +218,12 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
 
     try:
         skip_sent(ring, log)  # what an agent killed while sending from this ring (a drain, an unpark) had sent
-        for addr in own.addresses:
-            dp.set_vm(addr, VmState.RUNNING, ring_first=True)
+        dp.set_vm(vm, VmState.RUNNING, ring_first=True)
         deadline = time.monotonic() + max_s
         while time.monotonic() <= deadline:
             if not give() and ring.empty():
                 break
-        for addr in own.addresses:
-            dp.set_vm(addr, VmState.RUNNING)
+        dp.set_vm(vm, VmState.RUNNING)
         # A program run that read the flag just before it was cleared may still be writing its record.
         time.sleep(0.002)
         give()
@@ -233,8 +251,9 @@ class DrainReport:
     send_errors: dict = field(default_factory=dict)
     hold_ms: float = 0.0       # time spent in HOLD
     # before_flip_ms: HOLD until the flip to AWAY behind the ring; behind_ring_ms: from the flip until the
-    # ring was sent empty; ring_after_flip: packets found in the ring once the program forwards directly
-    # again, the only ones that can arrive behind newer packets (expected 0).
+    # ring was sent empty; ring_emptied: whether it was (False: RING_FIRST_MAX_S ran out first);
+    # ring_after_flip: packets found in the ring once the program forwards directly again, the only ones
+    # that can arrive behind newer packets (expected 0).
     timings: dict = field(default_factory=dict)
 
 
@@ -249,14 +268,15 @@ class SourceDrain:
        batch by batch and consume each batch only once it is sent, until the ring is empty.
     4. Plain AWAY, then read the ring once more for a packet parked while the flag was being cleared.
 
-    The VM is `vm` and, if given, its other `addresses` (IPv6 and IPv4, any number): each step writes every
-    one's entry, and the tap's frames to any of them are the VM's. The ring's records need no such sorting:
-    they are whole SRv6 packets, already advanced, sent as they are whatever their inner family.
+    The VM is `vm` and, if given, its other `addresses` (IPv6 and IPv4, any number, prefixes): each step is
+    one write of the id's entry, which all of them follow (VmAddressSet), and the tap's frames to any of them
+    are the VM's. The ring's records need no such sorting: they are whole SRv6 packets, already advanced, sent
+    as they are whatever their inner family.
     """
 
     def __init__(self, dataplane, vm: str, src_addr: str, dest_segments: list[str], next_sid: str,
                  addresses: list[str] | None = None):
-        self.dp = dataplane
+        self.dp = one_step(dataplane, vm, addresses)
         self.vm = vm
         self.own = VmPackets([vm, *(addresses or ())])
         self.addresses = self.own.addresses
@@ -334,6 +354,9 @@ class SourceDrain:
                 # kernel as they go (the log), so that an agent killed before the commit does not send them
                 # twice.
                 self._ring_send(sender, rep, ring, log, rounds=1)
+            # False: the ring filled faster than we sent it and RING_FIRST_MAX_S ran out (what is still in
+            # it may now be overtaken).
+            rep.timings["ring_emptied"] = ring.empty()
             self._set(VmState.AWAY)
             rep.timings["behind_ring_ms"] = round((time.monotonic() - t_flip) * 1000, 3)
             before = rep.from_ring
@@ -346,10 +369,8 @@ class SourceDrain:
             log.close()
 
     def _set(self, state: VmState, ring_first: bool = False) -> None:
-        """Every one of the VM's entries to `state`. One after the other: between two writes a packet of an
-        address not written yet still goes the old way (into the tap, or the ring), ahead of the next step."""
-        for addr in self.addresses:
-            self.dp.set_vm(addr, state, next_sid=self.next_sid, ring_first=ring_first)
+        """The VM to `state`: one write of its id's entry, which every address and prefix follows."""
+        self.dp.set_vm(self.vm, state, next_sid=self.next_sid, ring_first=ring_first)
 
     @staticmethod
     def _ring_send(sender: RawSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,

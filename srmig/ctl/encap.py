@@ -85,8 +85,9 @@ class VmPackets:
     """Which packets are a VM's: IPv6 or IPv4 packets to one of its `addresses` (any number, both
     families) or to any address of a prefix it routes (ADDRESS/LENGTH among them), ND aside (each host answers
     its own). None: every IPv6 or IPv4 packet but ND (a caller that does not know the VM's addresses).
-    `addresses` keeps the addresses alone (each an entry of the program's, which the callers write), `prefixes`
-    the prefixes (their packets take the id's entry: nothing to write for them)."""
+    `addresses` keeps the addresses alone, `prefixes` the prefixes; the packets of all of them take the entry of
+    the VM's id (srmig.ctl.maps.VmAddressSet), and the hold and shadow records name the id (`keys`: any of the
+    VM's addresses as the vm_table key, to the address)."""
 
     def __init__(self, addresses: Iterable[str] | None):
         self.addresses: list[str] | None = None

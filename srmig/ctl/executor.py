@@ -32,8 +32,8 @@ from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
-from srmig.ctl.swallow import ShadowLog, SwallowCheck
-from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_queue_len
+from srmig.ctl.swallow import RecordedCheck, ShadowLog, SwallowCheck
+from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_name, tap_queue_len
 
 log = logging.getLogger("srmig.executor")
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
@@ -87,18 +87,25 @@ class VmLocal:
     unparked: int = 0            # source, abort: parked packets delivered
     sbuf_base: int = 0           # source, abort: End.SBUF deliveries when parking began
     peer_resent: list = field(default_factory=list)  # frames the source re-sent for its swallowing QEMU
+    # The swallowed-frame count across a restart of the source's agent (swallow.RecordedCheck):
+    swallow_base: int | None = None  # source: the baseline, as written in its migration record
+    peer_rx_used: int | None = None  # source: the RX used index D's QEMU resumed with (D's record)
+    tx_at_start: int | None = None   # destination: its tap's tx_packets when its incoming QEMU started
+    delivered_at_start: int | None = None  # destination: what its program had delivered to taps by then
+    rx_used: int | None = None       # destination: the RX used index its QEMU resumed with
 
 
 class Executor:
     def __init__(self, owner: Owner):
         self.owner = owner
-        # Every map write for a VM writes all its addresses: one step (the drain and the unpark are given them).
+        # Every map write for a VM is one write of its id's entry, which all its addresses and prefixes follow
+        # (the drain and the unpark are given them: they take the VM's frames to any, and write the same way).
         self.dp = VmAddressSet(owner.dp, owner.addresses)
         self.vms: dict[str, VmLocal] = {}
 
     def _addresses(self, vm: str) -> list[str]:
         """The VM's addresses for the drain and the unpark: they take the VM's frames to any of them, and
-        write each one's entry themselves (given the maps, not the VmAddressSet: once each)."""
+        write the id's entry the VmAddressSet's way (srmig.ctl.drain.one_step)."""
         return list(self.owner.addresses(vm))
 
     def vm(self, vm: str) -> VmLocal:
@@ -276,7 +283,13 @@ class Executor:
         gone = "" if self.owner.qemu_pid(loc) else " (QEMU gone)"  # the queue is what we, or the store, kept
         drain = loc.drain = SourceDrain(self.dp.dp, a.vm, address, segments, a.next_sid, self._addresses(a.vm))
         self.owner.on_map_write()  # the drain's first step is the map write (HOLD)
-        check = BoundedCheck(loc.check) if loc.check is not None else None
+        counted = loc.check
+        if counted is None and loc.swallow_base is not None and loc.peer_rx_used is not None and queue.fds:
+            # We restarted after the pause: our baseline is gone with the agent before us, and QEMU perhaps
+            # too; the record kept the one, the destination's QEMU the RX used index it stopped at.
+            with contextlib.suppress(OSError):
+                counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used)
+        check = BoundedCheck(counted) if counted is not None else None
         heard, qemu = loc.stopped_ns, self.owner.qemu_stopped_ns(loc) if loc.stopped_ns else None
         stopped_how = "STOP as heard" if qemu is None else \
             f"SUSPENDED heard {(heard - qemu) / 1e6:.1f} ms after QEMU's STOP"
@@ -285,9 +298,13 @@ class Executor:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
                                              stopped_at_ns=heard if qemu is None else qemu)
             self._forget_stored(loc)  # drained: a restart need not do it again
+            if isinstance(counted, RecordedCheck):
+                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d", m.vm,
+                          counted.tx, counted.used, counted.base)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
-                     rep.swallowed, loc.check is not None, loc.shadow is not None, stopped_how,
+                     rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else counted is not None,
+                     loc.shadow is not None, stopped_how,
                      (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
                      + (f"; {rep.ring_sent_before} from the ring sent before a restart" if rep.ring_sent_before
                         else ""))
@@ -307,6 +324,32 @@ class Executor:
                                                                  list(a.segments), skip)
         log.info("%s: returned %d held packets to %s", m.vm, loc.returned, m.src.name)
         self.owner.on_returned(m.vm)  # the source delivers what it parked once those are in
+
+    def fenced_tap(self, vm: str) -> TapKeeper | None:
+        """The tap fds of our copy of `vm`, taken before it is fenced (a destroyed QEMU takes its tap queue
+        with it unless we hold them); None if there is no QEMU or tap."""
+        loc = self.vms.get(vm)
+        pid = self.owner.qemu_pid(loc) if loc and loc.tap else None
+        if pid is None:
+            return None
+        try:
+            return TapKeeper(pid, loc.tap)
+        except OSError as e:
+            log.warning("%s: the tap of the copy to fence not held: %s", vm, e)
+            return None
+
+    def return_fenced(self, m: Migration, vm: str, queue: TapKeeper | None) -> int:
+        """Our copy of `vm` was just fenced (HostRole.fence): what its tap still holds, never read by it, goes
+        to the source, which runs the VM (late, so reordered; nothing it has seen). What the copy had already
+        taken into its RX ring goes with it. Returns how many."""
+        if queue is None:
+            return 0
+        with self.owner.enter(), queue:
+            try:
+                return return_held(queue, self.owner.address, [m.src.sbuf])
+            except OSError as e:
+                log.warning("%s: what the fenced copy's tap holds not returned: %s", vm, e)
+                return 0
 
     def unpark(self, m: Migration, mid: str, returned: int | None) -> None:
         """Abort on the source: D's held packets are back (`returned` of them, to our End.SBUF; None: D

@@ -32,7 +32,7 @@ XMLNS = records.XMLNS
 @dataclass
 class Domain:
     """What the agent needs from a libvirt domain's XML. A VM is a set of addresses (docs/design.md, "A VM is
-    a set of addresses"): its id, the key of everything srmig does (map entry, vms/<vm>, migrations/<vm>/),
+    a set of addresses"): its id, the key of everything srmig does (map entry, vms/<vm>, migrations/<host>/<vm>),
     is the first address its metadata lists; `addresses` are all of them, the id first."""
 
     name: str
@@ -178,6 +178,33 @@ class LibvirtLink:
             log.debug("%s: no XML (%s)", name, e)
             return False
         return Domain.from_xml(xml, name, on_reject)
+
+    def running(self, domain: str) -> bool | None:
+        """Whether `domain` runs here (libvirt's RUNNING); None: cannot tell (not connected, gone)."""
+        import libvirt  # noqa: PLC0415
+
+        conn = self.conn
+        if conn is None:
+            return None
+        try:
+            return conn.lookupByName(domain).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        except Exception as e:  # noqa: BLE001 - gone, or libvirtd going
+            log.debug("%s: no state (%s)", domain, e)
+            return None
+
+    def suspend(self, domain: str) -> None:
+        """Pause `domain` (virDomainSuspend); raises if libvirt refuses or is not connected."""
+        self._dom(domain).suspend()
+
+    def destroy(self, domain: str) -> None:
+        """End `domain`'s QEMU (virDomainDestroy); raises if libvirt refuses or is not connected."""
+        self._dom(domain).destroy()
+
+    def _dom(self, domain: str):
+        conn = self.conn
+        if conn is None:
+            raise RuntimeError("libvirt not connected")
+        return conn.lookupByName(domain)
 
     def rx_used(self, domain: str) -> Callable[[], int]:
         """A counter of the frames `domain`'s QEMU took from its tap into the guest's RX ring (QMP), read

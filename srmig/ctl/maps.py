@@ -7,10 +7,12 @@ whoever loaded it. Every operation is idempotent (set replaces, delete of an abs
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,6 +77,18 @@ def _vm_prefix_str(addr: bytes, prefixlen: int) -> str:
     return f"{a}/{prefixlen}"
 
 
+def _pointer_str(addr: bytes, prefixlen: int) -> str:
+    """A vm_prefixes key as srmig lists it: a full-length one (/128, an IPv4 address's /96 + 32) is one of a
+    VM's addresses pointed at its id, spelled as the address; a shorter one is a prefix."""
+    return _vm_str(addr) if prefixlen == 128 else _vm_prefix_str(addr, prefixlen)
+
+
+def vm_spelling(vm: str) -> str:
+    """An address or prefix as the VM map's listings spell it (list_vms, list_vm_prefixes): a full-length
+    prefix (x/128, a.b.c.d/32) is the address."""
+    return _pointer_str(*_vm_prefix(vm)) if is_prefix(vm) else _vm_str(_vm_addr(vm))
+
+
 def _vm_str(key: bytes) -> str:
     """A vm_table key as the VM's address: IPv4 VMs (IPv4-mapped keys) as IPv4."""
     a = ipaddress.IPv6Address(bytes(key))
@@ -125,6 +139,10 @@ class HoldRecord:
     packet: bytes  # from the IPv6 header on, already advanced towards the next SID
 
 
+class _Writes(threading.local):
+    depth = 0  # the _writing() calls this thread is in
+
+
 class NotLoaded(loader.LoaderError):
     pass
 
@@ -153,34 +171,68 @@ class Dataplane(libbpf.PinnedMaps):
         self.domain = self._map("sr_domain", "struct srmig_domain_key", "uint32_t")
         self.inner_stats = self._map("inner_stats", "uint32_t", "uint64_t", percpu=True)
         self.vm_prefixes = self._map("vm_prefixes", "struct srmig_vm_prefix_key", "struct srmig_vm_key")
+        self._writes = _Writes()
 
     def prog_fd(self) -> int:
         """A new fd of the pinned program (the caller closes it)."""
         return libbpf.obj_get(str(self.pin_dir / loader.PROG))
 
-    def _bump(self, slot: int) -> int:
-        """meta[slot] += 1, returning the new value. Under an exclusive flock of the pin directory (the lock
-        goes with an open file description: every call opens its own), so that two writers, threads or
-        processes, cannot both write the same value: the program trusts a copy made at a generation only
-        while that generation stands, so a value written twice could revive an outdated copy."""
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock of the pin directory (the lock goes with an open file description: every call
+        opens its own), so that two writers, threads or processes, cannot both write the same generation:
+        the program trusts a copy made at a generation only while that generation stands, so a value written
+        twice could revive an outdated copy."""
         lock = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            key = ffi.new("uint32_t *", slot)
-            gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
-            self.meta.update(key, ffi.new("uint32_t *", gen))
-            return gen
+            yield
         finally:
             os.close(lock)
+
+    def _bump(self, slot: int, odd: bool | None = None) -> int:
+        """meta[slot] to its next value (odd=True: the next odd one, False: the next even one), returning it.
+        Under the lock (_locked) unless the caller holds it."""
+        with contextlib.nullcontext() if self._writes.depth else self._locked():
+            key = ffi.new("uint32_t *", slot)
+            gen = ((self.meta.lookup(key) or 0) + 1) & 0xFFFFFFFF
+            if odd is not None and gen % 2 != odd:
+                gen = (gen + 1) & 0xFFFFFFFF  # (2^32 is even: the wrap keeps the parity)
+            self.meta.update(key, ffi.new("uint32_t *", gen))
+            return gen
 
     def flush_nexthops(self) -> int:
         """Expire every cached next hop now (after a route or neighbour change); returns the generation."""
         return self._bump(abi.META_NH_GENERATION)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Around every write to sid_table, vm_table or vm_prefixes (and several of them: nested, the outer
+        one counts): the table generation odd before, the next even one after, under the lock throughout.
+        While it is odd the program reads the tables and neither uses nor makes a per-CPU copy (cache.h), so
+        no packet sees a copy older than the tables once a write has begun, and the copies it makes after
+        are of the tables written."""
+        w = self._writes
+        if w.depth:
+            w.depth += 1
+            try:
+                yield
+            finally:
+                w.depth -= 1
+            return
+        with self._locked():
+            w.depth = 1
+            try:
+                self._bump(abi.META_TABLE_GENERATION, odd=True)
+                yield
+            finally:
+                self._bump(abi.META_TABLE_GENERATION, odd=False)
+                w.depth = 0
+
     def _tables_changed(self) -> None:
-        """After every write to sid_table or vm_table: the program's per-CPU copies of their entries are
-        stale from now on (see struct table_copy in srmig.c)."""
-        self._bump(abi.META_TABLE_GENERATION)
+        """After a write made outside _writing() (a test behind the Dataplane's back, a benchmark's cold
+        run): the program's per-CPU copies are stale from now on (the next even generation)."""
+        self._bump(abi.META_TABLE_GENERATION, odd=False)
 
     # SIDs -----------------------------------------------------------------------------------------------
 
@@ -205,14 +257,13 @@ class Dataplane(libbpf.PinnedMaps):
             # A reused slot starts from zero.
             self.sid_stats.update(ffi.new("uint32_t *", slot), ffi.new("struct srmig_sid_stats *"))
         value = ffi.new("struct srmig_sid_value *", {"behaviour": int(beh), "stats_slot": slot})
-        self.sids.update(key, value)
-        self._tables_changed()
+        with self._writing():
+            self.sids.update(key, value)
         return SidEntry(str(ipaddress.IPv6Address(_addr(sid, "SID"))), beh, slot, self._sid_counters(slot))
 
     def del_sid(self, sid: str) -> bool:
-        gone = self.sids.delete(self._sid_key(sid))
-        self._tables_changed()
-        return gone
+        with self._writing():
+            return self.sids.delete(self._sid_key(sid))
 
     def _sid_counters(self, slot: int) -> dict[str, int]:
         per_cpu = self.sid_stats.lookup(ffi.new("uint32_t *", slot)) or []
@@ -248,23 +299,31 @@ class Dataplane(libbpf.PinnedMaps):
                        | (abi.VM_F_RING_FIRST if ring_first else 0) | (abi.VM_F_PARK if park else 0))
         if next_sid:
             ffi.memmove(value.next_sid, _addr(next_sid, "next SID"), 16)
-        self.vms.update(self._vm_key(vm), value)
-        self._tables_changed()
+        with self._writing():
+            self.vms.update(self._vm_key(vm), value)
         return VmEntry(_vm_str(_vm_addr(vm)), st,
                        str(ipaddress.IPv6Address(next_sid)) if next_sid else None, hold_ring, shadow, ring_first,
                        park)
 
     def get_vm(self, vm: str) -> VmEntry | None:
-        """The entry of an address, or of a prefix (the entry of the VM it belongs to, `of` naming it)."""
+        """The entry that applies to an address: its own, else (one of a VM's other addresses, pointed at the
+        VM's id in vm_prefixes; an address of a prefix) the entry of the VM's id, `of` naming the id. For a
+        prefix: the entry of the VM it belongs to, `of` naming it."""
         if is_prefix(vm):
-            owner = self.vm_prefixes.lookup(self._vm_prefix_key(vm))
-            if owner is None:
-                return None
-            id_key = bytes(ffi.buffer(owner.addr, 16))
-            v = self.vms.lookup(self._vm_key(id_key))
-            return None if v is None else self._vm_entry(id_key, v, prefix=self._prefix_str(vm))
+            return self._via_pointer(vm, self._prefix_str(vm))
         v = self.vms.lookup(self._vm_key(vm))
-        return None if v is None else self._vm_entry(_vm_addr(vm), v)
+        if v is None:
+            return self._via_pointer(vm, _vm_str(_vm_addr(vm)))
+        return self._vm_entry(_vm_addr(vm), v)
+
+    def _via_pointer(self, vm: str, spelling: str) -> VmEntry | None:
+        """The id's entry for `vm` by vm_prefixes (the longest match, as the program takes it)."""
+        owner = self.vm_prefixes.lookup(self._vm_prefix_key(vm))
+        if owner is None:
+            return None
+        id_key = bytes(ffi.buffer(owner.addr, 16))
+        v = self.vms.lookup(self._vm_key(id_key))
+        return None if v is None else self._vm_entry(id_key, v, prefix=spelling)
 
     @staticmethod
     def _vm_entry(addr: bytes, v, prefix: str | None = None) -> VmEntry:
@@ -276,19 +335,23 @@ class Dataplane(libbpf.PinnedMaps):
                        of=_vm_str(addr) if prefix else None)
 
     def del_vm(self, vm: str) -> bool:
-        """Delete an address's entry, or a prefix's (del_vm_prefix)."""
+        """Delete an address's entry, its own and its pointer at a VM's id (whichever it has), or a prefix's
+        (del_vm_prefix)."""
         if is_prefix(vm):
             return self.del_vm_prefix(vm)
-        gone = self.vms.delete(self._vm_key(vm))
-        self._tables_changed()
-        return gone
+        with self._writing():
+            gone = self.vms.delete(self._vm_key(vm))
+            return self.vm_prefixes.delete(self._vm_prefix_key(vm)) or gone  # (a full-length key: exact)
 
     def list_vms(self) -> list[VmEntry]:
-        """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none)."""
+        """Every address's entry, and every prefix's (showing its VM's entry; none while its VM has none). A
+        VM's address pointed at its id is listed as an address, with the id's entry and `of` naming the id,
+        unless it has an entry of its own too (which the program takes: that one is listed)."""
         out = [self._vm_entry(bytes(ffi.buffer(k.addr, 16)), v) for k, v in self.vms.items()]
+        own = {e.vm for e in out}
         for prefix, vm in self.list_vm_prefixes():
             v = self.vms.lookup(self._vm_key(vm))
-            if v is not None:
+            if v is not None and prefix not in own:
                 out.append(self._vm_entry(_vm_addr(vm), v, prefix=prefix))
         return sorted(out, key=lambda e: _vm_sort(e.vm))
 
@@ -307,28 +370,29 @@ class Dataplane(libbpf.PinnedMaps):
 
     def set_vm_prefix(self, prefix: str, vm: str) -> str:
         """Packets to any address of `prefix` that vm_table does not have take `vm`'s entry (`vm`: the VM's id,
-        an address). Returns the prefix as srmig spells it. Idempotent; the caller keeps prefixes of
-        different VMs apart (srmig.ctl.records.overlaps): the longest match would otherwise decide."""
+        an address). `prefix` may be an address (a full-length prefix): one of the VM's other addresses, which
+        then has no entry of its own (VmAddressSet). Returns the prefix as srmig spells it. Idempotent; the
+        caller keeps prefixes of different VMs apart (srmig.ctl.records.overlaps): the longest match would
+        otherwise decide."""
         if is_prefix(vm):
             raise ValueError(f"a prefix's VM is named by an address, not the prefix {vm}")
         try:
-            self.vm_prefixes.update(self._vm_prefix_key(prefix), self._vm_key(vm))
+            with self._writing():  # (a copy of "no such VM" for an address of the prefix must go)
+                self.vm_prefixes.update(self._vm_prefix_key(prefix), self._vm_key(vm))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.E2BIG):
                 raise
             raise ValueError(f"VM prefixes full ({libbpf.map_info(self.vm_prefixes.fd).max_entries}): cannot "
                              f"add {prefix}") from None
-        self._tables_changed()  # a copy of "no such VM" for an address of the prefix must go
         return self._prefix_str(prefix)
 
     def del_vm_prefix(self, prefix: str) -> bool:
-        gone = self.vm_prefixes.delete(self._vm_prefix_key(prefix))
-        self._tables_changed()
-        return gone
+        with self._writing():
+            return self.vm_prefixes.delete(self._vm_prefix_key(prefix))
 
     def list_vm_prefixes(self) -> list[tuple[str, str]]:
-        """[(prefix, its VM's id)], in address order."""
-        out = [(_vm_prefix_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen),
+        """[(prefix, its VM's id)], in address order; a VM's address pointed at its id spelled as the address."""
+        out = [(_pointer_str(bytes(ffi.buffer(k.addr, 16)), k.prefixlen),
                 _vm_str(bytes(ffi.buffer(v.addr, 16)))) for k, v in self.vm_prefixes.items()]
         return sorted(out, key=lambda pv: _vm_sort(pv[0]))
 
@@ -336,11 +400,11 @@ class Dataplane(libbpf.PinnedMaps):
         """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
         key = ffi.new("struct srmig_vm_key *")
         value = ffi.new("struct srmig_vm_value *")
-        for addr, state in entries:
-            ffi.memmove(key.addr, _vm_addr(addr), 16)
-            value.state = int(state)
-            self.vms.update(key, value)
-        self._tables_changed()
+        with self._writing():
+            for addr, state in entries:
+                ffi.memmove(key.addr, _vm_addr(addr), 16)
+                value.state = int(state)
+                self.vms.update(key, value)
 
     # SR domain (RFC 8754 5.1) ---------------------------------------------------------------------------
 
@@ -425,6 +489,10 @@ class Dataplane(libbpf.PinnedMaps):
         """A consumer of the shadow ring: copies of what was delivered to VMs flagged `shadow`, in order."""
         return self._ring("shadow_ring", on_record)
 
+    def shadow_reader(self) -> libbpf.RingReader:
+        """A bulk reader of the shadow ring (srmig.ctl.swallow.ShadowLog reads it, consuming late)."""
+        return libbpf.RingReader(libbpf.obj_get(str(self.pin_dir / "shadow_ring")), owns_fd=True)
+
     def _ring(self, name: str, on_record: Callable[[HoldRecord], None]) -> libbpf.RingBuffer:
         head = ffi.sizeof("struct srmig_hold_record")
 
@@ -437,12 +505,15 @@ class Dataplane(libbpf.PinnedMaps):
 
 
 class VmAddressSet:
-    """A Dataplane whose VM writes apply to all of a VM's addresses: set_vm(vm, ...) and del_vm(vm) write the
-    entry of every address `addresses(vm)` lists (the VM's id, its first address, included), and point every
-    prefix it lists at the id in vm_prefixes (or delete it), so whatever
-    moves a VM through its migration's states by its id (the executor, the agent's steady state and
-    reconciliation) moves all of its addresses in the same step, in the same order. Reads and everything
-    else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() every address's."""
+    """A Dataplane whose VM writes apply to all of a VM's addresses at once: only the VM's id (its first
+    address) has a vm_table entry; every other address `addresses(vm)` lists (a full-length key: IPv6 /128,
+    IPv4 ::ffff:a.b.c.d/128) and every prefix points at the id in vm_prefixes, whose fallback the program takes
+    when the exact lookup misses. So set_vm(vm, ...) is one write of the id's entry, and every address and
+    prefix of the VM takes the new entry with the same packet: none is ever seen in a state the others have
+    left (as with a write per address, one after the other). Whatever moves a VM through its migration's
+    states by its id (the executor, the drain and the unpark, the agent's steady state and reconciliation)
+    does so. Reads and everything else are the Dataplane's: get_vm(vm) is the id's entry, list_vms() lists
+    every address with the id's entry (`of` naming the id)."""
 
     def __init__(self, dp: Dataplane, addresses: Callable[[str], tuple[str, ...]]):
         self.dp = dp
@@ -461,25 +532,35 @@ class VmAddressSet:
         return out
 
     def set_vm(self, vm: str, state: VmState | str, **kw) -> VmEntry:
-        """Every address's entry, then each prefix pointed at the id (idempotent: a prefix listed since the
-        last write is written now; its packets follow the id's entry from then on)."""
-        addresses = self._all(vm)
-        entries = [self.dp.set_vm(a, state, **kw) for a in addresses if not is_prefix(a)]
-        for p in addresses:
-            if is_prefix(p) and self._owner(p) != vm:
-                self.dp.set_vm_prefix(p, vm)
-        return entries[0]
+        """The id's entry: one write (then the table generation's bump) that moves every address and prefix of
+        the VM. Before it, what is not so yet is made so, in an order no packet can tell: each other address
+        and prefix not pointing at the id is pointed at it, then an entry of its own an address still has (an
+        older srmig wrote one per address; `srmig vm set` on that address) is deleted, which hands its packets
+        to the id's entry (the same, until this write). Idempotent: in the steady state one lookup and one
+        delete (of nothing) per other address, and the write."""
+        me = _vm_str(_vm_addr(vm))
+        with self.dp._writing():  # (one bracket: no copy is made until the id's write is done)
+            for a in self._all(vm)[1:]:
+                if self._owner(a) != me:
+                    self.dp.set_vm_prefix(a, vm)
+                if not is_prefix(a):
+                    self.dp.vms.delete(self.dp._vm_key(a))
+            return self.dp.set_vm(vm, state, **kw)
 
     def _owner(self, prefix: str) -> str | None:
+        """The id `prefix` (or an address) points at: the longest match, as the program finds it (an address
+        inside the VM's own prefix already takes the id's entry)."""
         owner = self.dp.vm_prefixes.lookup(self.dp._vm_prefix_key(prefix))
         return None if owner is None else _vm_str(bytes(ffi.buffer(owner.addr, 16)))
 
     def del_vm(self, vm: str) -> bool:
-        """The prefixes first (they would point at nothing), then the addresses; whether the id had one. The
-        prefixes are those listed and any other pointing at the VM (a VM gone from here whose list is not
-        known any more: its grace period's end)."""
-        addresses = self._all(vm)
-        listed = {p for p in addresses if is_prefix(p)}
-        for p in sorted(listed | {p for p, owner in self.dp.list_vm_prefixes() if owner == vm}):
-            self.dp.del_vm_prefix(p)
-        return [self.dp.del_vm(a) for a in addresses if not is_prefix(a)][0]
+        """The id's entry first: from that one write on, no address or prefix of the VM finds it (a pointer at
+        an id with no entry finds no VM). Then the pointers, those listed and any other at the VM (a VM gone
+        from here whose list is not known any more: its grace period's end), and any entry of its own an
+        address kept. Returns whether the id had an entry."""
+        gone = self.dp.del_vm(vm)
+        me = _vm_str(_vm_addr(vm))
+        others = {vm_spelling(a) for a in self._all(vm)[1:]}
+        for p in sorted(others | {p for p, owner in self.dp.list_vm_prefixes() if owner == me}, key=_vm_sort):
+            self.dp.del_vm(p)
+        return gone

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from srmig.ctl import records
@@ -94,6 +94,20 @@ class _Rejected:
         yield c
 
 
+class _Denied:
+    """srmig_db_denied_total: requests the state database refused as outside this agent's etcd roles."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        kv = self.agent.dbl.kv
+        c = CounterMetricFamily("srmig_db_denied", "State database requests refused as outside the agent's "
+                                "etcd roles (permission denied)")
+        c.add_metric([], kv.denied if kv is not None else 0)
+        yield c
+
+
 class Metrics:
     def __init__(self, agent, listen: str):
         self.registry = CollectorRegistry()
@@ -101,9 +115,13 @@ class Metrics:
                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.phase_seconds = Histogram("srmig_phase_seconds", "Time spent in each migration phase",
                                        ["phase"], registry=self.registry)
+        self.fenced = Counter("srmig_fenced", "Domains this host paused because their migration was aborted "
+                              "while they ran here (the source resumed its copy: a split brain), by action",
+                              ["action"], registry=self.registry)
         self.registry.register(_Dataplane(agent))
         self.registry.register(_Encap(agent))
         self.registry.register(_Rejected())
+        self.registry.register(_Denied(agent))
         host, _, port = listen.rpartition(":")
         self.server, self.thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 

@@ -5,14 +5,16 @@ gone, map entries nothing explains). On the agent's worker, for its host host.""
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 from srmig.bpf.abi import VmState
-from srmig.ctl import records, work
+from srmig.ctl import maps, records, work
 from srmig.ctl.libvirt_link import Domain
 from srmig.ctl.machine import Ev
 from srmig.ctl.phases import Phase
 
+log = logging.getLogger("srmig.agent")
 RECHECK_S = 0.05  # a source VM found paused by its migration after a reconnect: its state polled this often
 
 
@@ -105,8 +107,10 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
     records = {r.vm: r for r in host.db.vms()[0]} if host.db is not None else {}
     for vm, (d, state, reason) in seen.items():
         role = host.role_of(vm)
+        log.debug("%s: reconcile: domain %s state %s/%s, role %s", vm, d.name, state, reason, role)
         if role is None and state == running:
-            fixed += host.vm_running_here(d, entries, records.get(vm))
+            if not host.fence(vm, running=True):  # (a split brain's copy is paused, not published)
+                fixed += host.vm_running_here(d, entries, records.get(vm))
         elif role == "D" and state == running:
             host.local_event(vm, Ev.RESUMED, time.monotonic_ns(), "reconcile: running")
         elif role == "S" and state == paused and reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
@@ -116,14 +120,22 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
         role = host.role_of(vm)
         if role == "S" and vm not in seen:
             host.local_event(vm, Ev.STOPPED, time.monotonic_ns(), "reconcile: gone")
+        elif role == "D" and vm not in seen and host.track(vm).started and \
+                host.machine.migrations[vm].phase is Phase.PROVISION:
+            # The incoming QEMU went in pre-copy without an event (our libvirtd killed, the new one ended
+            # it): the migration failed. Else our window stays open and our kept tap fds keep the next
+            # QEMU from opening the tap (measured: "Unable to create tap device vmtap: Device or resource
+            # busy" for every later migration here).
+            host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: incoming gone")
         elif source_here(host, vm) and vm in seen and seen[vm][1] == running and \
                 Ev.SUSPENDED in host.track(vm).seen:
             host.local_event(vm, Ev.FAILED, time.monotonic_ns(), "reconcile: resumed")
     # Map entries nothing explains: VMs no longer here and in no migration. AWAY entries forward
     # stragglers: give them a fresh grace period. An entry is a VM's address: its id's, or one of the
-    # other addresses of a VM known here (its domain's, or its migration's record).
+    # other addresses of a VM known here (its domain's, or its migration's record), which points at the id
+    # (`of`, VmAddressSet); spelled as the map lists them.
     if host.dp is not None:
-        vm_of = {a: vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
+        vm_of = {maps.vm_spelling(a): vm for vm in [*host.vm_addresses, *seen, *host.machine.migrations]
                  for a in host.addresses_of(vm)}
         unexplained: dict[str, list] = {}
         for e in entries.values():
@@ -137,11 +149,14 @@ def snapshot(host, seen: dict, t0: float | None = None) -> dict:
                 host.later(host.cfg.host.grace_s, work.Forget(vm))
                 away.add(vm)
             else:
-                for e in es:
-                    host.dp.dp.del_vm(e.vm)  # the entries found, one by one (the maps themselves)
+                # The entries found, one by one (the maps themselves), the id's first: its write alone takes
+                # every address pointing at it out of the dataplane, the pointers then go.
+                for e in sorted(es, key=lambda e: e.of is not None):
+                    host.dp.dp.del_vm(e.vm)
                 fixed += 1
-        # Prefixes pointing at a VM with no entry (list_vms() does not show them: their packets find no VM)
-        # and no VM here lists: left by an agent stopped between a VM's prefixes and its id; a trie slot each.
+        # Prefixes and addresses pointing at a VM with no entry (list_vms() does not show them: their packets
+        # find no VM) and no VM here lists: left by an agent stopped between a VM's id and its pointers (they
+        # are deleted after it, VmAddressSet.del_vm); a trie slot each.
         for prefix, vm in host.dp.list_vm_prefixes():
             if prefix not in vm_of and vm not in entries:
                 host.dp.dp.del_vm_prefix(prefix)

@@ -9,7 +9,9 @@ Prometheus as srmig_rejected_input_total{source}. The counts are the process's: 
 and a configuration is rejected before any agent exists (`srmig agent` then exits with its one line).
 
 Records carry a `format` (FORMAT when absent: the records of agents that wrote none). A record of a later
-format is rejected whole: its fields may mean something this agent does not know.
+format is rejected whole: its fields may mean something this agent does not know. Migration records are
+format 2 (MIGRATION_FORMAT): they moved from migrations/<vm>/<host> to migrations/<host>/<vm>, so that what
+one host writes is one key range (etcd's roles grant ranges: srmig.ctl.statedb.etcd_auth).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from srmig.ctl.phases import HostSids, Phase
 log = logging.getLogger("srmig.records")
 
 FORMAT = 1                         # the record format this agent writes and reads
+MIGRATION_FORMAT = 2               # migration records: 2 since their key starts with the writer's host
 # Where an input comes from (the counter's label) and what it is called in the log.
 SOURCES = {"hook": "hook request", "domain_xml": "domain XML", "migration_record": "migration record",
            "vm_record": "VM record", "host_record": "host record", "config": "configuration"}
@@ -98,12 +101,12 @@ def _obj(value, what: str = "record") -> dict:
     return value
 
 
-def _format(d: dict) -> None:
+def _format(d: dict, latest: int = FORMAT) -> None:
     f = d.get("format", FORMAT)
     if not isinstance(f, int) or isinstance(f, bool) or f < 1:
         raise Rejected(f"format: expected an integer >= 1, got {show(f)}")
-    if f > FORMAT:
-        raise Rejected(f"format {f} is newer than this agent's {FORMAT}: upgrade it")
+    if f > latest:
+        raise Rejected(f"format {f} is newer than this agent's {latest}: upgrade it")
 
 
 def _get(d: dict, k: str, required: bool = True, default=None):
@@ -361,14 +364,19 @@ def host_record(key: str, value) -> tuple[HostSids, dict]:
     return sids, out
 
 
+def migration_key(vm: str, host: str) -> str:
+    """Where `host` writes what it saw of `vm`'s migration: under its own name (one key range per host)."""
+    return f"migrations/{host}/{vm}"
+
+
 def migration_record(key: str, value) -> tuple[str, str, dict]:
-    """migrations/<vm>/<host>: (vm, host, record). The host that wrote it must be one of its ends; its
+    """migrations/<host>/<vm>: (vm, host, record). The host that wrote it must be one of its ends; its
     events are those a host writes (srmig.ctl.host_role.HostRole._record)."""
-    vm_text, _, host = key[len("migrations/"):].rpartition("/")
-    vm = vm_address(vm_text, "the key's VM address")
+    host, _, vm_text = key[len("migrations/"):].partition("/")
     _name(host, "the key's host")
+    vm = vm_address(vm_text, "the key's VM address")
     d = _obj(value)
-    _format(d)
+    _format(d, MIGRATION_FORMAT)
     if vm_address(_get(d, "vm"), "vm") != vm:
         raise Rejected(f"vm {show(d['vm'])} is not the key's {vm}")
     src, dst = _name(_get(d, "src"), "src"), _name(_get(d, "dst"), "dst")
@@ -396,7 +404,13 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
     returned = _get(d, "returned", False)
     if returned is not None and not _is_int(returned, 0):
         raise Rejected(f"returned: expected null or a count, got {show(returned)}")
+    counters = {}
+    for k in ("swallow_base", "rx_used"):  # 16-bit counters (the virtio ring's index arithmetic)
+        v = counters[k] = _get(d, k, False)
+        if v is not None and not (_is_int(v, 0) and v <= 0xFFFF):
+            raise Rejected(f"{k}: expected null or a 16-bit count, got {show(v)}")
     return vm, host, {
+        **counters,
         "id": _name(_get(d, "id"), "id", 64), "vm": vm,
         # The domain's name is also a path: <qemu_run_dir>/<domain>.pid, whose pid the drain takes fds from.
         "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import threading
 import time
+import struct
 from collections import deque
 from typing import Callable
 
+from srmig.bpf import abi
+from srmig.ctl.maps import HoldRecord, _vm_str
 from srmig.ctl.tap import tap_tx_packets
 
+_SHADOW_HEAD = struct.Struct("<Q16sII")  # struct srmig_hold_record: timestamp_ns, vm, len, orig_len
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
 SWALLOW_WINDOW_NS = 50_000_000   # a swallowed frame reached the tap at most this long before QEMU stopped
                                  # reading it (ShadowLog.swallowed_frames: bounded by QEMU's STOP, and by
@@ -35,12 +39,18 @@ class SwallowCheck:
         self.tap = tap
         self.rx_used = rx_used
         self.base: int | None = None
+        self.tx: int | None = None  # the tap's tx_packets of the last consistent pair
+
+    def difference(self, tries: int = 200) -> int | None:
+        """(tx_packets - RX used index) & 0xFFFF, taken as a consistent pair; None if none was."""
+        return self._diff(tries)
 
     def _diff(self, tries: int = 200) -> int | None:
         for _ in range(tries):
             before = tap_tx_packets(self.tap)
             used = self.rx_used()
             if tap_tx_packets(self.tap) == before:  # nothing was read meanwhile: a consistent pair
+                self.tx = before
                 return (before - used) & 0xFFFF
             time.sleep(0.0005)
         return None
@@ -59,15 +69,44 @@ class SwallowCheck:
         return None if now is None else (now - self.base) & 0xFFFF
 
 
+class RecordedCheck:
+    """The count for an agent restarted after the pause: the baseline the agent before it wrote in the
+    migration's record (`base`), and the RX used index the destination's QEMU resumed with (`used`: the
+    source's at the pause, migrated with the device; the destination's record). The source QEMU may be gone,
+    the tap is not while we hold its fds: its tx_packets still counts what QEMU read."""
+
+    def __init__(self, tap: str, base: int, used: int):
+        self.tap, self.base, self.used = tap, base, used
+        self.tx: int | None = None  # the tap's tx_packets at the count
+
+    def swallowed(self) -> int | None:
+        self.tx = tap_tx_packets(self.tap)
+        return (((self.tx - self.used) & 0xFFFF) - self.base) & 0xFFFF
+
+
 class ShadowLog:
     """Keeps the last `keep` frames delivered to the VM (from the shadow ring), in delivery order. The
     swallowed frames are found by the first frame left in the tap queue, so the log must still hold it when
     a late drain reads the queue: 4096 frames are 2 s at 2000 packets/s (a starved agent heard the pause up
-    to 186 ms late), at most ~6 MiB of 1500-byte frames per migrating VM, for the window only."""
+    to 186 ms late), at most ~6 MiB of 1500-byte frames per migrating VM, for the window only.
+
+    The ring is consumed late: the records of the last LAG_NS (LAG_MAX at most) stay in it, read but not
+    consumed, until close(). The ring is pinned, so when the agent is killed at the pause the frames QEMU
+    swallowed are still there for the restarted agent's log (their count: SwallowCheck.recorded)."""
+
+    LAG_NS = 300_000_000  # the kill may land when the pause is heard, up to ~190 ms after QEMU stopped
+                          # (a starved agent), plus SWALLOW_WINDOW_NS: measured, 100 ms lost the frame once
+    LAG_MAX = 512         # records (2096 bytes each: 1/4 of the 4 MiB ring, the rest for what arrives while
+                          # no agent reads)
 
     def __init__(self, dataplane, keep: int = 4096):
         self.records: deque = deque(maxlen=keep)
-        self._ring = dataplane.shadow_ring(self.records.append)
+        self._reader = dataplane.shadow_reader()
+        # A quarter of the ring at most: a ring pinned by an older program (1 MiB, ~500 records) is kept
+        # across an upgrade, and one the lag filled would take no more copies.
+        self._lag_max = self.LAG_MAX if self._reader is None else \
+            min(self.LAG_MAX, self._reader.size // (4 * (_SHADOW_HEAD.size + abi.HOLD_SNAPLEN + 8)))
+        self._ends: deque = deque()  # (timestamp_ns, ring position past it) of the records not consumed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-log", daemon=True)
 
@@ -76,22 +115,44 @@ class ShadowLog:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._ring.poll(20)
+        while not self._stop.wait(0.02):
+            self._read()
+
+    def _read(self, everything: bool = False) -> None:
+        if self._reader is None:
+            return
+        ends: list[int] = []
+        for raw, end in zip(self._reader.read(commit=False, ends=ends), ends):
+            ts, vm, n, _ = _SHADOW_HEAD.unpack_from(raw)
+            self.records.append(HoldRecord(_vm_str(vm), ts, raw[_SHADOW_HEAD.size:_SHADOW_HEAD.size + n]))
+            self._ends.append((ts, end))
+        if everything:
+            self._reader.commit()
+            self._ends.clear()
+            return
+        until = None
+        newest = self._ends[-1][0] if self._ends else 0
+        while self._ends and (len(self._ends) > self._lag_max or newest - self._ends[0][0] > self.LAG_NS):
+            until = self._ends.popleft()[1]
+        if until is not None:
+            self._reader.commit(until)
 
     def flush(self) -> None:
         """Stop the background reader and take what is left; records are then complete up to now."""
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join(2)
-        if self._ring is not None:
-            self._ring.poll(0)
+        self._read()
 
     def close(self) -> None:
-        self.flush()
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        """The window is over: everything consumed (a log started later must not find these)."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(2)
+        if self._reader is not None:
+            self._read(everything=True)
+            self._reader.close()
+            self._reader = None
 
     def swallowed_frames(self, count: int, first_queued: bytes | None, stopped_at_ns: int,
                          window_ns: int = SWALLOW_WINDOW_NS) -> tuple[list[bytes], str | None]:
@@ -108,7 +169,9 @@ class ShadowLog:
         frame QEMU left), which on its own pushed the frames QEMU had just swallowed out of the window."""
         recs = list(self.records)
         idx = len(recs)
-        stop_ns = stopped_at_ns
+        if not stopped_at_ns and first_queued is None:  # (a restarted agent heard no STOP)
+            return [], "no bound on when QEMU stopped reading"
+        stop_ns = stopped_at_ns or 1 << 63
         if first_queued is not None:
             for i, rec in enumerate(recs):
                 if rec.packet == first_queued:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from cffi import FFI
 
+from srmig.ctl import tapread
+
 _ffi = FFI()
 _ffi.cdef("""
     long syscall(long number, ...);
@@ -66,8 +68,16 @@ def vnet_hdr_len(fd: int) -> int:
 
 def read_queued(fd: int, limit: int = 100_000) -> list[bytes]:
     """Every frame queued on the tap, oldest first, without their virtio-net headers. QEMU's fd is
-    non-blocking (QEMU sets it so), so an empty queue answers EAGAIN; we never change the shared flags."""
+    non-blocking (QEMU sets it so), so an empty queue answers EAGAIN; we never change the shared flags.
+    In bulk (srmig.ctl.tapread: a read loop in C) once a TapKeeper has built it, else frame by frame."""
     skip = vnet_hdr_len(fd)
+    if (bulk := tapread.built()) is not None:
+        return tapread.read_frames(bulk, fd, skip, limit)
+    return read_queued_each(fd, skip, limit)
+
+
+def read_queued_each(fd: int, skip: int, limit: int = 100_000) -> list[bytes]:
+    """read_queued() one os.read() per frame: where the bulk reader cannot be built, and for comparison."""
     frames = []
     while len(frames) < limit:
         try:
@@ -92,12 +102,22 @@ def tap_tx_packets(ifname: str) -> int:
         return netlink.link_stats(netlink.ifindex(ifname, ipr), ipr)["tx_packets"]
 
 
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): the struct ifreq of the tap an fd is attached to
+
+
+def tap_name(fd: int) -> str:
+    """The name of the tap `fd` is attached to (a restarted agent holding the fds may not know it)."""
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    return ifr[:16].split(b"\0", 1)[0].decode()
+
+
 class TapKeeper:
     """A duplicate of a QEMU's tap fds, taken while QEMU lives. The tap queue then survives QEMU's death
     (the kernel purges it only when the last fd closes): what the destination held can be returned to the
     source when a migration aborts, and the source's drain finds its queue even if QEMU is gone by then."""
 
     def __init__(self, qemu_pid: int, tap: str):
+        tapread.reader()  # built (or loaded) now, long before a drain reads the queue
         self.tap = tap
         self.fds = [take_fd(qemu_pid, fd) for fd in tap_fds_of(qemu_pid, tap)]
         if not self.fds:
@@ -106,6 +126,7 @@ class TapKeeper:
     @classmethod
     def of_fds(cls, tap: str, fds: list[int]) -> TapKeeper:
         """Fds already ours (taken back from the fd store, srmig.ctl.fdstore): closed with the keeper."""
+        tapread.reader()
         keeper = cls.__new__(cls)
         keeper.tap, keeper.fds = tap, list(fds)
         return keeper

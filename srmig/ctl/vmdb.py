@@ -5,7 +5,7 @@ Keys (under the backend's prefix, e.g. /srmig/):
     agents/<name>             {"name", "roles", "libvirt", "pid", "since"}                      (agent's lease)
     ingresses/<name>          {"name"}                        (the ingress's lease: it is expected to ack)
     vms/<vm>                  {"vm", "host", "segments", "version", "migration", "step", "phase", "addresses"}
-    migrations/<vm>/<host>    {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
+    migrations/<host>/<vm>    {"id", "vm", "domain", "src", "dst", "transit", "events": [...], "resent": [...]}
     acks/<vm>/<ingress>       {"version"}
 
 <vm> is the VM's id, its first address (IPv6 or IPv4); `addresses` lists all of them, the id first, and the
@@ -17,8 +17,11 @@ Agents of that kind ignore the field: the format stays 1.
 `vms/` is what ingresses program; `version` grows by one per change over the VM's life (compare-and-swap),
 so an ingress applies a record only when it is newer than what it has. `migration`/`step` identify the
 machine action that wrote it: two agents executing the same Publish write it once.
-`migrations/<addr>/<host>` carries the events each end of a migration saw, written by that end only after it
-applied them; the other end feeds them to its own state machine.
+`migrations/<host>/<vm>` carries the events each end of a migration saw, written by that end only after it
+applied them; the other end feeds them to its own state machine. The writer's name comes first so that
+what one host writes is one key range (format 2: records.migration_key, MIGRATION_FORMAT).
+
+Who may write and read which keys when etcd's authentication is on: srmig.ctl.statedb.etcd_auth.
 
 Every record carries `format` (srmig.ctl.records.FORMAT). What is read is checked first (srmig.ctl.records):
 a malformed record, or one of a later format, is logged, counted and read as absent.
@@ -133,7 +136,7 @@ class VmDb:
     # --- migrations ----------------------------------------------------------------------------------
 
     def put_migration(self, vm: str, host: str, record: dict) -> None:
-        self.kv.put(f"migrations/{vm}/{host}", record | {"format": records.FORMAT})
+        self.kv.put(records.migration_key(vm, host), record | {"format": records.MIGRATION_FORMAT})
 
     def migrations(self) -> tuple[dict[str, dict[str, dict]], int]:
         """{vm: {host: record}} of the well-formed records (the others logged and counted), and the revision
@@ -148,7 +151,7 @@ class VmDb:
 
     def migration(self, vm: str, host: str) -> dict | None:
         """What `host` wrote of `vm`'s migration; None when nothing, or something malformed (logged, counted)."""
-        e = self.kv.get(f"migrations/{vm}/{host}")
+        e = self.kv.get(records.migration_key(vm, host))
         parsed = None if e is None else _checked("migration_record", e.key, records.migration_record, e.value)
         return None if parsed is None else parsed[2]
 

@@ -18,7 +18,7 @@ class DbUp:
 
 @dataclass(frozen=True)
 class DbMigrations:
-    """migrations/<vm>/<host> records changed (a watch's events)."""
+    """migrations/<host>/<vm> records changed (a watch's events)."""
 
     events: list
 

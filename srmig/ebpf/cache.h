@@ -30,10 +30,14 @@ struct nh_cache {
 
 /* Copies of sid_table and vm_table entries, per CPU: a hash map lookup with a 16-byte key costs ~35 ns here
  * (jhash, bucket walk, key compare) and a packet for a VM needs two, where a 2-way cache in a per-CPU array
- * is inlined by the verifier. A copy is trusted only at the generation it was made at: userspace bumps
- * meta[SRMIG_META_TABLE_GENERATION] after every write to either table (srmig/ctl/maps.py), and a packet
- * reads the generation once, before any lookup it may copy. So a packet that starts after the bump sees the
- * write, as it would without the cache (one in flight during an update may see either, as with RCU). */
+ * is inlined by the verifier. A copy is trusted only at the generation it was made at, and a packet reads
+ * meta[SRMIG_META_TABLE_GENERATION] once, before any lookup it may copy. Userspace brackets every write to
+ * sid_table, vm_table or vm_prefixes with two bumps (srmig/ctl/maps.py): to an odd generation before it, to
+ * the next even one after; while it is odd, packets read the tables and make no copy. So the tables alone
+ * answer from before a write until copies are made again after it: a packet that starts after the write
+ * sees it, as it would without the cache (one in flight during it may see either, as with RCU), and one
+ * write that moves several addresses (a VM's id, which its other addresses point at) moves them for the
+ * next packet to any of them, never a warm copy of one behind a cold lookup of another. */
 struct table_copy {
 	__u8 key[16];
 	__u32 generation;

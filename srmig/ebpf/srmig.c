@@ -28,7 +28,8 @@
 #define SRMIG_HOLD_RING_PAGES 4096 /* 16 MiB: ~8000 records of up to 2 KiB */
 #endif
 #ifndef SRMIG_SHADOW_RING_PAGES
-#define SRMIG_SHADOW_RING_PAGES 256 /* 1 MiB: the last ~500 packets delivered to migrating VMs */
+#define SRMIG_SHADOW_RING_PAGES 1024 /* 4 MiB: the last ~2000 packets delivered to migrating VMs (the agent
+                                     * leaves the last 512 in it: srmig.ctl.swallow.ShadowLog) */
 #endif
 #ifndef SRMIG_MAX_VM_PREFIXES
 #define SRMIG_MAX_VM_PREFIXES 16384
@@ -446,6 +447,10 @@ static __always_inline struct srmig_sid_value *sid_lookup(const struct in6_addr 
 
 	if (!w0 || !w1)
 		return NULL; /* never: both indexes are in range */
+	if (generation & 1) { /* a write in progress: the table itself, no copy (cache.h) */
+		__builtin_memcpy(key.addr, sid, 16);
+		return sid_table.lookup(&key);
+	}
 	c = copy_find(w0, w1, sid, generation);
 	if (!c) {
 		__builtin_memcpy(key.addr, sid, 16);
@@ -485,6 +490,14 @@ static __always_inline struct srmig_vm_value *vm_lookup(struct srmig_vm_key *vm,
 
 	if (!w0 || !w1)
 		return NULL; /* never: both indexes are in range */
+	if (generation & 1) { /* a write in progress: the tables themselves, no copy (cache.h) */
+		entry = vm_table.lookup(vm);
+		if (!entry) {
+			entry = vm_by_prefix(vm, &id);
+			*vm = id;
+		}
+		return entry;
+	}
 	c = copy_find(w0, w1, vm->addr, generation);
 	if (!c) {
 		entry = vm_table.lookup(vm);
@@ -554,7 +567,7 @@ static __always_inline void count(struct pkt *p, __u32 slot, __u32 bytes, int is
 }
 
 /* The table generation, read once per packet before any lookup: a packet that starts after userspace's
- * bump sees its write (cache.h). */
+ * write sees it (cache.h: odd while a write is in progress, when no copy is used). */
 static __always_inline __u32 table_generation(void)
 {
 	__u32 key = SRMIG_META_TABLE_GENERATION;

@@ -23,8 +23,10 @@ enum srmig_meta {
 	SRMIG_META_ABI_VERSION = 0,   /* written by the loader */
 	SRMIG_META_NH_GENERATION = 1, /* bump after a route or neighbour change: cached next hops expire */
 	SRMIG_META_DOMAIN_PREFIXES = 2, /* prefixes in sr_domain, kept by userspace: 0 = no SR domain check */
-	SRMIG_META_TABLE_GENERATION = 3, /* bump after every write to sid_table or vm_table: the program's
-					  * per-CPU copies of their entries are trusted only at this generation */
+	SRMIG_META_TABLE_GENERATION = 3, /* bumped to an odd value before every write to sid_table, vm_table or
+					  * vm_prefixes and to the next even one after it: the program's per-CPU
+					  * copies of their entries are trusted only at this generation, and
+					  * neither used nor made while it is odd (cache.h) */
 	SRMIG_META_MAX = 4,
 };
 
@@ -110,8 +112,10 @@ struct srmig_vm_key {
 /* vm_prefixes: LPM trie of the prefixes VMs route (a VM that routes a subnet), consulted when vm_table has no
  * entry for the inner destination: the longest prefix holding it gives the VM's id, an address of the VM that
  * vm_table has, and that entry applies (state, flags, next SID: one entry moves all of the VM's addresses and
- * prefixes). Addresses as in vm_table: an IPv4 prefix a.b.c.d/len is ::ffff:a.b.c.d/(96 + len). Userspace
- * keeps prefixes of different VMs from overlapping, so the longest match is the only one. */
+ * prefixes). Addresses as in vm_table: an IPv4 prefix a.b.c.d/len is ::ffff:a.b.c.d/(96 + len). A VM's
+ * addresses other than its id are here too, as full-length keys (/128; IPv4 ::ffff:a.b.c.d/128) with no
+ * vm_table entry of their own: then one write of the id's entry moves every address and prefix of the VM at
+ * once. Userspace keeps prefixes of different VMs from overlapping, so the longest match is the only one. */
 struct srmig_vm_prefix_key {
 	__u32 prefixlen; /* LPM trie key layout: prefix length in bits first */
 	__u8 addr[16];   /* network byte order, host bits zero */

@@ -9,6 +9,11 @@ data dir and the ports, so a test can take the member down and bring it back wit
 It speaks TLS only, and only to clients with a certificate from its CA (--client-cert-auth), as a
 deployment's etcd should: the CA and the member's certificate are made at start in the private (0700)
 temporary dir, and `tls(name)` makes one client certificate per agent there.
+
+Its authentication is on (`auth=False` turns it off), with srmig's roles (srmig.ctl.statedb.etcd_auth):
+`auth()` is the root user's login (the operator's), `auth(name, parts)` makes user `name` with the roles of
+those parts ("host", "ingress") once, and `password_file(name, parts)` writes its password for an agent's
+`db.password_file`. `client(name, parts)` is what open_db() takes: endpoints, TLS and login.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ctypes
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from srmig.ctl.statedb import Tls
+from srmig.ctl.statedb import DEFAULT_PREFIX, Auth, Tls
 
 ETCD = "/usr/bin/etcd"
 START_TIMEOUT_S = 15.0
@@ -61,13 +67,77 @@ class _Started:
         self.cleanup()
 
 
-class EtcdServer(_Started):
-    """`with EtcdServer() as etcd: open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("agent1"))`."""
+class _Users:
+    """etcd's authentication with srmig's roles, for a testbed etcd that has `dir`, `endpoints`, `tls()` and
+    `_inside()` (the namespace to reach it from)."""
+
+    auth_on = True
+    _auth_enabled = False
+
+    def _init_users(self, auth: bool) -> None:
+        self.auth_on = auth
+        self._passwords: dict[str, str] = {}
+        self._granted: set[tuple] = set()      # (name, parts, prefix) made
+        self._root_token: str | None = None     # root's token, for what the testbed asks the members itself
+
+    def _admin(self, prefix: str = DEFAULT_PREFIX):
+        """An EtcdKv as root (before authentication is on: as nobody), from where the members are reached."""
+        from srmig.ctl.statedb.etcd import EtcdKv  # noqa: PLC0415
+
+        root = Auth("root", self._passwords["root"]) if self._auth_enabled else None
+        return EtcdKv(self.endpoints[:1], prefix, tls=self.tls("testbed-admin"), auth=root)
+
+    def _enable_auth(self) -> None:
+        """After the first start: the root user, srmig's roles as agents are added, authentication on."""
+        if not self.auth_on or self._auth_enabled:
+            return
+        from srmig.ctl.statedb.etcd_auth import init_auth  # noqa: PLC0415
+
+        self._passwords = {"root": secrets.token_urlsafe(16)}
+        with self._inside(), self._admin() as kv:
+            init_auth(kv, self._passwords["root"], {})
+        self._auth_enabled = True
+
+    def auth(self, name: str = "root", parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) \
+            -> Auth | None:
+        """User `name`'s login (made once, with the roles of `parts` over the keys under `prefix`); root: the
+        operator's. None when the authentication is off."""
+        if not self.auth_on:
+            return None
+        assert self._auth_enabled, "start() first"
+        if name != "root" and (name, tuple(parts), prefix) not in self._granted:
+            from srmig.ctl.statedb.etcd_auth import add_user  # noqa: PLC0415
+
+            password = self._passwords.get(name) or secrets.token_urlsafe(16)
+            with self._inside(), self._admin(prefix) as kv:
+                add_user(kv, name, password, tuple(parts))
+            self._passwords[name] = password
+            self._granted.add((name, tuple(parts), prefix))
+        return Auth(name, self._passwords[name])
+
+    def password_file(self, name: str, parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) -> str:
+        """User `name`'s password in a file of its own (0600), for an agent's db.password_file."""
+        path = self.dir / f"password-{name}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.auth(name, parts, prefix).password + "\n")
+        return str(path)
+
+    def client(self, name: str = "root", parts: tuple[str, ...] = ("host",), prefix: str = DEFAULT_PREFIX) -> dict:
+        """open_db("etcd", **etcd.client(name, parts, prefix)): the endpoints, `name`'s certificate and login,
+        and the prefix its roles are for."""
+        return {"endpoints": self.endpoints, "tls": self.tls(name), "auth": self.auth(name, parts, prefix),
+                "prefix": prefix}
+
+
+class EtcdServer(_Started, _Users):
+    """`with EtcdServer() as etcd: open_db("etcd", **etcd.client("hv1", ("host",)))`."""
 
     def __init__(self, name: str = "srmig-test", binary: str = ETCD, netns: str | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", auth: bool = True):
         """`netns`/`host`: run inside that network namespace, listening on `host` (e.g. the address of a
-        testbed host that the other namespaces route to)."""
+        testbed host that the other namespaces route to). `auth`: etcd's authentication on (see _Users)."""
+        self._init_users(auth)
         self.name = name
         self.binary = binary
         self.netns = netns
@@ -138,6 +208,14 @@ class EtcdServer(_Started):
         finally:
             log.close()
         self._wait_healthy(client)
+        self._enable_auth()
+
+    def _inside(self):
+        if not self.netns:
+            return contextlib.nullcontext()
+        from srmig.testbed.netns import inside  # noqa: PLC0415
+
+        return inside(self.netns)
 
     def _wait_healthy(self, client: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -191,6 +269,7 @@ class EtcdServer(_Started):
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
+                self._auth_enabled, self._passwords, self._root_token, self._granted = False, {}, None, set()
                 self.pki = self.peer_pki = None
 
 
@@ -261,13 +340,13 @@ class Member:
             return "(no log)"
 
 
-class EtcdCluster(_Started):
+class EtcdCluster(_Started, _Users):
     """A `size`-member etcd cluster (3 by default), each member in a network namespace of its own, with an
     address of its own, linked to `hub` (a namespace of `topo` that routes, e.g. the testbed's transit T):
 
         with EtcdCluster(topo, hub="T") as etcd:
-            open_db("etcd", endpoints=etcd.endpoints, tls=etcd.tls("hv1"))  # from a namespace that routes
-                                                                            # ROUTE via the hub
+            open_db("etcd", **etcd.client("hv1", ("host",)))    # from a namespace that routes ROUTE
+                                                                # via the hub
             etcd.kill_leader()      # -> the Member killed; etcd.restart(member) brings it back
 
     Member i is namespace E<i> at 2001:db8:e<i>::2/64, its link's hub end 2001:db8:e<i>::1 (all members
@@ -279,10 +358,12 @@ class EtcdCluster(_Started):
 
     ROUTE = "2001:db8:e0::/44"
 
-    def __init__(self, topo, hub: str, size: int = 3, name: str = "srmig-etcd", binary: str = ETCD):
+    def __init__(self, topo, hub: str, size: int = 3, name: str = "srmig-etcd", binary: str = ETCD,
+                 auth: bool = True):
         if not 1 <= size <= 9:
             raise ValueError(f"an EtcdCluster has 1 to 9 members (their addresses are 2001:db8:e1:: to e9::), "
                              f"not {size}")
+        self._init_users(auth)
         self.topo = topo
         self.hub = hub
         self.size = size
@@ -390,6 +471,11 @@ class EtcdCluster(_Started):
             self._wait_healthy(m)
         if new:
             self.move_leader(self.members[0])
+            self._enable_auth()
+
+    def _inside(self):
+        # the first member's namespace, on this thread alone (an EtcdKv connects when it sends)
+        return _thread_in(self.members[0].ns)
 
     def _wait_peer_port(self, m: Member) -> None:
         """Until `m` serves its peers (a TLS handshake on its peer port completes), bounded."""
@@ -468,12 +554,29 @@ class EtcdCluster(_Started):
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
+                self._auth_enabled, self._passwords, self._root_token, self._granted = False, {}, None, set()
                 self.pki = self.peer_pki = None
 
     # -- asking the members
 
     def _request(self, m: Member, method: str, path: str, body: dict | None, timeout: float) -> dict:
-        """One HTTPS request to member `m`'s client URL, from inside its namespace, on this thread alone."""
+        """One HTTPS request to member `m`'s client URL, from inside its namespace, on this thread alone; as
+        root once etcd's authentication is on (moving the leader needs it), logged in again when etcd forgot
+        the token (a member's restart)."""
+        admin = self._auth_enabled and path.startswith("/v3/") and path != "/v3/auth/authenticate"
+        if admin and self._root_token is None:
+            self._root_token = self._request(m, "POST", "/v3/auth/authenticate",
+                                             {"name": "root", "password": self._passwords["root"]}, timeout)["token"]
+        try:
+            return self._request_once(m, method, path, body, timeout, self._root_token if admin else None)
+        except ValueError as e:
+            if not (admin and "invalid auth token" in str(e)):
+                raise
+            self._root_token = None
+            return self._request(m, method, path, body, timeout)
+
+    def _request_once(self, m: Member, method: str, path: str, body: dict | None, timeout: float,
+                      token: str | None) -> dict:
         with _thread_in(m.ns):
             sock = socket.create_connection((m.address, CLIENT_PORT), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # headers and body: no delayed ACK between
@@ -485,7 +588,7 @@ class EtcdCluster(_Started):
             raise
         try:
             conn.request(method, path, body=None if body is None else json.dumps(body),
-                         headers={"Content-Type": "application/json"})
+                         headers={"Content-Type": "application/json", **({"Authorization": token} if token else {})})
             r = conn.getresponse()
             data = r.read()
             if r.status != 200:

@@ -99,6 +99,8 @@ class Result:
         return {**total, "lost_net": total["lost"] - total["guest_unanswered"],
                 "migration_s": round(self.migration_s, 3), "downtime_ms": self.downtime_ms, "db": self.db,
                 "error": self.error,
+                # the first 20 lost and duplicated sequence numbers of the first family (a diagnosis)
+                "lost_seqs": self.report.lost_seqs, "duplicated_seqs": self.report.duplicated_seqs,
                 "event_to_map_ms": {k: v.get("event_to_map_ms") for k, v in self.agents.items()
                                     if v.get("event_to_map_ms")},
                 "marks_ms": {k: round(v, 3) for k, v in self.report.marks.items()}, "guest": self.guest,
@@ -225,10 +227,11 @@ def provision(script: str, ns: str, env: dict) -> None:
 
 @contextlib.contextmanager
 def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, work: Path | None = None,
-          families: tuple[str, ...] = ("6",)):
+          families: tuple[str, ...] = ("6",), fence: str = "pause"):
     """The testbed, daemons, database and agents, the guest running on S; yields (tb, daemons, agents, work).
     With "4" in `families` the guest is dual-stack: its IPv4 address in its metadata (after the IPv6 one, the
-    VM's id), on its kernel command line and on each host's tap (host.sh)."""
+    VM's id), on its kernel command line and on each host's tap (host.sh). `fence`: the host agents'
+    host.fence (what a destination does with its copy of a split brain)."""
     addr4 = VM_ADDR4 if "4" in families else None
     own = work is None and not os.environ.get("SRMIG_DEMO_KEEP_WORK")
     work = work or Path(tempfile.mkdtemp(prefix="srmig-libvirt-demo-"))
@@ -254,10 +257,12 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
             etcd = stack.enter_context(EtcdCluster(tb.topo, hub="T"))
             tb.etcd = etcd  # for fault injection (etcd's leader killed, or the whole cluster down)
             db_env["SRMIG_ETCD"] = " ".join(etcd.endpoints)  # every agent is given every member
-            for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent
-                tls = etcd.tls(role)
+            for role in tls_env:  # TLS with --client-cert-auth, as deployed: a certificate per agent, and
+                tls = etcd.tls(role)  # an etcd user whose roles let it write its own keys only
                 tls_env[role] = {"SRMIG_ETCD_CA": tls.ca_file, "SRMIG_ETCD_CERT": tls.cert_file,
-                                 "SRMIG_ETCD_KEY": tls.key_file}
+                                 "SRMIG_ETCD_KEY": tls.key_file, "SRMIG_ETCD_USER": role,
+                                 "SRMIG_ETCD_PASSWORD_FILE": etcd.password_file(
+                                     role, ("ingress",) if role == "C" else ("host",))}
         hooks = {r: {"qemu.d/srmig": hook_mod.script(sockets[r], 3.0, "proceed")} for r in ("S", "D")}
         say("starting libvirtd in S and D")
         ds = stack.enter_context(lv.daemons(tb.topo, hooks=hooks))
@@ -270,7 +275,8 @@ def setup(db: str = "embedded", xdp_mode: str = "generic", say=lambda m: None, w
                 "SRMIG_XDP_MODE": xdp_mode, "SRMIG_SOCKET": sockets[role], "SRMIG_LIBVIRT_URI": ds[role].uri,
                 "SRMIG_QEMU_RUN_DIR": ds[role].host_path("/run/libvirt/qemu"), "SRMIG_METRICS": METRICS,
                 "SRMIG_GRACE_S": str(GRACE_S), "SRMIG_CONFIG": work / f"{role}.toml", "SRMIG_TAP": lv.TAP,
-                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_ADDR4": addr4 or "", "SRMIG_VM_MAC": GUEST_MAC})
+                "SRMIG_VM_ADDR": VM_ADDR, "SRMIG_VM_ADDR4": addr4 or "", "SRMIG_VM_MAC": GUEST_MAC,
+                "SRMIG_FENCE": fence})
         provision("ingress.sh", tb.ns("C"), {
             **db_env, **tls_env["C"], "SRMIG_NAME": "C", "SRMIG_INTERFACE": "c0", "SRMIG_GATEWAY": "2001:db8:c::2",
             "SRMIG_SOCKET": sockets["C"], "SRMIG_METRICS": METRICS, "SRMIG_CONFIG": work / "C.toml"})

@@ -2,8 +2,9 @@
 
     pki = Pki(directory)                        # a CA: directory/ca.pem (and ca-key.pem)
     pki.server("etcd", ["127.0.0.1"])           # the member's certificate, valid for those addresses
-    pki.client("hv1")                           # an agent's: CN=hv1 (names it; etcd's JSON gateway takes
-                                                # no user from a certificate)
+    pki.client("hv1")                           # an agent's: OU=hv1 and no CN (etcd 3.4's JSON gateway
+                                                # refuses a client certificate with a CN once etcd's
+                                                # authentication is on; the user logs in with a password)
 
 Keys are ECDSA P-256 (fast to make, and what etcd's own docs use with cfssl), written mode 0600 into a
 directory made 0700. Nothing here is for production: a deployment makes its certificates with its own CA
@@ -87,8 +88,11 @@ class Pki:
         # etcd 3.4's JSON gateway dials its own gRPC port with the member's certificate as a client
         # certificate, so a member's certificate is for both ends of TLS.
         usages = [EKU.SERVER_AUTH, EKU.CLIENT_AUTH] if server else [EKU.CLIENT_AUTH]
+        # a client's name goes in OU: etcd 3.4's gateway refuses any request whose certificate has a CN once
+        # authentication is on ("CommonName of client sending a request against gateway will be ignored")
+        attr = NameOID.COMMON_NAME if server else NameOID.ORGANIZATIONAL_UNIT_NAME
         b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+             .subject_name(x509.Name([x509.NameAttribute(attr, common_name)]))
              .issuer_name(self._cert.subject).public_key(key.public_key())
              .serial_number(x509.random_serial_number())
              .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -116,7 +120,7 @@ class Pki:
         return self._issue(f"server-{name}", name, list(addresses), server=True)
 
     def client(self, name: str) -> Pair:
-        """An agent's client certificate, CN=`name`."""
+        """An agent's client certificate, OU=`name`, no CN."""
         return self._issue(f"client-{name}", name, [], server=False)
 
 

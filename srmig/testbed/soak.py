@@ -119,7 +119,9 @@ def soak(n: int, rate: int = 2000, db: str = "embedded", xdp_mode: str = "generi
     legs: list[Leg] = []
     snaps: dict = {}
     error = None
-    with libvirt_demo.setup(db, xdp_mode, say) as env:
+    # Nobody is there to end a fenced copy: the destination destroys it (a paused one would keep the domain
+    # there, and every later migration to that host would fail).
+    with libvirt_demo.setup(db, xdp_mode, say, fence="destroy") as env:
         snaps["start"] = resources(env)
         where = "S"
         for i in range(1, n + 1):

@@ -18,6 +18,8 @@
 #   SRMIG_ETCD_CA     the CA of etcd's certificate (PEM) [required with https:// endpoints]
 #   SRMIG_ETCD_CERT, SRMIG_ETCD_KEY   this agent's client certificate and key [required with https://]
 #   SRMIG_ETCD_INSECURE  true: allow http:// endpoints, no TLS (`srmig agent --check` warns) [false]
+#   SRMIG_ETCD_USER, SRMIG_ETCD_PASSWORD_FILE   this agent's etcd user and the root-only file with its
+#                     password (etcd's authentication: `srmig db-roles`) [none]
 #   SRMIG_SOCKET      the agent's unix socket [/run/srmig/agent.sock]
 #   SRMIG_LIBVIRT_URI [qemu:///system]
 #   SRMIG_QEMU_RUN_DIR where libvirt writes <domain>.pid [/run/libvirt/qemu]
@@ -50,9 +52,10 @@ toml_list() {  # "a b" -> ["a", "b"]
 toml_opt() {  # key value -> key = "value" and a newline, nothing when value is empty
     [ -z "$2" ] || printf '%s = "%s"\n' "$1" "$2"
 }
-# etcd's mutual TLS (https:// endpoints): the CA, this agent's certificate and key
+# etcd's mutual TLS (https:// endpoints): the CA, this agent's certificate and key; its etcd user
 db_tls=$(toml_opt ca_file "${SRMIG_ETCD_CA:-}"; toml_opt cert_file "${SRMIG_ETCD_CERT:-}"
-         toml_opt key_file "${SRMIG_ETCD_KEY:-}")
+         toml_opt key_file "${SRMIG_ETCD_KEY:-}"; toml_opt user "${SRMIG_ETCD_USER:-}"
+         toml_opt password_file "${SRMIG_ETCD_PASSWORD_FILE:-}")
 db_tls=${db_tls:+$db_tls
 }
 
@@ -71,6 +74,7 @@ libvirt_uri = "${SRMIG_LIBVIRT_URI:-qemu:///system}"
 qemu_run_dir = "${SRMIG_QEMU_RUN_DIR:-/run/libvirt/qemu}"
 grace_s = ${SRMIG_GRACE_S:-2.0}
 drain = ${SRMIG_DRAIN:-true}
+fence = "${SRMIG_FENCE:-pause}"
 
 [db]
 backend = "${SRMIG_DB:-embedded}"

@@ -9,7 +9,7 @@
 #   SRMIG_ENCAP       bpf (srmig's H.Encaps on SRMIG_INTERFACE's egress: any kernel) or kernel (seg6 routes:
 #                     needs a kernel with SRv6 lwtunnels) [bpf]
 #   SRMIG_DB, SRMIG_DB_PATH, SRMIG_ETCD, SRMIG_ETCD_CA, SRMIG_ETCD_CERT, SRMIG_ETCD_KEY, SRMIG_ETCD_INSECURE,
-#   SRMIG_SOCKET, SRMIG_METRICS, SRMIG_CONFIG: as in host.sh
+#   SRMIG_ETCD_USER, SRMIG_ETCD_PASSWORD_FILE, SRMIG_SOCKET, SRMIG_METRICS, SRMIG_CONFIG: as in host.sh
 set -eu
 : "${SRMIG_INTERFACE:?set SRMIG_INTERFACE}" "${SRMIG_GATEWAY:?set SRMIG_GATEWAY}"
 NAME=${SRMIG_NAME:-$(hostname)}
@@ -19,9 +19,10 @@ for x in ${SRMIG_ETCD:-https://127.0.0.1:2379}; do endpoints="$endpoints${endpoi
 toml_opt() {  # key value -> key = "value" and a newline, nothing when value is empty
     [ -z "$2" ] || printf '%s = "%s"\n' "$1" "$2"
 }
-# etcd's mutual TLS (https:// endpoints): the CA, this agent's certificate and key
+# etcd's mutual TLS (https:// endpoints): the CA, this agent's certificate and key; its etcd user
 db_tls=$(toml_opt ca_file "${SRMIG_ETCD_CA:-}"; toml_opt cert_file "${SRMIG_ETCD_CERT:-}"
-         toml_opt key_file "${SRMIG_ETCD_KEY:-}")
+         toml_opt key_file "${SRMIG_ETCD_KEY:-}"; toml_opt user "${SRMIG_ETCD_USER:-}"
+         toml_opt password_file "${SRMIG_ETCD_PASSWORD_FILE:-}")
 db_tls=${db_tls:+$db_tls
 }
 mkdir -p "$(dirname "$CONFIG")"

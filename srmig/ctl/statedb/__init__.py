@@ -13,6 +13,8 @@ This module is the interface callers use (`Kv`, `Lease`, `Watch`, `Entry`, `Even
   compare-and-swap are etcd's own; a watch is one streaming HTTP request per watch, resumed from the last
   delivered revision after the member goes away. https:// endpoints take `Tls`: the members' certificates
   are verified against its CA, and the client certificate is what etcd's --client-cert-auth asks for.
+  `Auth` is the etcd user the agent acts as (etcd's authentication on): what its roles do not permit, etcd
+  refuses, and the call raises PermissionDenied.
 
 Keys given to the API are relative ("vms/2001:db8::10"); the store keeps them under `prefix`. Values are
 JSON objects. Revisions are store-wide and increase with every change, as in etcd: a put's revision is the
@@ -25,7 +27,7 @@ import importlib
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """An etcd user and its password (etcd's authentication and roles: srmig.ctl.statedb.etcd_auth). etcd 3.4's
+    JSON gateway takes no user from a client certificate, so a user logs in with its password and sends the
+    token etcd returns with every request."""
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Entry:
     key: str
     value: dict
@@ -64,6 +75,15 @@ class Event:
 
 class DbUnavailable(RuntimeError):
     """The backend cannot be reached or opened; the message names the endpoint or path and why."""
+
+
+class AuthFailed(DbUnavailable):
+    """etcd refused the user's login (unknown user or wrong password): no retry helps until the
+    configuration changes."""
+
+
+class PermissionDenied(RuntimeError):
+    """etcd refused a request that the user's roles do not permit (a key outside them)."""
 
 
 class LeaseExpired(RuntimeError):
@@ -171,6 +191,11 @@ class Watch:
 class Kv:
     """The state database. Thread-safe; watches call back from their own threads."""
 
+    # Requests the database refused as outside the user's roles (etcd with authentication: each logged in one
+    # line when refused), and the last one's message. The embedded backend has no users: always 0.
+    denied = 0
+    last_denied: str | None = None
+
     def get(self, key: str) -> Entry | None:
         raise NotImplementedError
 
@@ -221,10 +246,11 @@ class Kv:
 
 
 def open_db(backend: str, *, path: str | None = None, endpoints: list[str] | None = None,
-            prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0, tls: Tls | None = None) -> Kv:
+            prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0, tls: Tls | None = None,
+            auth: Auth | None = None) -> Kv:
     """Open the state database: "embedded" (SQLite file `path`, default /var/lib/srmig/state.db, made mode
-    0600) or "etcd" (`endpoints`, e.g. ["https://127.0.0.1:2379"], with `tls` for https://). Raises
-    DbUnavailable if it cannot be reached."""
+    0600) or "etcd" (`endpoints`, e.g. ["https://127.0.0.1:2379"], with `tls` for https://, `auth` to log in
+    as an etcd user). Raises DbUnavailable if it cannot be reached, AuthFailed if etcd refuses the login."""
     # each backend is imported when chosen: it imports this module
     if backend == "embedded":
         from srmig.ctl.statedb.sqlite import SqliteKv  # noqa: PLC0415
@@ -233,7 +259,7 @@ def open_db(backend: str, *, path: str | None = None, endpoints: list[str] | Non
         if not endpoints:
             raise ValueError("the etcd state db needs endpoints, e.g. ['https://127.0.0.1:2379']")
         from srmig.ctl.statedb.etcd import EtcdKv  # noqa: PLC0415
-        return EtcdKv(endpoints, prefix, timeout_s, tls)
+        return EtcdKv(endpoints, prefix, timeout_s, tls, auth)
     raise ValueError(f"unknown state db backend {backend!r}: expected 'embedded' or 'etcd'")
 
 

@@ -18,6 +18,13 @@ answers (a new leader keeps every lease alive: it extends them at its election).
 https:// endpoints are mutual TLS: every session verifies the member's certificate against `Tls.ca_file`
 and presents `Tls.cert_file`/`key_file`. (etcd3gw's own ca_cert/cert_cert/cert_key arguments apply only to
 the session it makes itself; srmig passes sessions of its own, so it sets verify and cert on them.)
+
+With `Auth` (etcd's authentication on), the client logs in (POST auth/authenticate with the user's password:
+etcd 3.4's JSON gateway takes no user from a client certificate, and refuses a certificate with a CN once
+authentication is on) and sends the token in the Authorization header of every request and watch. etcd
+forgets a token after --auth-token-ttl (300 s) unused, or on the member's restart, and refuses one issued
+before a change to users or roles: the request is then sent again after a new login (etcd checked the token
+before applying anything). A request the user's roles do not permit raises PermissionDenied.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from srmig.ctl.statedb import (BACKOFF_MAX_S, BACKOFF_MIN_S, DEFAULT_PREFIX, DbUnavailable, Entry, Event, Kv, Lease,
-                               LeaseExpired, Tls, Watch, WatchCallback, _check_key, _Compacted, _encode_value)
+from srmig.ctl.statedb import (BACKOFF_MAX_S, BACKOFF_MIN_S, DEFAULT_PREFIX, Auth, AuthFailed, DbUnavailable, Entry,
+                               Event, Kv, Lease, LeaseExpired, PermissionDenied, Tls, Watch, WatchCallback,
+                               _check_key, _Compacted, _encode_value)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,10 @@ NOT_APPLIED_ERRORS = ("etcdserver: no leader", "raft proposal dropped", "etcdser
                       "etcdserver: not capable")
 # ... and when it gave up waiting for raft: the request may still be applied.
 MAYBE_APPLIED_ERRORS = ("etcdserver: request timed out", "etcdserver: leader changed", "etcdserver: server stopped")
+# A token etcd no longer takes (expired, the member restarted, users or roles changed since the login), or
+# none: log in again and resend (etcd refuses these before applying anything).
+TOKEN_ERRORS = ("invalid auth token", "revision of auth store is old", "user name is empty")
+AUTH_PATH = "auth/authenticate"
 
 
 class _NotApplied(Exception):
@@ -70,6 +82,10 @@ class _NotApplied(Exception):
 
 class _MaybeApplied(Exception):
     """The request went out and no answer says whether etcd applied it."""
+
+
+class _TokenRefused(Exception):
+    """etcd refused our token (TOKEN_ERRORS): log in again, then send the request again."""
 
 
 class _Refused(Exception):
@@ -156,7 +172,7 @@ def _check_tls(tls: Tls) -> None:
 
 class EtcdKv(Kv):
     def __init__(self, endpoints: list[str], prefix: str = DEFAULT_PREFIX, timeout_s: float = 2.0,
-                 tls: Tls | None = None):
+                 tls: Tls | None = None, auth: Auth | None = None):
         urls = [urlsplit(ep) for ep in endpoints]
         for ep, u in zip(endpoints, urls):
             if u.scheme not in ("http", "https") or not u.hostname:
@@ -181,6 +197,9 @@ class EtcdKv(Kv):
         self.timeout_s = timeout_s
         self.endpoints = list(endpoints)
         self.tls = tls
+        self.auth = auth
+        self.token: str | None = None   # etcd's token for `auth`, once logged in
+        self._login_lock = threading.Lock()
         self._clients = []
         for u in urls:
             session = requests.Session()
@@ -196,11 +215,55 @@ class EtcdKv(Kv):
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
         try:
-            self._call("maintenance/status", {})
+            self._call("maintenance/status", {})    # needs no user: it says whether etcd answers at all
+            if auth is not None:
+                self.login()
         except BaseException:
             for c in self._clients:
                 c.session.close()
             raise
+
+    def login(self, stale: str | None = None) -> None:
+        """Log in as `auth`: a token for every request after. `stale`: the token a request was refused with;
+        when another thread has already replaced it, nothing to do. AuthFailed when etcd refuses the user or
+        its password."""
+        with self._login_lock:
+            if stale is not None and self.token != stale:
+                return
+            try:
+                r = self._call(AUTH_PATH, {"name": self.auth.user, "password": self.auth.password})
+            except RuntimeError as e:
+                if "authentication is not enabled" in str(e):
+                    log.warning("state db: etcd's authentication is off: user %r has no effect, every client may "
+                                "write every key (etcdctl auth enable)", self.auth.user)
+                    self.token = None
+                    return
+                if "authentication failed" in str(e):
+                    raise AuthFailed(f"etcd refused the login of user {self.auth.user!r}: wrong password or no "
+                                     "such user (db.user, db.password_file)") from None
+                raise
+            self.token = r["token"]
+
+    def deny(self, what: str) -> PermissionDenied:
+        """etcd refused `what` as outside our user's roles: one error line, counted (Kv.denied)."""
+        message = f"etcd refused {what} to user {self.auth.user if self.auth else '(none)'!r}: permission denied"
+        with self._lock:
+            self.denied += 1
+            self.last_denied = message
+        log.error("state db: %s", message)
+        return PermissionDenied(message)
+
+    def _key_of(self, payload: dict) -> str:
+        """The (first) key a request names, relative to the prefix, for a message."""
+        ops = [o.get("request_put") or o.get("request_range") or {} for o in payload.get("success", ())]
+        for op in [payload, *ops]:
+            if op.get("key"):
+                key = base64.b64decode(op["key"]).decode(errors="replace")
+                return key[len(self.prefix):] if key.startswith(self.prefix) else key
+        return "(no key)"
+
+    def _headers(self, path: str) -> dict | None:
+        return {"Authorization": self.token} if self.token and path != AUTH_PATH else None
 
     def _post(self, idx: int, path: str, payload: dict) -> dict:
         """One POST to endpoint `idx`. Raises _NotApplied when etcd certainly did not apply it (no connection,
@@ -210,7 +273,7 @@ class EtcdKv(Kv):
         c = self._clients[idx]
         requests = self._requests
         try:
-            resp = c.session.post(c.get_url(path), json=payload, timeout=self.timeout_s)
+            resp = c.session.post(c.get_url(path), json=payload, timeout=self.timeout_s, headers=self._headers(path))
         except (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError) as e:
             raise _NotApplied(_why(e, self.tls), down=True) from e
         except requests.exceptions.ReadTimeout as e:
@@ -233,6 +296,10 @@ class EtcdKv(Kv):
             message = str(body.get("message") or body.get("error") or body)
         except ValueError:
             message = resp.text[:300]
+        if any(m in message for m in TOKEN_ERRORS) and self.auth is not None and path != AUTH_PATH:
+            raise _TokenRefused(message)
+        if "permission denied" in message:
+            raise self.deny(f"{path} {self._key_of(payload)}")
         if "lease not found" in message:
             raise LeaseExpired(f"etcd {self.endpoints[idx]}: lease has expired or was revoked "
                                "(requested lease not found)")
@@ -256,6 +323,7 @@ class EtcdKv(Kv):
         n = len(self._clients)
         first = idx = self._current
         deadline = None
+        relogged = False
         while True:
             dead = {self._member_ids[i] for i in down} - {None}
             if dead and idx not in down:
@@ -274,6 +342,12 @@ class EtcdKv(Kv):
                     again = None
             except _Refused as e:
                 raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {e}") from None
+            except _TokenRefused as e:
+                if relogged:    # refused right after a login: not a stale token
+                    raise RuntimeError(f"etcd {self.endpoints[idx]} {path}: {e}") from None
+                relogged = True
+                self.login(stale=self.token)
+                continue        # the same endpoint again, with the new token
             else:
                 if idx != first:
                     log.warning("state db: failed over from etcd %s (%s) to %s", self.endpoints[first],
@@ -463,6 +537,7 @@ class _EtcdWatch(Watch):
         super().__init__(prefix, callback, last, kv.timeout_s)
         self._kv = kv
         self._resp = None
+        self._token: str | None = None      # the token the current stream was opened with
         self._resp_lock = threading.Lock()
         # one session (one TCP connection) per watch: a pooled connection is busy for the stream's life
         self._session = kv._requests.Session()
@@ -482,25 +557,38 @@ class _EtcdWatch(Watch):
     def _run(self) -> None:
         backoff = BACKOFF_MIN_S
         idx = self._kv._current
+        relogged = False            # a login since the last stream etcd accepted: the next refusal waits
         try:
             while not self._cancelled.is_set():
                 endpoint = self._kv.endpoints[idx]
+                denied = False
                 try:
                     if self._stream(idx):
-                        backoff = BACKOFF_MIN_S
+                        backoff, relogged = BACKOFF_MIN_S, False
                     why = "stream ended"
                 except _Compacted as c:
                     self._resync(self._kv, c.revision)
                     continue
+                except PermissionDenied as e:
+                    # outside our roles: said (one line) and counted by deny(); tried again in case they change
+                    why, denied = str(e), True
                 except Exception as e:
                     why = _why(e, self._kv.tls)
+                    if self._kv.auth is not None and any(m in why for m in TOKEN_ERRORS) and not relogged:
+                        relogged = True
+                        try:
+                            self._kv.login(stale=self._token)
+                            continue        # at once, with the new token
+                        except Exception as le:  # noqa: BLE001 - the loop's backoff and log line
+                            why = f"{why}; login again: {le}"
                 if self._cancelled.is_set():
                     break
                 # the next endpoint: a member that died takes the watch elsewhere; it resumes there from the
                 # revision after the last one delivered (revisions are the cluster's, the same on every member)
                 idx = (idx + 1) % len(self._kv.endpoints)
-                log.warning("state db watch %r on %s: %s; reconnecting from revision %d in %.2f s to %s",
-                            self.prefix, endpoint, why, self.last_revision + 1, backoff, self._kv.endpoints[idx])
+                (log.debug if denied else log.warning)(
+                    "state db watch %r on %s: %s; reconnecting from revision %d in %.2f s to %s",
+                    self.prefix, endpoint, why, self.last_revision + 1, backoff, self._kv.endpoints[idx])
                 self._cancelled.wait(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
@@ -512,8 +600,9 @@ class _EtcdWatch(Watch):
         full = self._kv._full(self.prefix)
         req = {"create_request": {"key": _b64(full), "range_end": _b64(_bytes_end(full)),
                                   "start_revision": str(self.last_revision + 1)}}
+        self._token = self._kv.token
         resp = self._session.post(client.get_url("watch"), json=req, stream=True,
-                                  timeout=(self._kv.timeout_s, None))
+                                  timeout=(self._kv.timeout_s, None), headers=self._kv._headers("watch"))
         with self._resp_lock:
             self._resp = resp
         accepted = False
@@ -548,6 +637,8 @@ class _EtcdWatch(Watch):
         if res.get("canceled"):
             if int(res.get("compact_revision", 0)) > 0:
                 raise _Compacted(int(res["compact_revision"]))
+            if "permission denied" in res.get("cancel_reason", ""):
+                raise self._kv.deny(f"watch {self.prefix}")
             raise RuntimeError(f"watch canceled by etcd: {res.get('cancel_reason', 'no reason given')}")
         events = []
         for ev in res.get("events", ()):
