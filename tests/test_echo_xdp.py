@@ -1,10 +1,12 @@
-"""The guest's XDP echo responder (srmig.testbed.echo_xdp): real frames through the real program with
-BPF_PROG_TEST_RUN on the host's kernel, and the ELF object the guest loads with iproute2."""
+"""The guest's XDP echo responder (srmig/testbed/echo_xdp.c, compiled by bcc in srmig.testbed.echo_xdp): real
+frames through the compiled instructions with BPF_PROG_TEST_RUN on the host's kernel (loaded on their own,
+as the guest loads them: no map, no relocation), and the ELF object the guest loads with iproute2."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -16,6 +18,7 @@ from srmig.testbed import echo_xdp
 
 GUEST, GW = "02:00:00:00:10:10", "02:00:5e:00:00:01"
 PAYLOAD = b"SRMP" + bytes(range(20))  # what the probe carries after the echo header: must come back as sent
+V4_MIN, V6_MIN = 14 + 20 + 8, 14 + 40 + 8   # Ethernet, IP, the echo header through its sequence number
 
 
 def _eth():
@@ -42,8 +45,8 @@ CASES = [
     ("v4-options", _v4(options=[b"\x01\x01\x01\x00"]) / ICMP(type=8, id=1, seq=1), False),
     ("v4-udp", _v4() / UDP(sport=1, dport=7) / PAYLOAD, False),
     ("arp", _eth() / ARP(psrc="198.51.100.1", pdst="198.51.100.10"), False),
-    ("v6-truncated", bytes(_v6() / ICMPv6EchoRequest(id=1, seq=1))[:echo_xdp.V6_MIN - 1], False),
-    ("v4-truncated", bytes(_v4() / ICMP(type=8, id=1, seq=1))[:echo_xdp.V4_MIN - 1], False),
+    ("v6-truncated", bytes(_v6() / ICMPv6EchoRequest(id=1, seq=1))[:V6_MIN - 1], False),
+    ("v4-truncated", bytes(_v4() / ICMP(type=8, id=1, seq=1))[:V4_MIN - 1], False),
 ]
 
 
@@ -83,7 +86,7 @@ def test_responder(prog_fd, frame, answered):
 
 @pytest.mark.bpf
 def test_checksum_carries(prog_fd):
-    """Requests whose checksum field makes the incremental update wrap around (0x0000, 0xFFFF, ...)."""
+    """A sweep of sequence numbers: the incremental update's carries come out as a fresh checksum's."""
     from srmig.bpf import libbpf
 
     for seq in range(0, 0x10000, 0x0FF1):
@@ -93,6 +96,78 @@ def test_checksum_carries(prog_fd):
             assert out.data == _expected_reply(frame), (seq, frame.summary())
 
 
+def _request(family: str, seq: int):
+    if family == "6":
+        return _v6() / ICMPv6EchoRequest(id=0x7F7F, seq=seq, data=PAYLOAD)
+    return _v4() / ICMP(type=8, id=0x7F7F, seq=seq) / PAYLOAD
+
+
+def _checksum(frame: bytes) -> int:
+    """The ICMP(v6) checksum field of a frame with an IPv6 or an option-less IPv4 header."""
+    at = (V6_MIN if frame[12:14] == b"\x86\xdd" else V4_MIN) - 6
+    return int.from_bytes(frame[at:at + 2], "big")
+
+
+def _seq_for(family: str, want: int, of_reply: bool) -> int:
+    """The sequence number that gives the request (or its reply) the checksum `want`. The checksum is the
+    complement of the one's complement sum of the words, the sequence number one of them: solved from the
+    sum at seq 0 (RFC 1071), then checked by building the frame."""
+    def checksum(seq):
+        req = _request(family, seq)
+        return _checksum(_expected_reply(req) if of_reply else bytes(req))
+    base = ~checksum(0) & 0xFFFF                  # the sum of every other word (pseudo-header included)
+    seq = ((~want & 0xFFFF) - base) % 0xFFFF      # base +' seq == ~want, in one's complement
+    assert checksum(seq) == want, (family, want, of_reply, seq)
+    return seq
+
+
+# (id, family, checksum, of the reply?): the ends of the range a fresh checksum takes (0x0000 .. 0xFFFE)
+CHECKSUM_EDGES = [
+    (f"v{family}-{'reply' if of_reply else 'request'}-{want:04x}", family, want, of_reply)
+    for family in ("6", "4") for of_reply in (False, True) for want in (0x0000, 0x0001, 0xFFFE)
+]
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("family,want,of_reply", [c[1:] for c in CHECKSUM_EDGES], ids=[c[0] for c in CHECKSUM_EDGES])
+def test_checksum_edges(prog_fd, family, want, of_reply):
+    """Requests whose checksum, or whose reply's, is at an end of its range: where an incremental update
+    that folds its carries wrongly (or leaves a 0xFFFF for a 0x0000, RFC 1624 3) differs from a fresh one."""
+    from srmig.bpf import libbpf
+
+    frame = _request(family, _seq_for(family, want, of_reply))
+    out = libbpf.prog_test_run(prog_fd, bytes(frame))
+    assert out.retval == echo_xdp.XDP_TX
+    assert out.data == _expected_reply(frame)
+
+
+def _insn(op: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", op, dst | src << 4, off, imm)
+
+
+EXIT = _insn(0x95)
+# (id, instructions, standalone?): what check_standalone lets into the guest's object (pure logic)
+STANDALONE_CASES = [
+    ("return", _insn(0xB7, 0, imm=2) + EXIT, True),
+    ("u64-constant", _insn(0x18, 1, imm=-1) + _insn(0, imm=7) + _insn(0xB7, 0, imm=2) + EXIT, True),
+    ("map-fd", _insn(0x18, 1, 1, imm=5) + _insn(0) + _insn(0xB7, 0, imm=2) + EXIT, False),
+    ("map-value", _insn(0x18, 1, 2, imm=5) + _insn(0) + _insn(0xB7, 0, imm=2) + EXIT, False),
+    ("helper-call", _insn(0x85, imm=5) + EXIT, False),
+    ("function-call", _insn(0x85, 0, 1, imm=1) + EXIT + _insn(0xB7, 0, imm=2) + EXIT, False),
+    ("torn", (_insn(0xB7, 0, imm=2) + EXIT)[:-4], False),
+]
+
+
+@pytest.mark.parametrize("insns,standalone", [c[1:] for c in STANDALONE_CASES], ids=[c[0] for c in STANDALONE_CASES])
+def test_check_standalone(insns, standalone):
+    if standalone:
+        assert echo_xdp.check_standalone(insns) == insns
+    else:
+        with pytest.raises(echo_xdp.NotStandalone):
+            echo_xdp.check_standalone(insns)
+
+
+@pytest.mark.bpf  # bcc compiles the program
 @pytest.mark.skipif(not shutil.which("readelf"), reason="binutils' readelf not installed")
 def test_elf_object_names_the_program(tmp_path):
     """The object the guest's iproute2 loads: a BPF relocatable with the program's bytes in SECTION, a global

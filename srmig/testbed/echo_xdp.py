@@ -19,98 +19,70 @@ The payload (the probe's magic, sequence number and send time) comes back untouc
 The price: the guest's kernel counters (Icmp6InEchos, IcmpOutEchoReps, ...) no longer see these echoes; only
 the device counters (eth0 rx_packets / tx_packets) do. srmig.testbed.guest.unanswered() reads those then.
 
-The program is assembled here (no compiler: the host has none) and wrapped in a minimal relocatable ELF (no
-maps, no relocations, no BTF) that iproute2's `ip link set dev eth0 xdp obj FILE sec xdp` loads with libbpf.
+The program is C (echo_xdp.c), compiled by bcc's clang/LLVM when the guest image is built (`./run setup`
+runs python -m srmig.testbed.guest build; the host has no clang of its own, bcc embeds one). bcc loads
+programs itself and writes no object file, so its instructions (BPF.dump_func) are wrapped here in a minimal
+relocatable ELF: no maps, no relocations, no BTF. The guest's one BPF loader is iproute2, and `ip link set
+dev eth0 xdp` takes eBPF only as an object file (`obj FILE sec xdp`, through libbpf) or a pinned program
+(its `bytecode` option is classic BPF, and tc's). The instructions must need nothing bcc resolved on this
+host: instructions() refuses map references and calls.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
+from pathlib import Path
 
+SOURCE = Path(__file__).with_name("echo_xdp.c")
 SECTION = "xdp"
-PROG_NAME = "srmig_echo"
+PROG_NAME = "srmig_echo"   # the C function, and the ELF's function symbol
 XDP_PASS, XDP_TX = 2, 3
 
-# BPF opcodes (include/uapi/linux/bpf.h): class | size | mode, class | op | source
-_LDXW, _LDXH, _LDXB, _LDXDW = 0x61, 0x69, 0x71, 0x79
-_STXW, _STXH, _STXDW = 0x63, 0x6B, 0x7B
-_STB = 0x72                      # BPF_ST | BPF_MEM | BPF_B: store an immediate byte
-_MOV_K, _MOV_X, _ADD_K, _ADD_X = 0xB7, 0xBF, 0x07, 0x0F
-_AND_K, _RSH_K, _XOR_K = 0x57, 0x77, 0xA7
-_JGT_X, _JNE_K, _JA, _EXIT = 0x2D, 0x55, 0x05, 0x95
-
-# Frame offsets: Ethernet 14, IPv4 20 (IHL 5), IPv6 40, ICMP(v6) type/code/checksum.
-ETH_HLEN = 14
-V4_PROTO, V4_SRC, V4_DST, V4_ICMP = 23, 26, 30, 34
-V6_NEXT, V6_SRC, V6_DST, V6_ICMP = 20, 22, 38, 54
-V4_MIN, V6_MIN = V4_ICMP + 8, V6_ICMP + 8   # through the echo's identifier and sequence number
+# struct bpf_insn (include/uapi/linux/bpf.h): opcode, dst_reg:4 | src_reg:4, off, imm
+_INSN = struct.Struct("<BBhi")
+_BPF_LD_IMM64 = 0x18      # BPF_LD | BPF_IMM | BPF_DW: src_reg != 0 means a map, map value, BTF id or function
+_BPF_JMP_CALL = 0x85      # BPF_JMP | BPF_CALL: a helper (src_reg 0), a function (1) or a kfunc (2)
 
 
-def _insn(op: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> list:
-    return [op, dst, src, off, imm]
+class NotStandalone(ValueError):
+    """Compiled instructions that refer to something outside themselves (a map, a helper, a function)."""
 
 
+def check_standalone(insns: bytes) -> bytes:
+    """`insns` unchanged if they need nothing outside themselves, else NotStandalone. A map reference would
+    carry this host's map fd, a BPF-to-BPF call a function dump_func did not copy; a helper call needs no
+    relocation but is refused too: the responder needs none, and the guest's kernel may lack a helper."""
+    if len(insns) % _INSN.size:
+        raise NotStandalone(f"{len(insns)} bytes is not a whole number of instructions")
+    for i in range(0, len(insns), _INSN.size):
+        op, regs, _, imm = _INSN.unpack_from(insns, i)
+        if op == _BPF_LD_IMM64 and regs >> 4:
+            raise NotStandalone(f"instruction {i // _INSN.size}: a 64-bit load of kind {regs >> 4} (a map?)")
+        if op == _BPF_JMP_CALL:
+            raise NotStandalone(f"instruction {i // _INSN.size}: a call (kind {regs >> 4}, {imm})")
+    return insns
+
+
+@functools.cache
 def instructions() -> bytes:
-    """The program as struct bpf_insn[] (r1: the xdp_md context; r2 data, r3 data_end)."""
-    code: list[list] = []
-    labels: dict[str, int] = {}
-    jumps: list[tuple[int, str]] = []
+    """The program as struct bpf_insn[], compiled from SOURCE by bcc (once per process: ~1 s of clang)."""
+    from srmig.bpf import loader  # noqa: PLC0415  (bcc and kernel headers only when compiling)
 
-    def emit(op, dst=0, src=0, off=0, imm=0, to: str | None = None):
-        if to is not None:
-            jumps.append((len(code), to))
-        code.append(_insn(op, dst, src, off, imm))
-
-    def swap_macs():
-        emit(_LDXW, 6, 2, 0), emit(_LDXH, 7, 2, 4), emit(_LDXW, 8, 2, 6), emit(_LDXH, 9, 2, 10)
-        emit(_STXW, 2, 8, 0), emit(_STXH, 2, 9, 4), emit(_STXW, 2, 6, 6), emit(_STXH, 2, 7, 10)
-
-    def checksum(at: int, old_word: int, new_word: int):
-        # RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'). The words are loaded in host (little-endian) order: one's
-        # complement sums do not depend on byte order, so the old and new words are given byte-swapped too.
-        emit(_LDXH, 6, 2, at)
-        emit(_XOR_K, 6, imm=0xFFFF)
-        emit(_ADD_K, 6, imm=(~old_word & 0xFFFF) + new_word)
-        for _ in range(2):  # fold the carries back in (the sum of three 16-bit words fits two folds)
-            emit(_MOV_X, 7, 6), emit(_RSH_K, 7, imm=16), emit(_AND_K, 6, imm=0xFFFF), emit(_ADD_X, 6, 7)
-        emit(_XOR_K, 6, imm=0xFFFF)
-        emit(_STXH, 2, 6, at)
-
-    def le16(first: int, second: int) -> int:
-        """Two bytes in frame order as a little-endian load sees them."""
-        return first | second << 8
-
-    emit(_LDXW, 2, 1, 0)                # data
-    emit(_LDXW, 3, 1, 4)                # data_end
-    emit(_MOV_K, 0, imm=XDP_PASS)
-    emit(_MOV_X, 4, 2), emit(_ADD_K, 4, imm=V4_MIN), emit(_JGT_X, 4, 3, to="out")
-    emit(_LDXH, 5, 2, 12)               # EtherType
-    emit(_JNE_K, 5, imm=le16(0x08, 0x00), to="ipv6")
-    emit(_LDXB, 5, 2, ETH_HLEN), emit(_JNE_K, 5, imm=0x45, to="out")       # version 4, IHL 5: no options
-    emit(_LDXB, 5, 2, V4_PROTO), emit(_JNE_K, 5, imm=1, to="out")          # ICMP
-    emit(_LDXB, 5, 2, V4_ICMP), emit(_JNE_K, 5, imm=8, to="out")           # Echo
-    swap_macs()
-    emit(_LDXW, 6, 2, V4_SRC), emit(_LDXW, 7, 2, V4_DST), emit(_STXW, 2, 7, V4_SRC), emit(_STXW, 2, 6, V4_DST)
-    emit(_STB, 2, 0, V4_ICMP, 0)                                            # Echo Reply
-    checksum(V4_ICMP + 2, le16(8, 0), le16(0, 0))
-    emit(_MOV_K, 0, imm=XDP_TX), emit(_JA, to="out")
-    labels["ipv6"] = len(code)
-    emit(_JNE_K, 5, imm=le16(0x86, 0xDD), to="out")
-    emit(_MOV_X, 4, 2), emit(_ADD_K, 4, imm=V6_MIN), emit(_JGT_X, 4, 3, to="out")
-    emit(_LDXB, 5, 2, V6_NEXT), emit(_JNE_K, 5, imm=58, to="out")          # ICMPv6, no extension header
-    emit(_LDXB, 5, 2, V6_ICMP), emit(_JNE_K, 5, imm=128, to="out")         # Echo Request
-    swap_macs()
-    for half in (0, 8):
-        emit(_LDXDW, 6, 2, V6_SRC + half), emit(_LDXDW, 7, 2, V6_DST + half)
-        emit(_STXDW, 2, 7, V6_SRC + half), emit(_STXDW, 2, 6, V6_DST + half)
-    emit(_STB, 2, 0, V6_ICMP, 129)                                          # Echo Reply
-    checksum(V6_ICMP + 2, le16(128, 0), le16(129, 0))
-    emit(_MOV_K, 0, imm=XDP_TX)
-    labels["out"] = len(code)
-    emit(_EXIT)
-    for at, name in jumps:
-        code[at][3] = labels[name] - at - 1
-    return b"".join(struct.pack("<BBhi", op, dst | src << 4, off, imm) for op, dst, src, off, imm in code)
+    ksrc = loader.kernel_source()
+    if ksrc:
+        os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    try:
+        import bcc  # noqa: PLC0415
+    except ImportError:
+        raise loader.LoaderError("bcc is not importable: apt-get install python3-bpfcc, and use the venv made "
+                                 "by ./run setup") from None
+    b = bcc.BPF(src_file=str(SOURCE).encode())
+    try:
+        return check_standalone(bytes(b.dump_func(PROG_NAME.encode())))
+    finally:
+        b.cleanup()
 
 
 def elf_object(insns: bytes | None = None) -> bytes:
