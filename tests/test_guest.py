@@ -326,6 +326,28 @@ def test_boot_ping_migrate_ping(topology, capsys):
 
 
 @pytest.mark.vm
+def test_xdp_echo_answers_both_families(topology):
+    """srmig.echo=xdp: the guest's iproute2 loads the compiled responder (echo_xdp.c) on eth0, and its
+    kernel's verifier takes it. Both families are answered, by XDP: the kernel's echo counters stay still
+    while eth0 sends a frame back for each request."""
+    t = topology
+    three_hosts(t)
+    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm", addr4=f"{VM4}/24", echo="xdp") as src:
+        boot(src, t, "S")
+        # /init says echo=kernel when the load failed (and answers in the kernel)
+        assert re.search(r"SRMIG-GUEST-READY .* echo=xdp", src.console()), src.console()
+        before = src.guest_stats()
+        assert before.get("srmig_echo_xdp") == 1
+        assert ping(t, 20, interval=0.02) == (20, 20)
+        assert ping(t, 20, interval=0.02, dst=VM4) == (20, 20)
+        after = src.guest_stats()
+    for counter in ("Icmp6InEchos", "Icmp6OutEchoReplies", "IcmpInEchos", "IcmpOutEchoReps"):
+        assert after[counter] == before[counter], counter
+    assert after["eth0_rx_packets"] - before["eth0_rx_packets"] >= 40
+    assert after["eth0_tx_packets"] - before["eth0_tx_packets"] >= 40
+
+
+@pytest.mark.vm
 def test_frame_held_by_paused_qemu_is_not_migrated(topology):
     """The swallowed frame (docs/platform.md), measured. After `stop`, QEMU reads exactly one more frame from its tap
     (it sits in QEMU's own net queue, delivered on `cont`) and leaves the rest in the tap queue. That frame
