@@ -6,7 +6,7 @@ lookup, ICMP(v6) send path, qdisc). Measured on 2 shared cores, QEMU 7.2, one vC
 family: the vCPU thread spent ~50-65 us per echo answered by the stack (~19 us of it receiving, ~19 us with
 echo_ignore_all), the guest answered ~12,000-17,000 echo/s at most and the queue in front of it held ~1 s
 (round trip p50 0.7-1 s, thousands lost in the tap's queue); with this program ~19 us per echo, all
-20,000 echo/s answered, round trip p50 0.3 ms (docs/platform.md, "The test guest").
+20,000 echo/s answered, round trip p50 0.3 ms (docs/platform.md, "How many echo requests the guest answers").
 
 What it does, per frame (anything else: XDP_PASS, to the stack):
 * Ethernet + IPv6 (next header 58, no extension headers) + ICMPv6 type 128: swap the MAC addresses and the

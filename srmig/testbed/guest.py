@@ -157,7 +157,8 @@ fi
 # srmig.echo=xdp: echo requests are answered by an XDP program on eth0 (srmig/testbed/echo_xdp.c), before
 # the stack: ~3x less of the vCPU per echo under TCG. The kernel's ICMP counters then no longer see them.
 if [ "$ECHO" = xdp ]; then
-    /usr/sbin/ip link set dev eth0 xdp obj /lib/srmig/echo-xdp.o sec xdp || { log "XDP echo responder failed"; ECHO=kernel; }
+    /usr/sbin/ip link set dev eth0 xdp obj /lib/srmig/echo-xdp.o sec xdp \
+        || { log "XDP echo responder failed"; ECHO=kernel; }
 fi
 
 counters() {
