@@ -200,6 +200,7 @@ def test_fault_list_names_every_fault_phase_and_default():
     (["--libvirt", "--fault", "dest-agent-kill", "--attempts", "0"], "--attempts: at least 1"),
     (["--libvirt", "--fault", "dest-agent-kill", "--family", "4"], "--family: not with --fault"),
     (["--soak", "2", "--family", "both"], "--family: not with --fault, --fault-matrix or --soak"),
+    (["--libvirt", "--guest-echo", "kernel"], "--guest-echo: the namespace demo only"),
 ])
 def test_bad_arguments_are_one_line_exit_2_and_run_nothing(argv, says):
     out = srmig("demo", *argv)

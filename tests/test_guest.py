@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from srmig.testbed import guest, qemu
+from srmig.testbed import echo_xdp, guest, qemu
 from srmig.testbed.netns import sysctl
 
 VM = "2001:db8:100::10"
@@ -42,6 +42,8 @@ CMDLINE_ROWS = [
     ("ipv4-no-gateway", dict(addr=None, addr4="198.51.100.10/32"),
      ["srmig.addr4=198.51.100.10/32", "srmig.gw=fe80::1"], ["srmig.addr=", "srmig.gw4="]),
     ("stats", dict(addr="2001:db8:100::10/64", stats=2), ["srmig.stats=2"], ["srmig.addr4="]),
+    ("echo-xdp", dict(addr="2001:db8:100::10/64", echo="xdp"), ["srmig.echo=xdp"], []),
+    ("echo-kernel", dict(addr="2001:db8:100::10/64", echo="kernel"), [], ["srmig.echo="]),
 ]
 
 
@@ -60,13 +62,19 @@ def test_kernel_cmdline_gateway_needs_address():
         guest.kernel_cmdline("2001:db8:100::10/64", gw4="198.51.100.1")
 
 
+def test_kernel_cmdline_echo_mode():
+    with pytest.raises(ValueError):
+        guest.kernel_cmdline("2001:db8:100::10/64", echo="dpdk")
+
+
 def test_init_reads_every_setting():
     """/init reads every srmig.* setting kernel_cmdline writes, and configures IPv4 from them."""
-    for key in ("srmig.addr=", "srmig.gw=", "srmig.addr4=", "srmig.gw4=", "srmig.stats=", "srmig.ctl="):
+    for key in ("srmig.addr=", "srmig.gw=", "srmig.addr4=", "srmig.gw4=", "srmig.stats=", "srmig.ctl=", "srmig.echo="):
         assert f"        {key}*)" in guest.INIT, key
     assert 'ip -4 addr add "$ADDR4" dev eth0' in guest.INIT
     assert "net.ipv4.neigh.eth0.base_reachable_time_ms=3600000" in guest.INIT
     assert "cat /proc/net/snmp6 /proc/net/snmp" in guest.INIT
+    assert f"xdp obj {guest.ECHO_XDP_OBJECT} sec {echo_xdp.SECTION}" in guest.INIT
 
 
 STATS_LINES = """\
@@ -119,6 +127,10 @@ UNANSWERED_ROWS = [
     ("v4-capped", {"IcmpInEchos": 50, "IcmpOutEchoReps": 40}, 4, "4", 4),
     ("v4-unknown", {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "4", 0),
     ("more-replies", {"IcmpInEchos": 5, "IcmpOutEchoReps": 7}, 3, "4", 0),
+    # an XDP responder: the device's frames received and not sent back, both families together, capped by the loss
+    ("xdp", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990, "Icmp6InEchos": 0}, 20, "6", 10),
+    ("xdp-capped", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990}, 4, "4", 4),
+    ("xdp-no-device", {"srmig_echo_xdp": 0, "Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "6", 0),
 ]
 
 
@@ -311,6 +323,28 @@ def test_boot_ping_migrate_ping(topology, capsys):
     with capsys.disabled():
         print("\n[guest facts] " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in facts.items()))
+
+
+@pytest.mark.vm
+def test_xdp_echo_answers_both_families(topology):
+    """srmig.echo=xdp: the guest's iproute2 loads the compiled responder (echo_xdp.c) on eth0, and its
+    kernel's verifier takes it. Both families are answered, by XDP: the kernel's echo counters stay still
+    while eth0 sends a frame back for each request."""
+    t = topology
+    three_hosts(t)
+    with qemu.Qemu("src", ns=t.ns("S"), tap="tapvm", addr4=f"{VM4}/24", echo="xdp") as src:
+        boot(src, t, "S")
+        # /init says echo=kernel when the load failed (and answers in the kernel)
+        assert re.search(r"SRMIG-GUEST-READY .* echo=xdp", src.console()), src.console()
+        before = src.guest_stats()
+        assert before.get("srmig_echo_xdp") == 1
+        assert ping(t, 20, interval=0.02) == (20, 20)
+        assert ping(t, 20, interval=0.02, dst=VM4) == (20, 20)
+        after = src.guest_stats()
+    for counter in ("Icmp6InEchos", "Icmp6OutEchoReplies", "IcmpInEchos", "IcmpOutEchoReps"):
+        assert after[counter] == before[counter], counter
+    assert after["eth0_rx_packets"] - before["eth0_rx_packets"] >= 40
+    assert after["eth0_tx_packets"] - before["eth0_tx_packets"] >= 40
 
 
 @pytest.mark.vm

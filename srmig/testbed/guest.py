@@ -14,8 +14,10 @@ The guest's /init (see INIT below) mounts proc/sys/dev, loads the modules in the
 (docs/platform.md), disables DAD, autoconfiguration and every ICMPv6 rate limit, gives eth0 a pfifo_fast
 qdisc of 10000 (Debian's default fq_codel drops echo replies once they queue > 5 ms), keeps the
 gateway's neighbour entry reachable for an hour (no ND around a migration), configures eth0 from the kernel
-command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s answered without loss for
-2 s; beyond (~15 k/s) the guest drops replies itself (Ip6OutDiscards / Icmp6OutErrors count them).
+command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s answered by the kernel without
+loss for 2 s; beyond (~15 k/s) the guest drops replies itself (Ip6OutDiscards / Icmp6OutErrors count them).
+With srmig.echo=xdp an XDP program on eth0 answers them instead (srmig/testbed/echo_xdp.c): 20,000/s (10,000
+per family) with a round trip of ~0.3 ms, where the kernel queued them for ~1 s (docs/platform.md).
 
     srmig.addr=2001:db8:100::10/64   IPv6 address and prefix of eth0 (required for IPv6 networking)
     srmig.gw=fe80::1                 IPv6 default gateway on eth0 (the anycast gateway; default fe80::1)
@@ -24,6 +26,8 @@ command line and idles. Measured under TCG on 2 cores: ~12,500 echo requests/s a
                                      the same address and MAC on every host's tap, docs/operations.md)
     srmig.stats=N                    optional: print a counters line on the console every N seconds
     srmig.ctl=ttyS1                  the control serial port (default ttyS1)
+    srmig.echo=xdp                   optional: answer ICMPv6 / ICMP echo requests in XDP on eth0 (XDP_TX), not in
+                                     the kernel's stack; the `stats` answer then carries `srmig_echo_xdp 1`
 
 Reading the guest's own counters from the host: the second serial port (ttyS1, a unix socket on the host)
 is a tiny line protocol, raw mode, no echo, spoken by srmig.testbed.qemu.Qemu.guest_stats(). The host
@@ -66,6 +70,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from srmig.testbed import echo_xdp
+
 DEFAULT_DIR = "/var/lib/srmig/guest"
 KERNEL_META = "linux-image-amd64"
 BUSYBOX_PKG = "busybox-static"
@@ -76,7 +82,9 @@ IPROUTE2_IP = "/usr/sbin/ip"
 # insmod order that works for a Debian kernel (docs/platform.md); a module built into the kernel is skipped.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
            "failover", "net_failover", "virtio_net"]
-RECIPE_VERSION = 4  # bump when the layout of the image changes
+RECIPE_VERSION = 5  # bump when the layout of the image changes
+ECHO_XDP_OBJECT = "/lib/srmig/echo-xdp.o"  # srmig.echo=xdp: /init loads it on eth0 (srmig.testbed.echo_xdp)
+ECHO_MODES = ("kernel", "xdp")
 
 INIT = r"""#!/bin/sh
 # srmig test guest /init (busybox). See srmig/testbed/guest.py for the kernel command line it reads.
@@ -87,7 +95,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /tmp /run
 log() { echo "srmig-guest: $*" >/dev/console; }
 
-ADDR=; GW=fe80::1; ADDR4=; GW4=; STATS=0; CTL=/dev/ttyS1
+ADDR=; GW=fe80::1; ADDR4=; GW4=; STATS=0; CTL=/dev/ttyS1; ECHO=kernel
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         srmig.addr=*) ADDR=${arg#srmig.addr=} ;;
@@ -96,6 +104,7 @@ for arg in $(cat /proc/cmdline); do
         srmig.gw4=*) GW4=${arg#srmig.gw4=} ;;
         srmig.stats=*) STATS=${arg#srmig.stats=} ;;
         srmig.ctl=*) CTL=/dev/${arg#srmig.ctl=} ;;
+        srmig.echo=*) ECHO=${arg#srmig.echo=} ;;
     esac
 done
 
@@ -145,6 +154,13 @@ if [ -n "$ADDR4" ]; then
         || log "default route via $GW4 failed"; }
 fi
 
+# srmig.echo=xdp: echo requests are answered by an XDP program on eth0 (srmig/testbed/echo_xdp.c), before
+# the stack: ~3x less of the vCPU per echo under TCG. The kernel's ICMP counters then no longer see them.
+if [ "$ECHO" = xdp ]; then
+    /usr/sbin/ip link set dev eth0 xdp obj /lib/srmig/echo-xdp.o sec xdp \
+        || { log "XDP echo responder failed"; ECHO=kernel; }
+fi
+
 counters() {
     while read -r k v; do
         case "$k" in Icmp6InEchos|Icmp6OutEchoReplies|Ip6InReceives|Ip6OutRequests|Ip6InDiscards|Ip6OutDiscards)
@@ -164,6 +180,7 @@ control() {
                     echo "BEGIN $tok"
                     cat /proc/net/snmp6 /proc/net/snmp
                     for f in /sys/class/net/eth0/statistics/*; do echo "eth0_${f##*/} $(cat "$f")"; done
+                    [ "$ECHO" = xdp ] && echo "srmig_echo_xdp 1"
                     echo "END $tok" ;;
                 ping) echo "PONG $tok" ;;
                 sh)
@@ -182,7 +199,7 @@ control() {
 if [ "$STATS" -gt 0 ] 2>/dev/null; then
     (while :; do sleep "$STATS"; echo "SRMIG-STATS $(counters)" >/dev/console; done) &
 fi
-echo "SRMIG-GUEST-READY addr=$ADDR addr4=$ADDR4" >/dev/console
+echo "SRMIG-GUEST-READY addr=$ADDR addr4=$ADDR4 echo=$ECHO" >/dev/console
 while :; do sleep 3600; done
 """
 
@@ -211,7 +228,15 @@ def unanswered(counters: dict, lost: int, family: str = "6") -> int:
     difference over a run; 0 if it could not say). After a burst (a resume, an abort's return) a TCG guest
     makes replies faster than QEMU transmits them, and its kernel's ICMPv6 socket holds at most 2 x 64 KiB
     of replies not yet sent (a fixed sndbuf): it drops the rest (Icmp6OutErrors, Ip6OutDiscards). The probe
-    counts them lost; nothing on the network lost them. `family`: "6" (ICMPv6 echo) or "4" (ICMP echo)."""
+    counts them lost; nothing on the network lost them. `family`: "6" (ICMPv6 echo) or "4" (ICMP echo).
+
+    A guest answering in XDP (srmig.echo=xdp; its counters carry `srmig_echo_xdp`) has no per-family echo
+    counters: the frames eth0 received and did not send back (a full TX ring drops an XDP_TX) are the
+    unanswered ones of both families together, so each family's figure is that total, capped by its loss."""
+    if "srmig_echo_xdp" in counters:
+        if "eth0_rx_packets" not in counters or "eth0_tx_packets" not in counters:
+            return 0
+        return min(lost, max(0, counters["eth0_rx_packets"] - counters["eth0_tx_packets"]))
     requests, replies = ECHO_COUNTERS[family]
     if requests not in counters or replies not in counters:
         return 0
@@ -226,6 +251,7 @@ def _recipe() -> str:
     h = hashlib.sha256()
     h.update(f"{RECIPE_VERSION}\n{' '.join(MODULES)}\n".encode())
     h.update(INIT.encode())
+    h.update(echo_xdp.SOURCE.read_bytes())  # the source, not the object: is_built() stays cheap (no compiler)
     return h.hexdigest()[:16]
 
 
@@ -520,6 +546,8 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
             raise MissingPackage(f"{'dpkg' if tool == 'dpkg-deb' else 'apt'}: {tool} not found")
     cache = d / "cache"
     d.mkdir(parents=True, exist_ok=True)
+    log(f"compiling {echo_xdp.SOURCE.name} with bcc")
+    echo_object = echo_xdp.elf_object()  # first: a missing compiler or header fails before any download
 
     pkg, version = newest_kernel_package()
     log(f"kernel package {pkg} {version}")
@@ -581,6 +609,7 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
             cpio.symlink(path, "/bin/busybox")
     cpio.file("init", INIT.encode(), 0o755)
     cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file(ECHO_XDP_OBJECT.lstrip("/"), echo_object)
     cpio.file("lib/modules/srmig-order", ("\n".join(order) + "\n").encode())
     for m in order:
         cpio.file(f"lib/modules/{m}.ko", modules[m])
@@ -617,11 +646,14 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
 
 
 def kernel_cmdline(addr: str | None, gw: str = "fe80::1", stats: int = 0, extra: str = "",
-                   addr4: str | None = None, gw4: str | None = None) -> str:
+                   addr4: str | None = None, gw4: str | None = None, echo: str = "kernel") -> str:
     """The -append line for this guest: serial console, quiet boot, and the srmig.* settings. `addr4`
-    ("198.51.100.10/24") makes the guest dual-stack, `gw4` its IPv4 default gateway (needs `addr4`)."""
+    ("198.51.100.10/24") makes the guest dual-stack, `gw4` its IPv4 default gateway (needs `addr4`). `echo`:
+    who answers echo requests, the guest's kernel ("kernel") or the XDP responder on eth0 ("xdp")."""
     if gw4 and not addr4:
         raise ValueError("an IPv4 gateway (srmig.gw4) needs an IPv4 address (srmig.addr4)")
+    if echo not in ECHO_MODES:
+        raise ValueError(f"echo: one of {', '.join(ECHO_MODES)}, not {echo!r}")
     parts = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "mitigations=off", "tsc=reliable",
              "no_timer_check", "nokaslr"]
     if addr:
@@ -633,6 +665,8 @@ def kernel_cmdline(addr: str | None, gw: str = "fe80::1", stats: int = 0, extra:
         parts.append(f"srmig.gw4={gw4}")
     if stats:
         parts.append(f"srmig.stats={int(stats)}")
+    if echo != "kernel":
+        parts.append(f"srmig.echo={echo}")
     if extra:
         parts.append(extra)
     return " ".join(parts)

@@ -336,6 +336,7 @@ class Qemu:
     memory: int = 256
     gateway: str = GATEWAY_LL
     stats_interval: int = 0           # >0: the guest prints SRMIG-STATS on its console every N s
+    echo: str = "kernel"              # who answers echo requests: the guest's kernel, or "xdp" (guest.py)
     create_tap: bool = True
     image: guest_mod.GuestImage | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -378,7 +379,7 @@ class Qemu:
     def argv(self) -> list[str]:
         img = self.image or guest_mod.image()
         append = guest_mod.kernel_cmdline(self.addr, self.gateway, self.stats_interval, self.extra_append,
-                                          addr4=self.addr4, gw4=self.gateway4 if self.addr4 else None)
+                                          addr4=self.addr4, gw4=self.gateway4 if self.addr4 else None, echo=self.echo)
         argv = [
             QEMU, "-name", self.name, "-accel", "tcg", "-machine", "pc", "-m", str(self.memory), "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
