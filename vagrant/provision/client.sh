@@ -2,8 +2,8 @@
 # The Vagrant client: its fabric and management links, etcd (the VM state database every agent shares)
 # listening on the fabric address with mutual TLS and authentication, as deployed (docs/operations.md,
 # "Certificates for etcd", "Least privilege in etcd"), ingress.sh (the same script the namespace
-# testbed's `srmig demo --libvirt` runs) and the ingress agent as a systemd unit. The probe runs here too (demo.sh). Idempotent; the
-# Vagrantfile runs it at every `vagrant up`.
+# testbed's `srmig demo --libvirt` runs) and the ingress agent as a systemd unit. The probe runs here too
+# (demo.sh). Idempotent; the Vagrantfile runs it at every `vagrant up`.
 #
 # Environment (set by the Vagrantfile), besides ingress.sh's own (SRMIG_NAME, SRMIG_GATEWAY, SRMIG_DB,
 # SRMIG_ETCD, ...), which pass through:
