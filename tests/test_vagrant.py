@@ -41,6 +41,7 @@ pytestmark = pytest.mark.vagrant
 RECORDER = r"""
 require "json"
 LOG = []
+TRIGGERS = []
 class Recorder
   def initialize(machine) @machine = machine end
   def respond_to_missing?(*) true end
@@ -50,7 +51,11 @@ class Recorder
       return self
     end
     LOG << { machine: @machine, call: name, args: args, kw: kw } if %i[network provision synced_folder].include?(name)
-    blk.call(self) if blk && name != :ruby   # a trigger's Ruby block runs inside vagrant only
+    if name == :ruby    # a trigger's Ruby block: kept, run below only when asked (ARGV[1])
+      TRIGGERS << blk
+    elsif blk
+      blk.call(self)
+    end
     self
   end
 end
@@ -59,6 +64,18 @@ module Vagrant
   def self.has_plugin?(_name) true end
 end
 load ARGV[0]
+if ARGV[1]
+  # The triggers, with a stand-in for a machine's communicator: its commands run here, the guest's /etc/srmig/pki
+  # being ARGV[1].
+  comm = Object.new
+  comm.define_singleton_method(:sudo) do |cmd, &out|
+    text = `#{cmd.sub("/etc/srmig/pki", ARGV[1])}`
+    raise "failed: #{cmd}" unless $?.success?
+    out.call(:stdout, text)
+  end
+  machine = Struct.new(:communicate).new(comm)
+  TRIGGERS.each { |t| t.call(nil, machine) }
+end
 puts JSON.generate(LOG)
 """
 
@@ -255,6 +272,27 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
             assert fwd.stdout.strip() == "1"
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=10)
+
+
+def test_trigger_hands_each_hypervisor_its_credentials(tmp_path):
+    """The client's trigger (Ruby, run here against a stand-in communicator) copies each hypervisor's
+    directory to the host path that hypervisor's own rsync'ed folder syncs, byte for byte, root-only."""
+    guest, host = tmp_path / "guest", tmp_path / "host"
+    _lib(f'etcd_pki "{guest}" 127.0.0.1 root client hv1 hv2')
+    out = subprocess.run(["ruby", "-e", RECORDER, str(VAGRANT / "Vagrantfile"), str(guest)], cwd=VAGRANT,
+                         capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "SRMIG_VAGRANT_PKI": str(host)})
+    calls = json.loads(out.stdout.splitlines()[-1])
+    assert sorted(p.name for p in host.iterdir()) == ["hv1", "hv2"]     # not the client's, not root's
+    assert host.stat().st_mode & 0o777 == 0o700
+    for hv in ("hv1", "hv2"):
+        folder = _synced(calls, hv)[f"/etc/srmig/pki/{hv}"]
+        assert folder["host"] == str(host / hv) and folder["owner"] == "root"
+        assert sorted(p.name for p in (host / hv).iterdir()) == ["ca.pem", "cert.pem", "key.pem", "password"]
+        for f in (host / hv).iterdir():
+            assert f.read_bytes() == (guest / hv / f.name).read_bytes(), f
+            assert f.stat().st_mode & 0o777 == 0o600, f
+        assert _synced(calls, "client").get(f"/etc/srmig/pki/{hv}") is None
 
 
 # --- etcd as client.sh runs it -----------------------------------------------------------------------------
