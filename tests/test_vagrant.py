@@ -8,7 +8,11 @@
   exact environment the Vagrantfile gives each machine, in a throwaway network namespace with veth NICs
   carrying the Vagrantfile's MACs, up to the point where they would touch system services
   (SRMIG_SERVICES=0): links, routes, neighbours, the VM's tap and the agent configs, which
-  `srmig agent --check` must accept.
+  `srmig agent --check` must accept, with the etcd credentials client.sh makes (openssl) in their place.
+- etcd as client.sh runs it: the credentials (lib.sh's etcd_pki) for the Vagrantfile's agents, a real etcd
+  started here with TLS and --client-cert-auth, the users and roles (etcd_auth, twice: idempotent); then a
+  hypervisor's identity writes its own keys and not the other's, the ingress's no segment list, and no
+  certificate, no connection.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +41,7 @@ pytestmark = pytest.mark.vagrant
 RECORDER = r"""
 require "json"
 LOG = []
+TRIGGERS = []
 class Recorder
   def initialize(machine) @machine = machine end
   def respond_to_missing?(*) true end
@@ -43,8 +50,12 @@ class Recorder
       blk.call(Recorder.new(args[0].to_s))
       return self
     end
-    LOG << { machine: @machine, call: name, args: args, kw: kw } if [:network, :provision].include?(name)
-    blk.call(self) if blk
+    LOG << { machine: @machine, call: name, args: args, kw: kw } if %i[network provision synced_folder].include?(name)
+    if name == :ruby    # a trigger's Ruby block: kept, run below only when asked (ARGV[1])
+      TRIGGERS << blk
+    elsif blk
+      blk.call(self)
+    end
     self
   end
 end
@@ -53,6 +64,18 @@ module Vagrant
   def self.has_plugin?(_name) true end
 end
 load ARGV[0]
+if ARGV[1]
+  # The triggers, with a stand-in for a machine's communicator: its commands run here, the guest's /etc/srmig/pki
+  # being ARGV[1].
+  comm = Object.new
+  comm.define_singleton_method(:sudo) do |cmd, &out|
+    text = `#{cmd.sub("/etc/srmig/pki", ARGV[1])}`
+    raise "failed: #{cmd}" unless $?.success?
+    out.call(:stdout, text)
+  end
+  machine = Struct.new(:communicate).new(comm)
+  TRIGGERS.each { |t| t.call(nil, machine) }
+end
 puts JSON.generate(LOG)
 """
 
@@ -82,6 +105,12 @@ def _role(calls: list[dict], machine: str) -> dict:
     """The role provisioner (hv.sh or client.sh) of `machine`: its kw has env and inline."""
     (role,) = [p for p in _provisioners(calls, machine) if p["args"][0] in ("hv", "client")]
     return role
+
+
+def _synced(calls: list[dict], machine: str) -> dict[str, dict]:
+    """guest path -> the synced folder's host path and options, for the folders only `machine` has."""
+    return {c["args"][1]: {"host": c["args"][0], **c["kw"]} for c in calls
+            if c["machine"] == machine and c["call"] == "synced_folder"}
 
 
 def _mac(calls: list[dict], machine: str, network: str) -> str:
@@ -126,7 +155,7 @@ def test_script_syntax(script):
 
 
 def test_vagrantfile_runs_scripts_that_exist(calls):
-    machines = sorted({c["machine"] for c in calls})
+    machines = sorted({c["machine"] for c in calls} - {None})   # None: config.vm, every machine's
     assert machines == ["client", "hv1", "hv2"]
     for m in machines:
         for p in _provisioners(calls, m):
@@ -164,6 +193,25 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
     env = role["kw"]["env"]
     script = PROVISION / re.search(r"provision/(\S+\.sh)", role["kw"]["inline"]).group(1)
     cfg_path = tmp_path / f"{machine}.toml"
+    pki = tmp_path / "pki"
+    run_env = {**os.environ, **env, "SRMIG_SERVICES": "0", "SRMIG_CONFIG": str(cfg_path),
+               "SRMIG_VENV": sys.prefix}
+    if machine == "client":
+        assert env["SRMIG_HOSTS"].split() == ["hv1", "hv2"]
+        run_env["SRMIG_PKI"] = str(pki)     # client.sh makes the credentials (openssl) there
+        mine = pki / "client"
+    else:
+        # the Vagrantfile hands the hypervisor its own directory, which its config names; here it is one
+        # client.sh's etcd_pki made
+        mine = Path(env["SRMIG_ETCD_CA"]).parent
+        assert str(mine) == f"/etc/srmig/pki/{machine}" and env["SRMIG_ETCD_USER"] == machine
+        folder = _synced(calls, machine)[str(mine)]
+        assert folder["host"].endswith(f"/vagrant/.pki/{machine}") and folder["type"] == "rsync"
+        _lib(f'etcd_pki "{pki}" 127.0.0.1 {machine}')
+        run_env.update({f"SRMIG_ETCD_{k}": str(pki / machine / env[f"SRMIG_ETCD_{k}"].rsplit("/", 1)[1])
+                        for k in ("CA", "CERT", "KEY", "PASSWORD_FILE")})
+        mine = pki / machine
+    assert "SRMIG_ETCD_INSECURE" not in env and env["SRMIG_ETCD"].startswith("https://")
     # PREFIX<pid>-<role>, the testbed's naming: another session's netns.sweep() leaves a live owner's alone.
     ns = f"srmig-{os.getpid()}-vtest"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
@@ -173,10 +221,8 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
             subprocess.run(["ip", "-n", ns, "link", "add", ifname, "address", env[key], "type", "veth",
                             "peer", "name", f"{ifname}p"], check=True, timeout=10)
             subprocess.run(["ip", "-n", ns, "link", "set", f"{ifname}p", "up"], check=True, timeout=10)
-        r = subprocess.run(
-            ["ip", "netns", "exec", ns, "sh", str(script)], capture_output=True, text=True, timeout=120,
-            env={**os.environ, **env, "SRMIG_SERVICES": "0", "SRMIG_CONFIG": str(cfg_path),
-                 "SRMIG_VENV": sys.prefix})
+        r = subprocess.run(["ip", "netns", "exec", ns, "sh", str(script)], capture_output=True, text=True,
+                           timeout=120, env=run_env)
         assert r.returncode == 0, r.stdout + r.stderr
 
         # The config the agent would run with.
@@ -185,6 +231,11 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
         assert check.returncode == 0, check.stdout + check.stderr
         cfg = config_mod.load(cfg_path)
         assert cfg.db.backend == "etcd" and cfg.db.endpoints == (env["SRMIG_ETCD"],)
+        assert not cfg.db.insecure and (cfg.db.user, cfg.db.ca_file, cfg.db.cert_file, cfg.db.key_file,
+                                        cfg.db.password_file) == \
+            (machine, str(mine / "ca.pem"), str(mine / "cert.pem"), str(mine / "key.pem"), str(mine / "password"))
+        for f in ("key.pem", "password"):
+            assert (mine / f).stat().st_mode & 0o077 == 0, f
         fabric_addr = env["SRMIG_FABRIC_ADDR"].split("/")[0]
         if machine == "client":
             assert cfg.host is None
@@ -221,3 +272,115 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
             assert fwd.stdout.strip() == "1"
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=10)
+
+
+def test_trigger_hands_each_hypervisor_its_credentials(tmp_path):
+    """The client's trigger (Ruby, run here against a stand-in communicator) copies each hypervisor's
+    directory to the host path that hypervisor's own rsync'ed folder syncs, byte for byte, root-only."""
+    guest, host = tmp_path / "guest", tmp_path / "host"
+    _lib(f'etcd_pki "{guest}" 127.0.0.1 root client hv1 hv2')
+    out = subprocess.run(["ruby", "-e", RECORDER, str(VAGRANT / "Vagrantfile"), str(guest)], cwd=VAGRANT,
+                         capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "SRMIG_VAGRANT_PKI": str(host)})
+    calls = json.loads(out.stdout.splitlines()[-1])
+    assert sorted(p.name for p in host.iterdir()) == ["hv1", "hv2"]     # not the client's, not root's
+    assert host.stat().st_mode & 0o777 == 0o700
+    for hv in ("hv1", "hv2"):
+        folder = _synced(calls, hv)[f"/etc/srmig/pki/{hv}"]
+        assert folder["host"] == str(host / hv) and folder["owner"] == "root"
+        assert sorted(p.name for p in (host / hv).iterdir()) == ["ca.pem", "cert.pem", "key.pem", "password"]
+        for f in (host / hv).iterdir():
+            assert f.read_bytes() == (guest / hv / f.name).read_bytes(), f
+            assert f.stat().st_mode & 0o777 == 0o600, f
+        assert _synced(calls, "client").get(f"/etc/srmig/pki/{hv}") is None
+
+
+# --- etcd as client.sh runs it -----------------------------------------------------------------------------
+
+def _lib(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`script` after sourcing lib.sh: the functions client.sh calls."""
+    r = subprocess.run(["sh", "-c", f'. "{PROVISION}/lib.sh"; {script}'], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.netns
+def test_etcd_credentials_and_roles(calls, tmp_path):
+    """client.sh's etcd part (lib.sh's etcd_pki and etcd_auth) for the Vagrantfile's agents, against a real
+    etcd started as client.sh configures Debian's (TLS, --client-cert-auth) on loopback."""
+    from srmig.ctl.statedb import Auth, PermissionDenied, Tls
+    from srmig.ctl.statedb.etcd import EtcdKv
+
+    env = _role(calls, "client")["kw"]["env"]
+    hosts, ingress = env["SRMIG_HOSTS"].split(), env["SRMIG_NAME"]
+    pki = tmp_path / "pki"
+    _lib(f'etcd_pki "{pki}" 127.0.0.1 root {ingress} {" ".join(hosts)}')
+    ca_key = (pki / "ca-key.pem").read_bytes()
+    _lib(f'etcd_pki "{pki}" 127.0.0.1 root {ingress} {" ".join(hosts)}')    # a second run keeps them
+    assert (pki / "ca-key.pem").read_bytes() == ca_key
+    for name in ["root", ingress, *hosts]:
+        subject = subprocess.run(["openssl", "x509", "-in", str(pki / name / "cert.pem"), "-noout", "-subject"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+        assert subject.strip() == f"subject=OU = {name}"     # no CN: etcd 3.4's gateway refuses one
+        assert (pki / name / "key.pem").stat().st_mode & 0o077 == 0
+
+    port, peer = _free_port(), _free_port()
+    endpoint = f"https://127.0.0.1:{port}"
+    etcd = subprocess.Popen(
+        ["etcd", "--name", "vtest", "--data-dir", str(tmp_path / "data"),
+         "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+         f"http://127.0.0.1:{peer}", "--initial-cluster", f"vtest=http://127.0.0.1:{peer}",
+         "--cert-file", str(pki / "server.pem"), "--key-file", str(pki / "server-key.pem"),
+         "--trusted-ca-file", str(pki / "ca.pem"), "--client-cert-auth", "--logger", "zap", "--log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "w"))
+    try:
+        root = pki / "root"
+        deadline = time.monotonic() + 30
+        while subprocess.run(["etcdctl", "--endpoints", endpoint, "--cacert", str(root / "ca.pem"),
+                              "--cert", str(root / "cert.pem"), "--key", str(root / "key.pem"),
+                              "endpoint", "health"], env={**os.environ, "ETCDCTL_API": "3"},
+                             capture_output=True, timeout=10).returncode != 0:
+            assert etcd.poll() is None and time.monotonic() < deadline, (tmp_path / "etcd.log").read_text()
+            time.sleep(0.2)
+        py, users = sys.executable, " ".join(hosts)
+        _lib(f'etcd_auth "{py}" "{pki}" {endpoint} "{users}" {ingress}')
+        r = _lib(f'etcd_auth "{py}" "{pki}" {endpoint} "{users}" {ingress}')   # again, now as root
+        assert "authentication on" in r.stdout
+
+        def kv(name: str) -> EtcdKv:
+            d = pki / name
+            return EtcdKv([endpoint], tls=Tls(str(d / "ca.pem"), str(d / "cert.pem"), str(d / "key.pem")),
+                          auth=Auth(name, (d / "password").read_text().splitlines()[0]))
+
+        s, d = hosts
+        with kv(s) as hv:
+            hv.put(f"hosts/{s}", {"up": True})
+            hv.put(f"migrations/{s}/vm1", {"phase": "prepare"})
+            with pytest.raises(PermissionDenied):
+                hv.put(f"hosts/{d}", {"up": True})
+            with pytest.raises(PermissionDenied):
+                hv.put(f"migrations/{d}/vm1", {"phase": "prepare"})
+            assert hv.denied == 2
+        with kv(ingress) as edge:
+            assert edge.get(f"hosts/{s}").value == {"up": True}
+            with pytest.raises(PermissionDenied):
+                edge.put("vms/vm1", {"segments": []})
+        with pytest.raises(Exception, match="(?i)certificate|TLS|SSL|handshake|refused"):
+            # the CA's, without a client certificate: etcd --client-cert-auth refuses the handshake
+            with EtcdKv([endpoint], tls=Tls(str(pki / "ca.pem"))) as anon:
+                anon.put("vms/vm1", {})
+    finally:
+        etcd.terminate()
+        try:
+            etcd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            etcd.kill()
+            etcd.wait(timeout=10)

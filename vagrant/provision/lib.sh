@@ -75,3 +75,88 @@ start_agent() {
     done
     "$1" status --config "$2"
 }
+
+# --- etcd's mutual TLS and authentication (client.sh; tests/test_vagrant.py runs these against its own etcd)
+# Layout, the same on every machine: $PKI/<name>/ holds what agent (or operator) <name> needs and nothing
+# else: ca.pem (etcd's CA: db.ca_file), cert.pem and key.pem (its client certificate: OU=<name>, no CN, as
+# etcd 3.4's gateway refuses a certificate with a CN once authentication is on), password (its etcd user's:
+# db.password_file). The client keeps the CA's key ($PKI/ca-key.pem) and etcd's member certificate
+# ($PKI/server.pem, server-key.pem); a hypervisor gets only its own directory.
+
+# etcd_pki DIR "ADDR ..." NAME...: with openssl (docs/operations.md, "Certificates for etcd"), the CA (made
+# once, kept), etcd's member certificate valid for ADDR... (IP addresses) and a directory per NAME. What
+# exists already is kept, so a second run changes no credential.
+etcd_pki() {
+    _dir=$1 _addrs=$2
+    shift 2
+    (
+        umask 077
+        mkdir -p "$_dir"
+        chmod 700 "$_dir"
+        cd "$_dir"
+        # P-256 keys, no passphrase: the agents read them unattended (root's, 0600)
+        ec="-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes"
+        if [ ! -s ca.pem ] || [ ! -s ca-key.pem ]; then
+            # shellcheck disable=SC2086
+            openssl req -x509 -new $ec -days 3650 -subj "/CN=srmig Vagrant etcd CA" \
+                -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+                -addext "keyUsage=critical,keyCertSign,cRLSign" -keyout ca-key.pem -out ca.pem 2>/dev/null
+            chmod 644 ca.pem
+        fi
+        # sign STEM SUBJECT EXTENSIONS: STEM.pem from STEM-key.pem, by the CA
+        sign() {
+            # shellcheck disable=SC2086
+            openssl req -new $ec -subj "$2" -keyout "$1-key.pem" -out "$1.csr" 2>/dev/null
+            printf '%s\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n' "$3" > "$1.ext"
+            openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 825 \
+                -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+            rm -f "$1.csr" "$1.ext"
+        }
+        if [ ! -s server.pem ] || [ ! -s server-key.pem ]; then
+            # the addresses the agents dial (they verify them); serverAuth and clientAuth: etcd 3.4's JSON
+            # gateway dials its member's gRPC port with this certificate
+            san=""
+            for a in $_addrs; do san="$san${san:+,}IP:$a"; done
+            sign server "/CN=etcd" "subjectAltName=$san
+basicConstraints=critical,CA:FALSE
+extendedKeyUsage=serverAuth,clientAuth"
+        fi
+        for n in "$@"; do
+            mkdir -p "$n"
+            cp ca.pem "$n/ca.pem"
+            if [ ! -s "$n/cert.pem" ] || [ ! -s "$n/key.pem" ]; then
+                sign "$n/cert" "/OU=$n" "basicConstraints=critical,CA:FALSE
+extendedKeyUsage=clientAuth"
+                mv "$n/cert-key.pem" "$n/key.pem"
+            fi
+            [ -s "$n/password" ] || openssl rand -base64 24 > "$n/password"
+        done
+    )
+}
+
+# etcd_auth PYTHON DIR ENDPOINT "HOST ..." "INGRESS ...": etcd's users and roles, made by srmig's own list
+# (srmig.ctl.statedb.etcd_auth.init_auth, what `srmig db-roles` prints for etcdctl): root, the operator's
+# (DIR/root), one user per agent with its roles, then authentication on. Connects as root with DIR/root's
+# certificate and password, which also works while authentication is still off (first run); idempotent.
+etcd_auth() {
+    "$1" - "$2" "$3" "$4" "$5" <<'PY'
+import logging, sys
+from pathlib import Path
+from srmig.ctl.statedb import Auth, Tls
+from srmig.ctl.statedb.etcd import EtcdKv
+from srmig.ctl.statedb.etcd_auth import ROOT, init_auth
+
+pki, endpoint, hosts, ingresses = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+logging.disable(logging.WARNING)    # "authentication is off" on the first run: this turns it on
+
+def password(name: str) -> str:
+    return (pki / name / "password").read_text().splitlines()[0]
+
+users = {**{n: (password(n), ("host",)) for n in hosts}, **{n: (password(n), ("ingress",)) for n in ingresses}}
+root = pki / ROOT
+tls = Tls(str(root / "ca.pem"), str(root / "cert.pem"), str(root / "key.pem"))
+with EtcdKv([endpoint], tls=tls, auth=Auth(ROOT, password(ROOT))) as kv:
+    init_auth(kv, password(ROOT), users)
+print(f"etcd {endpoint}: authentication on; users {ROOT} (operator), {', '.join(users)}")
+PY
+}
