@@ -350,6 +350,16 @@ def test_dual_stack_vm_every_address_written_and_removed_together(lab, maps, con
         assert maps.list_vms() == [] and maps.list_vm_prefixes() == []
 
 
+def started(lifecycle, name: str) -> None:
+    """Wait until the worker has applied libvirt's STARTED event of domain `name` (lifecycle: applied(a,
+    work.Lifecycle))."""
+    for _ in range(20):
+        item, _, _ = lifecycle.get(timeout=10)
+        if (item.domain, item.type) == (name, "STARTED"):
+            return
+    raise AssertionError(f"{name}: no STARTED applied")
+
+
 def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
     """The VM starts again with one address fewer and one more: the dropped address's entry goes, the new
     one is delivered, and the record lists the new set in one new version. An address it dropped that
@@ -358,24 +368,17 @@ def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
     ups = applied(a, work.LibvirtUp)
     lifecycle = applied(a, work.Lifecycle)
 
-    def started(name: str) -> None:
-        for _ in range(20):
-            item, _, _ = lifecycle.get(timeout=10)
-            if (item.domain, item.type) == (name, "STARTED"):
-                return
-        raise AssertionError(f"{name}: no STARTED applied")
-
     with running(a, lab):
         ups.get(timeout=10)
         dom = conn.createXML(domain_xml("srmig-rec-change", *DUAL), 0)
-        started("srmig-rec-change")
+        started(lifecycle, "srmig-rec-change")
         a.dbl.write(lambda: None).result(10)
         assert {e.vm for e in maps.list_vms()} == set(DUAL)
         v1 = db.vm(VM).version
         dom.destroy()
         again = (VM, DUAL[2], "2001:db8:200::11")
         conn.createXML(domain_xml("srmig-rec-change", *again), 0)
-        started("srmig-rec-change")
+        started(lifecycle, "srmig-rec-change")
         a.dbl.write(lambda: None).result(10)
         assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys(again, VmState.RUNNING)
         rec = db.vm(VM)
@@ -385,9 +388,9 @@ def test_address_list_changed_between_two_runs(lab, maps, conn, db, tmp_path):
         conn.lookupByName("srmig-rec-change").destroy()
         other = "2001:db8:100::77"
         conn.createXML(domain_xml("srmig-rec-other", other, DUAL[2]), 0)
-        started("srmig-rec-other")
+        started(lifecycle, "srmig-rec-other")
         conn.createXML(domain_xml("srmig-rec-change", VM), 0)
-        started("srmig-rec-change")
+        started(lifecycle, "srmig-rec-change")
         a.dbl.write(lambda: None).result(10)
         assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys((VM, other, DUAL[2]), VmState.RUNNING)
         assert db.vm(other).addresses == (other, DUAL[2]) and db.vm(VM).addresses == (VM,)
@@ -463,10 +466,7 @@ def test_bad_or_taken_addresses_leave_the_domain_unmanaged(lab, maps, conn, db, 
     with running(a, lab):
         ups.get(timeout=10)
         conn.createXML(domain_xml("srmig-rec-b", vm_b, shared), 0)
-        for _ in range(20):
-            item, _, _ = lifecycle.get(timeout=10)
-            if (item.domain, item.type) == ("srmig-rec-b", "STARTED"):
-                break
+        started(lifecycle, "srmig-rec-b")
         assert records.REJECTED.counts()["domain_xml"] == before + 3
         assert {e.vm: e.state for e in maps.list_vms()} == dict.fromkeys([vm_a, shared], VmState.RUNNING)
         st = on_worker(a, status.agent_status, a)
@@ -510,10 +510,7 @@ def test_a_vm_routing_a_prefix_is_managed_whole(lab, maps, conn, db, tmp_path, c
     with running(a, lab):
         ups.get(timeout=10)
         conn.createXML(domain_xml("srmig-rec-q", vm_q, "10.7.0.128/25"), 0)  # after p: p has its prefix
-        for _ in range(20):
-            item, _, _ = lifecycle.get(timeout=10)
-            if (item.domain, item.type) == ("srmig-rec-q", "STARTED"):
-                break
+        started(lifecycle, "srmig-rec-q")
         a.dbl.write(lambda: None).result(10)
         assert {e.vm: (e.state, e.of) for e in maps.list_vms()} == {
             vm_p: (VmState.RUNNING, None), **{p: (VmState.RUNNING, vm_p) for p in prefixes},
