@@ -193,17 +193,24 @@ CASES = [
 ]
 
 
+def _inner_packet_to(b: bytes, ether: bool, dsts) -> tuple:
+    """(the parsed frame or hold-ring record, its first IPv6 layer with a UDP packet to one of `dsts`, or
+    None)."""
+    pkt = Ether(b) if ether else IPv6(b)
+    layer = pkt
+    while layer and not (isinstance(layer, IPv6) and layer.dst in dsts and UDP in layer):
+        layer = layer.payload
+    return pkt, (layer or None)
+
+
 def v4_twin(b: bytes, ether: bool = True, v4_of: dict[str, str] = L.V4_OF) -> bytes | None:
     """The same frame (or hold-ring record, from the IPv6 header on: ether=False) with its inner IPv6 packet to a
     lab VM replaced by the IPv4 packet to the VM's IPv4 address (`v4_of`; same payload, TTL = hop limit); None
     when it has no such inner packet. Everything around it is kept as it was, lengths and next headers
     updated."""
     v4_of = {str(ipaddress.IPv6Address(k)): v for k, v in v4_of.items()}
-    pkt = Ether(b) if ether else IPv6(b)
-    layer = pkt
-    while layer and not (isinstance(layer, IPv6) and layer.dst in v4_of and UDP in layer):
-        layer = layer.payload
-    if not layer:
+    pkt, layer = _inner_packet_to(b, ether, v4_of)
+    if layer is None:
         return None
     new = inner4(v4_of[layer.dst], payload=bytes(layer[UDP].payload), ttl=layer.hlim)
     under = layer.underlayer
@@ -236,11 +243,8 @@ def prefix_twin(b: bytes, ether: bool = True) -> bytes | None:
     """The same frame (or hold-ring record) with its inner IPv6 packet to a lab VM sent to an address inside the
     VM's IPv6 prefix instead (L.IN_PREFIX); None when it has no such inner packet or the VM routes no prefix."""
     to = {str(ipaddress.IPv6Address(k)): v[0] for k, v in L.IN_PREFIX.items()}
-    pkt = Ether(b) if ether else IPv6(b)
-    layer = pkt
-    while layer and not (isinstance(layer, IPv6) and layer.dst in to and UDP in layer):
-        layer = layer.payload
-    if not layer:
+    pkt, layer = _inner_packet_to(b, ether, to)
+    if layer is None:
         return None
     layer.dst = to[layer.dst]
     del layer[UDP].chksum  # the pseudo-header changed
