@@ -141,7 +141,9 @@ def _why(e: Exception, tls: Tls | None = None) -> str:
     if tls is not None and eof:
         return ("TLS: etcd refused our client certificate: it closed the handshake (is the certificate signed by "
                 "a CA in its --trusted-ca-file?)")
-    if tls is None and "RemoteDisconnected" in text:
+    # A TLS member answers plain HTTP with a 400 and closes: the client sees the close, or a reset when it
+    # was still sending (both seen here, from one run to the next).
+    if tls is None and ("RemoteDisconnected" in text or "ConnectionResetError" in text):
         return "closed without an answer (an etcd with TLS does that to http://: use https://)"
     m = re.search(r"\[Errno -?\d+\][^'\")]*", text)
     return m.group(0) if m else text[:300]
