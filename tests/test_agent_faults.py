@@ -463,7 +463,9 @@ def test_destination_libvirtd_restarted_fences_the_destination_copy(phase):
     cut-over: the source's libvirt fails the migration and resumes its copy, while the destination's QEMU,
     already resumed, keeps running: one VM twice (a split brain). The destination's agent sees the source's
     record say "failed" and, once its libvirtd answers again, pauses its own copy (fencing, HostRole.fence):
-    one line, srmig_fenced_total, `fenced` in its status. The VM ends running on S alone.
+    one line, srmig_fenced_total, `fenced` in its status. The VM ends running on S alone. After resume,
+    the restart can also come after D's Finish answered the source, which then completes the migration: the
+    VM on D alone, nothing fenced (1 CI run in ~10).
 
     What the fence cannot undo is what both copies did between the destination's resume and the source's:
     each runs from the same memory, so each answers what waited in the guest's RX ring and sends what
@@ -482,9 +484,12 @@ def test_destination_libvirtd_restarted_fences_the_destination_copy(phase):
     d = {**res.to_dict(), **res.fault_info}
     assert d["fault_landed"], d
     assert d["lost_net"] == 0, (d, res.report.lost_seqs)
-    assert d["vm_on"] == "S", d  # on one host only
-    if phase == "stop-and-copy" and res.domains["D"] is None:  # D never resumed: no split brain to fence
+    assert d["vm_on"] in ("S", "D"), d  # on one host only
+    if d["vm_on"] == "D" or (phase == "stop-and-copy" and res.domains["D"] is None):
+        # The source's libvirt finished the migration before the restart reached it (after resume: D's
+        # Finish had answered, S confirmed), or D never resumed: no split brain, nothing to fence.
         assert d["duplicated"] == 0, d
+        assert not res.agents["D"]["fenced"], res.agents["D"]["fenced"]
         return
     resumed_ms = d["libvirt_events_ms"]["S RESUMED"]
     assert all(q * res.report.interval_ms < resumed_ms for q in res.report.duplicated_seqs), \
