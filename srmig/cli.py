@@ -99,6 +99,7 @@ def cmd_sid(args) -> int:
 
 
 def cmd_vm(args) -> int:
+    from srmig.ctl import records
     from srmig.ctl.maps import VmAddressSet, is_prefix
 
     columns = ["vm", "state", "next_sid", "hold_ring", "shadow", "of"]
@@ -108,8 +109,14 @@ def cmd_vm(args) -> int:
     addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
-            if is_prefix(addresses[0]) and len(addresses) > 1:
+            if is_prefix(addresses[0]):
                 raise ValueError(f"{addresses[0]} is a prefix: list the VM's address first, then its prefixes")
+            # The agent's rules for a VM's addresses (records): each usable by a VM, none twice, none inside
+            # another of the list; and none another VM's in the map, nor overlapping one's prefix (taken()).
+            addresses = list(records.vm_addresses(addresses, "VM"))
+            why = records.taken(addresses[0], tuple(addresses), dp.vm_owners())
+            if why is not None:
+                raise ValueError(why)
             first = VmAddressSet(dp, lambda _: tuple(addresses)).set_vm(
                 addresses[0], args.state, next_sid=args.next_sid, hold_ring=args.hold_ring, shadow=args.shadow)
             entries = [first.to_dict(), *(dp.get_vm(a).to_dict() for a in addresses[1:])]
