@@ -100,12 +100,13 @@ def cmd_sid(args) -> int:
 
 def cmd_vm(args) -> int:
     from srmig.ctl import records
-    from srmig.ctl.maps import VmAddressSet, is_prefix
+    from srmig.ctl.maps import VmAddressSet, is_prefix, vm_spelling
 
     columns = ["vm", "state", "next_sid", "hold_ring", "shadow", "of"]
     # A VM is a set of addresses: ADDR[,ADDR...] sets the entry of the first, an address: the VM's id, and
     # points the others (addresses and prefixes: ADDRESS/LENGTH) at it, whose entry they take, so the one
-    # write moves them all (VmAddressSet); del deletes the entry or pointer of each, in that order.
+    # write moves them all (VmAddressSet); del deletes the entry or pointer of each, in that order, then what
+    # still points at a listed id.
     addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
@@ -126,10 +127,16 @@ def cmd_vm(args) -> int:
                 _emit(args, entries, entries, columns)
         elif args.action == "del":
             gone = [{"vm": a, "deleted": dp.del_vm(a)} for a in addresses]
+            # A VM forgotten by its id takes its other addresses and prefixes with it, listed or not: a pointer
+            # left at an id with no entry finds no VM, but would linger in the map.
+            ids = {vm_spelling(a) for a in addresses if not is_prefix(a)}
+            listed = {vm_spelling(a) for a in addresses}
+            gone += [{"vm": p, "deleted": dp.del_vm(p), "of": vm} for p, vm in dp.list_vm_prefixes()
+                     if vm in ids and p not in listed]
             if len(gone) == 1:
                 _emit(args, gone[0])
             else:
-                _emit(args, gone, gone, ["vm", "deleted"])
+                _emit(args, gone, gone, ["vm", "deleted", "of"])
         else:
             entries = [e.to_dict() for e in dp.list_vms()]
             _emit(args, entries, entries, columns)
@@ -275,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the VM's address, IPv6 or IPv4 (the inner destination), or its addresses "
                        "separated by commas (each entry written), the VM's first, then any prefixes it routes "
                        "(ADDRESS/LENGTH: its packets take the first address's entry)",
-                       [("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")])
+                       [("set", "set a VM's state on this host"),
+                        ("del", "forget a VM (by its first address: its other addresses and prefixes too)"),
+                        ("list", "list VMs")])
     a = vm["set"]
     a.add_argument("state", help="running, hold, away or incoming")
     a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")

@@ -590,7 +590,9 @@ CLI_TAKEN = [
 def test_cli_vm_set_refuses_another_vms_address_or_prefix(lab, maps, capsys):
     """`srmig vm set` refuses an address or prefix another VM in the map has or overlaps, with one line naming
     that VM, exit 1 and the map as it was; the VM's own addresses again, and addresses next to another VM's
-    prefix, are no overlap."""
+    prefix, are no overlap. `srmig vm del` of a VM's id frees all of its addresses."""
+    import json
+
     from srmig.cli import main
 
     ns = lab.topo.ns("lab")
@@ -607,3 +609,15 @@ def test_cli_vm_set_refuses_another_vms_address_or_prefix(lab, maps, capsys):
     for vm in (f"{VM},10.0.0.10,10.9.0.0/24", f"{VM},10.9.0.0/24", "2001:db8:100::20,10.9.1.0/24,10.0.0.11"):
         assert main(["--netns", ns, "vm", "set", vm, "hold"]) == 0, vm
     assert maps.get_vm("10.9.1.7").of == "2001:db8:100::20" and maps.get_vm("10.9.0.7").of == VM
+    # Forgotten by its id, a VM leaves no pointer behind, and its addresses are free again.
+    capsys.readouterr()
+    assert main(["--netns", ns, "vm", "del", VM, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"vm": VM, "deleted": True}, {"vm": "10.0.0.10", "deleted": True, "of": VM},
+        {"vm": "10.9.0.0/24", "deleted": True, "of": VM}]
+    assert all(owner != VM for _, owner in maps.list_vm_prefixes())
+    assert main(["--netns", ns, "vm", "set", "2001:db8:100::30,10.0.0.10,10.9.0.0/24", "running"]) == 0
+    # A pointer at an id with no entry (an older srmig's `vm del`) finds no VM: nobody's, so taken over.
+    maps.set_vm_prefix("10.0.0.40", "2001:db8:100::99")
+    assert main(["--netns", ns, "vm", "set", "2001:db8:100::40,10.0.0.40", "running"]) == 0
+    assert maps.get_vm("10.0.0.40").of == "2001:db8:100::40"

@@ -399,13 +399,15 @@ class Dataplane(libbpf.PinnedMaps):
     def vm_owners(self, where: str = "this host's VM map") -> dict[str, tuple[str, str]]:
         """Every address and prefix the VM map has -> (its VM's id, `where`), as srmig.ctl.records.taken()
         reads an owner map: an address with an entry of its own is a VM's id (its own VM), every other address
-        and prefix belongs to the id it points at. So `srmig vm set` by hand refuses what the agent refuses."""
+        and prefix belongs to the id it points at, if that id has an entry (a pointer at none finds no VM: left
+        behind, it is nobody's). So `srmig vm set` by hand refuses what the agent refuses."""
         out = {}
         for k in self.vms.keys():
             vm = _vm_str(bytes(ffi.buffer(k.addr, 16)))
             out[vm] = (vm, where)
         for prefix, vm in self.list_vm_prefixes():
-            out.setdefault(prefix, (vm, where))  # (an address with both: its own entry is what the program takes)
+            if vm in out:  # (an address with both: its own entry is what the program takes)
+                out.setdefault(prefix, (vm, where))
         return out
 
     def set_vms_bulk(self, entries: list[tuple[bytes, VmState]]) -> None:
