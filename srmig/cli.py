@@ -15,7 +15,7 @@ examples (as root):
   srmig sid add fc00:0:1::d6 End.DX6-map   and the steady-state one
   srmig vm set 2001:db8:100::10 running    a VM that runs on this host
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
-  srmig vm set 2001:db8:100::10,10.0.0.10 running   a dual-stack VM: each address's entry
+  srmig vm set 2001:db8:100::10,10.0.0.10 running   a dual-stack VM: one entry, which 10.0.0.10 takes too
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
   srmig ingress load eth0                  H.Encaps in BPF on an ingress (srmig ingress --help)
@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = table_command("vm", "set, delete or list VM migration states", cmd_vm,
                        "the VM's address, IPv6 or IPv4 (the inner destination), or its addresses "
-                       "separated by commas (each entry written), the VM's first, then any prefixes it routes "
-                       "(ADDRESS/LENGTH: its packets take the first address's entry)",
+                       "separated by commas: the first (an address, the VM's id) gets the entry, which the "
+                       "others and any prefixes it routes (ADDRESS/LENGTH) take; none may be another VM's "
+                       "nor overlap one's prefix",
                        [("set", "set a VM's state on this host"),
                         ("del", "forget a VM (by its first address: its other addresses and prefixes too)"),
                         ("list", "list VMs")])
