@@ -15,7 +15,7 @@ examples (as root):
   srmig sid add fc00:0:1::d6 End.DX6-map   and the steady-state one
   srmig vm set 2001:db8:100::10 running    a VM that runs on this host
   srmig vm set 2001:db8:100::10 away --next-sid fc00:0:2::d6
-  srmig vm set 2001:db8:100::10,10.0.0.10 running   a dual-stack VM: each address's entry
+  srmig vm set 2001:db8:100::10,10.0.0.10 running   a dual-stack VM: one entry, which 10.0.0.10 takes too
   srmig domain add fc00::/16               accept packets to our SIDs only from the SR domain (RFC 8754 5.1)
   srmig stats --json                       counters per SID, per verdict, per drop reason
   srmig ingress load eth0                  H.Encaps in BPF on an ingress (srmig ingress --help)
@@ -99,17 +99,25 @@ def cmd_sid(args) -> int:
 
 
 def cmd_vm(args) -> int:
-    from srmig.ctl.maps import VmAddressSet, is_prefix
+    from srmig.ctl import records
+    from srmig.ctl.maps import VmAddressSet, is_prefix, vm_spelling
 
     columns = ["vm", "state", "next_sid", "hold_ring", "shadow", "of"]
     # A VM is a set of addresses: ADDR[,ADDR...] sets the entry of the first, an address: the VM's id, and
     # points the others (addresses and prefixes: ADDRESS/LENGTH) at it, whose entry they take, so the one
-    # write moves them all (VmAddressSet); del deletes the entry or pointer of each, in that order.
+    # write moves them all (VmAddressSet); del deletes the entry or pointer of each, in that order, then what
+    # still points at a listed id.
     addresses = [a.strip() for a in args.vm.split(",")] if args.action != "list" else []
     with _dataplane() as dp:
         if args.action == "set":
-            if is_prefix(addresses[0]) and len(addresses) > 1:
+            if is_prefix(addresses[0]):
                 raise ValueError(f"{addresses[0]} is a prefix: list the VM's address first, then its prefixes")
+            # The agent's rules for a VM's addresses (records): each usable by a VM, none twice, none inside
+            # another of the list; and none another VM's in the map, nor overlapping one's prefix (taken()).
+            addresses = list(records.vm_addresses(addresses, "VM"))
+            why = records.taken(addresses[0], tuple(addresses), dp.vm_owners())
+            if why is not None:
+                raise ValueError(why)
             first = VmAddressSet(dp, lambda _: tuple(addresses)).set_vm(
                 addresses[0], args.state, next_sid=args.next_sid, hold_ring=args.hold_ring, shadow=args.shadow)
             entries = [first.to_dict(), *(dp.get_vm(a).to_dict() for a in addresses[1:])]
@@ -119,10 +127,16 @@ def cmd_vm(args) -> int:
                 _emit(args, entries, entries, columns)
         elif args.action == "del":
             gone = [{"vm": a, "deleted": dp.del_vm(a)} for a in addresses]
+            # A VM forgotten by its id takes its other addresses and prefixes with it, listed or not: a pointer
+            # left at an id with no entry finds no VM, but would linger in the map.
+            ids = {vm_spelling(a) for a in addresses if not is_prefix(a)}
+            listed = {vm_spelling(a) for a in addresses}
+            gone += [{"vm": p, "deleted": dp.del_vm(p), "of": vm} for p, vm in dp.list_vm_prefixes()
+                     if vm in ids and p not in listed]
             if len(gone) == 1:
                 _emit(args, gone[0])
             else:
-                _emit(args, gone, gone, ["vm", "deleted"])
+                _emit(args, gone, gone, ["vm", "deleted", "of"])
         else:
             entries = [e.to_dict() for e in dp.list_vms()]
             _emit(args, entries, entries, columns)
@@ -266,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = table_command("vm", "set, delete or list VM migration states", cmd_vm,
                        "the VM's address, IPv6 or IPv4 (the inner destination), or its addresses "
-                       "separated by commas (each entry written), the VM's first, then any prefixes it routes "
-                       "(ADDRESS/LENGTH: its packets take the first address's entry)",
-                       [("set", "set a VM's state on this host"), ("del", "forget a VM"), ("list", "list VMs")])
+                       "separated by commas: the first (an address, the VM's id) gets the entry, which the "
+                       "others and any prefixes it routes (ADDRESS/LENGTH) take; none may be another VM's "
+                       "nor overlap one's prefix",
+                       [("set", "set a VM's state on this host"),
+                        ("del", "forget a VM (by its first address: its other addresses and prefixes too)"),
+                        ("list", "list VMs")])
     a = vm["set"]
     a.add_argument("state", help="running, hold, away or incoming")
     a.add_argument("--next-sid", help="away: the SID stragglers are sent to (the new host's End.DX6-map)")

@@ -4,13 +4,14 @@ managed VM."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from srmig.ctl import config
+from srmig.ctl import config, records
 from srmig.ctl.agent import Domain, metadata_xml
 from srmig.ctl.phases import HostSids
 
@@ -58,6 +59,9 @@ def test_config_docstring_example_parses():
     example = "\n".join(line[4:] for line in text.splitlines())
     cfg = config.parse(example, "example")
     assert cfg.host.fabric == "eth1" and cfg.ingress.name == "edge1"
+    # and its metadata, as the agent reads a domain's: a dual-stack VM
+    metadata = config.__doc__.split("\nA VM is managed")[1].split(":\n", 1)[1]
+    assert records.domain(f"<domain><name>vm1</name>{metadata}</domain>")[3] == ("2001:db8:100::10", "198.51.100.10")
 
 
 HOST = "[host]\nfabric = 'eth1'\nlocator = 'fc00:0:1::/48'\naddress = '2001:db8::1'\nsr_domain = ['fc00::/16']\n"
@@ -174,6 +178,43 @@ def test_check_warns_about_plain_http_etcd_and_an_open_domain(tmp_path):
     assert "db.insecure: etcd over plain http://" in lines[0] and "use https://" in lines[0]
     assert 'host.sr_domain: "::/0" accepts packets to our SIDs from every source' in lines[1]
     assert config.load(path).host.sr_domain == ("::/0",)
+
+
+# (IPv6 forwarding, IPv4 forwarding) on the fabric -> the families --check warns about
+FORWARDING = [((0, 0), ["IPv6", "IPv4"]), ((1, 0), ["IPv4"]), ((0, 1), ["IPv6"]), ((1, 1), [])]
+
+
+@pytest.mark.netns
+def test_check_warns_when_the_fabric_does_not_forward(tmp_path):
+    """The dataplane delivers by a FIB lookup from the fabric, which the kernel refuses where that family's
+    forwarding is off there: --check says so, a line per family, naming the sysctl to set. In a namespace of
+    our own with the fabric a veth; an interface that is not there gets no warning."""
+    ns = f"srmig-{os.getpid()}-fwd"
+    path = tmp_path / "agent.toml"
+    path.write_text(HOST.replace("'eth1'", "'fab0'"))
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        def check() -> list[str]:
+            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "srmig", "agent", "--config",
+                                  str(path), "--check"], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and out.stdout.strip() == f"{path}: ok (host)", out.stderr
+            return out.stderr.splitlines()
+
+        assert check() == []  # no fab0 here yet
+        subprocess.run(["ip", "-n", ns, "link", "add", "fab0", "type", "veth", "peer", "name", "fab0p"], check=True,
+                       timeout=10)
+        for (v6, v4), families in FORWARDING:
+            for key, v in (("net.ipv6.conf.fab0.forwarding", v6), ("net.ipv4.conf.fab0.forwarding", v4)):
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={v}"], check=True, timeout=10)
+            lines = check()
+            assert len(lines) == len(families), lines
+            for line, family in zip(lines, families):
+                key, fix = (("net.ipv6.conf.fab0.forwarding", "net.ipv6.conf.all.forwarding=1") if family == "IPv6"
+                            else ("net.ipv4.conf.fab0.forwarding", "net.ipv4.ip_forward=1"))
+                assert line.startswith(f"srmig: warning: {path}: host.fabric: {key} is 0: nothing reaches the "
+                                       f"VMs' {family} addresses") and line.endswith(f"sysctl -w {fix}"), line
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=10)
 
 
 def test_ingress_encap_and_source():

@@ -565,3 +565,59 @@ def test_cli_vm_sets_each_address(lab, maps, capsys):
         {"vm": "10.9.0.0/24", "deleted": True}, {"vm": "2001:db8:909::/64", "deleted": True},
         {"vm": VM, "deleted": True}]
     assert maps.list_vms() == [] and maps.list_vm_prefixes() == []
+
+
+# `srmig vm set` by hand against what the map already has (VM 2001:db8:100::10 with 10.0.0.10 and 10.9.0.0/24,
+# VM 10.0.0.30 with an entry of its own): what is refused, and the one line (records.taken(), the agent's rule).
+CLI_TAKEN = [
+    ("2001:db8:100::20,2001:db8:100::10", "address 2001:db8:100::10 is already VM 2001:db8:100::10's"),
+    ("2001:db8:100::20,10.0.0.10", "address 10.0.0.10 is already VM 2001:db8:100::10's"),
+    ("10.0.0.10", "address 10.0.0.10 is already VM 2001:db8:100::10's"),  # another VM's pointer, alone
+    ("2001:db8:100::20,10.0.0.30", "address 10.0.0.30 is already VM 10.0.0.30's"),
+    ("10.9.0.5", "10.9.0.5 overlaps 10.9.0.0/24, VM 2001:db8:100::10's"),
+    ("2001:db8:100::20,10.9.0.128/25", "10.9.0.128/25 overlaps 10.9.0.0/24, VM 2001:db8:100::10's"),
+    ("2001:db8:100::20,10.0.0.8/29", "10.0.0.8/29 overlaps 10.0.0.10, VM 2001:db8:100::10's"),
+    ("10.0.0.20,2001:db8:100::/64", "2001:db8:100::/64 overlaps 2001:db8:100::10, VM 2001:db8:100::10's"),
+    ("2001:db8:100::20,10.0.0.0/16", "10.0.0.0/16 overlaps"),  # (the first it finds)
+    # the metadata's own rules, the same for a list typed by hand
+    ("127.0.0.1", "127.0.0.1 cannot be a VM's"),
+    ("2001:db8:100::20,2001:db8:100::20", "2001:db8:100::20 listed twice"),
+    ("2001:db8:100::20,10.1.0.5,10.1.0.0/24", "10.1.0.5 and 10.1.0.0/24 overlap"),
+    ("10.9.0.0/24", "is a prefix: list the VM's address first"),
+]
+
+
+def test_cli_vm_set_refuses_another_vms_address_or_prefix(lab, maps, capsys):
+    """`srmig vm set` refuses an address or prefix another VM in the map has or overlaps, with one line naming
+    that VM, exit 1 and the map as it was; the VM's own addresses again, and addresses next to another VM's
+    prefix, are no overlap. `srmig vm del` of a VM's id frees all of its addresses."""
+    import json
+
+    from srmig.cli import main
+
+    ns = lab.topo.ns("lab")
+    maps.set_vm("10.0.0.30", VmState.RUNNING)  # (a VM set alone: one entry of its own)
+    assert main(["--netns", ns, "vm", "set", f"{VM},10.0.0.10,10.9.0.0/24", "running"]) == 0
+    capsys.readouterr()
+    before = (maps.list_vms(), maps.list_vm_prefixes())
+    for vm, why in CLI_TAKEN:
+        assert main(["--netns", ns, "vm", "set", vm, "hold"]) == 1, vm
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, (vm, err)
+        assert (maps.list_vms(), maps.list_vm_prefixes()) == before, vm
+    # Not an overlap: the VM's own list again (with fewer), a neighbour of its prefix, an unrelated VM.
+    for vm in (f"{VM},10.0.0.10,10.9.0.0/24", f"{VM},10.9.0.0/24", "2001:db8:100::20,10.9.1.0/24,10.0.0.11"):
+        assert main(["--netns", ns, "vm", "set", vm, "hold"]) == 0, vm
+    assert maps.get_vm("10.9.1.7").of == "2001:db8:100::20" and maps.get_vm("10.9.0.7").of == VM
+    # Forgotten by its id, a VM leaves no pointer behind, and its addresses are free again.
+    capsys.readouterr()
+    assert main(["--netns", ns, "vm", "del", VM, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"vm": VM, "deleted": True}, {"vm": "10.0.0.10", "deleted": True, "of": VM},
+        {"vm": "10.9.0.0/24", "deleted": True, "of": VM}]
+    assert all(owner != VM for _, owner in maps.list_vm_prefixes())
+    assert main(["--netns", ns, "vm", "set", "2001:db8:100::30,10.0.0.10,10.9.0.0/24", "running"]) == 0
+    # A pointer at an id with no entry (an older srmig's `vm del`) finds no VM: nobody's, so taken over.
+    maps.set_vm_prefix("10.0.0.40", "2001:db8:100::99")
+    assert main(["--netns", ns, "vm", "set", "2001:db8:100::40,10.0.0.40", "running"]) == 0
+    assert maps.get_vm("10.0.0.40").of == "2001:db8:100::40"

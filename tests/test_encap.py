@@ -696,6 +696,14 @@ def test_cli_end_to_end(topology):
             (route,) = ipr.route("get", dst=VM4, family=socket.AF_INET)
             assert route.get_attr("RTA_VIA") == {"family": socket.AF_INET6, "addr": D_LINK}
             assert route.get_attr("RTA_METRICS").get_attr("RTAX_MTU") == 1500 - ingress.MAX_OVERHEAD
+        # A subnet a VM routes: its entry and its route, under the prefix.
+        out = srmig("set", "10.99.0.0/24", D_DX6, "--via", D_LINK, "--dev", "i0", "--json")
+        assert (out["vm"], out["segments"]) == ("10.99.0.0/24", [D_DX6])
+        with topology.ipr("I") as ipr:
+            assert [r.get_attr("RTA_VIA") for r in ipr.route("get", dst="10.99.0.7", family=socket.AF_INET)] == [
+                {"family": socket.AF_INET6, "addr": D_LINK}]
+        assert srmig("del", "10.99.0.0/24", "--dev", "i0", "--json") == {"vm": "10.99.0.0/24", "deleted": True,
+                                                                        "route_deleted": True}
         assert [e["vm"] for e in srmig("list", "--json")] == [VM4, VM]
         assert "encapsulated" in srmig("stats")
         assert set(srmig("stats", "--json")["families"]) == {"4", "6"}

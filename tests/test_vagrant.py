@@ -168,15 +168,21 @@ def test_vagrantfile_runs_scripts_that_exist(calls):
 
 
 def test_demo_defaults_match_the_vagrantfile(calls):
+    from srmig.testbed.qemu import GATEWAY_V4
+
     demo = (PROVISION / "demo.sh").read_text()
     host_sh = (PROVISION / "host.sh").read_text()
 
     def default(text: str, var: str) -> str:
-        return re.search(r"\$\{" + var + r":-([^}]+)\}", text).group(1)
+        return re.search(r"\$\{" + var + r":?-([^}]+)\}", text).group(1)
 
     for var, machine in (("SRMIG_SRC_MGMT", "hv1"), ("SRMIG_DST_MGMT", "hv2")):
         assert f"{default(demo, var)}/64" == _role(calls, machine)["kw"]["env"]["SRMIG_MGMT_ADDR"]
     assert default(demo, "SRMIG_VM_ADDR") == default(host_sh, "SRMIG_VM_ADDR")
+    # the dual-stack guest: its IPv4 address on both hosts' taps, its gateway the taps' anycast one
+    for machine in ("hv1", "hv2"):
+        assert default(demo, "SRMIG_VM_ADDR4").split("/")[0] == _role(calls, machine)["kw"]["env"]["SRMIG_VM_ADDR4"]
+    assert default(host_sh, "SRMIG_GW4") == GATEWAY_V4
 
 
 # --- the scripts in a network namespace -------------------------------------------------------------------
@@ -248,28 +254,40 @@ def test_provisioning_in_netns(calls, tmp_path, machine):
             assert h.sr_domain == tuple(env["SRMIG_DOMAIN"].split()) and h.transit == ()
             assert h.sids.dx6 == env["SRMIG_LOCATOR"].split("/")[0] + "d6"
 
-        # Links, routes to the locators, permanent neighbours.
-        for ifname, key in (("fab0", "SRMIG_FABRIC_ADDR"), ("mgmt0", "SRMIG_MGMT_ADDR")):
-            (link,) = _ip_json(ns, "-6", "addr", "show", "dev", ifname)
+        # Links (the fabric dual-stack: the VM's IPv4 replies come back over its IPv4), routes to the
+        # locators, permanent neighbours of both families.
+        for ifname, key, family in (("fab0", "SRMIG_FABRIC_ADDR", "-6"), ("fab0", "SRMIG_FABRIC_ADDR4", "-4"),
+                                    ("mgmt0", "SRMIG_MGMT_ADDR", "-6")):
+            (link,) = _ip_json(ns, family, "addr", "show", "dev", ifname)
             addrs = {f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]}
             assert env[key] in addrs and link["operstate"] == "UP"
+        assert _ip_json(ns, "-4", "addr", "show", "dev", "mgmt0") == []
         routes = {(r["dst"], r.get("gateway")) for r in _ip_json(ns, "-6", "route", "show", "dev", "fab0")}
         for pair in env["SRMIG_ROUTES"].split():
             prefix, gw = pair.split("=")
             assert (prefix, gw) in routes
-        neigh = {(n["dst"], n["lladdr"]) for n in _ip_json(ns, "-6", "neigh", "show", "dev", "fab0")
+        neigh = {(n["dst"], n["lladdr"]) for n in _ip_json(ns, "neigh", "show", "dev", "fab0")
                  if "PERMANENT" in n.get("state", [])}
         assert neigh == {tuple(p.split("=")) for p in env["SRMIG_NEIGHBOURS"].split()}
+        others = [m for m in ("client", "hv1", "hv2") if m != machine]
+        assert {a for a, _ in neigh} == {_role(calls, m)["kw"]["env"][k].split("/")[0]
+                                        for m in others for k in ("SRMIG_FABRIC_ADDR", "SRMIG_FABRIC_ADDR4")}
 
-        if machine != "client":  # host.sh: the VM's tap with the anycast gateway; forwarding on
+        if machine != "client":  # host.sh: the VM's tap with the anycast gateway of both families; forwarding
             (tap,) = _ip_json(ns, "addr", "show", "dev", "vmtap")
             assert tap["address"] == "02:00:5e:00:00:01"
-            assert any(a["local"] == "fe80::1" for a in tap["addr_info"])
+            assert {("fe80::1", 64), ("198.51.100.1", 32)} <= {(a["local"], a["prefixlen"]) for a in tap["addr_info"]}
+            vm4 = env["SRMIG_VM_ADDR4"]
             assert [r["dst"] for r in _ip_json(ns, "-6", "route", "show", "dev", "vmtap")
                     if r["dst"] != "fe80::/64"] == ["2001:db8:100::10"]
-            fwd = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.all.forwarding"],
-                                 capture_output=True, text=True, timeout=10, check=True)
-            assert fwd.stdout.strip() == "1"
+            assert [r["dst"] for r in _ip_json(ns, "-4", "route", "show", "dev", "vmtap")] == [vm4]
+            vm_neigh = {(n["dst"], n["lladdr"]) for n in _ip_json(ns, "neigh", "show", "dev", "vmtap")
+                        if "PERMANENT" in n.get("state", [])}
+            assert vm_neigh == {("2001:db8:100::10", "02:00:00:00:10:10"), (vm4, "02:00:00:00:10:10")}
+            for key in ("net.ipv6.conf.all.forwarding", "net.ipv4.ip_forward"):
+                fwd = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", key],
+                                     capture_output=True, text=True, timeout=10, check=True)
+                assert fwd.stdout.strip() == "1", key
     finally:
         subprocess.run(["ip", "netns", "del", ns], timeout=10)
 
@@ -293,6 +311,70 @@ def test_trigger_hands_each_hypervisor_its_credentials(tmp_path):
             assert f.read_bytes() == (guest / hv / f.name).read_bytes(), f
             assert f.stat().st_mode & 0o777 == 0o600, f
         assert _synced(calls, "client").get(f"/etc/srmig/pki/{hv}") is None
+
+
+# --- demo.sh's parts (lib.sh: demo_domain_xml, demo_ready, demo_report) ------------------------------------
+
+def test_demo_guest_is_dual_stack():
+    """The domain demo.sh starts, with its defaults: the agent's own parser (records.domain) finds both
+    addresses in the metadata, the IPv6 one the VM's id; the guest's kernel command line has the IPv4
+    address and the taps' anycast IPv4 gateway."""
+    from srmig.ctl import records
+    from srmig.testbed import guest
+
+    try:
+        guest.image()
+    except FileNotFoundError as e:  # domain_xml names the image's files
+        pytest.skip(str(e))
+    demo = (PROVISION / "demo.sh").read_text()
+    vm = re.search(r"\$\{SRMIG_VM_ADDR:-([^}]+)\}", demo).group(1)
+    vm4 = re.search(r"\$\{SRMIG_VM_ADDR4-([^}]+)\}", demo).group(1)
+    xml = _lib(f'demo_domain_xml "{sys.executable}" srmig-vm {vm} {vm4}').stdout
+    name, vm_id, _tap, addresses = records.domain(xml)
+    assert (name, vm_id, addresses) == ("srmig-vm", vm, (vm, vm4.split("/")[0]))
+    cmdline = re.search(r"<cmdline>([^<]*)</cmdline>", xml).group(1).split()
+    assert f"srmig.addr4={vm4}" in cmdline and "srmig.gw4=198.51.100.1" in cmdline
+    xml6 = _lib(f'demo_domain_xml "{sys.executable}" srmig-vm {vm} ""').stdout  # SRMIG_VM_ADDR4="": IPv6 only
+    assert records.domain(xml6)[3] == (vm,) and "srmig.addr4" not in xml6
+
+
+@pytest.mark.netns
+def test_demo_ready_and_report_per_family(tmp_path):
+    """demo_ready waits for every address and names the family that never answers; demo_report prints a line
+    per family from the probe's real --json, as demo.sh runs them. In a namespace of our own: its loopback
+    answers both families, and nothing else is routed."""
+    ns = f"srmig-{os.getpid()}-vdemo"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
+        py = sys.executable
+
+        def in_ns(script: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f'. "{PROVISION}/lib.sh"; {script}'],
+                                  capture_output=True, text=True, timeout=60)
+
+        r = in_ns(f'demo_ready "{py}" 10 ::1 127.0.0.1')
+        assert r.returncode == 0, r.stdout + r.stderr
+        t0 = time.monotonic()
+        r = in_ns(f'demo_ready "{py}" 2 ::1 192.0.2.99')   # (no route to it here)
+        assert r.returncode == 1 and "no answer from 192.0.2.99 (IPv4)" in r.stderr and "::1" not in r.stderr
+        assert time.monotonic() - t0 < 30
+
+        probe = subprocess.run([py, "-m", "srmig.testbed.probe", "::1", "127.0.0.1", "--rate", "200", "--count",
+                                "20", "--timeout", "0.5", "--json", "--netns", ns],
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0, probe.stderr
+        (tmp_path / "probe.json").write_text(probe.stdout)
+        (tmp_path / "migrate.out").write_text("error: operation failed: migration out job: unexpectedly failed\n")
+        for rc in (0, 1):
+            out = _lib(f'demo_report "{py}" "{tmp_path}/probe.json" 200 10.0 11.5 {rc} "{tmp_path}/migrate.out"')
+            lines = out.stdout.splitlines()
+            assert "200 probes/s per family, migration 1.50 s" in lines[0]
+            assert [ln.split()[:7] for ln in lines[1:3]] == [
+                [fam, "sent", "20", "lost", "0", "duplicated", "0"] for fam in ("IPv6", "IPv4")]
+            assert len(lines) == 3 + rc and ("migration error: error: operation failed" in out.stdout) == bool(rc)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=10)
 
 
 # --- etcd as client.sh runs it -----------------------------------------------------------------------------

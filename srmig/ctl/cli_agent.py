@@ -44,6 +44,34 @@ def kernel_fit(cfg: config_mod.Config) -> None:
                              f'({reason.removeprefix("absent: ")}): use encap = "bpf" (the default)')
 
 
+def _sysctl(key: str) -> str | None:
+    """A sysctl of this network namespace ("net.ipv4.conf.eth1.forwarding"), None when it has none."""
+    try:
+        with open("/proc/sys/" + key.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def forwarding_warnings(cfg: config_mod.Config) -> list[str]:
+    """The host role delivers to a VM's tap by a FIB lookup from the fabric interface (bpf_fib_lookup), which
+    the kernel refuses (BPF_FIB_LKUP_RET_FWD_DISABLED: dropped, counted as no_route) unless forwarding is on
+    for that family on that interface: one line per family that is off, naming the fix. IPv4's is often off
+    where IPv6's was turned on, and then only a dual-stack VM's IPv4 addresses get nothing. Nothing is said
+    of an interface that is not there (yet): attaching to it will fail first."""
+    if cfg.host is None:
+        return []
+    dev, out = cfg.host.fabric, []
+    for key, what, fix in (
+            (f"net.ipv6.conf.{dev}.forwarding", "nothing reaches the VMs' IPv6 addresses nor another host's SID",
+             "net.ipv6.conf.all.forwarding=1"),
+            (f"net.ipv4.conf.{dev}.forwarding", "nothing reaches the VMs' IPv4 addresses", "net.ipv4.ip_forward=1")):
+        if _sysctl(key) == "0":
+            out.append(f"{cfg.path}: host.fabric: {key} is 0: {what} (the kernel refuses the dataplane's FIB "
+                       f"lookup: dropped as no_route); sysctl -w {fix}")
+    return out
+
+
 def db_login(cfg: config_mod.Config) -> None:
     """With an etcd user: log in once, to say now (one line) that etcd refuses it. An etcd that does not
     answer is only a warning: the agent waits for it."""
@@ -64,7 +92,8 @@ def db_login(cfg: config_mod.Config) -> None:
 def cmd_agent(args) -> int:
     cfg = config_mod.load(args.config)  # every error before anything is installed
     kernel_fit(cfg)
-    for warning in cfg.warnings:  # valid but unsafe (plain-HTTP etcd, an open SR domain): said at every start
+    # valid but unsafe (plain-HTTP etcd, an open SR domain), or this machine not ready: said at every start
+    for warning in (*cfg.warnings, *forwarding_warnings(cfg)):
         print(f"srmig: warning: {warning}", file=sys.stderr)
     if args.check:
         db_login(cfg)

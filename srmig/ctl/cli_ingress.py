@@ -15,6 +15,8 @@ examples (as root):
   srmig ingress set 2001:db8:100::10 fc00:0:2::d6   switch the list: one map write, atomic for the packets
   srmig ingress set 192.0.2.10 fc00:0:2::d6 --via 2001:db8:c::2 --dev eth0
                                                 an IPv4 VM: SRH next header 4, a /32 via the IPv6 next hop
+  srmig ingress set 10.1.0.0/24 fc00:0:2::d6 --via 2001:db8:c::2 --dev eth0
+                                                a subnet a VM routes: every address in it takes this list
   srmig ingress list                            VMs, their lists and counters
   srmig ingress stats --json                    counters per outcome and drop reason, and per VM
   srmig ingress del 2001:db8:100::10 --dev eth0 stop steering (and remove the route)
@@ -23,7 +25,8 @@ examples (as root):
 The fabric MTU must leave room for the encapsulation: 40 bytes of outer IPv6 + 8 + 16 per segment. The route
 `set --via` installs carries mtu = link MTU - {overhead} (room for the longest list srmig carries, {max}
 segments), so the MTU never changes in the middle of a migration and the kernel answers senders with ICMPv6
-Packet Too Big; a packet that would still not fit is dropped and counted (drop_too_big).
+Packet Too Big (IPv4: ICMP Fragmentation Needed, or fragments without DF); a packet that would still not fit is
+dropped and counted (drop_too_big).
 """
 
 
@@ -101,7 +104,8 @@ def add_parsers(sub) -> None:
     verb("load", "run H.Encaps on an interface's egress (idempotent)").add_argument("iface")
     verb("unload", "remove it; the last interface removes the pinned maps").add_argument("iface")
     a = verb("set", "steer a VM along a segment list (replaces its list atomically)")
-    a.add_argument("vm", help="the VM's IPv6 or IPv4 address (the inner destination)")
+    a.add_argument("vm", help="the VM's IPv6 or IPv4 address (the inner destination), or a prefix it routes "
+                              "(ADDRESS/LENGTH); one command per address of a dual-stack VM")
     a.add_argument("segments", nargs="+", metavar="SID",
                    help=f"the segment list in travel order (first SID first), at most {MAX_SEGMENTS}")
     a.add_argument("--src", help="outer source address (default: the kernel's source towards the first SID)")

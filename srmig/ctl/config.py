@@ -52,8 +52,11 @@
     [metrics]
     listen = "127.0.0.1:9477"               # Prometheus; "" turns it off
 
-A VM is managed when its domain XML carries its address:
-    <metadata><srmig:vm xmlns:srmig="urn:srmig:vm:1"><srmig:address>2001:db8:100::10</srmig:address></srmig:vm></metadata>
+A VM is managed when its domain XML lists its addresses: the first, an address, is its id; then any others, of
+either family, and any prefixes it routes (ADDRESS/LENGTH):
+    <metadata><srmig:vm xmlns:srmig="urn:srmig:vm:1">
+      <srmig:address>2001:db8:100::10</srmig:address><srmig:address>198.51.100.10</srmig:address>
+    </srmig:vm></metadata>
 """
 
 from __future__ import annotations

@@ -396,6 +396,20 @@ class Dataplane(libbpf.PinnedMaps):
                 _vm_str(bytes(ffi.buffer(v.addr, 16)))) for k, v in self.vm_prefixes.items()]
         return sorted(out, key=lambda pv: _vm_sort(pv[0]))
 
+    def vm_owners(self, where: str = "this host's VM map") -> dict[str, tuple[str, str]]:
+        """Every address and prefix the VM map has -> (its VM's id, `where`), as srmig.ctl.records.taken()
+        reads an owner map: an address with an entry of its own is a VM's id (its own VM), every other address
+        and prefix belongs to the id it points at, if that id has an entry (a pointer at none finds no VM: left
+        behind, it is nobody's). So `srmig vm set` by hand refuses what the agent refuses."""
+        out = {}
+        for k in self.vms.keys():
+            vm = _vm_str(bytes(ffi.buffer(k.addr, 16)))
+            out[vm] = (vm, where)
+        for prefix, vm in self.list_vm_prefixes():
+            if vm in out:  # (an address with both: its own entry is what the program takes)
+                out.setdefault(prefix, (vm, where))
+        return out
+
     def set_vms_bulk(self, entries: list[tuple[bytes, VmState]]) -> None:
         """Many VMs at once (benchmarks, reconciliation): one syscall each, no per-entry Python objects."""
         key = ffi.new("struct srmig_vm_key *")

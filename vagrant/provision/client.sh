@@ -8,6 +8,8 @@
 # Environment (set by the Vagrantfile), besides ingress.sh's own (SRMIG_NAME, SRMIG_GATEWAY, SRMIG_DB,
 # SRMIG_ETCD, ...), which pass through:
 #   SRMIG_FABRIC_MAC, SRMIG_FABRIC_ADDR   the fabric NIC (ingress.sh's SRMIG_INTERFACE) and its address
+#   SRMIG_FABRIC_ADDR4  its IPv4 address/prefix: the probe's IPv4 source, where the VM's IPv4 replies come
+#                       back natively [none]
 #   SRMIG_MGMT_MAC, SRMIG_MGMT_ADDR       the management NIC (demo.sh drives the hypervisors' libvirtd on it)
 #   SRMIG_ROUTES      "PREFIX=GATEWAY ..." on the fabric: each host's locator [none]
 #   SRMIG_NEIGHBOURS  "ADDR=MAC ..." permanent neighbours on the fabric [none]

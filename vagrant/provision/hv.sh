@@ -9,6 +9,7 @@
 # SRMIG_TRANSIT, SRMIG_DB, SRMIG_ETCD, SRMIG_XDP_MODE, ...), which pass through:
 #   SRMIG_FABRIC_MAC, SRMIG_FABRIC_ADDR   the fabric NIC and its address/prefix: host.sh's SRMIG_FABRIC and
 #                                         SRMIG_ADDRESS are derived from them
+#   SRMIG_FABRIC_ADDR4  its IPv4 address/prefix: the VM's IPv4 replies leave by it (lib.sh) [none]
 #   SRMIG_MGMT_MAC, SRMIG_MGMT_ADDR       the management NIC: libvirt's peer-to-peer migration (control
 #                                         connection and the QEMU stream)
 #   SRMIG_ROUTES      "PREFIX=GATEWAY ..." on the fabric (the other host's locator) [none]
@@ -25,8 +26,10 @@ SRMIG=$SRMIG_VENV/bin/srmig
 [ -x "$SRMIG" ] || die "$SRMIG not found: run common.sh (./run setup) first"
 
 # --- links ----------------------------------------------------------------------------------------------
-# Forwarding: the VM's replies are routed from its tap to the fabric. seg6_enabled as in the testbed's hosts.
+# Forwarding: the VM's replies are routed from its tap to the fabric, of both families (srmig's IPv4
+# delivery is an IPv4 FIB lookup, which needs IPv4 forwarding too). seg6_enabled as in the testbed's hosts.
 sysctl -qw net.ipv6.conf.all.forwarding=1 net.ipv6.conf.all.seg6_enabled=1 net.ipv6.conf.default.seg6_enabled=1
+sysctl -qw net.ipv4.ip_forward=1
 links_setup
 echo 1 > "/proc/sys/net/ipv6/conf/$fabric/seg6_enabled"
 

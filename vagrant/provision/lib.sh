@@ -39,23 +39,27 @@ routes_setup() {
 }
 
 # links_setup: the fabric and management NICs named by SRMIG_FABRIC_MAC / SRMIG_MGMT_MAC get
-# SRMIG_FABRIC_ADDR / SRMIG_MGMT_ADDR; the fabric also SRMIG_ROUTES and SRMIG_NEIGHBOURS. Sets $fabric, $mgmt.
+# SRMIG_FABRIC_ADDR / SRMIG_MGMT_ADDR; the fabric also SRMIG_FABRIC_ADDR4 (its IPv4 address/prefix, if any:
+# the dual-stack underlay that carries a VM's IPv4 replies), SRMIG_ROUTES and SRMIG_NEIGHBOURS. Sets $fabric,
+# $mgmt.
 links_setup() {
     : "${SRMIG_FABRIC_MAC:?}" "${SRMIG_FABRIC_ADDR:?}" "${SRMIG_MGMT_MAC:?}" "${SRMIG_MGMT_ADDR:?}"
     fabric=$(iface_by_mac "$SRMIG_FABRIC_MAC")
     mgmt=$(iface_by_mac "$SRMIG_MGMT_MAC")
     link_setup "$fabric" "$SRMIG_FABRIC_ADDR"
     link_setup "$mgmt" "$SRMIG_MGMT_ADDR"
+    [ -z "${SRMIG_FABRIC_ADDR4:-}" ] || ip -4 addr replace "$SRMIG_FABRIC_ADDR4" dev "$fabric"
     routes_setup "$fabric" "${SRMIG_ROUTES:-}"
     neighbours_setup "$fabric" "${SRMIG_NEIGHBOURS:-}"
-    log "fabric $fabric $SRMIG_FABRIC_ADDR, management $mgmt $SRMIG_MGMT_ADDR"
+    log "fabric $fabric $SRMIG_FABRIC_ADDR${SRMIG_FABRIC_ADDR4:+ $SRMIG_FABRIC_ADDR4}, management $mgmt $SRMIG_MGMT_ADDR"
 }
 
-# neighbours_setup IFACE "ADDR=MAC ...": permanent neighbour entries, as the testbed's static_neigh: a first
-# burst towards a peer (a freshly resumed VM's replies) never waits in the neighbour resolution queue.
+# neighbours_setup IFACE "ADDR=MAC ...": permanent neighbour entries (IPv6 or IPv4, by the address), as the
+# testbed's static_neigh: a first burst towards a peer (a freshly resumed VM's replies) never waits in the
+# neighbour resolution queue.
 neighbours_setup() {
     for n in $2; do
-        ip -6 neigh replace "${n%%=*}" lladdr "${n#*=}" dev "$1" nud permanent
+        ip neigh replace "${n%%=*}" lladdr "${n#*=}" dev "$1" nud permanent
     done
 }
 
@@ -158,5 +162,58 @@ tls = Tls(str(root / "ca.pem"), str(root / "cert.pem"), str(root / "key.pem"))
 with EtcdKv([endpoint], tls=tls, auth=Auth(ROOT, password(ROOT))) as kv:
     init_auth(kv, password(ROOT), users)
 print(f"etcd {endpoint}: authentication on; users {ROOT} (operator), {', '.join(users)}")
+PY
+}
+
+# --- the demo (demo.sh; tests/test_vagrant.py runs these in a network namespace) ----------------------------
+
+# demo_domain_xml PYTHON NAME ADDR [ADDR4/PLEN]: the test guest's libvirt domain, the namespace testbed's
+# (srmig.testbed.libvirtd.domain_xml: TCG, direct kernel boot of the image ./run setup built, virtio-net on
+# the tap host.sh made), with srmig's metadata listing ADDR (the VM's id) and, for a dual-stack guest,
+# ADDR4, which the guest also gets on its kernel command line (its IPv4 gateway: host.sh's SRMIG_GW4).
+demo_domain_xml() {
+    "$1" - "$2" "$3" "${4:-}" <<'PY'
+import sys
+from srmig.ctl.agent import metadata_xml
+from srmig.testbed.libvirtd import domain_xml
+name, vm, addr4 = sys.argv[1:4]
+addresses = (vm, addr4.split("/")[0]) if addr4 else (vm,)
+print(domain_xml(name, metadata=metadata_xml(*addresses), addr4=addr4 or None))
+PY
+}
+
+# demo_ready PYTHON SECONDS ADDR...: wait (at most SECONDS) until every ADDR answers echo requests, 10 at a
+# time; the ones that never did are named and the status is 1.
+demo_ready() {
+    _py=$1 _s=$2
+    shift 2
+    "$_py" - "$_s" "$@" <<'PY'
+import ipaddress, sys, time
+from srmig.testbed.probe import FAMILY_NAMES, run_probes
+deadline, addrs = time.monotonic() + float(sys.argv[1]), sys.argv[2:]
+waiting = {str(ipaddress.ip_address(a).version): a for a in addrs}
+while waiting:
+    answered = {f for f, r in run_probes(list(waiting.values()), 50, 10, timeout_s=1).items() if r.received}
+    waiting = {f: a for f, a in waiting.items() if f not in answered}
+    if waiting and time.monotonic() > deadline:
+        sys.exit("no answer from " + ", ".join(f"{a} ({FAMILY_NAMES[f]})" for f, a in waiting.items()))
+PY
+}
+
+# demo_report PYTHON PROBE_JSON RATE T0 T1 RC MIGRATE_OUT: what `srmig demo --libvirt` prints, a line per
+# family probed, from the probe's --json ({family: report}); the migration's error when RC is not 0.
+demo_report() {
+    "$1" - "$2" "$3" "$4" "$5" "$6" "$7" <<'PY'
+import json, sys
+from srmig.testbed.probe import FAMILY_NAMES
+reports = json.load(open(sys.argv[1]))
+rate, t0, t1, rc = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+print(f"libvirt live migration hv1 -> hv2 driven by the srmig agents (etcd state database), {rate} probes/s "
+      f"per family, migration {t1 - t0:.2f} s")
+for family, r in reports.items():
+    print(f"  {FAMILY_NAMES[family]}  sent {r['sent']}  lost {r['lost']}  duplicated {r['duplicated']}  "
+          f"reordered {r['reordered']}  blackout {r['blackout_ms']:.1f} ms")
+if rc:
+    print(f"  migration error: {open(sys.argv[6]).read().strip()}")
 PY
 }
