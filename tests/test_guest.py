@@ -75,6 +75,9 @@ def test_init_reads_every_setting():
     assert "net.ipv4.neigh.eth0.base_reachable_time_ms=3600000" in guest.INIT
     assert "cat /proc/net/snmp6 /proc/net/snmp" in guest.INIT
     assert f"xdp obj {guest.ECHO_XDP_OBJECT} sec {echo_xdp.SECTION}" in guest.INIT
+    # the responder's RX ring, shortened before the program is attached
+    ring = guest.INIT.index(f"{guest.ETHTOOL} -G eth0 rx {guest.XDP_RX_RING}")
+    assert ring < guest.INIT.index(f"xdp obj {guest.ECHO_XDP_OBJECT}")
 
 
 STATS_LINES = """\
@@ -131,6 +134,15 @@ UNANSWERED_ROWS = [
     ("xdp", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990, "Icmp6InEchos": 0}, 20, "6", 10),
     ("xdp-capped", {"srmig_echo_xdp": 0, "eth0_rx_packets": 1000, "eth0_tx_packets": 990}, 4, "4", 4),
     ("xdp-no-device", {"srmig_echo_xdp": 0, "Icmp6InEchos": 100, "Icmp6OutEchoReplies": 90}, 20, "6", 0),
+    # the driver's XDP_TX drops, where the image's ethtool gives them: exact, where rx - tx is hidden by the guest's
+    # own frames (here 10 more sent than received, 7 dropped)
+    ("xdp-tx-drops", {"srmig_echo_xdp": 1, "eth0_rx_packets": 1000, "eth0_tx_packets": 1003,
+                      "eth0_tx_queue_0_xdp_tx_drops": 7, "eth0_tx_queue_0_xdp_tx": 1000}, 20, "6", 7),
+    ("xdp-tx-drops-queues", {"srmig_echo_xdp": 1, "eth0_tx_queue_0_xdp_tx_drops": 7,
+                             "eth0_tx_queue_1_xdp_tx_drops": 5}, 20, "4", 12),
+    ("xdp-tx-drops-capped", {"srmig_echo_xdp": 1, "eth0_tx_queue_0_xdp_tx_drops": 70}, 20, "4", 20),
+    ("xdp-tx-drops-none", {"srmig_echo_xdp": 1, "eth0_rx_packets": 1000, "eth0_tx_packets": 980,
+                           "eth0_tx_queue_0_xdp_tx_drops": 0}, 20, "6", 0),
 ]
 
 
