@@ -225,6 +225,17 @@ def test_vm_keys_are_the_programs():
     assert set(vm.keys.values()) == {VM, VM4}
 
 
+def restored_after_looks(queue: tap.TapKeeper, most: int = 10) -> int:
+    """restore_queue_len(vmtap, 1000) every RATE_WINDOW_S until it restores; how many looks that took (AssertionError
+    after `most`). Before each, the test reads what S's own stack sends to the tap meanwhile (MLD), as QEMU would."""
+    for looks in range(1, most + 1):
+        time.sleep(tap.RATE_WINDOW_S)
+        queue.frames()
+        if tap.restore_queue_len("vmtap", 1000, queue):
+            return looks
+    raise AssertionError(f"not restored after {most} looks")
+
+
 @pytest.mark.netns
 def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
     """A migration window's end: the tap's long queue goes back to its old length only once what it holds
@@ -241,10 +252,19 @@ def test_queue_length_restored_only_once_the_tap_is_read(topology, paused_tap):
         assert tap.tap_queue_len("vmtap") == 10000
         assert probes(queue.frames()) == 3000  # the resumed QEMU reads them
         assert queue.empty()
-        # 3000 taken since the last look, in milliseconds: frames came faster than 1000 last for RESTORE_GAP_S
+        assert restored_after_looks(queue) >= 2  # the first look only takes the count read so far; none since
+        assert tap.tap_queue_len("vmtap") == 1000
+
+        # 3000 taken between two looks, in milliseconds: faster than 1000 frames last for RESTORE_GAP_S
+        tap.tap_queue_len("vmtap", 10000)
+        queue.frames()
         assert tap.restore_queue_len("vmtap", 1000, queue) is False
-        time.sleep(0.01)
-        assert tap.restore_queue_len("vmtap", 1000, queue) is True  # none since
+        send_probes(topology, 3000)
+        assert probes(queue.frames()) == 3000
+        time.sleep(tap.RATE_WINDOW_S)
+        assert tap.restore_queue_len("vmtap", 1000, queue) is False
+        assert tap.tap_queue_len("vmtap") == 10000
+        assert restored_after_looks(queue) <= 2  # once a look saw next to none taken since the one before
         assert tap.tap_queue_len("vmtap") == 1000
 
         # What the wait saves: the same backlog, the length restored at once.
@@ -287,7 +307,7 @@ def test_queue_length_stays_long_while_frames_come_faster_than_the_old_length_ho
             t.start()
         restored = []
         for _ in range(30):  # the window has ended: the executor's polls, 0.3 s of them
-            time.sleep(0.01)
+            time.sleep(0.01)  # (a look at the rate every RATE_WINDOW_S)
             restored.append(tap.restore_queue_len("vmtap", 1000, queue))
         stalled.set()
         time.sleep(0.2)
