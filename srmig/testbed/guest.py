@@ -38,8 +38,8 @@ writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of /proc/ne
 (`Icmp6InEchos 123`), every line of /proc/net/snmp (IPv4: header and value lines, `Icmp: InMsgs ...` then
 `Icmp: 12 ...`, which srmig.testbed.qemu.parse_stats turns into `IcmpInEchos 12`, as nstat names them), the eth0
 device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics) and the driver's per queue
-(`ethtool -S eth0`: `eth0_tx_queue_0_xdp_tx_drops 0`, ...), then `END TOKEN`. `ping TOKEN` answers `PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and
-answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
+(`ethtool -S eth0`: `eth0_tx_queue_0_xdp_tx_drops 0`, ...), then `END TOKEN`. `ping TOKEN` answers
+`PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
 shows `SRMIG-GUEST-READY addr=...` once eth0 is configured and, with srmig.stats=N, periodic
 `SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
 
@@ -233,9 +233,9 @@ class MissingPackage(RuntimeError):
     """A Debian package the guest needs is not available (named in the message)."""
 
 
+XDP_TX_DROPS = re.compile(r"eth0_tx_queue_\d+_xdp_tx_drops")  # per TX queue (ethtool -S eth0, virtio_net)
 # The guest's echo counters per address family: (requests received, replies sent), as parse_stats names them
 # (/proc/net/snmp6 for IPv6; /proc/net/snmp's Icmp line for IPv4).
-XDP_TX_DROPS = re.compile(r"eth0_tx_queue_\d+_xdp_tx_drops")  # per TX queue (ethtool -S eth0, virtio_net)
 ECHO_COUNTERS = {"6": ("Icmp6InEchos", "Icmp6OutEchoReplies"), "4": ("IcmpInEchos", "IcmpOutEchoReps")}
 OUT_DISCARDS = {"6": "Ip6OutDiscards", "4": "IpOutDiscards"}
 
