@@ -39,9 +39,9 @@ writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of /proc/ne
 `Icmp: 12 ...`, which srmig.testbed.qemu.parse_stats turns into `IcmpInEchos 12`, as nstat names them), the eth0
 device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics) and the driver's per queue
 (`ethtool -S eth0`: `eth0_tx_queue_0_xdp_tx_drops 0`, ...), then `END TOKEN`. `ping TOKEN` answers
-`PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
-shows `SRMIG-GUEST-READY addr=...` once eth0 is configured and, with srmig.stats=N, periodic
-`SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
+`PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and answers its output between BEGIN and END (a
+debugging aid: Qemu.guest_shell()). The console (ttyS0) shows `SRMIG-GUEST-READY addr=...` once eth0 is
+configured and, with srmig.stats=N, periodic `SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
 
 The guest as an SRv6 peer: Debian's kernel has SRv6 built in (CONFIG_IPV6_SEG6_LWTUNNEL=y, checked at build
 time, recorded as "kernel_srv6" in stamp.json) and `ip` in the guest is iproute2's, so `ip -6 route add ...
