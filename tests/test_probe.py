@@ -358,6 +358,7 @@ def _demo_run(notes=None):
     v6 = analyse(sent, held(sent, {s: 70 - s for s in range(40, 50)}), marks=marks, rtt_window=demo.RTT_WINDOW)
     v4 = analyse(sent, held(sent, {}, lost=range(40, 50)), marks=marks, rtt_window=demo.RTT_WINDOW)
     v6.family, v4.family = "6", "4"
+    v6.send_rate_pps = 999.6  # run_probe's, from the send times (analyse leaves it None)
     guest = {"Icmp6InEchos": 100, "Icmp6OutEchoReplies": 100, "IcmpInEchos": 95, "IcmpOutEchoReps": 92,
              "Ip6OutDiscards": 0, "IpOutDiscards": 3}
     return demo.Run("srmig", {"6": v6, "4": v4}, 12.0, 480.0, guest, notes=notes or {})
@@ -380,6 +381,7 @@ def test_demo_json_keeps_todays_keys_and_adds_families():
     assert v6["rtt_max_ms"] == pytest.approx(30.0) and v4["rtt_max_ms"] == pytest.approx(0.25)
     assert d["rtt_max_ms"] == pytest.approx(30.0) and d["blackout_ms"] == pytest.approx(10.0)
     assert run.report is run.reports["6"] and run.unanswered() == 0 and run.unanswered("4") == 3
+    assert (v6["send_rate_pps"], v4["send_rate_pps"]) == (1000, None)  # what the probe achieved, rounded
 
 
 def test_demo_table_one_row_per_strategy_and_family():

@@ -33,11 +33,13 @@ from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered
 from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
 from srmig.ctl.swallow import RecordedCheck, ShadowLog, SwallowCheck
-from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_name, tap_queue_len
+from srmig.ctl.tap import RESTORE_GAP_S, TapKeeper, restore_queue_len, tap_name, tap_queue_len
 
 log = logging.getLogger("srmig.executor")
 RETURN_WAIT_S = 1.0  # abort: the longest the source parks, waiting for the destination to return what it held
-QUEUE_RESTORE_MAX_S = 10.0  # a window's end: the longest its tap keeps the long queue while frames wait in it
+# A window's end: the longest its tap keeps the long queue while frames wait in it, or arrive too fast for the old
+# length to be safe (srmig.ctl.tap.restore_queue_len)
+QUEUE_RESTORE_MAX_S = 10.0
 QUEUE_POLL_S = 0.01  # meanwhile, how often the queue is looked at
 
 
@@ -232,7 +234,8 @@ class Executor:
 
     def _end_window(self, loc: VmLocal) -> None:
         """The window closes: the shadow log and the kept tap fds go; the queue length is restored once what
-        the tap holds has been read (QUEUE_RESTORE_MAX_S at most)."""
+        the tap holds has been read and what arrives could not overflow the old length meanwhile
+        (QUEUE_RESTORE_MAX_S at most)."""
         if loc.shadow is not None:
             with contextlib.suppress(Exception):
                 loc.shadow.close()
@@ -254,9 +257,10 @@ class Executor:
                         loc.restoring = queue
                         self.owner.later(QUEUE_POLL_S, self._restore_queue, loc, window, queue, deadline)
                         return
-                    else:  # shortening it now would free what waits; the next window's end restores it
-                        log.warning("tap %s: frames still queued %.0f s after the window: its queue stays long",
-                                    loc.tap, QUEUE_RESTORE_MAX_S)
+                    else:  # shortening it now could free what waits; the next window's end restores it
+                        log.warning("tap %s: frames still queued, or arriving faster than its old queue of %d holds "
+                                    "for %.2f s, %.0f s after the window: its queue stays long", loc.tap, loc.old_qlen,
+                                    RESTORE_GAP_S, QUEUE_RESTORE_MAX_S)
                 except Exception as e:  # noqa: BLE001 - the tap went meanwhile
                     log.debug("tap %s: queue length not restored: %s", loc.tap, e)
                     loc.old_qlen = None

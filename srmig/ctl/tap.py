@@ -8,6 +8,7 @@ import fcntl
 import os
 import select
 import struct
+import time
 from pathlib import Path
 
 from cffi import FFI
@@ -116,6 +117,8 @@ class TapKeeper:
     (the kernel purges it only when the last fd closes): what the destination held can be returned to the
     source when a migration aborts, and the source's drain finds its queue even if QEMU is gone by then."""
 
+    taken: tuple[float, int] | None = None  # (time.monotonic(), frames read or dropped): restore_queue_len's
+
     def __init__(self, qemu_pid: int, tap: str):
         tapread.reader()  # built (or loaded) now, long before a drain reads the queue
         self.tap = tap
@@ -168,12 +171,45 @@ def tap_queue_len(tap: str, qlen: int | None = None) -> int | None:
         return old
 
 
+# The longest a busy host may keep the agent, and QEMU with it, off the CPU between the tap's last poll and the
+# write of its queue length (restore_queue_len): above the ~200 ms round trips of the demo's probes on a loaded
+# 2-core machine, when the write once landed in such a stall (docs/drain.md).
+RESTORE_GAP_S = 0.25
+# restore_queue_len's rate: over this long at least. Between two looks it only polls the tap (no netlink): a
+# look costs ~1.5 ms of CPU, at the executor's 100 polls a second 15 % of a core for a busy VM's 10 s.
+RATE_WINDOW_S = 0.1
+
+
 def restore_queue_len(tap: str, qlen: int, queue: TapKeeper | None) -> bool:
-    """End of a migration window: the tap's queue length back to `qlen`, but only once its queue is empty
-    (`queue`: its fds; None: cannot tell, restore now). The kernel shortens the ring by freeing the frames
-    that do not fit, without counting them: a backlog the resumed QEMU has not read yet would be lost.
-    Returns False while frames are queued (try again later)."""
-    if queue is not None and queue.fds and not queue.empty():
-        return False
-    tap_queue_len(tap, qlen)
+    """End of a migration window: the tap's queue length back to `qlen`, once that loses nothing (`queue`: its
+    fds; None: cannot tell, restore now). The kernel shortens the ring by keeping its oldest `qlen` frames and
+    freeing the others, without counting them: a backlog the resumed QEMU has not read yet would be lost. So:
+    - the queue must poll empty, right before the write: the netlink socket and the ifindex are ready before
+      the poll, so the two are two system calls apart;
+    - and the frames arriving while nobody reads them, RESTORE_GAP_S long, must fit in `qlen`: a thread of a
+      busy host can stay off the CPU longer than a short queue lasts (1000 frames at 20,000/s: 50 ms), and QEMU
+      with it; of what the tap then holds at the write, all but `qlen` frames are lost. The rate is what the
+      tap's reader took (and the tap dropped) since the previous look, RATE_WINDOW_S ago or more: while the
+      queue ends empty, no less than what arrived. The first look only takes that count.
+    Returns False while either does not hold (try again later)."""
+    from srmig import netlink  # noqa: PLC0415
+
+    if queue is not None and queue.fds:
+        if not queue.empty():
+            return False
+        if queue.taken is not None and time.monotonic() - queue.taken[0] < RATE_WINDOW_S:
+            return False
+    with netlink.handle() as ipr:
+        idx = netlink.find_ifindex(tap, ipr)
+        if idx is None:
+            return True  # no tap, nothing to restore
+        if queue is not None and queue.fds:
+            stats = netlink.link_stats(idx, ipr)
+            now, taken = time.monotonic(), stats["tx_packets"] + stats["tx_dropped"]
+            last, queue.taken = queue.taken, (now, taken)
+            if last is None or (taken - last[1]) * RESTORE_GAP_S > qlen * (now - last[0]):
+                return False
+            if not queue.empty():
+                return False
+        netlink.set_link_txqlen(idx, qlen, ipr)
     return True

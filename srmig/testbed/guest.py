@@ -7,7 +7,8 @@ Output, in /var/lib/srmig/guest/ (override with SRMIG_GUEST_DIR):
     vmlinux      the same kernel decompressed (ELF, PVH entry): what QEMU boots, ~2.5 s faster under TCG
                  (only when the kernel has CONFIG_PVH; otherwise vmlinuz is booted)
     initrd.gz    busybox-static, the virtio/virtio_net modules of that same kernel .deb, the host's iproute2
-                 `ip` with the shared libraries it links (busybox's `ip` knows no seg6/seg6local), and /init
+                 `ip` and ethtool with the shared libraries they link (busybox's `ip` knows no seg6/seg6local;
+                 busybox has no ethtool), and /init
     stamp.json   what was built; `is_built()` only checks it, so a second `build` returns at once
 
 The guest's /init (see INIT below) mounts proc/sys/dev, loads the modules in the order that works
@@ -27,18 +28,20 @@ per family) with a round trip of ~0.3 ms, where the kernel queued them for ~1 s 
     srmig.stats=N                    optional: print a counters line on the console every N seconds
     srmig.ctl=ttyS1                  the control serial port (default ttyS1)
     srmig.echo=xdp                   optional: answer ICMPv6 / ICMP echo requests in XDP on eth0 (XDP_TX), not in
-                                     the kernel's stack; the `stats` answer then carries `srmig_echo_xdp 1`
+                                     the kernel's stack, with an RX ring of XDP_RX_RING slots, half the TX ring (a
+                                     reply that finds the TX ring full is lost); the `stats` answer then carries
+                                     `srmig_echo_xdp 1`
 
 Reading the guest's own counters from the host: the second serial port (ttyS1, a unix socket on the host)
 is a tiny line protocol, raw mode, no echo, spoken by srmig.testbed.qemu.Qemu.guest_stats(). The host
 writes `stats TOKEN\\n`; the guest answers `BEGIN TOKEN`, every line of /proc/net/snmp6
 (`Icmp6InEchos 123`), every line of /proc/net/snmp (IPv4: header and value lines, `Icmp: InMsgs ...` then
 `Icmp: 12 ...`, which srmig.testbed.qemu.parse_stats turns into `IcmpInEchos 12`, as nstat names them), the eth0
-device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics),
-then `END TOKEN`. `ping TOKEN` answers `PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and
-answers its output between BEGIN and END (a debugging aid: Qemu.guest_shell()). The console (ttyS0)
-shows `SRMIG-GUEST-READY addr=...` once eth0 is configured and, with srmig.stats=N, periodic
-`SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
+device counters as `eth0_<name> <value>` (/sys/class/net/eth0/statistics) and the driver's per queue
+(`ethtool -S eth0`: `eth0_tx_queue_0_xdp_tx_drops 0`, ...), then `END TOKEN`. `ping TOKEN` answers
+`PONG TOKEN`; `sh TOKEN COMMAND...` runs a shell command and answers its output between BEGIN and END (a
+debugging aid: Qemu.guest_shell()). The console (ttyS0) shows `SRMIG-GUEST-READY addr=...` once eth0 is
+configured and, with srmig.stats=N, periodic `SRMIG-STATS Icmp6InEchos=.. Icmp6OutEchoReplies=..` lines.
 
 The guest as an SRv6 peer: Debian's kernel has SRv6 built in (CONFIG_IPV6_SEG6_LWTUNNEL=y, checked at build
 time, recorded as "kernel_srv6" in stamp.json) and `ip` in the guest is iproute2's, so `ip -6 route add ...
@@ -59,6 +62,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -82,7 +86,10 @@ IPROUTE2_IP = "/usr/sbin/ip"
 # insmod order that works for a Debian kernel (docs/platform.md); a module built into the kernel is skipped.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
            "failover", "net_failover", "virtio_net"]
-RECIPE_VERSION = 5  # bump when the layout of the image changes
+RECIPE_VERSION = 6  # bump when the layout of the image changes
+ETHTOOL_PKG = "ethtool"
+ETHTOOL = "/usr/sbin/ethtool"  # in the guest: its virtio-net RX ring (srmig.echo=xdp) and per-queue counters
+XDP_RX_RING = 128  # srmig.echo=xdp: the guest's RX ring, half its TX ring (/init says why)
 ECHO_XDP_OBJECT = "/lib/srmig/echo-xdp.o"  # srmig.echo=xdp: /init loads it on eth0 (srmig.testbed.echo_xdp)
 ECHO_MODES = ("kernel", "xdp")
 
@@ -156,7 +163,12 @@ fi
 
 # srmig.echo=xdp: echo requests are answered by an XDP program on eth0 (srmig/testbed/echo_xdp.c), before
 # the stack: ~3x less of the vCPU per echo under TCG. The kernel's ICMP counters then no longer see them.
+# XDP_TX has no queue: a reply that finds the TX ring full is dropped (QEMU gives a tap's TX ring 256 slots,
+# no more). While QEMU's I/O thread is off the CPU the vCPU still answers every frame the RX ring holds, on top
+# of the replies QEMU has not taken yet: with RX as long as TX, a full RX ring and one NAPI poll's replies (64)
+# waiting lose those 64. An RX ring half the TX ring leaves room for 128 replies waiting (docs/platform.md).
 if [ "$ECHO" = xdp ]; then
+    /usr/sbin/ethtool -G eth0 rx 128 || log "RX ring not shortened"
     /usr/sbin/ip link set dev eth0 xdp obj /lib/srmig/echo-xdp.o sec xdp \
         || { log "XDP echo responder failed"; ECHO=kernel; }
 fi
@@ -180,6 +192,10 @@ control() {
                     echo "BEGIN $tok"
                     cat /proc/net/snmp6 /proc/net/snmp
                     for f in /sys/class/net/eth0/statistics/*; do echo "eth0_${f##*/} $(cat "$f")"; done
+                    # the driver's own, per queue (tx_queue_0_xdp_tx_drops: replies XDP_TX found no room for)
+                    /usr/sbin/ethtool -S eth0 2>/dev/null | while read -r k v; do
+                        case "$k" in *:) echo "eth0_${k%:} $v" ;; esac
+                    done
                     [ "$ECHO" = xdp ] && echo "srmig_echo_xdp 1"
                     echo "END $tok" ;;
                 ping) echo "PONG $tok" ;;
@@ -217,6 +233,7 @@ class MissingPackage(RuntimeError):
     """A Debian package the guest needs is not available (named in the message)."""
 
 
+XDP_TX_DROPS = re.compile(r"eth0_tx_queue_\d+_xdp_tx_drops")  # per TX queue (ethtool -S eth0, virtio_net)
 # The guest's echo counters per address family: (requests received, replies sent), as parse_stats names them
 # (/proc/net/snmp6 for IPv6; /proc/net/snmp's Icmp line for IPv4).
 ECHO_COUNTERS = {"6": ("Icmp6InEchos", "Icmp6OutEchoReplies"), "4": ("IcmpInEchos", "IcmpOutEchoReps")}
@@ -231,9 +248,14 @@ def unanswered(counters: dict, lost: int, family: str = "6") -> int:
     counts them lost; nothing on the network lost them. `family`: "6" (ICMPv6 echo) or "4" (ICMP echo).
 
     A guest answering in XDP (srmig.echo=xdp; its counters carry `srmig_echo_xdp`) has no per-family echo
-    counters: the frames eth0 received and did not send back (a full TX ring drops an XDP_TX) are the
-    unanswered ones of both families together, so each family's figure is that total, capped by its loss."""
+    counters: its driver's XDP_TX drops (a reply that found the TX ring full), summed over its queues, are
+    the unanswered ones of both families together, so each family's figure is that total, capped by its loss.
+    An image without ethtool has no per-queue counters: then the frames eth0 received and did not send, which
+    the guest's own frames (a gratuitous ARP and NA after a move, MLD) understate by about 20."""
     if "srmig_echo_xdp" in counters:
+        drops = [v for k, v in counters.items() if XDP_TX_DROPS.fullmatch(k)]
+        if drops:
+            return min(lost, max(0, sum(drops)))
         if "eth0_rx_packets" not in counters or "eth0_tx_packets" not in counters:
             return 0
         return min(lost, max(0, counters["eth0_rx_packets"] - counters["eth0_tx_packets"]))
@@ -491,29 +513,29 @@ def _busybox_binary(cache: Path, log) -> tuple[bytes, str]:
     raise MissingPackage(f"{BUSYBOX_PKG}: no bin/busybox in {deb.name}")
 
 
-def _iproute2_files() -> tuple[dict[str, bytes], str]:
-    """The host's iproute2 `ip` and what it needs to run, as {path in the image: bytes}, and the package
-    version. The libraries are the ones `ldd` resolves, stored at the paths ldd names (glibc's built-in
-    search path on Debian covers /lib/x86_64-linux-gnu, so no ld.so.cache is needed) and the dynamic loader
-    at the path the binary asks for (PT_INTERP, e.g. /lib64/ld-linux-x86-64.so.2), all as plain files:
-    the host's symlinks (merged /usr) mean nothing in the initramfs."""
-    q = _run(["dpkg-query", "-W", "-f=${Status} ${Version}", IPROUTE2_PKG], timeout=30)
-    real = os.path.realpath(IPROUTE2_IP)
+def _host_program_files(pkg: str, program: str) -> tuple[dict[str, bytes], str]:
+    """The host's `program` (of Debian package `pkg`) and what it needs to run, as {path in the image: bytes},
+    and the package version. The libraries are the ones `ldd` resolves, stored at the paths ldd names
+    (glibc's built-in search path on Debian covers /lib/x86_64-linux-gnu, so no ld.so.cache is needed) and
+    the dynamic loader at the path the binary asks for (PT_INTERP, e.g. /lib64/ld-linux-x86-64.so.2), all as
+    plain files: the host's symlinks (merged /usr) mean nothing in the initramfs."""
+    q = _run(["dpkg-query", "-W", "-f=${Status} ${Version}", pkg], timeout=30)
+    real = os.path.realpath(program)
     if not (q.returncode == 0 and q.stdout.startswith("install ok installed")) or not os.path.isfile(real):
-        raise MissingPackage(f"{IPROUTE2_PKG}: {IPROUTE2_IP} not installed (apt-get install {IPROUTE2_PKG})")
+        raise MissingPackage(f"{pkg}: {program} not installed (apt-get install {pkg})")
     if not shutil.which("ldd"):
         raise MissingPackage("libc-bin: ldd not found")
     out = _run(["ldd", real], timeout=30)
     if out.returncode != 0:
         raise RuntimeError(f"ldd {real} failed: {out.stderr.strip() or out.stdout.strip()}")
-    files = {IPROUTE2_IP.lstrip("/"): Path(real).read_bytes()}
+    files = {program.lstrip("/"): Path(real).read_bytes()}
     for line in out.stdout.splitlines():
         # "libbpf.so.1 => /lib/x86_64-linux-gnu/libbpf.so.1 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)",
         # "linux-vdso.so.1 (0x...)" (in the kernel, no file).
         parts = line.split()
         path = parts[2] if len(parts) >= 3 and parts[1] == "=>" else parts[0] if parts else ""
         if path == "not":
-            raise MissingPackage(f"{IPROUTE2_PKG}: {real} needs a library that is not installed: {line.strip()}")
+            raise MissingPackage(f"{pkg}: {real} needs a library that is not installed: {line.strip()}")
         if path.startswith("/"):
             files[path.lstrip("/")] = Path(os.path.realpath(path)).read_bytes()
     if not any("ld-linux" in name for name in files):
@@ -589,8 +611,9 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
             raise MissingPackage(f"{pkg}: module {m} neither in the package nor built in")
 
     busybox, bb_version = _busybox_binary(cache, log)
-    iproute2, ip_version = _iproute2_files()
-    log(f"busybox-static {bb_version}, iproute2 {ip_version}; writing initramfs")
+    iproute2, ip_version = _host_program_files(IPROUTE2_PKG, IPROUTE2_IP)
+    ethtool, ethtool_version = _host_program_files(ETHTOOL_PKG, ETHTOOL)
+    log(f"busybox-static {bb_version}, iproute2 {ip_version}, ethtool {ethtool_version}; writing initramfs")
     cpio = Cpio()
     for dname in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "etc", "root",
                   "lib/modules", "var"):
@@ -600,7 +623,7 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
     cpio.chardev("dev/ttyS0", 4, 64)
     cpio.chardev("dev/ttyS1", 4, 65)
     cpio.file("bin/busybox", busybox, 0o755)
-    for name, data in sorted(iproute2.items()):  # before the applets: the first entry of a name wins
+    for name, data in sorted({**iproute2, **ethtool}.items()):  # before the applets: the first entry of a name wins
         cpio.file(name, data, 0o755)
     for applet in _applets(busybox):
         path = applet.lstrip("/")
@@ -636,7 +659,7 @@ def build(quiet: bool = False, force: bool = False) -> GuestImage:
     kernel = "vmlinux" if vmlinux is not None else "vmlinuz"
     stamp = {"recipe": _recipe(), "kernel": kernel, "initrd": "initrd.gz", "kernel_version": kver,
              "kernel_package": f"{pkg}={version}", "kernel_srv6": kernel_srv6, "busybox": bb_version,
-             "iproute2": ip_version, "modules": order,
+             "iproute2": ip_version, "ethtool": ethtool_version, "modules": order,
              "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = _stamp_path(d).with_suffix(".tmp")
     tmp.write_text(json.dumps(stamp, indent=1) + "\n")

@@ -480,7 +480,8 @@ class Qemu:
     def guest_stats(self, timeout: float = 10) -> dict[str, int]:
         """The guest's own counters: every /proc/net/snmp6 key (Icmp6InEchos, Icmp6OutEchoReplies, ...),
         every /proc/net/snmp one as nstat names it (IcmpInEchos, IcmpOutEchoReps, IpOutDiscards, ...),
-        eth0_<counter> from /sys/class/net/eth0/statistics."""
+        eth0_<counter> from /sys/class/net/eth0/statistics and, from the image's ethtool on, the driver's per
+        queue (eth0_tx_queue_0_xdp_tx_drops, ...)."""
         return parse_stats(self.guest_command("stats", timeout))
 
     # --- QMP shortcuts ------------------------------------------------------------------------------
