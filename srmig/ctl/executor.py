@@ -32,7 +32,7 @@ from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
-from srmig.ctl.swallow import RecordedCheck, ShadowLog, SwallowCheck
+from srmig.ctl.swallow import Arrival, ArrivedCheck, RecordedCheck, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_name, tap_queue_len
 
 log = logging.getLogger("srmig.executor")
@@ -62,6 +62,7 @@ class Owner:
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # this host's netns
     fds: fdstore.FdStore = field(default_factory=fdstore.NoStore)  # where kept tap fds outlive the agent
     addresses: Callable[[str], tuple[str, ...]] = lambda vm: (vm,)  # a VM's addresses, its id first
+    arrived_check: Callable[[VmLocal], ArrivedCheck | None] = _nothing  # the count from loc.arrival
 
 
 @dataclass
@@ -75,6 +76,7 @@ class VmLocal:
     shadow: ShadowLog | None = None     # source, window: what the program shadowed to the ring
     keeper: TapKeeper | None = None     # KeepTap: QEMU's tap fds, duplicated
     check: SwallowCheck | None = None   # source: the swallowed-frame baseline (the owner takes it)
+    arrival: Arrival | None = None      # the VM arrived here by migration: the count without a baseline
     drain: SourceDrain | None = None
     report: DrainReport | None = None   # the last drain's
     old_qlen: int | None = None         # the tap's queue length before the window (restored after it)
@@ -92,6 +94,7 @@ class VmLocal:
     peer_rx_used: int | None = None  # source: the RX used index D's QEMU resumed with (D's record)
     tx_at_start: int | None = None   # destination: its tap's tx_packets when its incoming QEMU started
     delivered_at_start: int | None = None  # destination: what its program had delivered to taps by then
+    mcast_at_start: int | None = None      # destination: the IPv6 multicast its host had sent on the tap then
     rx_used: int | None = None       # destination: the RX used index its QEMU resumed with
 
 
@@ -289,6 +292,10 @@ class Executor:
             # too; the record kept the one, the destination's QEMU the RX used index it stopped at.
             with contextlib.suppress(OSError):
                 counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used)
+        if counted is None and loc.arrival is not None and loc.tap and self.owner.qemu_pid(loc):
+            # No baseline (it needs a moment without traffic, which a VM probed without a pause since it
+            # arrived never gives): the arrival's counts instead.
+            counted = self.owner.arrived_check(loc)
         check = BoundedCheck(counted) if counted is not None else None
         heard, qemu = loc.stopped_ns, self.owner.qemu_stopped_ns(loc) if loc.stopped_ns else None
         stopped_how = "STOP as heard" if qemu is None else \
@@ -298,12 +305,21 @@ class Executor:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
                                              stopped_at_ns=heard if qemu is None else qemu)
             self._forget_stored(loc)  # drained: a restart need not do it again
+            # The drain read the tap: a pair taken before it no longer holds (an abort resumes this QEMU), and
+            # the RX used index at the pause goes into our record: the destination's QEMU resumes with it
+            # (swallow.Arrival there).
+            loc.check = loc.arrival = None
+            if isinstance(counted, (SwallowCheck, ArrivedCheck)) and counted.used is not None:
+                loc.rx_used = counted.used
             if isinstance(counted, RecordedCheck):
                 log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d", m.vm,
                           counted.tx, counted.used, counted.base)
+            if isinstance(counted, ArrivedCheck):
+                log.debug("%s: swallowed counted from the arrival: %s", m.vm, counted.parts)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
-                     rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else counted is not None,
+                     rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else
+                     "arrival" if isinstance(counted, ArrivedCheck) else counted is not None,
                      loc.shadow is not None, stopped_how,
                      (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
                      + (f"; {rep.ring_sent_before} from the ring sent before a restart" if rep.ring_sent_before
@@ -400,6 +416,8 @@ class BoundedCheck:
 
     def __init__(self, check: SwallowCheck):
         self.check = check
+        if hasattr(check, "less_queued"):  # (swallow.ArrivedCheck: the count's second half, no I/O)
+            self.less_queued = check.less_queued
 
     def swallowed(self) -> int | None:
         fut: Future = Future()

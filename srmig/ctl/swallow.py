@@ -11,15 +11,16 @@ tap's frames whatever their family.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
-import struct
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from srmig.bpf import abi
 from srmig.ctl.maps import HoldRecord, _vm_str
-from srmig.ctl.tap import tap_tx_packets
+from srmig.ctl.tap import tap_mcast_sent, tap_tx_packets
 
 _SHADOW_HEAD = struct.Struct("<Q16sII")  # struct srmig_hold_record: timestamp_ns, vm, len, orig_len
 MAX_SWALLOWED = 4                # more than this means the count is off: re-send nothing
@@ -39,7 +40,8 @@ class SwallowCheck:
         self.tap = tap
         self.rx_used = rx_used
         self.base: int | None = None
-        self.tx: int | None = None  # the tap's tx_packets of the last consistent pair
+        self.tx: int | None = None    # the tap's tx_packets of the last consistent pair
+        self.used: int | None = None  # and the RX used index (at the pause: the one the destination resumes with)
 
     def difference(self, tries: int = 200) -> int | None:
         """(tx_packets - RX used index) & 0xFFFF, taken as a consistent pair; None if none was."""
@@ -50,7 +52,7 @@ class SwallowCheck:
             before = tap_tx_packets(self.tap)
             used = self.rx_used()
             if tap_tx_packets(self.tap) == before:  # nothing was read meanwhile: a consistent pair
-                self.tx = before
+                self.tx, self.used = before, used & 0xFFFF
                 return (before - used) & 0xFFFF
             time.sleep(0.0005)
         return None
@@ -67,6 +69,61 @@ class SwallowCheck:
             return None
         now = self._diff()
         return None if now is None else (now - self.base) & 0xFFFF
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What the count needs of a VM that arrived here by migration, taken while the incoming QEMU could not
+    read its tap yet: the tap's tx_packets and the IPv6 multicast frames this host had sent on it
+    (tap.tap_mcast_sent) when that QEMU started, and the RX used index it resumed with (the source's at its
+    pause: the device's state migrates; in either end's record). `migration`: whose."""
+
+    migration: str
+    tx: int
+    mcast: int
+    used: int
+
+
+class ArrivedCheck:
+    """The count for a VM that arrived here by migration: no baseline, so no quiet moment needed.
+
+    Since the incoming QEMU started, it read R frames from the tap (tx_packets), put G in the guest's RX
+    ring (the used index since the resume; it read nothing before) and kept the swallowed ones; the rest it
+    filtered: frames for no address of the guest's, which only this host's own stack puts in the tap (its
+    MLD reports: the program's frames are unicast to the guest). So swallowed = R - G - F, where F is at most
+    the host's IPv6 multicast frames on the tap since then (M, its per-device counter) less those still in
+    the queue. F = that bound: a multicast frame the guest did take (all-nodes) then makes the count low, a
+    frame lost, never one sent twice. Nothing here moves once QEMU is paused: no moment of the VM's traffic
+    needs catching. The pair (tx_packets, RX used index) is still taken with nothing read in between, which
+    after the pause the first try gives.
+
+    Call swallowed() after the hold and before reading the queue, then less_queued() with what it held."""
+
+    def __init__(self, tap: str, rx_used: Callable[[], int], arrival: Arrival):
+        self.tap, self.arrival = tap, arrival
+        self._pair = SwallowCheck(tap, rx_used)
+        self.tx: int | None = None
+        self.used: int | None = None
+        self.parts: dict = {}  # the count's terms, for the drain's log line
+
+    def swallowed(self, tries: int = 20) -> int | None:
+        """R - G - M, None when no consistent pair came (less_queued() gives back the multicast still queued)."""
+        a = self.arrival
+        if self._pair.difference(tries) is None:
+            return None
+        self.tx, self.used = self._pair.tx, self._pair.used
+        r, g, m = self.tx - a.tx, (self.used - a.used) & 0xFFFF, tap_mcast_sent(self.tap) - a.mcast
+        self.parts = {"R": r, "G": g, "M": m}
+        if not 0 <= m <= r:
+            return None  # (a counter reset: the tap was made again)
+        return (r - g - m) & 0xFFFF  # (16 bits: G wraps with the ring's index)
+
+    def less_queued(self, count: int, frames: list[bytes]) -> int | None:
+        """The count once the queue was read (`frames`, the VM's and others); None when it is off."""
+        queued_mcast = sum(1 for f in frames if f[:2] == b"\x33\x33")  # IPv6 multicast MACs (RFC 2464 7)
+        n = (count + queued_mcast) & 0xFFFF
+        self.parts["Mq"] = queued_mcast
+        return n if n <= MAX_SWALLOWED else None
 
 
 class RecordedCheck:
