@@ -388,8 +388,8 @@ def test_arrival_counts_the_swallowed_frame_under_continuous_traffic(topology):
     five off it is refused: more than QEMU ever swallows."""
     from threading import Timer
 
-    from srmig.ctl.swallow import Arrival, ArrivedCheck
-    from srmig.ctl.tap import TapKeeper, tap_mcast_sent
+    from srmig.ctl.swallow import Arrival, ArrivedCheck, incoming_counts
+    from srmig.ctl.tap import TapKeeper
     from srmig.testbed.netns import inside
 
     t = topology
@@ -401,8 +401,12 @@ def test_arrival_counts_the_swallowed_frame_under_continuous_traffic(topology):
         used_at_pause = src.rx_used_idx()  # QEMU stopped: it stays
         with qemu.Qemu("dst", ns=t.ns("D"), tap=tap, incoming=URI) as dst:
             qemu.configure_host_tap(t.ns("D"), tap, VM, dst.mac)
-            with inside(t.ns("D")):  # the incoming QEMU reads nothing until it resumes
-                tx0, mcast0 = qemu.link_stats(t.ns("D"), tap)["tx_packets"], tap_mcast_sent(tap)
+            keeper = TapKeeper(dst.pid, tap)
+            try:
+                with inside(t.ns("D")):  # the incoming QEMU reads nothing until it resumes
+                    mcast0, tx0, _taken = incoming_counts(tap, keeper)
+            finally:
+                keeper.close()
             assert src.migrate(URI, timeout=30)["status"] == "completed"
             dst.qmp.wait_event("MIGRATION", 10, match={"status": "completed"})
             dst.cont()

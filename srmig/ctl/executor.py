@@ -32,7 +32,7 @@ from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
-from srmig.ctl.swallow import Arrival, ArrivedCheck, RecordedCheck, ShadowLog, SwallowCheck
+from srmig.ctl.swallow import Arrival, ArrivedCheck, RecordedCheck, ShadowLog, SwallowCheck, incoming_counts
 from srmig.ctl.tap import TapKeeper, restore_queue_len, tap_name, tap_queue_len
 
 log = logging.getLogger("srmig.executor")
@@ -191,6 +191,14 @@ class Executor:
 
     def _name(self, loc: VmLocal) -> str:
         return fdstore.tap_name(self.owner.name, loc.vm, loc.migration or "")
+
+    def incoming_counts(self, vm: str) -> tuple[int, int, int] | None:
+        """The incoming QEMU has started here: swallow.incoming_counts of its tap, None without its fds."""
+        loc = self.vms.get(vm)
+        if loc is None or loc.keeper is None or not loc.tap:
+            return None
+        with self.owner.enter():
+            return incoming_counts(loc.tap, loc.keeper)
 
     def _stored(self, loc: VmLocal) -> list[int]:
         """The tap fds the fd store kept for this migration (ours now), [] if none."""

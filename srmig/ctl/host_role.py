@@ -379,9 +379,14 @@ class HostRole:
             loc = self.executor.vm(d.vm)
             if loc.tx_at_start is None and d.tap:  # the incoming QEMU reads nothing from it until it resumes
                 with contextlib.suppress(Exception):
-                    loc.mcast_at_start = tap_mcast_sent(d.tap)
-                    loc.tx_at_start = tap_tx_packets(d.tap)
+                    counts = self.executor.incoming_counts(d.vm)
+                    if counts is not None:
+                        loc.mcast_at_start, loc.tx_at_start, taken = counts
+                    else:  # (no fds: the begin hook's multicast count, if we were up then; the count may be low)
+                        loc.tx_at_start, taken = tap_tx_packets(d.tap), None
                     loc.delivered_at_start = self._delivered()
+                    log.debug("%s: incoming QEMU started: tap tx %d, IPv6 multicast sent on it %s, %s of it "
+                              "taken out of the queue", d.vm, loc.tx_at_start, loc.mcast_at_start, taken)
         ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
         if ev is not None:
             self.local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
@@ -768,6 +773,9 @@ class HostRole:
         self._start_migration(d.vm, rec, f"migrate-begin hook for {d.vm}")
         loc = self.executor.vm(d.vm)
         loc.domain, loc.tap = d.name, d.tap
+        if d.tap:  # before QEMU opens the tap: counted at STARTED, unless its fds cannot be held (Arrival)
+            with contextlib.suppress(OSError):
+                loc.mcast_at_start = tap_mcast_sent(d.tap)
         self._last_event_ns = time.monotonic_ns()
         self.track(d.vm).seen.add(Ev.BEGIN)
         m = self.machine.migrations[d.vm]
