@@ -274,6 +274,20 @@ AT_START = [  # (the destination's counts at its QEMU's start, as in a migration
 ]
 
 
+@pytest.mark.parametrize("mcast, why", [(None, None), (0, None), (9, None), (-1, "swallow_mcast: expected null or a"),
+                                        ("3", "swallow_mcast: expected null or a"), (True, "swallow_mcast")])
+def test_migration_record_swallow_mcast(mcast, why):
+    """The source's multicast count that goes with its swallow_base (swallow.RecordedCheck)."""
+    from srmig.ctl import records
+
+    value = {"id": "m1", "vm": VM, "src": "S", "dst": "D", "events": ["begin"], "swallow_mcast": mcast}
+    if why is None:
+        assert records.migration_record(f"migrations/S/{VM}", value)[2]["swallow_mcast"] == mcast
+    else:
+        with pytest.raises(records.Rejected, match=why):
+            records.migration_record(f"migrations/S/{VM}", value)
+
+
 @pytest.mark.parametrize("at_start, why", AT_START)
 def test_migration_record_at_start(at_start, why):
     """The destination's tap and program counts at its incoming QEMU's start (swallow.Arrival) outlive its

@@ -313,7 +313,7 @@ class SourceDrain:
             t_read = time.monotonic()
             queued = [p for p in map(self.own.packet, frames) if p is not None]  # the VM's, either family
             rep.not_vm = len(frames) - len(queued)
-            if rep.swallowed is not None and hasattr(check, "less_queued"):  # (swallow.ArrivedCheck)
+            if rep.swallowed is not None and hasattr(check, "less_queued"):  # (ArrivedCheck, RecordedCheck)
                 rep.swallowed = check.less_queued(rep.swallowed, frames)
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
             if shadow is not None and rep.swallowed and rep.swallowed <= MAX_SWALLOWED:

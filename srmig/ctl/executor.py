@@ -91,6 +91,7 @@ class VmLocal:
     peer_resent: list = field(default_factory=list)  # frames the source re-sent for its swallowing QEMU
     # The swallowed-frame count across a restart of the source's agent (swallow.RecordedCheck):
     swallow_base: int | None = None  # source: the baseline, as written in its migration record
+    swallow_mcast: int | None = None  # source: the host's IPv6 multicast on the tap the baseline goes with
     peer_rx_used: int | None = None  # source: the RX used index D's QEMU resumed with (D's record)
     tx_at_start: int | None = None   # destination: its tap's tx_packets when its incoming QEMU started
     delivered_at_start: int | None = None  # destination: what its program had delivered to taps by then
@@ -299,7 +300,8 @@ class Executor:
             # We restarted after the pause: our baseline is gone with the agent before us, and QEMU perhaps
             # too; the record kept the one, the destination's QEMU the RX used index it stopped at.
             with contextlib.suppress(OSError):
-                counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used)
+                counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used,
+                                        loc.swallow_mcast)
         if counted is None and loc.arrival is not None and loc.tap and self.owner.qemu_pid(loc):
             # No baseline (it needs a moment without traffic, which a VM probed without a pause since it
             # arrived never gives): the arrival's counts instead.
@@ -320,8 +322,8 @@ class Executor:
             if isinstance(counted, (SwallowCheck, ArrivedCheck)) and counted.used is not None:
                 loc.rx_used = counted.used
             if isinstance(counted, RecordedCheck):
-                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d", m.vm,
-                          counted.tx, counted.used, counted.base)
+                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d, %s",
+                          m.vm, counted.tx, counted.used, counted.base, counted.parts)
             if isinstance(counted, ArrivedCheck):
                 log.debug("%s: swallowed counted from the arrival: %s", m.vm, counted.parts)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
@@ -424,7 +426,7 @@ class BoundedCheck:
 
     def __init__(self, check: SwallowCheck):
         self.check = check
-        if hasattr(check, "less_queued"):  # (swallow.ArrivedCheck: the count's second half, no I/O)
+        if hasattr(check, "less_queued"):  # (ArrivedCheck, RecordedCheck: the count's second half, no I/O)
             self.less_queued = check.less_queued
 
     def swallowed(self) -> int | None:

@@ -445,6 +445,7 @@ class HostRole:
                 "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])],
                 "returned": loc.returned if loc else None,
                 "swallow_base": loc.swallow_base if loc else None, "rx_used": loc.rx_used if loc else None,
+                "swallow_mcast": loc.swallow_mcast if loc else None,
                 # The destination's counts when its incoming QEMU started (swallow.Arrival): in the record,
                 # they outlive an agent killed before the VM leaves here again.
                 "at_start": None if loc is None or None in (loc.tx_at_start, loc.mcast_at_start,
@@ -574,14 +575,21 @@ class HostRole:
                 if not self._start_migration(vm, rec, records.migration_key(vm, host)):
                     continue
                 loc = self._local(vm)
-                if not replay and rec["src"] == self.name and loc is not None and loc.check is not None:
+                if not replay and rec["src"] == self.name and loc is not None:
                     # The baseline outlives us in our record: killed at the pause, the agent after us counts
-                    # with it (swallow.RecordedCheck).
-                    loc.swallow_base = loc.check.base
-                    self._put_record(vm)
+                    # with it (swallow.RecordedCheck). A VM that arrived here and had no quiet moment since
+                    # has its arrival's instead: tx_packets less the RX used index at the resume.
+                    if loc.check is not None and loc.check.base is not None:
+                        loc.swallow_base, loc.swallow_mcast = loc.check.base, loc.check.mcast
+                    elif loc.arrival is not None:
+                        a = loc.arrival
+                        loc.swallow_base, loc.swallow_mcast = (a.tx - a.used) & 0xFFFF, a.mcast
+                    if loc.swallow_base is not None:
+                        self._put_record(vm)
             loc = self._local(vm)
             if loc is not None and host == self.name and replay and rec.get("swallow_base") is not None:
                 loc.swallow_base = rec["swallow_base"]  # (the agent before us took it)
+                loc.swallow_mcast = rec.get("swallow_mcast")
             if loc is not None and host == self.name and replay and rec.get("at_start") and \
                     loc.tx_at_start is None:
                 a = rec["at_start"]  # (the agent before us took them)
@@ -722,7 +730,7 @@ class HostRole:
         loc = self._local(vm)
         if loc is not None:  # an earlier migration's counts say nothing of this one
             loc.swallow_base = loc.peer_rx_used = loc.rx_used = loc.tx_at_start = loc.delivered_at_start = None
-            loc.mcast_at_start = None
+            loc.mcast_at_start = loc.swallow_mcast = None
             if rec["dst"] == self.name:  # a new QEMU here: what was counted of an earlier one is not its
                 loc.check = loc.arrival = None
         if rec.get("domain") and loc is not None:

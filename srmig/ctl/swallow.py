@@ -43,6 +43,7 @@ class SwallowCheck:
         self.base: int | None = None
         self.tx: int | None = None    # the tap's tx_packets of the last consistent pair
         self.used: int | None = None  # and the RX used index (at the pause: the one the destination resumes with)
+        self.mcast: int | None = None  # the host's IPv6 multicast on the tap, read just before the baseline
 
     def difference(self, tries: int = 200) -> int | None:
         """(tx_packets - RX used index) & 0xFFFF, taken as a consistent pair; None if none was."""
@@ -61,6 +62,9 @@ class SwallowCheck:
     def baseline(self, tries: int = 200) -> bool:
         """Needs a moment when no frame reaches the tap for the length of one QMP query (a quiet VM, or
         traffic steered elsewhere); the difference then holds until the pause."""
+        # (before the pair: a report sent in between is then counted as not yet read, which can only make a
+        # later RecordedCheck low)
+        self.mcast = tap_mcast_sent(self.tap)
         self.base = self._diff(tries)
         return self.base is not None
 
@@ -141,27 +145,45 @@ class ArrivedCheck:
             return None  # (a counter reset: the tap was made again)
         return (r - g - m) & 0xFFFF  # (16 bits: G wraps with the ring's index)
 
-    def less_queued(self, count: int, frames: list[bytes]) -> int | None:
-        """The count once the queue was read (`frames`, the VM's and others); None when it is off."""
-        queued_mcast = sum(1 for f in frames if f[:2] == b"\x33\x33")  # IPv6 multicast MACs (RFC 2464 7)
-        n = (count + queued_mcast) & 0xFFFF
-        self.parts["Mq"] = queued_mcast
-        return n if n <= MAX_SWALLOWED else None
+    def less_queued(self, count: int, frames: list[bytes]) -> int:
+        """The count once the queue was read (`frames`, the VM's and others); more than MAX_SWALLOWED: off
+        (the drain re-sends nothing then)."""
+        self.parts["Mq"] = queued = _queued_mcast(frames)
+        return (count + queued) & 0xFFFF
+
+
+def _queued_mcast(frames: list[bytes]) -> int:
+    """The host's multicast still in the tap's queue: counted in M, never read by QEMU."""
+    return sum(1 for f in frames if f[:2] == b"\x33\x33")  # IPv6 multicast MACs (RFC 2464 7)
 
 
 class RecordedCheck:
     """The count for an agent restarted after the pause: the baseline the agent before it wrote in the
-    migration's record (`base`), and the RX used index the destination's QEMU resumed with (`used`: the
+    migration's record (`base`, tx_packets less the RX used index while nothing was parked: a quiet
+    SwallowCheck's, or an Arrival's), and the RX used index the destination's QEMU resumed with (`used`: the
     source's at the pause, migrated with the device; the destination's record). The source QEMU may be gone,
-    the tap is not while we hold its fds: its tx_packets still counts what QEMU read."""
+    the tap is not while we hold its fds: its tx_packets still counts what QEMU read. `mcast`: the host's
+    IPv6 multicast on the tap the base goes with (None: a record without it): what QEMU read of the
+    multicast sent since it filtered, as in ArrivedCheck."""
 
-    def __init__(self, tap: str, base: int, used: int):
-        self.tap, self.base, self.used = tap, base, used
+    def __init__(self, tap: str, base: int, used: int, mcast: int | None = None):
+        self.tap, self.base, self.used, self.mcast = tap, base, used, mcast
         self.tx: int | None = None  # the tap's tx_packets at the count
+        self.parts: dict = {}
 
     def swallowed(self) -> int | None:
         self.tx = tap_tx_packets(self.tap)
-        return (((self.tx - self.used) & 0xFFFF) - self.base) & 0xFFFF
+        m = 0 if self.mcast is None else tap_mcast_sent(self.tap) - self.mcast
+        self.parts = {"M": m}
+        if m < 0:
+            return None
+        return ((((self.tx - self.used) & 0xFFFF) - self.base) - m) & 0xFFFF
+
+    def less_queued(self, count: int, frames: list[bytes]) -> int:
+        if self.mcast is None:
+            return count
+        self.parts["Mq"] = queued = _queued_mcast(frames)
+        return (count + queued) & 0xFFFF
 
 
 class ShadowLog:
