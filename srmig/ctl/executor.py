@@ -307,13 +307,25 @@ class Executor:
             # arrived never gives): the arrival's counts instead.
             counted = self.owner.arrived_check(loc)
         check = BoundedCheck(counted) if counted is not None else None
+        # A count from the records that cannot be high re-sends the whole run QEMU read after the stop, not
+        # MAX_SWALLOWED frames at most, none older than SWALLOW_WINDOW_NS (under load the paused QEMU, which
+        # no agent held, read 119-271 frames it never gave the guest). Cannot be high: its reference is exact
+        # but for what only makes it low (swallow.RecordedCheck with the multicast count, `swallow_mcast`),
+        # and no drain before us read the tap (our map entry never left RUNNING: a drain's first step is
+        # HOLD), whose reads tx_packets would count as QEMU's. The run must end at the first frame left in
+        # the queue and be all in the shadow log (what the ring kept: ShadowLog.LAG_MAX).
+        limits = {}
+        entry = self.dp.get_vm(a.vm)
+        if isinstance(counted, RecordedCheck) and counted.mcast is not None and entry is not None and \
+                entry.state is VmState.RUNNING:
+            limits = {"max_swallowed": ShadowLog.LAG_MAX, "window_ns": None}
         heard, qemu = loc.stopped_ns, self.owner.qemu_stopped_ns(loc) if loc.stopped_ns else None
         stopped_how = "STOP as heard" if qemu is None else \
             f"SUSPENDED heard {(heard - qemu) / 1e6:.1f} ms after QEMU's STOP"
         try:
             with queue:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
-                                             stopped_at_ns=heard if qemu is None else qemu)
+                                             stopped_at_ns=heard if qemu is None else qemu, **limits)
             self._forget_stored(loc)  # drained: a restart need not do it again
             # The drain read the tap: a pair taken before it no longer holds (an abort resumes this QEMU), and
             # the RX used index at the pause goes into our record: the destination's QEMU resumes with it
@@ -328,7 +340,8 @@ class Executor:
                 log.debug("%s: swallowed counted from the arrival: %s", m.vm, counted.parts)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
-                     rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else
+                     rep.swallowed, ("recorded, exact" if limits else "recorded") if isinstance(counted, RecordedCheck)
+                     else
                      "arrival" if isinstance(counted, ArrivedCheck) else counted is not None,
                      loc.shadow is not None, stopped_how,
                      (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")

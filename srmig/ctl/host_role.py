@@ -442,7 +442,9 @@ class HostRole:
         return {"id": t.migration, "vm": vm, "domain": loc.domain if loc else None,
                 "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
                 "events": [ev.value for ev, _ in m.history if ev in t.seen],
-                "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])],
+                # (the newest: the source QEMU keeps the last it read, records.MAX_RESENT at most)
+                "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])
+                           ][-records.MAX_RESENT:],
                 "returned": loc.returned if loc else None,
                 "swallow_base": loc.swallow_base if loc else None, "rx_used": loc.rx_used if loc else None,
                 "swallow_mcast": loc.swallow_mcast if loc else None,

@@ -257,7 +257,7 @@ class ShadowLog:
             self._reader = None
 
     def swallowed_frames(self, count: int, first_queued: bytes | None, stopped_at_ns: int,
-                         window_ns: int = SWALLOW_WINDOW_NS) -> tuple[list[bytes], str | None]:
+                         window_ns: int | None = SWALLOW_WINDOW_NS) -> tuple[list[bytes], str | None]:
         """(The `count` frames delivered just before `first_queued` (the first frame left in the tap queue;
         None: the queue was empty, so the last ones delivered), oldest first; None) or, when they cannot be
         told for sure, ([], why): not all in the log, or one delivered more than `window_ns`
@@ -273,6 +273,8 @@ class ShadowLog:
         idx = len(recs)
         if not stopped_at_ns and first_queued is None:  # (a restarted agent heard no STOP)
             return [], "no bound on when QEMU stopped reading"
+        if window_ns is None and first_queued is None:  # (an exact count: the run must end at that frame)
+            return [], "no frame left in the queue to end the run at"
         stop_ns = stopped_at_ns or 1 << 63
         if first_queued is not None:
             for i, rec in enumerate(recs):
@@ -285,6 +287,6 @@ class ShadowLog:
         picked = recs[max(0, idx - count):idx]
         if len(picked) != count:
             return [], f"{len(picked)} of them in the shadow log"
-        if (age := stop_ns - min(r.timestamp_ns for r in picked)) > window_ns:
+        if window_ns is not None and (age := stop_ns - min(r.timestamp_ns for r in picked)) > window_ns:
             return [], f"one delivered {age / 1e6:.1f} ms before QEMU stopped reading"
         return [r.packet for r in picked], None
