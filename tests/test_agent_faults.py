@@ -227,8 +227,10 @@ def test_source_agent_killed_at_the_pause():
     drain's line). Measured (14 runs after D's count left out what its own stack put in the tap): 0
     duplicated; lost 0 in 11, 1 in one (a count 1 short: a frame one of the two hosts' stacks put in a tap
     that the guest took or filtered, unseen by the arithmetic), 119 and 220 in two on a busy machine: QEMU
-    read a run of frames after the stop, more than the drain re-sends (docs/faults.md); this fails then. Under a second libvirt run at the same time
-    the kill landed late and the shadow ring no longer held the first queued frame: nothing re-sent.
+    read a run of frames after the stop, more than the drain re-sent then (it now re-sends the whole run
+    when its count cannot be high: docs/faults.md; not seen again in 8 runs). Under a second libvirt run at
+    the same time the kill landed late and the shadow ring no longer held the first queued frame: nothing
+    re-sent.
     Before (9 runs): 1-2 lost in every run; before the keeper (10 runs): 0-303 lost."""
     import re
 

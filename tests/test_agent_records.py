@@ -259,3 +259,44 @@ def test_prefix_overlap_is_taken(addresses, why):
     assert records.taken(addresses[0], addresses, dict(OWNED)) == got
     # its own prefixes do not count against it
     assert records.taken("2001:db8::20", ("2001:db8::20", "10.2.0.0/16", "10.2.5.0/24"), owners) is None
+
+
+AT_START = [  # (the destination's counts at its QEMU's start, as in a migration record; what is refused)
+    (None, None),
+    ({"tx": 0, "mcast": 0, "delivered": 0}, None),
+    ({"tx": 2**63 - 1, "mcast": 7, "delivered": 12}, None),
+    ({"tx": 1, "mcast": 2}, "at_start: expected null or {tx, mcast, delivered} counts"),
+    ({"tx": 1, "mcast": 2, "delivered": 3, "used": 4}, "at_start: expected null or {tx, mcast, delivered}"),
+    ({"tx": -1, "mcast": 2, "delivered": 3}, "at_start: expected null or {tx, mcast, delivered}"),
+    ({"tx": 1, "mcast": True, "delivered": 3}, "at_start: expected null or {tx, mcast, delivered}"),
+    ({"tx": "1", "mcast": 2, "delivered": 3}, "at_start: expected null or {tx, mcast, delivered}"),
+    ([1, 2, 3], "at_start: expected null or {tx, mcast, delivered}"),
+]
+
+
+@pytest.mark.parametrize("mcast, why", [(None, None), (0, None), (9, None), (-1, "swallow_mcast: expected null or a"),
+                                        ("3", "swallow_mcast: expected null or a"), (True, "swallow_mcast")])
+def test_migration_record_swallow_mcast(mcast, why):
+    """The source's multicast count that goes with its swallow_base (swallow.RecordedCheck)."""
+    from srmig.ctl import records
+
+    value = {"id": "m1", "vm": VM, "src": "S", "dst": "D", "events": ["begin"], "swallow_mcast": mcast}
+    if why is None:
+        assert records.migration_record(f"migrations/S/{VM}", value)[2]["swallow_mcast"] == mcast
+    else:
+        with pytest.raises(records.Rejected, match=why):
+            records.migration_record(f"migrations/S/{VM}", value)
+
+
+@pytest.mark.parametrize("at_start, why", AT_START)
+def test_migration_record_at_start(at_start, why):
+    """The destination's tap and program counts at its incoming QEMU's start (swallow.Arrival) outlive its
+    agent in its migration record: read back as written, or the record refused whole."""
+    from srmig.ctl import records
+
+    value = {"id": "m1", "vm": VM, "src": "S", "dst": "D", "events": ["begin"], "at_start": at_start}
+    if why is None:
+        assert records.migration_record(f"migrations/D/{VM}", value)[2]["at_start"] == at_start
+    else:
+        with pytest.raises(records.Rejected, match=why.replace("{", r"\{").replace("}", r"\}")):
+            records.migration_record(f"migrations/D/{VM}", value)

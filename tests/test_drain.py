@@ -383,6 +383,25 @@ def test_swallowed_frames_window_anchors_on_the_first_frame_qemu_never_read():
     assert log.swallowed_frames(2, packets[1], 1001 * MS) == ([], "1 of them in the shadow log")
 
 
+def test_swallowed_frames_an_exact_count_takes_the_whole_run():
+    """A count that cannot be high (a restarted agent's from the records, no drain having read the tap
+    before it: Executor._drain) takes the whole run QEMU read after the stop, however long and however old
+    its first frame: no window (`window_ns=None`). The run must still end at the first frame left in the
+    queue (no STOP was heard) and be all in the log."""
+    # 2000 frames/s; no agent held the VM at the pause and QEMU read 271 frames (135 ms) it never gave the
+    # guest before it stopped reading; 30 frames wait in its tap queue.
+    times = [900 + 0.5 * i for i in range(600)]
+    log, packets = _shadow(times)
+    first = 500
+    assert log.swallowed_frames(271, packets[first], 0) == ([], "one delivered 135.5 ms before QEMU stopped "
+                                                                 "reading")
+    assert log.swallowed_frames(271, packets[first], 0, None) == (packets[first - 271:first], None)
+    assert log.swallowed_frames(271, None, 0, None) == ([], "no bound on when QEMU stopped reading")
+    assert log.swallowed_frames(271, None, 1200 * MS, None) == ([], "no frame left in the queue to end the "
+                                                                    "run at")
+    assert log.swallowed_frames(501, packets[first], 0, None) == ([], "500 of them in the shadow log")
+
+
 # --- Both families through a paused tap and the program's hold ring, in veth namespaces --------------------
 #
 #   I (an ingress: H.Encaps'd frames) --i0/h_in--> H (srmig XDP on h_in; tap vmtap, its owner paused) --h_out/d0--> D

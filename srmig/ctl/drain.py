@@ -18,7 +18,7 @@ from pathlib import Path
 
 from srmig.ctl.encap import ETH_P_IP, ETH_P_IPV6, VmPackets, decapsulate, encapsulate_packet, family
 from srmig.ctl.senders import FabricSender, PacketSender, RawSender, SentLog
-from srmig.ctl.swallow import MAX_SWALLOWED, ShadowLog, SwallowCheck
+from srmig.ctl.swallow import MAX_SWALLOWED, SWALLOW_WINDOW_NS, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
 from srmig.bpf import libbpf
 from srmig.bpf.abi import VmState
@@ -292,11 +292,13 @@ class SourceDrain:
         self.next_sid = next_sid
         self.resent_swallowed: list[bytes] = []  # inner packets re-sent for the source QEMU
     def run(self, queue: TapKeeper, settle_s: float = 0.002, check: SwallowCheck | None = None,
-            shadow: ShadowLog | None = None, stopped_at_ns: int = 0) -> DrainReport:
+            shadow: ShadowLog | None = None, stopped_at_ns: int = 0, max_swallowed: int = MAX_SWALLOWED,
+            window_ns: int | None = SWALLOW_WINDOW_NS) -> DrainReport:
         """`queue`: the paused QEMU's tap fds (taken now, or kept since before the pause: then QEMU may be
         gone already). `check` and `shadow` (both or neither) also recover the frame QEMU swallowed at the
         pause; `stopped_at_ns` (time.monotonic_ns of QEMU's STOP) helps bound how old that frame can be
-        (ShadowLog.swallowed_frames)."""
+        (ShadowLog.swallowed_frames). `max_swallowed`, `window_ns`: what guards a count that may be off (the
+        default); a count that cannot be high may re-send a longer run (Executor._drain)."""
         rep = DrainReport()
         t0 = time.monotonic()
         sender = ring = None
@@ -313,13 +315,15 @@ class SourceDrain:
             t_read = time.monotonic()
             queued = [p for p in map(self.own.packet, frames) if p is not None]  # the VM's, either family
             rep.not_vm = len(frames) - len(queued)
+            if rep.swallowed is not None and hasattr(check, "less_queued"):  # (ArrivedCheck, RecordedCheck)
+                rep.swallowed = check.less_queued(rep.swallowed, frames)
             older: list[bytes] = []  # everything ahead of the ring, oldest first, sent as one list
-            if shadow is not None and rep.swallowed and rep.swallowed <= MAX_SWALLOWED:
+            if shadow is not None and rep.swallowed and rep.swallowed <= max_swallowed:
                 shadow.flush()
                 first = queued[0] if queued else None
                 # QEMU keeps one frame it read after the pause, and one it could not place in a full RX
                 # ring: both reached the tap shortly before it stopped reading, never long before.
-                swallowed, rep.swallow_miss = shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns)
+                swallowed, rep.swallow_miss = shadow.swallowed_frames(rep.swallowed, first, stopped_at_ns, window_ns)
                 for packet in swallowed:  # the inner packet as delivered, IPv6 or IPv4
                     older.append(encapsulate_packet(packet, self.src, self.segments))
                     self.resent_swallowed.append(packet)

@@ -32,7 +32,7 @@ from srmig.ctl import fdstore
 from srmig.ctl.drain import DrainReport, SourceDrain, return_held, sid_delivered, unpark, wait_delivered
 from srmig.ctl.maps import VmAddressSet
 from srmig.ctl.machine import DelVm, Drain, KeepTap, Migration, ReturnHeld, SetVm, Unpark
-from srmig.ctl.swallow import RecordedCheck, ShadowLog, SwallowCheck
+from srmig.ctl.swallow import Arrival, ArrivedCheck, RecordedCheck, ShadowLog, SwallowCheck, incoming_counts
 from srmig.ctl.tap import RESTORE_GAP_S, TapKeeper, restore_queue_len, tap_name, tap_queue_len
 
 log = logging.getLogger("srmig.executor")
@@ -64,6 +64,7 @@ class Owner:
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # this host's netns
     fds: fdstore.FdStore = field(default_factory=fdstore.NoStore)  # where kept tap fds outlive the agent
     addresses: Callable[[str], tuple[str, ...]] = lambda vm: (vm,)  # a VM's addresses, its id first
+    arrived_check: Callable[[VmLocal], ArrivedCheck | None] = _nothing  # the count from loc.arrival
 
 
 @dataclass
@@ -77,6 +78,7 @@ class VmLocal:
     shadow: ShadowLog | None = None     # source, window: what the program shadowed to the ring
     keeper: TapKeeper | None = None     # KeepTap: QEMU's tap fds, duplicated
     check: SwallowCheck | None = None   # source: the swallowed-frame baseline (the owner takes it)
+    arrival: Arrival | None = None      # the VM arrived here by migration: the count without a baseline
     drain: SourceDrain | None = None
     report: DrainReport | None = None   # the last drain's
     old_qlen: int | None = None         # the tap's queue length before the window (restored after it)
@@ -91,9 +93,11 @@ class VmLocal:
     peer_resent: list = field(default_factory=list)  # frames the source re-sent for its swallowing QEMU
     # The swallowed-frame count across a restart of the source's agent (swallow.RecordedCheck):
     swallow_base: int | None = None  # source: the baseline, as written in its migration record
+    swallow_mcast: int | None = None  # source: the host's IPv6 multicast on the tap the baseline goes with
     peer_rx_used: int | None = None  # source: the RX used index D's QEMU resumed with (D's record)
     tx_at_start: int | None = None   # destination: its tap's tx_packets when its incoming QEMU started
     delivered_at_start: int | None = None  # destination: what its program had delivered to taps by then
+    mcast_at_start: int | None = None      # destination: the IPv6 multicast its host had sent on the tap then
     rx_used: int | None = None       # destination: the RX used index its QEMU resumed with
 
 
@@ -190,6 +194,14 @@ class Executor:
 
     def _name(self, loc: VmLocal) -> str:
         return fdstore.tap_name(self.owner.name, loc.vm, loc.migration or "")
+
+    def incoming_counts(self, vm: str) -> tuple[int, int, int] | None:
+        """The incoming QEMU has started here: swallow.incoming_counts of its tap, None without its fds."""
+        loc = self.vms.get(vm)
+        if loc is None or loc.keeper is None or not loc.tap:
+            return None
+        with self.owner.enter():
+            return incoming_counts(loc.tap, loc.keeper)
 
     def _stored(self, loc: VmLocal) -> list[int]:
         """The tap fds the fd store kept for this migration (ours now), [] if none."""
@@ -292,22 +304,49 @@ class Executor:
             # We restarted after the pause: our baseline is gone with the agent before us, and QEMU perhaps
             # too; the record kept the one, the destination's QEMU the RX used index it stopped at.
             with contextlib.suppress(OSError):
-                counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used)
+                counted = RecordedCheck(tap_name(queue.fds[0]), loc.swallow_base, loc.peer_rx_used,
+                                        loc.swallow_mcast)
+        if counted is None and loc.arrival is not None and loc.tap and self.owner.qemu_pid(loc):
+            # No baseline (it needs a moment without traffic, which a VM probed without a pause since it
+            # arrived never gives): the arrival's counts instead.
+            counted = self.owner.arrived_check(loc)
         check = BoundedCheck(counted) if counted is not None else None
+        # A count from the records that cannot be high re-sends the whole run QEMU read after the stop, not
+        # MAX_SWALLOWED frames at most, none older than SWALLOW_WINDOW_NS (under load the paused QEMU, which
+        # no agent held, read 119-271 frames it never gave the guest). Cannot be high: its reference is exact
+        # but for what only makes it low (swallow.RecordedCheck with the multicast count, `swallow_mcast`),
+        # and no drain before us read the tap (our map entry never left RUNNING: a drain's first step is
+        # HOLD), whose reads tx_packets would count as QEMU's. The run must end at the first frame left in
+        # the queue and be all in the shadow log (what the ring kept: ShadowLog.LAG_MAX).
+        limits = {}
+        entry = self.dp.get_vm(a.vm)
+        if isinstance(counted, RecordedCheck) and counted.mcast is not None and entry is not None and \
+                entry.state is VmState.RUNNING:
+            limits = {"max_swallowed": ShadowLog.LAG_MAX, "window_ns": None}
         heard, qemu = loc.stopped_ns, self.owner.qemu_stopped_ns(loc) if loc.stopped_ns else None
         stopped_how = "STOP as heard" if qemu is None else \
             f"SUSPENDED heard {(heard - qemu) / 1e6:.1f} ms after QEMU's STOP"
         try:
             with queue:
                 rep = loc.report = drain.run(queue, check=check, shadow=loc.shadow,
-                                             stopped_at_ns=heard if qemu is None else qemu)
+                                             stopped_at_ns=heard if qemu is None else qemu, **limits)
             self._forget_stored(loc)  # drained: a restart need not do it again
+            # The drain read the tap: a pair taken before it no longer holds (an abort resumes this QEMU), and
+            # the RX used index at the pause goes into our record: the destination's QEMU resumes with it
+            # (swallow.Arrival there).
+            loc.check = loc.arrival = None
+            if isinstance(counted, (SwallowCheck, ArrivedCheck)) and counted.used is not None:
+                loc.rx_used = counted.used
             if isinstance(counted, RecordedCheck):
-                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d", m.vm,
-                          counted.tx, counted.used, counted.base)
+                log.debug("%s: swallowed counted from the records: tap tx %s, D's RX used %d, baseline %d, %s",
+                          m.vm, counted.tx, counted.used, counted.base, counted.parts)
+            if isinstance(counted, ArrivedCheck):
+                log.debug("%s: swallowed counted from the arrival: %s", m.vm, counted.parts)
             log.info("%s: drained %d from the tap%s, %d from the ring, %d swallowed re-sent (swallowed %s, "
                      "baseline %s, shadow %s; %s)%s", m.vm, rep.from_tap, gone, rep.from_ring, rep.resent_swallowed,
-                     rep.swallowed, "recorded" if isinstance(counted, RecordedCheck) else counted is not None,
+                     rep.swallowed, ("recorded, exact" if limits else "recorded") if isinstance(counted, RecordedCheck)
+                     else
+                     "arrival" if isinstance(counted, ArrivedCheck) else counted is not None,
                      loc.shadow is not None, stopped_how,
                      (f"; not re-sent: {rep.swallow_miss}" if rep.swallow_miss else "")
                      + (f"; {rep.ring_sent_before} from the ring sent before a restart" if rep.ring_sent_before
@@ -404,6 +443,8 @@ class BoundedCheck:
 
     def __init__(self, check: SwallowCheck):
         self.check = check
+        if hasattr(check, "less_queued"):  # (ArrivedCheck, RecordedCheck: the count's second half, no I/O)
+            self.less_queued = check.less_queued
 
     def swallowed(self) -> int | None:
         fut: Future = Future()

@@ -41,8 +41,8 @@ from srmig.ctl.maps import vm_spelling
 from srmig.ctl.phases import Phase
 from srmig.ctl.records import Rejected
 from srmig.ctl.statedb import PermissionDenied
-from srmig.ctl.swallow import MAX_SWALLOWED, SwallowCheck
-from srmig.ctl.tap import tap_tx_packets
+from srmig.ctl.swallow import MAX_SWALLOWED, Arrival, ArrivedCheck, SwallowCheck
+from srmig.ctl.tap import tap_mcast_sent, tap_tx_packets
 
 log = logging.getLogger("srmig.agent")
 SOURCE_SILENT_S = 0.05  # the destination resumed and the source has not reported its pause for this long
@@ -148,8 +148,15 @@ class HostRole:
             name=self.name, dp=dp, address=h.address, drain=h.drain, tap_queue=h.tap_queue,
             qemu_pid=self._qemu_pid, later=lambda s, fn, *args: self.later(s, work.Call(fn, args)),
             qemu_stopped_ns=self._qemu_stopped_ns, on_map_write=self._mark_map_write,
-            on_returned=self._put_record, addresses=self.addresses_of, fds=fds or NoStore()))
+            on_returned=self._put_record, addresses=self.addresses_of, fds=fds or NoStore(),
+            arrived_check=self._arrived_check))
         return dp
+
+    def _arrived_check(self, loc: VmLocal) -> ArrivedCheck | None:
+        """The swallowed-frame count of a VM that arrived here by migration (swallow.ArrivedCheck)."""
+        if self.libvirt is None or not loc.domain or not loc.tap or loc.arrival is None:
+            return None
+        return ArrivedCheck(loc.tap, self.libvirt.rx_used(loc.domain), loc.arrival)
 
     def _qemu_pid(self, loc: VmLocal) -> int | None:
         if not loc.domain:
@@ -360,6 +367,8 @@ class HostRole:
             if (typ, detail) in (("SUSPENDED", "MIGRATED"), ("SUSPENDED", "POSTCOPY"), ("STOPPED", "MIGRATED")):
                 self.track(d.vm).pending.append((typ, detail, t_ns))
             elif typ in ("STARTED", "RESUMED") and detail not in ("MIGRATED", "POSTCOPY"):
+                if typ == "STARTED" and d.vm in self.executor.vms:  # a new QEMU (booted): its own counts
+                    self.executor.vms[d.vm].check = self.executor.vms[d.vm].arrival = None
                 if not self.fence(d.vm):
                     self.vm_running_here(d)
             self._forget_stopped(item)
@@ -370,8 +379,14 @@ class HostRole:
             loc = self.executor.vm(d.vm)
             if loc.tx_at_start is None and d.tap:  # the incoming QEMU reads nothing from it until it resumes
                 with contextlib.suppress(Exception):
-                    loc.tx_at_start = tap_tx_packets(d.tap)
+                    counts = self.executor.incoming_counts(d.vm)
+                    if counts is not None:
+                        loc.mcast_at_start, loc.tx_at_start, taken = counts
+                    else:  # (no fds: the begin hook's multicast count, if we were up then; the count may be low)
+                        loc.tx_at_start, taken = tap_tx_packets(d.tap), None
                     loc.delivered_at_start = self._delivered()
+                    log.debug("%s: incoming QEMU started: tap tx %d, IPv6 multicast sent on it %s, %s of it "
+                              "taken out of the queue", d.vm, loc.tx_at_start, loc.mcast_at_start, taken)
         ev = translate(role, {"event": "lifecycle", "type": typ, "detail": detail})
         if ev is not None:
             self.local_event(d.vm, ev, t_ns, f"{typ}/{detail}")
@@ -427,9 +442,17 @@ class HostRole:
         return {"id": t.migration, "vm": vm, "domain": loc.domain if loc else None,
                 "src": m.src.name, "dst": m.dst.name, "transit": list(m.transit),
                 "events": [ev.value for ev, _ in m.history if ev in t.seen],
-                "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])],
+                # (the newest: the source QEMU keeps the last it read, records.MAX_RESENT at most)
+                "resent": [f.hex() for f in (loc.drain.resent_swallowed if loc and loc.drain else [])
+                           ][-records.MAX_RESENT:],
                 "returned": loc.returned if loc else None,
-                "swallow_base": loc.swallow_base if loc else None, "rx_used": loc.rx_used if loc else None}
+                "swallow_base": loc.swallow_base if loc else None, "rx_used": loc.rx_used if loc else None,
+                "swallow_mcast": loc.swallow_mcast if loc else None,
+                # The destination's counts when its incoming QEMU started (swallow.Arrival): in the record,
+                # they outlive an agent killed before the VM leaves here again.
+                "at_start": None if loc is None or None in (loc.tx_at_start, loc.mcast_at_start,
+                                                            loc.delivered_at_start) else
+                {"tx": loc.tx_at_start, "mcast": loc.mcast_at_start, "delivered": loc.delivered_at_start}}
 
     def local_event(self, vm: str, ev: Ev, t_ns: int, what: str) -> None:
         """`what` this host saw (a libvirt event, a reconciliation finding) that means `ev`."""
@@ -499,10 +522,17 @@ class HostRole:
             return
         # used - (tx - tx_at_start): what QEMU read since it resumed, all given to the guest; but for what this
         # host's own stack put in the tap when QEMU opened it (MLD reports, DAD: multicast the guest's
-        # filter drops; measured: 1 such frame in 7 of 8 runs), which the program did not deliver.
+        # filter drops; measured: 1 such frame in 7 of 8 runs), which the program did not deliver. Counted as
+        # the arrival counts them (swallow.ArrivedCheck): the tap's own multicast counter since its QEMU
+        # started, read after the pair (a report sent in between makes the index high: the source's count
+        # low, never high); else the frames read less those the program delivered, which are the host's,
+        # not the tap's (another VM's count in them).
         tx_read = (check.tx - loc.tx_at_start) & 0xFFFF if check.tx is not None else None
         delivered = self._delivered() - loc.delivered_at_start if loc.delivered_at_start is not None else None
-        not_ours = tx_read - delivered if tx_read is not None and delivered is not None else 0
+        if loc.mcast_at_start is not None:
+            not_ours = tap_mcast_sent(loc.tap) - loc.mcast_at_start
+        else:
+            not_ours = tx_read - delivered if tx_read is not None and delivered is not None else 0
         if not 0 <= not_ours <= MAX_SWALLOWED:  # (measured once: 74, a delivery these counters missed)
             log.debug("%s: %d frames read and not delivered by the program: not a stack's few; RX used "
                       "index not written", vm, not_ours)
@@ -511,6 +541,22 @@ class HostRole:
         log.debug("%s: RX used index at the resume %d (tap tx %d at QEMU's start, tx - used now %d, read since "
                   "%s, delivered by the program %s)", vm, loc.rx_used, loc.tx_at_start, out[0], tx_read, delivered)
         self._put_record(vm)
+        self._note_arrival(vm)
+
+    def _note_arrival(self, vm: str) -> None:
+        """The VM came here by the migration we track: once we know what our tap had counted when the
+        incoming QEMU started and the RX used index it resumed with (the source's record, written after its
+        drain; or ours, for a silent source), the drain of its next migration away can count what its QEMU
+        swallows without a baseline (swallow.ArrivedCheck), which under continuous traffic never comes."""
+        m, t, loc = self.machine.migrations.get(vm), self.track(vm), self._local(vm)
+        if m is None or m.dst.name != self.name or loc is None or loc.tx_at_start is None or \
+                loc.mcast_at_start is None or not t.migration:
+            return
+        used = loc.peer_rx_used if loc.peer_rx_used is not None else loc.rx_used
+        if used is None or (loc.arrival is not None and loc.arrival.migration == t.migration):
+            return
+        loc.arrival = Arrival(t.migration, loc.tx_at_start, loc.mcast_at_start, used)
+        log.debug("%s: arrival counts %s", vm, loc.arrival)
 
     def on_db_migrations(self, item: work.DbMigrations) -> None:
         touched: dict[str, dict] = {}
@@ -538,14 +584,27 @@ class HostRole:
                 if not self._start_migration(vm, rec, records.migration_key(vm, host)):
                     continue
                 loc = self._local(vm)
-                if not replay and rec["src"] == self.name and loc is not None and loc.check is not None:
+                if not replay and rec["src"] == self.name and loc is not None:
                     # The baseline outlives us in our record: killed at the pause, the agent after us counts
-                    # with it (swallow.RecordedCheck).
-                    loc.swallow_base = loc.check.base
-                    self._put_record(vm)
+                    # with it (swallow.RecordedCheck). A VM that arrived here and had no quiet moment since
+                    # has its arrival's instead: tx_packets less the RX used index at the resume.
+                    if loc.check is not None and loc.check.base is not None:
+                        loc.swallow_base, loc.swallow_mcast = loc.check.base, loc.check.mcast
+                    elif loc.arrival is not None:
+                        a = loc.arrival
+                        loc.swallow_base, loc.swallow_mcast = (a.tx - a.used) & 0xFFFF, a.mcast
+                    if loc.swallow_base is not None:
+                        self._put_record(vm)
             loc = self._local(vm)
             if loc is not None and host == self.name and replay and rec.get("swallow_base") is not None:
                 loc.swallow_base = rec["swallow_base"]  # (the agent before us took it)
+                loc.swallow_mcast = rec.get("swallow_mcast")
+            if loc is not None and host == self.name and replay and rec.get("at_start") and \
+                    loc.tx_at_start is None:
+                a = rec["at_start"]  # (the agent before us took them)
+                loc.tx_at_start, loc.mcast_at_start, loc.delivered_at_start = a["tx"], a["mcast"], a["delivered"]
+            if loc is not None and host == self.name and rec["dst"] == self.name and rec.get("rx_used") is not None:
+                loc.rx_used = rec["rx_used"]  # (ours, written at a cut-over for a silent source)
             if loc is not None and host != self.name and rec.get("rx_used") is not None:
                 loc.peer_rx_used = rec["rx_used"]
             if loc is not None and host == self.name and replay:  # our drain may need the peer's, fed later
@@ -585,6 +644,7 @@ class HostRole:
                 self.fence(vm)
             if host != self.name and rec.get("returned") is not None and rec["dst"] == host and self.executor:
                 self.executor.unpark(m, mid, rec["returned"])
+        self._note_arrival(vm)
         # Events seen here before the record existed (the source's pause can beat the watch).
         for typ, detail, t_ns in self.track(vm).pending:
             if self.role_of(vm):
@@ -679,6 +739,9 @@ class HostRole:
         loc = self._local(vm)
         if loc is not None:  # an earlier migration's counts say nothing of this one
             loc.swallow_base = loc.peer_rx_used = loc.rx_used = loc.tx_at_start = loc.delivered_at_start = None
+            loc.mcast_at_start = loc.swallow_mcast = None
+            if rec["dst"] == self.name:  # a new QEMU here: what was counted of an earlier one is not its
+                loc.check = loc.arrival = None
         if rec.get("domain") and loc is not None:
             loc.domain = rec["domain"]
             d = self.domains.get(rec["domain"])
@@ -727,6 +790,9 @@ class HostRole:
         self._start_migration(d.vm, rec, f"migrate-begin hook for {d.vm}")
         loc = self.executor.vm(d.vm)
         loc.domain, loc.tap = d.name, d.tap
+        if d.tap:  # before QEMU opens the tap: counted at STARTED, unless its fds cannot be held (Arrival)
+            with contextlib.suppress(OSError):
+                loc.mcast_at_start = tap_mcast_sent(d.tap)
         self._last_event_ns = time.monotonic_ns()
         self.track(d.vm).seen.add(Ev.BEGIN)
         m = self.machine.migrations[d.vm]

@@ -409,8 +409,15 @@ def migration_record(key: str, value) -> tuple[str, str, dict]:
         v = counters[k] = _get(d, k, False)
         if v is not None and not (_is_int(v, 0) and v <= 0xFFFF):
             raise Rejected(f"{k}: expected null or a 16-bit count, got {show(v)}")
+    mcast = _get(d, "swallow_mcast", False)
+    if mcast is not None and not _is_int(mcast, 0):
+        raise Rejected(f"swallow_mcast: expected null or a count, got {show(mcast)}")
+    at_start = _get(d, "at_start", False)  # the destination's tap and program counts at its QEMU's start
+    if at_start is not None and not (isinstance(at_start, dict) and set(at_start) == {"tx", "mcast", "delivered"}
+                                     and all(_is_int(v, 0) for v in at_start.values())):
+        raise Rejected(f"at_start: expected null or {{tx, mcast, delivered}} counts, got {show(at_start)}")
     return vm, host, {
-        **counters,
+        **counters, "at_start": at_start, "swallow_mcast": mcast,
         "id": _name(_get(d, "id"), "id", 64), "vm": vm,
         # The domain's name is also a path: <qemu_run_dir>/<domain>.pid, whose pid the drain takes fds from.
         "domain": None if domain is None else _name(domain, "domain", 1024, spaces=True),

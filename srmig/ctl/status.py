@@ -40,7 +40,8 @@ def agent_status(agent) -> dict:
                         if (x := entries.get(maps.vm_spelling(a)) or host.dp.get_vm(a)) is None or x.of != vm
                         ] if e else []
             vms.append({"vm": vm, "addresses": list(addrs), "domain": loc.domain,
-                        "baseline": loc.check is not None,
+                        # the swallowed frame can be counted: a quiet moment's baseline, or the VM's arrival
+                        "baseline": loc.check is not None or loc.arrival is not None,
                         # the hold at the destination is the tap's queue: what overflowed it
                         "tap_dropped": _tap_dropped(loc.tap),
                         "state": e.state.name.lower() if e else None,

@@ -97,10 +97,26 @@ def read_queued_each(fd: int, skip: int, limit: int = 100_000) -> list[bytes]:
 
 def tap_tx_packets(ifname: str) -> int:
     """Frames read from the tap by its owner (tun counts a frame as transmitted when the reader takes it)."""
+    return tap_stats(ifname)["tx_packets"]
+
+
+def tap_stats(ifname: str):
+    """The tap's 64-bit counters: tx_packets (frames its reader took), tx_dropped (frames refused on a full
+    queue, the program's redirects included), ..."""
     from srmig import netlink  # noqa: PLC0415
 
     with netlink.handle() as ipr:
-        return netlink.link_stats(netlink.ifindex(ifname, ipr), ipr)["tx_packets"]
+        return netlink.link_stats(netlink.ifindex(ifname, ipr), ipr)
+
+
+def tap_mcast_sent(ifname: str) -> int:
+    """IPv6 multicast packets this host's stack sent on the tap (its MLD reports, neighbour discovery): the
+    device's Ip6OutMcastPkts (/proc/net/dev_snmp6, of the calling thread's namespace); 0 without IPv6 on it."""
+    try:
+        text = Path(f"/proc/thread-self/net/dev_snmp6/{ifname}").read_text()
+    except FileNotFoundError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("Ip6OutMcastPkts")), 0)
 
 
 TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): the struct ifreq of the tap an fd is attached to
