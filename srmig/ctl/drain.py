@@ -439,10 +439,22 @@ class SourceDrain:
             if until is not None and start >= until:
                 break
             da, eth, ifindex = self._hop
+            t0 = time.perf_counter()
             n, walked, why = pump.fill(ring, start, _HOLD_HEAD, da, eth)
+            t1 = time.perf_counter()
             if n:
                 log.begin(start, 0)  # the batch from `start`, nothing sent: the mark counts it from now
-                k, err = pump.send(start, n, ifindex)
+                try:
+                    k, err = pump.send(start, n, ifindex)
+                except pumps.PumpError as e:  # no way out here: the old way, from this batch on
+                    rep.timings["pump"] = f"refused: {e}"
+                    self.pump = None
+                    return sent
+
+                # where the pump's time goes: copying records into the slots, and the BPF_PROG_RUN
+                rep.timings["pump_fill_ms"] = round(rep.timings.get("pump_fill_ms", 0) + (t1 - t0) * 1e3, 3)
+                rep.timings["pump_send_ms"] = round(rep.timings.get("pump_send_ms", 0) +
+                                                    (time.perf_counter() - t1) * 1e3, 3)
                 ring.advance(walked if k == n else pump.end(k - 1) if k else start)
                 sent += k
                 rep.from_ring += k

@@ -7,10 +7,11 @@ Per batch of up to `slots` records:
    BPF_F_MMAPABLE array, srmig/ebpf/pump.c). It stops at a record for another destination, one that does
    not fit a slot (SRMIG_PUMP_FRAME_MAX), a record still being written, or the end; those go the old way
    (FabricSender), in their place in the ring's order.
-2. One BPF_PROG_RUN sends slots 0..n-1 in order, one program run each: with live frames (XDP_TX out of the
-   fabric link: no skb on this host) where the kernel allows it, else a plain skb run of the tc program,
-   whose bpf_clone_redirect sends each slot through the link's qdisc (every kernel). Chosen at the first
-   batch, with a one-line reason (`Pump.why`).
+2. One BPF_PROG_RUN sends slots 0..n-1 in order, one program run each: a plain skb run of the tc program,
+   whose bpf_clone_redirect sends each slot through the link's qdisc and says whether the link took it
+   (every kernel), or with live frames (XDP_TX out of the fabric link, no skb on this host; some kernels
+   refuse it) when the tc run is refused or asked for. Chosen at the first batch, with a one-line reason
+   (`Pump.why`). tc comes first by measurement: a live-frames call costs a fixed RCU grace period (_choose).
 3. The records sent are consumed; the program counted them in pump_mark, pinned next to the ring.
 
 The sent mark: before a batch, the ring's sent log (srmig.ctl.senders.SentLog) is begun at the batch's ring
@@ -169,14 +170,18 @@ def sent_in_mark(pin_dir, start: int) -> int:
         m.close()
 
 
+WHY = {"tc": "tc: bpf_clone_redirect from a tc BPF_PROG_RUN, through the link's qdisc",
+       "live": "live: BPF_PROG_RUN with live frames, XDP_TX out of the fabric link"}
+
+
 class PumpError(RuntimeError):
     """The pump cannot run here (its program does not load, or no C compiler): the drain sends the old way."""
 
 
 class Pump:
     """One batch at a time: fill() copies records from the ring into the slots, send() sends them. `mode`:
-    "live" or "tc" to force one (tests, the benchmark), None: live frames where the kernel runs them, else
-    tc (`why` says which and why, once the first batch has run)."""
+    "live" or "tc" to force one (tests, the benchmark), None: tc, else live frames (`why` says which and
+    why, once the first batch has run: _choose)."""
 
     def __init__(self, pin_dir, mode: str | None = None, slots: int = SLOTS):
         if mode not in (None, "live", "tc"):
@@ -285,18 +290,25 @@ class Pump:
             raise OSError(-rc, f"bpf_prog_test_run_opts(pump_tc): {os.strerror(-rc)}")
 
     def _choose(self, n: int, ifindex: int) -> None:
-        """The first batch: live frames if the kernel runs them, else tc, and why."""
-        try:
-            libbpf.prog_test_run_live(self.xdp_fd, bytes(ETH_HLEN + 40), n, ifindex, LIVE_BATCH)
-            self.mode, self.why = "live", "live: BPF_PROG_RUN with live frames, XDP_TX out of the fabric link"
-        except OSError as e:
-            if self.mark.lookup(self._key).sent:  # ran part of the batch, then failed: not a refusal
-                raise
-            self.mode = "tc"
-            self.why = (f"tc: live frames refused ({errno.errorcode.get(e.errno, e.errno)}), "
-                        f"bpf_clone_redirect from a tc BPF_PROG_RUN")
-            self._run_tc(n)
-        log.info("drain pump: %s", self.why)
+        """The first batch: the tc program, else live frames, else PumpError (the drain sends the old way).
+        tc first even where live frames run: a live-frames BPF_PROG_RUN costs a fixed ~20 ms here (its
+        page pool's teardown waits for an RCU grace period; longer under load), more than a drain's batch of
+        4096 takes through tc (~2 us a frame), and a frame the link's driver refuses it drops uncounted."""
+        refused = []
+        for mode in ("tc", "live"):
+            self.mode = mode
+            try:
+                self._run(n, ifindex)
+            except OSError as e:
+                if self.mark.lookup(self._key).sent:  # ran part of the batch, then failed: not a refusal
+                    raise
+                refused.append(f"{mode} refused ({errno.errorcode.get(e.errno, e.errno)})")
+                continue
+            self.why = "; ".join(refused + [WHY[mode]])
+            log.info("drain pump: %s", self.why)
+            return
+        self.mode = None
+        raise PumpError("; ".join(refused))
 
     def close(self) -> None:
         if self.bpf is None:
