@@ -284,6 +284,9 @@ class Pump:
         opts.sz = libbpf.ffi.sizeof("struct bpf_test_run_opts")
         opts.data_in = self._trigger
         opts.data_size_in = 64
+        # 0: no output wanted (the kernel writes the last run's length back here, and a later call whose frame
+        # is longer than that would fail with ENOSPC after running)
+        opts.data_size_out = 0
         opts.repeat = n
         rc = libbpf.lib().bpf_prog_test_run_opts(self.tc_fd, opts)
         if rc < 0 and rc != -errno.EINTR:
