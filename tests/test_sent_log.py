@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from srmig.bpf import libbpf
+from srmig.bpf import libbpf, loader
 from srmig.bpf.abi import VmState
 from srmig.ctl import senders
 from srmig.ctl.drain import SourceDrain, unpark
@@ -393,3 +393,38 @@ def test_killed_at_any_pump_run_the_restarted_agent_sends_each_record_once(lab, 
             assert _once_in_order(_arrived(receivers, case, expect), expect) == ONCE, where
             assert sent == sum(expect.values()) - kill.sent, where
             assert sent_before == kill.last, where
+
+
+@pytest.fixture(scope="module")
+def small_ring_lab():
+    """A lab whose hold ring holds ~100 of the tests' records: filled to the brim, and wrapping round its
+    end, in a few rounds."""
+    with L.TestRunLab(loader.Limits(hold_ring_pages=4)) as lab_:
+        yield lab_
+
+
+def test_the_pump_sends_a_full_ring_once_in_order_round_after_round(small_ring_lab):
+    """Fill the ring until the program drops for want of room, send it through the pump (the one chosen at
+    run time, in batches smaller than the ring), again and again: the records wrap round the ring's end.
+    Each round, every record the ring took arrives once, in order, and nothing else of the round does."""
+    lab = small_ring_lab
+    with lab.topo.inside("fab"):
+        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+    with rx:
+        rx.bind(("up0", 0))
+        with lab.topo.inside("lab"):
+            pump = Pump(lab.pin_dir, slots=16)
+        try:
+            for case in range(4000, 4004):
+                full0 = lab.dp.stats()["drops"].get("hold_full", 0)
+                offered = _fill(lab, case, [("o", 150)])["o"]
+                took = offered - (lab.dp.stats()["drops"].get("hold_full", 0) - full0)
+                assert 0 < took < offered  # the ring was full
+                sent, _ = _run(lab, "drain", pump)
+                expect = {"o": took}
+                got = _arrived({"o": rx}, case, expect)
+                assert _once_in_order(got, expect) == {"o": "once, in order"}, case
+                assert sent == took
+            assert pump.why.startswith("tc:"), pump.why  # tc first, where both run
+        finally:
+            pump.close()
