@@ -313,6 +313,17 @@ class Pump:
         self.mode = None
         raise PumpError("; ".join(refused))
 
+    def live_refused(self, ifindex: int) -> str | None:
+        """Why this kernel refuses live frames here (one run, nothing to send: the frame is dropped), or None."""
+        v = self._value
+        v.batch, v.sent, v.end, v.ifindex, v.err = 0, 0, 0, ifindex, 0
+        self.mark.update(self._key, v)
+        try:
+            libbpf.prog_test_run_live(self.xdp_fd, bytes(ETH_HLEN + 40), 1, ifindex)
+        except OSError as e:
+            return f"live frames refused ({errno.errorcode.get(e.errno, e.errno)})"
+        return None
+
     def close(self) -> None:
         if self.bpf is None:
             return
