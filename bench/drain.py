@@ -28,8 +28,11 @@ End.SBUF logs the number of every frame in arrival order (an mmap'd BPF array); 
 
 Offered loads: 0.5, 1 and 2 Mpps and End.S's forwarding rate measured first in the same run (the
 generator flat out, the VM AWAY, counted at the same sink: End.S then End.SBUF, the path the VM's
-packets take once drained); ratio_drain_vs_end_s is the best drain_pps over that rate. Each load runs
-twice in turn: the tap read in bulk (srmig.ctl.tapread, the product's) and one os.read() a frame (as before).
+packets take once drained); ratio_drain_vs_end_s is the best drain_pps of the pump's runs over that rate.
+Each load runs twice in turn, the tap read in bulk (srmig.ctl.tapread) both times: the hold ring sent
+through the drain's pump (srmig.ctl.pump, the way it picks at run time; `ring` and `pump` in each run) and
+from Python with FabricSender (as before the pump). DrainLab.drain_run also takes the per-frame tap read
+and either pump way forced.
 
 Also measured in the same lab, no load running:
 - tap_read: microseconds per frame to read the unread tap, bulk and per frame (issue 20 part 2).
