@@ -45,6 +45,7 @@ from srmig.ctl.pump import SLOT_BYTES, SLOTS
 from srmig.ctl.senders import FabricSender, PacketSender, RawSender
 
 INJECT_SLOTS = 65536         # xdp_drain_inject.c's INJECT_SLOTS
+NOT_A_RING_POSITION = (1 << 64) - 1
 
 
 class LiveInjector:
@@ -116,7 +117,9 @@ def send_cost(lab: DrainLab, packets: int = 20000, rounds: int = 3) -> dict:
             off += SLOT_BYTES
         with lab.topo.inside("S"):  # the link's ifindex is S's
             t0 = time.perf_counter()
-            p.send(0, min(len(frames), SLOTS), ifindex)
+            # A batch position no ring reaches: the mark is the ring's (pinned next to it), and a mark that
+            # named a real position would tell the next drain those records were sent.
+            p.send(NOT_A_RING_POSITION, min(len(frames), SLOTS), ifindex)
             return time.perf_counter() - t0
 
     live_ok, live_why = local.live_frames()
