@@ -399,7 +399,7 @@ def test_killed_at_any_pump_run_the_restarted_agent_sends_each_record_once(lab, 
 def small_ring_lab():
     """A lab whose hold ring holds ~100 of the tests' records: filled to the brim, and wrapping round its
     end, in a few rounds."""
-    with L.TestRunLab(loader.Limits(hold_ring_pages=4)) as lab_:
+    with L.TestRunLab(loader.Limits(hold_ring_pages=4), tag=f"{os.getpid()}-sr") as lab_:
         yield lab_
 
 
@@ -428,3 +428,65 @@ def test_the_pump_sends_a_full_ring_once_in_order_round_after_round(small_ring_l
             assert pump.why.startswith("tc:"), pump.why  # tc first, where both run
         finally:
             pump.close()
+
+
+# The agent with the drain's pump, in a process of its own, until killed.
+PUMP_AGENT = r"""
+import sys
+from pathlib import Path
+from srmig import netlink
+from srmig.ctl.drain import SourceDrain
+from srmig.ctl.maps import Dataplane
+from srmig.ctl.pump import Pump
+ns, pin_dir, vm, sid = sys.argv[1:]
+with netlink.inside(ns):
+    dp = Dataplane(Path(pin_dir))
+    pump = Pump(pin_dir, "tc")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    SourceDrain(dp, vm, "fc00:0:1::1", [sid], sid, pump=pump).ring_only()
+"""
+def _in_prog_run(pid: int) -> bool:
+    """`pid` is inside BPF_PROG_RUN of a tc program, off the CPU (its kernel stack, which /proc shows of a task
+    not running; /proc/PID/syscall says "running" of any runnable task, a preempted one too)."""
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            return "bpf_prog_test_run_skb" in f.read()
+    except OSError:
+        return False
+
+
+def test_a_real_kill_inside_the_pumps_run_loses_and_duplicates_nothing(lab, receivers, pumps):
+    """A real SIGKILL while the agent's pump is inside BPF_PROG_RUN (seen in /proc/PID/stack): the kernel
+    stops between two program runs and the agent dies with the batch's count in the pinned mark; the
+    restarted agent (without a pump: the mark alone) sends the rest, every record once, in order."""
+    _flush(receivers)
+    n = 6000
+    expect = _fill(lab, 5000, [("o", n)], size=600)  # two batches, each several ms inside BPF_PROG_RUN
+    # The agent and this test on one CPU: a task's kernel stack is seen only while it is off the CPU, and
+    # the pump's run gives the CPU up (cond_resched between two program runs) when this test wants it.
+    cpu = min(os.sched_getaffinity(0))
+    agent = subprocess.Popen([sys.executable, "-c", PUMP_AGENT, lab.topo.ns("lab"), str(lab.pin_dir), L.VM_HOLD,
+                              L.D_SBUF], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    inside, cpus = False, os.sched_getaffinity(0)
+    try:
+        assert agent.stdout.readline().strip() == "ready"
+        os.sched_setaffinity(0, {cpu})
+        agent.stdin.write("go\n")
+        agent.stdin.flush()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and agent.poll() is None:  # bounded: 10 s
+            if _in_prog_run(agent.pid):
+                inside = True
+                break
+    finally:
+        os.sched_setaffinity(0, cpus)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        agent.stdout.close()
+        agent.stdin.close()
+    assert inside, f"never saw the agent inside BPF_PROG_RUN (exit {agent.returncode})"
+    sent, sent_before = _run(lab, "drain")
+    assert _once_in_order(_arrived(receivers, 5000, expect), expect) == ONCE
+    assert 0 < n - sent < n  # the killed agent had sent some, not all
