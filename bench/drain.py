@@ -28,8 +28,11 @@ End.SBUF logs the number of every frame in arrival order (an mmap'd BPF array); 
 
 Offered loads: 0.5, 1 and 2 Mpps and End.S's forwarding rate measured first in the same run (the
 generator flat out, the VM AWAY, counted at the same sink: End.S then End.SBUF, the path the VM's
-packets take once drained); ratio_drain_vs_end_s is the best drain_pps over that rate. Each load runs
-twice in turn: the tap read in bulk (srmig.ctl.tapread, the product's) and one os.read() a frame (as before).
+packets take once drained); ratio_drain_vs_end_s is the best drain_pps of the pump's runs over that rate.
+Each load runs twice in turn, the tap read in bulk (srmig.ctl.tapread) both times: the hold ring sent
+through the drain's pump (srmig.ctl.pump, the way it picks at run time; `ring` and `pump` in each run) and
+from Python with FabricSender (as before the pump). DrainLab.drain_run also takes the per-frame tap read
+and either pump way forced.
 
 Also measured in the same lab, no load running:
 - tap_read: microseconds per frame to read the unread tap, bulk and per frame (issue 20 part 2).
@@ -63,6 +66,7 @@ from srmig.bpf import loader
 from srmig.bpf.abi import Behaviour, VmState
 from srmig.ctl import config, tapread
 from srmig.ctl.drain import RING_FIRST_GAINING_MAX_S, RING_FIRST_MAX_S, SourceDrain
+from srmig.ctl.pump import Pump
 from srmig.ctl.tap import IFF_VNET_HDR, TapKeeper, read_queued_each, vnet_hdr_len
 from srmig.testbed import qemu
 from srmig.testbed.lab import NamespaceLab, xdp_on
@@ -328,10 +332,23 @@ class DrainLab(NamespaceLab):
         return {"forwarded_pps": round((w["c1"] - w["c0"]) / dt, 1),
                 "offered_pps": round((w["g1"] - w["g0"]) / dt, 1), "window_s": round(dt, 3)}
 
+    def pump(self, mode: str | None = None) -> Pump:
+        """The drain's pump (srmig.ctl.pump) on S, made once per mode (it compiles): `mode` None picks live
+        frames where the kernel runs them, else tc; "live" or "tc" forces one."""
+        pumps = self.__dict__.setdefault("_pumps", {})
+        if mode not in pumps:
+            with self.topo.inside("S"):
+                pumps[mode] = Pump(self.dp.pin_dir, mode)
+            self._stack.callback(pumps[mode].close)
+        return pumps[mode]
+
     def drain_run(self, rate_pps: float, pause_s: float = PAUSE_S, tail_s: float = TAIL_S,
-                  tap_read: str = "bulk") -> dict:
+                  tap_read: str = "bulk", ring: str = "pump") -> dict:
         """One load at `rate_pps`, the drain in the middle of it (module docstring); the counts. `tap_read`:
-        "bulk" (the product's read_queued()) or "per_frame" (one os.read() a frame, as before issue 20)."""
+        "bulk" (the product's read_queued()) or "per_frame" (one os.read() a frame, as before issue 20).
+        `ring`: how the hold ring is sent: "pump" (srmig.ctl.pump, its mode chosen at run time), "pump-live"
+        or "pump-tc" (forced), or "python" (FabricSender from Python, as before)."""
+        pump = None if ring == "python" else self.pump({"pump": None, "pump-live": "live", "pump-tc": "tc"}[ring])
         # Frames of an earlier load can still sit on the way to the sink until new traffic takes that way:
         # after the flat-out forwarding_rate(), a few hundred numbered ~900,000 once reached the sink ahead of
         # the next drain's first packets (counted as its duplicates and reorderings). A short burst through
@@ -356,7 +373,7 @@ class DrainLab(NamespaceLab):
             try:
                 w["g0"], w["t0"] = self.gen.generated(), time.monotonic()
                 with self.topo.inside("S"):
-                    w["rep"] = SourceDrain(self.dp, VM, S_ADDR, [D_SBUF], D_DX6).run(queue)
+                    w["rep"] = SourceDrain(self.dp, VM, S_ADDR, [D_SBUF], D_DX6, pump=pump).run(queue)
                 w["t1"], w["g1"] = time.monotonic(), self.gen.generated()
             finally:
                 queue.close()
@@ -384,7 +401,8 @@ class DrainLab(NamespaceLab):
         sent = rep.from_tap + rep.from_ring
         state = self.dp.get_vm(VM)
         return {
-            "offered_pps": rate_pps, "tap_read": tap_read,
+            "offered_pps": rate_pps, "tap_read": tap_read, "ring": ring,
+            "pump": rep.timings.get("pump") if pump else None,
             "generated_pps": round((w["g_end"] - w["g_start"]) / (w["end"] - w["start"]), 1),
             "arrival_pps": round((w["g1"] - w["g0"]) / drain_s, 1) if drain_s > 0 else None,
             "drain_pps": round(sent / drain_s, 1) if drain_s > 0 else None,
@@ -405,12 +423,16 @@ class DrainLab(NamespaceLab):
         super().close()
 
 
+DRAINS = (("bulk", "pump"), ("bulk", "python"))
+
+
 def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s: float = PAUSE_S,
         tail_s: float = TAIL_S, mode: str = "native", progress=None,
-        tap_reads: tuple[str, ...] = ("bulk", "per_frame")) -> dict:
+        drains: tuple[tuple[str, str], ...] = DRAINS) -> dict:
     """The drain at each offered load (pps), and at End.S's forwarding rate measured first in the same run
-    when `with_end_s_rate`, once per way of reading the tap in `tap_reads` (the product's bulk read, and
-    the per-frame read it replaced); JSON-ready. ratio_drain_vs_end_s: the bulk runs'."""
+    when `with_end_s_rate`, once per (tap read, ring path) in `drains` (DrainLab.drain_run's: by default the
+    product's bulk tap read with the pump, and with the ring sent from Python as before); JSON-ready.
+    ratio_drain_vs_end_s: the first kind's (the pump's)."""
     from bench import drain_send  # noqa: PLC0415 (it builds on this module)
 
     say = progress or (lambda m: None)
@@ -433,10 +455,10 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
         todo = list(loads) + ([end_s["forwarded_pps"]] if end_s else [])
         runs = []
         for i, rate in enumerate(todo):
-            for tap_read in tap_reads:
-                r = lab.drain_run(rate, pause_s, tail_s, tap_read)
+            for tap_read, ring in drains:
+                r = lab.drain_run(rate, pause_s, tail_s, tap_read, ring)
                 r["load"] = "end_s_rate" if end_s and i == len(loads) else f"{rate / 1e6:g} Mpps"
-                say(f"drain ({tap_read} tap read): offered {rate / 1e6:.2f} Mpps, arrived "
+                say(f"drain ({tap_read} tap read, ring: {r['pump'] or ring}): offered {rate / 1e6:.2f} Mpps, arrived "
                     f"{(r['arrival_pps'] or 0) / 1e6:.2f} Mpps, drained {(r['drain_pps'] or 0) / 1e6:.3f} Mpps in "
                     f"{r['drain_ms']:.0f} ms, converged {r['converged']}, lost {r['lost']} dup {r['duplicated']} "
                     f"reordered {r['reordered']}")
@@ -447,7 +469,8 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
             "accounting.refused_before_source: frames the generator's own veth refused, not counted as lost",
             "two shared cores: the generator's loop, S's NAPI, the drain's Python thread, D and the sink "
             "compete; numbers are noisy"]
-    best = max((r["drain_pps"] or 0 for r in runs if r["tap_read"] == "bulk"), default=0)
+    best = max((r["drain_pps"] or 0 for r in runs if (r["tap_read"], r["ring"]) == drains[0]), default=0)
+    out["ratio_of"] = "/".join(drains[0])
     out["ratio_drain_vs_end_s"] = round(best / end_s["forwarded_pps"], 3) if end_s and end_s["forwarded_pps"] else None
     return out
 
@@ -455,10 +478,10 @@ def run(loads: tuple[float, ...] = LOADS, with_end_s_rate: bool = True, pause_s:
 def print_table(res: dict) -> None:
     e = res.get("end_s") or {}
     print(f"drain (tap queue {res['tap_queue']}; End.S into End.SBUF: {e.get('forwarded_pps', 0) / 1e3:.0f} kpps)")
-    print(f"{'load':<12}{'tap read':<10}{'arrival kpps':>13}{'drain kpps':>11}{'drain ms':>9}  converged{'lost':>9}{'dup':>6}"
+    print(f"{'load':<12}{'tap/ring':<16}{'arrival kpps':>13}{'drain kpps':>11}{'drain ms':>9}  converged{'lost':>9}{'dup':>6}"
           f"{'reord':>7}  where lost")
     for r in res["runs"]:
-        print(f"{r['load']:<12}{r['tap_read']:<10}{(r['arrival_pps'] or 0) / 1e3:>13.0f}{(r['drain_pps'] or 0) / 1e3:>11.1f}"
+        print(f"{r['load']:<12}{r['tap_read'] + '/' + r['ring']:<16}{(r['arrival_pps'] or 0) / 1e3:>13.0f}{(r['drain_pps'] or 0) / 1e3:>11.1f}"
               f"{r['drain_ms']:>9.0f}  {str(r['converged']):<9}{r['lost']:>9}{r['duplicated']:>6}{r['reordered']:>7}"
               f"  {', '.join(f'{k} {v}' for k, v in r['losses'].items()) or '-'}")
     sp = res.get("send_paths")

@@ -13,6 +13,9 @@ sender's core; across real hosts that part is the receiver's. Methods:
   each DA leaves by, to the next hop's MAC from the neighbour table, the Ethernet header added per packet
 - packet_tx_ring: AF_PACKET PACKET_TX_RING (bench/tx_ring.py), one send() per ring fill
 - afxdp_copy_tx: a TX-only AF_XDP socket in copy mode (bench/afxdp_tx.py)
+- pump_tc, pump_live: the drain's pump (srmig.ctl.pump), one batch of its slots (SLOTS frames, written
+  before the clock starts) sent by one BPF_PROG_RUN: the tc program's bpf_clone_redirect (every kernel),
+  and live frames' XDP_TX where the kernel runs them
 - live_frames_inject, where the kernel runs BPF_PROG_RUN with live frames: the frames written into an
   mmap'd BPF array, then one BPF_PROG_RUN of bench/xdp_drain_inject.c, XDP_TX out of S's fabric veth (no
   skb on S); the write is timed with it (load_s: the write alone; run_pps: the BPF_PROG_RUN alone)
@@ -38,9 +41,11 @@ from bench.local import BENCH_DIR
 from bench.tx_ring import TxRingSender
 from srmig.bpf import libbpf, loader
 from srmig.ctl.encap import encapsulate_packet
+from srmig.ctl.pump import SLOT_BYTES, SLOTS
 from srmig.ctl.senders import FabricSender, PacketSender, RawSender
 
 INJECT_SLOTS = 65536         # xdp_drain_inject.c's INJECT_SLOTS
+NOT_A_RING_POSITION = (1 << 64) - 1
 
 
 class LiveInjector:
@@ -101,10 +106,29 @@ def send_cost(lab: DrainLab, packets: int = 20000, rounds: int = 3) -> dict:
         "packet_tx_ring": (lambda: TxRingSender("s_fab", slots=4096), lambda snd: snd.send_many(frames)),
         "afxdp_copy_tx": (lambda: AfXdpTxSender("s_fab"), lambda snd: snd.send_many(frames)),
     }
+    # The drain's pump (srmig.ctl.pump), each way: the frames written into its slots before the clock starts
+    # (its C walk of the ring is timed in the drain runs: timings.pump_fill_ms), then one BPF_PROG_RUN.
+    ifindex = lab.topo.ifindex("S", "s_fab")
+
+    def pump_send(p):
+        off = 0
+        for f in frames[:SLOTS]:
+            p._slots[off:off + 8 + len(f)] = len(f).to_bytes(4, "little") + bytes(4) + f
+            off += SLOT_BYTES
+        with lab.topo.inside("S"):  # the link's ifindex is S's
+            t0 = time.perf_counter()
+            # A batch position no ring reaches: the mark is the ring's (pinned next to it), and a mark that
+            # named a real position would tell the next drain those records were sent.
+            p.send(NOT_A_RING_POSITION, min(len(frames), SLOTS), ifindex)
+            return time.perf_counter() - t0
+
     live_ok, live_why = local.live_frames()
+    pump_modes = ["tc"] + (["live"] if live_ok else [])
     inject = LiveInjector(lab) if live_ok and packets <= INJECT_SLOTS else None
     if inject:
         methods["live_frames_inject"] = (lambda: None, lambda _: inject.send(frames))
+    for mode in pump_modes:
+        methods[f"pump_{mode}"] = (lambda mode=mode: lab.pump(mode), pump_send)
     per: dict = {m: [] for m in methods}
     amiss: dict = {m: {} for m in methods}
     cpus = os.sched_getaffinity(0)
@@ -115,17 +139,18 @@ def send_cost(lab: DrainLab, packets: int = 20000, rounds: int = 3) -> dict:
             for name, (make, send) in methods.items():
                 with lab.topo.inside("S"):
                     snd = make()
+                count = min(packets, SLOTS) if name.startswith("pump_") else packets
                 try:
                     lab.reset_sink()
                     t0 = time.perf_counter()
-                    send(snd)
-                    dt = time.perf_counter() - t0
+                    timed = send(snd)  # the pump times its send alone
+                    dt = timed if name.startswith("pump_") else time.perf_counter() - t0
                 finally:
-                    if snd is not None:
+                    if snd is not None and not name.startswith("pump_"):  # the lab keeps its pumps
                         snd.close()
                 time.sleep(0.05)
-                acc = account(lab.sink_log(), packets, 0)
-                per[name].append(packets / dt)
+                acc = account(lab.sink_log(), count, 0)
+                per[name].append(count / dt)
                 for k in ("lost", "duplicated", "reordered"):
                     if acc[k]:
                         amiss[name][k] = amiss[name].get(k, 0) + acc[k]

@@ -60,7 +60,7 @@ def _check_defines(b) -> None:
 def test_abi_header_has_structs():
     assert {"srmig_sid_key", "srmig_sid_value", "srmig_vm_key", "srmig_vm_value", "srmig_sid_stats",
             "srmig_hold_record", "srmig_domain_key", "srmig_encap_key", "srmig_encap_value",
-            "srmig_encap_vm_stats", "srmig_vm_prefix_key"} <= set(STRUCTS)
+            "srmig_encap_vm_stats", "srmig_vm_prefix_key", "srmig_pump_slot", "srmig_pump_mark"} <= set(STRUCTS)
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (Debian gcc)")

@@ -539,16 +539,40 @@ def _entries(dp) -> list[tuple]:
 
 @pytest.mark.bpf
 @pytest.mark.netns
-def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
+@pytest.mark.parametrize("ring", ["python", "pump-tc", "pump-live"])
+def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d, ring):
     """The source drain of a dual-stack VM: the paused tap's queue (IPv6 and IPv4 frames interleaved, with
     H's own ARP and ND for the VM and a packet to another address among them), then what the program parked
     in the hold ring meanwhile (both families), then what it forwards once AWAY. D receives the VM's
     packets whole and in the order they reached H, each with its family's next header (41, 4) and its inner
-    packet byte for byte; nothing else."""
+    packet byte for byte; nothing else. The ring sent from Python, or through the drain's pump (batches of
+    16), each way it sends."""
+    from srmig.bpf.abi import VmState
+    from srmig.ctl.drain import SourceDrain
+    from srmig.ctl.pump import Pump
+
+    topo, dp, holder = srv6_host
+    pump = None
+    if ring != "python":
+        with topo.inside("S"):
+            pump = Pump(dp.pin_dir, ring.removeprefix("pump-"), slots=16)
+            why = pump.live_refused(topo.ifindex("S", "h_out")) if ring == "pump-live" else None
+        if why:
+            pump.close()
+            pytest.skip(why)
+        topo.run("D", "ethtool", "-K", "d0", "gro", "on")  # live frames' XDP_TX: a veth peer needs NAPI
+    try:
+        _drain_both_families(topo, dp, holder, at_d, pump)
+    finally:
+        if pump is not None:
+            pump.close()
+            topo.run("D", "ethtool", "-K", "d0", "gro", "off")
+
+
+def _drain_both_families(topo, dp, holder, at_d, pump) -> None:
     from srmig.bpf.abi import VmState
     from srmig.ctl.drain import SourceDrain
 
-    topo, dp, holder = srv6_host
     h_mac, path = topo.mac("S", "h_in"), [H_END_S, D_SBUF]  # an ingress's list while the VM migrates
     for a in (VM, VM4):
         dp.set_vm(a, VmState.RUNNING)
@@ -562,7 +586,7 @@ def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
         dp.set_vm(a, VmState.HOLD, next_sid=D_DX6)
     _ingress_send(topo, h_mac, path, parked)
     with topo.inside("S"), tap.TapKeeper(holder.pid, "vmtap") as queue:
-        rep = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4]).run(queue)
+        rep = SourceDrain(dp, VM, H_ADDR, [D_SBUF], D_DX6, addresses=[VM4], pump=pump).run(queue)
     _ingress_send(topo, h_mac, path, after)  # AWAY: End.S forwards to D directly
 
     want = queued + parked + after
@@ -576,6 +600,8 @@ def test_drain_carries_both_families_in_one_stream_in_order(srv6_host, at_d):
     assert (rep.from_tap, rep.from_tap_ipv4, rep.from_ring) == (64, 32, 40)
     assert rep.not_vm >= len(JUNK) and rep.send_dropped == 0 and rep.timings["ring_after_flip"] == 0
     assert _entries(dp) == [(VmState.AWAY, D_DX6, False, False)] * 2
+    if pump is not None:  # the ring's 40 went through it, 16 a batch
+        assert rep.timings["pump_batches"] >= 3 and "pump_refused" not in rep.timings, rep.timings
 
 
 @pytest.mark.bpf

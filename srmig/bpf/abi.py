@@ -14,7 +14,8 @@ from cffi import FFI
 EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
 HEADER = EBPF_DIR / "srmig_abi.h"
 
-_TYPEDEFS = "typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32; typedef uint64_t __u64;"
+_TYPEDEFS = ("typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32; typedef uint64_t __u64; "
+             "typedef int32_t __s32;")
 
 
 def abi_source(header: Path = HEADER) -> str:
@@ -33,6 +34,7 @@ _consts = ffi.dlopen(None)  # integer #defines become attributes of any library 
 
 ABI_VERSION: int = _consts.SRMIG_ABI_VERSION
 HOLD_SNAPLEN: int = _consts.SRMIG_HOLD_SNAPLEN
+PUMP_FRAME_MAX: int = _consts.SRMIG_PUMP_FRAME_MAX
 VM_F_HOLD_RING: int = _consts.SRMIG_VM_F_HOLD_RING
 VM_F_SHADOW: int = _consts.SRMIG_VM_F_SHADOW
 VM_F_RING_FIRST: int = _consts.SRMIG_VM_F_RING_FIRST

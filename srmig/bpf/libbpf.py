@@ -348,6 +348,8 @@ class RingReader:
         # The page's address, taken without keeping a buffer exported (mmap.close() refuses while one is).
         with ffi.from_buffer(self._cons) as cons:
             self._cons_addr = int(ffi.cast("uintptr_t", cons))
+        with ffi.from_buffer(self._data) as prod:
+            self._data_addr = int(ffi.cast("uintptr_t", prod))
 
     def read(self, limit: int = 1 << 30, start: int = 0, length: Callable[[bytes, int], int] | None = None,
              commit: bool = True, until: int | None = None, ends: list[int] | None = None) -> list[bytes]:
@@ -415,6 +417,26 @@ class RingReader:
         """(address, size) of the consumer page after its 8 bytes of consumer position: the kernel ignores
         them, they live as long as the ring. Valid until close()."""
         return self._cons_addr + 8, self._page - 8
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """(address, page, mask) for a reader in C (srmig.ctl.pump): the producer page's address, the data
+        pages one `page` after it (mapped twice in a row), a ring position's offset in them `& mask`. Valid
+        until close()."""
+        return self._data_addr, self._page, self._mask
+
+    @property
+    def produced(self) -> int:
+        """The producer position: the ring position past the last record reserved so far."""
+        return struct.unpack_from("<Q", self._data, 0)[0]
+
+    def advance(self, position: int) -> None:
+        """Consume everything before ring `position` (a record's end, read by a reader in C): the producer
+        gets that space back, and the next read starts there."""
+        if self._ahead is not None:
+            raise RuntimeError("advance() with records read and not committed")
+        if position > struct.unpack_from("<Q", self._cons, 0)[0]:
+            self._cons[0:8] = position.to_bytes(8, "little")
 
     def skip(self, until: int, then: int = 0) -> int:
         """Consume, without reading them, the records before ring position `until` and `then` records after

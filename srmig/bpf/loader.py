@@ -124,14 +124,16 @@ def _bcc():
     return bcc
 
 
-def compile_program(source: Path, func: str, limits: Limits | None = None, prog_type: str = "XDP"):
+def compile_program(source: Path, func: str, limits: Limits | None = None, prog_type: str = "XDP",
+                    defines: tuple[str, ...] = ()):
     """Compile and verify one function (`prog_type`: a bcc.BPF program type name, XDP or SCHED_CLS);
-    returns (bcc.BPF, program fd). Errors are one line."""
+    returns (bcc.BPF, program fd). `defines`: more -D flags ("NAME=value"). Errors are one line."""
     bcc = _bcc()
     ksrc = kernel_source()
     if ksrc:
         os.environ["BCC_KERNEL_SOURCE"] = ksrc
-    cflags = [f"-I{abi.EBPF_DIR}", "-Wno-unused-function"] + (limits.cflags() if limits else [])
+    cflags = ([f"-I{abi.EBPF_DIR}", "-Wno-unused-function"] + (limits.cflags() if limits else [])
+              + [f"-D{d}" for d in defines])
     try:
         b = bcc.BPF(src_file=str(source).encode(), cflags=cflags)
         fn = b.load_func(func.encode(), getattr(bcc.BPF, prog_type))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from srmig.ctl.encap import ETH_P_IP, ETH_P_IPV6, VmPackets, decapsulate, encapsulate_packet, family
+from srmig.ctl import pump as pumps
 from srmig.ctl.senders import FabricSender, PacketSender, RawSender, SentLog
 from srmig.ctl.swallow import MAX_SWALLOWED, SWALLOW_WINDOW_NS, ShadowLog, SwallowCheck
 from srmig.ctl.tap import TapKeeper
@@ -85,10 +86,13 @@ def sent_log(ring: libbpf.RingReader) -> SentLog:
     return SentLog(*ring.spare)
 
 
-def skip_sent(ring: libbpf.RingReader, log: SentLog) -> int:
+def skip_sent(ring: libbpf.RingReader, log: SentLog, pin_dir=None) -> int:
     """Consume, without sending them again, the records an agent killed while sending them had sent (its
-    sent log says exactly which); returns how many. First, before anything is read from `ring`."""
+    sent log says exactly which, or for a batch the pump sent, the pump's mark pinned in `pin_dir`: the
+    log's start and the mark's count); returns how many. First, before anything is read from `ring`."""
     start, k = log.sent()
+    if k == 0 and pin_dir is not None:
+        k = pumps.sent_in_mark(pin_dir, start)
     n = ring.skip(start, k)
     log.reset()  # all it says is consumed now; its next batch may start anywhere
     return n
@@ -223,7 +227,7 @@ def unpark(dp, vm: str, tap: str | None, max_s: float = UNPARK_MAX_S, addresses:
         return len(records)
 
     try:
-        skip_sent(ring, log)  # what an agent killed while sending from this ring (a drain, an unpark) had sent
+        skip_sent(ring, log, dp.pin_dir)  # what an agent killed while sending from this ring had sent
         dp.set_vm(vm, VmState.RUNNING, ring_first=True)
         deadline = time.monotonic() + max_s
         while time.monotonic() <= deadline:
@@ -282,7 +286,7 @@ class SourceDrain:
     """
 
     def __init__(self, dataplane, vm: str, src_addr: str, dest_segments: list[str], next_sid: str,
-                 addresses: list[str] | None = None):
+                 addresses: list[str] | None = None, pump: pumps.Pump | None = None):
         self.dp = one_step(dataplane, vm, addresses)
         self.vm = vm
         self.own = VmPackets([vm, *(addresses or ())])
@@ -291,6 +295,11 @@ class SourceDrain:
         self.segments = dest_segments
         self.next_sid = next_sid
         self.resent_swallowed: list[bytes] = []  # inner packets re-sent for the source QEMU
+        # The hold ring's records through the pump (srmig.ctl.pump: no Python step per record), made ahead
+        # (it compiles); None: from Python, batch by batch (_ring_send)
+        self.pump = pump
+        self._hop: tuple[bytes, bytes, int] = (bytes(16), bytes(14), 0)  # the pump's DA, Ethernet header, link
+
     def run(self, queue: TapKeeper, settle_s: float = 0.002, check: SwallowCheck | None = None,
             shadow: ShadowLog | None = None, stopped_at_ns: int = 0, max_swallowed: int = MAX_SWALLOWED,
             window_ns: int | None = SWALLOW_WINDOW_NS) -> DrainReport:
@@ -370,7 +379,7 @@ class SourceDrain:
         being sent again."""
         log = sent_log(ring)
         try:
-            rep.ring_sent_before = skip_sent(ring, log)
+            rep.ring_sent_before = skip_sent(ring, log, self.dp.pin_dir)
             self._set(VmState.AWAY, ring_first=True)
             t_flip = time.monotonic()
             deadline, last = t_flip + RING_FIRST_MAX_S, None
@@ -404,11 +413,12 @@ class SourceDrain:
         """The VM to `state`: one write of its id's entry, which every address and prefix follows."""
         self.dp.set_vm(self.vm, state, next_sid=self.next_sid, ring_first=ring_first)
 
-    @staticmethod
-    def _ring_send(sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+    def _ring_send(self, sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
                    rounds: int = 1000) -> int:
         """Send what the ring holds, each batch consumed once sent, and what it received meanwhile, until a
         read finds it empty (or `rounds` reads); returns how many records the last read found."""
+        if self.pump is not None:
+            return self._pump_send(sender, rep, ring, log, until=ring.produced if rounds == 1 else None)
         packets: list[bytes] = []
         for _ in range(rounds):
             at = [ring.position]  # then the end of each record read
@@ -417,5 +427,71 @@ class SourceDrain:
                 return 0
             send_runs(log, at, sender.runs(packets))
             ring.commit()  # consumed once sent (behind the ring: only now may newer packets go directly)
+            rep.from_ring += len(packets)
+        return len(packets)
+
+    def _pump_send(self, sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+                   until: int | None = None, passes: int = 100_000) -> int:
+        """The ring's records through the pump, batch after batch, each consumed once sent, until the ring
+        is empty (or, `until`, past that ring position: one read's worth); returns how many were sent.
+        Records the pump does not take (another next hop's, one without a MAC, one larger than a slot)
+        and the rest of a batch the link refused go the old way (_old_way) in their place, so the ring's
+        order holds. The sent log begins at each batch with nothing sent, and the pump's mark counts it."""
+        pump, sent = self.pump, 0
+        for _ in range(passes):  # bounded: each pass sends or consumes at least one record, or returns
+            start = ring.position
+            if until is not None and start >= until:
+                break
+            da, eth, ifindex = self._hop
+            t0 = time.perf_counter()
+            n, walked, why = pump.fill(ring, start, _HOLD_HEAD, da, eth)
+            t1 = time.perf_counter()
+            if n:
+                log.begin(start, 0)  # the batch from `start`, nothing sent: the mark counts it from now
+                try:
+                    k, err = pump.send(start, n, ifindex)
+                except pumps.PumpError as e:  # no way out here: the old way, from this batch on
+                    rep.timings["pump"] = f"refused: {e}"
+                    self.pump = None
+                    return sent
+
+                # where the pump's time goes: copying records into the slots, and the BPF_PROG_RUN
+                rep.timings["pump_fill_ms"] = round(rep.timings.get("pump_fill_ms", 0) + (t1 - t0) * 1e3, 3)
+                rep.timings["pump_send_ms"] = round(rep.timings.get("pump_send_ms", 0) +
+                                                    (time.perf_counter() - t1) * 1e3, 3)
+                ring.advance(walked if k == n else pump.end(k - 1) if k else start)
+                sent += k
+                rep.from_ring += k
+                rep.timings["pump_batches"] = rep.timings.get("pump_batches", 0) + 1
+                if k < n:  # the link refused slot k (err): from it on, the old way (it retries, or counts)
+                    rep.timings["pump_refused"] = rep.timings.get("pump_refused", 0) + 1
+                    sent += self._old_way(sender, rep, ring, log, n - k)
+                    continue
+            elif walked > start:
+                ring.advance(walked)  # discarded records only
+            if why in (pumps.EMPTY, pumps.BUSY):
+                break
+            if why == pumps.OTHER_DA:
+                to = pump.next_da
+                hop, eth = sender.hop(to)
+                if eth is None:  # no next hop's MAC: the kernel routes these (RawSender)
+                    sent += self._old_way(sender, rep, ring, log, log.batch)
+                else:
+                    self._hop = (to, eth, hop.ifindex)
+            elif why == pumps.OLD_WAY:
+                sent += self._old_way(sender, rep, ring, log, 1)
+        rep.timings["pump"] = pump.why
+        return sent
+
+    @staticmethod
+    def _old_way(sender: FabricSender, rep: DrainReport, ring: libbpf.RingReader, log: SentLog,
+                 limit: int) -> int:
+        """Up to `limit` records from the ring's consumer position sent from Python (FabricSender), then
+        consumed; returns how many."""
+        at = [ring.position]
+        packets = read_hold_packets(ring, limit, commit=False, ends=at)
+        if packets:
+            send_runs(log, at, sender.runs(packets))
+            ring.commit()
             rep.from_ring += len(packets)
         return len(packets)

@@ -307,6 +307,7 @@ class _LinkSender(_BatchSender):
     def __init__(self, sock: socket.socket, ifindex: int):
         super().__init__()
         self.sock = sock
+        self.ifindex = ifindex
         # family, protocol (big-endian: IPv6), ifindex, hatype, pkttype, halen, addr[8] (unused when sending)
         self._sll = _ffi.new("char[]", struct.pack("=H2siHBB8s", socket.AF_PACKET, b"\x86\xdd", ifindex, 0, 0, 0,
                                                    b""))
@@ -350,7 +351,8 @@ class FabricSender:
         self._links: dict[int, _LinkSender] = {}
         self._by_da: dict[bytes, tuple[_BatchSender, bytes | None]] = {}  # DA -> (sender, Ethernet header)
 
-    def _hop(self, da: bytes) -> tuple[_BatchSender, bytes | None]:
+    def hop(self, da: bytes) -> tuple[_BatchSender, bytes | None]:
+        """(the sender of packets to `da`, the Ethernet header it puts on them: None for the RawSender)."""
         if (out := self._by_da.get(da)) is not None:
             return out
         hop = self._netlink.next_hop_mac(str(ipaddress.IPv6Address(da)), self._ipr)
@@ -376,7 +378,7 @@ class FabricSender:
         bounds.append(len(das))
         out: list[tuple[_BatchSender, list[bytes]]] = []
         for a, b in zip(bounds, bounds[1:]):
-            sender, eth = self._hop(das[a])
+            sender, eth = self.hop(das[a])
             chunk = list(packets[a:b]) if eth is None else list(map(eth.__add__, packets[a:b]))
             if out and out[-1][0] is sender:  # two DAs through one next hop
                 out[-1][1].extend(chunk)

@@ -77,32 +77,42 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SRMIG_CACHE_DIR") or Path.home() / ".cache" / "srmig")
 
 
-def _name() -> str:
-    tag = hashlib.sha256((CDEF + SOURCE + sys.version).encode()).hexdigest()[:12]
-    return f"_srmig_tapread_{tag}"
+def _name(prefix: str, cdef: str, source: str) -> str:
+    tag = hashlib.sha256((cdef + source + sys.version).encode()).hexdigest()[:12]
+    return f"{prefix}_{tag}"
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(_name(), path)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def _build(cache: Path) -> Path:
+def _build(cache: Path, name: str, cdef: str, source: str) -> Path:
     """Compile into a private temporary directory, then move the library into `cache` (atomic: two agents
     building at once each put a whole one there)."""
     from cffi import FFI  # noqa: PLC0415
 
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     ffi = FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(_name(), SOURCE)
+    ffi.cdef(cdef)
+    ffi.set_source(name, source)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         built = Path(ffi.compile(tmpdir=tmp, verbose=False))
         final = cache / built.name
         os.replace(built, final)
     return final
+
+
+def build_module(prefix: str, cdef: str, source: str):
+    """A cffi API-mode module of `source` (declared by `cdef`), loaded from the cache, or built into it first
+    (named by a hash of both and of Python's version). Raises what the build raises (no C compiler)."""
+    cache, name = _cache_dir(), _name(prefix, cdef, source)
+    found = sorted(cache.glob(name + ".*.so")) if cache.is_dir() else []
+    if found and found[0].stat().st_uid == os.getuid():
+        return _load(name, found[0])
+    return _load(name, _build(cache, name, cdef, source))
 
 
 def reader():
@@ -113,13 +123,8 @@ def reader():
         if _tried:
             return _module
         _tried = True
-        cache = _cache_dir()
         try:
-            found = sorted(cache.glob(_name() + ".*.so")) if cache.is_dir() else []
-            if found and found[0].stat().st_uid == os.getuid():
-                _module = _load(found[0])
-            else:
-                _module = _load(_build(cache))
+            _module = build_module("_srmig_tapread", CDEF, SOURCE)
         except Exception as e:  # a missing compiler shows as several exception types (cffi, setuptools)
             log.warning("tap queue: bulk reader not built (%s); reading frame by frame", e)
             _module = None

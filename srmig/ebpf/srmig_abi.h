@@ -226,6 +226,29 @@ enum srmig_encap_counter {
 					 * IHL * 4 <= total length <= the bytes there): never encapsulated */
 	SRMIG_ENCAP_MAX = 7,
 };
+/* The drain's pump (srmig/ebpf/pump.c, srmig/ctl/pump.py): the hold ring's records, copied by userspace
+ * into pump_slots (an mmap'd array, one frame a slot, from slot 0), are sent by one BPF_PROG_RUN per batch,
+ * one slot per program run, in slot order. Its own program and maps, not the XDP program's. */
+#define SRMIG_PUMP_FRAME_MAX 2048 /* bytes of Ethernet frame a slot holds; a power of two (the programs
+				   * bound the copy's length with a mask) */
+struct srmig_pump_slot {
+	__u32 len;    /* bytes of frame[] to send: an Ethernet frame, 14 <= len <= SRMIG_PUMP_FRAME_MAX */
+	__u32 pad;
+	__u8 frame[2048]; /* SRMIG_PUMP_FRAME_MAX */
+};
+
+/* pump_mark: one entry, pinned next to the hold ring (it outlives the agent, like the ring's sent log).
+ * Written by userspace before each batch (batch, end, ifindex; sent = err = 0), then only by the program. */
+struct srmig_pump_mark {
+	__u64 batch;   /* ring position of the batch's first record (the sent log's start): says which batch
+			* `sent` counts, so a stale mark never counts for a later batch */
+	__u32 sent;    /* slots sent so far, from slot 0: the next slot to send */
+	__u32 end;     /* slots in the batch */
+	__u32 ifindex; /* the tc pump: where bpf_clone_redirect sends (the live-frames pump: the ingress
+			* interface given to BPF_PROG_RUN) */
+	__s32 err;     /* the tc pump: what stopped the batch short (a negative errno, or the qdisc's
+			* NET_XMIT_DROP), 0: nothing; nothing is sent after it */
+};
 /* END ABI */
 
 #endif

@@ -112,8 +112,8 @@ class NamespaceLab:
 class TestRunLab(NamespaceLab):
     __test__ = False  # not a pytest class
 
-    def __init__(self, limits: loader.Limits | None = None):
-        super().__init__()
+    def __init__(self, limits: loader.Limits | None = None, tag: str | None = None):
+        super().__init__(tag)  # tag: namespaces of their own, next to another TestRunLab's
         self.limits = limits or loader.Limits()
         self.dp: Dataplane | None = None
         self.prog_fd = -1
