@@ -33,14 +33,21 @@ BPF_F_TABLE("array", u32, struct srmig_pump_slot, pump_slots, SRMIG_PUMP_SLOTS, 
  * batch it was killed in, and a pump compiled anew writes the same map. */
 BPF_TABLE_PINNED("array", u32, struct srmig_pump_mark, pump_mark, 1, SRMIG_PUMP_MARK_PIN);
 
-/* The slot the mark points at, or NULL when the batch is done (or stopped). */
+/* The slot the mark points at, or NULL when the batch is done (or stopped), or when the slot's length is no
+ * frame's (the batch then stops with -EINVAL). */
 static __always_inline struct srmig_pump_slot *next_slot(struct srmig_pump_mark *m)
 {
+	struct srmig_pump_slot *s;
 	u32 i = m->sent;
 
 	if (i >= m->end || m->err)
 		return NULL;
-	return pump_slots.lookup(&i);
+	s = pump_slots.lookup(&i);
+	if (s && (s->len < ETH_HLEN || s->len > SRMIG_PUMP_FRAME_MAX)) {
+		m->err = -EINVAL;
+		return NULL;
+	}
+	return s;
 }
 
 /* The slot's length bounded to 1..SRMIG_PUMP_FRAME_MAX in a form the verifier follows (clang turns a plain
@@ -63,10 +70,6 @@ int pump_xdp(struct xdp_md *ctx)
 	if (!s)
 		return XDP_DROP; /* more runs than slots: nothing to send */
 	len = s->len;
-	if (len < ETH_HLEN || len > SRMIG_PUMP_FRAME_MAX) {
-		m->err = -EINVAL;
-		return XDP_DROP;
-	}
 	cur = (int)bpf_xdp_get_buff_len(ctx); /* pkt_end - pkt: refused by the verifier */
 	if (bpf_xdp_adjust_tail(ctx, (int)len - cur)) {
 		m->err = -EMSGSIZE;
@@ -95,10 +98,6 @@ int pump_tc(struct __sk_buff *skb)
 	if (!s)
 		return TC_ACT_SHOT;
 	len = s->len;
-	if (len < ETH_HLEN || len > SRMIG_PUMP_FRAME_MAX) {
-		m->err = -EINVAL;
-		return TC_ACT_SHOT;
-	}
 	if (bpf_skb_change_tail(skb, len, 0)) {
 		m->err = -EMSGSIZE;
 		return TC_ACT_SHOT;
